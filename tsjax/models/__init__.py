@@ -1,0 +1,34 @@
+"""Declarative registry: GGUF `general.architecture` -> the family module that runs it."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from tsjax.gguf import GGUFError, GGUFFile
+from tsjax.models import gemma, llama, qwen2, qwen3
+from tsjax.models.config import ModelConfig
+from tsjax.models.decoder import Decoder
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    "llama": llama,
+    "mistral": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gemma": gemma,
+    "gemma2": gemma,
+    "gemma3": gemma,
+}
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    arch = g.architecture
+    family = ARCHITECTURES.get(arch)
+    if family is None:
+        raise GGUFError(
+            f"{g.path.name}: architecture {arch!r} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return family.config(g)
+
+
+__all__ = ["ARCHITECTURES", "Decoder", "ModelConfig", "config_from_gguf"]

@@ -1,0 +1,105 @@
+"""The decoder stack shared by every family: embed, scan over layers, norm, project.
+
+Families differ only in their config (which norms, biases, windows, caps) and in how their
+GGUF tensors are named; both live in the family's own module.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tsjax.cache import KVCache
+from tsjax.layers.attention import Attention
+from tsjax.layers.embed import Embed
+from tsjax.layers.mlp import GatedMLP
+from tsjax.layers.norms import RMSNorm
+from tsjax.models.config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms."""
+
+    cfg: ModelConfig
+    attn_len: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, positions, rows, layer_data):
+        x, cache_k, cache_v = carry
+        layer, window, theta = layer_data
+        c = self.cfg
+        attn = Attention(
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.norm_eps,
+            c.qkv_bias,
+            c.qk_norm,
+            c.attn_scale,
+            c.attn_softcap,
+            c.rope_scale,
+            self.dtype,
+            name="attn",
+        )
+        h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
+        h, cache_k, cache_v = attn(
+            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, theta
+        )
+        if c.post_norms:
+            h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
+        x = x + h
+        h = RMSNorm(c.norm_eps, self.dtype, name="ffn_norm")(x)
+        h = GatedMLP(c.ffn_dim, c.activation, self.dtype, name="mlp")(h)
+        if c.post_norms:
+            h = RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm")(h)
+        return (x + h, cache_k, cache_v), None
+
+
+class Decoder(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        rows: jax.Array | None,
+        logit_index: jax.Array | None,
+        attn_len: int,
+    ) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [B, T]; rows: [B] cache rows (None: batch == all cache rows);
+        logit_index: [B] which of the T positions to project to logits (None: all).
+        Returns (logits [B, V] or [B, T, V], cache with the new K/V written)."""
+        c = self.cfg
+        embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
+        x = embed(tokens)  # [B, T, D]
+        if c.embed_scale is not None:
+            x = x * jnp.asarray(c.embed_scale, x.dtype)
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=c.n_layers,
+        )(c, attn_len, self.dtype, name="layers")
+        layer_data = (
+            jnp.arange(c.n_layers, dtype=jnp.int32),
+            jnp.asarray(c.layer_windows, jnp.int32),
+            jnp.asarray(c.layer_rope_thetas, jnp.float32),
+        )
+        (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
+        if c.tied_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if c.final_softcap:
+            logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits, KVCache(k, v, cache.lengths)

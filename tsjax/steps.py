@@ -1,0 +1,158 @@
+"""The compiled steps: `prefill` writes prompt tokens into cache rows and returns the logits
+of each row's last token; `decode` advances every row by one token.
+
+Params and the cache are arguments (the cache is donated, so XLA updates it in place). Only
+shapes are static: the batch and token buckets of prefill, and `attn_len`, the bucket of
+cache positions attention reads. Everything else a request can vary is array data.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsjax.cache import KVCache
+from tsjax.models import Decoder, ModelConfig
+
+
+def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """Every static shape the steps compile for."""
+
+    rows: int  # decode slots (cache rows), B
+    max_len: int  # cache positions per row, S
+    prefill_lens: tuple[int, ...]  # token buckets T for prefill
+    prefill_batches: tuple[int, ...]  # batch buckets b for prefill
+    attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
+
+    @classmethod
+    def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
+        return cls(
+            rows=rows,
+            max_len=max_len,
+            prefill_lens=power_of_two_buckets(min(min_prefill, max_len), max_len),
+            prefill_batches=power_of_two_buckets(1, rows),
+            attn_lens=power_of_two_buckets(min(min_attn, max_len), max_len),
+        )
+
+
+class Steps:
+    """Compiled steps for one model config and one set of shapes."""
+
+    def __init__(self, cfg: ModelConfig, shapes: StepShapes, dtype=jnp.float32):
+        self.cfg = cfg
+        self.shapes = shapes
+        self.dtype = dtype
+        self.model = Decoder(cfg, dtype)
+        self.prefill_fn = jax.jit(self._prefill, static_argnames=("attn_len",), donate_argnums=1)
+        self.forward_fn = jax.jit(self._forward, static_argnames=("attn_len",))
+
+    def new_cache(self) -> KVCache:
+        return KVCache.create(self.cfg, self.shapes.rows, self.shapes.max_len, self.dtype)
+
+    # -- pure step bodies ---------------------------------------------------------------
+
+    def _prefill(self, params, cache: KVCache, tokens, rows, starts, lengths, *, attn_len: int):
+        """tokens: [b, T]; rows, starts, lengths: [b]. Row r's tokens go to positions
+        starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B are padding).
+        Returns (logits [b, V] at each row's last token, cache)."""
+        t = tokens.shape[1]
+        positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        logits, cache = self.model.apply(
+            {"params": params},
+            tokens,
+            positions,
+            cache,
+            rows,
+            jnp.maximum(lengths - 1, 0),
+            attn_len,
+        )
+        new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
+        return logits, KVCache(cache.k, cache.v, new_lengths)
+
+    def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
+        """All-position logits without keeping the cache: for tests and scoring."""
+        t = tokens.shape[1]
+        positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        logits, _ = self.model.apply(
+            {"params": params},
+            tokens,
+            positions,
+            cache,
+            jnp.arange(tokens.shape[0], dtype=jnp.int32),
+            None,
+            attn_len,
+        )
+        return logits
+
+    def decode_logits(self, params, cache: KVCache, tokens, active, *, attn_len: int):
+        """One token for every cache row. tokens, active: [B]. Positions are the row lengths;
+        inactive rows compute but neither advance nor disturb their cached tokens."""
+        positions = cache.lengths[:, None]
+        logits, cache = self.model.apply(
+            {"params": params},
+            tokens[:, None],
+            positions,
+            cache,
+            None,
+            jnp.zeros_like(tokens),
+            attn_len,
+        )
+        lengths = cache.lengths + active.astype(jnp.int32)
+        return logits, KVCache(cache.k, cache.v, lengths)
+
+    # -- host-side helpers ----------------------------------------------------------------
+
+    def attn_len_for(self, n: int) -> int:
+        return bucket_for(max(n, 1), self.shapes.attn_lens)
+
+    def prefill(
+        self,
+        params,
+        cache,
+        prompts: list[list[int]],
+        rows: list[int],
+        starts: list[int] | None = None,
+    ):
+        """Prefill several prompts (suffixes after `starts`) into the given cache rows."""
+        starts = starts or [0] * len(prompts)
+        b = bucket_for(len(prompts), self.shapes.prefill_batches)
+        t = bucket_for(max(len(p) for p in prompts), self.shapes.prefill_lens)
+        tok = np.zeros((b, t), np.int32)
+        row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
+        st = np.zeros((b,), np.int32)
+        ln = np.ones((b,), np.int32)
+        for i, (p, r, s) in enumerate(zip(prompts, rows, starts, strict=True)):
+            tok[i, : len(p)] = p
+            row_arr[i], st[i], ln[i] = r, s, len(p)
+        attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
+        logits, cache = self.prefill_fn(
+            params,
+            cache,
+            jnp.asarray(tok),
+            jnp.asarray(row_arr),
+            jnp.asarray(st),
+            jnp.asarray(ln),
+            attn_len=attn_len,
+        )
+        return logits[: len(prompts)], cache
