@@ -17,6 +17,7 @@ import numpy as np
 
 from tsjax.cache import KVCache
 from tsjax.models import Decoder, ModelConfig
+from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 
 
 def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -64,18 +65,39 @@ class Steps:
         self.shapes = shapes
         self.dtype = dtype
         self.model = Decoder(cfg, dtype)
-        self.prefill_fn = jax.jit(self._prefill, static_argnames=("attn_len",), donate_argnums=1)
+        self.prefill_fn = jax.jit(
+            self._prefill, static_argnames=("attn_len",), donate_argnums=(1, 2)
+        )
+        self.decode_fn = jax.jit(
+            self._decode, static_argnames=("attn_len", "n_steps"), donate_argnums=(1, 2)
+        )
         self.forward_fn = jax.jit(self._forward, static_argnames=("attn_len",))
 
     def new_cache(self) -> KVCache:
         return KVCache.create(self.cfg, self.shapes.rows, self.shapes.max_len, self.dtype)
 
+    def new_sampler(self) -> SamplerState:
+        return SamplerState.create(self.shapes.rows)
+
     # -- pure step bodies ---------------------------------------------------------------
 
-    def _prefill(self, params, cache: KVCache, tokens, rows, starts, lengths, *, attn_len: int):
+    def _prefill(
+        self,
+        params,
+        cache: KVCache,
+        sampler: SamplerState,
+        new_sampler: SamplerState,
+        tokens,
+        rows,
+        starts,
+        lengths,
+        *,
+        attn_len: int,
+    ):
         """tokens: [b, T]; rows, starts, lengths: [b]. Row r's tokens go to positions
-        starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B are padding).
-        Returns (logits [b, V] at each row's last token, cache)."""
+        starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B are padding),
+        and `new_sampler` (b rows) replaces those rows' sampling state. Samples each row's
+        first token. Returns (tokens [b], logits [b, V], cache, sampler)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         logits, cache = self.model.apply(
@@ -88,7 +110,51 @@ class Steps:
             attn_len,
         )
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
-        return logits, KVCache(cache.k, cache.v, new_lengths)
+        first, new_sampler = sample(logits, new_sampler)
+        sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
+        return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
+
+    def _decode_logits(self, params, cache: KVCache, tokens, active, attn_len: int):
+        """One token for every cache row. tokens, active: [B]. Positions are the row lengths;
+        inactive rows compute but neither advance nor disturb their cached tokens."""
+        positions = cache.lengths[:, None]
+        logits, cache = self.model.apply(
+            {"params": params},
+            tokens[:, None],
+            positions,
+            cache,
+            None,
+            jnp.zeros_like(tokens),
+            attn_len,
+        )
+        lengths = cache.lengths + active.astype(jnp.int32)
+        return logits, KVCache(cache.k, cache.v, lengths)
+
+    def _decode(
+        self,
+        params,
+        cache: KVCache,
+        sampler: SamplerState,
+        tokens,
+        active,
+        *,
+        attn_len: int,
+        n_steps: int,
+    ):
+        """`n_steps` decode steps for every row in one dispatch. tokens, active: [B].
+        Returns (tokens [n_steps, B], logits of the last step [B, V], cache, sampler)."""
+
+        def step(carry, _):
+            cache, sampler, tokens, _ = carry
+            logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
+            tokens, sampler = sample(logits, sampler)
+            return (cache, sampler, tokens, logits), tokens
+
+        init_logits = jnp.zeros((tokens.shape[0], self.cfg.vocab_size), jnp.float32)
+        (cache, sampler, _, logits), out = jax.lax.scan(
+            step, (cache, sampler, tokens, init_logits), None, length=n_steps
+        )
+        return out, logits, cache, sampler
 
     def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring."""
@@ -105,23 +171,7 @@ class Steps:
         )
         return logits
 
-    def decode_logits(self, params, cache: KVCache, tokens, active, *, attn_len: int):
-        """One token for every cache row. tokens, active: [B]. Positions are the row lengths;
-        inactive rows compute but neither advance nor disturb their cached tokens."""
-        positions = cache.lengths[:, None]
-        logits, cache = self.model.apply(
-            {"params": params},
-            tokens[:, None],
-            positions,
-            cache,
-            None,
-            jnp.zeros_like(tokens),
-            attn_len,
-        )
-        lengths = cache.lengths + active.astype(jnp.int32)
-        return logits, KVCache(cache.k, cache.v, lengths)
-
-    # -- host-side helpers ----------------------------------------------------------------
+    # -- host-side entry points -----------------------------------------------------------
 
     def attn_len_for(self, n: int) -> int:
         return bucket_for(max(n, 1), self.shapes.attn_lens)
@@ -129,14 +179,21 @@ class Steps:
     def prefill(
         self,
         params,
-        cache,
+        cache: KVCache,
+        sampler: SamplerState,
         prompts: list[list[int]],
         rows: list[int],
+        sampling: list[SamplingParams],
         starts: list[int] | None = None,
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
     ):
-        """Prefill several prompts (suffixes after `starts`) into the given cache rows."""
-        starts = starts or [0] * len(prompts)
-        b = bucket_for(len(prompts), self.shapes.prefill_batches)
+        """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
+        sample each one's first token. `histories` seed the repeat-penalty window (default:
+        the prompts). Returns (first tokens [n] numpy, logits [n, V], cache, sampler)."""
+        n = len(prompts)
+        starts = starts or [0] * n
+        b = bucket_for(n, self.shapes.prefill_batches)
         t = bucket_for(max(len(p) for p in prompts), self.shapes.prefill_lens)
         tok = np.zeros((b, t), np.int32)
         row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
@@ -145,14 +202,35 @@ class Steps:
         for i, (p, r, s) in enumerate(zip(prompts, rows, starts, strict=True)):
             tok[i, : len(p)] = p
             row_arr[i], st[i], ln[i] = r, s, len(p)
+        pad = [SamplingParams.greedy()] * (b - n)
+        hist = list(histories or prompts) + [[]] * (b - n)
+        seeds = None if seeds is None else list(seeds) + [0] * (b - n)
+        new_sampler = host_sampler_state(list(sampling) + pad, hist, seeds)
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
-        logits, cache = self.prefill_fn(
+        first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
+            sampler,
+            new_sampler,
             jnp.asarray(tok),
             jnp.asarray(row_arr),
             jnp.asarray(st),
             jnp.asarray(ln),
             attn_len=attn_len,
         )
-        return logits[: len(prompts)], cache
+        return np.asarray(first[:n]), logits[:n], cache, sampler
+
+    def decode(self, params, cache, sampler, tokens, active, max_pos: int, n_steps: int = 1):
+        """Run `n_steps` decode steps; `max_pos` is the longest live row's length now.
+        Returns (tokens [n_steps, B] numpy, last logits [B, V], cache, sampler)."""
+        attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
+        out, logits, cache, sampler = self.decode_fn(
+            params,
+            cache,
+            sampler,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(active),
+            attn_len=attn_len,
+            n_steps=n_steps,
+        )
+        return np.asarray(out), logits, cache, sampler

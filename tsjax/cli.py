@@ -1,0 +1,112 @@
+"""The `tsjax` command: pull, list, generate (serve and bench join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (prints only the text)")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", "-m", default=None, help="catalog name or path to a .gguf file")
+    p.add_argument("--raw", action="store_true", help="tokenize the prompt as-is (no template)")
+    p.add_argument("--system", default=None, help="system prompt (chat mode)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (context window)")
+    p.add_argument("--stats", action="store_true", help="print timings to stderr")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tsjax.generation import Generation, PromptTooLongError, stream
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    model = load(args.model, max_len=args.max_len, progress=sys.stderr.isatty())
+    t_load = time.perf_counter() - t0
+    if args.raw:
+        ids = model.tokenizer.encode(args.prompt, parse_special=True)
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        ids = model.render_chat(messages)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+    res = Generation()
+    try:
+        for piece in stream(model, ids, sampling, args.max_tokens, args.stop, result=res):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except PromptTooLongError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n")
+    if args.stats:
+        print(
+            f"load {t_load:.2f}s | prompt {res.prompt_tokens} tok in {res.prefill_seconds:.2f}s"
+            f" ({res.prefill_tok_per_s:.1f} tok/s, first call includes compile)"
+            f" | {len(res.tokens)} tok in {res.decode_seconds:.2f}s"
+            f" ({res.decode_tok_per_s:.1f} tok/s) | finish {res.finish_reason}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tsjax.catalog import CATALOG, list_local
+
+    local = dict(list_local())
+    for name, entry in CATALOG.items():
+        where = local.get(name)
+        print(f"{name:16} {entry.architecture:8} {str(where) if where else '(not pulled)'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tsjax.catalog import cmd_pull
+
+    parser = argparse.ArgumentParser(prog="tsjax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pull", help="fetch a catalog model and print its path")
+    p.add_argument("name", nargs="*", help="model names (default: the default model)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("list", help="list catalog models and where they are")
+    p.set_defaults(func=cmd_list)
+    _add_generate(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (LookupError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Single-request generation on the compiled steps: the loop behind `tsjax generate` and the
+notebooks. (The server's engine runs many requests through the same steps.)"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tsjax.model import Model
+from tsjax.sampling import SamplingParams
+from tsjax.stopping import StopMatcher
+
+
+class PromptTooLongError(ValueError):
+    def __init__(self, n_tokens: int, limit: int):
+        super().__init__(f"prompt has {n_tokens} tokens but the context window is {limit} tokens")
+        self.n_tokens, self.limit = n_tokens, limit
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" | "length"
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+def stream(
+    model: Model,
+    prompt_ids: list[int],
+    sampling: SamplingParams | None = None,
+    max_tokens: int = 256,
+    stop: tuple[str, ...] | list[str] = (),
+    steps_per_dispatch: int = 4,
+    result: Generation | None = None,
+) -> Iterator[str]:
+    """Yield text pieces as they are decoded. Fills `result` (tokens, finish reason,
+    timings) as it goes. Stops at an end-of-generation token, a stop string (never emitted),
+    `max_tokens`, or the end of the cache."""
+    sampling = (sampling or SamplingParams()).validate()
+    res = result if result is not None else Generation()
+    limit = model.max_len
+    if len(prompt_ids) >= limit:
+        raise PromptTooLongError(len(prompt_ids), limit)
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    steps, tok = model.steps, model.tokenizer
+    eog = tok.eog_ids
+    detok = tok.incremental_decoder()
+    matcher = StopMatcher(tuple(stop))
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    res.prompt_tokens = len(prompt_ids)
+
+    t0 = time.perf_counter()
+    first, _, cache, sampler = steps.prefill(
+        model.params, cache, sampler, [prompt_ids], [0], [sampling]
+    )
+    res.prefill_seconds = time.perf_counter() - t0
+    pending = [int(first[0])]
+    pos = len(prompt_ids)  # cache length once the pending token is fed back
+    t1 = time.perf_counter()
+    active = np.ones((steps.shapes.rows,), bool)
+    tokens_in = np.zeros((steps.shapes.rows,), np.int32)
+    while True:
+        for t in pending:
+            if t in eog:
+                res.finish_reason = "stop"
+                break
+            res.tokens.append(t)
+            piece = matcher.push(detok.push(t))
+            if piece:
+                res.text += piece
+                yield piece
+            if matcher.stopped is not None:
+                res.finish_reason = "stop"
+                break
+            if len(res.tokens) >= max_tokens or pos + len(res.tokens) >= limit:
+                res.finish_reason = "length"
+                break
+        if res.finish_reason:
+            break
+        room = min(max_tokens - len(res.tokens), limit - pos - len(res.tokens))
+        n = steps_per_dispatch if room >= steps_per_dispatch else 1
+        tokens_in[0] = res.tokens[-1]
+        out, _, cache, sampler = steps.decode(
+            model.params, cache, sampler, tokens_in, active, pos + len(res.tokens) - 1, n
+        )
+        pending = [int(x) for x in out[:, 0]]
+    res.decode_seconds = time.perf_counter() - t1
+    if res.finish_reason != "stop" or matcher.stopped is None:
+        tail = matcher.push(detok.flush()) + matcher.flush()
+        if tail:
+            res.text += tail
+            yield tail
+
+
+def generate(model: Model, prompt_ids: list[int], **kwargs) -> Generation:
+    """Run `stream` to the end and return the whole result."""
+    res = Generation()
+    for _ in stream(model, prompt_ids, result=res, **kwargs):
+        pass
+    return res

@@ -1,0 +1,90 @@
+"""A loaded model: config, params on device, tokenizer, chat template and compiled steps."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from tsjax.catalog import resolve_model
+from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
+from tsjax.gguf import GGUFFile
+from tsjax.loader import LoadStats, load_params
+from tsjax.models import ModelConfig, config_from_gguf
+from tsjax.steps import Steps, StepShapes
+from tsjax.tokenizer import Tokenizer
+
+log = logging.getLogger("tsjax")
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU (XLA:CPU runs bf16 matmuls ~10x slower); bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclass
+class Model:
+    path: Path
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    steps: Steps
+    metadata: dict
+    load_stats: LoadStats
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def max_len(self) -> int:
+        return self.steps.shapes.max_len
+
+    def render_chat(self, messages: list[dict], **kwargs) -> list[int]:
+        """Messages through the chat template, then tokens (no second BOS)."""
+        text = self.template.render(messages, **kwargs)
+        add_bos = None if not self.template.bos_in_template else False
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    max_len: int | None = None,
+    rows: int = 1,
+    dtype=None,
+    progress: bool = True,
+    shapes: StepShapes | None = None,
+) -> Model:
+    """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
+    context length, at most 4096); `rows` is the number of decode slots."""
+    path = resolve_model(model)
+    t0 = time.perf_counter()
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    dtype = dtype or default_dtype()
+    params, stats = load_params(g, cfg, dtype, progress=progress)
+    tokenizer = Tokenizer.from_gguf(g.metadata)
+    template = ChatTemplate.from_metadata(
+        g.metadata, g.architecture, special_tokens=special_tokens_from_metadata(g.metadata)
+    )
+    max_len = max_len or min(cfg.context_length, 4096)
+    shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
+    steps = Steps(cfg, shapes, dtype)
+    stats.seconds = time.perf_counter() - t0
+    log.info(
+        "loaded %s (%s, %d layers) in %.1fs: %.0f MB params on %s",
+        path.name,
+        cfg.architecture,
+        cfg.n_layers,
+        stats.seconds,
+        stats.bytes_params / 1e6,
+        jax.devices()[0].platform,
+    )
+    metadata = {k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")}
+    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats)

@@ -1,0 +1,506 @@
+"""Tokenizers rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
+
+A GGUF carries no `tokenizer.json`, only the vocabulary, merges or scores, token types and flags,
+under llama.cpp's key names. Both vocabulary kinds served here are rebuilt as a `tokenizers` BPE
+model, so encoding runs in Rust:
+
+* `gpt2` (byte-level BPE: SmolLM, Llama 3, Qwen...): the file's merges, plus the split regexes
+  llama.cpp uses for the file's `tokenizer.ggml.pre`.
+* `llama` (SentencePiece BPE: Llama 2, Mistral, Gemma...): there are no merges in the file, so they
+  are derived from the vocabulary, best-scoring result first, which is what SentencePiece's
+  score-driven bigram merging does. Spaces become `▁`; unknown bytes fall back to `<0xNN>` tokens.
+
+Control tokens (type 3) and user-defined tokens (type 4) are matched whole in the text before
+the BPE sees it. Ids match Hugging Face transformers loading the same GGUF, which the tests check.
+Decoding does not go through `tokenizers`: every id maps to the exact bytes it stands for
+(`token_to_piece`), so text can be streamed without ever splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tokenizers import AddedToken, Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+if TYPE_CHECKING:
+    from tsjax.gguf import GGUFFile
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp token types (gguf.TokenType).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Texts of control tokens that end a turn; llama.cpp treats them as end-of-generation too.
+EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
+        "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+        "<end_of_utterance>", "<｜end▁of▁sentence｜>",
+    }
+)  # fmt: skip
+
+# Split regexes per `tokenizer.ggml.pre`, applied in order (as llama.cpp's llama-vocab.cpp does),
+# written in the Oniguruma syntax `tokenizers` uses. Pieces a regex leaves unmatched stay pieces.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_QWEN35 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_TEKKEN = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CJK = "[一-龥ࠀ-一가-퟿]+"
+_DEEPSEEK_LETTERS = (  # cased letters; escaped because NFC would rewrite some of them
+    "\\s?["
+    "A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370"
+    "-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-"
+    "\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd"
+    "\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18"
+    "-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-"
+    "\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-"
+    "\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124"
+    "\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183"
+    "\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21"
+    "-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb"
+    "\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943"
+    "]+"
+)
+_DEEPSEEK3_WORDS = (
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_FINNISH = r" ?[^(\s|.,!?…。，、।۔،)]+"
+
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "qwen35": (_QWEN35,),
+    "tekken": (_TEKKEN,),
+    "gpt-4o": (_GPT4O,),
+    "starcoder": (r"\p{N}", _GPT2),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
+    "deepseek-llm": (
+        r"[\r\n]",
+        _DEEPSEEK_LETTERS,
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        _CJK,
+        r"\p{N}+",
+    ),
+    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", _DEEPSEEK3_WORDS),
+    "bloom": (_FINNISH,),
+    "viking": (_FINNISH, r"\p{N}"),
+    "seed-coder": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    "bailingmoe": (
+        r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    ),
+}
+# `tokenizer.ggml.pre` names -> the entry above, as llama.cpp groups them.
+_PRE_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "exaone4", "trillion",
+                     "granite-docling", "gigachat", "a.x-4.0", "mellum", "jina-es", "jina-de",
+                     "jina-v2-es", "jina-v2-de", "jina-v1-en", "jina-v2-code", "roberta-bpe"),
+                    "default"),
+    **dict.fromkeys(("llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                     "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe", "chatglm-bpe", "glm4"), "llama3"),
+    **dict.fromkeys(("deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan",
+                     "grok-2"), "qwen2"),
+    **dict.fromkeys(("llama4", "kanana2", "talkie", "minimax-m2"), "gpt-4o"),
+    **dict.fromkeys(("refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
+                    "starcoder"),
+    **dict.fromkeys(("poro-chat", "gpt3-finnish"), "bloom"),
+    **dict.fromkeys(("hunyuan-dense", "joyai-llm"), "deepseek-v3"),
+    **dict.fromkeys(("bailingmoe2", "llada-moe"), "bailingmoe"),
+}  # fmt: skip
+# Splits whose original tokenizer.json sets `ignore_merges` (a whole piece in the vocab wins).
+_IGNORE_MERGES = frozenset({"llama3", "tekken"})
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _token_types(metadata: dict[str, Any], n: int) -> np.ndarray:
+    types = metadata.get("tokenizer.ggml.token_type")
+    if types is None:
+        return np.full(n, NORMAL, dtype=np.int32)
+    return np.asarray(types, dtype=np.int32)
+
+
+def _meta_id(metadata: dict[str, Any], key: str, n: int) -> int | None:
+    value = metadata.get(f"tokenizer.ggml.{key}")
+    return int(value) if value is not None and 0 <= int(value) < n else None
+
+
+def _spm_merges(vocab: dict[str, int], rank: Sequence[float]) -> list[tuple[str, str]]:
+    """Every (left, right) split of a token into two tokens, best-ranked result first.
+
+    With these as BPE merges, BPE performs SentencePiece's merge loop (join the adjacent pair whose
+    result scores best). Ties break as transformers' `generate_merges` does (longer left piece,
+    then longer right piece, then vocabulary order), so ids match it exactly.
+    """
+    lefts: list[int] = []
+    rights: list[int] = []
+    owner: list[int] = []
+    for token, tid in vocab.items():
+        for k in range(1, len(token)):
+            left = vocab.get(token[:k])
+            if left is not None:
+                right = vocab.get(token[k:])
+                if right is not None:
+                    lefts.append(left)
+                    rights.append(right)
+                    owner.append(tid)
+    if not owner:
+        return []
+    left_ids, right_ids, owner_ids = np.array(lefts), np.array(rights), np.array(owner)
+    text = {i: t for t, i in vocab.items()}
+    left_len = np.array([len(text[i]) for i in lefts])
+    right_len = np.array([len(text[i]) for i in rights])
+    order = np.empty(max(vocab.values()) + 1, dtype=np.int64)
+    order[list(vocab.values())] = np.arange(len(vocab))
+    score = np.asarray(rank, dtype=np.float64)[owner_ids]
+    keys = (right_ids, left_ids, order[owner_ids], -right_len, -left_len, -score)
+    return [(text[left_ids[i]], text[right_ids[i]]) for i in np.lexsort(keys)]
+
+
+class Tokenizer:
+    """Text <-> token ids for one GGUF vocabulary. Build it with `from_gguf` or `from_file`."""
+
+    def __init__(
+        self,
+        backend: _Backend,
+        tokens: list[str],
+        token_types: np.ndarray,
+        pieces: list[bytes],
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None,
+        eog_ids: Iterable[int],
+        add_bos: bool,
+        add_eos: bool,
+        strip_leading_space: bool,
+    ):
+        self._backend = backend
+        self._tokens = tokens
+        self._types = token_types
+        self._pieces = pieces
+        self._ids = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id wins
+        self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
+        self._eog_ids = frozenset(eog_ids)
+        self._special_ids = frozenset(np.flatnonzero(token_types == CONTROL).tolist())
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.strip_leading_space = strip_leading_space
+        # `encode_special_tokens` is a flag on the shared backend; the lock keeps a
+        # parse_special=False call from leaking into a concurrent one.
+        self._lock = threading.Lock()
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, gguf: GGUFFile | str | Path) -> Tokenizer:
+        """The tokenizer of a GGUF file (a path, or an already opened `GGUFFile`)."""
+        if isinstance(gguf, str | Path):
+            from tsjax.gguf import GGUFFile
+
+            gguf = GGUFFile(gguf)
+        return cls.from_gguf(gguf.metadata)
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """The tokenizer that a GGUF metadata dict (`GGUFFile.metadata`) describes."""
+        kind = metadata.get("tokenizer.ggml.model")
+        if "tokenizer.ggml.tokens" not in metadata:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+        if kind == "gpt2":
+            return cls._byte_level(metadata)
+        if kind == "llama":
+            return cls._sentencepiece(metadata)
+        raise ValueError(f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama are)")
+
+    @classmethod
+    def _byte_level(cls, metadata: dict[str, Any]) -> Tokenizer:
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = _token_types(metadata, len(tokens))
+        spelling = _bytes_to_unicode()
+        unspell = {c: b for b, c in spelling.items()}
+        # Normal tokens are spelled in GPT-2's byte alphabet; control and user-defined ones are
+        # stored as the raw text they match (as llama.cpp's converter writes them).
+        vocab: dict[str, int] = {}
+        pieces: list[bytes] = []
+        for i, token in enumerate(tokens):
+            raw = types[i] in (CONTROL, USER_DEFINED)
+            if raw:
+                key, piece = token, token.encode()
+            elif all(c in unspell for c in token):
+                key, piece = token, bytes(unspell[c] for c in token)
+            else:  # a malformed entry: spell its UTF-8 bytes so it is at least reachable
+                piece = token.encode()
+                key = "".join(spelling[b] for b in piece)
+            vocab[key] = i
+            pieces.append(piece)
+
+        merges = []
+        for line in metadata.get("tokenizer.ggml.merges") or ():
+            cut = line.find(" ", 1)
+            left, right = line[:cut], line[cut + 1 :]
+            if cut > 0 and left in vocab and right in vocab and left + right in vocab:
+                merges.append((left, right))
+
+        pre = metadata.get("tokenizer.ggml.pre") or "default"
+        split = _PRE_ALIASES.get(pre, pre)
+        if split not in _SPLITS:
+            logger.warning("unknown tokenizer.ggml.pre %r: splitting text like GPT-2", pre)
+            split = "default"
+        backend = _Backend(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                fuse_unk=False,
+                ignore_merges=split in _IGNORE_MERGES,
+            )
+        )
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS[split]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        add_bos_default = split in ("llama3", "tekken")  # llama.cpp forces BOS for these
+        return cls._finish(metadata, backend, tokens, types, pieces, add_bos_default, False)
+
+    @classmethod
+    def _sentencepiece(cls, metadata: dict[str, Any]) -> Tokenizer:
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = _token_types(metadata, len(tokens))
+        # Runs of spaces stored as real spaces (Gemma's "  ") are looked up as "▁▁" by the model.
+        spelled = [t.replace(" ", "▁") if " " in t and not t.strip() else t for t in tokens]
+        vocab = {t: i for i, t in enumerate(spelled)}
+        pieces = []
+        for i, token in enumerate(spelled):
+            byte = _BYTE_TOKEN.fullmatch(token) if types[i] == BYTE else None
+            if byte:
+                pieces.append(bytes([int(byte.group(1), 16)]))
+            elif types[i] == CONTROL:
+                pieces.append(token.encode())
+            else:
+                pieces.append(token.replace("▁", " ").encode())
+
+        # Gemma's scores do not follow its merge order but its token order does (transformers
+        # ranks Gemma merges by position for the same reason); elsewhere the score decides.
+        arch = str(metadata.get("general.architecture", ""))
+        scores = metadata.get("tokenizer.ggml.scores")
+        if arch.startswith("gemma") or scores is None:
+            rank: Sequence[float] = -np.arange(len(tokens), dtype=np.float64)
+        else:
+            rank = np.asarray(scores, dtype=np.float64)
+        unk = _meta_id(metadata, "unknown_token_id", len(tokens))
+        backend = _Backend(
+            models.BPE(
+                vocab=vocab,
+                merges=_spm_merges(vocab, rank),
+                dropout=None,
+                unk_token=spelled[unk] if unk is not None else None,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+        add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
+        )
+        # Added tokens are registered under the file's spelling, so a respelled "  " is left to
+        # the merges (as transformers does) rather than matched as a user-defined token.
+        return cls._finish(metadata, backend, tokens, types, pieces, True, add_prefix)
+
+    @classmethod
+    def _finish(
+        cls,
+        metadata: dict[str, Any],
+        backend: _Backend,
+        tokens: list[str],
+        types: np.ndarray,
+        pieces: list[bytes],
+        add_bos_default: bool,
+        strip_leading_space: bool,
+    ) -> Tokenizer:
+        """Register control / user-defined tokens and read the special ids and flags."""
+        vocab = backend.get_vocab()
+        backend.add_special_tokens(
+            [
+                AddedToken(tokens[i], normalized=False, special=True)
+                for i in np.flatnonzero(types == CONTROL)
+                if vocab.get(tokens[i]) == i
+            ]
+        )
+        backend.add_tokens(
+            [
+                AddedToken(tokens[i], normalized=False, special=False)
+                for i in np.flatnonzero(types == USER_DEFINED)
+                if vocab.get(tokens[i]) == i
+            ]
+        )
+        n = len(tokens)
+        eos = _meta_id(metadata, "eos_token_id", n)
+        eog = {i for i in (eos, _meta_id(metadata, "eot_token_id", n)) if i is not None}
+        eog |= {i for i in [_meta_id(metadata, "eom_token_id", n)] if i is not None}
+        eog |= {
+            i
+            for i in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED)).tolist()
+            if tokens[i] in EOG_TEXTS
+        }
+        return cls(
+            backend,
+            tokens,
+            types,
+            pieces,
+            bos_id=_meta_id(metadata, "bos_token_id", n),
+            eos_id=eos,
+            pad_id=_meta_id(metadata, "padding_token_id", n),
+            eog_ids=eog,
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+            add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            strip_leading_space=strip_leading_space,
+        )
+
+    # ---- vocabulary --------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Ids that end generation: eos, eot, eom and turn-ending control tokens."""
+        return self._eog_ids
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens: never produced from plain text, dropped by `skip_special`."""
+        return self._special_ids
+
+    def id_of(self, token: str) -> int | None:
+        """The id of a token spelled as the GGUF stores it (e.g. "<|im_end|>", "Ġthe")."""
+        return self._ids.get(token)
+
+    def token_to_piece(self, token_id: int) -> bytes:
+        """The bytes a token stands for; a control token gives its own text."""
+        return self._pieces[token_id]
+
+    # ---- encode / decode ---------------------------------------------------------------------
+
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+        parse_special: bool = True,
+    ) -> list[int]:
+        """Token ids for `text`. `add_bos`/`add_eos` None follow the file's flags.
+
+        With parse_special False, control-token text such as "<|im_end|>" in user input is
+        tokenized as plain text; user-defined tokens still match (as in llama.cpp).
+        """
+        with self._lock:
+            self._backend.encode_special_tokens = not parse_special
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self._bos_id is not None:
+            ids.insert(0, self._bos_id)
+        if (self.add_eos if add_eos is None else add_eos) and self._eos_id is not None:
+            ids.append(self._eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        special = self._special_ids if skip_special else frozenset()
+        data = b"".join(self._pieces[i] for i in ids if i not in special)
+        text = data.decode("utf-8", errors="replace")
+        if self.strip_leading_space and text.startswith(" "):
+            text = text[1:]
+        return text
+
+    def incremental_decoder(self, *, skip_special: bool = False) -> IncrementalDecoder:
+        """A decoder for streaming: feed ids one by one, get text as it completes."""
+        return IncrementalDecoder(self, skip_special=skip_special)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text without splitting a UTF-8 character.
+
+    A character may span several tokens (byte-fallback `<0xNN>` tokens, byte-level BPE pieces),
+    so bytes are held until they complete. All `push` outputs plus `flush` equal `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False):
+        self._pieces = tokenizer._pieces
+        self._skip = tokenizer.special_ids if skip_special else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = tokenizer.strip_leading_space  # only before the first character
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it completed (may be "")."""
+        if token_id in self._skip:
+            return ""
+        return self._emit(self._utf8.decode(self._pieces[token_id]))
+
+    def flush(self) -> str:
+        """End of stream: any held incomplete bytes come out as U+FFFD."""
+        return self._emit(self._utf8.decode(b"", final=True))
+
+    def _emit(self, text: str) -> str:
+        if self._strip and text:
+            self._strip = False
+            if text.startswith(" "):
+                text = text[1:]
+        return text
