@@ -9,6 +9,7 @@ cache positions attention reads. Everything else a request can vary is array dat
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 import jax
@@ -172,6 +173,40 @@ class Steps:
         return logits
 
     # -- host-side entry points -----------------------------------------------------------
+
+    def compiled_count(self) -> int:
+        """How many shapes the steps have compiled so far (tests assert it stays put)."""
+        return sum(f._cache_size() for f in (self.prefill_fn, self.decode_fn))
+
+    def warmup(
+        self,
+        params,
+        decode_steps: tuple[int, ...] = (1,),
+        max_prompt: int | None = None,
+        batches: tuple[int, ...] = (1,),
+    ) -> float:
+        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets) and
+        decode for each attention bucket and each `decode_steps` count. Returns seconds."""
+        t0 = time.perf_counter()
+        cache, sampler = self.new_cache(), self.new_sampler()
+        greedy = SamplingParams.greedy()
+        top = max_prompt or self.shapes.max_len
+        for b in batches:
+            for t in self.shapes.prefill_lens:
+                if t > top:
+                    break
+                n = min(t, self.shapes.max_len - 1)
+                _, _, cache, sampler = self.prefill(
+                    params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
+                )
+        tokens = np.zeros((self.shapes.rows,), np.int32)
+        active = np.zeros((self.shapes.rows,), bool)
+        for attn_len in self.shapes.attn_lens:
+            for n in decode_steps:
+                pos = max(min(attn_len, self.shapes.max_len) - n, 0)
+                _, _, cache, sampler = self.decode(params, cache, sampler, tokens, active, pos, n)
+        jax.block_until_ready(cache)
+        return time.perf_counter() - t0
 
     def attn_len_for(self, n: int) -> int:
         return bucket_for(max(n, 1), self.shapes.attn_lens)

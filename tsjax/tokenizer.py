@@ -11,7 +11,9 @@ model, so encoding runs in Rust:
   score-driven bigram merging does. Spaces become `▁`; unknown bytes fall back to `<0xNN>` tokens.
 
 Control tokens (type 3) and user-defined tokens (type 4) are matched whole in the text before
-the BPE sees it. Ids match Hugging Face transformers loading the same GGUF, which the tests check.
+the BPE sees it. Ids match Hugging Face transformers loading the same GGUF (the tests check this),
+except where transformers drops the model's own pre-tokenizer: it has no "smollm" split, so it
+keeps a digit with the spaces before it, where SmolLM's tokenizer.json and llama.cpp do not.
 Decoding does not go through `tokenizers`: every id maps to the exact bytes it stands for
 (`token_to_piece`), so text can be streamed without ever splitting a UTF-8 character.
 """
@@ -180,30 +182,47 @@ def _spm_merges(vocab: dict[str, int], rank: Sequence[float]) -> list[tuple[str,
     lefts: list[int] = []
     rights: list[int] = []
     owner: list[int] = []
+    get = vocab.get
     for token, tid in vocab.items():
         for k in range(1, len(token)):
-            left = vocab.get(token[:k])
+            left = get(token[:k])
             if left is not None:
-                right = vocab.get(token[k:])
+                right = get(token[k:])
                 if right is not None:
                     lefts.append(left)
                     rights.append(right)
                     owner.append(tid)
     if not owner:
         return []
+    size = max(vocab.values()) + 1
+    text: list[str] = [""] * size
+    order = np.zeros(size, dtype=np.int64)  # position in the vocabulary's iteration order
+    for position, (token, tid) in enumerate(vocab.items()):
+        text[tid] = token
+        order[tid] = position
+    length = np.fromiter(map(len, text), dtype=np.int64, count=size)
     left_ids, right_ids, owner_ids = np.array(lefts), np.array(rights), np.array(owner)
-    text = {i: t for t, i in vocab.items()}
-    left_len = np.array([len(text[i]) for i in lefts])
-    right_len = np.array([len(text[i]) for i in rights])
-    order = np.empty(max(vocab.values()) + 1, dtype=np.int64)
-    order[list(vocab.values())] = np.arange(len(vocab))
     score = np.asarray(rank, dtype=np.float64)[owner_ids]
-    keys = (right_ids, left_ids, order[owner_ids], -right_len, -left_len, -score)
-    return [(text[left_ids[i]], text[right_ids[i]]) for i in np.lexsort(keys)]
+    keys = (
+        right_ids,
+        left_ids,
+        order[owner_ids],
+        -length[right_ids],
+        -length[left_ids],
+        -score,
+    )  # np.lexsort: last key first
+    best = np.lexsort(keys)
+    pairs = zip(left_ids[best].tolist(), right_ids[best].tolist(), strict=True)
+    return [(text[a], text[b]) for a, b in pairs]
 
 
 class Tokenizer:
-    """Text <-> token ids for one GGUF vocabulary. Build it with `from_gguf` or `from_file`."""
+    """Text <-> token ids for one GGUF vocabulary. Build it with `from_gguf` or `from_file`.
+
+    `add_bos` / `add_eos` are the file's flags (what `encode` does by default);
+    `strip_leading_space` is set for SentencePiece files with `add_space_prefix`, whose encoding
+    prepends a "▁" that decoding takes off again.
+    """
 
     def __init__(
         self,
@@ -222,7 +241,6 @@ class Tokenizer:
     ):
         self._backend = backend
         self._tokens = tokens
-        self._types = token_types
         self._pieces = pieces
         self._ids = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id wins
         self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
@@ -267,9 +285,8 @@ class Tokenizer:
         # stored as the raw text they match (as llama.cpp's converter writes them).
         vocab: dict[str, int] = {}
         pieces: list[bytes] = []
-        for i, token in enumerate(tokens):
-            raw = types[i] in (CONTROL, USER_DEFINED)
-            if raw:
+        for i, (token, kind) in enumerate(zip(tokens, types.tolist(), strict=True)):
+            if kind in (CONTROL, USER_DEFINED):
                 key, piece = token, token.encode()
             elif all(c in unspell for c in token):
                 key, piece = token, bytes(unspell[c] for c in token)
@@ -305,30 +322,33 @@ class Tokenizer:
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         add_bos_default = split in ("llama3", "tekken")  # llama.cpp forces BOS for these
-        return cls._finish(metadata, backend, tokens, types, pieces, add_bos_default, False)
+        return cls._finish(metadata, backend, vocab, tokens, types, pieces, add_bos_default, False)
 
     @classmethod
     def _sentencepiece(cls, metadata: dict[str, Any]) -> Tokenizer:
         tokens = list(metadata["tokenizer.ggml.tokens"])
         types = _token_types(metadata, len(tokens))
-        # Runs of spaces stored as real spaces (Gemma's "  ") are looked up as "▁▁" by the model.
-        spelled = [t.replace(" ", "▁") if " " in t and not t.strip() else t for t in tokens]
+        # Gemma files need two fixes (transformers makes the same ones, by architecture):
+        # runs of spaces stored as real spaces ("  ") are what the model's merges call "▁▁", and
+        # the merge order follows token order, not the scores. Elsewhere a user-defined "  " stays
+        # an added token matched in the raw text, and the score ranks the merges.
+        gemma = str(metadata.get("general.architecture", "")).startswith("gemma")
+        spelled = [
+            t.replace(" ", "▁") if gemma and " " in t and not t.strip() else t for t in tokens
+        ]
         vocab = {t: i for i, t in enumerate(spelled)}
         pieces = []
-        for i, token in enumerate(spelled):
-            byte = _BYTE_TOKEN.fullmatch(token) if types[i] == BYTE else None
+        for token, kind in zip(spelled, types.tolist(), strict=True):
+            byte = _BYTE_TOKEN.fullmatch(token) if kind == BYTE else None
             if byte:
                 pieces.append(bytes([int(byte.group(1), 16)]))
-            elif types[i] == CONTROL:
+            elif kind == CONTROL:
                 pieces.append(token.encode())
             else:
                 pieces.append(token.replace("▁", " ").encode())
 
-        # Gemma's scores do not follow its merge order but its token order does (transformers
-        # ranks Gemma merges by position for the same reason); elsewhere the score decides.
-        arch = str(metadata.get("general.architecture", ""))
         scores = metadata.get("tokenizer.ggml.scores")
-        if arch.startswith("gemma") or scores is None:
+        if gemma or scores is None:
             rank: Sequence[float] = -np.arange(len(tokens), dtype=np.float64)
         else:
             rank = np.asarray(scores, dtype=np.float64)
@@ -349,13 +369,14 @@ class Tokenizer:
         )
         # Added tokens are registered under the file's spelling, so a respelled "  " is left to
         # the merges (as transformers does) rather than matched as a user-defined token.
-        return cls._finish(metadata, backend, tokens, types, pieces, True, add_prefix)
+        return cls._finish(metadata, backend, vocab, tokens, types, pieces, True, add_prefix)
 
     @classmethod
     def _finish(
         cls,
         metadata: dict[str, Any],
         backend: _Backend,
+        vocab: dict[str, int],
         tokens: list[str],
         types: np.ndarray,
         pieces: list[bytes],
@@ -363,7 +384,6 @@ class Tokenizer:
         strip_leading_space: bool,
     ) -> Tokenizer:
         """Register control / user-defined tokens and read the special ids and flags."""
-        vocab = backend.get_vocab()
         backend.add_special_tokens(
             [
                 AddedToken(tokens[i], normalized=False, special=True)
@@ -380,13 +400,9 @@ class Tokenizer:
         )
         n = len(tokens)
         eos = _meta_id(metadata, "eos_token_id", n)
-        eog = {i for i in (eos, _meta_id(metadata, "eot_token_id", n)) if i is not None}
-        eog |= {i for i in [_meta_id(metadata, "eom_token_id", n)] if i is not None}
-        eog |= {
-            i
-            for i in np.flatnonzero((types == CONTROL) | (types == USER_DEFINED)).tolist()
-            if tokens[i] in EOG_TEXTS
-        }
+        ends = ("eos_token_id", "eot_token_id", "eom_token_id")
+        eog = {i for key in ends if (i := _meta_id(metadata, key, n)) is not None}
+        eog |= {i for i, token in enumerate(tokens) if token in EOG_TEXTS}
         return cls(
             backend,
             tokens,
@@ -426,7 +442,8 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """Control tokens: never produced from plain text, dropped by `skip_special`."""
+        """Control tokens (bos, eos, turn markers): parsed from text only with parse_special,
+        dropped by decode's `skip_special`."""
         return self._special_ids
 
     def id_of(self, token: str) -> int | None:

@@ -60,11 +60,12 @@ class Attention(nn.Module):
     qk_norm: bool = False
     scale: float = 1.0
     softcap: float | None = None
-    rope_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, cache_k, cache_v, layer, rows, attn_len, window, theta):
+    def __call__(
+        self, x, positions, cache_k, cache_v, layer, rows, attn_len, window, theta, rope_scale
+    ):
         """x: [B, T, D]; positions: [B, T]; cache_k/v: [L, Bc, K, S, H] (all layers);
         rows: [B] cache row of each batch row, or None when the batch is every cache row.
         Returns (out [B, T, D], cache_k, cache_v)."""
@@ -76,8 +77,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
-        q = apply_rope(q, positions, theta, self.rope_scale)
-        k = apply_rope(k, positions, theta, self.rope_scale)
+        q = apply_rope(q, positions, theta, rope_scale)
+        k = apply_rope(k, positions, theta, rope_scale)
 
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows

@@ -24,7 +24,7 @@ class ModelConfig:
     # Per-layer data (one entry per layer) so one lax.scan runs mixed layer types.
     layer_windows: tuple[int, ...]  # 0 = global attention, else sliding window size
     layer_rope_thetas: tuple[float, ...]
-    rope_scale: float = 1.0  # linear position interpolation
+    layer_rope_scales: tuple[float, ...]  # linear position interpolation (1.0 = none)
     qkv_bias: bool = False
     qk_norm: bool = False
     post_norms: bool = False  # Gemma 2/3 sandwich norms around attention and FFN
@@ -76,6 +76,6 @@ def base_config_kwargs(g: GGUFFile, family: str) -> dict:
         rope_theta=theta,
         layer_windows=(0,) * n_layers,
         layer_rope_thetas=(theta,) * n_layers,
-        rope_scale=scale,
+        layer_rope_scales=(scale,) * n_layers,
         tied_embeddings=not g.has_tensor("output.weight"),
     )

@@ -28,24 +28,23 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, positions, rows, layer_data):
         x, cache_k, cache_v = carry
-        layer, window, theta = layer_data
+        layer, window, theta, rope_scale = layer_data
         c = self.cfg
         attn = Attention(
-            c.n_heads,
-            c.n_kv_heads,
-            c.head_dim,
-            c.norm_eps,
-            c.qkv_bias,
-            c.qk_norm,
-            c.attn_scale,
-            c.attn_softcap,
-            c.rope_scale,
-            self.dtype,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            norm_eps=c.norm_eps,
+            qkv_bias=c.qkv_bias,
+            qk_norm=c.qk_norm,
+            scale=c.attn_scale,
+            softcap=c.attn_softcap,
+            dtype=self.dtype,
             name="attn",
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         h, cache_k, cache_v = attn(
-            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, theta
+            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, theta, rope_scale
         )
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
@@ -90,6 +89,7 @@ class Decoder(nn.Module):
             jnp.arange(c.n_layers, dtype=jnp.int32),
             jnp.asarray(c.layer_windows, jnp.int32),
             jnp.asarray(c.layer_rope_thetas, jnp.float32),
+            jnp.asarray(c.layer_rope_scales, jnp.float32),
         )
         (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data)
         if logit_index is not None:

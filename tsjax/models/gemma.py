@@ -4,8 +4,8 @@ converter; Gemma 2/3 add sandwich norms and interleave sliding-window and global
 - Gemma 2: every other layer slides (layer 0 slides), attention and final logit soft-capping.
 - Gemma 3: five sliding layers then one global; sliding layers use RoPE base 10000, global ones
   the file's base (with linear scaling on the larger models); q/k RMSNorm replaces soft-capping.
-GGUF files do not store the layer pattern or the local RoPE base; these are the published
-architecture constants (as llama.cpp and transformers also hard-code them).
+Most GGUF files do not store the layer pattern or the local RoPE base; the published
+architecture constants are the defaults, and the keys win where a file has them.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def config(g: GGUFFile) -> ModelConfig:
         kw["final_softcap"] = float(g.meta(f"{arch}.final_logit_softcapping", 30.0)) or None
         kw["layer_rope_thetas"] = (kw["rope_theta"],) * n
     else:
-        sliding = [(i + 1) % 6 != 0 for i in range(n)]
+        pattern = int(g.meta(f"{arch}.attention.sliding_window_pattern", 6))
+        sliding = [(i + 1) % pattern != 0 for i in range(n)]
+        local_theta = float(g.meta(f"{arch}.rope.freq_base_swa", LOCAL_ROPE_THETA))
         kw["qk_norm"] = True
         kw["final_softcap"] = float(g.meta(f"{arch}.final_logit_softcapping", 0.0)) or None
-        kw["layer_rope_thetas"] = tuple(
-            LOCAL_ROPE_THETA if s else kw["rope_theta"] for s in sliding
-        )
+        kw["layer_rope_thetas"] = tuple(local_theta if s else kw["rope_theta"] for s in sliding)
+        # Position interpolation applies to the global layers only.
+        kw["layer_rope_scales"] = tuple(1.0 if s else kw["layer_rope_scales"][0] for s in sliding)
     kw["layer_windows"] = tuple(window if s else 0 for s in sliding)
     return ModelConfig(**kw, post_norms=True)

@@ -1,0 +1,98 @@
+"""Shared fixtures: real model files, loaded models, and the transformers reference.
+
+Loading is expensive (seconds per model), so everything here is session-scoped and shared by
+every test module that asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REAL_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
+}
+
+
+def real_model_path(name: str) -> Path:
+    """The cached file of a catalog model, or skip (make test pulls them first)."""
+    from tsjax.catalog import ModelNotFoundError, resolve_model
+
+    try:
+        return resolve_model(name, pull_missing=False)
+    except ModelNotFoundError as e:
+        pytest.skip(f"{name} not pulled ({e}); run `make models`")
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    return real_model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    return real_model_path("gemma3-270m")
+
+
+_loaded: dict = {}
+
+
+def loaded_model(name: str, **kwargs):
+    """One tsjax Model per (name, settings) for the whole session."""
+    from tsjax.model import load
+
+    key = (name, tuple(sorted(kwargs.items())))
+    if key not in _loaded:
+        _loaded[key] = load(real_model_path(name), progress=False, **kwargs)
+    return _loaded[key]
+
+
+class HFReference:
+    """transformers loading the same GGUF file, float32 on the CPU."""
+
+    def __init__(self, path: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        self.model.eval()
+
+    def logits(self, ids: list[int]):
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([ids])).logits[0].numpy()
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        with self.torch.no_grad():
+            out = self.model.generate(
+                self.torch.tensor([ids]),
+                max_new_tokens=n,
+                do_sample=False,
+                attention_mask=self.torch.ones((1, len(ids)), dtype=self.torch.long),
+            )
+        return out[0, len(ids) :].tolist()
+
+
+_refs: dict = {}
+
+
+def hf_reference(path: Path) -> HFReference:
+    if path not in _refs:
+        _refs[path] = HFReference(path)
+    return _refs[path]
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref| over the vocabulary: the issue's parity measure."""
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())

@@ -1,0 +1,141 @@
+"""The compiled steps: prefill + decode agree with one long prefill, rows are independent,
+and after warm-up no request shape or sampling setting compiles anything new."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import loaded_model, rel_err
+from gguf_factory import write_tiny_gguf
+
+from tsjax.model import load
+from tsjax.sampling import SamplingParams
+from tsjax.steps import StepShapes
+
+GREEDY = SamplingParams.greedy()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    # Window 4 and 7 layers: the 20-token sequences below cross the sliding window.
+    path = write_tiny_gguf(tmp_path_factory.mktemp("steps") / "g3.gguf", "gemma3")
+    return load(
+        path,
+        progress=False,
+        shapes=StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16),
+    )
+
+
+def full_logits(model, ids):
+    return np.asarray(
+        model.steps.forward_fn(
+            model.params,
+            model.steps.new_cache(),
+            jnp.asarray([ids]),
+            jnp.zeros((1,), jnp.int32),
+            attn_len=model.steps.attn_len_for(len(ids)),
+        )[0]
+    )
+
+
+def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
+    steps = model.steps
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    row = steps.shapes.rows - 1  # not row 0, to catch row mix-ups
+    first, logits, cache, sampler = steps.prefill(
+        model.params, cache, sampler, [prompt], [row], [GREEDY]
+    )
+    seq = list(prompt) + [int(first[0])]
+    got = [np.asarray(logits[0])]
+    tokens = np.zeros((steps.shapes.rows,), np.int32)
+    active = np.zeros((steps.shapes.rows,), bool)
+    active[row] = True
+    while len(got) < n_decode + 1:
+        tokens[row] = seq[-1]
+        out, last, cache, sampler = steps.decode(
+            model.params, cache, sampler, tokens, active, len(seq) - 1, steps_per_dispatch
+        )
+        seq += [int(t) for t in out[:, row]]
+        got.append(np.asarray(last[row]))
+    assert int(cache.lengths[row]) == len(seq) - 1
+    ref = full_logits(model, seq[:-1])
+    # got[0] is the logits after the prompt; got[k] after `steps_per_dispatch` more tokens.
+    positions = [len(prompt) - 1 + k * steps_per_dispatch for k in range(len(got))]
+    for g, p in zip(got, positions, strict=True):
+        assert rel_err(g, ref[p]) < 1e-4, f"position {p}"
+    # Greedy decode must pick the argmax of the full-sequence logits at every position.
+    assert seq[len(prompt) :] == [
+        int(ref[p].argmax()) for p in range(len(prompt) - 1, len(seq) - 1)
+    ]
+
+
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_prefill_then_decode_equals_one_prefill_tiny_sliding(tiny_gemma3, n_steps):
+    check_prefill_then_decode(tiny_gemma3, [1, 5, 9, 42, 17, 3, 99, 23], 12, n_steps)
+
+
+@pytest.mark.slow
+def test_prefill_then_decode_equals_one_prefill_smollm():
+    model = loaded_model("smollm2-135m", max_len=256, rows=2)
+    prompt = model.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    check_prefill_then_decode(model, prompt, 8, 4)
+
+
+def test_prefix_reuse_prefill_matches_fresh(tiny_gemma3):
+    """Prefilling a suffix after a cached prefix equals prefilling the whole sequence."""
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    seq = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    _, _, cache, sampler = steps.prefill(params, cache, sampler, [seq[:11]], [2], [GREEDY])
+    _, logits, cache, sampler = steps.prefill(
+        params, cache, sampler, [seq[11:]], [2], [GREEDY], starts=[11]
+    )
+    assert rel_err(logits[0], full_logits(tiny_gemma3, seq)[-1]) < 1e-4
+    assert int(cache.lengths[2]) == len(seq)
+
+
+def test_batched_prefill_rows_are_independent(tiny_gemma3):
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11], [40, 41]]
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    _, logits, cache, _ = steps.prefill(params, cache, sampler, prompts, [3, 0, 1], [GREEDY] * 3)
+    for i, p in enumerate(prompts):
+        assert rel_err(logits[i], full_logits(tiny_gemma3, p)[-1]) < 1e-4
+    assert [int(x) for x in cache.lengths] == [11, 2, 0, 3]
+
+
+def test_no_recompilation_after_warmup(tmp_path):
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    model = load(
+        path,
+        progress=False,
+        shapes=StepShapes.default(rows=4, max_len=128, min_prefill=16, min_attn=32),
+    )
+    steps = model.steps
+    steps.warmup(model.params, decode_steps=(1, 4))
+    compiled = steps.compiled_count()
+    assert compiled > 0
+    rng = np.random.default_rng(0)
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    for trial in range(6):
+        n = int(rng.integers(1, 100))
+        prompt = rng.integers(0, model.config.vocab_size, n).tolist()
+        sp = SamplingParams(
+            temperature=float(rng.uniform(0, 2)),
+            top_k=int(rng.integers(0, 50)),
+            top_p=float(rng.uniform(0.1, 1)),
+            min_p=float(rng.uniform(0, 0.2)),
+            repeat_penalty=float(rng.uniform(1, 1.5)),
+            seed=trial,
+        )
+        first, _, cache, sampler = steps.prefill(
+            model.params, cache, sampler, [prompt], [trial % 4], [sp]
+        )
+        tokens = np.zeros((4,), np.int32)
+        tokens[trial % 4] = first[0]
+        active = np.zeros((4,), bool)
+        active[trial % 4] = True
+        for k in (1, 4):
+            _, _, cache, sampler = steps.decode(model.params, cache, sampler, tokens, active, n, k)
+    assert steps.compiled_count() == compiled, "a request shape or setting recompiled"
