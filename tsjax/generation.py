@@ -11,7 +11,7 @@ import numpy as np
 
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
-from tsjax.stopping import StopMatcher
+from tsjax.textstream import TextStream
 
 
 class PromptTooLongError(ValueError):
@@ -58,10 +58,10 @@ def stream(
         raise PromptTooLongError(len(prompt_ids), limit)
     if not prompt_ids:
         raise ValueError("empty prompt")
-    steps, tok = model.steps, model.tokenizer
-    eog = tok.eog_ids
-    detok = tok.incremental_decoder()
-    matcher = StopMatcher(tuple(stop))
+    steps = model.steps
+    text = TextStream(
+        model.tokenizer, stop=stop, max_tokens=max_tokens, room=limit - len(prompt_ids)
+    )
     cache, sampler = steps.new_cache(), steps.new_sampler()
     res.prompt_tokens = len(prompt_ids)
 
@@ -71,41 +71,29 @@ def stream(
     )
     res.prefill_seconds = time.perf_counter() - t0
     pending = [int(first[0])]
-    pos = len(prompt_ids)  # cache length once the pending token is fed back
+    fed = 0  # sampled tokens written back into the cache
     t1 = time.perf_counter()
     active = np.ones((steps.shapes.rows,), bool)
     tokens_in = np.zeros((steps.shapes.rows,), np.int32)
     while True:
         for t in pending:
-            if t in eog:
-                res.finish_reason = "stop"
-                break
-            res.tokens.append(t)
-            piece = matcher.push(detok.push(t))
+            piece = text.push(t)
             if piece:
-                res.text += piece
                 yield piece
-            if matcher.stopped is not None:
-                res.finish_reason = "stop"
+            if text.finish_reason:
                 break
-            if len(res.tokens) >= max_tokens or pos + len(res.tokens) >= limit:
-                res.finish_reason = "length"
-                break
-        if res.finish_reason:
+        if text.finish_reason:
             break
-        room = min(max_tokens - len(res.tokens), limit - pos - len(res.tokens))
-        n = steps_per_dispatch if room >= steps_per_dispatch else 1
-        tokens_in[0] = res.tokens[-1]
+        left = text.max_tokens - len(text.tokens)
+        n = steps_per_dispatch if left >= steps_per_dispatch else 1
+        tokens_in[0] = pending[-1]
         out, _, cache, sampler = steps.decode(
-            model.params, cache, sampler, tokens_in, active, pos + len(res.tokens) - 1, n
+            model.params, cache, sampler, tokens_in, active, len(prompt_ids) + fed, n
         )
+        fed += n
         pending = [int(x) for x in out[:, 0]]
     res.decode_seconds = time.perf_counter() - t1
-    if res.finish_reason != "stop" or matcher.stopped is None:
-        tail = matcher.push(detok.flush()) + matcher.flush()
-        if tail:
-            res.text += tail
-            yield tail
+    res.tokens, res.text, res.finish_reason = text.tokens, text.text, text.finish_reason
 
 
 def generate(model: Model, prompt_ids: list[int], **kwargs) -> Generation:

@@ -1,0 +1,308 @@
+"""The engine: one thread runs the loop (admit -> prefill -> decode -> publish), and an async
+facade hands each request its own stream of `TokenEvent`s.
+
+Continuous batching: every decode dispatch advances all cache rows at once; new requests are
+prefilled into free rows between dispatches and finished ones free their row at once. While
+requests wait, a dispatch runs a single step so they are admitted quickly; otherwise it runs
+`decode_steps` steps to save dispatch overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from serve.engine.scheduler import Row, Scheduler
+from serve.engine.types import (
+    EventKind,
+    FinishReason,
+    GenerationRequest,
+    Stats,
+    TokenEvent,
+)
+from tsjax.generation import PromptTooLongError
+from tsjax.model import Model
+from tsjax.textstream import TextStream
+
+log = logging.getLogger("tsjax.engine")
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass
+class _Live:
+    """Host-side state of one request in a cache row."""
+
+    req: GenerationRequest
+    sink: Sink
+    row: Row
+    text: TextStream
+    stats: Stats
+    submitted: float
+    sampled: list[int] = field(default_factory=list)  # every sampled token, in order
+    fed: int = 0  # sampled tokens written back into the cache
+    decode_start: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: Model, *, decode_steps: int = 4, prefill_chunk: int = 512):
+        self.model = model
+        self.steps = model.steps
+        self.rows = self.steps.shapes.rows
+        self.decode_steps = decode_steps
+        self.prefill_chunk = min(prefill_chunk, self.steps.shapes.prefill_lens[-1])
+        self.scheduler = Scheduler(self.rows)
+        self._live: dict[int, _Live] = {}  # row index -> live request
+        self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
+        self._aborts: set[str] = set()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.total_processed = 0
+        self.warm = False
+        self._cache = self.steps.new_cache()
+        self._sampler = self.steps.new_sampler()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def warmup(self) -> float:
+        """Compile every step shape the loop uses, before taking traffic."""
+        secs = self.steps.warmup(
+            self.model.params,
+            decode_steps=tuple(sorted({1, self.decode_steps})),
+            max_prompt=self.prefill_chunk,
+        )
+        self._cache, self._sampler = self.steps.new_cache(), self.steps.new_sampler()
+        self.warm = True
+        return secs
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="tsjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- the seam the API adapters use -----------------------------------------------------
+
+    def check(self, req: GenerationRequest) -> None:
+        """Reject what can never run, before queueing (the adapters map it to a 400)."""
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(req.prompt_ids) >= self.model.max_len:
+            raise PromptTooLongError(len(req.prompt_ids), self.model.max_len)
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}")
+        req.sampling.validate()
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; `sink` receives its events on the engine thread."""
+        self.check(req)
+        with self._cv:
+            self.scheduler.enqueue(req)
+            self._waiting[req.id] = (req, sink, time.perf_counter())
+            self._cv.notify_all()
+
+    def abort(self, req_id: str) -> None:
+        """Cancel a queued or running request; its row is freed within one dispatch."""
+        with self._cv:
+            self._aborts.add(req_id)
+            self._cv.notify_all()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and stream events until DONE or ERROR. Closing the iterator early (client
+        went away) aborts the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if ev.kind in (EventKind.DONE, EventKind.ERROR):
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.id)
+
+    def status(self) -> dict:
+        with self._cv:
+            return {
+                "busy": bool(self._live),
+                "active_requests": len(self._live),
+                "pending_requests": len(self.scheduler.queue),
+                "total_processed": self.total_processed,
+                "rows": self.rows,
+            }
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_queue_note = 0.0
+        while True:
+            with self._cv:
+                while self._running and not self._live and not self.scheduler.queue:
+                    self._cv.wait(timeout=1.0)
+                if not self._running:
+                    break
+                self._apply_aborts()
+                admitted = []
+                while (nxt := self.scheduler.admit()) is not None:
+                    admitted.append(nxt)
+            try:
+                for req, row, reuse in admitted:
+                    self._start(req, row, reuse)
+                if self._live:
+                    self._decode()
+            except Exception as e:  # a step failed: fail the live requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {e}")
+            now = time.perf_counter()
+            if now - last_queue_note > 1.0:
+                last_queue_note = now
+                self._note_queue()
+        self._fail_all("server shutting down")
+
+    def _apply_aborts(self) -> None:
+        for req_id in list(self._aborts):
+            req = self.scheduler.remove(req_id)
+            if req is not None:
+                _, sink, _ = self._waiting.pop(req_id)
+                sink(TokenEvent(EventKind.DONE, finish_reason=FinishReason.ABORT, stats=Stats()))
+            for live in list(self._live.values()):
+                if live.req.id == req_id:
+                    live.text.finish("abort")
+                    self._finish(live, FinishReason.ABORT)
+        self._aborts.clear()
+
+    def _note_queue(self) -> None:
+        with self._cv:
+            waiting = list(self.scheduler.queue)
+        for i, req in enumerate(waiting):
+            entry = self._waiting.get(req.id)
+            if entry is not None:
+                entry[1](
+                    TokenEvent(EventKind.QUEUED, queue_position=i + 1, queue_pending=len(waiting))
+                )
+
+    def _start(self, req: GenerationRequest, row: Row, reuse: int) -> None:
+        _, sink, submitted = self._waiting.pop(req.id)
+        prompt = req.prompt_ids
+        stats = Stats(
+            prompt_tokens=len(prompt),
+            cached_tokens=reuse,
+            queue_seconds=time.perf_counter() - submitted,
+        )
+        text = TextStream(
+            self.model.tokenizer,
+            stop=req.stop,
+            max_tokens=req.max_tokens,
+            room=self.model.max_len - len(prompt),
+        )
+        live = _Live(req, sink, row, text, stats, submitted)
+        t0 = time.perf_counter()
+        start = reuse
+        first = None
+        while start < len(prompt):
+            chunk = prompt[start : start + self.prefill_chunk]
+            first, _, self._cache, self._sampler = self.steps.prefill(
+                self.model.params,
+                self._cache,
+                self._sampler,
+                [chunk],
+                [row.index],
+                [req.sampling],
+                starts=[start],
+                histories=[prompt[: start + len(chunk)]],
+            )
+            start += len(chunk)
+        now = time.perf_counter()
+        stats.prefill_seconds = now - t0
+        stats.first_token_seconds = now - submitted
+        live.decode_start = now
+        row.tokens = list(prompt)
+        self._live[row.index] = live
+        self._consume(live, [int(first[0])])
+
+    def _decode(self) -> None:
+        waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
+        rows = list(self._live.values())
+        left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
+        n = 1 if waiting or left < self.decode_steps else self.decode_steps
+        tokens = np.zeros((self.rows,), np.int32)
+        active = np.zeros((self.rows,), bool)
+        max_pos = 0
+        for live in rows:
+            tokens[live.row.index] = live.sampled[-1]
+            active[live.row.index] = True
+            max_pos = max(max_pos, len(live.req.prompt_ids) + live.fed)
+        out, _, self._cache, self._sampler = self.steps.decode(
+            self.model.params, self._cache, self._sampler, tokens, active, max_pos, n
+        )
+        for live in rows:
+            live.fed += n
+            self._consume(live, [int(t) for t in out[:, live.row.index]])
+
+    def _consume(self, live: _Live, tokens: list[int]) -> None:
+        """Turn sampled tokens into events; finish the request when its stream ends."""
+        try:
+            pieces = []
+            for t in tokens:
+                live.sampled.append(t)
+                pieces.append(live.text.push(t))
+                if live.text.finish_reason:
+                    break
+            text = "".join(pieces)
+            if text or not live.text.finish_reason:
+                live.sink(TokenEvent(EventKind.TOKEN, text=text, token_ids=tuple(tokens)))
+            if live.text.finish_reason:
+                self._finish(live, FinishReason(live.text.finish_reason))
+        except Exception as e:  # one request's failure is its own
+            log.exception("request %s failed", live.req.id)
+            self._finish(live, FinishReason.ERROR, error=str(e))
+
+    def _finish(self, live: _Live, reason: FinishReason, error: str = "") -> None:
+        self._live.pop(live.row.index, None)
+        stats = live.stats
+        stats.completion_tokens = len(live.text.tokens)
+        stats.decode_seconds = time.perf_counter() - live.decode_start
+        # The row holds the prompt plus every sampled token that was fed back.
+        cached = list(live.req.prompt_ids) + live.sampled[: live.fed]
+        with self._cv:
+            self.scheduler.release(live.row, cached)
+            self.total_processed += 1
+        if reason is FinishReason.ERROR:
+            live.sink(TokenEvent(EventKind.ERROR, error=error, stats=stats, finish_reason=reason))
+        else:
+            live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats))
+
+    def _fail_all(self, message: str) -> None:
+        for live in list(self._live.values()):
+            self._finish(live, FinishReason.ERROR, error=message)
+        with self._cv:
+            for req_id, (_, sink, _) in list(self._waiting.items()):
+                self.scheduler.remove(req_id)
+                sink(TokenEvent(EventKind.ERROR, error=message, finish_reason=FinishReason.ERROR))
+            self._waiting.clear()
+            for row in self.scheduler.rows:
+                row.tokens = []  # the cache may be gone: trust nothing in it
+        self._cache, self._sampler = self.steps.new_cache(), self.steps.new_sampler()
+        jax.block_until_ready(self._cache)

@@ -1,0 +1,133 @@
+"""The engine: continuous batching gives the same tokens as running alone, aborts free rows,
+prefix reuse prefills only the new suffix, and bad requests are refused before queueing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from gguf_factory import write_tiny_gguf
+
+from serve.engine import Engine, EventKind, FinishReason, GenerationRequest
+from tsjax.generation import PromptTooLongError, generate
+from tsjax.model import load
+from tsjax.sampling import SamplingParams
+from tsjax.steps import StepShapes
+
+ROWS = 16
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("engine") / "llama.gguf", "llama")
+    model = load(
+        path,
+        progress=False,
+        shapes=StepShapes.default(rows=ROWS, max_len=128, min_prefill=16, min_attn=32),
+    )
+    eng = Engine(model, decode_steps=4, prefill_chunk=32)
+    eng.warmup()
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def run(engine, reqs):
+    async def one(req):
+        events = [ev async for ev in engine.generate(req)]
+        return events
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    return asyncio.run(main())
+
+
+def text_of(events):
+    return "".join(ev.text for ev in events if ev.kind is EventKind.TOKEN)
+
+
+def test_single_request_equals_library_generate(engine):
+    prompt = [1, 5, 9, 42, 17, 3]
+    req = GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=20, reuse_prefix=False)
+    (events,) = run(engine, [req])
+    done = events[-1]
+    want = generate(engine.model, prompt, sampling=SamplingParams.greedy(), max_tokens=20)
+    assert text_of(events) == want.text
+    assert done.kind is EventKind.DONE
+    assert done.finish_reason.value == want.finish_reason
+    assert done.stats.completion_tokens == len(want.tokens)
+
+
+def test_seeded_request_same_alone_or_beside_fifteen_others(engine):
+    sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
+    prompt = [2, 7, 1, 8, 2, 8]
+    alone = run(engine, [GenerationRequest(prompt, sp, 24, reuse_prefix=False)])[0]
+    others = [
+        GenerationRequest(
+            [3 + i, 1, 4, 1, 5][: 2 + i % 4],
+            SamplingParams(temperature=0.9, seed=i),
+            24 + i,
+            reuse_prefix=False,
+        )
+        for i in range(15)
+    ]
+    mine = GenerationRequest(prompt, sp, 24, reuse_prefix=False)
+    results = run(engine, others[:7] + [mine] + others[7:])
+    assert text_of(results[7]) == text_of(alone)
+    assert all(r[-1].kind is EventKind.DONE for r in results)
+
+
+def test_abort_frees_the_row(engine):
+    async def main():
+        req = GenerationRequest([4, 4, 4], SamplingParams(temperature=1.0, seed=1), 100)
+        agen = engine.generate(req)
+        async for ev in agen:
+            if ev.kind is EventKind.TOKEN:
+                break
+        await agen.aclose()  # the client went away
+        for _ in range(200):
+            if engine.status()["active_requests"] == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_prefix_reuse_counts_cached_tokens_and_keeps_output(engine):
+    turn1 = [11, 12, 13, 14, 15, 16, 17, 18]
+    r1 = run(engine, [GenerationRequest(turn1, SamplingParams.greedy(), 6)])[0]
+    answer = [t for ev in r1 if ev.kind is EventKind.TOKEN for t in ev.token_ids][:6]
+    turn2 = turn1 + answer + [19, 20, 21]
+    r2 = run(engine, [GenerationRequest(turn2, SamplingParams.greedy(), 8)])[0]
+    stats = r2[-1].stats
+    assert stats.cached_tokens >= len(turn1), stats
+    fresh = generate(engine.model, turn2, sampling=SamplingParams.greedy(), max_tokens=8)
+    assert text_of(r2) == fresh.text
+
+
+def test_stop_string_and_length(engine):
+    prompt = [1, 5, 9, 42, 17, 3]
+    full = generate(engine.model, prompt, sampling=SamplingParams.greedy(), max_tokens=30)
+    if len(full.text) < 6:
+        pytest.skip("tiny model ended too early to pick a stop string")
+    stop = full.text[3:5]
+    (events,) = run(
+        engine,
+        [GenerationRequest(prompt, SamplingParams.greedy(), 30, stop=(stop,), reuse_prefix=False)],
+    )
+    assert text_of(events) == full.text[: full.text.index(stop)]
+    assert events[-1].finish_reason is FinishReason.STOP
+    (events,) = run(
+        engine, [GenerationRequest(prompt, SamplingParams.greedy(), 3, reuse_prefix=False)]
+    )
+    if events[-1].stats.completion_tokens == 3:
+        assert events[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_prompt_too_long_is_refused_before_queueing(engine):
+    with pytest.raises(PromptTooLongError, match="128"):
+        engine.check(GenerationRequest([1] * 200))
+    with pytest.raises(ValueError):
+        engine.check(GenerationRequest([]))
