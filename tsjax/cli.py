@@ -28,6 +28,8 @@ def _add_generate(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+
     from tsjax.generation import Generation, PromptTooLongError, stream
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
@@ -51,6 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     res = Generation()
+    t1 = time.perf_counter()
     try:
         for piece in stream(model, ids, sampling, args.max_tokens, args.stop, result=res):
             sys.stdout.write(piece)
@@ -59,12 +62,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.stats:
+        first = time.perf_counter() - t1
+        # Run the same request again: the compiled steps are cached now, so this is the
+        # steady state; the difference to the first run is compilation.
+        again = Generation()
+        for _ in stream(model, ids, sampling, args.max_tokens, args.stop, result=again):
+            pass
+        steady = again.prefill_seconds + again.decode_seconds
         print(
-            f"load {t_load:.2f}s | prompt {res.prompt_tokens} tok in {res.prefill_seconds:.2f}s"
-            f" ({res.prefill_tok_per_s:.1f} tok/s, first call includes compile)"
-            f" | {len(res.tokens)} tok in {res.decode_seconds:.2f}s"
-            f" ({res.decode_tok_per_s:.1f} tok/s) | finish {res.finish_reason}",
+            f"model {model.name} ({model.config.architecture}) on {jax.default_backend()}"
+            f" | load {t_load:.2f}s | first run {first:.2f}s (compile ~{first - steady:.2f}s)"
+            f" | prefill {again.prompt_tokens} tok {again.prefill_tok_per_s:.1f} tok/s"
+            f" | decode {len(again.tokens)} tok {again.decode_tok_per_s:.1f} tok/s"
+            f" | finish {again.finish_reason}",
             file=sys.stderr,
         )
     return 0
@@ -93,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="list catalog models and where they are")
     p.set_defaults(func=cmd_list)
     _add_generate(sub)
+    # The server-side commands live in serve/ (tsjax/ never imports it at module level).
+    from serve.bench import add_bench_args, cmd_bench
+
+    p = sub.add_parser("bench", help="benchmark a model (and llama.cpp on the same file)")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -1,0 +1,95 @@
+"""Sampling filters and penalties on hand-made logits, and stop-string hold-back."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsjax.sampling import (
+    SamplingParams,
+    apply_penalties,
+    filter_logits,
+    host_sampler_state,
+    sample,
+)
+from tsjax.stopping import StopMatcher
+
+LOGITS = np.log(np.array([[0.5, 0.25, 0.15, 0.07, 0.03]], np.float32))
+
+
+def kept(params: SamplingParams, history=()):
+    s = host_sampler_state([params], [list(history)])
+    out = np.asarray(filter_logits(jnp.asarray(LOGITS), s))[0]
+    return [i for i in range(out.shape[0]) if out[i] > -1e29]
+
+
+def test_top_k_top_p_min_p_keep_the_right_tokens():
+    assert kept(SamplingParams(top_k=2, top_p=1.0)) == [0, 1]
+    assert kept(SamplingParams(top_k=0, top_p=0.7)) == [0, 1]  # 0.5 + 0.25 reaches 0.7
+    assert kept(SamplingParams(top_k=0, top_p=0.8)) == [0, 1, 2]
+    assert kept(SamplingParams(top_k=0, top_p=1.0, min_p=0.3)) == [0, 1, 2]  # >= 0.15
+    assert kept(SamplingParams(top_k=0, top_p=0.01)) == [0]  # never empty
+
+
+def test_penalties_follow_llama_cpp_semantics():
+    logits = jnp.asarray([[2.0, -2.0, 1.0, 0.5]])
+    p = SamplingParams(
+        repeat_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, repeat_last_n=3
+    )
+    s = host_sampler_state([p], [[3, 0, 1, 1]])  # token 3 is outside the last-3 window
+    out = np.asarray(apply_penalties(logits, s))[0]
+    np.testing.assert_allclose(out, [2.0 / 2 - 0.25 - 0.5, -2.0 * 2 - 0.5 - 0.5, 1.0, 0.5])
+
+
+def test_greedy_seeded_and_per_row_independent():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32))
+    rows = [
+        SamplingParams.greedy(),
+        SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=7),
+        SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=7),
+    ]
+    tok, _ = sample(logits, host_sampler_state(rows, [[]] * 3))
+    assert int(tok[0]) == int(np.argmax(logits[0]))
+    # Same seed and same logits in another row of another batch: same token.
+    tok2, _ = sample(logits[1:2], host_sampler_state(rows[1:2], [[]]))
+    assert int(tok[1]) == int(tok2[0])
+
+
+def test_temperature_sampling_follows_the_distribution():
+    probs = np.array([0.6, 0.3, 0.1], np.float32)
+    logits = jnp.asarray(np.tile(np.log(probs), (2000, 1)))
+    params = [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=i) for i in range(2000)]
+    tok, _ = sample(logits, host_sampler_state(params, [[]] * 2000))
+    freq = np.bincount(np.asarray(tok), minlength=3) / 2000
+    np.testing.assert_allclose(freq, probs, atol=0.05)
+
+
+def test_invalid_parameters_are_named():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0).validate()
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1).validate()
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        ["Hello wor", "ld STOP", " more"],
+        ["Hello world S", "TO", "P more"],
+        list("Hello world STOP more"),
+    ],
+)
+def test_stop_string_across_chunks_is_never_emitted(chunks):
+    m = StopMatcher(["STOP"])
+    out = "".join(m.push(c) for c in chunks) + m.flush()
+    assert out == "Hello world "
+    assert m.stopped == "STOP"
+
+
+def test_held_back_text_is_released_when_no_stop_follows():
+    m = StopMatcher(["</end>"])
+    assert m.push("a </e") == "a "
+    assert m.push("x") == "</ex"
+    assert m.push("b </") == "b "
+    assert m.flush() == "</"
