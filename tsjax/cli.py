@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     # The server-side commands live in serve/ (tsjax/ never imports it at module level).
     from serve.bench import add_bench_args, cmd_bench
+    from serve.settings import add_serve_args, cmd_serve
+
+    p = sub.add_parser("serve", help="serve the Ollama/OpenAI HTTP API")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmark a model (and llama.cpp on the same file)")
     add_bench_args(p)

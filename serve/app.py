@@ -1,0 +1,116 @@
+"""The Litestar application: routers for each API style, error rendering, and a lifespan that
+owns the engine (load the model, compile, start; stop on shutdown).
+
+Loading runs in the background so the listener is up at once: `/health` answers 503 until
+the engine is warm, which is what load balancers and the tests poll for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import jax
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+
+from serve.engine import Engine
+from serve.protocols import ollama, openai
+from serve.protocols.common import ApiError, Hub, hub_of
+from serve.settings import Settings
+
+log = logging.getLogger("tsjax.serve")
+
+
+def _load(hub: Hub) -> None:
+    """Load the model and build the engine (blocking; runs in a worker thread)."""
+    from tsjax.model import load
+
+    s = hub.settings
+    t0 = time.perf_counter()
+    model = load(s.model, rows=s.rows, max_len=s.max_len, progress=False)
+    hub.load_seconds = time.perf_counter() - t0
+    hub.model = model
+    hub.engine = Engine(model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk)
+
+
+def _warm(hub: Hub) -> None:
+    engine = hub.engine
+    assert engine is not None
+    if not engine.warm:
+        hub.compile_seconds = engine.warmup()
+    engine.start()
+    hub.ready = True
+
+
+def _startup_line(hub: Hub) -> str:
+    m, s = hub.model, hub.settings
+    assert m is not None
+    devices = jax.devices()
+    where = f"{len(devices)}x {devices[0].platform} ({devices[0].device_kind})"
+    host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
+    return (
+        f"tsjax serving {m.name} ({m.config.architecture}, {s.rows} rows x {m.max_len} ctx)"
+        f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
+        f" -> http://{host}:{s.port}"
+    )
+
+
+async def _bring_up(hub: Hub) -> None:
+    try:
+        if hub.engine is None:
+            await asyncio.to_thread(_load, hub)
+        await asyncio.to_thread(_warm, hub)
+        log.info(_startup_line(hub))
+    except Exception as e:  # keep serving /health with the reason instead of dying silently
+        log.exception("model failed to load")
+        hub.error = f"model failed to load: {e}"
+
+
+def _lifespan(hub: Hub):
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        task = asyncio.create_task(_bring_up(hub))
+        try:
+            yield
+        finally:
+            task.cancel()
+            if hub.engine is not None:
+                hub.engine.stop()  # joins the loop thread: at most one dispatch
+
+    return lifespan
+
+
+@get("/health")
+async def health(request: Request) -> Response:
+    hub = hub_of(request)
+    if hub.ready:
+        return Response({"status": "ok", "model": hub.model.name})  # type: ignore[union-attr]
+    status = "error" if hub.error else "loading"
+    return Response({"status": status, "error": hub.error or "loading model"}, status_code=503)
+
+
+@get("/")
+async def root() -> str:
+    return "tsjax is running"
+
+
+def _render_api_error(_: Request, exc: ApiError) -> Response:
+    return exc.response()
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
+    """The app for `settings`. Pass an engine (already built, warm or not) to skip loading."""
+    hub = Hub(settings)
+    if engine is not None:
+        hub.engine, hub.model = engine, engine.model
+    return Litestar(
+        route_handlers=[health, root, ollama.router, openai.router],
+        state=State({"hub": hub}),
+        lifespan=[_lifespan(hub)],
+        exception_handlers={ApiError: _render_api_error},
+        request_max_body_size=settings.max_upload_bytes,
+    )

@@ -1,0 +1,309 @@
+"""The Ollama dialect: /api/generate, /api/chat/ollama (and /api/chat with a `model`),
+/api/tags, /api/show, plus the /api/version and /api/queue/status utilities.
+
+Streams are NDJSON; durations are integer nanoseconds; errors are `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+
+from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.protocols.common import (
+    ApiError,
+    Hub,
+    chat_prompt,
+    check_model,
+    decode_body,
+    hub_of,
+    make_request,
+    ns,
+    run_to_end,
+    sampling_params,
+    stop_list,
+)
+from serve.streaming import ndjson_response
+
+VERSION = "0.1.0"
+
+
+class OllamaError(ApiError):
+    """Ollama's error shape: `{"error": "<message>"}`."""
+
+
+class Options(msgspec.Struct):
+    num_predict: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None | msgspec.UnsetType = msgspec.UNSET
+    num_ctx: int | None = None  # accepted; the window is fixed at startup
+
+
+class GenerateBody(msgspec.Struct):
+    model: str
+    prompt: str | None = None
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: Options | None = None
+
+
+class Message(msgspec.Struct, omit_defaults=True):
+    role: str = "user"
+    content: str | None = ""
+    images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+
+class ChatBody(msgspec.Struct):
+    model: str
+    messages: list[Message]
+    stream: bool = True
+    think: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    options: Options | None = None
+
+
+class ShowBody(msgspec.Struct):
+    model: str | None = None
+    name: str | None = None  # older clients send `name`
+    verbose: bool = False
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _request(
+    hub: Hub, ids: list[int], options: Options | None, *, reuse: bool
+) -> GenerationRequest:
+    _, engine = hub.live(OllamaError)
+    o = options or Options()
+    given = {f: getattr(o, f) for f in o.__struct_fields__ if f not in ("stop", "num_predict")}
+    sampling = sampling_params(hub.settings, **given)
+    max_tokens = hub.settings.max_tokens if o.num_predict is None else o.num_predict
+    stop = stop_list(hub.settings, o.stop)
+    return make_request(engine, ids, sampling, max_tokens, stop, OllamaError, reuse_prefix=reuse)
+
+
+def _metrics(stats: Stats | None, reason: FinishReason | None, began: float) -> dict[str, Any]:
+    """The final object's fields: done_reason, counts, nanosecond durations, cache hits."""
+    s = stats or Stats()
+    return {
+        "done": True,
+        "done_reason": "length" if reason is FinishReason.LENGTH else "stop",
+        "total_duration": ns(time.perf_counter() - began),
+        "load_duration": 0,  # the model stays loaded: no per-request load
+        "prompt_eval_count": s.prompt_tokens,
+        "prompt_eval_duration": ns(s.prefill_seconds),
+        "eval_count": s.completion_tokens,
+        "eval_duration": ns(s.decode_seconds),
+        "prompt_cache_hit_tokens": s.cached_tokens,
+        "prompt_cache_hit_ratio": round(s.cache_hit_ratio, 4),
+    }
+
+
+async def _stream(
+    hub: Hub, req: GenerationRequest, requested: str, body_key: str, began: float
+) -> AsyncIterator[dict[str, Any]]:
+    """NDJSON objects for one request. `body_key` is "response" (generate) or "message"."""
+    model = hub.model.name if hub.model else requested
+
+    def piece(text: str) -> Any:
+        return text if body_key == "response" else {"role": "assistant", "content": text}
+
+    async with aclosing(hub.engine.generate(req)) as evs:  # type: ignore[union-attr]
+        async for ev in evs:
+            base = {"model": model, "created_at": _now()}
+            if ev.kind is EventKind.QUEUED:
+                yield {
+                    **base,
+                    "model": requested,
+                    body_key: piece(""),
+                    "done": False,
+                    "queue_position": ev.queue_position,
+                    "queue_pending": ev.queue_pending,
+                }
+            elif ev.kind is EventKind.TOKEN and ev.text:
+                yield {**base, body_key: piece(ev.text), "done": False}
+            elif ev.kind is EventKind.DONE:
+                yield {**base, body_key: piece(""), **_metrics(ev.stats, ev.finish_reason, began)}
+            elif ev.kind is EventKind.ERROR:
+                yield {**base, body_key: piece(""), "done": True, "done_reason": "error",
+                       "error": ev.error}  # fmt: skip
+
+
+async def _respond(
+    hub: Hub, req: GenerationRequest, requested: str, body_key: str, stream: bool, began: float
+) -> Response:
+    if stream:
+        return ndjson_response(_stream(hub, req, requested, body_key, began))
+    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
+    if final.kind is EventKind.ERROR:
+        raise OllamaError(500, final.error or "generation failed")
+    out = text if body_key == "response" else {"role": "assistant", "content": text}
+    body = {"model": hub.model.name, "created_at": _now(), body_key: out}  # type: ignore[union-attr]
+    return Response(body | _metrics(final.stats, final.finish_reason, began))
+
+
+@post("/api/generate", status_code=200)
+async def generate(request: Request) -> Response:
+    """One-shot completion. Never reuses a cached prefix, so each call stands alone."""
+    began = time.perf_counter()
+    hub = hub_of(request)
+    body = await decode_body(request, GenerateBody, OllamaError)
+    model, _ = hub.live(OllamaError)
+    check_model(body.model, model, OllamaError)
+    prompt = body.prompt or ""
+    if body.raw:
+        ids = model.tokenizer.encode(prompt, parse_special=True)
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        if body.system:
+            messages.insert(0, {"role": "system", "content": body.system})
+        ids = chat_prompt(model, messages, OllamaError)
+    req = _request(hub, ids, body.options, reuse=False)
+    return await _respond(hub, req, body.model, "response", body.stream, began)
+
+
+async def ollama_chat(request: Request) -> Response:
+    """Multi-turn chat; reuses the KV cache of an earlier turn with the same prefix."""
+    began = time.perf_counter()
+    hub = hub_of(request)
+    body = await decode_body(request, ChatBody, OllamaError)
+    model, _ = hub.live(OllamaError)
+    check_model(body.model, model, OllamaError)
+    messages = [msgspec.structs.asdict(m) for m in body.messages]
+    ids = chat_prompt(model, messages, OllamaError, tools=body.tools, think=body.think)
+    req = _request(hub, ids, body.options, reuse=True)
+    return await _respond(hub, req, body.model, "message", body.stream, began)
+
+
+@post("/api/chat/ollama", status_code=200)
+async def chat_ollama(request: Request) -> Response:
+    return await ollama_chat(request)
+
+
+class _Probe(msgspec.Struct):
+    model: Any = msgspec.UNSET
+
+
+@post("/api/chat", status_code=200)
+async def chat(request: Request) -> Response:
+    """Real Ollama clients post here with a `model`; answer them in Ollama form. Bodies
+    without `model` belong to the Web UI protocol, if the app registered one in
+    `app.state.webui_chat`."""
+    raw = await request.body()
+    try:
+        has_model = msgspec.json.decode(raw, type=_Probe).model is not msgspec.UNSET
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        has_model = True  # let the Ollama parser produce the precise 400
+    webui = getattr(request.app.state, "webui_chat", None)
+    if not has_model and webui is not None:
+        return await webui(request)
+    return await ollama_chat(request)
+
+
+def _modified(hub: Hub) -> str:
+    path = hub.model.path  # type: ignore[union-attr]
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details(hub: Hub) -> dict[str, Any]:
+    model = hub.model
+    arch = model.config.architecture  # type: ignore[union-attr]
+    meta = model.metadata  # type: ignore[union-attr]
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch],
+        "parameter_size": str(meta.get("general.size_label", "")),
+        "quantization_level": model.path.stem.rsplit(".", 1)[-1],  # type: ignore[union-attr]
+    }
+
+
+@get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    hub = hub_of(request)
+    if hub.model is None:
+        return {"models": []}
+    m = hub.model
+    entry = {
+        "name": m.path.stem,
+        "model": m.name,
+        "size": m.path.stat().st_size,
+        "modified_at": _modified(hub),
+        "digest": "",
+        "details": _details(hub),
+    }
+    return {"models": [entry]}
+
+
+def _plain(value: Any) -> Any:
+    """GGUF metadata values as JSON (numpy scalars to Python; long arrays elided)."""
+    if hasattr(value, "item") and not isinstance(value, list | tuple):
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value] if len(value) <= 64 else []
+    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+
+@post("/api/show", status_code=200)
+async def show(request: Request) -> dict[str, Any]:
+    hub = hub_of(request)
+    body = await decode_body(request, ShowBody, OllamaError)
+    requested = body.model or body.name or ""
+    model, _ = hub.live(OllamaError)
+    check_model(requested, model, OllamaError)
+    s = hub.settings
+    params = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+              "repeat_penalty": s.repeat_penalty, "num_ctx": model.max_len}  # fmt: skip
+    info = {k: _plain(v) for k, v in model.metadata.items() if k != "tokenizer.chat_template"}
+    return {
+        "modelfile": "",
+        "parameters": "\n".join(f"{k} {v}" for k, v in params.items()),
+        "template": model.template.source,
+        "details": _details(hub),
+        "model_info": info | {"file": model.name, "size": model.path.stat().st_size},
+        "capabilities": ["completion"],
+        "modified_at": _modified(hub),
+    }
+
+
+@get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": VERSION}
+
+
+@get("/api/queue/status")
+async def queue_status(request: Request) -> dict[str, Any]:
+    hub = hub_of(request)
+    if hub.engine is None:
+        return {"busy": False, "pending_requests": 0, "total_processed": 0}
+    return hub.engine.status()
+
+
+router = Router(
+    path="/",
+    route_handlers=[generate, chat_ollama, chat, tags, show, version, queue_status],
+)

@@ -1,0 +1,225 @@
+"""The OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models.
+
+Streams are SSE (`data: <json>` then `data: [DONE]`); errors are
+`{"error": {"message", "type", "param", "code"}}`; usage reports cached prompt tokens in
+`prompt_tokens_details.cached_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+
+from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.protocols.common import (
+    ApiError,
+    Hub,
+    chat_prompt,
+    check_model,
+    decode_body,
+    hub_of,
+    make_request,
+    run_to_end,
+    sampling_params,
+    stop_list,
+)
+from serve.streaming import DONE_SENTINEL, sse_response
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "unavailable_error"}
+
+
+class OpenAIError(ApiError):
+    """OpenAI's error shape, with `type` chosen from the status as Ollama's /v1 does."""
+
+    def response(self) -> Response:
+        err = {
+            "message": self.message,
+            "type": _TYPES.get(self.status, "api_error"),
+            "param": self.param,
+            "code": None,
+        }
+        return Response({"error": err}, status_code=self.status)
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(msgspec.Struct):
+    """Fields both endpoints share. top_k, min_p and repetition_penalty are extensions."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChatBody(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    think: bool | None = None
+
+
+class CompletionBody(_Sampling, kw_only=True):
+    prompt: str | list[str]
+
+
+def _request(hub: Hub, body: _Sampling, ids: list[int], max_tokens: int | None, *, reuse: bool):
+    _, engine = hub.live(OpenAIError)
+    if body.n not in (None, 1):
+        raise OpenAIError(400, "only n=1 is supported", param="n")
+    sampling = sampling_params(
+        hub.settings,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+    )
+    budget = hub.settings.max_tokens if max_tokens is None else max_tokens
+    if budget < 1:
+        raise OpenAIError(400, f"max_tokens must be at least 1, got {budget}", "max_tokens")
+    stop = stop_list(hub.settings, body.stop)
+    return make_request(engine, ids, sampling, budget, stop, OpenAIError, reuse_prefix=reuse)
+
+
+def _usage(stats: Stats | None) -> dict[str, Any]:
+    s = stats or Stats()
+    return {
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+    }
+
+
+def _finish(reason: FinishReason | None) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+class _Shape:
+    """What differs between chat and text completions: object names and the choice body."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model = model
+
+    def envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        obj = f"{kind}.chunk" if chunk and self.chat else kind
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}  # fmt: skip
+
+    def choice(self, text: str | None, finish: str | None, *, delta: bool, role=False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        msg: dict[str, Any] = {"role": "assistant"} if role or not delta else {}
+        if text is not None:
+            msg["content"] = text
+        return {"index": 0, key: msg, "logprobs": None, "finish_reason": finish}
+
+
+async def _sse(hub: Hub, req: GenerationRequest, shape: _Shape, include_usage: bool):
+    """Role-first chunk, content deltas, a finish chunk, optional usage chunk, [DONE]."""
+    if shape.chat:
+        yield shape.envelope([shape.choice("", None, delta=True, role=True)], chunk=True)
+    async with aclosing(hub.engine.generate(req)) as evs:  # type: ignore[union-attr]
+        async for ev in evs:
+            if ev.kind is EventKind.TOKEN and ev.text:
+                yield shape.envelope([shape.choice(ev.text, None, delta=True)], chunk=True)
+            elif ev.kind is EventKind.DONE:
+                fin = shape.choice(None, _finish(ev.finish_reason), delta=True)
+                yield shape.envelope([fin], chunk=True)
+                if include_usage:
+                    yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
+            elif ev.kind is EventKind.ERROR:
+                yield {"error": {"message": ev.error, "type": "api_error", "param": None,
+                                 "code": None}}  # fmt: skip
+    yield DONE_SENTINEL
+
+
+async def _respond(hub: Hub, req: GenerationRequest, body: _Sampling, chat: bool) -> Response:
+    shape = _Shape(chat, hub.model.name)  # type: ignore[union-attr]
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        source: AsyncIterator[Any] = _sse(hub, req, shape, usage)
+        return sse_response(source)
+    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
+    if final.kind is EventKind.ERROR:
+        raise OpenAIError(500, final.error or "generation failed")
+    choice = shape.choice(text, _finish(final.finish_reason), delta=False)
+    return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request) -> Response:
+    hub = hub_of(request)
+    body = await decode_body(request, ChatBody, OpenAIError)
+    model, _ = hub.live(OpenAIError)
+    check_model(body.model, model, OpenAIError)
+    messages = [msgspec.structs.asdict(m) for m in body.messages]
+    ids = chat_prompt(model, messages, OpenAIError, tools=body.tools, think=body.think)
+    limit = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+    req = _request(hub, body, ids, limit, reuse=True)
+    return await _respond(hub, req, body, chat=True)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request) -> Response:
+    hub = hub_of(request)
+    body = await decode_body(request, CompletionBody, OpenAIError)
+    model, _ = hub.live(OpenAIError)
+    check_model(body.model, model, OpenAIError)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise OpenAIError(400, "exactly one prompt is supported", param="prompt")
+        prompt = prompt[0]
+    ids = model.tokenizer.encode(prompt, parse_special=True)
+    req = _request(hub, body, ids, body.max_tokens, reuse=True)
+    return await _respond(hub, req, body, chat=False)
+
+
+@get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    hub = hub_of(request)
+    if hub.model is None:
+        return {"object": "list", "data": []}
+    path = hub.model.path
+    entry = {"id": path.stem, "object": "model", "created": int(path.stat().st_mtime),
+             "owned_by": "local"}  # fmt: skip
+    return {"object": "list", "data": [entry]}
+
+
+router = Router(path="/", route_handlers=[chat_completions, completions, models])

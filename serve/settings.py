@@ -1,0 +1,177 @@
+"""Server settings: one typed struct, filled from a TOML file, then `TSJAX_*` environment
+variables, then CLI flags (each layer overrides the one before).
+
+Settings are validated once here, at startup, so a typo in a deployment file fails loudly
+instead of surfacing as a wrong default on the first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_CONFIG = Path("configs/server.toml")
+ENV_PREFIX = "TSJAX_"
+
+log = logging.getLogger("tsjax.serve")
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything `tsjax serve` can be told. Sampling fields are the server defaults a request
+    starts from (the reference server's built-in defaults, not its docs)."""
+
+    model: str | None = None  # catalog name or .gguf path; None = the catalog default
+    host: str = "0.0.0.0"
+    port: int = 5000
+    rows: int = 8  # decode slots: requests decoded together in one batch
+    max_len: int = 2048  # context window (KV cache length per slot)
+    decode_steps: int = 4  # decode steps per dispatch when nobody is waiting
+    prefill_chunk: int = 512
+    max_tokens: int = 200  # default num_predict / max_tokens for the API surfaces
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = -1
+    stop: list[str] = msgspec.field(default_factory=list)
+    max_upload_bytes: int = 500 * 1024 * 1024
+    log_level: str = "INFO"
+
+    def validate(self) -> Settings:
+        """Reject values that could only fail later, with the setting's name in the message."""
+        checks = [
+            ("port", 0 <= self.port < 65536),
+            ("rows", self.rows >= 1),
+            ("max_len", self.max_len >= 16),
+            ("decode_steps", self.decode_steps >= 1),
+            ("prefill_chunk", self.prefill_chunk >= 1),
+            ("max_tokens", self.max_tokens >= 1),
+            ("max_upload_bytes", self.max_upload_bytes >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid setting {name}={getattr(self, name)!r}")
+        return self
+
+
+FIELDS = Settings.__struct_fields__
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    data = data.get("server", data)  # accept a [server] table or top-level keys
+    unknown = set(data) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    return data
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in FIELDS:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if name == "stop":  # a JSON list, or comma-separated
+            out[name] = json.loads(raw) if raw.lstrip().startswith("[") else raw.split(",")
+        else:
+            out[name] = raw
+    return out
+
+
+def load_settings(
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """File (explicit path, `TSJAX_CONFIG`, or configs/server.toml if present), then
+    environment, then `overrides` (CLI flags; None values mean "not given")."""
+    environ = dict(os.environ) if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = config or environ.get(ENV_PREFIX + "CONFIG")
+    if path is not None:
+        merged.update(_from_file(Path(path)))
+    elif DEFAULT_CONFIG.is_file():
+        merged.update(_from_file(DEFAULT_CONFIG))
+    try:
+        base = msgspec.convert(merged, Settings)  # file values: strict types
+        layered = msgspec.structs.asdict(base) | _from_env(environ)
+        # environment strings like "8" or "0.7" convert to the field's type
+        settings = msgspec.convert(layered, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid settings: {e}") from e
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given:
+        settings = msgspec.structs.replace(settings, **given)
+    return settings.validate()
+
+
+_FLAGS: list[tuple[str, type, str]] = [
+    ("model", str, "catalog name or path to a .gguf file"),
+    ("host", str, "listen address (default 0.0.0.0)"),
+    ("port", int, "listen port (default 5000)"),
+    ("rows", int, "decode slots: concurrent requests per batch (default 8)"),
+    ("max_len", int, "context window in tokens (default 2048)"),
+    ("decode_steps", int, "decode steps per dispatch (default 4)"),
+    ("prefill_chunk", int, "prompt tokens per prefill call (default 512)"),
+    ("max_tokens", int, "default max new tokens for API requests (default 200)"),
+    ("temperature", float, "default sampling temperature (default 0.8)"),
+    ("top_k", int, "default top-k (default 40, 0 = off)"),
+    ("top_p", float, "default top-p (default 0.9)"),
+    ("min_p", float, "default min-p (default 0.0)"),
+    ("repeat_penalty", float, "default repetition penalty (default 1.1)"),
+    ("repeat_last_n", int, "default penalty window (default 64)"),
+    ("presence_penalty", float, "default presence penalty (default 0)"),
+    ("frequency_penalty", float, "default frequency penalty (default 0)"),
+    ("seed", int, "default seed (default -1 = random)"),
+    ("max_upload_bytes", int, "largest request body accepted (default 500 MiB)"),
+    ("log_level", str, "logging level (default INFO)"),
+]
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `tsjax serve`. Every default is None so only flags actually given override
+    the file and the environment."""
+    parser.add_argument("--config", default=None, help=f"TOML settings file ({DEFAULT_CONFIG})")
+    for name, typ, help_text in _FLAGS:
+        flag = "--" + name.replace("_", "-")
+        short = ["-m"] if name == "model" else []
+        parser.add_argument(*short, flag, dest=name, type=typ, default=None, help=help_text)
+    parser.add_argument(
+        "--stop", action="append", default=None, help="default stop string (repeatable)"
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name, _, _ in _FLAGS}
+    overrides["stop"] = getattr(args, "stop", None)
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`tsjax serve`: load the model, compile, and serve HTTP until interrupted."""
+    import uvicorn
+
+    from serve.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
