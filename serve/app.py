@@ -17,8 +17,9 @@ import jax
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 
+from serve import metrics
 from serve.engine import Engine
-from serve.protocols import ollama, openai
+from serve.protocols import ollama, openai, webui
 from serve.protocols.common import ApiError, Hub, hub_of
 from serve.settings import Settings
 
@@ -107,9 +108,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     hub = Hub(settings)
     if engine is not None:
         hub.engine, hub.model = engine, engine.model
+    app_metrics = metrics.Metrics(hub)
     return Litestar(
-        route_handlers=[health, root, ollama.router, openai.router],
-        state=State({"hub": hub}),
+        route_handlers=[health, root, ollama.router, openai.router, webui.router, metrics.router],
+        state=State({"hub": hub, "metrics": app_metrics, **webui.state(settings)}),
+        middleware=[app_metrics.middleware],
         lifespan=[_lifespan(hub)],
         exception_handlers={ApiError: _render_api_error},
         request_max_body_size=settings.max_upload_bytes,

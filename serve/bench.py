@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -73,6 +76,7 @@ def bench_tsjax(args, rows: int) -> dict:
         "compile_s": compile_s,
         "param_bytes": model.load_stats.bytes_params,
         "rows": rows,
+        "prompt_ids": prompt,
     }
 
     async def one(i: int, n_tokens: int, trace: list | None = None):
@@ -122,29 +126,141 @@ def bench_tsjax(args, rows: int) -> dict:
     return out
 
 
-def bench_llama_cpp(args, path: str, prompt_tokens: int) -> dict | None:
+LLAMA_CPP_LOGGER = "llama-cpp-python"
+
+#: One token of a llama.cpp batch: (token id, position, sequence id, whether to output logits).
+BatchEntry = tuple[int, int, int, bool]
+
+
+def distinct_prompts(prompt: Sequence[int], n: int) -> list[list[int]]:
+    """n copies of `prompt`, the i-th starting with token `prompt[7 i mod len]` instead of its
+    first token: the same scheme as tsjax's load test, so both sides process the same tokens."""
+    p = list(prompt)
+    return [[p[(i * 7) % len(p)]] + p[1:] for i in range(n)]
+
+
+def prefill_chunks(prompts: Sequence[Sequence[int]], n_batch: int) -> list[list[BatchEntry]]:
+    """All prompts' tokens (prompt i is sequence i, from position 0), prompt after prompt, cut
+    into `llama_decode` batches of at most `n_batch` tokens; logits only for each prompt's last
+    token, which gives that sequence's first generated token."""
+    flat = [
+        (tok, pos, seq, pos == len(p) - 1)
+        for seq, p in enumerate(prompts)
+        for pos, tok in enumerate(p)
+    ]
+    return [flat[i : i + n_batch] for i in range(0, len(flat), n_batch)]
+
+
+def decode_entries(tokens: Sequence[int], pos: int) -> list[BatchEntry]:
+    """One decode step of every sequence: token i at position `pos` of sequence i, with logits."""
+    return [(tok, pos, seq, True) for seq, tok in enumerate(tokens)]
+
+
+def fill_batch(batch, entries: Sequence[BatchEntry]) -> list[tuple[int, int]]:
+    """Write `entries` into a `llama_batch` (one sequence id per token) and return
+    (sequence id, index in the batch) of each token whose logits are requested, which is the
+    index `llama_get_logits_ith` takes."""
+    outputs = []
+    for i, (tok, pos, seq, logits) in enumerate(entries):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = 1 if logits else 0
+        if logits:
+            outputs.append((seq, i))
+    batch.n_tokens = len(entries)
+    return outputs
+
+
+def llama_cpp_batched(
+    model,
+    n_vocab: int,
+    prompt: Sequence[int],
+    n: int,
+    decode_tokens: int,
+    threads: int,
+    n_batch: int = 512,
+) -> dict:
+    """llama.cpp batched greedy decode of n independent sequences of `prompt` (distinct first
+    tokens, nothing shared), in a fresh context with `n_seq_max=n` and a KV cache sized for n.
+
+    The n prompts are prefilled together (batches of `n_batch` tokens); then every
+    `llama_decode` call carries one token of each sequence, and each sequence's next token is
+    the argmax of its logits (numpy), until each sequence has `decode_tokens` tokens. Returns
+    `prefill_tok_s` (n prompts' tokens / prefill time) and `aggregate_tok_s` (tokens of the
+    steady decode, after all prompts are prefilled / its time)."""
+    import llama_cpp
+
+    per_seq = -(-(len(prompt) + decode_tokens + 16) // 256) * 256
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n * per_seq
+    cparams.n_batch = cparams.n_ubatch = n_batch
+    cparams.n_seq_max = n
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp: could not create a context for {n} sequences")
+    batch = llama_cpp.llama_batch_init(max(n_batch, n), 0, 1)
+    next_tok = [0] * n
+
+    def run(entries: Sequence[BatchEntry]) -> None:
+        outputs = fill_batch(batch, entries)
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} ({n} sequences)")
+        for seq, i in outputs:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), (n_vocab,))
+            next_tok[seq] = int(logits.argmax())
+
     try:
+        t0 = time.perf_counter()
+        for chunk in prefill_chunks(distinct_prompts(prompt, n), n_batch):
+            run(chunk)
+        t1 = time.perf_counter()
+        steps = max(1, decode_tokens - 1)  # the first token came from the prefill
+        for k in range(steps):
+            run(decode_entries(next_tok, len(prompt) + k))
+        t2 = time.perf_counter()
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return {
+        "prefill_tok_s": n * len(prompt) / (t1 - t0),
+        "aggregate_tok_s": n * steps / (t2 - t1),
+    }
+
+
+def bench_llama_cpp(
+    args: argparse.Namespace, path: str, prompt: Sequence[int], concurrency: Sequence[int]
+) -> dict | None:
+    """llama.cpp (llama-cpp-python) on the same GGUF and prompt tokens: prefill and
+    single-stream decode through the `Llama` class, then batched decode at each concurrency
+    through the low-level API. None if llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
         from llama_cpp import Llama
     except ImportError:
         return None
+    ids = list(prompt)
     llm = Llama(
         model_path=path,
-        n_ctx=max(512, prompt_tokens + args.decode_tokens + 16),
+        n_ctx=max(512, len(ids) + args.decode_tokens + 16),
         n_threads=args.threads,
+        n_threads_batch=args.threads,
         n_batch=512,
         verbose=False,
         logits_all=False,
     )
-    text = "The history of computing is a story of abstractions layered on abstractions. " * 40
-    ids = llm.tokenize(text.encode(), add_bos=False)[:prompt_tokens]
-    out = {}
+    logging.getLogger(LLAMA_CPP_LOGGER).setLevel(logging.ERROR)
+    out: dict = {"version": llama_cpp.__version__, "threads": args.threads}
     times = []
     for _ in range(3):
         llm.reset()
         t = time.perf_counter()
         llm.eval(ids)
         times.append(time.perf_counter() - t)
-    out["prefill_tok_s"] = prompt_tokens / min(times)
+    out["prefill_tok_s"] = len(ids) / min(times)
     llm.reset()
     llm.eval(ids)
     t = time.perf_counter()
@@ -154,6 +270,13 @@ def bench_llama_cpp(args, path: str, prompt_tokens: int) -> dict | None:
         llm.eval([tok])
         n += 1
     out["decode_1_tok_s"] = n / (time.perf_counter() - t)
+    model = llm.model
+    n_vocab = llm.n_vocab()
+    out["batched"] = {
+        c: llama_cpp_batched(model, n_vocab, ids, c, args.decode_tokens, args.threads)
+        for c in concurrency
+    }
+    llm.close()
     return out
 
 
@@ -178,40 +301,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = str(resolve_model(args.model))
     args.model = path
+    load_avg = os.getloadavg()
     bw = read_bandwidth()
     conc = [int(x) for x in args.concurrency.split(",")]
     ours = bench_tsjax(args, rows=max(conc))
-    ref = None if args.no_llama_cpp else bench_llama_cpp(args, path, args.prompt_tokens)
+    ref = None
+    if not args.no_llama_cpp:
+        ref = bench_llama_cpp(args, path, ours["prompt_ids"], conc)
     cold = {}
     if not args.no_cold_start:
         cold["no cache"] = cold_start(path, None)
         with tempfile.TemporaryDirectory() as d:
             cold_start(path, d)  # fill the persistent cache
             cold["persistent cache"] = cold_start(path, d)
-    print(report(args, path, bw, ours, ref, cold))
+    print(report(args, path, bw, ours, ref, cold, load_avg=load_avg))
     return 0
 
 
-def report(args, path, bw, ours, ref, cold) -> str:
+def bench_command(argv: Sequence[str]) -> str:
+    """The command line as typed, `tsjax bench ...` (argv is sys.argv: program, 'bench', ...)."""
+    return shlex.join(["tsjax", "bench", *argv[2:]])
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def report(
+    args: argparse.Namespace,
+    path: str,
+    bw: float,
+    ours: dict,
+    ref: dict | None,
+    cold: dict[str, float],
+    command: str | None = None,
+    load_avg: tuple[float, float, float] | None = None,
+) -> str:
+    """The Markdown report: settings, then one row per metric with tsjax, llama.cpp and the
+    ratio tsjax / llama.cpp (prefill, single-stream decode, aggregate decode at each
+    concurrency against llama.cpp's batched decode of as many sequences), then cold start."""
     floor = ours["param_bytes"] / bw
-    cmd = "tsjax bench " + " ".join(a for a in sys.argv[2:])
+    cmd = command if command is not None else bench_command(sys.argv)
     lines = [
         f"### {os.path.basename(path)} on {platform.machine()}, {os.cpu_count()} cores",
         "",
-        f"Command: `{cmd.strip()}`  ",
+        f"Command: `{cmd}`  ",
+        f"Settings: {args.prompt_tokens} prompt tokens, {args.decode_tokens} tokens per request,"
+        f" concurrency {args.concurrency}, greedy.  ",
+    ]
+    if load_avg is not None:
+        lines.append(f"Load average at start: {' '.join(f'{x:.2f}' for x in load_avg)}.  ")
+    lines += [
         f"Read bandwidth {bw / 1e9:.1f} GB/s; float32 params {ours['param_bytes'] / 1e6:.0f} MB"
         f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
-        f"Load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
-        f" {ours['rows']} decode rows, {args.decode_steps} steps per dispatch.",
+        f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
+        f" {ours['rows']} decode rows, {args.decode_steps} steps per dispatch, XLA CPU threads"
+        " (its default: all cores).  ",
+    ]
+    if ref is not None:
+        lines.append(
+            f"llama.cpp: llama-cpp-python {ref['version']}, n_threads = n_threads_batch ="
+            f" {ref['threads']}; prefill and 1-stream decode through `Llama` (llama-cpp-python"
+            " defaults), batched decode through `llama_decode` with one token per sequence per"
+            " call, a context per concurrency (n_seq_max = N, llama.cpp defaults), argmax in"
+            " numpy; its aggregate is the steady decode after all N prompts are prefilled."
+        )
+    lines += [
         "",
-        "| metric | tsjax | llama.cpp | ratio |",
+        "| metric | tsjax | llama.cpp | ratio (tsjax / llama.cpp) |",
         "|---|---|---|---|",
     ]
 
-    def row(name, a, b, unit="tok/s"):
-        r = f"{a / b:.2f}x" if b else "-"
-        bs = f"{b:.1f} {unit}" if b else "-"
-        lines.append(f"| {name} | {a:.1f} {unit} | {bs} | {r} |")
+    def row(name: str, a: float | None, b: float | None, a_note: str = "", b_note: str = ""):
+        a_s = f"{a:.1f} tok/s{a_note}" if a else "-"
+        b_s = f"{b:.1f} tok/s{b_note}" if b else "-"
+        lines.append(f"| {name} | {a_s} | {b_s} | {_ratio(a, b)} |")
 
     row(
         f"prefill ({args.prompt_tokens} tokens)",
@@ -223,11 +387,21 @@ def report(args, path, bw, ours, ref, cold) -> str:
         f"| decode 1 stream vs float32 floor | {ours['decode_1_tok_s'] * floor:.2f}"
         " of floor speed | | |"
     )
-    for c, m in ours["load"].items():
-        lines.append(
-            f"| aggregate decode, {c} concurrent | {m['aggregate_tok_s']:.1f} tok/s"
+    batched = (ref or {}).get("batched", {})
+    for c in sorted(set(ours["load"]) | set(batched)):
+        m, b = ours["load"].get(c), batched.get(c)
+        a_note = (
             f" (TTFT p50 {m['ttft_p50'] * 1e3:.0f} ms, p99 {m['ttft_p99'] * 1e3:.0f} ms)"
-            " | | |"
+            if m
+            else ""
+        )
+        b_note = f" batched (prefill of {c} prompts {b['prefill_tok_s']:.1f} tok/s)" if b else ""
+        row(
+            f"aggregate decode, {c} concurrent",
+            m and m["aggregate_tok_s"],
+            b and b["aggregate_tok_s"],
+            a_note,
+            b_note,
         )
     for k, v in cold.items():
         lines.append(f"| cold start to first token, {k} | {v:.1f} s | | |")

@@ -46,6 +46,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int = -1
     stop: list[str] = msgspec.field(default_factory=list)
     max_upload_bytes: int = 500 * 1024 * 1024
+    upload_dir: str | None = None  # None = a per-user folder under the temp directory
+    session_ttl_seconds: float = 3600.0  # Web UI sessions idle longer are dropped
+    max_sessions: int = 256
     log_level: str = "INFO"
 
     def validate(self) -> Settings:
@@ -58,6 +61,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("prefill_chunk", self.prefill_chunk >= 1),
             ("max_tokens", self.max_tokens >= 1),
             ("max_upload_bytes", self.max_upload_bytes >= 1),
+            ("session_ttl_seconds", self.session_ttl_seconds > 0),
+            ("max_sessions", self.max_sessions >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -137,6 +142,9 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("frequency_penalty", float, "default frequency penalty (default 0)"),
     ("seed", int, "default seed (default -1 = random)"),
     ("max_upload_bytes", int, "largest request body accepted (default 500 MiB)"),
+    ("upload_dir", str, "where uploads are stored (default: a temp folder)"),
+    ("session_ttl_seconds", float, "idle Web UI sessions expire after this (default 3600)"),
+    ("max_sessions", int, "most Web UI sessions kept at once (default 256)"),
     ("log_level", str, "logging level (default INFO)"),
 ]
 

@@ -48,16 +48,12 @@ def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
     )
     seq = list(prompt) + [int(first[0])]
     got = [np.asarray(logits[0])]
-    tokens = np.zeros((steps.shapes.rows,), np.int32)
-    active = np.zeros((steps.shapes.rows,), bool)
-    active[row] = True
     while len(got) < n_decode + 1:
-        tokens[row] = seq[-1]
         out, last, cache, sampler = steps.decode(
-            model.params, cache, sampler, tokens, active, len(seq) - 1, steps_per_dispatch
+            model.params, cache, sampler, [row], [seq[-1]], len(seq) - 1, steps_per_dispatch
         )
-        seq += [int(t) for t in out[:, row]]
-        got.append(np.asarray(last[row]))
+        seq += [int(t) for t in out[:, 0]]
+        got.append(np.asarray(last[0]))
     assert int(cache.lengths[row]) == len(seq) - 1
     ref = full_logits(model, seq[:-1])
     # got[0] is the logits after the prompt; got[k] after `steps_per_dispatch` more tokens.
@@ -132,10 +128,13 @@ def test_no_recompilation_after_warmup(tmp_path):
         first, _, cache, sampler = steps.prefill(
             model.params, cache, sampler, [prompt], [trial % 4], [sp]
         )
-        tokens = np.zeros((4,), np.int32)
-        tokens[trial % 4] = first[0]
-        active = np.zeros((4,), bool)
-        active[trial % 4] = True
         for k in (1, 4):
-            _, _, cache, sampler = steps.decode(model.params, cache, sampler, tokens, active, n, k)
+            _, _, cache, sampler = steps.decode(
+                model.params, cache, sampler, [trial % 4], [int(first[0])], n, k
+            )
+        # Several live rows, in any order, also reuse the warmed shapes.
+        live = [(trial + 1) % 4, trial % 4, (trial + 2) % 4][: 1 + trial % 3]
+        _, _, cache, sampler = steps.decode(
+            model.params, cache, sampler, live, [1] * len(live), n, 4
+        )
     assert steps.compiled_count() == compiled, "a request shape or setting recompiled"

@@ -7,8 +7,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
 from tsjax.textstream import TextStream
@@ -73,8 +71,6 @@ def stream(
     pending = [int(first[0])]
     fed = 0  # sampled tokens written back into the cache
     t1 = time.perf_counter()
-    active = np.ones((steps.shapes.rows,), bool)
-    tokens_in = np.zeros((steps.shapes.rows,), np.int32)
     while True:
         for t in pending:
             piece = text.push(t)
@@ -86,9 +82,8 @@ def stream(
             break
         left = text.max_tokens - len(text.tokens)
         n = steps_per_dispatch if left >= steps_per_dispatch else 1
-        tokens_in[0] = pending[-1]
         out, _, cache, sampler = steps.decode(
-            model.params, cache, sampler, tokens_in, active, len(prompt_ids) + fed, n
+            model.params, cache, sampler, [0], [pending[-1]], len(prompt_ids) + fed, n
         )
         fed += n
         pending = [int(x) for x in out[:, 0]]

@@ -21,11 +21,11 @@ from tsjax.models import Decoder, ModelConfig
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 
 
-def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
+def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(hi)
     return tuple(out)
 
@@ -46,15 +46,20 @@ class StepShapes:
     prefill_lens: tuple[int, ...]  # token buckets T for prefill
     prefill_batches: tuple[int, ...]  # batch buckets b for prefill
     attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
+    decode_batches: tuple[int, ...] = ()  # buckets of live rows decoded together
+
+    def __post_init__(self):
+        if not self.decode_batches:
+            object.__setattr__(self, "decode_batches", geometric_buckets(1, self.rows, 4))
 
     @classmethod
     def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
         return cls(
             rows=rows,
             max_len=max_len,
-            prefill_lens=power_of_two_buckets(min(min_prefill, max_len), max_len),
-            prefill_batches=power_of_two_buckets(1, rows),
-            attn_lens=power_of_two_buckets(min(min_attn, max_len), max_len),
+            prefill_lens=geometric_buckets(min(min_prefill, max_len), max_len, 2),
+            prefill_batches=geometric_buckets(1, rows, 2),
+            attn_lens=geometric_buckets(min(min_attn, max_len), max_len, 2),
         )
 
 
@@ -115,21 +120,26 @@ class Steps:
         sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
         return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
 
-    def _decode_logits(self, params, cache: KVCache, tokens, active, attn_len: int):
-        """One token for every cache row. tokens, active: [B]. Positions are the row lengths;
-        inactive rows compute but neither advance nor disturb their cached tokens."""
-        positions = cache.lengths[:, None]
+    def _decode_logits(self, params, cache: KVCache, tokens, active, rows, attn_len: int):
+        """One token for each of `rows` (None: every cache row). tokens, active: [b].
+        Positions are the row lengths; inactive rows compute but neither advance nor disturb
+        their cached tokens, and padding rows (index >= B) write nothing."""
+        lengths = cache.lengths if rows is None else jnp.take(cache.lengths, rows, mode="clip")
         logits, cache = self.model.apply(
             {"params": params},
             tokens[:, None],
-            positions,
+            lengths[:, None],
             cache,
-            None,
+            rows,
             jnp.zeros_like(tokens),
             attn_len,
         )
-        lengths = cache.lengths + active.astype(jnp.int32)
-        return logits, KVCache(cache.k, cache.v, lengths)
+        step = active.astype(jnp.int32)
+        if rows is None:
+            new_lengths = cache.lengths + step
+        else:
+            new_lengths = cache.lengths.at[rows].add(step, mode="drop")
+        return logits, KVCache(cache.k, cache.v, new_lengths)
 
     def _decode(
         self,
@@ -138,23 +148,33 @@ class Steps:
         sampler: SamplerState,
         tokens,
         active,
+        rows,
         *,
         attn_len: int,
         n_steps: int,
     ):
-        """`n_steps` decode steps for every row in one dispatch. tokens, active: [B].
-        Returns (tokens [n_steps, B], logits of the last step [B, V], cache, sampler)."""
+        """`n_steps` decode steps for the cache rows `rows` [b] (None: all B rows) in one
+        dispatch. tokens, active: [b]. Decoding only a bucket of the live rows keeps one
+        stream from paying for a full batch. Returns (tokens [n_steps, b], logits of the last
+        step [b, V], cache, sampler)."""
+        sub = sampler
+        if rows is not None:
+            sub = jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), sampler)
 
         def step(carry, _):
-            cache, sampler, tokens, _ = carry
-            logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
-            tokens, sampler = sample(logits, sampler)
-            return (cache, sampler, tokens, logits), tokens
+            cache, sub, tokens, _ = carry
+            logits, cache = self._decode_logits(params, cache, tokens, active, rows, attn_len)
+            tokens, sub = sample(logits, sub)
+            return (cache, sub, tokens, logits), tokens
 
         init_logits = jnp.zeros((tokens.shape[0], self.cfg.vocab_size), jnp.float32)
-        (cache, sampler, _, logits), out = jax.lax.scan(
-            step, (cache, sampler, tokens, init_logits), None, length=n_steps
+        (cache, sub, _, logits), out = jax.lax.scan(
+            step, (cache, sub, tokens, init_logits), None, length=n_steps
         )
+        if rows is None:
+            sampler = sub
+        else:
+            sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, sub)
         return out, logits, cache, sampler
 
     def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
@@ -199,12 +219,13 @@ class Steps:
                 _, _, cache, sampler = self.prefill(
                     params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
                 )
-        tokens = np.zeros((self.shapes.rows,), np.int32)
-        active = np.zeros((self.shapes.rows,), bool)
-        for attn_len in self.shapes.attn_lens:
-            for n in decode_steps:
-                pos = max(min(attn_len, self.shapes.max_len) - n, 0)
-                _, _, cache, sampler = self.decode(params, cache, sampler, tokens, active, pos, n)
+        for b in self.shapes.decode_batches:
+            for attn_len in self.shapes.attn_lens:
+                for n in decode_steps:
+                    pos = max(min(attn_len, self.shapes.max_len) - n, 0)
+                    _, _, cache, sampler = self.decode(
+                        params, cache, sampler, list(range(b)), [0] * b, pos, n
+                    )
         jax.block_until_ready(cache)
         return time.perf_counter() - t0
 
@@ -255,17 +276,42 @@ class Steps:
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler
 
-    def decode(self, params, cache, sampler, tokens, active, max_pos: int, n_steps: int = 1):
-        """Run `n_steps` decode steps; `max_pos` is the longest live row's length now.
-        Returns (tokens [n_steps, B] numpy, last logits [B, V], cache, sampler)."""
+    def decode(
+        self,
+        params,
+        cache,
+        sampler,
+        rows: list[int],
+        tokens: list[int],
+        max_pos: int,
+        n_steps: int = 1,
+    ):
+        """Run `n_steps` decode steps for the given cache rows, fed `tokens` (one per row);
+        `max_pos` is the longest of those rows' lengths now. The rows are padded to a decode
+        bucket; a full bucket decodes every cache row in place (no gather). Returns
+        (tokens [n_steps, len(rows)] numpy, last logits [len(rows), V], cache, sampler)."""
+        n = len(rows)
+        b = bucket_for(n, self.shapes.decode_batches)
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
+        tok = np.zeros((b,), np.int32)
+        active = np.zeros((b,), bool)
+        if b < self.shapes.rows:
+            where = np.arange(n)
+            row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
+            row_arr[:n] = rows
+            row_arr = jnp.asarray(row_arr)
+        else:
+            where, row_arr = np.asarray(rows), None
+        tok[where] = tokens
+        active[where] = True
         out, logits, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
-            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(tok),
             jnp.asarray(active),
+            row_arr,
             attn_len=attn_len,
             n_steps=n_steps,
         )
-        return np.asarray(out), logits, cache, sampler
+        return np.asarray(out)[:, where], logits[jnp.asarray(where)], cache, sampler

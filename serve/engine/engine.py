@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import jax
-import numpy as np
 
 from serve.engine.scheduler import Row, Scheduler
 from serve.engine.types import (
@@ -247,19 +246,19 @@ class Engine:
         rows = list(self._live.values())
         left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
         n = 1 if waiting or left < self.decode_steps else self.decode_steps
-        tokens = np.zeros((self.rows,), np.int32)
-        active = np.zeros((self.rows,), bool)
-        max_pos = 0
-        for live in rows:
-            tokens[live.row.index] = live.sampled[-1]
-            active[live.row.index] = True
-            max_pos = max(max_pos, len(live.req.prompt_ids) + live.fed)
+        max_pos = max(len(x.req.prompt_ids) + x.fed for x in rows)
         out, _, self._cache, self._sampler = self.steps.decode(
-            self.model.params, self._cache, self._sampler, tokens, active, max_pos, n
+            self.model.params,
+            self._cache,
+            self._sampler,
+            [x.row.index for x in rows],
+            [x.sampled[-1] for x in rows],
+            max_pos,
+            n,
         )
-        for live in rows:
+        for i, live in enumerate(rows):
             live.fed += n
-            self._consume(live, [int(t) for t in out[:, live.row.index]])
+            self._consume(live, [int(t) for t in out[:, i]])
 
     def _consume(self, live: _Live, tokens: list[int]) -> None:
         """Turn sampled tokens into events; finish the request when its stream ends."""
