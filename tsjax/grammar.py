@@ -1,0 +1,144 @@
+"""Constrained decoding: JSON schemas, any-JSON, regexes and EBNF grammars turned into a
+per-step allowed-token bitmask by xgrammar, from the model's own GGUF vocabulary.
+
+The bitmask ([ceil(V / 32)] int32 words, bit v % 32 of word v // 32 set = token v allowed) is
+an array input of the compiled sampler, so constraining a request never recompiles and rows
+without a constraint are untouched. Schemas are checked here, before any generation, so an
+invalid one is a clear client error rather than a failure mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from tsjax.tokenizer import Tokenizer
+
+
+class GrammarError(ValueError):
+    """An invalid schema or grammar; the message says what is wrong."""
+
+
+def mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+ALL_ALLOWED = -1  # an int32 word with every bit set
+
+
+class Constraint:
+    """One request's grammar state: which tokens may come next, and what has been accepted."""
+
+    def __init__(self, matcher, vocab_size: int, description: str):
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+        self.description = description
+
+    def fill(self, out: np.ndarray) -> None:
+        """Write the allowed-token bitmask for the next token into `out` ([W] int32)."""
+        self._matcher.fill_next_token_bitmask(out[None, :], 0)
+
+    def accept(self, token: int) -> bool:
+        """Advance past `token`; False if the grammar did not allow it."""
+        return bool(self._matcher.accept_token(int(token)))
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete (only an end-of-generation token may follow)."""
+        return bool(self._matcher.is_terminated())
+
+    def allowed(self) -> np.ndarray:
+        """The allowed token ids now (for tests and debugging)."""
+        words = np.zeros((mask_words(self.vocab_size),), np.int32)
+        self.fill(words)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size]
+        return np.nonzero(bits)[0]
+
+
+class GrammarFactory:
+    """Compiles constraints for one tokenizer (the vocabulary is read once, lazily)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                tok = self.tokenizer
+                # Control tokens (<|im_start|>, <start_of_turn>, ...) are never text: xgrammar
+                # treats an empty piece as a special token that no grammar position allows.
+                special = tok.special_ids - tok.eog_ids
+                vocab = [
+                    b"" if i in special else tok.token_to_piece(i) for i in range(tok.vocab_size)
+                ]
+                info = xgr.TokenizerInfo(
+                    vocab,
+                    vocab_type=xgr.VocabType.RAW,
+                    vocab_size=self.vocab_size,
+                    stop_token_ids=sorted(tok.eog_ids),
+                )
+                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+            return self._compiler
+
+    def _constraint(self, compiled, description: str) -> Constraint:
+        import xgrammar as xgr
+
+        return Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, description)
+
+    def json_schema(self, schema: dict[str, Any] | str, *, strict: bool = True) -> Constraint:
+        """Output must be JSON valid under `schema` (JSON Schema). `strict` forbids
+        properties the schema does not name (xgrammar's strict mode)."""
+        schema_obj = check_schema(schema)
+        try:
+            compiled = self._get_compiler().compile_json_schema(
+                json.dumps(schema_obj), any_whitespace=False, strict_mode=strict
+            )
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError with a reason
+            raise GrammarError(f"unsupported JSON schema: {e}") from e
+        return self._constraint(compiled, "json_schema")
+
+    def json_object(self) -> Constraint:
+        """Output must be one JSON object (OpenAI `json_object`, Ollama `format: "json"`)."""
+        return self.json_schema({"type": "object"}, strict=False)
+
+    def regex(self, pattern: str) -> Constraint:
+        try:
+            compiled = self._get_compiler().compile_regex(pattern)
+        except Exception as e:
+            raise GrammarError(f"invalid regex: {e}") from e
+        return self._constraint(compiled, "regex")
+
+    def ebnf(self, grammar: str, root: str = "root") -> Constraint:
+        try:
+            compiled = self._get_compiler().compile_grammar(grammar, root_rule_name=root)
+        except Exception as e:
+            raise GrammarError(f"invalid grammar: {e}") from e
+        return self._constraint(compiled, "ebnf")
+
+
+def check_schema(schema: dict[str, Any] | str) -> dict[str, Any]:
+    """Parse and validate a JSON Schema against its metaschema; GrammarError says why not."""
+    import jsonschema
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise GrammarError(f"schema is not valid JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise GrammarError(f"schema must be a JSON object, got {type(schema).__name__}")
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.path) or "(root)"
+        raise GrammarError(f"invalid JSON schema at {where}: {e.message}") from e
+    return schema
