@@ -6,6 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from tsjax.sampling import SamplingParams
 
@@ -26,6 +27,11 @@ class GenerationRequest:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     reuse_prefix: bool = True  # may start from a cached prefix of another turn
+    # A tsjax.grammar.Constraint: each sampled token must be allowed by it (structured output,
+    # forced tool calls). With `constraint_after`, it applies only once the generated text
+    # contains that marker (e.g. "</think>": JSON after the reasoning block).
+    constraint: Any = None
+    constraint_after: str | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.time)
 
