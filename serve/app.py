@@ -32,7 +32,7 @@ def _load(hub: Hub) -> None:
 
     s = hub.settings
     t0 = time.perf_counter()
-    model = load(s.model, rows=s.rows, max_len=s.max_len, progress=False)
+    model = load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh)
     hub.load_seconds = time.perf_counter() - t0
     hub.model = model
     hub.engine = Engine(model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk)
@@ -60,12 +60,27 @@ def _startup_line(hub: Hub) -> str:
     )
 
 
+def _mesh_report(hub: Hub) -> list[str]:
+    """The mesh, what is split over it, and each device's share and memory (after warm-up,
+    so the cache and compiled steps are counted where the runtime reports memory)."""
+    from tsjax.sharding import bytes_per_device, device_report, mesh_summary
+
+    assert hub.model is not None and hub.engine is not None
+    steps = hub.model.steps
+    held = bytes_per_device((hub.model.params, hub.engine._cache))
+    if steps.plan is None:
+        return ["single device (no --mesh)", *device_report(None, held)[:1]]
+    return [mesh_summary(steps.plan.mesh), *steps.plan.describe(), *device_report(steps.mesh, held)]
+
+
 async def _bring_up(hub: Hub) -> None:
     try:
         if hub.engine is None:
             await asyncio.to_thread(_load, hub)
         await asyncio.to_thread(_warm, hub)
         log.info(_startup_line(hub))
+        for line in _mesh_report(hub):
+            log.info(line)
     except Exception as e:  # keep serving /health with the reason instead of dying silently
         log.exception("model failed to load")
         hub.error = f"model failed to load: {e}"

@@ -188,8 +188,10 @@ def llama_cpp_batched(
     The n prompts are prefilled together (batches of `n_batch` tokens); then every
     `llama_decode` call carries one token of each sequence, and each sequence's next token is
     the argmax of its logits (numpy), until each sequence has `decode_tokens` tokens. Returns
-    `prefill_tok_s` (n prompts' tokens / prefill time) and `aggregate_tok_s` (tokens of the
-    steady decode, after all prompts are prefilled / its time)."""
+    `prefill_tok_s` (n prompts' tokens / prefill time), `aggregate_tok_s` (tokens of the
+    steady decode, after all prompts are prefilled / its time), `median_step_tok_s` (n / the
+    median decode step's time: the same rate without the steps another process slowed down)
+    and `tokens` (each sequence's generated ids, for checking)."""
     import llama_cpp
 
     per_seq = -(-(len(prompt) + decode_tokens + 16) // 256) * 256
@@ -203,6 +205,7 @@ def llama_cpp_batched(
         raise RuntimeError(f"llama.cpp: could not create a context for {n} sequences")
     batch = llama_cpp.llama_batch_init(max(n_batch, n), 0, 1)
     next_tok = [0] * n
+    generated: list[list[int]] = [[] for _ in range(n)]
 
     def run(entries: Sequence[BatchEntry]) -> None:
         outputs = fill_batch(batch, entries)
@@ -212,6 +215,7 @@ def llama_cpp_batched(
         for seq, i in outputs:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), (n_vocab,))
             next_tok[seq] = int(logits.argmax())
+            generated[seq].append(next_tok[seq])
 
     try:
         t0 = time.perf_counter()
@@ -219,8 +223,11 @@ def llama_cpp_batched(
             run(chunk)
         t1 = time.perf_counter()
         steps = max(1, decode_tokens - 1)  # the first token came from the prefill
+        step_s = []
         for k in range(steps):
+            t = time.perf_counter()
             run(decode_entries(next_tok, len(prompt) + k))
+            step_s.append(time.perf_counter() - t)
         t2 = time.perf_counter()
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -228,6 +235,8 @@ def llama_cpp_batched(
     return {
         "prefill_tok_s": n * len(prompt) / (t1 - t0),
         "aggregate_tok_s": n * steps / (t2 - t1),
+        "median_step_tok_s": n / statistics.median(step_s),
+        "tokens": generated,
     }
 
 
@@ -254,29 +263,31 @@ def bench_llama_cpp(
     )
     logging.getLogger(LLAMA_CPP_LOGGER).setLevel(logging.ERROR)
     out: dict = {"version": llama_cpp.__version__, "threads": args.threads}
-    times = []
-    for _ in range(3):
+    try:
+        times = []
+        for _ in range(3):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids)
+            times.append(time.perf_counter() - t)
+        out["prefill_tok_s"] = len(ids) / min(times)
         llm.reset()
-        t = time.perf_counter()
         llm.eval(ids)
-        times.append(time.perf_counter() - t)
-    out["prefill_tok_s"] = len(ids) / min(times)
-    llm.reset()
-    llm.eval(ids)
-    t = time.perf_counter()
-    n = 0
-    for _ in range(args.decode_tokens):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-        n += 1
-    out["decode_1_tok_s"] = n / (time.perf_counter() - t)
-    model = llm.model
-    n_vocab = llm.n_vocab()
-    out["batched"] = {
-        c: llama_cpp_batched(model, n_vocab, ids, c, args.decode_tokens, args.threads)
-        for c in concurrency
-    }
-    llm.close()
+        t = time.perf_counter()
+        n = 0
+        for _ in range(args.decode_tokens):
+            tok = llm.sample(temp=0.0)
+            llm.eval([tok])
+            n += 1
+        out["decode_1_tok_s"] = n / (time.perf_counter() - t)
+        model = llm.model
+        n_vocab = llm.n_vocab()
+        out["batched"] = {
+            c: llama_cpp_batched(model, n_vocab, ids, c, args.decode_tokens, args.threads)
+            for c in concurrency
+        }
+    finally:
+        llm.close()
     return out
 
 
@@ -364,7 +375,9 @@ def report(
             f" {ref['threads']}; prefill and 1-stream decode through `Llama` (llama-cpp-python"
             " defaults), batched decode through `llama_decode` with one token per sequence per"
             " call, a context per concurrency (n_seq_max = N, llama.cpp defaults), argmax in"
-            " numpy; its aggregate is the steady decode after all N prompts are prefilled."
+            " numpy; its aggregate is the steady decode after all N prompts are prefilled (its"
+            " median step, N tokens / the median `llama_decode` step, is less sensitive to other"
+            " processes on the machine)."
         )
     lines += [
         "",
@@ -395,7 +408,12 @@ def report(
             if m
             else ""
         )
-        b_note = f" batched (prefill of {c} prompts {b['prefill_tok_s']:.1f} tok/s)" if b else ""
+        b_note = (
+            f" batched (median step {b['median_step_tok_s']:.1f} tok/s;"
+            f" prefill of {c} prompt{'s' if c > 1 else ''} {b['prefill_tok_s']:.1f} tok/s)"
+            if b
+            else ""
+        )
         row(
             f"aggregate decode, {c} concurrent",
             m and m["aggregate_tok_s"],

@@ -50,6 +50,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_ttl_seconds: float = 3600.0  # Web UI sessions idle longer are dropped
     max_sessions: int = 256
     log_level: str = "INFO"
+    # Several devices: "tp=4", "dp=2,tp=2", "tp=-1" (every device); None = one device.
+    mesh: str | None = None
+    # Several processes (hosts): join a jax.distributed job before touching devices. With no
+    # address, JAX finds the job from the cluster (TPU slice, SLURM, Open MPI) or from its own
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables.
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> Settings:
         """Reject values that could only fail later, with the setting's name in the message."""
@@ -67,6 +76,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid setting {name}={getattr(self, name)!r}")
+        if self.mesh:
+            from tsjax.sharding import parse_mesh  # imports JAX: only when a mesh is asked for
+
+            try:
+                parse_mesh(self.mesh)
+            except ValueError as e:
+                raise ValueError(f"invalid setting mesh={self.mesh!r}: {e}") from e
         return self
 
 
@@ -146,6 +162,10 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("session_ttl_seconds", float, "idle Web UI sessions expire after this (default 3600)"),
     ("max_sessions", int, "most Web UI sessions kept at once (default 256)"),
     ("log_level", str, "logging level (default INFO)"),
+    ("mesh", str, "shard over devices: tp=4, dp=2,tp=2, tp=-1 = all (default: one device)"),
+    ("coordinator_address", str, "jax.distributed coordinator host:port (implies --distributed)"),
+    ("num_processes", int, "jax.distributed process count"),
+    ("process_id", int, "jax.distributed index of this process"),
 ]
 
 
@@ -160,11 +180,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop", action="append", default=None, help="default stop string (repeatable)"
     )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        default=None,
+        help="join a multi-process JAX job (jax.distributed.initialize) before loading",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {name: getattr(args, name, None) for name, _, _ in _FLAGS}
     overrides["stop"] = getattr(args, "stop", None)
+    overrides["distributed"] = getattr(args, "distributed", None)
     return load_settings(getattr(args, "config", None), overrides)
 
 
@@ -180,6 +207,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    if settings.distributed or settings.coordinator_address:
+        from tsjax.sharding import initialize_distributed
+
+        if initialize_distributed(
+            settings.coordinator_address, settings.num_processes, settings.process_id
+        ):
+            # Every process would have to run each engine step in lockstep with the one
+            # that takes HTTP traffic; that follower loop does not exist yet.
+            raise ValueError(
+                "tsjax serve runs in one process (all its local devices in --mesh);"
+                " several processes are supported by `tsjax generate --distributed` only"
+            )
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0

@@ -96,7 +96,7 @@ def _ours() -> dict:
 
 def _ref() -> dict:
     batched = {
-        c: {"aggregate_tok_s": r, "prefill_tok_s": 300.0}
+        c: {"aggregate_tok_s": r, "median_step_tok_s": r + 1, "prefill_tok_s": 300.0}
         for c, r in [(1, 150.0), (4, 200.0), (16, 250.0)]
     }
     return {
@@ -122,7 +122,7 @@ def test_report_has_command_threads_version_and_a_ratio_per_concurrency():
     assert rows["aggregate decode, 1 concurrent"].endswith("| 0.20x |")
     assert rows["aggregate decode, 4 concurrent"].endswith("| 0.50x |")
     row16 = rows["aggregate decode, 16 concurrent"]
-    assert "250.0 tok/s batched (prefill of 16 prompts 300.0 tok/s)" in row16
+    assert "250.0 tok/s batched (median step 251.0 tok/s; prefill of 16 prompts 300.0" in row16
     assert row16.endswith("| 1.20x |")
     assert "cold start to first token, no cache" in rows
     assert "not installed" not in text
@@ -136,6 +136,10 @@ def test_report_without_llama_cpp_has_no_ratios():
     assert len(agg) == 3 and all(r.endswith("| - | - |") for r in agg)
     # A concurrency llama.cpp measured but tsjax did not still gets its row.
     ref = _ref()
-    ref["batched"][32] = {"aggregate_tok_s": 270.0, "prefill_tok_s": 280.0}
+    ref["batched"][32] = {
+        "aggregate_tok_s": 270.0,
+        "median_step_tok_s": 271.0,
+        "prefill_tok_s": 280.0,
+    }
     text = report(args, "/x/m.gguf", 25e9, _ours(), ref, {}, "tsjax bench", None)
     assert "| aggregate decode, 32 concurrent | - | 270.0 tok/s batched" in text

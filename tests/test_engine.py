@@ -131,3 +131,26 @@ def test_prompt_too_long_is_refused_before_queueing(engine):
         engine.check(GenerationRequest([1] * 200))
     with pytest.raises(ValueError):
         engine.check(GenerationRequest([]))
+
+
+def test_grammar_constrained_row_beside_a_free_one(engine):
+    """A constrained request follows its grammar while a neighbour decodes untouched."""
+    import re
+
+    from tsjax.grammar import GrammarFactory
+
+    factory = GrammarFactory(engine.model.tokenizer, engine.model.config.vocab_size)
+    prompt = [1, 5, 9, 42, 17, 3]
+    free = generate(engine.model, prompt, sampling=SamplingParams.greedy(), max_tokens=12)
+    constrained = GenerationRequest(
+        [2, 4, 6],
+        SamplingParams(temperature=1.0, seed=5),
+        40,
+        constraint=factory.regex(r"(ab|ba){2,4}"),
+        reuse_prefix=False,
+    )
+    plain = GenerationRequest(prompt, SamplingParams.greedy(), 12, reuse_prefix=False)
+    got_c, got_p = run(engine, [constrained, plain])
+    assert re.fullmatch(r"(ab|ba){2,4}", text_of(got_c)), text_of(got_c)
+    assert got_c[-1].finish_reason is FinishReason.STOP
+    assert text_of(got_p) == free.text

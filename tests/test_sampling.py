@@ -93,3 +93,24 @@ def test_held_back_text_is_released_when_no_stop_follows():
     assert m.push("x") == "</ex"
     assert m.push("b </") == "b "
     assert m.flush() == "</"
+
+
+def test_mask_restricts_every_mode_and_leaves_unconstrained_rows_alone():
+    v = 70  # three mask words, the last one partial
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, v)).astype(np.float32))
+    mask = np.full((3, 3), -1, np.int32)
+    allowed = {5, 37, 66}
+    for row in (0, 1):
+        mask[row] = 0
+        for t in allowed:
+            mask[row, t // 32] |= np.int32(1 << (t % 32)) if t % 32 < 31 else np.int32(-(2**31))
+    rows = [
+        SamplingParams.greedy(),
+        SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=3),
+        SamplingParams.greedy(),
+    ]
+    for _ in range(5):
+        tok, _ = sample(logits, host_sampler_state(rows, [[]] * 3), jnp.asarray(mask))
+        assert int(tok[0]) in allowed and int(tok[1]) in allowed
+        assert int(tok[2]) == int(np.argmax(logits[2]))
+        rows[1] = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=int(tok[1]))

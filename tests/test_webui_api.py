@@ -2,7 +2,8 @@
 panel, uploads (text, image, path-traversal names, oversize), and bad input.
 
 Most tests drive the shared real server of test_server.py (one per process). Behaviour that
-needs no model (upload limits, the no-model answers, the session store, the think splitter)
+needs no model (upload limits, the no-model answers, the session store; reasoning frames are in
+test_structured.py)
 runs in-process against an app whose model cannot load, which costs no compile time.
 """
 
@@ -18,7 +19,6 @@ import httpx
 import pytest
 from test_server import MODEL, running_server
 
-from serve.protocols.webui import ThinkSplitter
 from serve.sessions import DEFAULT_ID, SessionStore
 
 GREEDY = {"temperature": 0, "topK": 0, "topP": 1.0, "repetitionPenalty": 1.0}
@@ -40,19 +40,6 @@ def answer(frames: list[dict]) -> str:
 
 
 # -- no model needed ----------------------------------------------------------------------------
-
-
-def test_think_splitter_streams_reasoning_apart():
-    s = ThinkSplitter()
-    got = [s.feed(p) for p in [" <thi", "nk>abc</th", "ink>\n\nHello", " world"]]
-    got.append(s.feed("", final=True))
-    thinking = "".join(t for t, _ in got)
-    content = "".join(c for _, c in got)
-    assert thinking == "abc" and content == "Hello world"
-    s = ThinkSplitter()  # no think block: everything is content, nothing held back at the end
-    assert s.feed("Hi <") == ("", "Hi <")
-    s = ThinkSplitter(thinking=True)  # the prompt opened the block
-    assert s.feed("reason</think>answer") == ("reason", "answer")
 
 
 def test_session_store_default_ttl_and_capacity():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -24,6 +25,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (context window)")
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
+    p.add_argument(
+        "--mesh", default=None, help="shard over devices: tp=4, dp=2,tp=2, tp=-1 (all devices)"
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process JAX job first (jax.distributed.initialize; the cluster or"
+        " JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID says where)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -34,9 +44,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
 
+    if args.distributed:
+        from tsjax.sharding import initialize_distributed
+
+        initialize_distributed()
+    if jax.process_count() > 1 and args.seed < 0:
+        # Every process must draw the same keys, or "replicated" sampler state disagrees.
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        pick = np.int32(np.random.default_rng().integers(0, 2**31 - 1))
+        args.seed = int(multihost_utils.broadcast_one_to_all(pick))
+    # Every process runs the same program; only the first one prints.
+    out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115
     t0 = time.perf_counter()
-    model = load(args.model, max_len=args.max_len, progress=sys.stderr.isatty())
+    model = load(args.model, max_len=args.max_len, progress=sys.stderr.isatty(), mesh=args.mesh)
     t_load = time.perf_counter() - t0
+    if args.stats and model.steps.mesh is not None and jax.process_index() == 0:
+        from tsjax.sharding import bytes_per_device, device_report, mesh_summary
+
+        held = bytes_per_device(model.params)
+        print(mesh_summary(model.steps.mesh), file=sys.stderr)
+        print("\n".join(device_report(model.steps.mesh, held)), file=sys.stderr)
     if args.raw:
         ids = model.tokenizer.encode(args.prompt, parse_special=True)
     else:
@@ -56,13 +85,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     try:
         for piece in stream(model, ids, sampling, args.max_tokens, args.stop, result=res):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            out.write(piece)
+            out.flush()
     except PromptTooLongError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    out.write("\n")
+    out.flush()
     if args.stats:
         first = time.perf_counter() - t1
         # Run the same request again: the compiled steps are cached now, so this is the
@@ -71,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for _ in stream(model, ids, sampling, args.max_tokens, args.stop, result=again):
             pass
         steady = again.prefill_seconds + again.decode_seconds
-        print(
+        print(  # on every process: each ran the same steps, and stderr is per host
             f"model {model.name} ({model.config.architecture}) on {jax.default_backend()}"
             f" | load {t_load:.2f}s | first run {first:.2f}s (compile ~{first - steady:.2f}s)"
             f" | prefill {again.prompt_tokens} tok {again.prefill_tok_per_s:.1f} tok/s"

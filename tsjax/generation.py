@@ -7,6 +7,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from tsjax.grammar import Constraint, mask_words
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
 from tsjax.textstream import TextStream
@@ -45,10 +48,12 @@ def stream(
     stop: tuple[str, ...] | list[str] = (),
     steps_per_dispatch: int = 4,
     result: Generation | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as they are decoded. Fills `result` (tokens, finish reason,
     timings) as it goes. Stops at an end-of-generation token, a stop string (never emitted),
-    `max_tokens`, or the end of the cache."""
+    `max_tokens`, or the end of the cache. With a `constraint` (tsjax.grammar), every token
+    is one the grammar allows (one decode step per dispatch, to refresh the mask)."""
     sampling = (sampling or SamplingParams()).validate()
     res = result if result is not None else Generation()
     limit = model.max_len
@@ -64,8 +69,17 @@ def stream(
     res.prompt_tokens = len(prompt_ids)
 
     t0 = time.perf_counter()
+    words = mask_words(model.config.vocab_size)
+
+    def mask() -> np.ndarray | None:
+        if constraint is None or constraint.finished:
+            return None
+        out = np.empty((1, words), np.int32)
+        constraint.fill(out[0])
+        return out
+
     first, _, cache, sampler = steps.prefill(
-        model.params, cache, sampler, [prompt_ids], [0], [sampling]
+        model.params, cache, sampler, [prompt_ids], [0], [sampling], masks=mask()
     )
     res.prefill_seconds = time.perf_counter() - t0
     pending = [int(first[0])]
@@ -73,6 +87,8 @@ def stream(
     t1 = time.perf_counter()
     while True:
         for t in pending:
+            if constraint is not None and t not in model.tokenizer.eog_ids:
+                constraint.accept(t)
             piece = text.push(t)
             if piece:
                 yield piece
@@ -81,9 +97,16 @@ def stream(
         if text.finish_reason:
             break
         left = text.max_tokens - len(text.tokens)
-        n = steps_per_dispatch if left >= steps_per_dispatch else 1
+        n = steps_per_dispatch if left >= steps_per_dispatch and constraint is None else 1
         out, _, cache, sampler = steps.decode(
-            model.params, cache, sampler, [0], [pending[-1]], len(prompt_ids) + fed, n
+            model.params,
+            cache,
+            sampler,
+            [0],
+            [pending[-1]],
+            len(prompt_ids) + fed,
+            n,
+            masks=mask(),
         )
         fed += n
         pending = [int(x) for x in out[:, 0]]

@@ -146,8 +146,10 @@ def _convert(g, name, cfg, transpose, np_dtype, want_shape) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np_dtype)
 
 
-def _cast(a: np.ndarray, dtype):
-    return a if jnp.dtype(dtype) == a.dtype else jnp.asarray(a, dtype)
+def _cast(a: np.ndarray, dtype) -> np.ndarray:
+    # On the host (ml_dtypes covers bfloat16): a device-side cast would first place the whole
+    # tensor on one device, defeating a sharded `device_put`.
+    return a if jnp.dtype(dtype) == a.dtype else a.astype(jnp.dtype(dtype))
 
 
 def _get(tree, path):

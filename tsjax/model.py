@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from tsjax.catalog import resolve_model
 from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
@@ -60,22 +61,32 @@ def load(
     dtype=None,
     progress: bool = True,
     shapes: StepShapes | None = None,
+    mesh: Mesh | str | None = None,
 ) -> Model:
     """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
-    context length, at most 4096); `rows` is the number of decode slots."""
+    context length, at most 4096); `rows` is the number of decode slots.
+
+    `mesh` (a `jax.sharding.Mesh`, or a spec such as "tp=4" / "dp=2,tp=2" over every device)
+    shards params, cache and steps over several devices; each weight goes straight from the
+    host into its shards. None keeps everything on the default device."""
     path = resolve_model(model)
     t0 = time.perf_counter()
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
     dtype = dtype or default_dtype()
-    params, stats = load_params(g, cfg, dtype, progress=progress)
+    if isinstance(mesh, str):
+        from tsjax.sharding import make_mesh
+
+        mesh = make_mesh(mesh)
+    max_len = max_len or min(cfg.context_length, 4096)
+    shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
+    steps = Steps(cfg, shapes, dtype, mesh=mesh)
+    put = steps.plan.device_put if steps.plan is not None else None
+    params, stats = load_params(g, cfg, dtype, progress=progress, device_put=put)
     tokenizer = Tokenizer.from_gguf(g.metadata)
     template = ChatTemplate.from_metadata(
         g.metadata, g.architecture, special_tokens=special_tokens_from_metadata(g.metadata)
     )
-    max_len = max_len or min(cfg.context_length, 4096)
-    shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
-    steps = Steps(cfg, shapes, dtype)
     stats.seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %d layers) in %.1fs: %.0f MB params on %s",
@@ -84,7 +95,7 @@ def load(
         cfg.n_layers,
         stats.seconds,
         stats.bytes_params / 1e6,
-        jax.devices()[0].platform,
+        jax.devices()[0].platform if mesh is None else f"{mesh.devices.size} devices",
     )
     metadata = {k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")}
     return Model(path, cfg, params, tokenizer, template, steps, metadata, stats)

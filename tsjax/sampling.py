@@ -143,9 +143,26 @@ def filter_logits(logits: jax.Array, s: SamplerState) -> jax.Array:
     )
 
 
-def sample(logits: jax.Array, s: SamplerState) -> tuple[jax.Array, SamplerState]:
-    """Pick one token per row. Returns (tokens [B], state with keys and history advanced)."""
+def apply_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Disallow tokens whose bit is clear. mask: [B, ceil(V/32)] int32 (bit v % 32 of word
+    v // 32 is token v; a row of -1 words allows everything)."""
+    v = logits.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    words = jnp.take(mask, ids // 32, axis=1)  # [B, V]
+    shifts = jnp.broadcast_to(ids % 32, words.shape)
+    allowed = (jax.lax.shift_right_logical(words, shifts) & 1).astype(bool)
+    return jnp.where(allowed, logits, NEG_INF)
+
+
+def sample(
+    logits: jax.Array, s: SamplerState, mask: jax.Array | None = None
+) -> tuple[jax.Array, SamplerState]:
+    """Pick one token per row, among the tokens `mask` allows (grammar constraints).
+    Returns (tokens [B], state with keys and history advanced)."""
     logits = logits.astype(jnp.float32)
+    if mask is not None:
+        constrained = jnp.any(mask != -1)
+        logits = jax.lax.cond(constrained, apply_mask, lambda x, _: x, logits, mask)
     needs_penalty = jnp.any(
         (s.repeat_last_n > 0)
         & ((s.repeat_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0))

@@ -9,16 +9,33 @@ cache positions attention reads. Everything else a request can vary is array dat
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from tsjax.cache import KVCache
+from tsjax.grammar import mask_words
 from tsjax.models import Decoder, ModelConfig
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
+from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
+
+
+def _constrain_inputs(fn, shardings: tuple):
+    """`fn` with its leading positional arguments constrained to `shardings` (pytrees)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        head = [
+            jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(args, shardings, strict=False)
+        ]
+        return fn(*head, *args[len(head) :], **kwargs)
+
+    return wrapped
 
 
 def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -64,26 +81,83 @@ class StepShapes:
 
 
 class Steps:
-    """Compiled steps for one model config and one set of shapes."""
+    """Compiled steps for one model config and one set of shapes.
 
-    def __init__(self, cfg: ModelConfig, shapes: StepShapes, dtype=jnp.float32):
+    With a `mesh`, the steps are SPMD programs over it: params, cache and sampler state carry
+    the shardings of `tsjax.sharding.ShardingPlan`, and every step names its in/out shardings,
+    so a donated cache comes back with the layout it went in with and XLA reuses its buffers
+    in place. Without one, nothing here differs from a plain single-device jit."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        shapes: StepShapes,
+        dtype=jnp.float32,
+        mesh: Mesh | None = None,
+        rules: dict[str, str | None] | None = None,
+    ):
         self.cfg = cfg
         self.shapes = shapes
         self.dtype = dtype
         self.model = Decoder(cfg, dtype)
+        self.mesh = mesh
+        self.plan = None
+        if mesh is not None:
+            self.plan = ShardingPlan(
+                mesh, cfg, shapes.rows, shapes.max_len, dict(rules or DEFAULT_RULES)
+            )
+        prefill, decode, forward = self._prefill, self._decode, self._forward
+        sh: dict[str, dict] = {"prefill": {}, "decode": {}, "forward": {}, "cache": {}}
+        if self.plan is not None:
+            sh, (prefill, decode, forward) = self._sharded(prefill, decode, forward)
         self.prefill_fn = jax.jit(
-            self._prefill, static_argnames=("attn_len",), donate_argnums=(1, 2)
+            prefill, static_argnames=("attn_len",), donate_argnums=(1, 2), **sh["prefill"]
         )
         self.decode_fn = jax.jit(
-            self._decode, static_argnames=("attn_len", "n_steps"), donate_argnums=(1, 2)
+            decode,
+            static_argnames=("attn_len", "n_steps"),
+            donate_argnums=(1, 2),
+            **sh["decode"],
         )
-        self.forward_fn = jax.jit(self._forward, static_argnames=("attn_len",))
+        self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
+        self._create_cache = jax.jit(
+            lambda: KVCache.create(cfg, shapes.rows, shapes.max_len, dtype), **sh["cache"]
+        )
+
+    def _sharded(self, *fns):
+        """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
+        the plan's shardings inside each step and outputs are declared with `out_shardings`,
+        so the donated cache and sampler come back exactly as they went in and XLA updates
+        them in place. (jit's `in_shardings` would do the same for the inputs but refuses
+        keyword-only static arguments such as `attn_len`.) Host inputs arrive replicated."""
+        from tsjax.loader import param_shapes
+
+        assert self.plan is not None
+        p = self.plan.params(param_shapes(self.cfg, self.dtype))
+        c, s, r = self.plan.cache(), self.plan.sampler(), self.plan.replicated()
+        jit_kw = {
+            "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
+            "decode": dict(out_shardings=(r, r, c, s)),  # tokens, logits, cache, sampler
+            "forward": dict(out_shardings=r),
+            "cache": dict(out_shardings=c),
+        }
+        pinned = [(p, c, s), (p, c, s), (p, c)]
+        return jit_kw, [_constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
+
+    def _put(self, x) -> jax.Array:
+        """Host data for a step: replicated over the mesh (a global array, as multi-process
+        jit requires), or the default device."""
+        return jnp.asarray(x) if self.plan is None else put(np.asarray(x), self.plan.replicated())
 
     def new_cache(self) -> KVCache:
-        return KVCache.create(self.cfg, self.shapes.rows, self.shapes.max_len, self.dtype)
+        """A zeroed cache, created directly in its shards (never whole on one device)."""
+        if self.plan is None:
+            return KVCache.create(self.cfg, self.shapes.rows, self.shapes.max_len, self.dtype)
+        return self._create_cache()
 
     def new_sampler(self) -> SamplerState:
-        return SamplerState.create(self.shapes.rows)
+        state = SamplerState.create(self.shapes.rows)
+        return state if self.plan is None else put_tree(state, self.plan.sampler())
 
     # -- pure step bodies ---------------------------------------------------------------
 
@@ -97,6 +171,7 @@ class Steps:
         rows,
         starts,
         lengths,
+        masks,
         *,
         attn_len: int,
     ):
@@ -116,7 +191,7 @@ class Steps:
             attn_len,
         )
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
-        first, new_sampler = sample(logits, new_sampler)
+        first, new_sampler = sample(logits, new_sampler, masks)
         sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
         return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
 
@@ -149,6 +224,7 @@ class Steps:
         tokens,
         active,
         rows,
+        masks,
         *,
         attn_len: int,
         n_steps: int,
@@ -164,7 +240,7 @@ class Steps:
         def step(carry, _):
             cache, sub, tokens, _ = carry
             logits, cache = self._decode_logits(params, cache, tokens, active, rows, attn_len)
-            tokens, sub = sample(logits, sub)
+            tokens, sub = sample(logits, sub, masks)
             return (cache, sub, tokens, logits), tokens
 
         init_logits = jnp.zeros((tokens.shape[0], self.cfg.vocab_size), jnp.float32)
@@ -243,6 +319,7 @@ class Steps:
         starts: list[int] | None = None,
         histories: list[list[int]] | None = None,
         seeds: list[int] | None = None,
+        masks: np.ndarray | None = None,
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
@@ -262,19 +339,30 @@ class Steps:
         hist = list(histories or prompts) + [[]] * (b - n)
         seeds = None if seeds is None else list(seeds) + [0] * (b - n)
         new_sampler = host_sampler_state(list(sampling) + pad, hist, seeds)
+        if self.plan is not None:
+            new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
         first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
             sampler,
             new_sampler,
-            jnp.asarray(tok),
-            jnp.asarray(row_arr),
-            jnp.asarray(st),
-            jnp.asarray(ln),
+            self._put(tok),
+            self._put(row_arr),
+            self._put(st),
+            self._put(ln),
+            self._put(self._mask_rows(masks, n, b)),
             attn_len=attn_len,
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler
+
+    def _mask_rows(self, masks: np.ndarray | None, n: int, b: int) -> np.ndarray:
+        """Grammar bitmasks for b rows: the first n from `masks`, the rest allow everything.
+        Always an array (never None) so constrained requests reuse the warmed shapes."""
+        out = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
+        if masks is not None:
+            out[:n] = masks
+        return out
 
     def decode(
         self,
@@ -285,6 +373,7 @@ class Steps:
         tokens: list[int],
         max_pos: int,
         n_steps: int = 1,
+        masks: np.ndarray | None = None,
     ):
         """Run `n_steps` decode steps for the given cache rows, fed `tokens` (one per row);
         `max_pos` is the longest of those rows' lengths now. The rows are padded to a decode
@@ -299,19 +388,23 @@ class Steps:
             where = np.arange(n)
             row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
             row_arr[:n] = rows
-            row_arr = jnp.asarray(row_arr)
+            row_arr = self._put(row_arr)
         else:
             where, row_arr = np.asarray(rows), None
         tok[where] = tokens
         active[where] = True
+        mask = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
+        if masks is not None:
+            mask[where] = masks
         out, logits, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
-            jnp.asarray(tok),
-            jnp.asarray(active),
+            self._put(tok),
+            self._put(active),
             row_arr,
+            self._put(mask),
             attn_len=attn_len,
             n_steps=n_steps,
         )
-        return np.asarray(out)[:, where], logits[jnp.asarray(where)], cache, sampler
+        return np.asarray(out)[:, where], logits[self._put(where)], cache, sampler

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import jax
+import numpy as np
 
 from serve.engine.scheduler import Row, Scheduler
 from serve.engine.types import (
@@ -27,6 +28,7 @@ from serve.engine.types import (
     TokenEvent,
 )
 from tsjax.generation import PromptTooLongError
+from tsjax.grammar import mask_words
 from tsjax.model import Model
 from tsjax.textstream import TextStream
 
@@ -48,6 +50,19 @@ class _Live:
     sampled: list[int] = field(default_factory=list)  # every sampled token, in order
     fed: int = 0  # sampled tokens written back into the cache
     decode_start: float = 0.0
+    constrained: bool = False  # the grammar constraint applies to the next token
+
+    @property
+    def grammar_pending(self) -> bool:
+        """A constraint that applies now or will once its start marker appears."""
+        return self.req.constraint is not None and not self.text.finish_reason
+
+    def mask_row(self, out: np.ndarray) -> None:
+        """This row's allowed-token bitmask for the next token (all bits set if free)."""
+        if self.constrained and not self.req.constraint.finished:
+            self.req.constraint.fill(out)
+        else:
+            out[:] = -1
 
 
 class Engine:
@@ -217,6 +232,7 @@ class Engine:
             room=self.model.max_len - len(prompt),
         )
         live = _Live(req, sink, row, text, stats, submitted)
+        live.constrained = req.constraint is not None and not req.constraint_after
         t0 = time.perf_counter()
         start = reuse
         first = None
@@ -231,6 +247,7 @@ class Engine:
                 [req.sampling],
                 starts=[start],
                 histories=[prompt[: start + len(chunk)]],
+                masks=self._masks([live]),
             )
             start += len(chunk)
         now = time.perf_counter()
@@ -245,7 +262,9 @@ class Engine:
         waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
         rows = list(self._live.values())
         left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
-        n = 1 if waiting or left < self.decode_steps else self.decode_steps
+        # A grammar needs the mask recomputed after every token: one step per dispatch.
+        grammar = any(x.grammar_pending for x in rows)
+        n = 1 if waiting or grammar or left < self.decode_steps else self.decode_steps
         max_pos = max(len(x.req.prompt_ids) + x.fed for x in rows)
         out, _, self._cache, self._sampler = self.steps.decode(
             self.model.params,
@@ -255,10 +274,30 @@ class Engine:
             [x.sampled[-1] for x in rows],
             max_pos,
             n,
+            masks=self._masks(rows) if grammar else None,
         )
         for i, live in enumerate(rows):
             live.fed += n
             self._consume(live, [int(t) for t in out[:, i]])
+
+    def _masks(self, rows: list[_Live]) -> np.ndarray | None:
+        """[len(rows), W] bitmasks, or None when no row is constrained (the cheap path)."""
+        if not any(x.constrained for x in rows):
+            return None
+        out = np.empty((len(rows), mask_words(self.model.config.vocab_size)), np.int32)
+        for i, live in enumerate(rows):
+            live.mask_row(out[i])
+        return out
+
+    def _advance_grammar(self, live: _Live, token: int) -> None:
+        """Feed the constraint the token it allowed; start it once its marker appears."""
+        c = live.req.constraint
+        if live.constrained:
+            if token not in self.model.tokenizer.eog_ids and not c.finished:
+                if not c.accept(token):
+                    raise RuntimeError(f"grammar rejected token {token} it had allowed")
+        elif c is not None and live.req.constraint_after in live.text.text:
+            live.constrained = True
 
     def _consume(self, live: _Live, tokens: list[int]) -> None:
         """Turn sampled tokens into events; finish the request when its stream ends."""
@@ -267,6 +306,8 @@ class Engine:
             for t in tokens:
                 live.sampled.append(t)
                 pieces.append(live.text.push(t))
+                if live.req.constraint is not None:
+                    self._advance_grammar(live, t)
                 if live.text.finish_reason:
                     break
             text = "".join(pieces)

@@ -8,21 +8,26 @@ itself, and the field names of its dialect.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
 
 from serve.engine import Engine, EventKind, GenerationRequest, TokenEvent
+from serve.outputs import OutputFormat, select_format
 from serve.settings import Settings
 from tsjax.chat_template import TemplateError
 from tsjax.generation import PromptTooLongError
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tsjax.grammar import GrammarFactory
 
 T = TypeVar("T")
 
@@ -39,6 +44,28 @@ class Hub:
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
     started: float = field(default_factory=time.time)
+    _format: Any = None
+    _grammars: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def output_format(self) -> OutputFormat:
+        """The model's output syntax (reasoning and tool calls), chosen once per model."""
+        if self._format is None:
+            assert self.model is not None
+            m = self.model
+            self._format = select_format(m.config.architecture, m.template.source)
+        return self._format
+
+    def grammars(self) -> GrammarFactory:
+        """The constraint compiler for the model's vocabulary, built on first use (reading
+        the vocabulary takes a moment; most servers never need it)."""
+        with self._lock:
+            if self._grammars is None:
+                from tsjax.grammar import GrammarFactory
+
+                assert self.model is not None
+                self._grammars = GrammarFactory(self.model.tokenizer, self.model.config.vocab_size)
+            return self._grammars
 
     def live(self, error: type[ApiError]) -> tuple[Model, Engine]:
         """The model and engine, or a 503 in the caller's dialect while still warming up."""
@@ -145,14 +172,22 @@ def chat_prompt(
     *,
     tools: list[dict[str, Any]] | None = None,
     think: bool | None = None,
-) -> list[int]:
-    """Messages through the model's chat template; a conversation it rejects is a 400."""
+    extra: dict[str, Any] | None = None,
+) -> tuple[list[int], str]:
+    """Messages through the model's chat template: the prompt ids and the rendered text (the
+    output parser reads its end: a prompt that opened `<think>` means the answer starts inside
+    the reasoning block). A conversation the template rejects is a 400. `extra` are more
+    template variables (`chat_template_kwargs`)."""
     if not messages:
         raise error(400, "messages must not be empty", param="messages")
+    kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
+    kwargs["enable_thinking"] = think
     try:
-        return model.render_chat(messages, tools=tools or None, enable_thinking=think)
+        text = model.template.render(messages, tools=tools or None, **kwargs)
     except TemplateError as e:
         raise error(400, f"cannot render the conversation: {e}", param="messages") from e
+    add_bos = None if not model.template.bos_in_template else False
+    return model.tokenizer.encode(text, add_bos=add_bos, parse_special=True), text
 
 
 def make_request(

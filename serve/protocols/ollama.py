@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCall, ToolCallEnd
 from serve.protocols.common import (
     ApiError,
     Hub,
@@ -28,6 +29,18 @@ from serve.protocols.common import (
     run_to_end,
     sampling_params,
     stop_list,
+)
+from serve.protocols.features import (
+    Plan,
+    Reply,
+    apply,
+    constrain,
+    normalize_tools,
+    ollama_format,
+    plan_of,
+    think_of,
+    tool_choice_of,
+    with_generic_tools,
 )
 from serve.streaming import ndjson_response
 
@@ -59,6 +72,8 @@ class GenerateBody(msgspec.Struct):
     system: str | None = None
     raw: bool = False
     stream: bool = True
+    think: bool | str | None = None
+    format: str | dict[str, Any] | None = None
     options: Options | None = None
 
 
@@ -69,14 +84,18 @@ class Message(msgspec.Struct, omit_defaults=True):
     thinking: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class ChatBody(msgspec.Struct):
     model: str
     messages: list[Message]
     stream: bool = True
-    think: bool | None = None
+    think: bool | str | None = None  # a boolean or an effort level ("low" ... "max")
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # OpenAI's field, honoured here too
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
     options: Options | None = None
 
 
@@ -119,15 +138,42 @@ def _metrics(stats: Stats | None, reason: FinishReason | None, began: float) -> 
     }
 
 
+def _call(call: ToolCall) -> dict[str, Any]:
+    """Ollama's shape: arguments as an object; `id` and `function.index` as Ollama sends."""
+    fn = {"index": call.index, "name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "function": fn}
+
+
+def _part(e: OutputEvent, body_key: str) -> dict[str, Any] | None:
+    """One parser event as the fields of a streamed line: thinking apart from content, and a
+    tool call whole once it is complete (as Ollama streams them)."""
+    if body_key == "response":
+        if isinstance(e, ReasoningDelta):
+            return {"response": "", "thinking": e.text}
+        if isinstance(e, ContentDelta):
+            return {"response": e.text}
+        return None
+    msg: dict[str, Any] = {"role": "assistant", "content": ""}
+    if isinstance(e, ReasoningDelta):
+        msg["thinking"] = e.text
+    elif isinstance(e, ContentDelta):
+        msg["content"] = e.text
+    elif isinstance(e, ToolCallEnd):
+        msg["tool_calls"] = [_call(e.call)]
+    else:
+        return None
+    return {"message": msg}
+
+
+def _empty(body_key: str) -> Any:
+    return "" if body_key == "response" else {"role": "assistant", "content": ""}
+
+
 async def _stream(
-    hub: Hub, req: GenerationRequest, requested: str, body_key: str, began: float
+    hub: Hub, req: GenerationRequest, requested: str, body_key: str, began: float, reply: Reply
 ) -> AsyncIterator[dict[str, Any]]:
     """NDJSON objects for one request. `body_key` is "response" (generate) or "message"."""
     model = hub.model.name if hub.model else requested
-
-    def piece(text: str) -> Any:
-        return text if body_key == "response" else {"role": "assistant", "content": text}
-
     async with aclosing(hub.engine.generate(req)) as evs:  # type: ignore[union-attr]
         async for ev in evs:
             base = {"model": model, "created_at": _now()}
@@ -135,30 +181,61 @@ async def _stream(
                 yield {
                     **base,
                     "model": requested,
-                    body_key: piece(""),
+                    body_key: _empty(body_key),
                     "done": False,
                     "queue_position": ev.queue_position,
                     "queue_pending": ev.queue_pending,
                 }
-            elif ev.kind is EventKind.TOKEN and ev.text:
-                yield {**base, body_key: piece(ev.text), "done": False}
+            elif ev.kind is EventKind.TOKEN:
+                for e in reply.push(ev.text):
+                    if (part := _part(e, body_key)) is not None:
+                        yield {**base, **part, "done": False}
             elif ev.kind is EventKind.DONE:
-                yield {**base, body_key: piece(""), **_metrics(ev.stats, ev.finish_reason, began)}
+                for e in reply.finish():
+                    if (part := _part(e, body_key)) is not None:
+                        yield {**base, **part, "done": False}
+                problem = reply.problem(ev.finish_reason is FinishReason.LENGTH)
+                if problem:  # a cut-off structured answer: the lines were already sent
+                    yield {**base, body_key: _empty(body_key), "done": True,
+                           "done_reason": "error", "error": problem}  # fmt: skip
+                else:
+                    yield {**base, body_key: _empty(body_key),
+                           **_metrics(ev.stats, ev.finish_reason, began)}  # fmt: skip
             elif ev.kind is EventKind.ERROR:
-                yield {**base, body_key: piece(""), "done": True, "done_reason": "error",
+                yield {**base, body_key: _empty(body_key), "done": True, "done_reason": "error",
                        "error": ev.error}  # fmt: skip
 
 
 async def _respond(
-    hub: Hub, req: GenerationRequest, requested: str, body_key: str, stream: bool, began: float
+    hub: Hub,
+    req: GenerationRequest,
+    requested: str,
+    body_key: str,
+    stream: bool,
+    began: float,
+    reply: Reply,
 ) -> Response:
     if stream:
-        return ndjson_response(_stream(hub, req, requested, body_key, began))
+        return ndjson_response(_stream(hub, req, requested, body_key, began, reply))
     text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
     if final.kind is EventKind.ERROR:
         raise OllamaError(500, final.error or "generation failed")
-    out = text if body_key == "response" else {"role": "assistant", "content": text}
-    body = {"model": hub.model.name, "created_at": _now(), body_key: out}  # type: ignore[union-attr]
+    reply.parse(text)
+    problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
+    if problem:
+        raise OllamaError(422, problem)
+    body: dict[str, Any] = {"model": hub.model.name, "created_at": _now()}  # type: ignore[union-attr]
+    if body_key == "response":
+        body["response"] = reply.content
+        if reply.reasoning:
+            body["thinking"] = reply.reasoning
+    else:
+        msg: dict[str, Any] = {"role": "assistant", "content": reply.content}
+        if reply.reasoning:
+            msg["thinking"] = reply.reasoning
+        if reply.calls:
+            msg["tool_calls"] = [_call(c) for c in reply.calls]
+        body["message"] = msg
     return Response(body | _metrics(final.stats, final.finish_reason, began))
 
 
@@ -171,15 +248,21 @@ async def generate(request: Request) -> Response:
     model, _ = hub.live(OllamaError)
     check_model(body.model, model, OllamaError)
     prompt = body.prompt or ""
+    think = think_of(body.think, OllamaError)
+    output = ollama_format(body.format, OllamaError)
+    plan = plan_of(tools=[], choice="auto", think=think, output=output, error=OllamaError)
     if body.raw:
+        text = prompt
         ids = model.tokenizer.encode(prompt, parse_special=True)
     else:
         messages = [{"role": "user", "content": prompt}]
         if body.system:
             messages.insert(0, {"role": "system", "content": body.system})
-        ids = chat_prompt(model, messages, OllamaError)
+        ids, text = chat_prompt(model, messages, OllamaError, think=think)
     req = _request(hub, ids, body.options, reuse=False)
-    return await _respond(hub, req, body.model, "response", body.stream, began)
+    apply(await constrain(hub, plan, OllamaError), req)
+    reply = Reply(hub, plan, text)
+    return await _respond(hub, req, body.model, "response", body.stream, began, reply)
 
 
 async def ollama_chat(request: Request) -> Response:
@@ -189,10 +272,32 @@ async def ollama_chat(request: Request) -> Response:
     body = await decode_body(request, ChatBody, OllamaError)
     model, _ = hub.live(OllamaError)
     check_model(body.model, model, OllamaError)
-    messages = [msgspec.structs.asdict(m) for m in body.messages]
-    ids = chat_prompt(model, messages, OllamaError, tools=body.tools, think=body.think)
+    plan = _plan(body)
+    messages = [_message_dict(m) for m in body.messages]
+    messages = with_generic_tools(messages, plan.template_tools, model.template.source)
+    ids, text = chat_prompt(model, messages, OllamaError, tools=plan.template_tools,
+                            think=plan.think)  # fmt: skip
     req = _request(hub, ids, body.options, reuse=True)
-    return await _respond(hub, req, body.model, "message", body.stream, began)
+    apply(await constrain(hub, plan, OllamaError), req)
+    reply = Reply(hub, plan, text)
+    return await _respond(hub, req, body.model, "message", body.stream, began, reply)
+
+
+def _plan(body: ChatBody) -> Plan:
+    tools = normalize_tools(body.tools, OllamaError)
+    choice = tool_choice_of(body.tool_choice, tools, OllamaError)
+    think = think_of(body.think, OllamaError)
+    output = ollama_format(body.format, OllamaError)
+    return plan_of(tools=tools, choice=choice, think=think, output=output, error=OllamaError)
+
+
+def _message_dict(m: Message) -> dict[str, Any]:
+    """A message for the template: Ollama names a tool result's tool `tool_name`; templates
+    read `name`."""
+    msg = msgspec.structs.asdict(m)
+    if msg.get("tool_name") and not msg.get("name"):
+        msg["name"] = msg["tool_name"]
+    return msg
 
 
 @post("/api/chat/ollama", status_code=200)

@@ -17,6 +17,14 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.outputs import (
+    ContentDelta,
+    OutputEvent,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallArgs,
+    ToolCallStart,
+)
 from serve.protocols.common import (
     ApiError,
     Hub,
@@ -29,9 +37,22 @@ from serve.protocols.common import (
     sampling_params,
     stop_list,
 )
+from serve.protocols.features import (
+    Plan,
+    Reply,
+    apply,
+    constrain,
+    normalize_tools,
+    openai_format,
+    openai_think,
+    plan_of,
+    tool_choice_of,
+    with_generic_tools,
+)
 from serve.streaming import DONE_SENTINEL, sse_response
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "unavailable_error"}
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_response_error",
+          503: "unavailable_error"}  # fmt: skip
 
 
 class OpenAIError(ApiError):
@@ -57,6 +78,8 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # earlier reasoning, for templates that replay it
+    reasoning: str | None = None
 
 
 class _Sampling(msgspec.Struct):
@@ -82,7 +105,12 @@ class ChatBody(_Sampling, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
-    think: bool | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced choice yields one call
+    response_format: dict[str, Any] | None = None
+    think: bool | None = None  # extension (the reference's name)
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionBody(_Sampling, kw_only=True):
@@ -182,17 +210,126 @@ async def _respond(hub: Hub, req: GenerationRequest, body: _Sampling, chat: bool
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
 
 
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_json}}  # fmt: skip
+
+
+def _delta(e: OutputEvent) -> dict[str, Any] | None:
+    """One parser event as a chat delta: reasoning under both names clients read
+    (`reasoning_content`: llama.cpp/SGLang/vLLM; `reasoning`: Ollama/new vLLM), content, and
+    tool calls keyed by `index` (the first delta of a call carries id, type and name)."""
+    if isinstance(e, ReasoningDelta):
+        return {"reasoning_content": e.text, "reasoning": e.text}
+    if isinstance(e, ContentDelta):
+        return {"content": e.text}
+    if isinstance(e, ToolCallStart):
+        call = {"index": e.index, "id": e.id, "type": "function",
+                "function": {"name": e.name, "arguments": ""}}  # fmt: skip
+        return {"tool_calls": [call]}
+    if isinstance(e, ToolCallArgs):
+        return {"tool_calls": [{"index": e.index, "function": {"arguments": e.fragment}}]}
+    return None  # ToolCallEnd (already streamed) and MalformedCall (its text went as content)
+
+
+def _chat_finish(reply: Reply, reason: FinishReason | None) -> str:
+    return "tool_calls" if reply.calls else _finish(reason)
+
+
+def _chunk(shape: _Shape, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return shape.envelope([choice], chunk=True)
+
+
+async def _chat_sse(
+    hub: Hub, req: GenerationRequest, shape: _Shape, reply: Reply, include_usage: bool
+) -> AsyncIterator[Any]:
+    """Role chunk, one delta per parser event, the finish chunk, usage if asked, [DONE]. A
+    structured answer that fails its schema (only possible when cut off) ends with an error
+    event before [DONE]: the deltas were already sent, so a 422 is no longer possible."""
+    yield _chunk(shape, {"role": "assistant", "content": ""})
+    async with aclosing(hub.engine.generate(req)) as evs:  # type: ignore[union-attr]
+        async for ev in evs:
+            if ev.kind is EventKind.TOKEN:
+                for e in reply.push(ev.text):
+                    if (delta := _delta(e)) is not None:
+                        yield _chunk(shape, delta)
+            elif ev.kind is EventKind.DONE:
+                for e in reply.finish():
+                    if (delta := _delta(e)) is not None:
+                        yield _chunk(shape, delta)
+                problem = reply.problem(ev.finish_reason is FinishReason.LENGTH)
+                if problem:
+                    yield {"error": {"message": problem, "type": "invalid_response_error",
+                                     "param": None, "code": None}}  # fmt: skip
+                yield _chunk(shape, {}, _chat_finish(reply, ev.finish_reason))
+                if include_usage:
+                    yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
+            elif ev.kind is EventKind.ERROR:
+                yield {"error": {"message": ev.error, "type": "api_error", "param": None,
+                                 "code": None}}  # fmt: skip
+    yield DONE_SENTINEL
+
+
+def _message(reply: Reply) -> dict[str, Any]:
+    """The whole answer: content (null only beside tool calls, as OpenAI sends it),
+    reasoning under both names, tool calls with JSON-string arguments."""
+    msg: dict[str, Any] = {"role": "assistant",
+                           "content": reply.content or (None if reply.calls else "")}  # fmt: skip
+    if reply.reasoning:
+        msg["reasoning_content"] = msg["reasoning"] = reply.reasoning
+    if reply.calls:
+        msg["tool_calls"] = [_tool_call(c) for c in reply.calls]
+    return msg
+
+
+async def _chat_respond(hub: Hub, req: GenerationRequest, body: ChatBody, reply: Reply):
+    shape = _Shape(True, hub.model.name)  # type: ignore[union-attr]
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_chat_sse(hub, req, shape, reply, usage))
+    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
+    if final.kind is EventKind.ERROR:
+        raise OpenAIError(500, final.error or "generation failed")
+    reply.parse(text)
+    problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
+    if problem:
+        raise OpenAIError(422, problem)
+    choice = {"index": 0, "message": _message(reply), "logprobs": None,
+              "finish_reason": _chat_finish(reply, final.finish_reason)}  # fmt: skip
+    return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
+
+
+def _plan(body: ChatBody) -> tuple[Plan, dict[str, Any]]:
+    """The request's plan and the extra template variables (`chat_template_kwargs`, and
+    `reasoning_effort` for templates that read it)."""
+    tools = normalize_tools(body.tools, OpenAIError)
+    choice = tool_choice_of(body.tool_choice, tools, OpenAIError)
+    think = openai_think(body.think, body.reasoning_effort, body.chat_template_kwargs)
+    output = openai_format(body.response_format, OpenAIError)
+    plan = plan_of(tools=tools, choice=choice, think=think, output=output, error=OpenAIError)
+    extra = dict(body.chat_template_kwargs or {})
+    extra.pop("enable_thinking", None)
+    if body.reasoning_effort and body.reasoning_effort.lower() != "none":
+        extra.setdefault("reasoning_effort", body.reasoning_effort)
+    return plan, extra
+
+
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request) -> Response:
     hub = hub_of(request)
     body = await decode_body(request, ChatBody, OpenAIError)
     model, _ = hub.live(OpenAIError)
     check_model(body.model, model, OpenAIError)
+    plan, extra = _plan(body)
     messages = [msgspec.structs.asdict(m) for m in body.messages]
-    ids = chat_prompt(model, messages, OpenAIError, tools=body.tools, think=body.think)
+    messages = with_generic_tools(messages, plan.template_tools, model.template.source)
+    ids, text = chat_prompt(model, messages, OpenAIError, tools=plan.template_tools,
+                            think=plan.think, extra=extra)  # fmt: skip
     limit = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     req = _request(hub, body, ids, limit, reuse=True)
-    return await _respond(hub, req, body, chat=True)
+    apply(await constrain(hub, plan, OpenAIError), req)
+    return await _chat_respond(hub, req, body, Reply(hub, plan, text))
 
 
 @post("/v1/completions", status_code=200)

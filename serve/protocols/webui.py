@@ -33,6 +33,7 @@ from litestar.params import FromPath
 from litestar.response import File
 
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCallEnd
 from serve.protocols.common import (
     ApiError,
     Hub,
@@ -42,6 +43,17 @@ from serve.protocols.common import (
     make_request,
     sampling_params,
     stop_list,
+)
+from serve.protocols.features import (
+    Reply,
+    apply,
+    constrain,
+    normalize_tools,
+    ollama_format,
+    openai_format,
+    plan_of,
+    tool_choice_of,
+    with_generic_tools,
 )
 from serve.sessions import (
     DEFAULT_ID,
@@ -130,6 +142,9 @@ class ChatBody(TurnOptions, kw_only=True):
     sessionId: str | None = None  # noqa: N815
     newChat: bool = False  # noqa: N815
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None  # Ollama's: "json" or a JSON schema
+    response_format: dict[str, Any] | None = None  # OpenAI's
     model: str | None = None  # must be blank: models are chosen with /api/models/load
     backend: str | None = None
 
@@ -166,60 +181,6 @@ def _inside(path: str, root: Path) -> Path | None:
     except (OSError, RuntimeError, ValueError):
         return None
     return p if p.parent == root and p.is_file() else None
-
-
-# -- thinking ---------------------------------------------------------------------------------
-
-_OPEN, _CLOSE = "<think>", "</think>"
-
-
-class ThinkSplitter:
-    """Streams `<think>...</think>` reasoning apart from the answer.
-
-    Starts in thinking state when the prompt already opened the block (templates ending the
-    generation prompt with `<think>`), or when the output opens one before any other text.
-    A trailing fragment that could still become a tag is held back until the next piece.
-    """
-
-    def __init__(self, thinking: bool = False):
-        self.state = "think" if thinking else "start"
-        self.buf = ""
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
-        """(thinking, content) that became certain with `text`."""
-        self.buf += text
-        thinking, content = [], []
-        while self.buf:
-            if self.state == "start":
-                stripped = self.buf.lstrip()
-                if stripped.startswith(_OPEN):
-                    self.buf, self.state = stripped[len(_OPEN) :], "think"
-                elif _OPEN.startswith(stripped) and not final:
-                    break  # might still become "<think>"
-                else:
-                    self.state = "content"
-            elif self.state == "think":
-                end = self.buf.find(_CLOSE)
-                if end >= 0:
-                    thinking.append(self.buf[:end])
-                    self.buf, self.state = self.buf[end + len(_CLOSE) :].lstrip(), "content"
-                    continue
-                keep = 0 if final else _partial_suffix(self.buf, _CLOSE)
-                thinking.append(self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep :]
-                break
-            else:
-                content.append(self.buf)
-                self.buf = ""
-        return "".join(thinking), "".join(content)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 # -- prompt rendering with spliced raw tokens -------------------------------------------------
@@ -343,11 +304,12 @@ def _done(
 
 
 async def _turn(
-    hub: Hub, req: GenerationRequest, session: Session, splitter: ThinkSplitter,
+    hub: Hub, req: GenerationRequest, session: Session, reply: Reply,
     history: list[TrackedMessage], ignored_media: int,
 ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
     """SSE frames for one turn; records the answer's raw tokens in the session at the end.
-    Closing this iterator (client gone) closes the engine stream, which aborts the request."""
+    Closing this iterator (client gone) closes the engine stream, which aborts the request.
+    A structured answer that fails its format (only when cut off) reports it in `done`."""
     began = time.perf_counter()
     raw: list[int] = []
     pieces: list[str] = []
@@ -359,25 +321,34 @@ async def _turn(
             elif ev.kind is EventKind.TOKEN:
                 raw.extend(ev.token_ids)
                 pieces.append(ev.text)
-                for frame in _frames(*splitter.feed(ev.text)):
+                for frame in _frames(reply.push(ev.text)):
                     yield frame
             else:
                 stats, reason = ev.stats, ev.finish_reason
                 error = (ev.error or "generation failed") if ev.kind is EventKind.ERROR else None
-    for frame in _frames(*splitter.feed("", final=True)):
-        yield frame
+    if reason is not FinishReason.ABORT:
+        for frame in _frames(reply.finish()):
+            yield frame
+        if error is None:
+            error = reply.problem(reason is FinishReason.LENGTH)
     if error is None and reason is not FinishReason.ABORT and not session.disposed:
         kept = raw[: stats.completion_tokens] if stats else raw
         session.history = [*history, TrackedMessage("assistant", "".join(pieces), kept)]
     yield _done(stats, reason, session, error, began, ignored_media)
 
 
-def _frames(thinking: str, content: str) -> list[dict[str, str]]:
-    out = []
-    if thinking:
-        out.append({"thinking": thinking})
-    if content:
-        out.append({"token": content})
+def _frames(events: list[OutputEvent]) -> list[dict[str, Any]]:
+    """Parser events as the reference's frames: `thinking`, `token`, and `tool_calls` (flat
+    `{name, arguments}` objects, plus the call `id`), one frame per event."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, ReasoningDelta) and e.text:
+            out.append({"thinking": e.text})
+        elif isinstance(e, ContentDelta) and e.text:
+            out.append({"token": e.text})
+        elif isinstance(e, ToolCallEnd):
+            c = e.call
+            out.append({"tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments}]})
     return out
 
 
@@ -400,19 +371,37 @@ async def webui_chat(request: Request) -> Response:
     model, engine = hub.live(WebUIError)
     ignored = _user_media(body, upload_dir(hub))
     opts = session.options | body.resolved()
-    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    messages = [_message(m) for m in body.messages]
     listed = {p for m in body.messages for p in (m.textFilePaths or [])}
     ignored += _attach_pending(messages, session.take_pending(), listed)
     think = opts.get("think")
-    ids, text, raws = render_turn(model, messages, session.history, think=think, tools=body.tools)
+    tools = normalize_tools(body.tools, WebUIError)
+    choice = tool_choice_of(body.tool_choice, tools, WebUIError)
+    output = ollama_format(body.format, WebUIError) or openai_format(
+        body.response_format, WebUIError
+    )
+    plan = plan_of(tools=tools, choice=choice, think=think, output=output, error=WebUIError)
+    shown = with_generic_tools(messages, plan.template_tools, model.template.source)
+    ids, text, raws = render_turn(
+        model, shown, session.history, think=think, tools=plan.template_tools
+    )
     sampling = sampling_params(hub.settings, **opts)
     stop = stop_list(hub.settings, opts.get("stop", msgspec.UNSET))
     # No maxTokens: answer until the window is full (the reference's 20000 fails instead).
     req = make_request(engine, ids, sampling, opts.get("max_tokens"), stop, WebUIError,
                        reuse_prefix=True)  # fmt: skip
-    history = [TrackedMessage(m["role"], m["content"], raws.get(i)) for i, m in enumerate(messages)]
-    splitter = ThinkSplitter(thinking=text.rstrip().endswith(_OPEN))
-    return sse_response(_turn(hub, req, session, splitter, history, ignored))
+    apply(await constrain(hub, plan, WebUIError), req)
+    history = [TrackedMessage(m["role"], m["content"], raws.get(i)) for i, m in enumerate(shown)]
+    reply = Reply(hub, plan, text)
+    return sse_response(_turn(hub, req, session, reply, history, ignored))
+
+
+def _message(m: WebMessage) -> dict[str, Any]:
+    """Role and content; an assistant turn's tool calls too, so a tool loop renders."""
+    msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+    if m.tool_calls:
+        msg["tool_calls"] = m.tool_calls
+    return msg
 
 
 @post("/api/webui/chat", status_code=200)

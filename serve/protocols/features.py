@@ -1,0 +1,441 @@
+"""Thinking, tool calling and structured outputs, shared by every API style.
+
+The adapters only read their dialect's fields and write their dialect's shapes; what those
+fields mean is decided here once:
+
+* `Plan`: what one request asks for (thinking on or off, which tools reach the template, the
+  tool choice, a response schema) and the grammar `Constraint` that enforces it. Everything that
+  can be wrong with a request (an unknown forced tool, an invalid schema) is a 400 raised while
+  planning, before anything is queued: a grammar that cannot be built never "fails open" into
+  unconstrained text (llama.cpp#19051).
+* `Reply`: one response's parser state. It feeds each engine text piece through the model's
+  output parser (serve/outputs) and keeps the whole-response view, so adapters can emit one
+  wire delta per parser event while streaming and the full fields at the end. `problem()` checks
+  the finished answer against what was asked (JSON that validates, a forced call whose arguments
+  validate); adapters turn a problem into a 422.
+
+Forced tool calls (`tool_choice: "required"` or a named function) are enforced with a grammar in
+the call syntax the model's parser reads: the generic JSON call `{"name": ..., "arguments": ...}`
+for templates without tool syntax (ChatML models such as SmolLM2), and the same JSON inside
+`<tool_call>...</tool_call>` for Hermes/Qwen templates. Other tool syntaxes (Gemma 4, Mistral,
+Harmony, Llama 3 `<|python_tag|>`) are not enforced yet: a forced choice there is a 400 that says
+so, rather than a silently ignored field (ollama#17921).
+
+With thinking on, the constraint starts after the reasoning block's end marker, so the model
+still reasons freely and the JSON lands in `content` (ollama#10929, vllm#50948).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serve.outputs import (
+    ContentDelta,
+    MalformedCall,
+    OutputEvent,
+    OutputFormat,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallEnd,
+)
+
+if TYPE_CHECKING:
+    from serve.protocols.common import ApiError, Hub
+
+# Where a reasoning block ends, per `OutputFormat.reasoning_name`: the constraint applies after.
+REASONING_END = {
+    "think": "</think>",
+    "magistral": "[/THINK]",
+    "gemma4": "<channel|>",
+    "harmony": "<|channel|>final<|message|>",
+}
+
+# Call syntaxes a forced tool choice can be enforced in.
+_ENFORCEABLE = ("json", "hermes")
+
+
+# -- request fields -----------------------------------------------------------------------------
+
+
+def think_of(value: Any, error: type[ApiError], param: str = "think") -> bool | None:
+    """Ollama's `think`: a boolean, or an effort level ("low", "medium", "high", "max"),
+    which means on. None leaves the template's own default."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("low", "medium", "high", "max"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("none", "false", "off"):
+        return False
+    raise error(
+        400, f"{param} must be a boolean or one of low, medium, high, max; got {value!r}", param
+    )
+
+
+def openai_think(
+    think: bool | None, reasoning_effort: str | None, template_kwargs: dict[str, Any] | None
+) -> bool | None:
+    """OpenAI's ways of asking: `chat_template_kwargs.enable_thinking` wins, then the `think`
+    extension, then `reasoning_effort` (any value but "none" means on)."""
+    kwargs = template_kwargs or {}
+    if isinstance(kwargs.get("enable_thinking"), bool):
+        return kwargs["enable_thinking"]
+    if think is not None:
+        return think
+    if reasoning_effort is not None:
+        return reasoning_effort.strip().lower() != "none"
+    return None
+
+
+def normalize_tools(raw: list[Any] | None, error: type[ApiError]) -> list[dict[str, Any]]:
+    """Tools as `{"type":"function","function":{"name","description","parameters"}}`, the shape
+    chat templates iterate. The flat `{"name", "parameters"}` form is accepted too. A tool
+    without a name, or with parameters that are not an object schema, is a 400."""
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw or []):
+        if not isinstance(tool, dict):
+            raise error(400, f"tools[{i}] must be an object", f"tools[{i}]")
+        kind = tool.get("type", "function")
+        if kind != "function":
+            raise error(400, f"tools[{i}].type {kind!r} is not supported; use \"function\"",
+                        f"tools[{i}].type")  # fmt: skip
+        fn = tool.get("function", tool if "name" in tool else None)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise error(400, f"tools[{i}].function.name is required", f"tools[{i}].function")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise error(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                        f"tools[{i}].function.parameters")  # fmt: skip
+        entry = {"name": fn["name"], "parameters": params}
+        if fn.get("description"):
+            entry["description"] = fn["description"]
+        out.append({"type": "function", "function": entry})
+    names = [t["function"]["name"] for t in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise error(400, f"tool name {dup!r} is declared twice", "tools")
+    return out
+
+
+def tool_choice_of(choice: Any, tools: list[dict[str, Any]], error: type[ApiError]) -> str:
+    """The choice: "auto", "none", "required", or the one function that must be called."""
+    if choice is None:
+        return "auto"
+    name = None
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise error(400, f"tool_choice must be auto, none, required or a function; "
+                        f"got {choice!r}", "tool_choice")  # fmt: skip
+        if choice == "required" and not tools:
+            raise error(400, 'tool_choice "required" needs at least one tool', "tool_choice")
+        return choice
+    if isinstance(choice, dict):
+        fn = choice.get("function", choice)
+        name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise error(400, 'tool_choice must be a string or {"type":"function","function":'
+                    '{"name":...}}', "tool_choice")  # fmt: skip
+    if name not in {t["function"]["name"] for t in tools}:
+        raise error(400, f"tool_choice names {name!r}, which is not among the tools",
+                    "tool_choice")  # fmt: skip
+    return name
+
+
+@dataclass
+class OutputSpec:
+    """A structured-output request: any JSON object, or JSON valid under `schema`."""
+
+    schema: dict[str, Any] | None = None  # None: any JSON object
+    strict: bool = False
+    name: str = ""
+
+
+def openai_format(rf: Any, error: type[ApiError]) -> OutputSpec | None:
+    """OpenAI `response_format`: text (None), json_object, or json_schema."""
+    if rf is None:
+        return None
+    param = "response_format"
+    if not isinstance(rf, dict):
+        raise error(400, "response_format must be an object", param)
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputSpec()
+    if kind != "json_schema":
+        raise error(400, f"response_format.type must be text, json_object or json_schema; "
+                    f"got {kind!r}", "response_format.type")  # fmt: skip
+    wrapper = rf.get("json_schema", rf)
+    if not isinstance(wrapper, dict):
+        raise error(400, "response_format.json_schema must be an object",
+                    "response_format.json_schema")  # fmt: skip
+    schema = wrapper.get("schema")
+    if not isinstance(schema, dict):
+        raise error(400, "response_format.json_schema.schema must be a JSON schema object",
+                    "response_format.json_schema.schema")  # fmt: skip
+    return OutputSpec(schema, strict=wrapper.get("strict") is True, name=wrapper.get("name", ""))
+
+
+def ollama_format(fmt: Any, error: type[ApiError]) -> OutputSpec | None:
+    """Ollama `format`: "json" (any JSON object) or a JSON schema object; "" means none."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return OutputSpec()
+    if isinstance(fmt, dict):
+        return OutputSpec(fmt)
+    raise error(400, f'format must be "json" or a JSON schema object; got {fmt!r}', "format")
+
+
+# -- prompts for templates without tool syntax ------------------------------------------------
+
+GENERIC_TOOL_PROMPT = (
+    "You can call these tools (JSON schemas of their parameters):\n{tools}\n\n"
+    "To call a tool, answer with only a JSON object "
+    '{{"name": <tool name>, "arguments": <object matching its parameters>}} and nothing else. '
+    "Tool results come back in messages with the role tool. If no tool is needed, answer "
+    "normally."
+)
+
+
+def with_generic_tools(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, template_source: str
+) -> list[dict[str, Any]]:
+    """Messages a template without tool syntax can still show the model: the tool list and the
+    generic JSON call format as system text (templates that never read `tools` drop them), and
+    an earlier assistant call as that JSON in its content (they drop `tool_calls` too). Tool
+    results render as ordinary `tool` turns. Templates that handle tools are left alone."""
+    out = list(messages)
+    if tools and "tools" not in template_source:
+        listed = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+        note = GENERIC_TOOL_PROMPT.format(tools=listed)
+        if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+            out[0] = {**out[0], "content": f"{out[0]['content'].rstrip()}\n\n{note}"}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    if "tool_calls" not in template_source:
+        for i, m in enumerate(out):
+            if m.get("role") == "assistant" and m.get("tool_calls"):
+                calls = [_call_json(c) for c in m["tool_calls"]]
+                text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+                content = m.get("content") if isinstance(m.get("content"), str) else ""
+                out[i] = {**m, "content": f"{content}\n{text}" if content else text}
+    return out
+
+
+def _call_json(call: Any) -> dict[str, Any]:
+    fn = call.get("function", call) if isinstance(call, dict) else {}
+    args = fn.get("arguments", {}) if isinstance(fn, dict) else {}
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass
+    return {"name": fn.get("name", "") if isinstance(fn, dict) else "", "arguments": args}
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one request asks of the output, and the constraint that enforces it."""
+
+    think: bool | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)  # what the template sees
+    choice: str = "auto"
+    output: OutputSpec | None = None
+    constraint: Any = None  # a fresh tsjax.grammar.Constraint, or None
+    constraint_after: str | None = None
+
+    @property
+    def parse_tools(self) -> bool:
+        return bool(self.tools)
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("auto", "none")
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return self.tools or None
+
+    def parameters_of(self, name: str) -> dict[str, Any] | None:
+        for t in self.tools:
+            if t["function"]["name"] == name:
+                return t["function"]["parameters"]
+        return None
+
+
+def plan_of(
+    *,
+    tools: list[dict[str, Any]],
+    choice: str,
+    think: bool | None,
+    output: OutputSpec | None,
+    error: type[ApiError],
+) -> Plan:
+    """The request's plan, before any grammar is built. `tool_choice: "none"` hides the tools
+    from the template and turns tool parsing off."""
+    if output is not None and choice not in ("auto", "none"):
+        why = "the answer would have to be both a call and the format"
+        raise error(400, f"a response format cannot be combined with a forced tool_choice: {why}",
+                    "tool_choice")  # fmt: skip
+    return Plan(think=think, tools=[] if choice == "none" else tools, choice=choice, output=output)
+
+
+def call_schema(plan: Plan) -> dict[str, Any]:
+    """JSON schema of one call `{"name", "arguments"}` to a tool the choice allows."""
+    names = [t["function"]["name"] for t in plan.tools]
+    if plan.choice != "required":
+        names = [plan.choice]
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": plan.parameters_of(n)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for n in names
+    ]
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def _build_constraint(hub: Hub, plan: Plan, fmt: OutputFormat) -> Any:
+    """Blocking: compile the grammar for the plan (None when nothing is enforced)."""
+    from tsjax.grammar import GrammarError, check_schema
+
+    grammars = hub.grammars()
+    if plan.forced:
+        schema = call_schema(plan)
+        try:
+            check_schema(schema)
+        except GrammarError as e:
+            raise ValueError(f"tool parameters: {e}") from e
+        if fmt.tools_name == "json":
+            return grammars.json_schema(schema, strict=True)
+        import xgrammar as xgr
+
+        try:
+            body = str(xgr.Grammar.from_json_schema(
+                json.dumps(schema), any_whitespace=False, strict_mode=True))  # fmt: skip
+        except Exception as e:
+            raise GrammarError(f"unsupported tool parameters schema: {e}") from e
+        wrapper = '\ntool_call_root ::= "<tool_call>\\n" root "\\n</tool_call>"\n'
+        return grammars.ebnf(body + wrapper, root="tool_call_root")
+    if plan.output is not None:
+        if plan.output.schema is None:
+            return grammars.json_object()
+        return grammars.json_schema(plan.output.schema, strict=plan.output.strict)
+    return None
+
+
+async def constrain(hub: Hub, plan: Plan, error: type[ApiError]) -> Plan:
+    """Build the plan's constraint (off the event loop: compiling a schema takes a while) and
+    decide where it starts. An invalid schema is a 400 naming the problem."""
+    from tsjax.grammar import GrammarError
+
+    if not plan.forced and plan.output is None:
+        return plan
+    fmt = hub.output_format()
+    if plan.forced and fmt.tools_name not in _ENFORCEABLE:
+        raise error(400, f"tool_choice {plan.choice!r} cannot be enforced for this model's "
+                    f"tool-call syntax ({fmt.tools_name}); use tool_choice \"auto\"",
+                    "tool_choice")  # fmt: skip
+    try:
+        plan.constraint = await asyncio.to_thread(_build_constraint, hub, plan, fmt)
+    except (GrammarError, ValueError) as e:
+        param = "tools" if plan.forced else "format"
+        raise error(400, f"invalid {'tool parameters' if plan.forced else 'schema'}: {e}",
+                    param) from e  # fmt: skip
+    if plan.think is not False and fmt.reasoning_name in REASONING_END:
+        plan.constraint_after = REASONING_END[fmt.reasoning_name]
+    return plan
+
+
+def apply(plan: Plan, req: Any) -> Any:
+    """Put the plan's constraint on an engine request."""
+    req.constraint = plan.constraint
+    req.constraint_after = plan.constraint_after if plan.constraint is not None else None
+    return req
+
+
+# -- the reply ----------------------------------------------------------------------------------
+
+
+class Reply:
+    """One response through the model's output parser: the events for streaming, and the
+    whole-response view (reasoning, content, calls) for the final fields and validation."""
+
+    def __init__(self, hub: Hub, plan: Plan, prompt_text: str) -> None:
+        self.plan = plan
+        self.parser = hub.output_format().parser(prompt_text, tools=plan.parse_tools)
+        self.reasoning = ""
+        self.content = ""
+        self.calls: list[ToolCall] = []
+        self.malformed: list[MalformedCall] = []
+
+    def push(self, text: str) -> list[OutputEvent]:
+        return self._track(self.parser.push(text)) if text else []
+
+    def finish(self) -> list[OutputEvent]:
+        return self._track(self.parser.finish())
+
+    def parse(self, text: str) -> None:
+        """The whole text at once (non-streaming replies)."""
+        self.push(text)
+        self.finish()
+
+    def _track(self, events: list[OutputEvent]) -> list[OutputEvent]:
+        for e in events:
+            if isinstance(e, ReasoningDelta):
+                self.reasoning += e.text
+            elif isinstance(e, ContentDelta):
+                self.content += e.text
+            elif isinstance(e, ToolCallEnd):
+                self.calls.append(e.call)
+            elif isinstance(e, MalformedCall):
+                self.malformed.append(e)
+        return events
+
+    def problem(self, truncated: bool = False) -> str | None:
+        """Why the finished answer does not meet the request, or None. `truncated`: the token
+        budget ended it, which is the usual reason JSON is incomplete."""
+        plan = self.plan
+        cut = " (the answer was cut off by the token limit; raise max_tokens)" if truncated else ""
+        if plan.forced:
+            if not self.calls:
+                return f"the model did not produce the required tool call{cut}"
+            for call in self.calls:
+                params = plan.parameters_of(call.name)
+                if params is None or (plan.choice != "required" and call.name != plan.choice):
+                    return f"the model called {call.name!r}, which the tool_choice does not allow"
+                err = schema_error(call.arguments, params)
+                if err:
+                    return f"arguments of {call.name!r} do not match its parameters: {err}"
+            return None
+        if plan.output is None or self.calls:
+            return None
+        try:
+            value = json.loads(self.content)
+        except json.JSONDecodeError as e:
+            return f"the answer is not valid JSON: {e}{cut}"
+        if plan.output.schema is None:
+            return None if isinstance(value, dict) else "the answer is not a JSON object"
+        return schema_error(value, plan.output.schema)
+
+
+def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
+    """The first way `value` fails `schema` (with its JSON path), or None."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    err = jsonschema.exceptions.best_match(cls(schema).iter_errors(value))
+    if err is None:
+        return None
+    where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+    return f"at {where}: {err.message}"
