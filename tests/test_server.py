@@ -300,14 +300,14 @@ def test_prompt_over_context_window_is_400_with_counts(client):
 # -- concurrency and aborts -----------------------------------------------------------------
 
 
-def _stream_chat(base: str, i: int, abort_after: int | None = None) -> tuple[str, bool]:
+def _stream_chat(base: str, i: int, abort_after: int | None = None) -> tuple[str, bool, int]:
     """One streaming chat; with `abort_after`, hang up after that many chunks of what would
-    otherwise be a long (900-token) answer."""
+    otherwise be a long (900-token) answer. Returns (text, saw [DONE], completion tokens)."""
     limit = 24 if abort_after is None else 900
     ask = [{"role": "user", "content": f"Tell me fact number {i} about cats."}]
     body = {"model": MODEL, "stream": True, "max_tokens": limit, "temperature": 0.7, "seed": i,
-            "messages": ask}  # fmt: skip
-    text, done, n = [], False, 0
+            "messages": ask, "stream_options": {"include_usage": True}}  # fmt: skip
+    text, done, n, tokens = [], False, 0, 0
     with httpx.Client(base_url=base, timeout=120) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             for line in r.iter_lines():
@@ -316,30 +316,42 @@ def _stream_chat(base: str, i: int, abort_after: int | None = None) -> tuple[str
                 if line == "data: [DONE]":
                     done = True
                     break
-                delta = json.loads(line[6:])["choices"][0]["delta"]
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if not chunk["choices"]:
+                    continue
+                delta = chunk["choices"][0]["delta"]
                 text.append(delta.get("content") or "")
                 n += 1
                 if abort_after is not None and n >= abort_after:
                     break  # leaving the with-block closes the connection mid-stream
-    return "".join(text), done
+    return "".join(text), done, tokens
 
 
-def test_concurrent_streams_and_an_abort(client):
+def test_concurrent_streams_and_an_abort(client, record_property):
+    """16 simultaneous streaming chats (15 complete, 1 hangs up mid-stream) on 4 cache rows:
+    all complete, the hang-up is aborted, and the aggregate throughput is reported."""
     base = str(client.base_url)
     before = client.get("/api/queue/status").json()["total_processed"]
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_stream_chat, base, i) for i in range(7)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_stream_chat, base, i) for i in range(15)]
         aborted = pool.submit(_stream_chat, base, 99, 3)
         results = [f.result() for f in futures]
-        _, aborted_done = aborted.result()
-    assert all(done and text for text, done in results)
+        _, aborted_done, _ = aborted.result()
+    wall = time.perf_counter() - t0
+    assert all(done and text and n > 0 for text, done, n in results)
     assert not aborted_done
+    tokens = sum(n for _, _, n in results)
+    record_property("aggregate_tok_per_s", tokens / wall)
+    print(f"16 concurrent streams: {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tok/s")
     # 900 tokens would take far longer than this: the hang-up must have aborted it
-    deadline = time.time() + 5
+    deadline = time.time() + 10
     while time.time() < deadline:
         status = client.get("/api/queue/status").json()
-        if not status["busy"] and status["total_processed"] >= before + 8:
+        if not status["busy"] and status["total_processed"] >= before + 16:
             break
         time.sleep(0.2)
     assert status["busy"] is False and status["pending_requests"] == 0
-    assert status["total_processed"] >= before + 8
+    assert status["total_processed"] >= before + 16

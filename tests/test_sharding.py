@@ -1,0 +1,385 @@
+"""SPMD over several devices gives the single-device answers: every family's all-position
+logits (1e-5 relative) and greedy tokens (identical) under tp=2, tp=4 and dp=2,tp=2; the engine
+on a 4-device mesh; and two `jax.distributed` processes on loopback.
+
+The pytest process already has JAX on one CPU device, and the device count is fixed when JAX
+starts, so the multi-device runs happen in subprocesses that run this very file as a script
+with XLA_FLAGS=--xla_force_host_platform_device_count=N. The single-device references are
+computed here, in the pytest process, while the subprocess runs (2 CPU cores: overlap them).
+
+Tiny specs are chosen so tp=4 means something: 4 or 8 query heads per layer, and KV heads
+fewer than 4 (replicated under tp=4, split under tp=2) in all but qwen3 (4 KV heads: split).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from gguf_factory import write_tiny_gguf  # noqa: E402
+
+# family -> tiny-spec overrides (heads chosen for tp=4; see the module docstring)
+FAMILIES: dict[str, dict] = {
+    "llama": dict(n_heads=8, n_kv_heads=2),
+    "mistral": dict(n_heads=8, n_kv_heads=1),
+    "qwen2": dict(n_heads=4, n_kv_heads=2),
+    "qwen3": dict(n_heads=8, n_kv_heads=4),
+    "gemma2": dict(n_heads=8, n_kv_heads=2),
+    "gemma3": dict(n_heads=4, n_kv_heads=1),
+}
+MESHES = {"tp=2": 2, "tp=4": 4, "dp=2,tp=2": 4}  # spec -> devices it uses
+MESHES_TP = {"tp=2": 2, "tp=4": 4, "dp=2,tp=2": 2}  # spec -> its tp size
+PROMPTS = ([1, 5, 9, 42, 17, 3, 99, 23, 64, 7], [2, 7, 1, 8, 2, 8])
+ROWS = (3, 0)  # prompt i goes to cache row ROWS[i]: row 3 lives in the second dp shard
+N_TOKENS = 8
+ENGINE_PROMPTS = ([1, 5, 9, 42, 17, 3], [4, 4, 8, 15, 16, 23, 42])
+
+
+def _shapes():
+    from tsjax.steps import StepShapes
+
+    # One bucket each for prefill, attention and decode: three compiles per run.
+    return StepShapes.default(rows=4, max_len=32, min_prefill=16, min_attn=32)
+
+
+def run_case(path: Path, mesh) -> tuple[dict, object]:
+    """All-position logits of PROMPTS[0] and N_TOKENS greedy tokens for both prompts, decoded
+    together (prefill batch 2 into rows 3 and 0, then full-batch decode steps); and the model."""
+    import jax.numpy as jnp
+
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+
+    m = load(path, progress=False, shapes=_shapes(), mesh=mesh)
+    st = m.steps
+    ids = PROMPTS[0]
+    logits = st.forward_fn(
+        m.params, st.new_cache(), jnp.asarray([ids]), jnp.zeros((1,), jnp.int32), attn_len=32
+    )
+    cache, sampler = st.new_cache(), st.new_sampler()
+    greedy = SamplingParams.greedy()
+    first, _, cache, sampler = st.prefill(
+        m.params, cache, sampler, list(PROMPTS), list(ROWS), [greedy, greedy]
+    )
+    out, _, cache, sampler = st.decode(
+        m.params,
+        cache,
+        sampler,
+        list(ROWS),
+        [int(t) for t in first],
+        max(len(p) for p in PROMPTS),
+        N_TOKENS - 1,
+    )
+    tokens = [[int(first[i])] + [int(t) for t in out[:, i]] for i in range(len(PROMPTS))]
+    return {"logits": np.asarray(logits[0]).tolist(), "tokens": tokens}, m
+
+
+def _rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _spawn(args: list[str], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        TOKENIZERS_PARALLELISM="false",
+        **(extra_env or {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, __file__, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return -9, out, err + f"\n(timed out after {timeout}s)"
+    return proc.returncode, out, err
+
+
+# -- multi-device runs of every family --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sharding")
+    return {a: write_tiny_gguf(d / f"{a}.gguf", a, **over) for a, over in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def single_device(tiny_files):
+    """arch -> the single-device run, computed on first use (several tests share it)."""
+    done: dict[str, dict] = {}
+
+    def ref(arch: str) -> dict:
+        if arch not in done:
+            done[arch] = run_case(tiny_files[arch], None)[0]
+        return done[arch]
+
+    return ref
+
+
+@pytest.fixture(scope="module")
+def family_runs(tiny_files, single_device, tmp_path_factory):
+    """(single-device references, multi-device results), computed concurrently: compiling
+    dominates, and XLA compiles on one core, so two workers and this process share the cores."""
+    d = tmp_path_factory.mktemp("sharding-out")
+    archs = list(tiny_files)
+    halves = [archs[0::2], archs[1::2]]
+    t0 = time.perf_counter()
+    procs = [
+        _spawn(
+            ["families", json.dumps({a: str(tiny_files[a]) for a in h}), str(d / f"{i}.json")], 4
+        )
+        for i, h in enumerate(halves)
+    ]
+    refs = {a: single_device(a) for a in tiny_files}
+    got: dict = {}
+    for i, proc in enumerate(procs):
+        rc, stdout, stderr = _finish(proc, 600)
+        assert rc == 0, f"multi-device worker failed ({rc}):\n{stdout}\n{stderr[-4000:]}"
+        print(f"families worker {i}: {time.perf_counter() - t0:.1f}s\n{stdout}")
+        got.update(json.loads((d / f"{i}.json").read_text()))
+    return refs, got
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_family_matches_single_device(family_runs, arch, mesh):
+    refs, got = family_runs
+    ref, res = refs[arch], got[arch][mesh]
+    assert _rel_err(res["logits"], ref["logits"]) < 1e-5
+    assert res["tokens"] == ref["tokens"]
+    # What was actually split, so a rule that silently replicates everything cannot pass.
+    assert "tp" in res["q_spec"]
+    kv_split = FAMILIES[arch]["n_kv_heads"] % MESHES_TP[mesh] == 0
+    assert ("tp" in res["k_spec"]) == kv_split
+    assert ("dp" in res["cache_spec"]) == ("dp" in mesh)
+    assert res["max_param_bytes_per_device"] < res["param_bytes"]
+
+
+def _families_worker(files: dict[str, str], out: str) -> None:
+    import jax
+
+    from tsjax.sharding import bytes_per_device, make_mesh
+
+    results: dict = {}
+    for arch, path in files.items():
+        results[arch] = {}
+        for spec, n in MESHES.items():
+            t0 = time.perf_counter()
+            mesh = make_mesh(spec, jax.devices()[:n])
+            res, m = run_case(Path(path), mesh)
+            per_dev = bytes_per_device(m.params)
+            res.update(
+                q_spec=str(m.params["layers"]["attn"]["q"]["kernel"].sharding.spec),
+                k_spec=str(m.params["layers"]["attn"]["k"]["kernel"].sharding.spec),
+                cache_spec=str(m.steps.new_cache().k.sharding.spec),
+                param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
+                max_param_bytes_per_device=max(per_dev.values()),
+            )
+            results[arch][spec] = res
+            print(f"{arch} {spec}: {time.perf_counter() - t0:.1f}s", flush=True)
+    Path(out).write_text(json.dumps(results))
+
+
+# -- the engine on a 4-device mesh ------------------------------------------------------------
+
+
+def _engine_requests():
+    from serve.engine import GenerationRequest
+    from tsjax.sampling import SamplingParams
+
+    return [
+        GenerationRequest(list(p), SamplingParams.greedy(), max_tokens=N_TOKENS, reuse_prefix=False)
+        for p in ENGINE_PROMPTS
+    ]
+
+
+def _engine_worker(path: str, out: str) -> None:
+    from serve.engine import Engine, EventKind
+    from tsjax.model import load
+    from tsjax.steps import StepShapes
+
+    shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
+    model = load(Path(path), progress=False, shapes=shapes, mesh="dp=2,tp=2")
+    eng = Engine(model, decode_steps=4, prefill_chunk=16)
+    eng.start()
+
+    async def one(req):
+        return [ev async for ev in eng.generate(req)]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in _engine_requests()))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        eng.stop()
+    Path(out).write_text(
+        json.dumps(
+            [
+                {
+                    "text": "".join(e.text for e in evs if e.kind is EventKind.TOKEN),
+                    "kind": str(evs[-1].kind),
+                    "completion_tokens": evs[-1].stats.completion_tokens,
+                    "devices": int(model.steps.mesh.devices.size),
+                }
+                for evs in results
+            ]
+        )
+    )
+
+
+def test_engine_on_four_devices(tiny_files, tmp_path):
+    from tsjax.generation import generate
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+    from tsjax.steps import StepShapes
+
+    out = tmp_path / "engine.json"
+    proc = _spawn(["engine", str(tiny_files["llama"]), str(out)], 4)
+    shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
+    model = load(tiny_files["llama"], progress=False, shapes=shapes)
+    want = [
+        generate(model, list(p), sampling=SamplingParams.greedy(), max_tokens=N_TOKENS)
+        for p in ENGINE_PROMPTS
+    ]
+    rc, stdout, stderr = _finish(proc, 300)
+    assert rc == 0, f"engine worker failed ({rc}):\n{stdout}\n{stderr[-4000:]}"
+    got = json.loads(out.read_text())
+    for g, w in zip(got, want, strict=True):
+        assert g["kind"] == "done" and g["devices"] == 4
+        assert g["text"] == w.text
+        assert g["completion_tokens"] == len(w.tokens)
+
+
+# -- two processes with jax.distributed ------------------------------------------------------
+
+
+def _distributed_worker(coordinator: str, process_id: int, path: str, out: str) -> None:
+    from tsjax.sharding import initialize_distributed
+
+    initialize_distributed(coordinator, num_processes=2, process_id=process_id)
+    import jax
+
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    res = {spec: run_case(Path(path), spec)[0] for spec in ("tp=4", "dp=2,tp=2")}
+    Path(out).write_text(json.dumps(res))
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_jax_distributed(tiny_files, single_device, tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    path = str(tiny_files["llama"])
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [_spawn(["distributed", coordinator, str(i), path, str(outs[i])], 2) for i in range(2)]
+    ref = single_device("llama")
+    done = [_finish(p, 300) for p in procs]
+    for rc, stdout, stderr in done:
+        if rc != 0:
+            unsupported = [
+                ln
+                for ln in stderr.splitlines()
+                if "collective" in ln.lower() and ("not" in ln.lower() or "unimpl" in ln.lower())
+            ]
+            if unsupported:
+                pytest.skip(f"CPU collectives across processes unsupported: {unsupported[-1]}")
+            raise AssertionError(f"distributed worker failed ({rc}):\n{stdout}\n{stderr[-4000:]}")
+    for o in outs:
+        res = json.loads(o.read_text())
+        for spec, r in res.items():
+            assert r["tokens"] == ref["tokens"], spec
+            assert _rel_err(r["logits"], ref["logits"]) < 1e-5, spec
+
+
+# -- pure functions (no devices needed beyond the one we have) --------------------------------
+
+
+def test_parse_mesh():
+    from tsjax.sharding import parse_mesh
+
+    assert parse_mesh("dp=2,tp=2") == {"dp": 2, "tp": 2}
+    assert parse_mesh(" tp = 4 ") == {"tp": 4}
+    assert parse_mesh("tp=-1") == {"tp": -1}
+    assert parse_mesh("") == {} and parse_mesh(None) == {}
+    for bad in ("tp", "xp=2", "tp=0", "tp=2,tp=2", "dp=-1,tp=-1"):
+        with pytest.raises(ValueError):
+            parse_mesh(bad)
+
+
+def test_make_mesh_on_one_device():
+    import jax
+
+    from tsjax.sharding import make_mesh
+
+    assert dict(make_mesh("tp=1").shape) == {"dp": 1, "tp": 1}
+    assert dict(make_mesh("tp=-1").shape) == {"dp": 1, "tp": jax.device_count()}
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        make_mesh("dp=2,tp=2")
+
+
+def test_rules_replicate_what_does_not_divide():
+    from jax.sharding import PartitionSpec as P
+
+    from tsjax.sharding import CACHE_KV_AXES, logical_to_spec, param_axes
+
+    class FakeMesh:
+        shape = {"dp": 2, "tp": 4}
+
+    sizes = {"q_heads": 8, "kv_heads": 2, "ffw": 128, "vocab": 384, "batch": 4, "embed": 64}
+    spec = lambda axes: logical_to_spec(axes, FakeMesh(), sizes)  # noqa: E731
+    assert spec(param_axes(("layers", "attn", "q", "kernel"))) == P(None, None, "tp")
+    assert spec(param_axes(("layers", "attn", "k", "kernel"))) == P()  # 2 KV heads, tp=4
+    assert spec(param_axes(("layers", "attn", "o", "kernel"))) == P(None, "tp")
+    assert spec(param_axes(("layers", "mlp", "down", "kernel"))) == P(None, "tp")
+    assert spec(param_axes(("embed", "embedding"))) == P("tp")
+    assert spec(CACHE_KV_AXES) == P(None, "dp")
+    with pytest.raises(KeyError):
+        param_axes(("layers", "nope", "kernel"))
+
+
+def main(argv: list[str]) -> None:
+    """Subprocess entry points (see the tests above)."""
+    kind, *args = argv
+    if kind == "families":
+        _families_worker(json.loads(args[0]), args[1])
+    elif kind == "engine":
+        _engine_worker(*args)
+    elif kind == "distributed":
+        _distributed_worker(args[0], int(args[1]), args[2], args[3])
+    else:
+        raise SystemExit(f"unknown worker {kind!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
