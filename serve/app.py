@@ -12,10 +12,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import jax
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
+from litestar.static_files import create_static_files_router
 
 from serve import metrics
 from serve.engine import Engine
@@ -109,9 +111,10 @@ async def health(request: Request) -> Response:
     return Response({"status": status, "error": hub.error or "loading model"}, status_code=503)
 
 
-@get("/")
-async def root() -> str:
-    return "tsjax is running"
+# The browser chat page (webui/index.html and its assets) at `/`. Routes registered by the API
+# routers match first; only paths no handler claims fall through to these files.
+WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
+webui_files = create_static_files_router(path="/", directories=[WEBUI_DIR], html_mode=True)
 
 
 def _render_api_error(_: Request, exc: ApiError) -> Response:
@@ -125,7 +128,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         hub.engine, hub.model = engine, engine.model
     app_metrics = metrics.Metrics(hub)
     return Litestar(
-        route_handlers=[health, root, ollama.router, openai.router, webui.router, metrics.router],
+        route_handlers=[
+            health,
+            webui_files,
+            ollama.router,
+            openai.router,
+            webui.router,
+            metrics.router,
+        ],
         state=State({"hub": hub, "metrics": app_metrics, **webui.state(settings)}),
         middleware=[app_metrics.middleware],
         lifespan=[_lifespan(hub)],

@@ -355,3 +355,35 @@ def test_concurrent_streams_and_an_abort(client, record_property):
         time.sleep(0.2)
     assert status["busy"] is False and status["pending_requests"] == 0
     assert status["total_processed"] >= before + 16
+
+
+def test_image_input_is_a_clear_400_on_a_text_only_model(client):
+    pixel = (
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAA"
+        "BJRU5ErkJggg=="
+    )
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+    ]
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": parts}]},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert "image" in err["message"] and err["param"] == "messages"
+    r = client.post(
+        "/api/generate",
+        json={"model": MODEL, "prompt": "What is this?", "images": [pixel], "stream": False},
+    )
+    assert r.status_code == 400 and "image" in r.json()["error"]
+    r = client.post(
+        "/api/chat",
+        json={
+            "model": MODEL,
+            "stream": False,
+            "messages": [{"role": "user", "content": "What is this?", "images": [pixel]}],
+        },
+    )
+    assert r.status_code == 400 and "image" in r.json()["error"]

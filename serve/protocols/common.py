@@ -165,6 +165,30 @@ def stop_list(settings: Settings, stop: Any) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
+IMAGE_PART_TYPES = {"image_url", "image", "input_image"}
+
+
+def _has_image(message: dict[str, Any]) -> bool:
+    """Ollama's per-message `images`, or an OpenAI content part carrying an image."""
+    if message.get("images"):
+        return True
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content
+    )
+
+
+def reject_images(model: Model, error: type[ApiError], param: str) -> None:
+    """The hosted families are text-only (no vision encoder is loaded), so an image cannot be
+    used: say so instead of silently answering without it."""
+    raise error(
+        400,
+        f"model {model.name} ({model.config.architecture}) cannot take image input: "
+        "it has no vision encoder; send text only",
+        param=param,
+    )
+
+
 def chat_prompt(
     model: Model,
     messages: list[dict[str, Any]],
@@ -180,6 +204,8 @@ def chat_prompt(
     template variables (`chat_template_kwargs`)."""
     if not messages:
         raise error(400, "messages must not be empty", param="messages")
+    if any(_has_image(m) for m in messages):
+        reject_images(model, error, "messages")
     kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
     kwargs["enable_thinking"] = think
     try:

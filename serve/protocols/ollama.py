@@ -26,6 +26,7 @@ from serve.protocols.common import (
     hub_of,
     make_request,
     ns,
+    reject_images,
     run_to_end,
     sampling_params,
     stop_list,
@@ -75,6 +76,7 @@ class GenerateBody(msgspec.Struct):
     think: bool | str | None = None
     format: str | dict[str, Any] | None = None
     options: Options | None = None
+    images: list[str] | None = None  # base64 images (refused: no model here has vision)
 
 
 class Message(msgspec.Struct, omit_defaults=True):
@@ -247,6 +249,8 @@ async def generate(request: Request) -> Response:
     body = await decode_body(request, GenerateBody, OllamaError)
     model, _ = hub.live(OllamaError)
     check_model(body.model, model, OllamaError)
+    if body.images:
+        reject_images(model, OllamaError, "images")
     prompt = body.prompt or ""
     think = think_of(body.think, OllamaError)
     output = ollama_format(body.format, OllamaError)
