@@ -9,7 +9,7 @@ DEFAULT_MODEL = smollm2-135m
 MODELS = smollm2-135m gemma3-270m
 PORT ?= 5000
 
-.PHONY: venv models serve test lint bench clean distclean
+.PHONY: venv models browser serve test lint bench clean distclean
 
 venv: $(STAMP)
 
@@ -27,11 +27,21 @@ models: venv
 		$(BIN)/tsjax pull $$m >/dev/null || exit 1; \
 	done
 
+# Headless Chromium for tests/test_webui_browser.py (Playwright drives Debian's build; its own
+# browser download does not work here). Installed only as root; otherwise those tests skip.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "browser: /usr/bin/chromium missing and not root: the web UI browser tests will skip" >&2; \
+	fi
+
 serve: venv
 	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
 	$(BIN)/tsjax serve --port $(PORT)
 
-test: venv models
+test: venv models browser
 	$(BIN)/python -m pytest -q
 
 lint: venv
