@@ -55,6 +55,9 @@ def random_walk(factory, constraint, seed, limit=150):
         choices = [t for t in allowed if t not in eog]
         if ends and (not choices or len(out) > limit // 2 or rng.random() < 0.3):
             return factory.tokenizer.decode(out)
+        if len(out) > 30:  # steer towards closing the value so every walk ends
+            closing = [t for t in choices if factory.tokenizer.decode([t]) in ('"', "]", "}")]
+            choices = closing or choices
         t = int(rng.choice(choices))
         assert constraint.accept(t)
         out.append(t)
