@@ -1,0 +1,56 @@
+"""Decode-step cost by live rows and attention bucket: where batched decode time goes.
+
+    python -m serve.bench_decode [--model smollm2-135m] [--rows 16] [--max-len 2048]
+                                 [--positions 100,200,1000] [--steps 4]
+
+Runs the compiled decode step directly (no engine, greedy) for 1 and `--rows` live rows at
+cache positions whose attention bucket differs, and prints ms per step (best of 3 dispatches
+after 2 warm-up ones) and tok/s. Comparing buckets at a fixed row count shows how much of the
+step is attention over the cache rather than the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.bench_decode", description=__doc__)
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--positions", default="100,200,1000")
+    p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
+    args = p.parse_args(argv)
+
+    from tsjax.model import load
+    from tsjax.steps import StepShapes
+
+    shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
+    model = load(args.model, progress=False, shapes=shapes)
+    steps, n = model.steps, args.steps
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    print(f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch")
+    print("| live rows | attention bucket | ms/step | tok/s |\n|---|---|---|---|")
+    for pos in (int(x) for x in args.positions.split(",")):
+        if pos + n > args.max_len:
+            continue
+        for live in sorted({1, args.rows}):
+            rows = list(range(live))
+            times = []
+            for i in range(5):
+                t = time.perf_counter()
+                _, _, cache, sampler = steps.decode(
+                    model.params, cache, sampler, rows, [0] * live, pos, n
+                )
+                if i >= 2:
+                    times.append((time.perf_counter() - t) / n)
+            dt = min(times)
+            bucket = steps.attn_len_for(pos + n)
+            print(f"| {live} | {bucket} | {dt * 1e3:.1f} | {live / dt:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
