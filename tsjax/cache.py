@@ -25,14 +25,3 @@ class KVCache:
     def create(cls, cfg: ModelConfig, rows: int, max_len: int, dtype=jnp.float32) -> KVCache:
         shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((rows,), jnp.int32))
-
-    @property
-    def rows(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

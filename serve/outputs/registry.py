@@ -49,24 +49,31 @@ OutputEvent = ReasoningDelta | ToolEvent
 
 @dataclass
 class ParsedOutput:
+    """The whole-response view of a parser's events: the one fold every consumer uses."""
+
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     malformed: list[MalformedCall] = field(default_factory=list)
 
+    def add(self, events: list[OutputEvent]) -> list[OutputEvent]:
+        """Fold `events` in; returns them unchanged so a streamer can forward them."""
+        for e in events:
+            if isinstance(e, ReasoningDelta):
+                self.reasoning += e.text
+            elif isinstance(e, ContentDelta):
+                self.content += e.text
+            elif isinstance(e, ToolCallEnd):
+                self.tool_calls.append(e.call)
+            elif isinstance(e, MalformedCall):
+                self.malformed.append(e)
+        return events
+
 
 def collect_output(events: list[OutputEvent]) -> ParsedOutput:
     """Fold streamed events into the whole-response view."""
     out = ParsedOutput()
-    for e in events:
-        if isinstance(e, ReasoningDelta):
-            out.reasoning += e.text
-        elif isinstance(e, ContentDelta):
-            out.content += e.text
-        elif isinstance(e, ToolCallEnd):
-            out.tool_calls.append(e.call)
-        elif isinstance(e, MalformedCall):
-            out.malformed.append(e)
+    out.add(events)
     return out
 
 

@@ -25,7 +25,7 @@ import json
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from serve.outputs.scanning import GemmaArgsReader, Trimmer, json_value_end, partial_suffix
@@ -81,26 +81,6 @@ class MalformedCall:
 
 
 ToolEvent = ContentDelta | ToolCallStart | ToolCallArgs | ToolCallEnd | MalformedCall
-
-
-@dataclass
-class ParsedCalls:
-    content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
-    malformed: list[MalformedCall] = field(default_factory=list)
-
-
-def collect(events: list[ToolEvent]) -> ParsedCalls:
-    """Fold streamed events into the whole-response view (non-streaming replies, tests)."""
-    out = ParsedCalls()
-    for e in events:
-        if isinstance(e, ContentDelta):
-            out.content += e.text
-        elif isinstance(e, ToolCallEnd):
-            out.calls.append(e.call)
-        elif isinstance(e, MalformedCall):
-            out.malformed.append(e)
-    return out
 
 
 def normalize_call(name: Any, arguments: Any) -> tuple[str, dict[str, Any]] | None:
@@ -168,10 +148,6 @@ class ToolCallParser:
         if tail:
             self.events.append(ContentDelta(tail))
         return self.take()
-
-    def parse(self, text: str) -> ParsedCalls:
-        """Whole-text parse: exactly what streaming the text in any chunking yields."""
-        return collect(self.push(text) + self.finish())
 
     def add_call(self, name: str, arguments: dict[str, Any]) -> None:
         """Report one complete, valid call."""

@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serve.outputs import (
-    ContentDelta,
     MalformedCall,
     OutputEvent,
     OutputFormat,
-    ReasoningDelta,
+    ParsedOutput,
     ToolCall,
-    ToolCallEnd,
 )
 
 if TYPE_CHECKING:
@@ -374,33 +372,34 @@ class Reply:
     def __init__(self, hub: Hub, plan: Plan, prompt_text: str) -> None:
         self.plan = plan
         self.parser = hub.output_format().parser(prompt_text, tools=plan.parse_tools)
-        self.reasoning = ""
-        self.content = ""
-        self.calls: list[ToolCall] = []
-        self.malformed: list[MalformedCall] = []
+        self.parsed = ParsedOutput()
+
+    @property
+    def reasoning(self) -> str:
+        return self.parsed.reasoning
+
+    @property
+    def content(self) -> str:
+        return self.parsed.content
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return self.parsed.tool_calls
+
+    @property
+    def malformed(self) -> list[MalformedCall]:
+        return self.parsed.malformed
 
     def push(self, text: str) -> list[OutputEvent]:
-        return self._track(self.parser.push(text)) if text else []
+        return self.parsed.add(self.parser.push(text)) if text else []
 
     def finish(self) -> list[OutputEvent]:
-        return self._track(self.parser.finish())
+        return self.parsed.add(self.parser.finish())
 
     def parse(self, text: str) -> None:
         """The whole text at once (non-streaming replies)."""
         self.push(text)
         self.finish()
-
-    def _track(self, events: list[OutputEvent]) -> list[OutputEvent]:
-        for e in events:
-            if isinstance(e, ReasoningDelta):
-                self.reasoning += e.text
-            elif isinstance(e, ContentDelta):
-                self.content += e.text
-            elif isinstance(e, ToolCallEnd):
-                self.calls.append(e.call)
-            elif isinstance(e, MalformedCall):
-                self.malformed.append(e)
-        return events
 
     def problem(self, truncated: bool = False) -> str | None:
         """Why the finished answer does not meet the request, or None. `truncated`: the token

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tsjax.gguf import GGUFFile
 
@@ -35,15 +35,10 @@ class ModelConfig:
     activation: str = "silu"
     tied_embeddings: bool = True
     permuted_qk: bool = False  # llama.cpp stores Llama q/k rows interleaved for its RoPE
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def attn_scale(self) -> float:
         return self.query_scale or self.head_dim**-0.5
-
-    @property
-    def sliding_window(self) -> int:
-        return max(self.layer_windows, default=0)
 
 
 def base_config_kwargs(g: GGUFFile, family: str) -> dict:
