@@ -115,3 +115,199 @@ def test_constrained_generation_with_the_real_model_validates():
         )
         jsonschema.validate(json.loads(res.text), schema)
         assert res.finish_reason == "stop"
+
+
+# -- grammars in each model's output syntax (serve/outputs/grammars.py) ----------------------
+#
+# The SmolLM2 vocabulary plus the control tokens the other formats use as markers, so a marker
+# is one token as in the real models; `<|end|>` and `<|call|>` end generation, as for GPT-OSS.
+
+MARKERS = ["<|tool_call>", "<tool_call|>", "[TOOL_CALLS]", "[ARGS]", "<|channel|>",
+           "<|constrain|>", "<|message|>", "<|start|>", "<|end|>", "<|call|>", "<|channel>",
+           "<channel|>", "[THINK]", "[/THINK]"]  # fmt: skip
+TOOLS = [
+    ("get_weather", {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+     "unit": {"enum": ["C", "F"]}}, "required": ["city"], "additionalProperties": False}),
+    ("add", {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+     "maximum": 99}, "b": {"type": "integer"}}, "required": ["a", "b"]}),
+    ("now", {"type": "object", "properties": {}}),
+]  # fmt: skip
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10},
+          "sure": {"type": "boolean"}}, "required": ["answer", "sure"]}  # fmt: skip
+# (architecture, template) -> the format under test, by tools_name (Mistral by form)
+FORMATS = {
+    "json": ("llama", ""),
+    "hermes": ("qwen3", "<tool_call>"),
+    "llama3": ("llama", "<|start_header_id|>"),
+    "gemma4": ("gemma4", "<|tool_call>"),
+    "mistral": ("mistral3", "[TOOL_CALLS]{{ name }}[ARGS]"),
+    "mistral-list": ("llama", "[TOOL_CALLS] ["),
+    "magistral": ("mistral3", "[THINK][TOOL_CALLS]{{ name }}[ARGS]"),
+    "harmony": ("gptoss", "<|start|>assistant<|channel|>"),
+}
+
+
+@pytest.fixture(scope="module")
+def marked():
+    meta = dict(GGUFFile(real_model_path("smollm2-135m")).metadata)
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], *MARKERS]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], *[3] * len(MARKERS)]
+    return GrammarFactory(Tokenizer.from_gguf(meta))
+
+
+def _fmt(name: str):
+    from serve.outputs import select_format
+
+    return select_format(*FORMATS[name])
+
+
+def _answer(g, fmt, *, tools=TOOLS, output=None, think=False, prompt=""):
+    from serve.outputs.grammars import answer_format
+
+    tree = answer_format(g, fmt, tools=tools, output=output, think=think, prompt_text=prompt)
+    return g.structural(tree)
+
+
+def walk(g, c, seed, prefix="", limit=240):
+    """`prefix` fed token by token (each must be allowed), then uniform among allowed tokens,
+    steering towards closing values and markers so every walk ends. Control tokens other than
+    the format's markers are never allowed."""
+    tok = g.tokenizer
+    markers = {tok.id_of(m) for m in MARKERS}
+    rng = np.random.default_rng(seed)
+    out = tok.encode(prefix, add_bos=False) if prefix else []
+    for t in out:
+        assert t in c.allowed() and c.accept(t), f"{tok.decode([t])!r} refused in {prefix!r}"
+    for _ in range(limit):
+        allowed = c.allowed().tolist()
+        assert allowed, "the mask allowed nothing"
+        assert not (set(allowed) & (tok.special_ids - tok.eog_ids - markers))
+        ends = [t for t in allowed if t in tok.eog_ids]
+        choices = [t for t in allowed if t not in tok.eog_ids]
+        if ends and (not choices or len(out) > 60 or rng.random() < 0.5):
+            return tok.decode(out)
+        if len(out) > 25:
+            closing = [t for t in choices if t in markers or tok.decode([t]) in '"]}']
+            choices = closing or choices
+        t = int(rng.choice(choices))
+        assert c.accept(t)
+        out.append(t)
+    pytest.skip("walk did not finish within the token limit")
+
+
+def _parsed(fmt, text, prompt=""):
+    return fmt.parser(prompt, tools=True).parse(text)
+
+
+def _check_calls(parsed, allowed):
+    params = dict(TOOLS)
+    assert parsed.tool_calls and not parsed.malformed and not parsed.content.strip()
+    for call in parsed.tool_calls:
+        assert call.name in allowed
+        jsonschema.validate(call.arguments, params[call.name])
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_forced_calls_in_each_format_parse_and_validate(marked, name):
+    fmt = _fmt(name)
+    names = [n for n, _ in TOOLS]
+    for seed in range(4):
+        text = walk(marked, _answer(marked, fmt), seed)
+        _check_calls(_parsed(fmt, text), names)
+    for seed in range(2):  # a named choice: only that function
+        c = _answer(marked, fmt, tools=[TOOLS[1]])
+        parsed = _parsed(fmt, walk(marked, c, seed))
+        _check_calls(parsed, ["add"])
+
+
+@pytest.mark.parametrize("name", ["json", "hermes", "gemma4", "mistral", "harmony", "llama3"])
+def test_union_is_a_valid_call_or_valid_content(marked, name):
+    fmt = _fmt(name)
+    for seed in range(6):
+        parsed = _parsed(fmt, walk(marked, _answer(marked, fmt, output=(ANSWER, True)), seed))
+        if parsed.tool_calls:
+            _check_calls(parsed, [n for n, _ in TOOLS])
+        else:
+            jsonschema.validate(json.loads(parsed.content), ANSWER)
+    # the content branch is open even where the walks all called
+    head = "<|channel|>final<|message|>" if name == "harmony" else ""
+    c = _answer(marked, fmt, output=(ANSWER, True))
+    content = walk(marked, c, 0, prefix=head + '{"answer')
+    jsonschema.validate(json.loads(_parsed(fmt, content).content), ANSWER)
+    c = _answer(marked, fmt, output=(None, False))  # json_object beside the tools
+    parsed = _parsed(fmt, walk(marked, c, 1))
+    assert parsed.tool_calls or isinstance(json.loads(parsed.content), dict)
+
+
+@pytest.mark.parametrize(
+    "name, block",
+    [
+        ("hermes", "<think>First, the weather.</think>\n"),
+        ("gemma4", "<|channel>thought\nFirst, the weather.<channel|>"),
+        ("magistral", "[THINK]First, the weather.[/THINK]"),
+    ],
+)
+def test_reasoning_block_is_optional_but_never_a_way_out(marked, name, block):
+    fmt = _fmt(name)
+    for think in (None, True):
+        # with a block: reasoning, then JSON content valid under the format
+        c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=think)
+        parsed = _parsed(fmt, walk(marked, c, 2, prefix=block))
+        assert parsed.reasoning == "First, the weather."
+        jsonschema.validate(json.loads(parsed.content), ANSWER)
+        # without one: the JSON from the first token; free text is refused
+        c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=think)
+        jsonschema.validate(json.loads(_parsed(fmt, walk(marked, c, 3, prefix="{")).content),
+                            ANSWER)  # fmt: skip
+        c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=think)
+        assert not c.accept(marked.tokenizer.encode("Sure", add_bos=False)[0])
+        # a forced call after the block
+        c = _answer(marked, fmt, think=think)
+        _check_calls(_parsed(fmt, walk(marked, c, 4, prefix=block)), [n for n, _ in TOOLS])
+    c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=False)
+    assert not c.accept(marked.tokenizer.encode(block, add_bos=False)[0])  # thinking off
+
+
+def test_prompt_that_opened_the_block_must_close_it(marked):
+    fmt = _fmt("hermes")
+    prompt = "<|im_start|>assistant\n<think>\n"
+    c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=None, prompt=prompt)
+    text = walk(marked, c, 5, prefix='Maybe {"answer": 1}? No.</think>\n\n')
+    parsed = _parsed(fmt, text, prompt)
+    assert parsed.reasoning == 'Maybe {"answer": 1}? No.'
+    jsonschema.validate(json.loads(parsed.content), ANSWER)
+    c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=None, prompt=prompt)
+    for t in marked.tokenizer.encode('{"answer": "x", "sure": true}', add_bos=False):
+        assert c.accept(t)  # still reasoning text: the grammar cannot end here
+    assert not set(c.allowed().tolist()) & marked.tokenizer.eog_ids
+
+
+def test_harmony_answers_in_the_final_channel(marked):
+    """`<|end|>` ends generation here (as for GPT-OSS), so no analysis message is allowed
+    before a constrained answer: it would stop the request half way."""
+    fmt = _fmt("harmony")
+    c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=True)
+    text = walk(marked, c, 6)
+    assert text.startswith("<|channel|>final<|message|>")
+    jsonschema.validate(json.loads(_parsed(fmt, text).content), ANSWER)
+
+
+def test_markers_are_tokens_and_other_control_tokens_stay_out(marked):
+    tok = marked.tokenizer
+    assert marked.marker("<|tool_call>") == {"type": "token", "token": tok.id_of("<|tool_call>")}
+    assert marked.marker("<tool_call>") == {"type": "const_string", "value": "<tool_call>"}
+    assert marked.marker("<|end|>")["type"] == "const_string"  # a stop token is never a marker
+    c = _answer(marked, _fmt("gemma4"))
+    assert set(c.allowed().tolist()) == {tok.id_of("<|tool_call>")}
+
+
+def test_text_without_marker():
+    import xgrammar as xgr
+
+    from serve.outputs.grammars import text_without
+
+    for marker in ("</think>", "aab", "[/THINK]"):
+        g = xgr.Grammar.from_ebnf(text_without(marker)["grammar"])
+        for s in ("", "plain", "a</thinkb", "aa" + marker[:-1], "x" + marker, marker + "y"):
+            m = xgr.testing._is_grammar_accept_string(g, s)
+            assert m == (marker not in s), (marker, s)

@@ -418,3 +418,10 @@ def test_passthrough_is_exact() -> None:
 def test_select_format(arch: str, template: str, reasoning: str, tools: str) -> None:
     fmt = select_format(arch, template)
     assert (fmt.reasoning_name, fmt.tools_name) == (reasoning, tools)
+
+
+def test_mistral_call_form_follows_the_template() -> None:
+    """The form a forced call's grammar writes (serve/outputs/grammars.py)."""
+    assert select_format("llama", MAGISTRAL_TMPL).call_form == "args"
+    assert select_format("llama", "{{ '[TOOL_CALLS] [' + calls + ']' }}").call_form == "list"
+    assert select_format("mistral3", "").call_form == ""  # the vocabulary decides

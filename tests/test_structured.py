@@ -28,6 +28,7 @@ from serve.protocols.features import (
     OutputSpec,
     Plan,
     Reply,
+    apply,
     call_schema,
     normalize_tools,
     openai_format,
@@ -201,6 +202,72 @@ def test_reply_problems():
     forced = Reply(hub, Plan(tools=tools, choice="required"), "")
     forced.parse("no call here")
     assert "did not produce" in forced.problem()
+
+
+def test_union_reply_checks_the_call_or_the_content():
+    """`tool_choice: "auto"` with tools and a response format: a call must be valid, content
+    must match the format."""
+    hub = fake_hub([])
+    tools = normalize_tools(TOOLS, openai_api.OpenAIError)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    cases = [
+        ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', None),
+        ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": "x"}}</tool_call>', "do not match"),
+        ('<tool_call>{"name": "sub", "arguments": {}}</tool_call>', "does not allow"),
+        ('<think>Hm.</think>{"n": 3}', None),
+        ('{"n": "three"}', "not of type"),
+    ]
+    for text, problem in cases:
+        reply = Reply(hub, Plan(tools=tools, output=OutputSpec(schema)), "")
+        reply.parse(text)
+        assert (reply.problem() is None) if problem is None else problem in reply.problem()
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    from conftest import real_model_path
+
+    from tsjax.gguf import GGUFFile
+    from tsjax.grammar import GrammarFactory
+    from tsjax.tokenizer import Tokenizer
+
+    return GrammarFactory(Tokenizer.from_gguf(GGUFFile(real_model_path("smollm2-135m")).metadata))
+
+
+@pytest.mark.parametrize(
+    "arch, template",
+    [("gemma4", ""), ("mistral3", "[TOOL_CALLS]"), ("llama", "<|start_header_id|>"),
+     ("gptoss", ""), ("qwen3", "<tool_call>"), ("llama", "")],
+)  # fmt: skip
+def test_every_tool_syntax_is_enforced_from_the_first_token(grammars, arch, template):
+    from serve.protocols.features import constrain
+
+    err = openai_api.OpenAIError
+    hub = fake_hub([], template=template, arch=arch)
+    hub._grammars = grammars
+    tools = normalize_tools(TOOLS, err)
+    for choice, output in (("required", None), ("add", None), ("auto", OutputSpec())):
+        plan = plan_of(tools=tools, choice=choice, think=None, output=output, error=err)
+        plan = run(constrain(hub, plan, err, "<|im_start|>assistant\n"))
+        assert plan.constraint is not None and plan.constraint_after is None
+        req = apply(plan, GenerationRequest([1]))
+        assert req.constraint is plan.constraint and req.constraint_after is None
+
+
+def test_a_tool_syntax_without_grammar_is_a_400(grammars):
+    from serve.outputs.registry import OutputFormat
+    from serve.outputs.toolcalls import ToolCallParser
+    from serve.protocols.features import constrain
+
+    err = openai_api.OpenAIError
+    hub = fake_hub([])
+    hub._grammars = grammars
+    hub._format = OutputFormat("none", "pythonic", lambda p: None, ToolCallParser)
+    plan = plan_of(tools=normalize_tools(TOOLS, err), choice="required", think=None,
+                   output=None, error=err)  # fmt: skip
+    with pytest.raises(err) as e:
+        run(constrain(hub, plan, err))
+    assert e.value.status == 400 and "pythonic" in e.value.message
 
 
 def test_request_field_parsing():

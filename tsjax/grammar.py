@@ -27,6 +27,7 @@ def mask_words(vocab_size: int) -> int:
 
 
 ALL_ALLOWED = -1  # an int32 word with every bit set
+_UNMATCHABLE = b"\xff"  # never part of UTF-8 text
 
 
 class Constraint:
@@ -65,6 +66,7 @@ class GrammarFactory:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or tokenizer.vocab_size
         self._compiler = None
+        self._uncached = None
         self._lock = threading.Lock()
 
     def _get_compiler(self):
@@ -73,11 +75,14 @@ class GrammarFactory:
                 import xgrammar as xgr
 
                 tok = self.tokenizer
-                # Control tokens (<|im_start|>, <start_of_turn>, ...) are never text: xgrammar
-                # treats an empty piece as a special token that no grammar position allows.
+                # Control tokens (<|im_start|>, <start_of_turn>, ...) are never text: their
+                # piece is bytes no UTF-8 text contains (0xFF), so no string, JSON value or
+                # free text a grammar allows can match one, while a `Token(id)` element (see
+                # `marker`) still can: a tool-call format's own control tokens stay usable.
                 special = tok.special_ids - tok.eog_ids
                 vocab = [
-                    b"" if i in special else tok.token_to_piece(i) for i in range(tok.vocab_size)
+                    _UNMATCHABLE + i.to_bytes(4, "big") if i in special else tok.token_to_piece(i)
+                    for i in range(tok.vocab_size)
                 ]
                 info = xgr.TokenizerInfo(
                     vocab,
@@ -86,6 +91,9 @@ class GrammarFactory:
                     stop_token_ids=sorted(tok.eog_ids),
                 )
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+                # xgrammar 0.2.8's cache takes grammars that differ only in a `Token(id)` for
+                # the same one (a later grammar then allows the earlier one's token).
+                self._uncached = xgr.GrammarCompiler(info, cache_enabled=False)
             return self._compiler
 
     def _constraint(self, compiled, description: str) -> Constraint:
@@ -108,6 +116,31 @@ class GrammarFactory:
     def json_object(self) -> Constraint:
         """Output must be one JSON object (OpenAI `json_object`, Ollama `format: "json"`)."""
         return self.json_schema({"type": "object"}, strict=False)
+
+    def structural(self, fmt: dict[str, Any]) -> Constraint:
+        """Output must match `fmt`, an xgrammar structural-tag format (sequences, choices,
+        repeats, tags, free text, JSON schemas, EBNF pieces and single tokens); pieces are
+        combined without their rule names colliding. Build markers with `marker` and JSON
+        bodies with `json_element`."""
+        import xgrammar as xgr
+
+        try:
+            grammar = xgr.Grammar.from_structural_tag({"type": "structural_tag", "format": fmt})
+            cached = self._get_compiler()
+            tokens = '"type": "token"' in json.dumps(fmt)
+            compiled = (self._uncached if tokens else cached).compile_grammar(grammar)
+        except Exception as e:
+            raise GrammarError(f"invalid grammar: {e}") from e
+        return self._constraint(compiled, "structural")
+
+    def marker(self, text: str) -> dict[str, Any]:
+        """A structural-tag element for a format's marker: the control token when `text` is
+        exactly one (`<|tool_call>`, `[TOOL_CALLS]`, `<|channel|>`), else the text itself."""
+        tok = self.tokenizer
+        i = tok.id_of(text)
+        if i is not None and i in tok.special_ids and i not in tok.eog_ids:
+            return {"type": "token", "token": int(i)}
+        return {"type": "const_string", "value": text}
 
     def regex(self, pattern: str) -> Constraint:
         try:
@@ -142,3 +175,28 @@ def check_schema(schema: dict[str, Any] | str) -> dict[str, Any]:
         where = "/".join(str(p) for p in e.path) or "(root)"
         raise GrammarError(f"invalid JSON schema at {where}: {e.message}") from e
     return schema
+
+
+def json_element(
+    schema: dict[str, Any], *, strict: bool = True, excludes: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A structural-tag element for JSON valid under `schema`, in the compact layout of
+    `GrammarFactory.json_schema` (one space after `:` and `,`, no other whitespace).
+
+    `excludes`: text no string in the value may contain (a format's closing marker, which
+    would end the call early); such elements are always strict and allow one whitespace
+    character between tokens of the JSON. xgrammar drops string length limits where it
+    applies excludes, so a schema with a `minLength`/`maxLength` keeps its limits instead."""
+    import xgrammar as xgr
+
+    schema = check_schema(schema)
+    text = json.dumps(schema)
+    if excludes and '"minLength"' not in text and '"maxLength"' not in text:
+        return {"type": "json_schema", "json_schema": schema, "excludes": list(excludes),
+                "max_whitespace_cnt": 1}  # fmt: skip
+    try:
+        ebnf = str(xgr.Grammar.from_json_schema(
+            json.dumps(schema), any_whitespace=False, strict_mode=strict))  # fmt: skip
+    except Exception as e:
+        raise GrammarError(f"unsupported JSON schema: {e}") from e
+    return {"type": "grammar", "grammar": ebnf}

@@ -133,6 +133,9 @@ class OutputFormat:
     tools_name: str
     make_reasoning: Callable[[str], ReasoningSplitter | None]
     make_tools: Callable[[Callable[[], str]], ToolCallParser]
+    # Which of a syntax's forms the template writes, where the parser reads several (Mistral:
+    # "args" for `NAME[ARGS]{...}`, "list" for a JSON list); "" when the template cannot tell.
+    call_form: str = ""
 
     def parser(
         self, prompt_text: str = "", *, tools: bool = True, id_factory=new_call_id
@@ -179,6 +182,7 @@ def select_format(architecture: str, template_source: str) -> OutputFormat:
             if reasoning
             else _no_reasoning,
             MistralParser,
+            "args" if "[ARGS]" in tmpl else "list" if "[TOOL_CALLS]" in tmpl else "",
         )
     think_arch = any(arch.startswith(a) for a in _THINK_ARCHS)
     thinks = "<think>" in tmpl or "</think>" in tmpl or think_arch

@@ -14,15 +14,17 @@ fields mean is decided here once:
   the finished answer against what was asked (JSON that validates, a forced call whose arguments
   validate); adapters turn a problem into a 422.
 
-Forced tool calls (`tool_choice: "required"` or a named function) are enforced with a grammar in
-the call syntax the model's parser reads: the generic JSON call `{"name": ..., "arguments": ...}`
-for templates without tool syntax (ChatML models such as SmolLM2), and the same JSON inside
-`<tool_call>...</tool_call>` for Hermes/Qwen templates. Other tool syntaxes (Gemma 4, Mistral,
-Harmony, Llama 3 `<|python_tag|>`) are not enforced yet: a forced choice there is a 400 that says
-so, rather than a silently ignored field (ollama#17921).
+Constraints are written in the model's own output syntax (serve/outputs/grammars.py): a forced
+tool call (`tool_choice: "required"` or a named function) is a grammar for calls in the syntax
+the model's parser reads, for every syntax we parse (generic JSON, Hermes, Llama 3, Gemma 4,
+Mistral, Harmony), with arguments valid under the tool's parameters. A response format under
+`tool_choice: "auto"` with tools is the union: a valid call, or content valid under the format.
 
-With thinking on, the constraint starts after the reasoning block's end marker, so the model
-still reasons freely and the JSON lands in `content` (ollama#10929, vllm#50948).
+With thinking not switched off, the grammar begins with an optional reasoning block in the
+model's syntax (a mandatory block end when the prompt opened it), so the model still reasons
+freely, the JSON lands in `content` (ollama#10929, vllm#50948), and a model that answers without
+reasoning is constrained from its first token instead of never (the constraint used to wait
+for the block's end marker).
 """
 
 from __future__ import annotations
@@ -39,20 +41,10 @@ from serve.outputs import (
     ParsedOutput,
     ToolCall,
 )
+from serve.outputs.grammars import UnsupportedFormat, answer_format, call_object
 
 if TYPE_CHECKING:
     from serve.protocols.common import ApiError, Hub
-
-# Where a reasoning block ends, per `OutputFormat.reasoning_name`: the constraint applies after.
-REASONING_END = {
-    "think": "</think>",
-    "magistral": "[/THINK]",
-    "gemma4": "<channel|>",
-    "harmony": "<|channel|>final<|message|>",
-}
-
-# Call syntaxes a forced tool choice can be enforced in.
-_ENFORCEABLE = ("json", "hermes")
 
 
 # -- request fields -----------------------------------------------------------------------------
@@ -248,7 +240,7 @@ class Plan:
     choice: str = "auto"
     output: OutputSpec | None = None
     constraint: Any = None  # a fresh tsjax.grammar.Constraint, or None
-    constraint_after: str | None = None
+    constraint_after: str | None = None  # unused: the grammar allows the reasoning block
 
     @property
     def parse_tools(self) -> bool:
@@ -288,70 +280,61 @@ def plan_of(
 
 def call_schema(plan: Plan) -> dict[str, Any]:
     """JSON schema of one call `{"name", "arguments"}` to a tool the choice allows."""
-    names = [t["function"]["name"] for t in plan.tools]
-    if plan.choice != "required":
-        names = [plan.choice]
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": n}, "arguments": plan.parameters_of(n)},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for n in names
-    ]
+    variants = [call_object(n, p) for n, p in callable_tools(plan)]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
-def _build_constraint(hub: Hub, plan: Plan, fmt: OutputFormat) -> Any:
+def callable_tools(plan: Plan) -> list[tuple[str, dict[str, Any]]]:
+    """(name, parameters) of the tools the grammar lets the answer call: the forced one, all
+    of them for "required", all of them beside a response format under "auto", else none."""
+    if plan.forced:
+        names = [t["function"]["name"] for t in plan.tools]
+        names = names if plan.choice == "required" else [plan.choice]
+    elif plan.output is not None and plan.choice == "auto":
+        names = [t["function"]["name"] for t in plan.tools]
+    else:
+        names = []
+    return [(n, plan.parameters_of(n) or {}) for n in names]
+
+
+def _build_constraint(hub: Hub, plan: Plan, fmt: OutputFormat, prompt_text: str) -> Any:
     """Blocking: compile the grammar for the plan (None when nothing is enforced)."""
     from tsjax.grammar import GrammarError, check_schema
 
-    grammars = hub.grammars()
-    if plan.forced:
-        schema = call_schema(plan)
+    tools = callable_tools(plan)
+    if not tools and plan.output is None:
+        return None
+    if tools:
         try:
-            check_schema(schema)
+            check_schema(call_schema(plan) if plan.forced else {"anyOf": [p for _, p in tools]})
         except GrammarError as e:
             raise ValueError(f"tool parameters: {e}") from e
-        if fmt.tools_name == "json":
-            return grammars.json_schema(schema, strict=True)
-        import xgrammar as xgr
-
-        try:
-            body = str(xgr.Grammar.from_json_schema(
-                json.dumps(schema), any_whitespace=False, strict_mode=True))  # fmt: skip
-        except Exception as e:
-            raise GrammarError(f"unsupported tool parameters schema: {e}") from e
-        wrapper = '\ntool_call_root ::= "<tool_call>\\n" root "\\n</tool_call>"\n'
-        return grammars.ebnf(body + wrapper, root="tool_call_root")
-    if plan.output is not None:
-        if plan.output.schema is None:
-            return grammars.json_object()
-        return grammars.json_schema(plan.output.schema, strict=plan.output.strict)
-    return None
+    output = None if plan.output is None else (plan.output.schema, plan.output.strict)
+    grammars = hub.grammars()
+    tree = answer_format(grammars, fmt, tools=tools, output=output, think=plan.think,
+                         prompt_text=prompt_text)  # fmt: skip
+    return grammars.structural(tree)
 
 
-async def constrain(hub: Hub, plan: Plan, error: type[ApiError]) -> Plan:
-    """Build the plan's constraint (off the event loop: compiling a schema takes a while) and
-    decide where it starts. An invalid schema is a 400 naming the problem."""
+async def constrain(hub: Hub, plan: Plan, error: type[ApiError], prompt_text: str = "") -> Plan:
+    """Build the plan's constraint (off the event loop: compiling a schema takes a while). An
+    invalid schema, or a tool syntax without a grammar, is a 400 naming the problem.
+    `prompt_text`: the rendered prompt, whose end tells whether it opened a reasoning block."""
     from tsjax.grammar import GrammarError
 
     if not plan.forced and plan.output is None:
         return plan
     fmt = hub.output_format()
-    if plan.forced and fmt.tools_name not in _ENFORCEABLE:
-        raise error(400, f"tool_choice {plan.choice!r} cannot be enforced for this model's "
-                    f"tool-call syntax ({fmt.tools_name}); use tool_choice \"auto\"",
-                    "tool_choice")  # fmt: skip
     try:
-        plan.constraint = await asyncio.to_thread(_build_constraint, hub, plan, fmt)
+        plan.constraint = await asyncio.to_thread(_build_constraint, hub, plan, fmt, prompt_text)
+    except UnsupportedFormat as e:
+        raise error(400, f"tool_choice {plan.choice!r} with this model's tool-call syntax "
+                    f"cannot be enforced ({e}); use tool_choice \"auto\" without a "
+                    f"response format", "tool_choice") from e  # fmt: skip
     except (GrammarError, ValueError) as e:
         param = "tools" if plan.forced else "format"
         raise error(400, f"invalid {'tool parameters' if plan.forced else 'schema'}: {e}",
                     param) from e  # fmt: skip
-    if plan.think is not False and fmt.reasoning_name in REASONING_END:
-        plan.constraint_after = REASONING_END[fmt.reasoning_name]
     return plan
 
 
@@ -406,18 +389,18 @@ class Reply:
         budget ended it, which is the usual reason JSON is incomplete."""
         plan = self.plan
         cut = " (the answer was cut off by the token limit; raise max_tokens)" if truncated else ""
-        if plan.forced:
-            if not self.calls:
-                return f"the model did not produce the required tool call{cut}"
+        if plan.forced and not self.calls:
+            return f"the model did not produce the required tool call{cut}"
+        if self.calls and (plan.forced or plan.output is not None):
+            allowed = dict(callable_tools(plan))  # what the grammar allowed, checked again
             for call in self.calls:
-                params = plan.parameters_of(call.name)
-                if params is None or (plan.choice != "required" and call.name != plan.choice):
+                if call.name not in allowed:
                     return f"the model called {call.name!r}, which the tool_choice does not allow"
-                err = schema_error(call.arguments, params)
+                err = schema_error(call.arguments, allowed[call.name])
                 if err:
                     return f"arguments of {call.name!r} do not match its parameters: {err}"
             return None
-        if plan.output is None or self.calls:
+        if plan.output is None:
             return None
         try:
             value = json.loads(self.content)

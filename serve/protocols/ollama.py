@@ -264,7 +264,7 @@ async def generate(request: Request) -> Response:
             messages.insert(0, {"role": "system", "content": body.system})
         ids, text = chat_prompt(model, messages, OllamaError, think=think)
     req = _request(hub, ids, body.options, reuse=False)
-    apply(await constrain(hub, plan, OllamaError), req)
+    apply(await constrain(hub, plan, OllamaError, text), req)
     reply = Reply(hub, plan, text)
     return await _respond(hub, req, body.model, "response", body.stream, began, reply)
 
@@ -282,7 +282,7 @@ async def ollama_chat(request: Request) -> Response:
     ids, text = chat_prompt(model, messages, OllamaError, tools=plan.template_tools,
                             think=plan.think)  # fmt: skip
     req = _request(hub, ids, body.options, reuse=True)
-    apply(await constrain(hub, plan, OllamaError), req)
+    apply(await constrain(hub, plan, OllamaError, text), req)
     reply = Reply(hub, plan, text)
     return await _respond(hub, req, body.model, "message", body.stream, began, reply)
 

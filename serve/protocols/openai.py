@@ -328,7 +328,7 @@ async def chat_completions(request: Request) -> Response:
                             think=plan.think, extra=extra)  # fmt: skip
     limit = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     req = _request(hub, body, ids, limit, reuse=True)
-    apply(await constrain(hub, plan, OpenAIError), req)
+    apply(await constrain(hub, plan, OpenAIError, text), req)
     return await _chat_respond(hub, req, body, Reply(hub, plan, text))
 
 

@@ -390,7 +390,7 @@ async def webui_chat(request: Request) -> Response:
     # No maxTokens: answer until the window is full (the reference's 20000 fails instead).
     req = make_request(engine, ids, sampling, opts.get("max_tokens"), stop, WebUIError,
                        reuse_prefix=True)  # fmt: skip
-    apply(await constrain(hub, plan, WebUIError), req)
+    apply(await constrain(hub, plan, WebUIError, text), req)
     history = [TrackedMessage(m["role"], m["content"], raws.get(i)) for i, m in enumerate(shown)]
     reply = Reply(hub, plan, text)
     return sse_response(_turn(hub, req, session, reply, history, ignored))
