@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.models import Decoder, ModelConfig
+from tsjax.models.decoder import layer_name, unroll_layers_default
 
 # GGUF tensor name (per layer) -> params path under "layers", and whether to transpose.
 LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -51,12 +52,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, h // 2, 2, d).swapaxes(1, 2).reshape(out, d)
 
 
-def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32, unrolled: bool = False):
     """The params pytree's shapes, from the model itself (so the loader cannot drift)."""
     from tsjax.cache import KVCache
 
     cache = KVCache.create(cfg, 1, 8, dtype)
-    model = Decoder(cfg, dtype)
+    model = Decoder(cfg, dtype, unrolled)
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), tokens, tokens, cache, None, None, 8)
@@ -73,15 +74,23 @@ class LoadStats:
 
 
 def load_params(
-    g: GGUFFile, cfg: ModelConfig, dtype=jnp.float32, progress: bool = True, device_put=None
+    g: GGUFFile,
+    cfg: ModelConfig,
+    dtype=jnp.float32,
+    progress: bool = True,
+    device_put=None,
+    unrolled: bool | None = None,
 ) -> tuple[dict, LoadStats]:
     """Read every tensor the model needs into a params pytree on device.
 
     `device_put(path, array)` lets callers place each leaf (e.g. with a sharding); default
-    is `jax.device_put` onto the default device.
+    is `jax.device_put` onto the default device. `unrolled` picks the layout of the layer
+    weights (see `unroll_layers_default`, the default): one array per layer under
+    "layers_<i>", or all layers stacked under "layers".
     """
     t0 = time.perf_counter()
-    shapes = param_shapes(cfg, dtype)
+    unrolled = unroll_layers_default() if unrolled is None else unrolled
+    shapes = param_shapes(cfg, dtype, unrolled)
     put = device_put or (lambda path, a: jax.device_put(a))
     np_dtype = np.dtype(jnp.dtype(dtype).name) if dtype != jnp.bfloat16 else np.float32
     names = g.tensor_names()
@@ -97,19 +106,23 @@ def load_params(
         disable=not progress,
         leave=False,
     )
-    layer_params = shapes["layers"]
+    layer_params = shapes[layer_name(0) if unrolled else "layers"]
     for suffix, (path, transpose) in LAYER_TENSORS.items():
         leaf = _get(layer_params, path)
         if leaf is None:
             continue
-        stacked = np.empty(leaf.shape, np_dtype)
+        shape = leaf.shape if unrolled else leaf.shape[1:]
+        stacked = None if unrolled else np.empty(leaf.shape, np_dtype)
         for i in range(cfg.n_layers):
-            name = f"blk.{i}.{suffix}"
-            if name not in names:
-                raise GGUFError(f"{g.path.name}: missing tensor {name}")
-            stacked[i] = _convert(g, name, cfg, transpose, np_dtype, leaf.shape[1:])
+            arr = _convert(g, f"blk.{i}.{suffix}", cfg, transpose, np_dtype, shape)
+            if unrolled:
+                key = (layer_name(i), *path)
+                _set(params, key, put(key, _cast(arr, dtype)))
+            else:
+                stacked[i] = arr
             bar.update(1)
-        _set(params, ("layers", *path), put(("layers", *path), _cast(stacked, dtype)))
+        if stacked is not None:
+            _set(params, ("layers", *path), put(("layers", *path), _cast(stacked, dtype)))
         del stacked
     for name, (path, transpose) in GLOBAL_TENSORS.items():
         leaf = _get(shapes, path)
@@ -126,8 +139,9 @@ def load_params(
 
 def _expected_tensors(cfg: ModelConfig, shapes) -> list[str]:
     out = [n for n, (p, _) in GLOBAL_TENSORS.items() if _get(shapes, p) is not None]
+    layer_params = shapes.get("layers") or shapes[layer_name(0)]
     for suffix, (path, _) in LAYER_TENSORS.items():
-        if _get(shapes["layers"], path) is not None:
+        if _get(layer_params, path) is not None:
             out += [f"blk.{i}.{suffix}" for i in range(cfg.n_layers)]
     return out
 

@@ -62,6 +62,7 @@ def load(
     progress: bool = True,
     shapes: StepShapes | None = None,
     mesh: Mesh | str | None = None,
+    unrolled: bool | None = None,
 ) -> Model:
     """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
     context length, at most 4096); `rows` is the number of decode slots.
@@ -80,9 +81,11 @@ def load(
         mesh = make_mesh(mesh)
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
-    steps = Steps(cfg, shapes, dtype, mesh=mesh)
+    steps = Steps(cfg, shapes, dtype, mesh=mesh, unrolled=unrolled)
     put = steps.plan.device_put if steps.plan is not None else None
-    params, stats = load_params(g, cfg, dtype, progress=progress, device_put=put)
+    params, stats = load_params(
+        g, cfg, dtype, progress=progress, device_put=put, unrolled=steps.unrolled
+    )
     tokenizer = Tokenizer.from_gguf(g.metadata)
     template = ChatTemplate.from_metadata(
         g.metadata, g.architecture, special_tokens=special_tokens_from_metadata(g.metadata)

@@ -154,6 +154,21 @@ def apply_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(allowed, logits, NEG_INF)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum along the last axis, as int32. Two plain reductions: XLA:CPU
+    runs `jnp.argmax`'s (value, index) pair reduction several times slower (3.5 vs 0.5 ms on
+    16 x 49,152 logits)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1)
+
+
+def _draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One categorical draw per row (the Gumbel-max trick, as `jax.random.categorical`)."""
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
+    return argmax(logits + gumbel)
+
+
 def sample(
     logits: jax.Array, s: SamplerState, mask: jax.Array | None = None
 ) -> tuple[jax.Array, SamplerState]:
@@ -174,8 +189,12 @@ def sample(
     scaled = jax.lax.cond(needs_filter, filter_logits, lambda x, _: x, scaled, s)
     keys = jax.vmap(jax.random.wrap_key_data)(s.keys)
     split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
-    drawn = jax.vmap(jax.random.categorical)(split[:, 1], scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    picked = argmax(logits)
+    tokens = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: picked,
+        lambda: jnp.where(greedy, picked, _draw(split[:, 1], scaled)),
+    )
     rows = jnp.arange(tokens.shape[0])
     history = s.history.at[rows, s.history_pos].set(tokens)
     new = SamplerState(

@@ -90,17 +90,24 @@ _GLOBAL_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
     ("lm_head", "kernel"): ("embed", "vocab"),
 }
 
+_LAYER_KEY = re.compile(r"layers_\d+")
 CACHE_KV_AXES: LogicalAxes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # [L,B,K,S,H]
 CACHE_LENGTHS_AXES: LogicalAxes = ("batch",)
 
 
 def param_axes(path: Sequence[str]) -> LogicalAxes:
-    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root)."""
+    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root):
+    under "layers" (stacked layout) with a leading layer axis, under "layers_<i>" (unrolled
+    layout) without."""
     path = tuple(path)
     if path and path[0] == "layers":
         axes = _LAYER_PARAM_AXES.get(path[1:])
         if axes is not None:
             return ("layers", *axes)
+    elif path and _LAYER_KEY.fullmatch(path[0]):
+        axes = _LAYER_PARAM_AXES.get(path[1:])
+        if axes is not None:
+            return axes
     else:
         axes = _GLOBAL_PARAM_AXES.get(path)
         if axes is not None:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from tsjax.cache import KVCache
 from tsjax.grammar import mask_words
 from tsjax.models import Decoder, ModelConfig
+from tsjax.models.decoder import unroll_layers_default
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
 
@@ -95,11 +96,14 @@ class Steps:
         dtype=jnp.float32,
         mesh: Mesh | None = None,
         rules: dict[str, str | None] | None = None,
+        unrolled: bool | None = None,
     ):
         self.cfg = cfg
         self.shapes = shapes
         self.dtype = dtype
-        self.model = Decoder(cfg, dtype)
+        # Params layout (see `unroll_layers_default`); load_params must be given the same.
+        self.unrolled = unroll_layers_default() if unrolled is None else unrolled
+        self.model = Decoder(cfg, dtype, self.unrolled)
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -133,7 +137,7 @@ class Steps:
         from tsjax.loader import param_shapes
 
         assert self.plan is not None
-        p = self.plan.params(param_shapes(self.cfg, self.dtype))
+        p = self.plan.params(param_shapes(self.cfg, self.dtype, self.unrolled))
         c, s, r = self.plan.cache(), self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler

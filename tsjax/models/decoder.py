@@ -56,9 +56,27 @@ class DecoderLayer(nn.Module):
         return (x + h, cache_k, cache_v), None
 
 
+def unroll_layers_default() -> bool:
+    """Whether the layer loop is unrolled over per-layer weights (else one `lax.scan` over
+    weights stacked on a leading layer axis).
+
+    XLA:CPU's matmul kernels take whole buffers, so inside a scan it first copies each
+    layer's weights out of the stacked array, every step: on SmolLM2 that copy is as much
+    traffic again as the matmuls' own weight reads. Unrolled, each matmul reads its weights
+    where they lie, at the price of a longer compile. Accelerator backends slice in place and
+    keep the scan's short compile."""
+    return jax.default_backend() == "cpu"
+
+
+def layer_name(i: int) -> str:
+    """Params key of layer i in the unrolled layout ("layers" holds the stacked layout)."""
+    return f"layers_{i}"
+
+
 class Decoder(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    unrolled: bool = False
 
     @nn.compact
     def __call__(
@@ -78,6 +96,15 @@ class Decoder(nn.Module):
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
+        if self.unrolled:
+            carry = (x, cache.k, cache.v)
+            for i in range(c.n_layers):
+                data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
+                carry, _ = DecoderLayer(c, attn_len, self.dtype, name=layer_name(i))(
+                    carry, positions, rows, data
+                )
+            x, k, v = carry
+            return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
@@ -92,6 +119,10 @@ class Decoder(nn.Module):
             jnp.asarray(c.layer_rope_scales, jnp.float32),
         )
         (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data)
+        return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
+
+    def _head(self, embed, x, logit_index, cache):
+        c = self.cfg
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
@@ -102,4 +133,4 @@ class Decoder(nn.Module):
         logits = logits.astype(jnp.float32)
         if c.final_softcap:
             logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
-        return logits, KVCache(k, v, cache.lengths)
+        return logits, cache
