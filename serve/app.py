@@ -21,23 +21,35 @@ from litestar.static_files import create_static_files_router
 
 from serve import metrics
 from serve.engine import Engine
+from serve.engine.lockstep import StepChannel
 from serve.protocols import ollama, openai, webui
 from serve.protocols.common import ApiError, Hub, hub_of
 from serve.settings import Settings
+from tsjax.model import Model
 
 log = logging.getLogger("tsjax.serve")
 
 
-def _load(hub: Hub) -> None:
-    """Load the model and build the engine (blocking; runs in a worker thread)."""
+def load_model(s: Settings) -> Model:
+    """The model as `s` asks for it (every process of a multi-process server loads alike)."""
     from tsjax.model import load
 
+    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh)
+
+
+def _load(hub: Hub, channel: StepChannel | None) -> None:
+    """Load the model and build the engine (blocking; runs in a worker thread). With several
+    processes the engine drives the steps through `channel`, which replays each step on the
+    followers."""
     s = hub.settings
     t0 = time.perf_counter()
-    model = load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh)
+    model = load_model(s)
     hub.load_seconds = time.perf_counter() - t0
     hub.model = model
-    hub.engine = Engine(model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk)
+    steps = model.steps if channel is None else channel.attach(model.steps, model.params)
+    hub.engine = Engine(
+        model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk, steps=steps
+    )
 
 
 def _warm(hub: Hub) -> None:
@@ -52,8 +64,10 @@ def _warm(hub: Hub) -> None:
 def _startup_line(hub: Hub) -> str:
     m, s = hub.model, hub.settings
     assert m is not None
-    devices = jax.devices()
+    devices = jax.devices()  # global: every process's devices
     where = f"{len(devices)}x {devices[0].platform} ({devices[0].device_kind})"
+    if jax.process_count() > 1:
+        where += f" in {jax.process_count()} processes"
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     return (
         f"tsjax serving {m.name} ({m.config.architecture}, {s.rows} rows x {m.max_len} ctx)"
@@ -75,10 +89,10 @@ def _mesh_report(hub: Hub) -> list[str]:
     return [mesh_summary(steps.plan.mesh), *steps.plan.describe(), *device_report(steps.mesh, held)]
 
 
-async def _bring_up(hub: Hub) -> None:
+async def _bring_up(hub: Hub, channel: StepChannel | None) -> None:
     try:
         if hub.engine is None:
-            await asyncio.to_thread(_load, hub)
+            await asyncio.to_thread(_load, hub, channel)
         await asyncio.to_thread(_warm, hub)
         log.info(_startup_line(hub))
         for line in _mesh_report(hub):
@@ -88,16 +102,21 @@ async def _bring_up(hub: Hub) -> None:
         hub.error = f"model failed to load: {e}"
 
 
-def _lifespan(hub: Hub):
+def _lifespan(hub: Hub, channel: StepChannel | None):
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        task = asyncio.create_task(_bring_up(hub))
+        task = asyncio.create_task(_bring_up(hub, channel))
         try:
             yield
         finally:
             task.cancel()
             if hub.engine is not None:
                 hub.engine.stop()  # joins the loop thread: at most one dispatch
+            if channel is not None:
+                channel.close()  # followers exit once the engine has sent its last step
+                # uvicorn re-raises SIGTERM after this, which ends the process before atexit
+                # handlers run: leave the jax.distributed job now, with the followers.
+                jax.distributed.shutdown()
 
     return lifespan
 
@@ -121,8 +140,11 @@ def _render_api_error(_: Request, exc: ApiError) -> Response:
     return exc.response()
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
-    """The app for `settings`. Pass an engine (already built, warm or not) to skip loading."""
+def create_app(
+    settings: Settings, engine: Engine | None = None, channel: StepChannel | None = None
+) -> Litestar:
+    """The app for `settings`. Pass an engine (already built, warm or not) to skip loading.
+    `channel`: process 0 of a multi-process server (see `serve.engine.lockstep`)."""
     hub = Hub(settings)
     if engine is not None:
         hub.engine, hub.model = engine, engine.model
@@ -138,7 +160,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         ],
         state=State({"hub": hub, "metrics": app_metrics, **webui.state(settings)}),
         middleware=[app_metrics.middleware],
-        lifespan=[_lifespan(hub)],
+        lifespan=[_lifespan(hub, channel)],
         exception_handlers={ApiError: _render_api_error},
         request_max_body_size=settings.max_upload_bytes,
     )

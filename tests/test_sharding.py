@@ -1,6 +1,7 @@
 """SPMD over several devices gives the single-device answers: every family's all-position
 logits (1e-5 relative) and greedy tokens (identical) under tp=2, tp=4 and dp=2,tp=2; the engine
-on a 4-device mesh; and two `jax.distributed` processes on loopback.
+on a 4-device mesh; two `jax.distributed` processes on loopback; and `tsjax serve` as a
+two-process job (process 0 serves HTTP, process 1 follows its steps).
 
 The pytest process already has JAX on one CPU device, and the device count is fixed when JAX
 starts, so the multi-device runs happen in subprocesses that run this very file as a script
@@ -16,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +94,10 @@ def _rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def _spawn(args: list[str], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
+def _spawn(
+    args: list[str], devices: int, extra_env: dict | None = None, script: list[str] | None = None
+) -> subprocess.Popen:
+    """Run this file (or `script`, e.g. ["-m", "tsjax.cli"]) with `args` on `devices` CPUs."""
     env = dict(os.environ)
     env.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -101,7 +107,7 @@ def _spawn(args: list[str], devices: int, extra_env: dict | None = None) -> subp
         **(extra_env or {}),
     )
     return subprocess.Popen(
-        [sys.executable, __file__, *args],
+        [sys.executable, *(script or [__file__]), *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -320,6 +326,127 @@ def test_two_processes_jax_distributed(tiny_files, single_device, tmp_path):
         for spec, r in res.items():
             assert r["tokens"] == ref["tokens"], spec
             assert _rel_err(r["logits"], ref["logits"]) < 1e-5, spec
+
+
+# -- `tsjax serve` over two processes ---------------------------------------------------------
+
+# Small shapes: one prefill bucket (16), one attention bucket (64), decode buckets 1 and 4.
+SERVE_FLAGS = ["--rows", "4", "--max-len", "64", "--prefill-chunk", "16", "--decode-steps", "4"]
+# (prompt, tokens): different lengths, so one stream ends while the other decodes on
+SERVE_REQUESTS = (("hello world, here we go", 12), ("the quick brown fox", 7))
+
+
+def _generate_body(prompt: str, n: int) -> dict:
+    """Greedy, the raw prompt (no chat template), exactly `n` tokens (the model is the
+    fixture's llama.gguf)."""
+    options = {"temperature": 0, "num_predict": n, "seed": 0}
+    return {"model": "llama", "prompt": prompt, "raw": True, "stream": False, "options": options}
+
+
+def _serve_requests(url: str) -> list[dict]:
+    """SERVE_REQUESTS sent at once to /api/generate (greedy, raw prompts, fixed lengths)."""
+    import httpx
+
+    def one(prompt_n: tuple[str, int]) -> dict:
+        prompt, n = prompt_n
+        body = _generate_body(prompt, n)
+        r = httpx.post(url + "/api/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        return {k: got[k] for k in ("response", "eval_count", "done_reason")}
+
+    with ThreadPoolExecutor(len(SERVE_REQUESTS)) as pool:
+        return list(pool.map(one, SERVE_REQUESTS))
+
+
+def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"a server process exited early ({p.returncode})"
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+            if r.status_code == 200:
+                return
+            assert r.json()["status"] == "loading", r.text
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the two-process server did not become healthy")
+
+
+def _single_process_serve(path: Path) -> list[dict]:
+    """The same requests against the in-process app on this process's one device."""
+    from litestar.testing import TestClient
+
+    from serve.app import create_app
+    from serve.settings import load_settings
+
+    flags = dict(zip(SERVE_FLAGS[0::2], SERVE_FLAGS[1::2], strict=True))
+    over = {k.lstrip("-").replace("-", "_"): int(v) for k, v in flags.items()}
+    settings = load_settings(None, dict(model=str(path), **over))
+    with TestClient(create_app(settings), timeout=120) as client:
+        deadline = time.time() + 300
+        while client.get("/health").status_code != 200:
+            assert time.time() < deadline, client.get("/health").text
+            time.sleep(0.2)
+        got = []
+        for prompt, n in SERVE_REQUESTS:
+            body = _generate_body(prompt, n)
+            r = client.post("/api/generate", json=body)
+            assert r.status_code == 200, r.text
+            got.append({k: r.json()[k] for k in ("response", "eval_count", "done_reason")})
+    return got
+
+
+def _serve_argv(coordinator: str, process_id: int, path: str, port: int) -> list[str]:
+    flags = {
+        "--model": path,
+        "--mesh": "dp=2,tp=2",
+        "--coordinator-address": coordinator,
+        "--num-processes": "2",
+        "--process-id": str(process_id),
+        "--host": "127.0.0.1",
+        "--port": str(port),
+    }
+    return ["serve", *(x for kv in flags.items() for x in kv), *SERVE_FLAGS]
+
+
+def test_serve_two_processes(tiny_files):
+    """`tsjax serve` as a two-process jax.distributed job (2 CPU devices each, dp=2,tp=2 over
+    all 4): process 0 serves HTTP and the follower runs every step in lockstep. Concurrent
+    greedy requests give the single-process answers, and SIGTERM to process 0 ends both."""
+    coordinator, port = f"127.0.0.1:{_free_port()}", _free_port()
+    path = str(tiny_files["llama"])
+    t0 = time.perf_counter()
+    procs = [
+        _spawn(_serve_argv(coordinator, i, path, port), 2, script=["-m", "tsjax.cli"])
+        for i in range(2)
+    ]
+    try:
+        want = _single_process_serve(tiny_files["llama"])  # overlaps the workers' compiles
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, procs, 300)
+        t_ready = time.perf_counter() - t0
+        got = _serve_requests(url)
+        got_again = _serve_requests(url)  # rows were freed and reused
+        procs[0].send_signal(signal.SIGTERM)
+        done = [_finish(p, 120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    print(f"two-process serve: healthy after {t_ready:.1f}s, {time.perf_counter() - t0:.1f}s")
+    (rc0, _, err0), (rc1, _, err1) = done
+    logs = f"process 0:\n{err0[-3000:]}\nprocess 1:\n{err1[-3000:]}"
+    assert rc0 in (0, -signal.SIGTERM), logs
+    assert rc1 == 0, logs
+    assert "follower 1 of 2" in err1 and "shutdown after" in err1, logs
+    assert "in 2 processes" in err0 and "mesh (dp=2, tp=2) over 4 devices in 2" in err0, logs
+    assert got == want and got_again == want, logs
+    assert all(g["eval_count"] == n for g, (_, n) in zip(got, SERVE_REQUESTS, strict=True))
 
 
 # -- pure functions (no devices needed beyond the one we have) --------------------------------

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -31,6 +32,10 @@ from tsjax.generation import PromptTooLongError
 from tsjax.grammar import mask_words
 from tsjax.model import Model
 from tsjax.textstream import TextStream
+
+if TYPE_CHECKING:
+    from serve.engine.lockstep import StepChannel
+    from tsjax.steps import Steps
 
 log = logging.getLogger("tsjax.engine")
 
@@ -66,9 +71,18 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, model: Model, *, decode_steps: int = 4, prefill_chunk: int = 512):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        decode_steps: int = 4,
+        prefill_chunk: int = 512,
+        steps: Steps | StepChannel | None = None,
+    ):
+        """`steps`: what runs the compiled steps, `model.steps` unless given (several
+        processes: a `serve.engine.lockstep.StepChannel` that replays them on the others)."""
         self.model = model
-        self.steps = model.steps
+        self.steps = model.steps if steps is None else steps
         self.rows = self.steps.shapes.rows
         self.decode_steps = decode_steps
         self.prefill_chunk = min(prefill_chunk, self.steps.shapes.prefill_lens[-1])
