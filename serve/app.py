@@ -34,7 +34,7 @@ def load_model(s: Settings) -> Model:
     """The model as `s` asks for it (every process of a multi-process server loads alike)."""
     from tsjax.model import load
 
-    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh)
+    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh, quant=s.quant)
 
 
 def _load(hub: Hub, channel: StepChannel | None) -> None:

@@ -30,6 +30,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated request counts")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
+    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
@@ -65,7 +66,9 @@ def bench_tsjax(args, rows: int) -> dict:
 
     t0 = time.perf_counter()
     max_len = max(512, args.prompt_tokens + args.decode_tokens + 16)
-    model = load(args.model, rows=rows, max_len=max_len, progress=sys.stderr.isatty())
+    model = load(
+        args.model, rows=rows, max_len=max_len, progress=sys.stderr.isatty(), quant=args.quant
+    )
     load_s = time.perf_counter() - t0
     engine = Engine(model, decode_steps=args.decode_steps, prefill_chunk=512)
     compile_s = engine.warmup()
@@ -291,7 +294,7 @@ def bench_llama_cpp(
     return out
 
 
-def cold_start(model: str | None, cache_dir: str | None) -> float:
+def cold_start(model: str | None, cache_dir: str | None, quant: str | None = None) -> float:
     """Seconds from process start to the first generated token (`tsjax generate -n 1`)."""
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -302,6 +305,8 @@ def cold_start(model: str | None, cache_dir: str | None) -> float:
     cmd = [sys.executable, "-m", "tsjax.cli", "generate", "-n", "1", "--raw", "Hello"]
     if model:
         cmd[4:4] = ["--model", model]
+    if quant:
+        cmd[4:4] = ["--quant", quant]
     t = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return time.perf_counter() - t
@@ -321,10 +326,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ref = bench_llama_cpp(args, path, ours["prompt_ids"], conc)
     cold = {}
     if not args.no_cold_start:
-        cold["no cache"] = cold_start(path, None)
+        cold["no cache"] = cold_start(path, None, args.quant)
         with tempfile.TemporaryDirectory() as d:
-            cold_start(path, d)  # fill the persistent cache
-            cold["persistent cache"] = cold_start(path, d)
+            cold_start(path, d, args.quant)  # fill the persistent cache
+            cold["persistent cache"] = cold_start(path, d, args.quant)
     print(report(args, path, bw, ours, ref, cold, load_avg=load_avg))
     return 0
 
@@ -363,7 +368,9 @@ def report(
     if load_avg is not None:
         lines.append(f"Load average at start: {' '.join(f'{x:.2f}' for x in load_avg)}.  ")
     lines += [
-        f"Read bandwidth {bw / 1e9:.1f} GB/s; float32 params {ours['param_bytes'] / 1e6:.0f} MB"
+        f"Read bandwidth {bw / 1e9:.1f} GB/s;"
+        f" {'int8 (+ float32 embedding)' if args.quant else 'float32'} params"
+        f" {ours['param_bytes'] / 1e6:.0f} MB"
         f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
         f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
         f" {ours['rows']} decode rows, {args.decode_steps} steps per dispatch, XLA CPU threads"

@@ -200,9 +200,10 @@ def _families_worker(files: dict[str, str], out: str) -> None:
             mesh = make_mesh(spec, jax.devices()[:n])
             res, m = run_case(Path(path), mesh)
             per_dev = bytes_per_device(m.params)
+            layer = m.params.get("layers") or m.params["layers_0"]  # stacked or unrolled
             res.update(
-                q_spec=str(m.params["layers"]["attn"]["q"]["kernel"].sharding.spec),
-                k_spec=str(m.params["layers"]["attn"]["k"]["kernel"].sharding.spec),
+                q_spec=str(layer["attn"]["q"]["kernel"].sharding.spec),
+                k_spec=str(layer["attn"]["k"]["kernel"].sharding.spec),
                 cache_spec=str(m.steps.new_cache().k.sharding.spec),
                 param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
                 max_param_bytes_per_device=max(per_dev.values()),
@@ -489,6 +490,9 @@ def test_rules_replicate_what_does_not_divide():
     assert spec(param_axes(("layers", "attn", "k", "kernel"))) == P()  # 2 KV heads, tp=4
     assert spec(param_axes(("layers", "attn", "o", "kernel"))) == P(None, "tp")
     assert spec(param_axes(("layers", "mlp", "down", "kernel"))) == P(None, "tp")
+    assert spec(param_axes(("layers_7", "attn", "q", "kernel"))) == P(None, "tp")  # unrolled
+    assert spec(param_axes(("layers_7", "attn", "q", "kernel_scale"))) == P("tp")  # int8
+    assert spec(param_axes(("layers", "mlp", "down", "kernel_scale"))) == P()
     assert spec(param_axes(("embed", "embedding"))) == P("tp")
     assert spec(CACHE_KV_AXES) == P(None, "dp")
     with pytest.raises(KeyError):

@@ -24,6 +24,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (context window)")
+    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument(
         "--mesh", default=None, help="shard over devices: tp=4, dp=2,tp=2, tp=-1 (all devices)"
@@ -58,7 +59,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Every process runs the same program; only the first one prints.
     out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115
     t0 = time.perf_counter()
-    model = load(args.model, max_len=args.max_len, progress=sys.stderr.isatty(), mesh=args.mesh)
+    model = load(
+        args.model,
+        max_len=args.max_len,
+        progress=sys.stderr.isatty(),
+        mesh=args.mesh,
+        quant=args.quant,
+    )
     t_load = time.perf_counter() - t0
     if args.stats and model.steps.mesh is not None and jax.process_index() == 0:
         from tsjax.sharding import bytes_per_device, device_report, mesh_summary

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.models import Decoder, ModelConfig
-from tsjax.models.decoder import layer_name, unroll_layers_default
+from tsjax.models.decoder import layer_name
 
 # GGUF tensor name (per layer) -> params path under "layers", and whether to transpose.
 LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -52,12 +52,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, h // 2, 2, d).swapaxes(1, 2).reshape(out, d)
 
 
-def param_shapes(cfg: ModelConfig, dtype=jnp.float32, unrolled: bool = False):
-    """The params pytree's shapes, from the model itself (so the loader cannot drift)."""
+def param_shapes(model: Decoder):
+    """The params pytree's shapes (and dtypes), from the model itself (so the loader cannot
+    drift from it)."""
     from tsjax.cache import KVCache
 
-    cache = KVCache.create(cfg, 1, 8, dtype)
-    model = Decoder(cfg, dtype, unrolled)
+    cache = KVCache.create(model.cfg, 1, 8, model.dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), tokens, tokens, cache, None, None, 8)
@@ -74,23 +74,18 @@ class LoadStats:
 
 
 def load_params(
-    g: GGUFFile,
-    cfg: ModelConfig,
-    dtype=jnp.float32,
-    progress: bool = True,
-    device_put=None,
-    unrolled: bool | None = None,
+    g: GGUFFile, model: Decoder, progress: bool = True, device_put=None
 ) -> tuple[dict, LoadStats]:
-    """Read every tensor the model needs into a params pytree on device.
+    """Read every tensor `model` (a float model: `tsjax.quantize` makes int8 weights from
+    these) needs into a params pytree on device, in its layout: layer weights one array per
+    layer under "layers_<i>" (`model.unrolled`) or stacked under "layers".
 
     `device_put(path, array)` lets callers place each leaf (e.g. with a sharding); default
-    is `jax.device_put` onto the default device. `unrolled` picks the layout of the layer
-    weights (see `unroll_layers_default`, the default): one array per layer under
-    "layers_<i>", or all layers stacked under "layers".
+    is `jax.device_put` onto the default device.
     """
     t0 = time.perf_counter()
-    unrolled = unroll_layers_default() if unrolled is None else unrolled
-    shapes = param_shapes(cfg, dtype, unrolled)
+    cfg, dtype, unrolled = model.cfg, model.dtype, model.unrolled
+    shapes = param_shapes(model)
     put = device_put or (lambda path, a: jax.device_put(a))
     np_dtype = np.dtype(jnp.dtype(dtype).name) if dtype != jnp.bfloat16 else np.float32
     names = g.tensor_names()
@@ -106,6 +101,10 @@ def load_params(
         disable=not progress,
         leave=False,
     )
+
+    def store(path, arr):
+        _set(params, path, put(path, _cast(arr, dtype)))
+
     layer_params = shapes[layer_name(0) if unrolled else "layers"]
     for suffix, (path, transpose) in LAYER_TENSORS.items():
         leaf = _get(layer_params, path)
@@ -116,20 +115,19 @@ def load_params(
         for i in range(cfg.n_layers):
             arr = _convert(g, f"blk.{i}.{suffix}", cfg, transpose, np_dtype, shape)
             if unrolled:
-                key = (layer_name(i), *path)
-                _set(params, key, put(key, _cast(arr, dtype)))
+                store((layer_name(i), *path), arr)
             else:
                 stacked[i] = arr
             bar.update(1)
         if stacked is not None:
-            _set(params, ("layers", *path), put(("layers", *path), _cast(stacked, dtype)))
+            store(("layers", *path), stacked)
         del stacked
     for name, (path, transpose) in GLOBAL_TENSORS.items():
         leaf = _get(shapes, path)
         if leaf is None:
             continue
         arr = _convert(g, name, cfg, transpose, np_dtype, leaf.shape)
-        _set(params, path, put(path, _cast(arr, dtype)))
+        store(path, arr)
         bar.update(1)
     bar.close()
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))

@@ -63,6 +63,7 @@ def load(
     shapes: StepShapes | None = None,
     mesh: Mesh | str | None = None,
     unrolled: bool | None = None,
+    quant: str | None = None,
 ) -> Model:
     """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
     context length, at most 4096); `rows` is the number of decode slots.
@@ -81,12 +82,17 @@ def load(
         mesh = make_mesh(mesh)
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
-    steps = Steps(cfg, shapes, dtype, mesh=mesh, unrolled=unrolled)
+    steps = Steps(cfg, shapes, dtype, mesh=mesh, unrolled=unrolled, quant=quant)
     put = steps.plan.device_put if steps.plan is not None else None
-    params, stats = load_params(
-        g, cfg, dtype, progress=progress, device_put=put, unrolled=steps.unrolled
-    )
+    float_model = steps.model.clone(quant=None)
+    params, stats = load_params(g, float_model, progress=progress, device_put=put)
     tokenizer = Tokenizer.from_gguf(g.metadata)
+    if quant is not None:
+        from tsjax.quantize import CALIBRATION_TEXT, calibrate, quantize_params
+
+        calibration = tokenizer.encode(CALIBRATION_TEXT)
+        params = quantize_params(params, calibrate(float_model, params, calibration))
+        stats.bytes_params = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     template = ChatTemplate.from_metadata(
         g.metadata, g.architecture, special_tokens=special_tokens_from_metadata(g.metadata)
     )

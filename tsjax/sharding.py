@@ -100,6 +100,9 @@ def param_axes(path: Sequence[str]) -> LogicalAxes:
     under "layers" (stacked layout) with a leading layer axis, under "layers_<i>" (unrolled
     layout) without."""
     path = tuple(path)
+    if path and path[-1] in ("kernel_scale", "input_scale"):  # an int8 kernel's out / in axis
+        axes = param_axes((*path[:-1], "kernel"))
+        return (*axes[:-2], axes[-1] if path[-1] == "kernel_scale" else axes[-2])
     if path and path[0] == "layers":
         axes = _LAYER_PARAM_AXES.get(path[1:])
         if axes is not None:

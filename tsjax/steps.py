@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -97,13 +97,19 @@ class Steps:
         mesh: Mesh | None = None,
         rules: dict[str, str | None] | None = None,
         unrolled: bool | None = None,
+        quant: str | None = None,
     ):
         self.cfg = cfg
+        if quant == "int8":
+            # XLA:CPU's int8 matmul is fast from 4 rows and very slow for one (measured: a
+            # 4-row step beats a 1-row float32 one), so decode pads to at least 4 rows.
+            low = tuple(sorted({max(b, 4) for b in shapes.decode_batches}))
+            shapes = replace(shapes, decode_batches=low)
         self.shapes = shapes
         self.dtype = dtype
         # Params layout (see `unroll_layers_default`); load_params must be given the same.
         self.unrolled = unroll_layers_default() if unrolled is None else unrolled
-        self.model = Decoder(cfg, dtype, self.unrolled)
+        self.model = Decoder(cfg, dtype, self.unrolled, quant)
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -137,7 +143,7 @@ class Steps:
         from tsjax.loader import param_shapes
 
         assert self.plan is not None
-        p = self.plan.params(param_shapes(self.cfg, self.dtype, self.unrolled))
+        p = self.plan.params(param_shapes(self.model))
         c, s, r = self.plan.cache(), self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
@@ -388,7 +394,7 @@ class Steps:
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
         tok = np.zeros((b,), np.int32)
         active = np.zeros((b,), bool)
-        if b < self.shapes.rows:
+        if b != self.shapes.rows:
             where = np.arange(n)
             row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
             row_arr[:n] = rows

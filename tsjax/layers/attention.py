@@ -83,6 +83,7 @@ class Attention(nn.Module):
     scale: float = 1.0
     softcap: float | None = None
     dtype: jnp.dtype = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(
@@ -93,9 +94,9 @@ class Attention(nn.Module):
         Returns (out [B, T, D], cache_k, cache_v)."""
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
-        q = Linear(n * h, self.qkv_bias, self.dtype, name="q")(x).reshape(b, t, n, h)
-        k = Linear(kv * h, self.qkv_bias, self.dtype, name="k")(x).reshape(b, t, kv, h)
-        v = Linear(kv * h, self.qkv_bias, self.dtype, name="v")(x).reshape(b, t, kv, h)
+        q = Linear(n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x).reshape(b, t, n, h)
+        k = Linear(kv * h, self.qkv_bias, self.dtype, self.quant, name="k")(x).reshape(b, t, kv, h)
+        v = Linear(kv * h, self.qkv_bias, self.dtype, self.quant, name="v")(x).reshape(b, t, kv, h)
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
@@ -124,4 +125,4 @@ class Attention(nn.Module):
             self.scale,
             self.softcap,
         )
-        return Linear(d, False, self.dtype, name="o")(out), cache_k, cache_v
+        return Linear(d, False, self.dtype, self.quant, name="o")(out), cache_k, cache_v

@@ -1,4 +1,12 @@
-"""Dense projection with a [in, out] kernel (GGUF's [out, in] is transposed once at load)."""
+"""Dense projection with a [in, out] kernel (GGUF's [out, in] is transposed once at load).
+
+With `quant="int8"` (weights made by `tsjax.quantize`) the kernel is int8 with one float scale
+per output column, and each input row is scaled per channel (`input_scale`, the calibrated
+smoothing) and quantized to int8 on the fly (symmetric, one scale per row), so the matmul runs
+int8 x int8 -> int32: on XLA:CPU about twice the float32 rate from 4 rows (XNNPACK's int8
+kernels). The float path records each input channel's largest magnitude when asked (the
+"intermediates" collection), which is what calibration reads.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+QUANTS = (None, "int8")
+
+
+def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., in] float @ int8 kernel [in, out] (column scales [out]) -> [..., out] float."""
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True).astype(jnp.float32)
+    row_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    xq = jnp.clip(jnp.round(x / row_scale), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot_general(
+        xq, kernel, (((xq.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
+    return (acc.astype(jnp.float32) * row_scale * scale).astype(x.dtype)
+
+
+def input_amax(x: jax.Array) -> jax.Array:
+    """Largest magnitude per input channel over every other axis. x: [..., in] -> [in]."""
+    return jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0).astype(jnp.float32)
+
 
 class Linear(nn.Module):
     features: int
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype
-        )
-        y = jnp.dot(x, kernel.astype(x.dtype))
+        shape = (x.shape[-1], self.features)
+        if self.quant == "int8":
+            kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+            scale = self.param("kernel_scale", nn.initializers.ones, shape[1:], jnp.float32)
+            smooth = self.param("input_scale", nn.initializers.ones, shape[:1], jnp.float32)
+            y = int8_matmul(x * smooth.astype(x.dtype), kernel, scale)
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
+            self.sow("intermediates", "input_amax", input_amax(x))
+            y = jnp.dot(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y

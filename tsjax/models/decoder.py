@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from tsjax.cache import KVCache
 from tsjax.layers.attention import Attention
 from tsjax.layers.embed import Embed
+from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.models.config import ModelConfig
@@ -24,6 +25,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     attn_len: int
     dtype: jnp.dtype = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(self, carry, positions, rows, layer_data):
@@ -40,6 +42,7 @@ class DecoderLayer(nn.Module):
             scale=c.attn_scale,
             softcap=c.attn_softcap,
             dtype=self.dtype,
+            quant=self.quant,
             name="attn",
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
@@ -50,7 +53,7 @@ class DecoderLayer(nn.Module):
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
         x = x + h
         h = RMSNorm(c.norm_eps, self.dtype, name="ffn_norm")(x)
-        h = GatedMLP(c.ffn_dim, c.activation, self.dtype, name="mlp")(h)
+        h = GatedMLP(c.ffn_dim, c.activation, self.dtype, self.quant, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm")(h)
         return (x + h, cache_k, cache_v), None
@@ -77,6 +80,7 @@ class Decoder(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     unrolled: bool = False
+    quant: str | None = None  # "int8": int8 weights (see tsjax.layers.linear)
 
     @nn.compact
     def __call__(
@@ -100,18 +104,18 @@ class Decoder(nn.Module):
             carry = (x, cache.k, cache.v)
             for i in range(c.n_layers):
                 data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
-                carry, _ = DecoderLayer(c, attn_len, self.dtype, name=layer_name(i))(
+                carry, _ = DecoderLayer(c, attn_len, self.dtype, self.quant, name=layer_name(i))(
                     carry, positions, rows, data
                 )
             x, k, v = carry
             return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
         layers = nn.scan(
             DecoderLayer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=c.n_layers,
-        )(c, attn_len, self.dtype, name="layers")
+        )(c, attn_len, self.dtype, self.quant, name="layers")
         layer_data = (
             jnp.arange(c.n_layers, dtype=jnp.int32),
             jnp.asarray(c.layer_windows, jnp.int32),
@@ -126,10 +130,12 @@ class Decoder(nn.Module):
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
-        if c.tied_embeddings:
+        if c.tied_embeddings and self.quant is None:
+            # what a quantized model's separate lm_head would see (calibration reads it)
+            self.sow("intermediates", "lm_head_input_amax", input_amax(x))
             logits = embed.attend(x)
-        else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
+        else:  # quantized: a tied embedding gets an int8 copy as the output projection
+            logits = Linear(c.vocab_size, False, self.dtype, self.quant, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if c.final_softcap:
             logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap

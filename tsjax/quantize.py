@@ -1,0 +1,111 @@
+"""int8 weights for XLA:CPU's fast int8 matmuls (W8A8, SmoothQuant-style).
+
+XLA:CPU runs int8 x int8 -> int32 matmuls about twice as fast as float32 ones from 4 rows on,
+which is what batched decode is made of. Both sides must be int8: the weights once, here, with
+one scale per output column; the activations on the fly, one scale per row
+(`tsjax.layers.linear.int8_matmul`). Per-row activation scales are crushed by the few channels
+whose magnitude is far above the rest, so each matmul first moves part of that range into its
+weights (Xiao et al., SmoothQuant, 2023): with `a` a channel's largest input magnitude on a
+calibration text and `w` its largest weight, the input is divided and the weight row
+multiplied by `a**alpha / w**(1 - alpha)`. The calibration text is fixed (below), so the same
+GGUF always gives the same int8 weights.
+
+Measured on SmolLM2-135M against its float32 logits (README, "int8 weights"): per-row int8
+without smoothing moved the next-token distribution by KL 0.05 (top-1 agreement 87%);
+smoothed, far less.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from tsjax.cache import KVCache
+from tsjax.models.decoder import Decoder
+
+ALPHA = 0.5  # how much of the activation range moves into the weights
+
+# Several registers a chat server sees: prose, code, numbers, markup, a chat transcript.
+CALIBRATION_TEXT = """\
+The history of computing is a story of abstractions layered on abstractions, from switches to \
+gates, from gates to instructions, from instructions to languages. Each layer hides the one \
+below it, and each one leaks.
+
+def merge(left: list[int], right: list[int]) -> list[int]:
+    out, i, j = [], 0, 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            out.append(left[i]); i += 1
+        else:
+            out.append(right[j]); j += 1
+    return out + left[i:] + right[j:]
+
+| city | population (2021) | area (km²) |
+|------|------------------:|-----------:|
+| Lyon | 522,250 | 47.87 |
+| Kyoto | 1,463,723 | 827.8 |
+
+{"name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}
+
+User: Can you explain why the sky is blue, in two sentences?
+Assistant: Sunlight scatters off the molecules in the air, and shorter (blue) wavelengths \
+scatter far more than longer (red) ones. So when you look away from the sun, you mostly see \
+that scattered blue light.
+User: Merci ! Et pourquoi les couchers de soleil sont-ils rouges ?
+Assistant: Au coucher du soleil, la lumière traverse beaucoup plus d'atmosphère : le bleu est \
+diffusé en chemin et il reste surtout le rouge et l'orange. 日没時には光が長い距離を通るため、\
+赤い光が残ります。 1 + 1 = 2; 3.14159 * 2 = 6.28318; 2**10 = 1024.
+"""
+
+
+def calibrate(model: Decoder, params, tokens: list[int]) -> dict[tuple[str, ...], jax.Array]:
+    """Largest input magnitude per channel of every matmul of the float `model` over
+    `tokens`: {path of the Linear (or ("lm_head",) for a tied embedding): [..., in]}."""
+    n = len(tokens)
+    cache = KVCache.create(model.cfg, 1, n, model.dtype)
+    toks = jnp.asarray([tokens], jnp.int32)
+    pos = jnp.arange(n, dtype=jnp.int32)[None]
+
+    def run(params, cache):
+        _, state = model.apply(
+            {"params": params}, toks, pos, cache, None, None, n, mutable=["intermediates"]
+        )
+        return state["intermediates"]
+
+    out = {}
+    for path, (value,) in flatten_dict(jax.jit(run)(params, cache)).items():
+        key = ("lm_head",) if path[-1] == "lm_head_input_amax" else path[:-1]
+        out[key] = value
+    return out
+
+
+def quantize_params(params, amax: dict[tuple[str, ...], jax.Array], alpha: float = ALPHA):
+    """Float params -> the int8 model's params: every calibrated Linear's kernel [..., in,
+    out] becomes `kernel` (int8), `kernel_scale` [..., out] and `input_scale` [..., in]; a
+    tied embedding also gives an int8 `lm_head`. Other leaves are kept."""
+    flat = flatten_dict(params)
+    if ("lm_head",) in amax and ("lm_head", "kernel") not in flat:
+        flat[("lm_head", "kernel")] = flat[("embed", "embedding")].T
+    for path, a in amax.items():
+        kernel = flat.pop((*path, "kernel"))
+        k, scale, smooth = _quantize(kernel, a, alpha)
+        flat[(*path, "kernel")] = k
+        flat[(*path, "kernel_scale")] = scale
+        flat[(*path, "input_scale")] = smooth
+    return unflatten_dict(flat)
+
+
+@jax.jit
+def _quantize(kernel, a, alpha):
+    kernel = kernel.astype(jnp.float32)
+    w = jnp.max(jnp.abs(kernel), axis=-1)  # [..., in]
+    s = jnp.where(
+        (a > 0) & (w > 0), a**alpha / jnp.maximum(w, 1e-8) ** (1 - alpha), 1.0
+    )  # x / s, w * s
+    s = jnp.clip(s, 1e-4, 1e4)
+    smoothed = kernel * s[..., :, None]
+    col = jnp.max(jnp.abs(smoothed), axis=-2)  # [..., out]
+    scale = jnp.where(col > 0, col / 127.0, 1.0)
+    q = jnp.clip(jnp.round(smoothed / scale[..., None, :]), -127, 127).astype(jnp.int8)
+    return q, scale, 1.0 / s
