@@ -298,6 +298,7 @@ def cold_start(model: str | None, cache_dir: str | None, quant: str | None = Non
     """Seconds from process start to the first generated token (`tsjax generate -n 1`)."""
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["TSJAX_COMPILATION_CACHE"] = "off"
     if cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -320,3 +320,19 @@ def test_cmd_pull_prints_only_path(
     assert catalog.cmd_pull(catalog.argparse.Namespace(name=["no-such-model"])) == 1
     out, err = capsys.readouterr()
     assert out == "" and "unknown model" in err
+
+
+def test_compilation_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Beside the models by default; TSJAX_COMPILATION_CACHE moves or disables it; JAX's own
+    variable wins (left to JAX)."""
+    monkeypatch.setenv("TSJAX_HOME", str(tmp_path))
+    monkeypatch.delenv("TSJAX_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert catalog.compilation_cache_dir() == tmp_path / "jax-cache"
+    monkeypatch.setenv("TSJAX_COMPILATION_CACHE", str(tmp_path / "elsewhere"))
+    assert catalog.compilation_cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("TSJAX_COMPILATION_CACHE", "off")
+    assert catalog.compilation_cache_dir() is None
+    monkeypatch.delenv("TSJAX_COMPILATION_CACHE")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert catalog.compilation_cache_dir() is None

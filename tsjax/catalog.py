@@ -126,6 +126,33 @@ def models_dir() -> Path:
     return base / "tsjax" / "models"
 
 
+def compilation_cache_dir() -> Path | None:
+    """Where compiled steps are kept between processes (JAX's persistent compilation cache):
+    $TSJAX_COMPILATION_CACHE, else `jax-cache` beside the models. "off" (or "") turns it off;
+    JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins and is left to JAX."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") is not None:
+        return None
+    value = os.environ.get("TSJAX_COMPILATION_CACHE")
+    if value is None:
+        return models_dir().parent / "jax-cache"
+    return None if value.strip().lower() in ("", "0", "off", "false") else Path(value)
+
+
+def enable_compilation_cache() -> Path | None:
+    """Point JAX's persistent compilation cache at `compilation_cache_dir()` (idempotent).
+    A restart then loads the compiled steps instead of compiling them again: on CPU the
+    unrolled layer loop makes that the larger part of start-up (BENCHMARKS.md)."""
+    import jax
+
+    d = compilation_cache_dir()
+    if d is None or jax.config.jax_compilation_cache_dir == str(d):
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return d
+
+
 def known_names() -> list[str]:
     return list(CATALOG)
 

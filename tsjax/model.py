@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from tsjax.catalog import resolve_model
+from tsjax.catalog import enable_compilation_cache, resolve_model
 from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
 from tsjax.gguf import GGUFFile
 from tsjax.loader import LoadStats, load_params
@@ -72,6 +72,7 @@ def load(
     shards params, cache and steps over several devices; each weight goes straight from the
     host into its shards. None keeps everything on the default device."""
     path = resolve_model(model)
+    enable_compilation_cache()
     t0 = time.perf_counter()
     g = GGUFFile(path)
     cfg = config_from_gguf(g)

@@ -48,6 +48,11 @@ def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def steps_bucket(n: int) -> int:
+    """The compiled step-count capacity for a dispatch of n decode steps: 4, 8, 16, ..."""
+    return max(4, 1 << (max(n, 1) - 1).bit_length())
+
+
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
@@ -125,7 +130,7 @@ class Steps:
         )
         self.decode_fn = jax.jit(
             decode,
-            static_argnames=("attn_len", "n_steps"),
+            static_argnames=("attn_len", "max_steps"),
             donate_argnums=(1, 2),
             **sh["decode"],
         )
@@ -235,27 +240,32 @@ class Steps:
         active,
         rows,
         masks,
+        n_steps,
         *,
         attn_len: int,
-        n_steps: int,
+        max_steps: int,
     ):
-        """`n_steps` decode steps for the cache rows `rows` [b] (None: all B rows) in one
-        dispatch. tokens, active: [b]. Decoding only a bucket of the live rows keeps one
-        stream from paying for a full batch. Returns (tokens [n_steps, b], logits of the last
-        step [b, V], cache, sampler)."""
+        """`n_steps` (a traced scalar, at most `max_steps`) decode steps for the cache rows
+        `rows` [b] (None: all B rows) in one dispatch. tokens, active: [b]. Decoding only a
+        bucket of the live rows keeps one stream from paying for a full batch; the step count
+        being data, one compiled program serves 1 step (someone is waiting) and several.
+        Returns (tokens [max_steps, b], the first n_steps rows filled; logits of the last step
+        [b, V], cache, sampler)."""
         sub = sampler
         if rows is not None:
             sub = jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), sampler)
 
-        def step(carry, _):
-            cache, sub, tokens, _ = carry
+        def step(i, carry):
+            cache, sub, tokens, _, out = carry
             logits, cache = self._decode_logits(params, cache, tokens, active, rows, attn_len)
             tokens, sub = sample(logits, sub, masks)
-            return (cache, sub, tokens, logits), tokens
+            return cache, sub, tokens, logits, out.at[i].set(tokens)
 
-        init_logits = jnp.zeros((tokens.shape[0], self.cfg.vocab_size), jnp.float32)
-        (cache, sub, _, logits), out = jax.lax.scan(
-            step, (cache, sub, tokens, init_logits), None, length=n_steps
+        b = tokens.shape[0]
+        init_logits = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
+        out = jnp.zeros((max_steps, b), jnp.int32)
+        cache, sub, _, logits, out = jax.lax.fori_loop(
+            0, n_steps, step, (cache, sub, tokens, init_logits, out)
         )
         if rows is None:
             sampler = sub
@@ -305,9 +315,11 @@ class Steps:
                 _, _, cache, sampler = self.prefill(
                     params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
                 )
+        # one compiled program per step-count bucket: run each with its largest count
+        counts = {steps_bucket(n): n for n in sorted(decode_steps)}.values()
         for b in self.shapes.decode_batches:
             for attn_len in self.shapes.attn_lens:
-                for n in decode_steps:
+                for n in counts:
                     pos = max(min(attn_len, self.shapes.max_len) - n, 0)
                     _, _, cache, sampler = self.decode(
                         params, cache, sampler, list(range(b)), [0] * b, pos, n
@@ -414,7 +426,8 @@ class Steps:
             self._put(active),
             row_arr,
             self._put(mask),
+            self._put(np.int32(n_steps)),
             attn_len=attn_len,
-            n_steps=n_steps,
+            max_steps=steps_bucket(n_steps),
         )
-        return np.asarray(out)[:, where], logits[self._put(where)], cache, sampler
+        return np.asarray(out)[:n_steps, where], logits[self._put(where)], cache, sampler

@@ -55,12 +55,15 @@ class _Live:
     sampled: list[int] = field(default_factory=list)  # every sampled token, in order
     fed: int = 0  # sampled tokens written back into the cache
     decode_start: float = 0.0
-    constrained: bool = False  # the grammar constraint applies to the next token
+
+    @property
+    def constrained(self) -> bool:
+        return self.req.constraint is not None
 
     @property
     def grammar_pending(self) -> bool:
-        """A constraint that applies now or will once its start marker appears."""
-        return self.req.constraint is not None and not self.text.finish_reason
+        """A constraint still deciding this row's next tokens."""
+        return self.constrained and not self.text.finish_reason
 
     def mask_row(self, out: np.ndarray) -> None:
         """This row's allowed-token bitmask for the next token (all bits set if free)."""
@@ -246,7 +249,6 @@ class Engine:
             room=self.model.max_len - len(prompt),
         )
         live = _Live(req, sink, row, text, stats, submitted)
-        live.constrained = req.constraint is not None and not req.constraint_after
         t0 = time.perf_counter()
         start = reuse
         first = None
@@ -304,14 +306,11 @@ class Engine:
         return out
 
     def _advance_grammar(self, live: _Live, token: int) -> None:
-        """Feed the constraint the token it allowed; start it once its marker appears."""
+        """Feed the constraint the token it allowed."""
         c = live.req.constraint
-        if live.constrained:
-            if token not in self.model.tokenizer.eog_ids and not c.finished:
-                if not c.accept(token):
-                    raise RuntimeError(f"grammar rejected token {token} it had allowed")
-        elif c is not None and live.req.constraint_after in live.text.text:
-            live.constrained = True
+        if token not in self.model.tokenizer.eog_ids and not c.finished:
+            if not c.accept(token):
+                raise RuntimeError(f"grammar rejected token {token} it had allowed")
 
     def _consume(self, live: _Live, tokens: list[int]) -> None:
         """Turn sampled tokens into events; finish the request when its stream ends."""

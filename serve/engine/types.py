@@ -28,10 +28,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     reuse_prefix: bool = True  # may start from a cached prefix of another turn
     # A tsjax.grammar.Constraint: each sampled token must be allowed by it (structured output,
-    # forced tool calls). With `constraint_after`, it applies only once the generated text
-    # contains that marker (e.g. "</think>": JSON after the reasoning block).
+    # forced tool calls), from the first (a reasoning block is part of the grammar).
     constraint: Any = None
-    constraint_after: str | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.time)
 

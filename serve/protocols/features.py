@@ -240,7 +240,6 @@ class Plan:
     choice: str = "auto"
     output: OutputSpec | None = None
     constraint: Any = None  # a fresh tsjax.grammar.Constraint, or None
-    constraint_after: str | None = None  # unused: the grammar allows the reasoning block
 
     @property
     def parse_tools(self) -> bool:
@@ -341,7 +340,6 @@ async def constrain(hub: Hub, plan: Plan, error: type[ApiError], prompt_text: st
 def apply(plan: Plan, req: Any) -> Any:
     """Put the plan's constraint on an engine request."""
     req.constraint = plan.constraint
-    req.constraint_after = plan.constraint_after if plan.constraint is not None else None
     return req
 
 
