@@ -65,6 +65,48 @@ def test_temperature_sampling_follows_the_distribution():
     np.testing.assert_allclose(freq, probs, atol=0.05)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.9),  # the server default
+        SamplingParams(temperature=1.0, top_k=5, top_p=1.0, min_p=0.05),
+        SamplingParams(temperature=1.0, top_k=0, top_p=0.9),  # peaked: inside the candidates
+        SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.02),
+        SamplingParams(temperature=2.0, top_k=0, top_p=0.99),  # flat: needs the full sort
+        SamplingParams(temperature=1.0, top_k=300, top_p=0.95),  # top_k above CANDIDATES
+    ],
+    ids=["default", "top-k+min-p", "top-p", "min-p", "flat-top-p", "large-top-k"],
+)
+def test_filtered_draws_stay_in_the_full_sort_kept_set(params):
+    """Whether a row draws from the top-CANDIDATES shortcut or the full sort, every token
+    lies in the set `filter_logits` (the full sort) keeps, and a mixed batch gives each row the
+    tokens it gets alone."""
+    rng = np.random.default_rng(1)
+    n, v = 64, 2048
+    logits = rng.standard_normal((n, v)).astype(np.float32) * 4.0
+    logits[:, :3] += 6.0  # a few likely tokens, as a language model has
+    rows = [SamplingParams(**{**params.__dict__, "seed": i}) for i in range(n)]
+    state = host_sampler_state(rows, [[]] * n)
+    tok = np.asarray(sample(jnp.asarray(logits), state)[0])
+    scaled = jnp.asarray(logits) / params.temperature
+    allowed = np.asarray(filter_logits(scaled, state)) > -1e29
+    assert all(allowed[i, tok[i]] for i in range(n))
+    mixed = [rows[0], SamplingParams(temperature=2.0, top_k=0, top_p=0.999, seed=3)]
+    both = np.asarray(sample(jnp.asarray(logits[:2]), host_sampler_state(mixed, [[]] * 2))[0])
+    alone = np.asarray(sample(jnp.asarray(logits[:1]), host_sampler_state(mixed[:1], [[]]))[0])
+    assert both[0] == alone[0]
+
+
+def test_top_k_shortcut_follows_the_distribution():
+    """The top-CANDIDATES draw renormalises like the full sort: top_k=2 over 0.5/0.25/...
+    gives 2/3 and 1/3."""
+    logits = jnp.asarray(np.tile(LOGITS[0], (3000, 1)))
+    params = [SamplingParams(temperature=1.0, top_k=2, top_p=1.0, seed=i) for i in range(3000)]
+    tok, _ = sample(logits, host_sampler_state(params, [[]] * 3000))
+    freq = np.bincount(np.asarray(tok), minlength=5) / 3000
+    np.testing.assert_allclose(freq, [2 / 3, 1 / 3, 0, 0, 0], atol=0.04)
+
+
 def test_invalid_parameters_are_named():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0).validate()

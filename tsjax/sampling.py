@@ -18,6 +18,7 @@ import numpy as np
 
 NEG_INF = -1e30
 HISTORY = 256  # the longest repeat_last_n window the state keeps per row
+CANDIDATES = 256  # filtered sampling draws from the best this many tokens when it provably can
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,54 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1)
 
 
+def _draw_filtered(
+    scaled: jax.Array, s: SamplerState, keys: jax.Array, greedy: jax.Array
+) -> jax.Array:
+    """One draw per row from its top-k / top-p / min-p filtered distribution. scaled: [B, V];
+    `greedy` rows are picked elsewhere (their result here is unused).
+
+    A full sort of the vocabulary costs ~170 ms for 16 x 49,152 logits on XLA:CPU, several
+    times a whole decode step, while `lax.top_k` of the best CANDIDATES costs ~3 ms. The kept
+    tokens are always a prefix of the sorted order, so a row's draw comes from the candidates
+    whenever the filter provably stops inside them: top_k <= CANDIDATES, or (top_k off) the
+    candidates already hold top_p of the mass or their last one is under min_p. Other rows
+    (a flat distribution with a loose top-p, top_k above CANDIDATES) take the full sort, under
+    a `lax.cond` that costs nothing when no row needs it, and rows with no filter at all draw
+    from the whole vocabulary. Which path a row takes depends only on its own logits and
+    settings, so a seeded request draws the same tokens alone or in a full batch."""
+    b, v = scaled.shape
+    c = min(CANDIDATES, v)
+    filtered = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
+    cand, idx = jax.lax.top_k(scaled, c)  # [B, c], best first
+    rank = jnp.arange(c)[None, :]
+    by_k = (s.top_k > 0) & (s.top_k <= c)
+    in_k = rank < jnp.where(s.top_k > 0, s.top_k, v)[:, None]
+    norm = jnp.where(  # top-k renormalises over its k tokens, else over the vocabulary
+        by_k,
+        jax.nn.logsumexp(jnp.where(in_k, cand, NEG_INF), axis=-1),
+        jax.nn.logsumexp(scaled, axis=-1),
+    )
+    probs = jnp.exp(cand - norm[:, None]) * in_k
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & (cum_before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
+    keep = keep.at[:, 0].set(True)
+    stops_inside = (probs.sum(-1) >= s.top_p) | (probs[:, -1] < s.min_p * probs[:, 0])
+    inside = filtered & (by_k | ((s.top_k == 0) & stops_inside))
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (c,), scaled.dtype))(keys)
+    choice = argmax(jnp.where(keep, cand, NEG_INF) + gumbel)
+    fast = jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+    full_sort = filtered & ~inside
+
+    def whole_vocabulary():
+        x = jax.lax.cond(jnp.any(full_sort & ~greedy), filter_logits, lambda x, _: x, scaled, s)
+        return _draw(keys, x)
+
+    rest = jax.lax.cond(
+        jnp.any(~inside & ~greedy), whole_vocabulary, lambda: jnp.zeros((b,), jnp.int32)
+    )
+    return jnp.where(inside, fast, rest)
+
+
 def _draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
     """One categorical draw per row (the Gumbel-max trick, as `jax.random.categorical`)."""
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
@@ -185,15 +234,13 @@ def sample(
     logits = jax.lax.cond(needs_penalty, apply_penalties, lambda x, _: x, logits, s)
     greedy = s.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
-    needs_filter = jnp.any(~greedy & ((s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)))
-    scaled = jax.lax.cond(needs_filter, filter_logits, lambda x, _: x, scaled, s)
     keys = jax.vmap(jax.random.wrap_key_data)(s.keys)
     split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
     picked = argmax(logits)
     tokens = jax.lax.cond(
         jnp.all(greedy),
         lambda: picked,
-        lambda: jnp.where(greedy, picked, _draw(split[:, 1], scaled)),
+        lambda: jnp.where(greedy, picked, _draw_filtered(scaled, s, split[:, 1], greedy)),
     )
     rows = jnp.arange(tokens.shape[0])
     history = s.history.at[rows, s.history_pos].set(tokens)
