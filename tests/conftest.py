@@ -90,6 +90,22 @@ def hf_reference(path: Path) -> HFReference:
     return _refs[path]
 
 
+def all_logits(model, ids: list[int]):
+    """All-position logits [T, V] of one prompt through the model's compiled forward step."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return np.asarray(
+        model.steps.forward_fn(
+            model.params,
+            model.steps.new_cache(),
+            jnp.asarray([ids]),
+            jnp.zeros((1,), jnp.int32),
+            attn_len=model.steps.attn_len_for(len(ids)),
+        )[0]
+    )
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| over the vocabulary: the issue's parity measure."""
     import numpy as np

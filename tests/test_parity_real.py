@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from conftest import hf_reference, loaded_model, real_model_path, rel_err
+from conftest import all_logits, hf_reference, loaded_model, real_model_path, rel_err
 
 from tsjax.generation import generate
 from tsjax.sampling import SamplingParams
@@ -43,14 +41,7 @@ def test_last_position_logits_match_transformers(name):
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         assert ids == ref.tokenizer(prompt)["input_ids"], prompt
-        logits = model.steps.forward_fn(
-            model.params,
-            model.steps.new_cache(),
-            jnp.asarray([ids]),
-            jnp.zeros((1,), jnp.int32),
-            attn_len=model.steps.attn_len_for(len(ids)),
-        )
-        ours, theirs = np.asarray(logits[0]), ref.logits(ids)
+        ours, theirs = all_logits(model, ids), ref.logits(ids)
         for pos in (len(ids) - 1, len(ids) // 2):
             err = rel_err(ours[pos], theirs[pos])
             assert err < 1e-3, f"{name} {prompt!r} position {pos}: relative error {err:.2e}"

@@ -7,10 +7,8 @@ otherwise ignore filled in from the file, see `gguf_factory.hf_config_overrides`
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import all_logits, rel_err
 from gguf_factory import reference_greedy, reference_logits, write_tiny_gguf
 
 from tsjax.generation import generate
@@ -50,15 +48,7 @@ def test_all_position_logits_match(files, case):
     path = files[case]
     model = load(path, max_len=64, progress=False)
     ids = [t % model.config.vocab_size for t in PROMPT]
-    ours = np.asarray(
-        model.steps.forward_fn(
-            model.params,
-            model.steps.new_cache(),
-            jnp.asarray([ids]),
-            jnp.zeros((1,), jnp.int32),
-            attn_len=64,
-        )[0]
-    )
+    ours = all_logits(model, ids)
     ref = reference_logits(path, ids)
     for pos in range(len(ids)):
         err = rel_err(ours[pos], ref[pos])
@@ -77,14 +67,7 @@ def test_layer_layouts_agree(files, case):
         res = generate(
             model, ids, sampling=SamplingParams.greedy(), max_tokens=8, steps_per_dispatch=4
         )
-        logits = model.steps.forward_fn(
-            model.params,
-            model.steps.new_cache(),
-            jnp.asarray([ids]),
-            jnp.zeros((1,), jnp.int32),
-            attn_len=64,
-        )[0]
-        runs.append((res.tokens, np.asarray(logits)))
+        runs.append((res.tokens, all_logits(model, ids)))
     assert runs[0][0] == runs[1][0]
     assert rel_err(runs[0][1], runs[1][1]) < 1e-5
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import all_logits, rel_err
 from gguf_factory import write_tiny_gguf
 
 from tsjax.generation import generate
@@ -45,15 +45,8 @@ def test_tiny_int8_models_follow_float(tmp_path, arch, unrolled):
     for quant in (None, "int8"):
         model = load(path, max_len=64, progress=False, unrolled=unrolled, quant=quant)
         ids = [t % model.config.vocab_size for t in PROMPT]
-        logits = model.steps.forward_fn(
-            model.params,
-            model.steps.new_cache(),
-            jnp.asarray([ids]),
-            jnp.zeros((1,), jnp.int32),
-            attn_len=64,
-        )[0]
         res = generate(model, ids[:6], sampling=SamplingParams.greedy(), max_tokens=6)
-        runs[quant] = (np.asarray(logits), res.tokens, model)
+        runs[quant] = (all_logits(model, ids), res.tokens, model)
     int8_model = runs["int8"][2]
     kernel = (int8_model.params.get("layers") or int8_model.params["layers_0"])["mlp"]["up"]
     assert kernel["kernel"].dtype == jnp.int8 and "input_scale" in kernel
@@ -88,15 +81,7 @@ def test_real_model_int8_accuracy(smollm_path):
     for quant in (None, "int8"):
         model = load(smollm_path, max_len=512, progress=False, quant=quant)
         ids = model.tokenizer.encode(text)[:256]
-        logits[quant] = np.asarray(
-            model.steps.forward_fn(
-                model.params,
-                model.steps.new_cache(),
-                jnp.asarray([ids]),
-                jnp.zeros((1,), jnp.int32),
-                attn_len=256,
-            )[0]
-        )
+        logits[quant] = all_logits(model, ids)
     p, q = _log_softmax(logits[None]), _log_softmax(logits["int8"])
     kl = float((np.exp(p) * (p - q)).sum(-1).mean())
     agree = float(np.mean(logits[None].argmax(-1) == logits["int8"].argmax(-1)))

@@ -3,10 +3,9 @@ and after warm-up no request shape or sampling setting compiles anything new."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import loaded_model, rel_err
+from conftest import all_logits, loaded_model, rel_err
 from gguf_factory import write_tiny_gguf
 
 from tsjax.model import load
@@ -27,18 +26,6 @@ def tiny_gemma3(tmp_path_factory):
     )
 
 
-def full_logits(model, ids):
-    return np.asarray(
-        model.steps.forward_fn(
-            model.params,
-            model.steps.new_cache(),
-            jnp.asarray([ids]),
-            jnp.zeros((1,), jnp.int32),
-            attn_len=model.steps.attn_len_for(len(ids)),
-        )[0]
-    )
-
-
 def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
     steps = model.steps
     cache, sampler = steps.new_cache(), steps.new_sampler()
@@ -55,7 +42,7 @@ def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
         seq += [int(t) for t in out[:, 0]]
         got.append(np.asarray(last[0]))
     assert int(cache.lengths[row]) == len(seq) - 1
-    ref = full_logits(model, seq[:-1])
+    ref = all_logits(model, seq[:-1])
     # got[0] is the logits after the prompt; got[k] after `steps_per_dispatch` more tokens.
     positions = [len(prompt) - 1 + k * steps_per_dispatch for k in range(len(got))]
     for g, p in zip(got, positions, strict=True):
@@ -87,7 +74,7 @@ def test_prefix_reuse_prefill_matches_fresh(tiny_gemma3):
     _, logits, cache, sampler = steps.prefill(
         params, cache, sampler, [seq[11:]], [2], [GREEDY], starts=[11]
     )
-    assert rel_err(logits[0], full_logits(tiny_gemma3, seq)[-1]) < 1e-4
+    assert rel_err(logits[0], all_logits(tiny_gemma3, seq)[-1]) < 1e-4
     assert int(cache.lengths[2]) == len(seq)
 
 
@@ -97,7 +84,7 @@ def test_batched_prefill_rows_are_independent(tiny_gemma3):
     cache, sampler = steps.new_cache(), steps.new_sampler()
     _, logits, cache, _ = steps.prefill(params, cache, sampler, prompts, [3, 0, 1], [GREEDY] * 3)
     for i, p in enumerate(prompts):
-        assert rel_err(logits[i], full_logits(tiny_gemma3, p)[-1]) < 1e-4
+        assert rel_err(logits[i], all_logits(tiny_gemma3, p)[-1]) < 1e-4
     assert [int(x) for x in cache.lengths] == [11, 2, 0, 3]
 
 
