@@ -1,0 +1,43 @@
+"""`tsjax serve` settings: the shipped file parses, precedence is file < environment < flags,
+and bad values are refused with the setting's name before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from serve.settings import DEFAULT_CONFIG, FIELDS, add_serve_args, load_settings, settings_from_args
+
+
+def test_shipped_config_names_every_setting():
+    text = DEFAULT_CONFIG.read_text()
+    missing = [f for f in FIELDS if f not in text]
+    assert not missing, f"configs/server.toml does not mention {missing}"
+    load_settings(DEFAULT_CONFIG, environ={})
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[server]\nrows = 4\nport = 6000\nquant = "int8"\n')
+    env = {"TSJAX_PORT": "7000", "TSJAX_TEMPERATURE": "0.2"}
+    s = load_settings(cfg, environ=env)
+    assert (s.rows, s.port, s.temperature, s.quant) == (4, 7000, 0.2, "int8")
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    args = parser.parse_args(["--config", str(cfg), "--port", "8000", "--max-len", "512"])
+    s = settings_from_args(args)
+    assert (s.rows, s.port, s.max_len, s.quant) == (4, 8000, 512, "int8")
+
+
+@pytest.mark.parametrize(
+    "env,name",
+    [
+        ({"TSJAX_QUANT": "int4"}, "quant"),
+        ({"TSJAX_ROWS": "0"}, "rows"),
+        ({"TSJAX_MESH": "xx=2"}, "mesh"),
+    ],
+)
+def test_bad_values_name_the_setting(env, name):
+    with pytest.raises(ValueError, match=name):
+        load_settings(None, environ=env)
