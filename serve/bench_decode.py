@@ -1,9 +1,11 @@
 """Decode-step cost by live rows and attention bucket: where batched decode time goes.
 
     python -m serve.bench_decode [--model smollm2-135m] [--rows 16] [--max-len 2048]
-                                 [--positions 100,200,1000] [--steps 4]
+                                 [--positions 100,200,1000] [--steps 4] [--quant int8]
+                                 [--sampling greedy|default]
 
-Runs the compiled decode step directly (no engine, greedy) for 1 and `--rows` live rows at
+Runs the compiled decode step directly (no engine; greedy, or the server's default sampling
+top-k 40 / top-p 0.9 / temperature 0.8 with `--sampling default`) for 1 and `--rows` live rows at
 cache positions whose attention bucket differs, and prints ms per step (best of 3 dispatches
 after 2 warm-up ones) and tok/s. Comparing buckets at a fixed row count shows how much of the
 step is attention over the cache rather than the weights.
@@ -22,16 +24,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--positions", default="100,200,1000")
     p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
+    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
+    p.add_argument("--sampling", choices=["greedy", "default"], default="greedy")
     args = p.parse_args(argv)
 
     from tsjax.model import load
+    from tsjax.sampling import SamplingParams, host_sampler_state
+    from tsjax.sharding import put_tree
     from tsjax.steps import StepShapes
 
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
-    model = load(args.model, progress=False, shapes=shapes)
+    model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
     steps, n = model.steps, args.steps
     cache, sampler = steps.new_cache(), steps.new_sampler()
-    print(f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch")
+    if args.sampling == "default":
+        sampler = host_sampler_state(
+            [SamplingParams(seed=i) for i in range(args.rows)], [[]] * args.rows
+        )
+        if steps.plan is not None:
+            sampler = put_tree(sampler, steps.plan.sampler())
+    print(
+        f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch,"
+        f" {args.quant or 'float32'} weights, {args.sampling} sampling"
+    )
     print("| live rows | attention bucket | ms/step | tok/s |\n|---|---|---|---|")
     for pos in (int(x) for x in args.positions.split(",")):
         if pos + n > args.max_len:

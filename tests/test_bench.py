@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from types import SimpleNamespace
 
+import numpy as np
+
 from serve.bench import (
     add_bench_args,
     bench_command,
@@ -143,3 +145,16 @@ def test_report_without_llama_cpp_has_no_ratios():
     }
     text = report(args, "/x/m.gguf", 25e9, _ours(), ref, {}, "tsjax bench", None)
     assert "| aggregate decode, 32 concurrent | - | 270.0 tok/s batched" in text
+
+
+def test_accuracy_comparison_measures_what_it_says():
+    from serve.bench_accuracy import compare
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 40)).astype(np.float32)
+    assert compare(ref, ref)[0] < 1e-9 and compare(ref, ref)[2] == 1.0
+    shifted = ref.copy()
+    shifted[:, 0] += 50.0  # every row's top token becomes 0
+    mean, worst, agree = compare(ref, shifted)
+    assert mean > 1.0 and worst >= mean
+    assert agree == np.mean(ref.argmax(-1) == 0)
