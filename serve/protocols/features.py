@@ -409,6 +409,23 @@ class Reply:
         return schema_error(value, plan.output.schema)
 
 
+async def complete(hub: Hub, req: Any, reply: Reply, error: type[ApiError]) -> Any:
+    """Run a non-streamed request to its end and parse the answer into `reply`. A failed
+    generation is a 500; an answer that breaks what was asked (JSON that does not validate, a
+    forced call that is missing) is a 422. Returns the engine's final event."""
+    from serve.engine import EventKind, FinishReason
+    from serve.protocols.common import run_to_end
+
+    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
+    if final.kind is EventKind.ERROR:
+        raise error(500, final.error or "generation failed")
+    reply.parse(text)
+    problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
+    if problem:
+        raise error(422, problem)
+    return final
+
+
 def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
     """The first way `value` fails `schema` (with its JSON path), or None."""
     import jsonschema

@@ -27,7 +27,6 @@ from serve.protocols.common import (
     make_request,
     ns,
     reject_images,
-    run_to_end,
     sampling_params,
     stop_list,
 )
@@ -35,6 +34,7 @@ from serve.protocols.features import (
     Plan,
     Reply,
     apply,
+    complete,
     constrain,
     normalize_tools,
     ollama_format,
@@ -219,13 +219,7 @@ async def _respond(
 ) -> Response:
     if stream:
         return ndjson_response(_stream(hub, req, requested, body_key, began, reply))
-    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
-    if final.kind is EventKind.ERROR:
-        raise OllamaError(500, final.error or "generation failed")
-    reply.parse(text)
-    problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
-    if problem:
-        raise OllamaError(422, problem)
+    final = await complete(hub, req, reply, OllamaError)
     body: dict[str, Any] = {"model": hub.model.name, "created_at": _now()}  # type: ignore[union-attr]
     if body_key == "response":
         body["response"] = reply.content

@@ -41,6 +41,7 @@ from serve.protocols.features import (
     Plan,
     Reply,
     apply,
+    complete,
     constrain,
     normalize_tools,
     openai_format,
@@ -192,8 +193,7 @@ async def _sse(hub: Hub, req: GenerationRequest, shape: _Shape, include_usage: b
                 if include_usage:
                     yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
             elif ev.kind is EventKind.ERROR:
-                yield {"error": {"message": ev.error, "type": "api_error", "param": None,
-                                 "code": None}}  # fmt: skip
+                yield _stream_error(ev.error, "api_error")
     yield DONE_SENTINEL
 
 
@@ -208,6 +208,11 @@ async def _respond(hub: Hub, req: GenerationRequest, body: _Sampling, chat: bool
         raise OpenAIError(500, final.error or "generation failed")
     choice = shape.choice(text, _finish(final.finish_reason), delta=False)
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
+
+
+def _stream_error(message: str | None, kind: str) -> dict[str, Any]:
+    """An error frame inside an SSE stream (headers are already sent: no status code)."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
@@ -260,14 +265,12 @@ async def _chat_sse(
                         yield _chunk(shape, delta)
                 problem = reply.problem(ev.finish_reason is FinishReason.LENGTH)
                 if problem:
-                    yield {"error": {"message": problem, "type": "invalid_response_error",
-                                     "param": None, "code": None}}  # fmt: skip
+                    yield _stream_error(problem, "invalid_response_error")
                 yield _chunk(shape, {}, _chat_finish(reply, ev.finish_reason))
                 if include_usage:
                     yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
             elif ev.kind is EventKind.ERROR:
-                yield {"error": {"message": ev.error, "type": "api_error", "param": None,
-                                 "code": None}}  # fmt: skip
+                yield _stream_error(ev.error, "api_error")
     yield DONE_SENTINEL
 
 
@@ -288,13 +291,7 @@ async def _chat_respond(hub: Hub, req: GenerationRequest, body: ChatBody, reply:
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_chat_sse(hub, req, shape, reply, usage))
-    text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
-    if final.kind is EventKind.ERROR:
-        raise OpenAIError(500, final.error or "generation failed")
-    reply.parse(text)
-    problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
-    if problem:
-        raise OpenAIError(422, problem)
+    final = await complete(hub, req, reply, OpenAIError)
     choice = {"index": 0, "message": _message(reply), "logprobs": None,
               "finish_reason": _chat_finish(reply, final.finish_reason)}  # fmt: skip
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
