@@ -9,6 +9,7 @@ import pytest
 from gguf_factory import write_tiny_gguf
 
 from serve.engine import Engine, EventKind, FinishReason, GenerationRequest
+from serve.engine.scheduler import Scheduler
 from tsjax.generation import PromptTooLongError, generate
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
@@ -154,3 +155,53 @@ def test_grammar_constrained_row_beside_a_free_one(engine):
     assert re.fullmatch(r"(ab|ba){2,4}", text_of(got_c)), text_of(got_c)
     assert got_c[-1].finish_reason is FinishReason.STOP
     assert text_of(got_p) == free.text
+
+
+def test_live_rows_are_compacted_and_keep_their_output(engine, monkeypatch):
+    """A long request admitted fifth (a row past 3: decode bucket 16) is moved to row 0 once
+    the four short ones before it finish, so decode drops to the 1-row bucket; its tokens
+    equal a solo run's."""
+    moves: list = []
+    swap = engine.steps.swap_rows
+
+    def spy(params, cache, sampler, pairs):
+        moves.append(list(pairs))
+        return swap(params, cache, sampler, pairs)
+
+    monkeypatch.setattr(engine.steps, "swap_rows", spy)
+    decoded_rows: list = []
+    decode = engine.steps.decode
+
+    def spy_decode(params, cache, sampler, rows, *args, **kwargs):
+        decoded_rows.append(list(rows))
+        return decode(params, cache, sampler, rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine.steps, "decode", spy_decode)
+    short = [
+        GenerationRequest([2 + i, 7, 11], SamplingParams.greedy(), 2, reuse_prefix=False)
+        for i in range(4)
+    ]
+    long_prompt = [1, 5, 9, 42, 17, 3]
+    long = GenerationRequest(long_prompt, SamplingParams.greedy(), 24, reuse_prefix=False)
+    *_, events = run(engine, [*short, long])
+    want = generate(engine.model, long_prompt, sampling=SamplingParams.greedy(), max_tokens=24)
+    assert text_of(events) == want.text
+    assert any(b == 0 and a >= 4 for pairs in moves for a, b in pairs), moves
+    assert decoded_rows[-1] == [0]
+
+
+def test_scheduler_admits_low_rows_and_compacts():
+    s = Scheduler(16, (1, 4, 16))
+    reqs = [GenerationRequest([i, 1], SamplingParams.greedy(), 4) for i in range(6)]
+    for r in reqs:
+        s.enqueue(r)
+    rows = [s.admit()[1].index for _ in reqs]
+    assert rows[:4] == [0, 1, 2, 3] and all(r < 16 for r in rows[4:])
+    for i in (0, 1, 3, 4):  # leave rows[2] and rows[5] live: two rows need the 4-row bucket
+        s.release(s.rows[rows[i]], [9])
+    pairs = s.compaction()
+    assert [a for a, _ in pairs] == [rows[5]] and all(b < 4 and b != rows[2] for _, b in pairs)
+    a, b = pairs[0]
+    s.swap(a, b)
+    assert s.rows[b].request is reqs[5] and s.rows[a].request is None and s.rows[a].tokens == [9]
+    assert s.compaction() == []

@@ -100,6 +100,11 @@ class FakeSteps:
         self.calls.append(("decode", params, cache[0], sampler[0], rows, tokens, max_pos, n_steps))
         return [[t + 1 for t in tokens]] * n_steps, None, self._new(), self._new()
 
+    def swap_rows(self, params, cache, sampler, pairs):
+        self._collective()
+        self.calls.append(("swap_rows", params, cache[0], sampler[0], pairs))
+        return None, None, self._new(), self._new()
+
 
 def _engine_like(ch: StepChannel, params, n_decodes: int) -> None:
     """What the engine does through the channel: fresh state, warm-up, fresh state, a
@@ -112,6 +117,7 @@ def _engine_like(ch: StepChannel, params, n_decodes: int) -> None:
     for i in range(n_decodes):
         out, _, cache, sampler = ch.decode(params, cache, sampler, [0], tokens, 3 + i, 1)
         tokens = out[-1]
+    _, _, cache, sampler = ch.swap_rows(params, cache, sampler, [(0, 1)])
     with pytest.raises(ValueError, match="fails on every process"):
         ch.prefill(params, cache, sampler, [[666]], [0], ["greedy"])
     with pytest.raises(RuntimeError, match="previous call returned"):  # donated: now stale

@@ -125,3 +125,49 @@ def test_no_recompilation_after_warmup(tmp_path):
             model.params, cache, sampler, live, [1] * len(live), n, 4
         )
     assert steps.compiled_count() == compiled, "a request shape or setting recompiled"
+
+
+def _decode_greedy(model, cache, sampler, rows, tokens, max_pos, n):
+    """n single-step greedy decodes of `rows` fed `tokens`: ([n, len(rows)] tokens, state)."""
+    out = []
+    for i in range(n):
+        got, _, cache, sampler = model.steps.decode(
+            model.params, cache, sampler, rows, tokens, max_pos + i, 1
+        )
+        tokens = [int(t) for t in got[0]]
+        out.append(tokens)
+    return np.asarray(out), cache, sampler
+
+
+def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
+    """Rows in different row blocks (4 | 4) holding prompts that span two position blocks:
+    after swapping them, or moving one into a free row, each continues exactly as it would
+    have where it was."""
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    model = load(
+        path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16)
+    )
+    steps = model.steps
+    assert steps.blocks == ((4, 8), (16, 32, 64))
+    a, b = list(range(3, 23)), list(range(40, 58))  # 20 and 18 tokens: past the first block
+
+    def fresh(rows, prompts):
+        cache, sampler = steps.new_cache(), steps.new_sampler()
+        first, _, cache, sampler = steps.prefill(
+            model.params, cache, sampler, prompts, rows, [GREEDY] * len(rows)
+        )
+        return [int(t) for t in first], cache, sampler
+
+    first, cache, sampler = fresh([1, 6], [a, b])
+    want, _, _ = _decode_greedy(model, cache, sampler, [1, 6], first, 20, 5)
+
+    first, cache, sampler = fresh([1, 6], [a, b])
+    _, _, cache, sampler = steps.swap_rows(model.params, cache, sampler, [(1, 6)])
+    got, _, _ = _decode_greedy(model, cache, sampler, [6, 1], first, 20, 5)
+    np.testing.assert_array_equal(got, want)
+
+    first, cache, sampler = fresh([6], [a])
+    _, _, cache, sampler = steps.swap_rows(model.params, cache, sampler, [(6, 0), (5, 5)])
+    assert np.asarray(cache.lengths).tolist() == [20, 0, 0, 0, 0, 0, 0, 0]
+    got, _, _ = _decode_greedy(model, cache, sampler, [0], first[:1], 20, 5)
+    np.testing.assert_array_equal(got[:, 0], want[:, 0])

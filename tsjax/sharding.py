@@ -92,6 +92,7 @@ _GLOBAL_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
 
 _LAYER_KEY = re.compile(r"layers_\d+")
 CACHE_KV_AXES: LogicalAxes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # [L,B,K,S,H]
+CACHE_K_BLOCK_AXES: LogicalAxes = ("batch", "kv_heads", "head_dim", "seq")  # blocked keys
 CACHE_LENGTHS_AXES: LogicalAxes = ("batch",)
 
 
@@ -305,11 +306,27 @@ class ShardingPlan:
             lambda p, _: self.param(tuple(k.key for k in p)), tree
         )
 
-    def cache(self) -> KVCache:
-        from tsjax.cache import KVCache  # here: tsjax.cache <-> tsjax.models import each other
+    def cache(self, blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> KVCache:
+        """Shardings of the stacked cache, or of the blocked one with `blocks` = (row bounds,
+        position bounds) as in `KVCache.create`: each block split like the stacked layout,
+        a block whose rows do not divide over `dp` kept whole on that axis."""
+        # here: tsjax.cache <-> tsjax.models import each other
+        from tsjax.cache import KVCache, block_sizes
 
-        kv = self.named(CACHE_KV_AXES)
-        return KVCache(kv, kv, self.named(CACHE_LENGTHS_AXES))
+        lengths = self.named(CACHE_LENGTHS_AXES)
+        if blocks is None:
+            kv = self.named(CACHE_KV_AXES)
+            return KVCache(kv, kv, lengths)
+
+        def layer(axes: LogicalAxes) -> tuple:
+            def block(r: int, p: int) -> NamedSharding:
+                sz = {**self.sizes, "batch": r, "seq": p}
+                return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh, sz, self.rules))
+
+            rows, pos = block_sizes(blocks[0]), block_sizes(blocks[1])
+            return (tuple(tuple(block(r, p) for p in pos) for r in rows),) * self.cfg.n_layers
+
+        return KVCache(layer(CACHE_K_BLOCK_AXES), layer(CACHE_KV_AXES[1:]), lengths)
 
     def sampler(self) -> SamplerState:
         # Built on the host (a few KB): its construction draws PRNG keys, which eval_shape

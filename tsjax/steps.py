@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tsjax.cache import KVCache
+from tsjax.cache import KVCache, read_rows, write_blocks
 from tsjax.grammar import mask_words
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
@@ -37,6 +37,14 @@ def _constrain_inputs(fn, shardings: tuple):
         return fn(*head, *args[len(head) :], **kwargs)
 
     return wrapped
+
+
+def fit_rows(x: jax.Array, n: int) -> jax.Array:
+    """x's first n rows, zero rows appended if it has fewer (decode batches may pad past the
+    cache's rows)."""
+    if x.shape[0] >= n:
+        return x[:n]
+    return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
 def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -75,6 +83,14 @@ class StepShapes:
         if not self.decode_batches:
             object.__setattr__(self, "decode_batches", geometric_buckets(1, self.rows, 4))
 
+    def cache_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(row bounds, position bounds) of the blocked cache layout: position blocks end at
+        the attention buckets, row blocks at the decode buckets, but no row block is smaller
+        than 4 rows (decode attention over a padded block costs little; more blocks mean
+        more, smaller kernels per layer)."""
+        rows = {min(max(b, 4), self.rows) for b in self.decode_batches} | {self.rows}
+        return tuple(sorted(rows)), self.attn_lens
+
     @classmethod
     def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
         return cls(
@@ -107,7 +123,8 @@ class Steps:
         self.cfg = cfg
         if quant == "int8":
             # XLA:CPU's int8 matmul is fast from 4 rows and very slow for one (measured: a
-            # 4-row step beats a 1-row float32 one), so decode pads to at least 4 rows.
+            # 4-row step beats a 1-row float32 one), so decode pads to at least 4 rows (rows
+            # past the cache's are padding: they compute and are dropped).
             low = tuple(sorted({max(b, 4) for b in shapes.decode_batches}))
             shapes = replace(shapes, decode_batches=low)
         self.shapes = shapes
@@ -115,6 +132,8 @@ class Steps:
         # Params layout (see `unroll_layers_default`); load_params must be given the same.
         self.unrolled = unroll_layers_default() if unrolled is None else unrolled
         self.model = Decoder(cfg, dtype, self.unrolled, quant)
+        # Cache layout (see tsjax.cache): blocked where the layer loop is unrolled (CPU).
+        self.blocks = shapes.cache_blocks() if self.unrolled else None
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -122,7 +141,7 @@ class Steps:
                 mesh, cfg, shapes.rows, shapes.max_len, dict(rules or DEFAULT_RULES)
             )
         prefill, decode, forward = self._prefill, self._decode, self._forward
-        sh: dict[str, dict] = {"prefill": {}, "decode": {}, "forward": {}, "cache": {}}
+        sh: dict[str, dict] = {"prefill": {}, "decode": {}, "forward": {}, "cache": {}, "swap": {}}
         if self.plan is not None:
             sh, (prefill, decode, forward) = self._sharded(prefill, decode, forward)
         self.prefill_fn = jax.jit(
@@ -136,8 +155,10 @@ class Steps:
         )
         self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
         self._create_cache = jax.jit(
-            lambda: KVCache.create(cfg, shapes.rows, shapes.max_len, dtype), **sh["cache"]
+            lambda: KVCache.create(cfg, shapes.rows, shapes.max_len, dtype, self.blocks),
+            **sh["cache"],
         )
+        self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -149,12 +170,13 @@ class Steps:
 
         assert self.plan is not None
         p = self.plan.params(param_shapes(self.model))
-        c, s, r = self.plan.cache(), self.plan.sampler(), self.plan.replicated()
+        c, s, r = self.plan.cache(self.blocks), self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
             "decode": dict(out_shardings=(r, r, c, s)),  # tokens, logits, cache, sampler
             "forward": dict(out_shardings=r),
             "cache": dict(out_shardings=c),
+            "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
         }
         pinned = [(p, c, s), (p, c, s), (p, c)]
         return jit_kw, [_constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
@@ -167,7 +189,8 @@ class Steps:
     def new_cache(self) -> KVCache:
         """A zeroed cache, created directly in its shards (never whole on one device)."""
         if self.plan is None:
-            return KVCache.create(self.cfg, self.shapes.rows, self.shapes.max_len, self.dtype)
+            shapes = self.shapes
+            return KVCache.create(self.cfg, shapes.rows, shapes.max_len, self.dtype, self.blocks)
         return self._create_cache()
 
     def new_sampler(self) -> SamplerState:
@@ -210,25 +233,22 @@ class Steps:
         sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
         return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
 
-    def _decode_logits(self, params, cache: KVCache, tokens, active, rows, attn_len: int):
-        """One token for each of `rows` (None: every cache row). tokens, active: [b].
-        Positions are the row lengths; inactive rows compute but neither advance nor disturb
-        their cached tokens, and padding rows (index >= B) write nothing."""
-        lengths = cache.lengths if rows is None else jnp.take(cache.lengths, rows, mode="clip")
+    def _decode_logits(self, params, cache: KVCache, tokens, active, attn_len: int):
+        """One token for each of the cache rows [0, b). tokens, active: [b]. Positions are
+        the row lengths; inactive rows compute but neither advance nor disturb their cached
+        tokens."""
+        b = tokens.shape[0]
+        lengths = fit_rows(cache.lengths, b)
         logits, cache = self.model.apply(
             {"params": params},
             tokens[:, None],
             lengths[:, None],
             cache,
-            rows,
+            None,
             jnp.zeros_like(tokens),
             attn_len,
         )
-        step = active.astype(jnp.int32)
-        if rows is None:
-            new_lengths = cache.lengths + step
-        else:
-            new_lengths = cache.lengths.at[rows].add(step, mode="drop")
+        new_lengths = cache.lengths + fit_rows(active.astype(jnp.int32), cache.lengths.shape[0])
         return logits, KVCache(cache.k, cache.v, new_lengths)
 
     def _decode(
@@ -238,7 +258,6 @@ class Steps:
         sampler: SamplerState,
         tokens,
         active,
-        rows,
         masks,
         n_steps,
         *,
@@ -246,32 +265,52 @@ class Steps:
         max_steps: int,
     ):
         """`n_steps` (a traced scalar, at most `max_steps`) decode steps for the cache rows
-        `rows` [b] (None: all B rows) in one dispatch. tokens, active: [b]. Decoding only a
-        bucket of the live rows keeps one stream from paying for a full batch; the step count
-        being data, one compiled program serves 1 step (someone is waiting) and several.
-        Returns (tokens [max_steps, b], the first n_steps rows filled; logits of the last step
-        [b, V], cache, sampler)."""
-        sub = sampler
-        if rows is not None:
-            sub = jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), sampler)
+        [0, b) in one dispatch. tokens, active: [b]. Decoding only a bucket of rows keeps one
+        stream from paying for a full batch (the engine keeps live requests in the lowest
+        rows, see `swap_rows`); the step count being data, one compiled program serves 1 step
+        (someone is waiting) and several. Returns (tokens [max_steps, b], the first n_steps
+        rows filled; logits of the last step [b, V], cache, sampler)."""
+        b = tokens.shape[0]
+        sub = jax.tree.map(lambda a: fit_rows(a, b), sampler)
 
         def step(i, carry):
             cache, sub, tokens, _, out = carry
-            logits, cache = self._decode_logits(params, cache, tokens, active, rows, attn_len)
+            logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
             tokens, sub = sample(logits, sub, masks)
             return cache, sub, tokens, logits, out.at[i].set(tokens)
 
-        b = tokens.shape[0]
         init_logits = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
         out = jnp.zeros((max_steps, b), jnp.int32)
         cache, sub, _, logits, out = jax.lax.fori_loop(
             0, n_steps, step, (cache, sub, tokens, init_logits, out)
         )
-        if rows is None:
-            sampler = sub
-        else:
-            sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, sub)
+        sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
         return out, logits, cache, sampler
+
+    def _swap(self, cache: KVCache, sampler: SamplerState, a, b):
+        """Exchange cache rows a[i] <-> b[i] (keys, values, lengths, sampling state).
+        Indices >= B are padding: they read a clipped row and write nothing."""
+        src = jnp.concatenate([a, b])
+        dst = jnp.concatenate([b, a])
+        rows = self.shapes.rows
+
+        def move(x):  # any array with the row axis first
+            return x.at[dst].set(jnp.take(x, src, axis=0, mode="clip"), mode="drop")
+
+        if cache.blocked:
+            every = jnp.arange(self.shapes.max_len, dtype=jnp.int32)
+
+            def move_blocks(layer, keys):
+                vals = read_rows(layer, jnp.minimum(src, rows - 1), self.shapes.max_len, keys)
+                pos = jnp.broadcast_to(every, (src.shape[0], every.shape[0]))
+                return write_blocks(layer, dst, pos, vals.transpose(0, 2, 1, 3), keys)
+
+            k = tuple(move_blocks(x, True) for x in cache.k)
+            v = tuple(move_blocks(x, False) for x in cache.v)
+        else:
+            k = cache.k.at[:, dst].set(jnp.take(cache.k, src, axis=1, mode="clip"), mode="drop")
+            v = cache.v.at[:, dst].set(jnp.take(cache.v, src, axis=1, mode="clip"), mode="drop")
+        return KVCache(k, v, move(cache.lengths)), jax.tree.map(move, sampler)
 
     def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring."""
@@ -324,6 +363,7 @@ class Steps:
                     _, _, cache, sampler = self.decode(
                         params, cache, sampler, list(range(b)), [0] * b, pos, n
                     )
+        _, _, cache, sampler = self.swap_rows(params, cache, sampler, [(0, 0)])  # compile it
         jax.block_until_ready(cache)
         return time.perf_counter() - t0
 
@@ -398,21 +438,15 @@ class Steps:
         masks: np.ndarray | None = None,
     ):
         """Run `n_steps` decode steps for the given cache rows, fed `tokens` (one per row);
-        `max_pos` is the longest of those rows' lengths now. The rows are padded to a decode
-        bucket; a full bucket decodes every cache row in place (no gather). Returns
-        (tokens [n_steps, len(rows)] numpy, last logits [len(rows), V], cache, sampler)."""
-        n = len(rows)
-        b = bucket_for(n, self.shapes.decode_batches)
+        `max_pos` is the longest of those rows' lengths now. The step runs on the cache rows
+        [0, b), b the decode bucket holding the highest of `rows`; the others in it idle
+        (keep live rows low: `swap_rows`). Returns (tokens [n_steps, len(rows)] numpy, last
+        logits [len(rows), V], cache, sampler)."""
+        b = bucket_for(max(rows) + 1, self.shapes.decode_batches)  # may pass the cache rows
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
+        where = np.asarray(rows)
         tok = np.zeros((b,), np.int32)
         active = np.zeros((b,), bool)
-        if b != self.shapes.rows:
-            where = np.arange(n)
-            row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
-            row_arr[:n] = rows
-            row_arr = self._put(row_arr)
-        else:
-            where, row_arr = np.asarray(rows), None
         tok[where] = tokens
         active[where] = True
         mask = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
@@ -424,10 +458,28 @@ class Steps:
             sampler,
             self._put(tok),
             self._put(active),
-            row_arr,
             self._put(mask),
             self._put(np.int32(n_steps)),
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
         return np.asarray(out)[:n_steps, where], logits[self._put(where)], cache, sampler
+
+    #: Row pairs one `swap_rows` dispatch exchanges (more are done in several).
+    SWAP_PAIRS = 4
+
+    def swap_rows(self, params, cache, sampler, pairs: list[tuple[int, int]]):
+        """Exchange the contents of cache rows (keys, values, length, sampling state) for
+        each (a, b) in `pairs` (no row in two pairs; (a, a) is a no-op). The engine moves live requests into
+        the lowest rows with this, so decode runs the smallest bucket; swapping (not
+        copying) keeps what the free rows cached for prefix reuse. `params` is unused (the
+        same signature as the other steps). Returns (None, None, cache, sampler)."""
+        del params
+        for i in range(0, len(pairs), self.SWAP_PAIRS):
+            chunk = pairs[i : i + self.SWAP_PAIRS]
+            a = np.full((self.SWAP_PAIRS,), self.shapes.rows, np.int32)  # padding: no-op
+            b = a.copy()
+            a[: len(chunk)] = [x for x, _ in chunk]
+            b[: len(chunk)] = [y for _, y in chunk]
+            cache, sampler = self.swap_fn(cache, sampler, self._put(a), self._put(b))
+        return None, None, cache, sampler

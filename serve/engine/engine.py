@@ -89,7 +89,7 @@ class Engine:
         self.rows = self.steps.shapes.rows
         self.decode_steps = decode_steps
         self.prefill_chunk = min(prefill_chunk, self.steps.shapes.prefill_lens[-1])
-        self.scheduler = Scheduler(self.rows)
+        self.scheduler = Scheduler(self.rows, self.steps.shapes.decode_batches)
         self._live: dict[int, _Live] = {}  # row index -> live request
         self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
         self._aborts: set[str] = set()
@@ -274,7 +274,26 @@ class Engine:
         self._live[row.index] = live
         self._consume(live, [int(first[0])])
 
+    def _compact(self) -> None:
+        """Move live requests into the lowest rows (decode runs rows [0, b) for the smallest
+        bucket b holding them all) by exchanging their cache rows with free ones."""
+        with self._cv:
+            pairs = self.scheduler.compaction()
+        if not pairs:
+            return
+        _, _, self._cache, self._sampler = self.steps.swap_rows(
+            self.model.params, self._cache, self._sampler, pairs
+        )
+        with self._cv:
+            for a, b in pairs:
+                self.scheduler.swap(a, b)
+                live = self._live.pop(a)
+                live.row = self.scheduler.rows[b]
+                self._live[b] = live
+        log.debug("moved rows %s", pairs)
+
     def _decode(self) -> None:
+        self._compact()
         waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
         rows = list(self._live.values())
         left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)

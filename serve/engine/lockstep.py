@@ -60,6 +60,7 @@ class Op(enum.IntEnum):
     PREFILL = 4
     DECODE = 5
     SHUTDOWN = 6
+    SWAP = 7
 
 
 def _client():
@@ -88,8 +89,8 @@ def _failed_key(process: int, seq: int) -> str:
 
 
 class StepChannel:
-    """Stands in for `Steps` on process 0: `prefill`, `decode`, `new_cache`, `new_sampler`
-    and `warmup` publish their host arguments to the followers, then run the step here.
+    """Stands in for `Steps` on process 0: `prefill`, `decode`, `swap_rows`, `new_cache`,
+    `new_sampler` and `warmup` publish their host arguments to the followers, then run the step here.
     Everything else (`shapes`, `plan`, `mesh`, ...) is the wrapped `Steps`' own.
 
     Followers hold their own params, cache and sampler state and substitute them, so the
@@ -154,6 +155,9 @@ class StepChannel:
 
     def decode(self, params, cache, sampler, *args, **kwargs):
         return self._step(Op.DECODE, self.steps.decode, params, cache, sampler, args, kwargs)
+
+    def swap_rows(self, params, cache, sampler, *args, **kwargs):
+        return self._step(Op.SWAP, self.steps.swap_rows, params, cache, sampler, args, kwargs)
 
     def close(self) -> None:
         """Tell the followers to exit (idempotent; later calls raise)."""
@@ -298,8 +302,8 @@ def follow(steps, params, client: Any = None, process: int | None = None) -> int
                 secs = steps.warmup(params, *args, **kwargs)
                 log.info("follower %d: warm-up compiled in %.1fs", me, secs)
             else:
-                fn = steps.prefill if op is Op.PREFILL else steps.decode
-                _, _, cache, sampler = fn(params, cache, sampler, *args, **kwargs)
+                fn = {Op.PREFILL: "prefill", Op.DECODE: "decode", Op.SWAP: "swap_rows"}[op]
+                _, _, cache, sampler = getattr(steps, fn)(params, cache, sampler, *args, **kwargs)
                 ran += 1
         except Exception as e:
             # Process 0 ran the same call on the same inputs; in the usual case it failed the

@@ -2,11 +2,15 @@
 
 Each cache row remembers the tokens it holds. A new request takes the free row sharing the
 longest prefix with its prompt (a conversation's next turn finds its previous turn, answer
-included) and prefills only the rest; ties and misses take the least recently used row.
+included) and prefills only the rest. Misses take the least recently used free row among the
+lowest rows: decode runs on the cache rows [0, b) for the smallest bucket b holding every live
+row, so live requests are kept low (`compaction` says which rows to exchange when they are
+not).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,8 +34,11 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, buckets: tuple[int, ...] | None = None):
+        """`buckets`: the decode batch buckets (row counts a decode step runs); default one
+        bucket of all rows."""
         self.rows = [Row(i) for i in range(rows)]
+        self.buckets = tuple(sorted({min(b, rows) for b in (buckets or ())} | {rows}))
         self.queue: deque[GenerationRequest] = deque()
         self._clock = 0
 
@@ -63,17 +70,47 @@ class Scheduler:
         if not self.queue or not free:
             return None
         req = self.queue.popleft()
-        best, reuse = None, -1
-        for row in sorted(free, key=lambda r: r.last_used):
-            n = common_prefix(row.tokens, req.prompt_ids) if req.reuse_prefix else 0
-            if n > reuse:
-                best, reuse = row, n
+        # Without a prefix to reuse: the least recently used of the free rows below the bucket
+        # that the live rows plus this one need (so decode stays in that bucket).
+        limit = self.bucket(len(self.rows) - len(free) + 1)
+        low = [r for r in free if r.index < limit] or free
+        best, reuse = min(low, key=lambda r: r.last_used), 0
+        if req.reuse_prefix:
+            for row in sorted(free, key=lambda r: r.last_used):
+                n = common_prefix(row.tokens, req.prompt_ids)
+                if n > reuse:
+                    best, reuse = row, n
         # At least one prompt token must be prefilled to produce the next-token logits.
         reuse = min(reuse, len(req.prompt_ids) - 1)
         self._clock += 1
         best.request, best.last_used = req, self._clock
         best.tokens = list(req.prompt_ids[:reuse])
         return req, best, reuse
+
+    def bucket(self, n: int) -> int:
+        """The smallest decode bucket of at least n rows."""
+        return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]
+
+    def compaction(self) -> list[tuple[int, int]]:
+        """(live row, free row) pairs to exchange so that every live row lies below the
+        smallest bucket that holds them all: live rows above it, highest first, each with the
+        least recently used free row below it."""
+        live = [r for r in self.rows if r.request is not None]
+        limit = self.bucket(len(live))
+        high = sorted((r for r in live if r.index >= limit), key=lambda r: -r.index)
+        if not high:
+            return []
+        free = sorted(
+            (r for r in self.rows[:limit] if r.request is None), key=lambda r: r.last_used
+        )
+        return [(h.index, f.index) for h, f in zip(high, free, strict=False)]
+
+    def swap(self, a: int, b: int) -> None:
+        """Rows a and b exchanged contents (the cache rows were swapped): swap what they hold."""
+        ra, rb = self.rows[a], self.rows[b]
+        ra.tokens, rb.tokens = rb.tokens, ra.tokens
+        ra.request, rb.request = rb.request, ra.request
+        ra.last_used, rb.last_used = rb.last_used, ra.last_used
 
     def release(self, row: Row, cached_tokens: list[int]) -> None:
         """The request is finished; the row keeps `cached_tokens` for later reuse."""

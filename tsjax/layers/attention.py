@@ -1,9 +1,10 @@
 """Grouped-query attention over a slot-indexed KV cache.
 
-One function serves prefill and decode: the new keys/values for T tokens are scattered into
+One layer serves prefill and decode: the new keys/values for T tokens are scattered into
 the cache at each row's positions, then the queries attend over the first `attn_len` cache
 positions with a causal (and, per layer, sliding-window) mask. `attn_len` is a static bucket,
-so decode reads only as much cache as the longest live sequence needs.
+so decode reads only as much cache as the longest live sequence needs. With the blocked cache
+layout (`tsjax.cache`), decode attends block by block, reading each buffer where it lies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsjax.cache import read_rows, write_blocks
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import apply_rope
@@ -46,9 +48,7 @@ def attend(
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    kv_pos = jnp.arange(k.shape[2], dtype=jnp.int32)
-    delta = q_pos[:, :, None] - kv_pos[None, None, :]  # [B, T, S]
-    visible = (delta >= 0) & ((window <= 0) | (delta < window))
+    visible = _visible(q_pos, k.shape[2], window)  # [B, T, S]
     scores = jnp.where(visible[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
@@ -63,12 +63,60 @@ def _attend_one(q, k, v, pos, window, scale, softcap):
     scores = jnp.sum(q[:, :, :, None, :] * k[:, :, None, :, :], axis=-1) * scale  # [B,K,G,S]
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    delta = pos[:, None] - jnp.arange(k.shape[2], dtype=jnp.int32)[None, :]  # [B, S]
-    visible = (delta >= 0) & ((window <= 0) | (delta < window))
+    visible = _visible(pos, k.shape[2], window)
     scores = jnp.where(visible[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, K, G, H]
     return out.reshape(b, 1, kv * g * h).astype(v.dtype)
+
+
+def _visible(q_pos, kv_len: int, window):
+    """[..., S] mask of the keys a query at q_pos [...] sees (causal, optional sliding
+    window)."""
+    delta = q_pos[..., None] - jnp.arange(kv_len, dtype=jnp.int32)
+    return (delta >= 0) & ((window <= 0) | (delta < window))
+
+
+def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
+    """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
+    block, scores against each position block below `attn_len` (batched dots over whole
+    buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
+    value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H]."""
+    b, kv, g, h = q.shape
+    out, lo = [], 0
+    for kb, vb in zip(k_blocks, v_blocks, strict=True):
+        if lo >= b:
+            break
+        r = kb[0].shape[0]
+        qr, pr = q[lo : lo + r], pos[lo : lo + r]
+        if qr.shape[0] < r:  # the batch ends inside this block: pad (those rows are dropped)
+            qr = jnp.pad(qr, ((0, r - qr.shape[0]), (0, 0), (0, 0), (0, 0)))
+            pr = jnp.pad(pr, (0, r - pr.shape[0]))
+        used = []
+        start = 0
+        for kblk, vblk in zip(kb, vb, strict=True):
+            if start >= attn_len:
+                break
+            used.append((kblk.astype(q.dtype), vblk.astype(q.dtype)))
+            start += vblk.shape[2]
+        scores = jnp.concatenate(
+            [jnp.einsum("rkgh,rkhs->rkgs", qr, kblk) for kblk, _ in used], axis=-1
+        ) * scale
+        if softcap:
+            scores = jnp.tanh(scores / softcap) * softcap
+        visible = _visible(pr, scores.shape[-1], window)
+        probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, NEG_INF), axis=-1)
+        o, s0 = 0, 0
+        for _, vblk in used:
+            p = vblk.shape[2]
+            o = o + jnp.einsum("rkgs,rksh->rkgh", probs[..., s0 : s0 + p], vblk)
+            s0 += p
+        out.append(o)
+        lo += r
+    out = jnp.concatenate(out, axis=0)
+    if out.shape[0] < b:  # a padded batch past the cache's rows
+        out = jnp.pad(out, ((0, b - out.shape[0]), (0, 0), (0, 0), (0, 0)))
+    return out[:b].reshape(b, kv * g * h)
 
 
 class Attention(nn.Module):
@@ -89,14 +137,16 @@ class Attention(nn.Module):
     def __call__(
         self, x, positions, cache_k, cache_v, layer, rows, attn_len, window, theta, rope_scale
     ):
-        """x: [B, T, D]; positions: [B, T]; cache_k/v: [L, Bc, K, S, H] (all layers);
-        rows: [B] cache row of each batch row, or None when the batch is every cache row.
-        Returns (out [B, T, D], cache_k, cache_v)."""
+        """x: [B, T, D]; positions: [B, T]; cache_k/v: stacked [L, Bc, K, S, H] (all layers,
+        this one at `layer`) or this layer's Blocks; rows: [B] cache row of each batch row,
+        or None when the batch is the cache rows [0, B). Returns (out [B, T, D], cache_k,
+        cache_v)."""
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
         q = Linear(n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x).reshape(b, t, n, h)
         k = Linear(kv * h, self.qkv_bias, self.dtype, self.quant, name="k")(x).reshape(b, t, kv, h)
         v = Linear(kv * h, self.qkv_bias, self.dtype, self.quant, name="v")(x).reshape(b, t, kv, h)
+        o_proj = Linear(d, False, self.dtype, self.quant, name="o")
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
@@ -105,24 +155,28 @@ class Attention(nn.Module):
 
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
-        ri = row_idx[:, None]
-        cache_k = cache_k.at[layer, ri, :, positions, :].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[layer, ri, :, positions, :].set(v.astype(cache_v.dtype), mode="drop")
-
-        layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-        layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
-        if rows is None:
-            keys, values = layer_k[:, :, :attn_len], layer_v[:, :, :attn_len]
-        else:
-            keys = jnp.take(layer_k[:, :, :attn_len], rows, axis=0, mode="clip")
-            values = jnp.take(layer_v[:, :, :attn_len], rows, axis=0, mode="clip")
-        out = attend(
-            q,
-            keys.astype(q.dtype),
-            values.astype(q.dtype),
-            positions,
-            window,
-            self.scale,
-            self.softcap,
-        )
-        return Linear(d, False, self.dtype, self.quant, name="o")(out), cache_k, cache_v
+        if isinstance(cache_k, tuple):  # blocked: this layer's Blocks
+            cache_k = write_blocks(cache_k, row_idx, positions, k, keys=True)
+            cache_v = write_blocks(cache_v, row_idx, positions, v, keys=False)
+            if rows is None and t == 1:  # decode of the cache rows [0, b)
+                q = q.reshape(b, kv, n // kv, h)
+                out = attend_blocks(
+                    q, cache_k, cache_v, positions[:, 0], attn_len, window, self.scale, self.softcap
+                )
+                return o_proj(out[:, None]), cache_k, cache_v
+            keys = read_rows(cache_k, row_idx, attn_len, keys=True)
+            values = read_rows(cache_v, row_idx, attn_len, keys=False)
+        else:  # stacked [L, Bc, K, S, H]
+            ri = row_idx[:, None]
+            cache_k = cache_k.at[layer, ri, :, positions, :].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[layer, ri, :, positions, :].set(v.astype(cache_v.dtype), mode="drop")
+            layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+            layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+            if rows is None and b <= layer_k.shape[0]:  # the cache rows [0, b)
+                keys, values = layer_k[:b, :, :attn_len], layer_v[:b, :, :attn_len]
+            else:  # given rows, or a batch padded past the cache's rows (read clipped)
+                keys = jnp.take(layer_k[:, :, :attn_len], row_idx, axis=0, mode="clip")
+                values = jnp.take(layer_v[:, :, :attn_len], row_idx, axis=0, mode="clip")
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        out = attend(q, keys, values, positions, window, self.scale, self.softcap)
+        return o_proj(out), cache_k, cache_v

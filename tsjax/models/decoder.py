@@ -92,7 +92,7 @@ class Decoder(nn.Module):
         logit_index: jax.Array | None,
         attn_len: int,
     ) -> tuple[jax.Array, KVCache]:
-        """tokens, positions: [B, T]; rows: [B] cache rows (None: batch == all cache rows);
+        """tokens, positions: [B, T]; rows: [B] cache rows (None: the cache rows [0, B));
         logit_index: [B] which of the T positions to project to logits (None: all).
         Returns (logits [B, V] or [B, T, V], cache with the new K/V written)."""
         c = self.cfg
@@ -101,14 +101,20 @@ class Decoder(nn.Module):
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
         if self.unrolled:
-            carry = (x, cache.k, cache.v)
+            ks, vs = [], []
             for i in range(c.n_layers):
                 data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
-                carry, _ = DecoderLayer(c, attn_len, self.dtype, self.quant, name=layer_name(i))(
-                    carry, positions, rows, data
+                # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
+                k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
+                (x, k, v), _ = DecoderLayer(c, attn_len, self.dtype, self.quant, name=layer_name(i))(
+                    (x, k, v), positions, rows, data
                 )
-            x, k, v = carry
+                ks.append(k)
+                vs.append(v)
+            if cache.blocked:
+                k, v = tuple(ks), tuple(vs)
             return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
+        assert not cache.blocked, "the scanned layer loop takes the stacked cache layout"
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0, "intermediates": 0},
