@@ -202,9 +202,10 @@ def _families_worker(files: dict[str, str], out: str) -> None:
             per_dev = bytes_per_device(m.params)
             layer = m.params.get("layers") or m.params["layers_0"]  # stacked or unrolled
             res.update(
-                q_spec=str(layer["attn"]["q"]["kernel"].sharding.spec),
-                k_spec=str(layer["attn"]["k"]["kernel"].sharding.spec),
-                cache_spec=str(m.steps.new_cache().k.sharding.spec),
+                q_spec=str(layer["attn"]["q"]["weight"].sharding.spec),
+                k_spec=str(layer["attn"]["k"]["weight"].sharding.spec),
+                # stacked cache, or the blocked one's largest row block (a dp multiple)
+                cache_spec=str(jax.tree.leaves(m.steps.new_cache().k)[-1].sharding.spec),
                 param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
                 max_param_bytes_per_device=max(per_dev.values()),
             )

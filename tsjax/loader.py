@@ -19,29 +19,30 @@ from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import layer_name
 
-# GGUF tensor name (per layer) -> params path under "layers", and whether to transpose.
-LAYER_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "attn_norm.weight": (("attn_norm", "scale"), False),
-    "attn_q.weight": (("attn", "q", "kernel"), True),
-    "attn_k.weight": (("attn", "k", "kernel"), True),
-    "attn_v.weight": (("attn", "v", "kernel"), True),
-    "attn_q.bias": (("attn", "q", "bias"), False),
-    "attn_k.bias": (("attn", "k", "bias"), False),
-    "attn_v.bias": (("attn", "v", "bias"), False),
-    "attn_output.weight": (("attn", "o", "kernel"), True),
-    "attn_q_norm.weight": (("attn", "q_norm", "scale"), False),
-    "attn_k_norm.weight": (("attn", "k_norm", "scale"), False),
-    "post_attention_norm.weight": (("post_attn_norm", "scale"), False),
-    "ffn_norm.weight": (("ffn_norm", "scale"), False),
-    "ffn_gate.weight": (("mlp", "gate", "kernel"), True),
-    "ffn_up.weight": (("mlp", "up", "kernel"), True),
-    "ffn_down.weight": (("mlp", "down", "kernel"), True),
-    "post_ffw_norm.weight": (("post_ffn_norm", "scale"), False),
+# GGUF tensor name (per layer) -> params path under "layers" (every tensor keeps GGUF's
+# orientation: a Linear's float `weight` is [out, in], see tsjax.layers.linear).
+LAYER_TENSORS: dict[str, tuple[str, ...]] = {
+    "attn_norm.weight": (("attn_norm", "scale")),
+    "attn_q.weight": (("attn", "q", "weight")),
+    "attn_k.weight": (("attn", "k", "weight")),
+    "attn_v.weight": (("attn", "v", "weight")),
+    "attn_q.bias": (("attn", "q", "bias")),
+    "attn_k.bias": (("attn", "k", "bias")),
+    "attn_v.bias": (("attn", "v", "bias")),
+    "attn_output.weight": (("attn", "o", "weight")),
+    "attn_q_norm.weight": (("attn", "q_norm", "scale")),
+    "attn_k_norm.weight": (("attn", "k_norm", "scale")),
+    "post_attention_norm.weight": (("post_attn_norm", "scale")),
+    "ffn_norm.weight": (("ffn_norm", "scale")),
+    "ffn_gate.weight": (("mlp", "gate", "weight")),
+    "ffn_up.weight": (("mlp", "up", "weight")),
+    "ffn_down.weight": (("mlp", "down", "weight")),
+    "post_ffw_norm.weight": (("post_ffn_norm", "scale")),
 }
-GLOBAL_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "token_embd.weight": (("embed", "embedding"), False),
-    "output_norm.weight": (("final_norm", "scale"), False),
-    "output.weight": (("lm_head", "kernel"), True),
+GLOBAL_TENSORS: dict[str, tuple[str, ...]] = {
+    "token_embd.weight": (("embed", "embedding")),
+    "output_norm.weight": (("final_norm", "scale")),
+    "output.weight": (("lm_head", "weight")),
 }
 
 
@@ -106,14 +107,14 @@ def load_params(
         _set(params, path, put(path, _cast(arr, dtype)))
 
     layer_params = shapes[layer_name(0) if unrolled else "layers"]
-    for suffix, (path, transpose) in LAYER_TENSORS.items():
+    for suffix, path in LAYER_TENSORS.items():
         leaf = _get(layer_params, path)
         if leaf is None:
             continue
         shape = leaf.shape if unrolled else leaf.shape[1:]
         stacked = None if unrolled else np.empty(leaf.shape, np_dtype)
         for i in range(cfg.n_layers):
-            arr = _convert(g, f"blk.{i}.{suffix}", cfg, transpose, np_dtype, shape)
+            arr = _convert(g, f"blk.{i}.{suffix}", cfg, np_dtype, shape)
             if unrolled:
                 store((layer_name(i), *path), arr)
             else:
@@ -122,11 +123,11 @@ def load_params(
         if stacked is not None:
             store(("layers", *path), stacked)
         del stacked
-    for name, (path, transpose) in GLOBAL_TENSORS.items():
+    for name, path in GLOBAL_TENSORS.items():
         leaf = _get(shapes, path)
         if leaf is None:
             continue
-        arr = _convert(g, name, cfg, transpose, np_dtype, leaf.shape)
+        arr = _convert(g, name, cfg, np_dtype, leaf.shape)
         store(path, arr)
         bar.update(1)
     bar.close()
@@ -136,21 +137,19 @@ def load_params(
 
 
 def _expected_tensors(cfg: ModelConfig, shapes) -> list[str]:
-    out = [n for n, (p, _) in GLOBAL_TENSORS.items() if _get(shapes, p) is not None]
+    out = [n for n, p in GLOBAL_TENSORS.items() if _get(shapes, p) is not None]
     layer_params = shapes.get("layers") or shapes[layer_name(0)]
-    for suffix, (path, _) in LAYER_TENSORS.items():
+    for suffix, path in LAYER_TENSORS.items():
         if _get(layer_params, path) is not None:
             out += [f"blk.{i}.{suffix}" for i in range(cfg.n_layers)]
     return out
 
 
-def _convert(g, name, cfg, transpose, np_dtype, want_shape) -> np.ndarray:
+def _convert(g, name, cfg, np_dtype, want_shape) -> np.ndarray:
     w = g.tensor(name, np.float32)
     if cfg.permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
         w = unpermute_qk(w, heads)
-    if transpose:
-        w = w.T
     if w.shape != tuple(want_shape):
         raise GGUFError(
             f"{g.path.name}: tensor {name} has shape {w.shape}, model expects {tuple(want_shape)}"

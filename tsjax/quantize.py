@@ -81,14 +81,15 @@ def calibrate(model: Decoder, params, tokens: list[int]) -> dict[tuple[str, ...]
 
 
 def quantize_params(params, amax: dict[tuple[str, ...], jax.Array], alpha: float = ALPHA):
-    """Float params -> the int8 model's params: every calibrated Linear's kernel [..., in,
-    out] becomes `kernel` (int8), `kernel_scale` [..., out] and `input_scale` [..., in]; a
+    """Float params -> the int8 model's params: every calibrated Linear's `weight` [..., out,
+    in] becomes `kernel` [..., in, out] (int8), `kernel_scale` [..., out] and `input_scale`
+    [..., in]; a
     tied embedding also gives an int8 `lm_head`. Other leaves are kept."""
     flat = flatten_dict(params)
-    if ("lm_head",) in amax and ("lm_head", "kernel") not in flat:
-        flat[("lm_head", "kernel")] = flat[("embed", "embedding")].T
+    if ("lm_head",) in amax and ("lm_head", "weight") not in flat:
+        flat[("lm_head", "weight")] = flat[("embed", "embedding")]
     for path, a in amax.items():
-        kernel = flat.pop((*path, "kernel"))
+        kernel = jnp.swapaxes(flat.pop((*path, "weight")), -1, -2)  # float [out, in] -> [in, out]
         k, scale, smooth = _quantize(kernel, a, alpha)
         flat[(*path, "kernel")] = k
         flat[(*path, "kernel_scale")] = scale

@@ -101,6 +101,9 @@ def param_axes(path: Sequence[str]) -> LogicalAxes:
     under "layers" (stacked layout) with a leading layer axis, under "layers_<i>" (unrolled
     layout) without."""
     path = tuple(path)
+    if path and path[-1] == "weight":  # a float Linear's [out, in]: the kernel's axes reversed
+        axes = param_axes((*path[:-1], "kernel"))
+        return (*axes[:-2], axes[-1], axes[-2])
     if path and path[-1] in ("kernel_scale", "input_scale"):  # an int8 kernel's out / in axis
         axes = param_axes((*path[:-1], "kernel"))
         return (*axes[:-2], axes[-1] if path[-1] == "kernel_scale" else axes[-2])
@@ -347,9 +350,9 @@ class ShardingPlan:
             f"  kv cache [L,B,K,S,H] {kv}; q_heads={self.cfg.n_heads}"
             f" kv_heads={self.cfg.n_kv_heads} ffw={self.cfg.ffn_dim} rows={self.rows}"
         ]
-        for path in (("layers", "attn", "q", "kernel"), ("layers", "attn", "k", "kernel")):
-            lines.append(f"  {'/'.join(path)} {self.param(path).spec}")
-        lines.append(f"  layers/mlp/up/kernel {self.param(('layers', 'mlp', 'up', 'kernel')).spec}")
+        for path in (("attn", "q"), ("attn", "k"), ("mlp", "up")):
+            full = ("layers", *path, "weight")
+            lines.append(f"  {'/'.join(full)} [out,in] {self.param(full).spec}")
         return lines
 
 

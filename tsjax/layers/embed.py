@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsjax.layers.linear import transposed_matmul
+
 
 class Embed(nn.Module):
     vocab_size: int
@@ -21,4 +23,6 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0)  # [B, T] -> [B, T, D]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.embedding.T.astype(x.dtype))  # [B, D] -> [B, V]
+        """[..., D] -> [..., V] logits, as (table @ x^T)^T (see tsjax.layers.linear)."""
+        return transposed_matmul(x, self.embedding.astype(x.dtype))
+

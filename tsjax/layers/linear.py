@@ -1,6 +1,10 @@
-"""Dense projection with a [in, out] kernel (GGUF's [out, in] is transposed once at load).
+"""Dense projection. Float weights are kept as GGUF stores them, `weight` [out, in], and the
+product is computed as weight @ x^T then transposed: XLA:CPU runs that ~1.3x faster than
+x @ kernel[in, out] from 4 rows on (measured on SmolLM2's shapes, float32: 16 rows 32.8 vs
+41.5 ms for every layer's matmuls), and no worse for one row.
 
-With `quant="int8"` (weights made by `tsjax.quantize`) the kernel is int8 with one float scale
+With `quant="int8"` (weights made by `tsjax.quantize`) the `kernel` [in, out] is int8 (both
+orders run at the same speed there) with one float scale
 per output column, and each input row is scaled per channel (`input_scale`, the calibrated
 smoothing) and quantized to int8 on the fly (symmetric, one scale per row), so the matmul runs
 int8 x int8 -> int32: on XLA:CPU about twice the float32 rate from 4 rows (XNNPACK's int8
@@ -28,6 +32,13 @@ def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
     return (acc.astype(jnp.float32) * row_scale * scale).astype(x.dtype)
 
 
+def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w[N, K]^T -> [..., N], computed as w @ x^T and then transposed. The
+    barrier keeps XLA from folding the transpose back into the slower operand order."""
+    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())))  # [N, ...]
+    return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
+
+
 def input_amax(x: jax.Array) -> jax.Array:
     """Largest magnitude per input channel over every other axis. x: [..., in] -> [in]."""
     return jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0).astype(jnp.float32)
@@ -48,9 +59,9 @@ class Linear(nn.Module):
             smooth = self.param("input_scale", nn.initializers.ones, shape[:1], jnp.float32)
             y = int8_matmul(x * smooth.astype(x.dtype), kernel, scale)
         else:
-            kernel = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
+            weight = self.param("weight", nn.initializers.normal(0.02), shape[::-1], self.dtype)
             self.sow("intermediates", "input_amax", input_amax(x))
-            y = jnp.dot(x, kernel.astype(x.dtype))
+            y = transposed_matmul(x, weight.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y
