@@ -97,18 +97,32 @@ def _local(index: jax.Array, lo: int, size: int) -> jax.Array:
 
 
 def write_blocks(
-    blocks: Blocks, rows: jax.Array, positions: jax.Array, new: jax.Array, keys: bool
+    blocks: Blocks,
+    rows: jax.Array,
+    positions: jax.Array,
+    new: jax.Array,
+    keys: bool,
+    row_end: int | None = None,
+    pos_end: int | None = None,
 ) -> Blocks:
     """Scatter new[b, T, K, H] into rows[b] at positions[b, T] of key (`keys`, stored
     [R, K, H, P]) or value ([R, K, P, H]) blocks; rows or positions outside the cache are
-    dropped. Each block receives only its own part."""
+    dropped. Each block receives only its own part; blocks starting at or past the static
+    bounds `row_end` / `pos_end` (known to hold no row / position written) are left as they
+    are, without a scatter."""
     row_lo, pos_lo = block_bounds(blocks, keys)
     out = []
     for rlo, rb in zip(row_lo, blocks, strict=True):
+        if row_end is not None and rlo >= row_end:
+            out.append(rb)
+            continue
         r = rb[0].shape[0]
         lr = _local(rows, rlo, r)[:, None]
         row_out = []
         for plo, blk in zip(pos_lo, rb, strict=True):
+            if pos_end is not None and plo >= pos_end:
+                row_out.append(blk)
+                continue
             lp = _local(positions, plo, blk.shape[3 if keys else 2])
             at = blk.at[lr, :, :, lp] if keys else blk.at[lr, :, lp, :]
             row_out.append(at.set(new.astype(blk.dtype), mode="drop"))

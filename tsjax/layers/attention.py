@@ -156,8 +156,10 @@ class Attention(nn.Module):
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
         if isinstance(cache_k, tuple):  # blocked: this layer's Blocks
-            cache_k = write_blocks(cache_k, row_idx, positions, k, keys=True)
-            cache_v = write_blocks(cache_v, row_idx, positions, v, keys=False)
+            # positions are below attn_len; a decode batch is the rows [0, b)
+            ends = dict(row_end=b if rows is None else None, pos_end=attn_len)
+            cache_k = write_blocks(cache_k, row_idx, positions, k, keys=True, **ends)
+            cache_v = write_blocks(cache_v, row_idx, positions, v, keys=False, **ends)
             if rows is None and t == 1:  # decode of the cache rows [0, b)
                 q = q.reshape(b, kv, n // kv, h)
                 out = attend_blocks(
