@@ -144,9 +144,7 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     after swapping them, or moving one into a free row, each continues exactly as it would
     have where it was."""
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
-    model = load(
-        path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16)
-    )
+    model = load(path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16))
     steps = model.steps
     assert steps.blocks == ((4, 8), (16, 32, 64))
     a, b = list(range(3, 23)), list(range(40, 58))  # 20 and 18 tokens: past the first block

@@ -470,10 +470,11 @@ class Steps:
 
     def swap_rows(self, params, cache, sampler, pairs: list[tuple[int, int]]):
         """Exchange the contents of cache rows (keys, values, length, sampling state) for
-        each (a, b) in `pairs` (no row in two pairs; (a, a) is a no-op). The engine moves live requests into
-        the lowest rows with this, so decode runs the smallest bucket; swapping (not
-        copying) keeps what the free rows cached for prefix reuse. `params` is unused (the
-        same signature as the other steps). Returns (None, None, cache, sampler)."""
+        each (a, b) in `pairs` (no row in two pairs; (a, a) is a no-op). The engine moves
+        live requests into the lowest rows with this, so decode runs the smallest bucket;
+        swapping (not copying) keeps what the free rows cached for prefix reuse. `params` is
+        unused (the same signature as the other steps). Returns (None, None, cache,
+        sampler)."""
         del params
         for i in range(0, len(pairs), self.SWAP_PAIRS):
             chunk = pairs[i : i + self.SWAP_PAIRS]

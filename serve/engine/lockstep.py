@@ -90,8 +90,8 @@ def _failed_key(process: int, seq: int) -> str:
 
 class StepChannel:
     """Stands in for `Steps` on process 0: `prefill`, `decode`, `swap_rows`, `new_cache`,
-    `new_sampler` and `warmup` publish their host arguments to the followers, then run the step here.
-    Everything else (`shapes`, `plan`, `mesh`, ...) is the wrapped `Steps`' own.
+    `new_sampler` and `warmup` publish their host arguments to the followers, then run the
+    step here. Everything else (`shapes`, `plan`, `mesh`, ...) is the wrapped `Steps`' own.
 
     Followers hold their own params, cache and sampler state and substitute them, so the
     cache and sampler passed in must be the ones the previous call returned (what the engine

@@ -99,9 +99,10 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
                 break
             used.append((kblk.astype(q.dtype), vblk.astype(q.dtype)))
             start += vblk.shape[2]
-        scores = jnp.concatenate(
-            [jnp.einsum("rkgh,rkhs->rkgs", qr, kblk) for kblk, _ in used], axis=-1
-        ) * scale
+        scores = (
+            jnp.concatenate([jnp.einsum("rkgh,rkhs->rkgs", qr, kblk) for kblk, _ in used], axis=-1)
+            * scale
+        )
         if softcap:
             scores = jnp.tanh(scores / softcap) * softcap
         visible = _visible(pr, scores.shape[-1], window)
@@ -170,8 +171,12 @@ class Attention(nn.Module):
             values = read_rows(cache_v, row_idx, attn_len, keys=False)
         else:  # stacked [L, Bc, K, S, H]
             ri = row_idx[:, None]
-            cache_k = cache_k.at[layer, ri, :, positions, :].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[layer, ri, :, positions, :].set(v.astype(cache_v.dtype), mode="drop")
+            cache_k = cache_k.at[layer, ri, :, positions, :].set(
+                k.astype(cache_k.dtype), mode="drop"
+            )
+            cache_v = cache_v.at[layer, ri, :, positions, :].set(
+                v.astype(cache_v.dtype), mode="drop"
+            )
             layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
             layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
             if rows is None and b <= layer_k.shape[0]:  # the cache rows [0, b)

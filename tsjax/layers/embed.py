@@ -25,4 +25,3 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] logits, as (table @ x^T)^T (see tsjax.layers.linear)."""
         return transposed_matmul(x, self.embedding.astype(x.dtype))
-

@@ -106,9 +106,9 @@ class Decoder(nn.Module):
                 data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
                 # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
                 k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
-                (x, k, v), _ = DecoderLayer(c, attn_len, self.dtype, self.quant, name=layer_name(i))(
-                    (x, k, v), positions, rows, data
-                )
+                (x, k, v), _ = DecoderLayer(
+                    c, attn_len, self.dtype, self.quant, name=layer_name(i)
+                )((x, k, v), positions, rows, data)
                 ks.append(k)
                 vs.append(v)
             if cache.blocked:

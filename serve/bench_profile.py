@@ -1,0 +1,169 @@
+"""Where one decode step's time goes, op by op (XLA:CPU): the per-op split BENCHMARKS.md quotes.
+
+    python -m serve.bench_profile [--model smollm2-135m] [--rows 32] [--live 16]
+                                  [--position 200] [--quant int8] [--top 25]
+
+Runs `--live` rows of the compiled decode step (4 steps per dispatch) at cache position
+`--position` under JAX's profiler with XLA:CPU's per-thunk trace events on, then groups the
+events by what each fused op computes (its output shape and its main operations, read from the
+compiled HLO: `dot`, `reduce`, `scatter`, ...) and prints ms per step and ops per step, largest
+first, with totals for matmuls (int8 `s32`/float dots over the weights), attention dots and
+everything else. The times are trace events summed, so an op both cores ran counts once per
+core and tracing adds a little per op: the total runs above `serve.bench_decode`'s wall time
+(float32 more so). Read the shares, not the absolute sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+
+KINDS = (
+    "dot",
+    "reduce",
+    "convert",
+    "exponential",
+    "scatter",
+    "gather",
+    "dynamic-slice",
+    "concatenate",
+    "slice",
+    "rsqrt",
+    "round-nearest-even",
+    "select",
+    "tanh",
+    "logistic",
+)
+
+
+def fusion_contents(hlo: str) -> dict[str, str]:
+    """Fused op name -> "output-shape op/op/...", from a compiled module's text."""
+    comps: dict[str, list[str]] = {}
+    cur = None
+    for line in hlo.splitlines():
+        if not line.startswith(" "):
+            m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line.strip())
+            if m:
+                cur = m.group(1)
+                comps[cur] = []
+                continue
+        if cur:
+            comps[cur].append(line)
+    out = {}
+    for line in hlo.splitlines():
+        m = re.search(r"%([\w.\-]+) = (\S+) fusion\(.*calls=%([\w.\-]+)", line)
+        if m:
+            ops = (re.search(r"= \S+ (\w[\w-]*)\(", x) for x in comps.get(m.group(3), []))
+            kinds = sorted({o.group(1) for o in ops if o and o.group(1) in KINDS})
+            out[m.group(1)] = f"{m.group(2).split('{')[0]} {'/'.join(kinds)}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.bench_profile", description=__doc__)
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--rows", type=int, default=32, help="cache rows")
+    p.add_argument("--live", type=int, default=16, help="rows decoding")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--position", type=int, default=200)
+    p.add_argument("--quant", choices=["int8"], default=None)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    # before jax is imported: XLA:CPU emits one trace event per executed op with this
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+    ).strip()
+
+    import jax
+    import numpy as np
+    from jax._src.lib import _profile_data
+
+    from tsjax.grammar import mask_words
+    from tsjax.model import load
+    from tsjax.steps import StepShapes
+
+    shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
+    model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
+    steps, n = model.steps, 4
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    rows = list(range(args.live))
+
+    def dispatch():
+        nonlocal cache, sampler
+        _, _, cache, sampler = steps.decode(
+            model.params, cache, sampler, rows, [0] * args.live, args.position, n
+        )
+
+    for _ in range(3):
+        dispatch()
+    runs = 2
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(runs):
+            dispatch()
+        jax.block_until_ready(cache)
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        trace = _profile_data.ProfileData.from_file(path)
+        totals: collections.Counter = collections.Counter()
+        counts: collections.Counter = collections.Counter()
+        for plane in trace.planes:
+            for line in plane.lines:
+                for ev in line.events:
+                    totals[ev.name] += ev.duration_ns
+                    counts[ev.name] += 1
+
+    # the same program the dispatches ran, to name what each fused op computes
+    b = steps.shapes.decode_batches[np.searchsorted(steps.shapes.decode_batches, max(rows) + 1)]
+    attn_len = steps.attn_len_for(args.position + n)
+    hlo = (
+        steps.decode_fn.lower(
+            model.params,
+            cache,
+            sampler,
+            np.zeros((b,), np.int32),
+            np.ones((b,), bool),
+            np.full((b, mask_words(model.config.vocab_size)), -1, np.int32),
+            np.int32(n),
+            attn_len=attn_len,
+            max_steps=n,
+        )
+        .compile()
+        .as_text()
+    )
+    names = fusion_contents(hlo)
+    per_step = runs * n
+    by: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
+    for name, ns in totals.items():
+        what = names.get(name)
+        if what is None and re.fullmatch(r"(dot|convolution)[.\d]*", name):
+            what = "dot (unfused)"
+        if what is not None:
+            by[what] += ns
+            ops[what] += counts[name]
+    groups = {"matmuls": 0.0, "attention dots": 0.0, "other": 0.0}
+    for what, ns in by.items():
+        is_dot = what.endswith("dot") or what == "dot (unfused)"
+        # attention's batched dots have 4-d outputs; the weights' matmuls 2-d
+        key = "other"
+        if is_dot:
+            key = "attention dots" if what.count(",") >= 3 else "matmuls"
+        groups[key] += ns / 1e6 / per_step
+    print(
+        f"{model.name}: {args.live} of {args.rows} rows, position {args.position}"
+        f" (attention bucket {attn_len}), {args.quant or 'float32'} weights"
+    )
+    print("| ms/step | ops/step | fused op (output shape, main operations) |\n|---|---|---|")
+    for what, ns in by.most_common(args.top):
+        print(f"| {ns / 1e6 / per_step:.2f} | {ops[what] / per_step:.0f} | {what} |")
+    print("\n" + ", ".join(f"{k} {v:.1f} ms" for k, v in groups.items()) + " per step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
