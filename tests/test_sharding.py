@@ -214,6 +214,46 @@ def _families_worker(files: dict[str, str], out: str) -> None:
     Path(out).write_text(json.dumps(results))
 
 
+# -- swapping cache rows on a mesh ------------------------------------------------------------
+
+
+def test_swap_rows_on_a_mesh(tiny_files):
+    """The engine's row exchange (`Steps.swap_rows`) on a dp=2,tp=2 mesh of the blocked cache:
+    the swapped rows continue exactly as unswapped rows do on one device."""
+    rc, out, err = _finish(_spawn(["swap", str(tiny_files["llama"])], 4), 300)
+    assert rc == 0, f"swap worker failed ({rc}):\n{out}\n{err[-4000:]}"
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["mesh"] == got["single"]
+
+
+def _swap_worker(path: str) -> None:
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+    from tsjax.steps import StepShapes
+
+    greedy = SamplingParams.greedy()
+
+    def run(mesh: str | None, swap: bool) -> list[list[int]]:
+        shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16)
+        m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
+        s = m.steps
+        assert s.blocks == ((4, 8), (16, 32, 64))
+        cache, sampler = s.new_cache(), s.new_sampler()
+        prompts, rows = [list(range(3, 23)), list(range(40, 58))], [1, 6]
+        first, _, cache, sampler = s.prefill(m.params, cache, sampler, prompts, rows, [greedy] * 2)
+        if swap:
+            _, _, cache, sampler = s.swap_rows(m.params, cache, sampler, [(1, 6)])
+            rows = [6, 1]
+        tokens, out = [int(t) for t in first], []
+        for i in range(5):
+            got, _, cache, sampler = s.decode(m.params, cache, sampler, rows, tokens, 20 + i, 1)
+            tokens = [int(t) for t in got[0]]
+            out.append(tokens)
+        return out
+
+    print(json.dumps({"single": run(None, False), "mesh": run("dp=2,tp=2", True)}))
+
+
 # -- the engine on a 4-device mesh ------------------------------------------------------------
 
 
@@ -507,6 +547,8 @@ def main(argv: list[str]) -> None:
         _families_worker(json.loads(args[0]), args[1])
     elif kind == "engine":
         _engine_worker(*args)
+    elif kind == "swap":
+        _swap_worker(args[0])
     elif kind == "distributed":
         _distributed_worker(args[0], int(args[1]), args[2], args[3])
     else:
