@@ -1,11 +1,12 @@
 """Decode-step cost by live rows and attention bucket: where batched decode time goes.
 
-    python -m serve.bench_decode [--model smollm2-135m] [--rows 16] [--max-len 2048]
-                                 [--positions 100,200,1000] [--steps 4] [--quant int8]
-                                 [--sampling greedy|default]
+    python -m serve.bench_decode [--model smollm2-135m] [--rows 16] [--live 16]
+                                 [--max-len 2048] [--positions 100,200,1000] [--steps 4]
+                                 [--quant int8] [--sampling greedy|default]
 
 Runs the compiled decode step directly (no engine; greedy, or the server's default sampling
-top-k 40 / top-p 0.9 / temperature 0.8 with `--sampling default`) for 1 and `--rows` live rows at
+top-k 40 / top-p 0.9 / temperature 0.8 with `--sampling default`) for 1 and `--live` (default:
+all `--rows` cache rows) live rows at
 cache positions whose attention bucket differs, and prints ms per step (best of 3 dispatches
 after 2 warm-up ones) and tok/s. Comparing buckets at a fixed row count shows how much of the
 step is attention over the cache rather than the weights.
@@ -20,7 +21,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.bench_decode", description=__doc__)
     p.add_argument("--model", "-m", default=None)
-    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--rows", type=int, default=16, help="cache rows (decode slots)")
+    p.add_argument("--live", type=int, default=None, help="rows decoding (default: all)")
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--positions", default="100,200,1000")
     p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for pos in (int(x) for x in args.positions.split(",")):
         if pos + n > args.max_len:
             continue
-        for live in sorted({1, args.rows}):
+        for live in sorted({1, args.live or args.rows}):
             rows = list(range(live))
             times = []
             for i in range(5):
