@@ -18,11 +18,13 @@ The compiled steps donate the cache, so writes update the buffers in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from tsjax.models.config import ModelConfig
+if TYPE_CHECKING:  # tsjax.models imports this module (a real import would be a cycle)
+    from tsjax.models.config import ModelConfig
 
 #: One layer's blocked keys (or values): row blocks, each a tuple of position blocks.
 Blocks = tuple[tuple[jax.Array, ...], ...]

@@ -10,11 +10,11 @@ not).
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
 from serve.engine.types import GenerationRequest
+from tsjax.steps import bucket_for
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -88,8 +88,8 @@ class Scheduler:
         return req, best, reuse
 
     def bucket(self, n: int) -> int:
-        """The smallest decode bucket of at least n rows."""
-        return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]
+        """The smallest decode bucket of at least n rows (n <= the number of rows)."""
+        return bucket_for(n, self.buckets)
 
     def compaction(self) -> list[tuple[int, int]]:
         """(live row, free row) pairs to exchange so that every live row lies below the
