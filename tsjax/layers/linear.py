@@ -1,7 +1,7 @@
 """Dense projection. Float weights are kept as GGUF stores them, `weight` [out, in], and the
 product is computed as weight @ x^T then transposed: XLA:CPU runs that ~1.3x faster than
-x @ kernel[in, out] from 4 rows on (measured on SmolLM2's shapes, float32: 16 rows 32.8 vs
-41.5 ms for every layer's matmuls), and no worse for one row.
+x @ kernel[in, out] from 4 rows on, and no worse for one row (`python -m serve.bench_kernels`
+times both forms on SmolLM2's shapes).
 
 With `quant="int8"` (weights made by `tsjax.quantize`) the `kernel` [in, out] is int8 (both
 orders run at the same speed there) with one float scale
