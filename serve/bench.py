@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tsjax.quants import QUANT_CHOICES, QUANT_HELP
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="catalog name or .gguf path")
@@ -30,7 +32,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated request counts")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
-    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
@@ -370,7 +372,7 @@ def report(
         lines.append(f"Load average at start: {' '.join(f'{x:.2f}' for x in load_avg)}.  ")
     lines += [
         f"Read bandwidth {bw / 1e9:.1f} GB/s;"
-        f" {'int8 (+ float32 embedding)' if args.quant else 'float32'} params"
+        f" {f'{args.quant} (+ float32 embedding)' if args.quant else 'float32'} params"
         f" {ours['param_bytes'] / 1e6:.0f} MB"
         f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
         f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"

@@ -1,12 +1,13 @@
-"""How far int8 weights (and llama.cpp) move the next-token distribution from float32.
+"""How far bf16 and int8 weights (and llama.cpp) move the next-token distribution from float32.
 
     python -m serve.bench_accuracy [--model smollm2-135m] [--tokens 256] [--text FILE]
 
 Runs one text (default: this repository's README, which is not the calibration text) through
-the float32 model, the `--quant int8` model and, with the `bench` extra installed, llama.cpp
+the float32 model, the `--quant bf16` and `--quant int8` models and, with the `bench` extra
+installed, llama.cpp
 on the same GGUF and the same tokens (llama-cpp-python, `logits_all=True`), and prints each
 one's mean and max KL divergence from the float32 next-token distribution and how often its
-top token agrees. The README's "int8 weights" table comes from this script.
+top token agrees. The README's "Narrower weights" table comes from this script.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, np.ndarray] = {}
     ids: list[int] = []
     path = None
-    for quant in (None, "int8"):
+    for quant in (None, "bf16", "int8"):
         model = load(args.model, max_len=max(512, args.tokens), progress=False, quant=quant)
         ids = model.tokenizer.encode(args.text.read_text())[: args.tokens]
         runs[quant or "float32"] = _logits(model, ids)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from tsjax.quants import QUANT_CHOICES, QUANT_HELP
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.bench_decode", description=__doc__)
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--positions", default="100,200,1000")
     p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
-    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
     p.add_argument("--sampling", choices=["greedy", "default"], default="greedy")
     args = p.parse_args(argv)
 

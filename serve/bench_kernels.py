@@ -5,8 +5,9 @@
 Times, on SmolLM2-135M's shapes (30 layers, random data), each choice this backend's layout
 rests on, best of 8 runs of one jitted program:
 - every layer's weight matmuls for `--rows` rows: float32 x @ W[in, out] against
-  (W[out, in] @ x^T)^T (what `tsjax.layers.linear` runs), and int8 x int8 -> int32 in both
-  orders, and int8 activations as uint8 (VNNI's native form);
+  (W[out, in] @ x^T)^T (what `tsjax.layers.linear` runs), bfloat16 weights in that form
+  (`--quant bf16`: float32 x cast to bfloat16, float32 accumulation; try `--rows 1`), int8 x
+  int8 -> int32 in both orders, and int8 activations as uint8 (VNNI's native form);
 - decode attention's q.k dot over 60 blocks of 12 rows x 128 positions: keys [R, K, P, H]
   against keys transposed [R, K, H, P] (what `tsjax.cache` stores);
 - q.k and p.v dots over those blocks in float32 against bfloat16 operands (a bf16 cache).
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = shape[::-1] if transpose else shape
             if dtype == jnp.int8:
                 return jnp.asarray(rng.integers(-127, 127, shape, dtype=np.int8))
-            return jnp.asarray(rng.standard_normal(shape, np.float32))
+            return jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
 
         return [[one(s) for s in shapes] for _ in range(layers)]
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [
         ("float32 x @ W[in, out]", jnp.float32, jnp.float32, "n", False),
         ("float32 (W[out, in] @ x^T)^T", jnp.float32, jnp.float32, "t", True),
+        ("bfloat16 (W[out, in] @ x^T)^T", jnp.bfloat16, jnp.float32, "t", True),
         ("int8 x @ W[in, out]", jnp.int8, jnp.int8, "n", False),
         ("int8 (W[out, in] @ x^T)^T", jnp.int8, jnp.int8, "t", True),
         ("uint8 x @ int8 W[in, out]", jnp.int8, jnp.uint8, "n", False),

@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from tsjax.quants import QUANT_HELP, QUANTS
+
 DEFAULT_CONFIG = Path("configs/server.toml")
 ENV_PREFIX = "TSJAX_"
 
@@ -32,7 +34,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 5000
     rows: int = 8  # decode slots: requests decoded together in one batch
     max_len: int = 2048  # context window (KV cache length per slot)
-    # "int8": int8 matmul weights (tsjax.quantize): faster batched decode on CPU, less exact
+    # "bf16" / "int8" weights (tsjax.quants): faster batched decode on CPU, less exact
     quant: str | None = None
     decode_steps: int = 4  # decode steps per dispatch when nobody is waiting
     prefill_chunk: int = 512
@@ -74,7 +76,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("max_upload_bytes", self.max_upload_bytes >= 1),
             ("session_ttl_seconds", self.session_ttl_seconds > 0),
             ("max_sessions", self.max_sessions >= 1),
-            ("quant", self.quant in (None, "int8")),
+            ("quant", self.quant in QUANTS),
         ]
         for name, ok in checks:
             if not ok:
@@ -148,7 +150,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("port", int, "listen port (default 5000)"),
     ("rows", int, "decode slots: concurrent requests per batch (default 8)"),
     ("max_len", int, "context window in tokens (default 2048)"),
-    ("quant", str, "int8: int8 matmul weights, faster batched decode on CPU (default: float)"),
+    ("quant", str, QUANT_HELP),
     ("decode_steps", int, "decode steps per dispatch (default 4)"),
     ("prefill_chunk", int, "prompt tokens per prefill call (default 512)"),
     ("max_tokens", int, "default max new tokens for API requests (default 200)"),

@@ -1,5 +1,6 @@
-"""int8 weights (tsjax.quantize): the arithmetic of one smoothed matmul, every layout on tiny
-models, and the accuracy cost on the real default model against its float32 logits."""
+"""Narrower weights (tsjax.quantize): the arithmetic of one smoothed int8 matmul, bf16 and int8
+on every layout of tiny models, and the accuracy cost of each on the real default model against
+its float32 logits."""
 
 from __future__ import annotations
 
@@ -36,24 +37,33 @@ def test_smoothed_int8_matmul_tracks_float():
     assert rel_err(got, want) < rel_err(plain, want) / 2
 
 
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
 @pytest.mark.parametrize("arch,unrolled", [("llama", True), ("gemma3", True), ("qwen3", False)])
-def test_tiny_int8_models_follow_float(tmp_path, arch, unrolled):
-    """Both layer layouts, tied (llama, gemma3) and untied (qwen3) output projections: int8
-    logits stay near the float ones and decoding runs through the padded int8 buckets."""
+def test_tiny_narrow_models_follow_float(tmp_path, arch, unrolled, quant):
+    """Both layer layouts, tied (llama, gemma3) and untied (qwen3) output projections: bf16 and
+    int8 logits stay near the float ones and decoding runs through the padded buckets."""
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tie_embeddings=arch != "qwen3")  # noqa: E501
     runs = {}
-    for quant in (None, "int8"):
-        model = load(path, max_len=64, progress=False, unrolled=unrolled, quant=quant)
+    for q in (None, quant):
+        model = load(path, max_len=64, progress=False, unrolled=unrolled, quant=q)
         ids = [t % model.config.vocab_size for t in PROMPT]
         res = generate(model, ids[:6], sampling=SamplingParams.greedy(), max_tokens=6)
-        runs[quant] = (all_logits(model, ids), res.tokens, model)
-    int8_model = runs["int8"][2]
-    kernel = (int8_model.params.get("layers") or int8_model.params["layers_0"])["mlp"]["up"]
-    assert kernel["kernel"].dtype == jnp.int8 and "input_scale" in kernel
-    assert int8_model.params["lm_head"]["kernel"].dtype == jnp.int8
-    assert min(int8_model.steps.shapes.decode_batches) >= 4
-    assert rel_err(runs["int8"][0], runs[None][0]) < 0.1  # random weights: wiring, not accuracy
-    assert len(runs["int8"][1]) == 6
+        runs[q] = (all_logits(model, ids), res.tokens, model)
+    narrow = runs[quant][2]
+    up = (narrow.params.get("layers") or narrow.params["layers_0"])["mlp"]["up"]
+    head = narrow.params["lm_head"]
+    if quant == "int8":
+        assert up["kernel"].dtype == jnp.int8 and "input_scale" in up
+        assert head["kernel"].dtype == jnp.int8
+        assert min(narrow.steps.shapes.decode_batches) >= 4
+        assert rel_err(runs[quant][0], runs[None][0]) < 0.1  # random weights: wiring
+    else:
+        assert up["weight"].dtype == jnp.bfloat16 and head["weight"].dtype == jnp.bfloat16
+        # the lookup table stays float (XLA:CPU has no bfloat16 gather)
+        assert narrow.params["embed"]["embedding"].dtype == jnp.float32
+        assert min(narrow.steps.shapes.decode_batches) >= 2
+        assert rel_err(runs[quant][0], runs[None][0]) < 0.02
+    assert len(runs[quant][1]) == 6
 
 
 def _log_softmax(a):
@@ -62,11 +72,12 @@ def _log_softmax(a):
 
 
 @pytest.mark.slow
-def test_real_model_int8_accuracy(smollm_path):
-    """SmolLM2 on 256 tokens of English prose (not the calibration text): the next-token
-    distribution moves by a mean KL under 0.03 nats (measured 0.019; unsmoothed per-row int8
-    0.05; llama.cpp's own Q4_1 x Q8 kernels 0.004) and the top token agrees 88%+ of the time
-    (measured 92%)."""
+def test_real_model_narrow_accuracy(smollm_path):
+    """SmolLM2 on 256 tokens of English prose (not the int8 calibration text), against the
+    float32 next-token distribution: bf16 moves it by a mean KL under 0.002 nats (measured
+    0.0002) with the top token agreeing 98%+ of the time (measured 100%); int8 by a mean KL
+    under 0.03 (measured 0.019; unsmoothed per-row int8 0.05; llama.cpp's own Q4_1 x Q8
+    kernels 0.004), agreeing 88%+ (measured 92%)."""
     text = (
         "Rivers shape the land they cross. Over thousands of years a river cuts its valley, "
         "carries sand and silt downstream, and builds plains and deltas where it slows. "
@@ -78,13 +89,16 @@ def test_real_model_int8_accuracy(smollm_path):
         "feed the wetlands around it, so that fish can migrate and birds can nest again."
     )
     logits = {}
-    for quant in (None, "int8"):
+    for quant in (None, "bf16", "int8"):
         model = load(smollm_path, max_len=512, progress=False, quant=quant)
         ids = model.tokenizer.encode(text)[:256]
         logits[quant] = all_logits(model, ids)
-    p, q = _log_softmax(logits[None]), _log_softmax(logits["int8"])
-    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
-    agree = float(np.mean(logits[None].argmax(-1) == logits["int8"].argmax(-1)))
-    print(f"int8 vs float32: mean KL {kl:.4f}, top-1 agreement {agree:.3f} on {len(ids)} tokens")
-    assert kl < 0.03
-    assert agree > 0.88
+    p = _log_softmax(logits[None])
+    bounds = {"bf16": (0.002, 0.98), "int8": (0.03, 0.88)}
+    for quant, (max_kl, min_agree) in bounds.items():
+        q = _log_softmax(logits[quant])
+        kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+        agree = float(np.mean(logits[None].argmax(-1) == logits[quant].argmax(-1)))
+        print(f"{quant} vs float32: mean KL {kl:.4f}, top-1 agreement {agree:.3f}")
+        assert kl < max_kl, quant
+        assert agree > min_agree, quant

@@ -31,6 +31,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import all_logits  # noqa: E402
 from gguf_factory import write_tiny_gguf  # noqa: E402
 
 # family -> tiny-spec overrides (heads chosen for tp=4; see the module docstring)
@@ -252,6 +253,36 @@ def _swap_worker(path: str) -> None:
         return out
 
     print(json.dumps({"single": run(None, False), "mesh": run("dp=2,tp=2", True)}))
+
+
+def test_narrow_weights_on_a_mesh(tiny_files):
+    """bf16 and int8 weights on a dp=2,tp=2 mesh follow the same weights on one device: the
+    same greedy tokens and logits within float32 rounding (the tied output projection's
+    bf16 / int8 copy is sharded like any `lm_head`)."""
+    rc, out, err = _finish(_spawn(["narrow", str(tiny_files["llama"])], 4), 300)
+    assert rc == 0, f"narrow worker failed ({rc}):\n{out}\n{err[-4000:]}"
+    got = json.loads(out.strip().splitlines()[-1])
+    for quant in ("bf16", "int8"):
+        single, mesh = got[quant]["single"], got[quant]["mesh"]
+        assert mesh["tokens"] == single["tokens"], quant
+        assert _rel_err(mesh["logits"], single["logits"]) < 1e-3, quant
+
+
+def _narrow_worker(path: str) -> None:
+    from tsjax.generation import generate
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+
+    prompt = [3, 17, 29, 41, 5, 60, 7]
+
+    def run(quant: str, mesh: str | None) -> dict:
+        m = load(Path(path), max_len=64, rows=4, progress=False, quant=quant, mesh=mesh)
+        res = generate(m, prompt, sampling=SamplingParams.greedy(), max_tokens=6)
+        logits = all_logits(m, prompt)
+        return {"tokens": [int(t) for t in res.tokens], "logits": np.asarray(logits).tolist()}
+
+    out = {q: {"single": run(q, None), "mesh": run(q, "dp=2,tp=2")} for q in ("bf16", "int8")}
+    print(json.dumps(out))
 
 
 # -- the engine on a 4-device mesh ------------------------------------------------------------
@@ -549,6 +580,8 @@ def main(argv: list[str]) -> None:
         _engine_worker(*args)
     elif kind == "swap":
         _swap_worker(args[0])
+    elif kind == "narrow":
+        _narrow_worker(args[0])
     elif kind == "distributed":
         _distributed_worker(args[0], int(args[1]), args[2], args[3])
     else:

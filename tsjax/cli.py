@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from tsjax.quants import QUANT_CHOICES, QUANT_HELP
+
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (prints only the text)")
@@ -24,7 +26,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (context window)")
-    p.add_argument("--quant", choices=["int8"], default=None, help="int8 matmul weights")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument(
         "--mesh", default=None, help="shard over devices: tp=4, dp=2,tp=2, tp=-1 (all devices)"

@@ -88,11 +88,16 @@ def load(
     float_model = steps.model.clone(quant=None)
     params, stats = load_params(g, float_model, progress=progress, device_put=put)
     tokenizer = Tokenizer.from_gguf(g.metadata)
-    if quant is not None:
+    if quant == "int8":
         from tsjax.quantize import CALIBRATION_TEXT, calibrate, quantize_params
 
         calibration = tokenizer.encode(CALIBRATION_TEXT)
         params = quantize_params(params, calibrate(float_model, params, calibration))
+    elif quant == "bf16":
+        from tsjax.quantize import bf16_params
+
+        params = bf16_params(params, cfg.tied_embeddings)
+    if quant is not None:
         stats.bytes_params = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     template = ChatTemplate.from_metadata(
         g.metadata, g.architecture, special_tokens=special_tokens_from_metadata(g.metadata)

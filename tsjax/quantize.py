@@ -1,4 +1,5 @@
-"""int8 weights for XLA:CPU's fast int8 matmuls (W8A8, SmoothQuant-style).
+"""Narrower weights for XLA:CPU's faster matmuls: bfloat16 (`bf16_params`) and int8 (W8A8,
+SmoothQuant-style: the rest of this module).
 
 XLA:CPU runs int8 x int8 -> int32 matmuls about twice as fast as float32 ones from 4 rows on,
 which is what batched decode is made of. Both sides must be int8: the weights once, here, with
@@ -110,3 +111,17 @@ def _quantize(kernel, a, alpha):
     scale = jnp.where(col > 0, col / 127.0, 1.0)
     q = jnp.clip(jnp.round(smoothed / scale[..., None, :]), -127, 127).astype(jnp.int8)
     return q, scale, 1.0 / s
+
+
+def bf16_params(params, tied_embeddings: bool):
+    """Float params -> the bf16 model's: every Linear `weight` in bfloat16, and a tied
+    embedding's bfloat16 copy as `lm_head` (the lookup table itself stays float: XLA:CPU has
+    no bfloat16 gather, and its fallback converts the whole table to float32 on every step,
+    7 ms for SmolLM2's). Other leaves are kept. Casts run where each leaf lives (so a sharded
+    leaf stays sharded)."""
+    flat = flatten_dict(params)
+    if tied_embeddings and ("lm_head", "weight") not in flat:
+        flat[("lm_head", "weight")] = flat[("embed", "embedding")]
+    return unflatten_dict(
+        {k: v.astype(jnp.bfloat16) if k[-1] == "weight" else v for k, v in flat.items()}
+    )

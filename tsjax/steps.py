@@ -22,6 +22,7 @@ from tsjax.cache import KVCache, read_rows, write_blocks
 from tsjax.grammar import mask_words
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
+from tsjax.quants import MIN_DECODE_ROWS
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
 
@@ -121,11 +122,12 @@ class Steps:
         quant: str | None = None,
     ):
         self.cfg = cfg
-        if quant == "int8":
-            # XLA:CPU's int8 matmul is fast from 4 rows and very slow for one (measured: a
-            # 4-row step beats a 1-row float32 one), so decode pads to at least 4 rows (rows
-            # past the cache's are padding: they compute and are dropped).
-            low = tuple(sorted({max(b, 4) for b in shapes.decode_batches}))
+        # XLA:CPU's int8 and bfloat16 matmuls are slow for one row (see tsjax.quants): their
+        # decode pads to the fewest rows that run fast (rows past the cache's are padding:
+        # they compute and are dropped). Measured: a 4-row int8 step beats a 1-row float32 one.
+        least = MIN_DECODE_ROWS[quant]
+        if least > 1:
+            low = tuple(sorted({max(b, least) for b in shapes.decode_batches}))
             shapes = replace(shapes, decode_batches=low)
         self.shapes = shapes
         self.dtype = dtype

@@ -3,6 +3,12 @@ product is computed as weight @ x^T then transposed: XLA:CPU runs that ~1.3x fas
 x @ kernel[in, out] from 4 rows on, and no worse for one row (`python -m serve.bench_kernels`
 times both forms on SmolLM2's shapes).
 
+With `quant="bf16"` the `weight` is stored as bfloat16 and multiplied by bfloat16 inputs with
+float32 accumulation: half the bytes, and on XLA:CPU with AVX512-BF16 about 1.4x the float32
+rate from 2 rows (also `serve.bench_kernels`). One row is the exception: XLA:CPU has no fast
+bfloat16 matrix-vector kernel (~9x slower than float32), so a bf16 model's decode pads to 2
+rows (`tsjax.quants.MIN_DECODE_ROWS`).
+
 With `quant="int8"` (weights made by `tsjax.quantize`) the `kernel` [in, out] is int8 (both
 orders run at the same speed there) with one float scale
 per output column, and each input row is scaled per channel (`input_scale`, the calibrated
@@ -18,7 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-QUANTS = (None, "int8")
+
+def weight_dtype(quant: str | None, dtype) -> jnp.dtype:
+    """The dtype float weights are stored in: bfloat16 for quant="bf16", else `dtype`."""
+    return jnp.dtype(jnp.bfloat16) if quant == "bf16" else jnp.dtype(dtype)
 
 
 def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
@@ -33,10 +42,17 @@ def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w[N, K]^T -> [..., N], computed as w @ x^T and then transposed. The
-    barrier keeps XLA from folding the transpose back into the slower operand order."""
-    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())))  # [N, ...]
-    return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
+    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype, computed as w @ x^T and then
+    transposed. The barrier keeps XLA from folding the transpose back into the slower operand
+    order. A narrower `w` (bfloat16) gets x in its dtype and accumulates in float32."""
+    if w.dtype.itemsize < x.dtype.itemsize:  # narrow weights: narrow x, accumulate wide
+        x_in, acc = x.astype(w.dtype), jnp.promote_types(x.dtype, jnp.float32)
+    else:
+        x_in, acc, w = x, None, w.astype(x.dtype)
+    y = jax.lax.dot_general(
+        w, x_in, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=acc
+    )  # [N, ...]
+    return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1).astype(x.dtype)
 
 
 def input_amax(x: jax.Array) -> jax.Array:
@@ -59,9 +75,10 @@ class Linear(nn.Module):
             smooth = self.param("input_scale", nn.initializers.ones, shape[:1], jnp.float32)
             y = int8_matmul(x * smooth.astype(x.dtype), kernel, scale)
         else:
-            weight = self.param("weight", nn.initializers.normal(0.02), shape[::-1], self.dtype)
+            wdt = weight_dtype(self.quant, self.dtype)
+            weight = self.param("weight", nn.initializers.normal(0.02), shape[::-1], wdt)
             self.sow("intermediates", "input_amax", input_amax(x))
-            y = transposed_matmul(x, weight.astype(x.dtype))
+            y = transposed_matmul(x, weight)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y

@@ -80,7 +80,7 @@ class Decoder(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     unrolled: bool = False
-    quant: str | None = None  # "int8": int8 weights (see tsjax.layers.linear)
+    quant: str | None = None  # "bf16" / "int8" weights (see tsjax.layers.linear)
 
     @nn.compact
     def __call__(
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
             # what a quantized model's separate lm_head would see (calibration reads it)
             self.sow("intermediates", "lm_head_input_amax", input_amax(x))
             logits = embed.attend(x)
-        else:  # quantized: a tied embedding gets an int8 copy as the output projection
+        else:  # bf16 / int8: a tied embedding gets a copy in that format as the projection
             logits = Linear(c.vocab_size, False, self.dtype, self.quant, name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if c.final_softcap:
