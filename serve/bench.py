@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds per concurrency, tsjax and llama.cpp alternating; medians are reported",
+    )
 
 
 def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -61,7 +67,9 @@ def _prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_tsjax(args, rows: int) -> dict:
+def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[[], None]]:
+    """Load, warm up, then prefill and single-stream decode; returns (results, `load(c)`: one
+    round of c concurrent requests, `close()`)."""
     from serve.engine import Engine, EventKind, GenerationRequest
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
@@ -117,18 +125,17 @@ def bench_tsjax(args, rows: int) -> dict:
     s, n, _, _ = asyncio.run(one(1, args.decode_tokens))
     out["decode_1_tok_s"] = (n - 1) / s.decode_seconds
     out["load"] = {}
-    for c in [int(x) for x in args.concurrency.split(",")]:
-        if c > rows:
-            continue
+
+    def load(c: int) -> dict:
         res, rate = asyncio.run(load_test(c))
         ttft = sorted(r[0].first_token_seconds for r in res)
-        out["load"][c] = {
+        return {
             "aggregate_tok_s": rate,
             "ttft_p50": statistics.median(ttft),
             "ttft_p99": ttft[min(len(ttft) - 1, int(round(0.99 * (len(ttft) - 1))))],
         }
-    engine.stop()
-    return out
+
+    return out, load, engine.stop
 
 
 LLAMA_CPP_LOGGER = "llama-cpp-python"
@@ -246,11 +253,12 @@ def llama_cpp_batched(
 
 
 def bench_llama_cpp(
-    args: argparse.Namespace, path: str, prompt: Sequence[int], concurrency: Sequence[int]
-) -> dict | None:
+    args: argparse.Namespace, path: str, prompt: Sequence[int]
+) -> tuple[dict, Callable[[int], dict], Callable[[], None]] | None:
     """llama.cpp (llama-cpp-python) on the same GGUF and prompt tokens: prefill and
-    single-stream decode through the `Llama` class, then batched decode at each concurrency
-    through the low-level API. None if llama-cpp-python is not installed."""
+    single-stream decode through the `Llama` class; returns (results, `batched(c)`: one round
+    of batched decode of c sequences through the low-level API, `close()`). None if
+    llama-cpp-python is not installed."""
     try:
         import llama_cpp
         from llama_cpp import Llama
@@ -267,7 +275,7 @@ def bench_llama_cpp(
         logits_all=False,
     )
     logging.getLogger(LLAMA_CPP_LOGGER).setLevel(logging.ERROR)
-    out: dict = {"version": llama_cpp.__version__, "threads": args.threads}
+    out: dict = {"version": llama_cpp.__version__, "threads": args.threads, "batched": {}}
     try:
         times = []
         for _ in range(3):
@@ -285,15 +293,15 @@ def bench_llama_cpp(
             llm.eval([tok])
             n += 1
         out["decode_1_tok_s"] = n / (time.perf_counter() - t)
-        model = llm.model
-        n_vocab = llm.n_vocab()
-        out["batched"] = {
-            c: llama_cpp_batched(model, n_vocab, ids, c, args.decode_tokens, args.threads)
-            for c in concurrency
-        }
-    finally:
+    except BaseException:
         llm.close()
-    return out
+        raise
+    model, n_vocab = llm.model, llm.n_vocab()
+
+    def batched(c: int) -> dict:
+        return llama_cpp_batched(model, n_vocab, ids, c, args.decode_tokens, args.threads)
+
+    return out, batched, llm.close
 
 
 def cold_start(model: str | None, cache_dir: str | None, quant: str | None = None) -> float:
@@ -323,10 +331,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     load_avg = os.getloadavg()
     bw = read_bandwidth()
     conc = [int(x) for x in args.concurrency.split(",")]
-    ours = bench_tsjax(args, rows=max(conc))
-    ref = None
-    if not args.no_llama_cpp:
-        ref = bench_llama_cpp(args, path, ours["prompt_ids"], conc)
+    ours, load, close_ours = bench_tsjax(args, rows=max(conc))
+    ref, batched, close_ref = None, None, None
+    try:
+        if not args.no_llama_cpp and (got := bench_llama_cpp(args, path, ours["prompt_ids"])):
+            ref, batched, close_ref = got
+        # Each concurrency in rounds, tsjax then llama.cpp, so that a slow spell of this
+        # shared machine hits both; the report gives each one's median round.
+        for c in conc:
+            rounds = [(load(c), batched and batched(c)) for _ in range(max(1, args.repeats))]
+            ours["load"][c] = median_round([a for a, _ in rounds])
+            if ref is not None:
+                ref["batched"][c] = median_round([b for _, b in rounds])
+                ours["load"][c]["round_ratios"] = [
+                    a["aggregate_tok_s"] / b["aggregate_tok_s"] for a, b in rounds
+                ]
+    finally:
+        close_ours()
+        if close_ref is not None:
+            close_ref()
     cold = {}
     if not args.no_cold_start:
         cold["no cache"] = cold_start(path, None, args.quant)
@@ -337,9 +360,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median aggregate rate (the lower one of an even count), with every
+    round's rate under "rounds"."""
+    rates = [r["aggregate_tok_s"] for r in rounds]
+    mid = sorted(rounds, key=lambda r: r["aggregate_tok_s"])[(len(rounds) - 1) // 2]
+    return {**mid, "rounds": rates}
+
+
 def bench_command(argv: Sequence[str]) -> str:
     """The command line as typed, `tsjax bench ...` (argv is sys.argv: program, 'bench', ...)."""
     return shlex.join(["tsjax", "bench", *argv[2:]])
+
+
+def _spread(ratios: list[float] | None) -> str:
+    """The range of several rounds' ratios, e.g. " (rounds 1.31-1.52x)"; empty for one."""
+    if not ratios or len(ratios) < 2:
+        return ""
+    return f" (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -366,7 +404,9 @@ def report(
         "",
         f"Command: `{cmd}`  ",
         f"Settings: {args.prompt_tokens} prompt tokens, {args.decode_tokens} tokens per request,"
-        f" concurrency {args.concurrency}, greedy.  ",
+        f" concurrency {args.concurrency}, greedy;"
+        f" {getattr(args, 'repeats', 1)} round(s) per concurrency, tsjax and llama.cpp"
+        " alternating, median round reported.  ",
     ]
     if load_avg is not None:
         lines.append(f"Load average at start: {' '.join(f'{x:.2f}' for x in load_avg)}.  ")
@@ -395,10 +435,10 @@ def report(
         "|---|---|---|---|",
     ]
 
-    def row(name: str, a: float | None, b: float | None, a_note: str = "", b_note: str = ""):
+    def row(name, a, b, a_note: str = "", b_note: str = "", r_note: str = ""):
         a_s = f"{a:.1f} tok/s{a_note}" if a else "-"
         b_s = f"{b:.1f} tok/s{b_note}" if b else "-"
-        lines.append(f"| {name} | {a_s} | {b_s} | {_ratio(a, b)} |")
+        lines.append(f"| {name} | {a_s} | {b_s} | {_ratio(a, b)}{r_note} |")
 
     row(
         f"prefill ({args.prompt_tokens} tokens)",
@@ -430,6 +470,7 @@ def report(
             b and b["aggregate_tok_s"],
             a_note,
             b_note,
+            _spread(m and m.get("round_ratios")),
         )
     for k, v in cold.items():
         lines.append(f"| cold start to first token, {k} | {v:.1f} s | | |")

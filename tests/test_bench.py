@@ -16,6 +16,7 @@ from serve.bench import (
     decode_entries,
     distinct_prompts,
     fill_batch,
+    median_round,
     prefill_chunks,
     report,
 )
@@ -128,6 +129,26 @@ def test_report_has_command_threads_version_and_a_ratio_per_concurrency():
     assert row16.endswith("| 1.20x |")
     assert "cold start to first token, no cache" in rows
     assert "not installed" not in text
+
+
+def test_rounds_report_the_median_round_and_the_spread_of_ratios():
+    """Several rounds per concurrency: the report's rate is the median round's (with that
+    round's TTFT), and the ratio cell shows the range of the rounds' own ratios."""
+    rounds = [
+        {"aggregate_tok_s": r, "ttft_p50": t, "ttft_p99": t}
+        for r, t in [(300, 1.0), (240, 2.0), (330, 3.0)]
+    ]
+    mid = median_round(rounds)
+    assert mid["aggregate_tok_s"] == 300 and mid["ttft_p50"] == 1.0
+    assert mid["rounds"] == [300, 240, 330]
+    assert median_round(rounds[:2])["aggregate_tok_s"] == 240  # even count: the lower
+    ours = _ours()
+    ours["load"][16] = {**mid, "round_ratios": [1.2, 1.05, 1.4]}
+    args = _args("--concurrency", "1,4,16", "--repeats", "3")
+    text = report(args, "/x/m.gguf", 25e9, ours, _ref(), {}, "tsjax bench", None)
+    row16 = next(r for r in text.splitlines() if r.startswith("| aggregate decode, 16"))
+    assert row16.endswith("| 1.20x (rounds 1.05-1.40x) |")
+    assert "3 round(s) per concurrency, tsjax and llama.cpp alternating" in text
 
 
 def test_report_without_llama_cpp_has_no_ratios():
