@@ -10,7 +10,11 @@ rests on, best of 8 runs of one jitted program:
   int8 -> int32 in both orders, and int8 activations as uint8 (VNNI's native form);
 - decode attention's q.k dot over 60 blocks of 12 rows x 128 positions: keys [R, K, P, H]
   against keys transposed [R, K, H, P] (what `tsjax.cache` stores);
-- q.k and p.v dots over those blocks in float32 against bfloat16 operands (a bf16 cache).
+- q.k and p.v dots over those blocks in float32 against bfloat16 and int8 operands (a bf16 or
+  int8 cache);
+- one decode step's cache write (a scatter of one position per row) into each of those blocks
+  stored as float32, bfloat16, bfloat16 written as uint16 bits, and int8: XLA:CPU converts a
+  bfloat16 block to float32 and back around the scatter.
 """
 
 from __future__ import annotations
@@ -125,6 +129,58 @@ def main(argv: list[str] | None = None) -> int:
         vs = [v.astype(dtype) for v in vals]
         ms = _best(lambda q, ks, vs, dt=dtype: both(q, ks, vs, dt), q, ks, vs)
         print(f"  q.k + p.v, {jnp.dtype(dtype).name:9s} operands    {ms:7.2f} ms")
+    # int8 keys and values: int8 x int8 -> int32 dots (queries and probabilities int8 too)
+    k8 = [jnp.asarray(rng.integers(-127, 128, k.shape, dtype=np.int8)) for k in k_t]
+    v8 = [jnp.asarray(rng.integers(-127, 128, v.shape, dtype=np.int8)) for v in vals]
+
+    def both_int8(q, ks, vs):
+        out = 0.0
+        q8 = jnp.clip(jnp.round(q * 20), -127, 127).astype(jnp.int8)
+        for k, v in zip(ks, vs, strict=True):
+            s = jnp.einsum("rkgh,rkhs->rkgs", q8, k, preferred_element_type=jnp.int32)
+            p8 = (s >> 12).astype(jnp.int8)
+            o = jnp.einsum("rkgs,rksh->rkgh", p8, v, preferred_element_type=jnp.int32)
+            out = out + jnp.sum(o.astype(jnp.float32))
+        return out
+
+    ms = _best(both_int8, q, k8, v8)
+    print(f"  q.k + p.v, int8 operands       {ms:7.2f} ms")
+
+    # One decode step's cache write into each block: a scatter of one position per row.
+    print(f"cache writes, {n} blocks of {r} rows x {pos} positions (one position per row):")
+    rows_i = jnp.arange(r, dtype=jnp.int32)[:, None]
+    at_pos = jnp.full((r, 1), pos // 2, jnp.int32)
+    new = jnp.asarray(rng.standard_normal((r, 1, kv, h), np.float32))
+
+    def writes(blocks, new, bits: bool):
+        out = []
+        for blk in blocks:
+            if bits:  # bfloat16 stored, written as its uint16 bits
+                u = jax.lax.bitcast_convert_type(blk, jnp.uint16)
+                val = jax.lax.bitcast_convert_type(new.astype(blk.dtype), jnp.uint16)
+                u = u.at[rows_i, :, at_pos, :].set(val, mode="drop")
+                out.append(jax.lax.bitcast_convert_type(u, blk.dtype))
+            else:
+                out.append(blk.at[rows_i, :, at_pos, :].set(new.astype(blk.dtype), mode="drop"))
+        return out
+
+    for name, dtype, bits in [
+        ("float32", jnp.float32, False),
+        ("bfloat16", jnp.bfloat16, False),
+        ("bfloat16 as uint16 bits", jnp.bfloat16, True),
+        ("int8", jnp.int8, False),
+    ]:
+        blocks = [jnp.array(v, dtype) for v in vals]  # copies: these get donated
+        fn = jax.jit(lambda b, x, bits=bits: writes(b, x, bits), donate_argnums=0)
+        blocks = fn(blocks, new)  # compile; then time in place (the blocks are donated)
+        jax.block_until_ready(blocks)
+        best = float("inf")
+        for _ in range(8):
+            t = time.perf_counter()
+            blocks = fn(blocks, new)
+            jax.block_until_ready(blocks)
+            best = min(best, time.perf_counter() - t)
+        print(f"  {name:28s} {best * 1e3:7.2f} ms")
     return 0
 
 
