@@ -26,10 +26,10 @@ def tiny_gemma3(tmp_path_factory):
     )
 
 
-def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
+def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch, row=None):
     steps = model.steps
     cache, sampler = steps.new_cache(), steps.new_sampler()
-    row = steps.shapes.rows - 1  # not row 0, to catch row mix-ups
+    row = steps.shapes.rows - 1 if row is None else row  # default not 0: catches row mix-ups
     first, logits, cache, sampler = steps.prefill(
         model.params, cache, sampler, [prompt], [row], [GREEDY]
     )
@@ -56,6 +56,13 @@ def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch):
 @pytest.mark.parametrize("n_steps", [1, 3])
 def test_prefill_then_decode_equals_one_prefill_tiny_sliding(tiny_gemma3, n_steps):
     check_prefill_then_decode(tiny_gemma3, [1, 5, 9, 42, 17, 3, 99, 23], 12, n_steps)
+
+
+def test_decode_of_fewer_rows_than_a_cache_block(tiny_gemma3):
+    """Row 0 alone decodes as a 1-row bucket inside the 4-row cache block: attention reads
+    only that row of the block (tsjax.layers.attention.attend_blocks) and must still match."""
+    assert tiny_gemma3.steps.blocks[0][0] == 4
+    check_prefill_then_decode(tiny_gemma3, [1, 5, 9, 42, 17, 3, 99, 23], 12, 3, row=0)
 
 
 @pytest.mark.slow

@@ -89,14 +89,14 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
             break
         r = kb[0].shape[0]
         qr, pr = q[lo : lo + r], pos[lo : lo + r]
-        if qr.shape[0] < r:  # the batch ends inside this block: pad (those rows are dropped)
-            qr = jnp.pad(qr, ((0, r - qr.shape[0]), (0, 0), (0, 0), (0, 0)))
-            pr = jnp.pad(pr, (0, r - pr.shape[0]))
+        n = qr.shape[0]  # < r: the batch ends inside this block; read only its first n rows
         used = []
         start = 0
         for kblk, vblk in zip(kb, vb, strict=True):
             if start >= attn_len:
                 break
+            if n < r:
+                kblk, vblk = kblk[:n], vblk[:n]
             used.append((kblk.astype(q.dtype), vblk.astype(q.dtype)))
             start += vblk.shape[2]
         scores = (
