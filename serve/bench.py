@@ -405,7 +405,7 @@ def report(
         f"Command: `{cmd}`  ",
         f"Settings: {args.prompt_tokens} prompt tokens, {args.decode_tokens} tokens per request,"
         f" concurrency {args.concurrency}, greedy;"
-        f" {getattr(args, 'repeats', 1)} round(s) per concurrency, tsjax and llama.cpp"
+        f" {args.repeats} round(s) per concurrency, tsjax and llama.cpp"
         " alternating, median round reported.  ",
     ]
     if load_avg is not None:
