@@ -70,7 +70,8 @@ def _startup_line(hub: Hub) -> str:
         where += f" in {jax.process_count()} processes"
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     return (
-        f"tsjax serving {m.name} ({m.config.architecture}, {s.rows} rows x {m.max_len} ctx)"
+        f"tsjax serving {m.name} ({m.config.architecture}, {s.quant or 'float32'} weights,"
+        f" {s.rows} rows x {m.max_len} ctx)"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
         f" -> http://{host}:{s.port}"
     )
