@@ -122,10 +122,11 @@ class Steps:
         quant: str | None = None,
     ):
         self.cfg = cfg
-        # XLA:CPU's int8 and bfloat16 matmuls are slow for one row (see tsjax.quants): their
-        # decode pads to the fewest rows that run fast (rows past the cache's are padding:
-        # they compute and are dropped). Measured: a 4-row int8 step beats a 1-row float32 one.
-        least = MIN_DECODE_ROWS[quant]
+        # XLA:CPU's int8 and bfloat16 matmuls are slow for one row (see tsjax.quants): on CPU
+        # their decode pads to the fewest rows that run fast (rows past the cache's are
+        # padding: they compute and are dropped). Measured: a 4-row int8 step beats a 1-row
+        # float32 one. Other backends have fast narrow matrix-vector kernels: no padding.
+        least = MIN_DECODE_ROWS[quant] if jax.default_backend() == "cpu" else 1
         if least > 1:
             low = tuple(sorted({max(b, least) for b in shapes.decode_batches}))
             shapes = replace(shapes, decode_batches=low)
