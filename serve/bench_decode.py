@@ -15,6 +15,7 @@ step is attention over the cache rather than the weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from tsjax.quants import QUANT_CHOICES, QUANT_HELP
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
     p.add_argument("--sampling", choices=["greedy", "default"], default="greedy")
     args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
 
     from tsjax.model import load
     from tsjax.sampling import SamplingParams, host_sampler_state
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = list(range(live))
             times = []
             for i in range(5):
+                # every row holds `pos` tokens, as after a prompt of that length
+                cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, pos))
+                jax.block_until_ready(cache.lengths)
                 t = time.perf_counter()
                 _, _, cache, sampler = steps.decode(
                     model.params, cache, sampler, rows, [0] * live, pos, n
