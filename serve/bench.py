@@ -106,12 +106,19 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
         return done.stats, done.stats.completion_tokens, first, time.perf_counter()
 
     async def load_test(n: int):
-        """Aggregate decode rate while all n requests are decoding: tokens emitted between
-        the last request's first token and the first request's end, over that window."""
+        """Aggregate decode rate while all n requests are decoding, as llama.cpp's is taken
+        (`llama_cpp_batched`: every decode step after the last prompt is prefilled): tokens
+        emitted after the last request's first token up to the last token, over that time.
+        If a request stopped before `decode_tokens` (an end-of-generation token), the window
+        ends with the first request's end instead, so that all n decode throughout it."""
         trace: list = []
         res = await asyncio.gather(*(one(i, args.decode_tokens, trace) for i in range(n)))
-        start = max(r[2] for r in res)
-        end = min(r[3] for r in res)
+        start, end = decode_window(
+            [r[2] for r in res],
+            [r[3] for r in res],
+            max(t for t, _ in trace),
+            all(r[1] == args.decode_tokens for r in res),
+        )
         if end - start < 0.5:  # too short a window: fall back to the whole run
             start, end = min(t for t, _ in trace), max(r[3] for r in res)
         toks = sum(k for t, k in trace if start < t <= end)
@@ -136,6 +143,15 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
         }
 
     return out, load, engine.stop
+
+
+def decode_window(
+    firsts: list[float], ends: list[float], last_token: float, all_full: bool
+) -> tuple[float, float]:
+    """The load test's (start, end): from the last request's first token (every prompt is
+    prefilled) to the last token when every request ran to its token limit, else to the first
+    request's end (after it, fewer than all were decoding)."""
+    return max(firsts), (last_token if all_full else min(ends))
 
 
 LLAMA_CPP_LOGGER = "llama-cpp-python"
@@ -417,7 +433,8 @@ def report(
         f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
         f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
         f" {ours['rows']} decode rows, {args.decode_steps} steps per dispatch, XLA CPU threads"
-        " (its default: all cores).  ",
+        " (its default: all cores); its aggregate is the decode after the last request's first"
+        " token (all prompts prefilled) to the last token.  ",
     ]
     if ref is not None:
         lines.append(

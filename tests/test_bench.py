@@ -14,6 +14,7 @@ from serve.bench import (
     add_bench_args,
     bench_command,
     decode_entries,
+    decode_window,
     distinct_prompts,
     fill_batch,
     median_round,
@@ -149,6 +150,15 @@ def test_rounds_report_the_median_round_and_the_spread_of_ratios():
     row16 = next(r for r in text.splitlines() if r.startswith("| aggregate decode, 16"))
     assert row16.endswith("| 1.20x (rounds 1.05-1.40x) |")
     assert "3 round(s) per concurrency, tsjax and llama.cpp alternating" in text
+
+
+def test_decode_window_matches_llama_cpps_when_every_request_runs_full():
+    """The load test's window starts when every prompt is prefilled (the last first token)
+    and ends with the last token, like llama.cpp's decode after its prefill; a request that
+    stopped early ends it at the first request's end instead."""
+    firsts, ends = [1.0, 1.5, 2.0], [5.0, 5.1, 5.2]
+    assert decode_window(firsts, ends, 5.15, all_full=True) == (2.0, 5.15)
+    assert decode_window(firsts, ends, 5.15, all_full=False) == (2.0, 5.0)
 
 
 def test_report_without_llama_cpp_has_no_ratios():
