@@ -238,7 +238,7 @@ def _swap_worker(path: str) -> None:
         shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16)
         m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
         s = m.steps
-        assert s.blocks == ((4, 8), (16, 32, 64))
+        assert s.blocks == ((4, 8), (16, 24, 32, 48, 64))
         cache, sampler = s.new_cache(), s.new_sampler()
         prompts, rows = [list(range(3, 23)), list(range(40, 58))], [1, 6]
         first, _, cache, sampler = s.prefill(m.params, cache, sampler, prompts, rows, [greedy] * 2)

@@ -65,6 +65,62 @@ def test_decode_of_fewer_rows_than_a_cache_block(tiny_gemma3):
     check_prefill_then_decode(tiny_gemma3, [1, 5, 9, 42, 17, 3, 99, 23], 12, 3, row=0)
 
 
+def test_rows_of_one_block_at_different_positions(tiny_gemma3):
+    """Decode attention reads only the position blocks its row block reaches (a switch on the
+    furthest row): rows 0 and 1 share a row block, one 3 tokens long and one past three
+    position blocks, and both must match a full forward pass at every step, as must row 1
+    when it decodes alone (a 1-row batch inside the 4-row block)."""
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    assert steps.blocks == ((4,), (16, 24, 32, 48, 64))
+    prompts = [[7, 3, 11], [(5 * i + 2) % 97 + 1 for i in range(27)]]
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    first, _, cache, sampler = steps.prefill(params, cache, sampler, prompts, [0, 1], [GREEDY] * 2)
+    seqs = [p + [int(t)] for p, t in zip(prompts, first, strict=True)]
+    for step in range(6):
+        rows = [0, 1] if step < 4 else [1]
+        toks = [seqs[r][-1] for r in rows]
+        max_pos = max(len(seqs[r]) - 1 for r in rows)
+        out, last, cache, sampler = steps.decode(params, cache, sampler, rows, toks, max_pos, 1)
+        for i, r in enumerate(rows):
+            ref = all_logits(tiny_gemma3, seqs[r])[-1]
+            assert rel_err(np.asarray(last[i]), ref) < 1e-4, (step, r)
+            seqs[r].append(int(out[0, i]))
+
+
+def test_decode_continues_from_device_tokens(tiny_gemma3):
+    """`decode(tokens=None, wait=False)` (the engine's pipelined dispatch) feeds each row the
+    token the previous decode sampled and gives the tokens a host round trip would; it
+    refuses rows other than the previous call's, and a prefill in between."""
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    prompts = [[4, 8, 15, 16], [23, 42, 9, 1, 2]]
+
+    def run(pipelined: bool) -> np.ndarray:
+        cache, sampler = steps.new_cache(), steps.new_sampler()
+        first, _, cache, sampler = steps.prefill(
+            params, cache, sampler, prompts, [0, 2], [GREEDY] * 2
+        )
+        toks, pos, got = [int(t) for t in first], 5, []
+        for k in range(4):
+            feed = None if pipelined and k > 0 else toks
+            out, logits, cache, sampler = steps.decode(
+                params, cache, sampler, [0, 2], feed, pos, 3, wait=not pipelined
+            )
+            out = out.get() if pipelined else out
+            assert logits is None or pipelined is False
+            got.append(out)
+            toks, pos = [int(t) for t in out[-1]], pos + 3
+        return np.concatenate(got)
+
+    np.testing.assert_array_equal(run(True), run(False))
+    cache, sampler = steps.new_cache(), steps.new_sampler()
+    _, _, cache, sampler = steps.prefill(params, cache, sampler, prompts, [0, 2], [GREEDY] * 2)
+    with pytest.raises(ValueError, match="previous decode"):
+        steps.decode(params, cache, sampler, [0, 2], None, 5, 1)
+    _, _, cache, sampler = steps.decode(params, cache, sampler, [0, 2], [1, 1], 5, 1)
+    with pytest.raises(ValueError, match="previous decode"):
+        steps.decode(params, cache, sampler, [0], None, 6, 1)
+
+
 @pytest.mark.slow
 def test_prefill_then_decode_equals_one_prefill_smollm():
     model = loaded_model("smollm2-135m", max_len=256, rows=2)
@@ -153,7 +209,7 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     model = load(path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16))
     steps = model.steps
-    assert steps.blocks == ((4, 8), (16, 32, 64))
+    assert steps.blocks == ((4, 8), (16, 24, 32, 48, 64))
     a, b = list(range(3, 23)), list(range(40, 58))  # 20 and 18 tokens: past the first block
 
     def fresh(rows, prompts):

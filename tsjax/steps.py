@@ -62,11 +62,35 @@ def steps_bucket(n: int) -> int:
     return max(4, 1 << (max(n, 1) - 1).bit_length())
 
 
+def split_blocks(bounds: tuple[int, ...]) -> tuple[int, ...]:
+    """Block bounds with every block after the first cut in two halves: (128, 256, 512) ->
+    (128, 192, 256, 384, 512). Decode attention reads the blocks its rows reach."""
+    out = [bounds[0]]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        if (hi - lo) % 2 == 0 and hi - lo >= 2:
+            out.append(lo + (hi - lo) // 2)
+        out.append(hi)
+    return tuple(out)
+
+
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
         raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
     return buckets[i]
+
+
+@dataclass
+class PendingTokens:
+    """The tokens of a decode dispatch that may still be running: `get()` waits for them and
+    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given)."""
+
+    out: jax.Array  # [max_steps, b]
+    n_steps: int
+    where: np.ndarray
+
+    def get(self) -> np.ndarray:
+        return np.asarray(self.out)[: self.n_steps, self.where]
 
 
 @dataclass(frozen=True)
@@ -90,7 +114,7 @@ class StepShapes:
         than 4 rows (decode attention over a padded block costs little; more blocks mean
         more, smaller kernels per layer)."""
         rows = {min(max(b, 4), self.rows) for b in self.decode_batches} | {self.rows}
-        return tuple(sorted(rows)), self.attn_lens
+        return tuple(sorted(rows)), split_blocks(self.attn_lens)
 
     @classmethod
     def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
@@ -162,6 +186,9 @@ class Steps:
             **sh["cache"],
         )
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
+        # what `decode(tokens=None)` feeds: the last decode's next tokens (device) and rows
+        self._next_tokens: jax.Array | None = None
+        self._next_rows: np.ndarray | None = None
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -176,7 +203,7 @@ class Steps:
         c, s, r = self.plan.cache(self.blocks), self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
-            "decode": dict(out_shardings=(r, r, c, s)),  # tokens, logits, cache, sampler
+            "decode": dict(out_shardings=(r, r, r, c, s)),  # tokens, next, logits, cache, sampler
             "forward": dict(out_shardings=r),
             "cache": dict(out_shardings=c),
             "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
@@ -191,6 +218,7 @@ class Steps:
 
     def new_cache(self) -> KVCache:
         """A zeroed cache, created directly in its shards (never whole on one device)."""
+        self._next_tokens = None
         if self.plan is None:
             shapes = self.shapes
             return KVCache.create(self.cfg, shapes.rows, shapes.max_len, self.dtype, self.blocks)
@@ -272,7 +300,8 @@ class Steps:
         stream from paying for a full batch (the engine keeps live requests in the lowest
         rows, see `swap_rows`); the step count being data, one compiled program serves 1 step
         (someone is waiting) and several. Returns (tokens [max_steps, b], the first n_steps
-        rows filled; logits of the last step [b, V], cache, sampler)."""
+        rows filled; the tokens the next step would be fed [b]; logits of the last step
+        [b, V], cache, sampler)."""
         b = tokens.shape[0]
         sub = jax.tree.map(lambda a: fit_rows(a, b), sampler)
 
@@ -284,11 +313,11 @@ class Steps:
 
         init_logits = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
         out = jnp.zeros((max_steps, b), jnp.int32)
-        cache, sub, _, logits, out = jax.lax.fori_loop(
+        cache, sub, tokens, logits, out = jax.lax.fori_loop(
             0, n_steps, step, (cache, sub, tokens, init_logits, out)
         )
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
-        return out, logits, cache, sampler
+        return out, tokens, logits, cache, sampler
 
     def _swap(self, cache: KVCache, sampler: SamplerState, a, b):
         """Exchange cache rows a[i] <-> b[i] (keys, values, lengths, sampling state).
@@ -407,6 +436,7 @@ class Steps:
         if self.plan is not None:
             new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
+        self._next_tokens = None  # a prefill starts rows afresh: decode takes host tokens
         first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
@@ -435,38 +465,55 @@ class Steps:
         cache,
         sampler,
         rows: list[int],
-        tokens: list[int],
+        tokens: list[int] | None,
         max_pos: int,
         n_steps: int = 1,
         masks: np.ndarray | None = None,
+        wait: bool = True,
     ):
         """Run `n_steps` decode steps for the given cache rows, fed `tokens` (one per row);
         `max_pos` is the longest of those rows' lengths now. The step runs on the cache rows
         [0, b), b the decode bucket holding the highest of `rows`; the others in it idle
         (keep live rows low: `swap_rows`). Returns (tokens [n_steps, len(rows)] numpy, last
-        logits [len(rows), V], cache, sampler)."""
+        logits [len(rows), V], cache, sampler).
+
+        `tokens=None` feeds each row the token the previous decode sampled for it, without
+        it ever leaving the device: the engine dispatches the next decode before it has read
+        the previous one's tokens. That needs the previous call's rows, with no prefill or
+        swap since. `wait=False` returns at once with a `PendingTokens` in place of the
+        tokens (read them with `.get()`, which waits) and None for the logits."""
         b = bucket_for(max(rows) + 1, self.shapes.decode_batches)  # may pass the cache rows
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
         where = np.asarray(rows)
-        tok = np.zeros((b,), np.int32)
         active = np.zeros((b,), bool)
-        tok[where] = tokens
         active[where] = True
+        if tokens is None:
+            fed = self._next_tokens
+            if fed is None or fed.shape[0] != b or not np.array_equal(self._next_rows, where):
+                raise ValueError("tokens=None continues the previous decode's rows only")
+        else:
+            tok = np.zeros((b,), np.int32)
+            tok[where] = tokens
+            fed = self._put(tok)
         mask = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
         if masks is not None:
             mask[where] = masks
-        out, logits, cache, sampler = self.decode_fn(
+        out, nxt, logits, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
-            self._put(tok),
+            fed,
             self._put(active),
             self._put(mask),
             self._put(np.int32(n_steps)),
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
-        return np.asarray(out)[:n_steps, where], logits[self._put(where)], cache, sampler
+        self._next_tokens, self._next_rows = nxt, where
+        pending = PendingTokens(out, n_steps, where)
+        if not wait:
+            return pending, None, cache, sampler
+        return pending.get(), logits[self._put(where)], cache, sampler
 
     #: Row pairs one `swap_rows` dispatch exchanges (more are done in several).
     SWAP_PAIRS = 4
@@ -479,6 +526,7 @@ class Steps:
         unused (the same signature as the other steps). Returns (None, None, cache,
         sampler)."""
         del params
+        self._next_tokens = None  # rows moved: decode takes host tokens
         for i in range(0, len(pairs), self.SWAP_PAIRS):
             chunk = pairs[i : i + self.SWAP_PAIRS]
             a = np.full((self.SWAP_PAIRS,), self.shapes.rows, np.int32)  # padding: no-op

@@ -5,6 +5,15 @@ Continuous batching: every decode dispatch advances all cache rows at once; new 
 prefilled into free rows between dispatches and finished ones free their row at once. While
 requests wait, a dispatch runs a single step so they are admitted quickly; otherwise it runs
 `decode_steps` steps to save dispatch overhead.
+
+Pipelining: in the steady state (nobody waiting, no aborts, no grammar, no row finished) the
+next dispatch goes out before the current one's tokens are read, fed on the device with the
+tokens the current one samples (`Steps.decode(tokens=None)`). The host's work between
+dispatches (reading tokens, detokenizing, stop strings, events, the next dispatch's own
+Python) then overlaps the device's instead of adding to it. A row that finishes inside a
+dispatch has its next one computed in vain and dropped; a request that arrives waits for the
+dispatch in flight, as it would without pipelining, plus at most the one already queued
+behind it.
 """
 
 from __future__ import annotations
@@ -35,11 +44,21 @@ from tsjax.textstream import TextStream
 
 if TYPE_CHECKING:
     from serve.engine.lockstep import StepChannel
-    from tsjax.steps import Steps
+    from tsjax.steps import PendingTokens, Steps
 
 log = logging.getLogger("tsjax.engine")
 
 Sink = Callable[[TokenEvent], None]
+
+
+@dataclass
+class _Dispatch:
+    """A decode dispatch sent to the device: its rows' requests, in the order of its token
+    columns, and its step count."""
+
+    rows: list[_Live]
+    n: int
+    tokens: PendingTokens
 
 
 @dataclass
@@ -81,13 +100,18 @@ class Engine:
         decode_steps: int = 4,
         prefill_chunk: int = 512,
         steps: Steps | StepChannel | None = None,
+        pipeline: bool = True,
     ):
         """`steps`: what runs the compiled steps, `model.steps` unless given (several
-        processes: a `serve.engine.lockstep.StepChannel` that replays them on the others)."""
+        processes: a `serve.engine.lockstep.StepChannel` that replays them on the others).
+        `pipeline`: send the next decode dispatch before reading the current one's tokens
+        (see the module docstring)."""
         self.model = model
         self.steps = model.steps if steps is None else steps
         self.rows = self.steps.shapes.rows
         self.decode_steps = decode_steps
+        self.pipeline = pipeline
+        self._inflight: _Dispatch | None = None  # a pipelined dispatch not yet read
         self.prefill_chunk = min(prefill_chunk, self.steps.shapes.prefill_lens[-1])
         self.scheduler = Scheduler(self.rows, self.steps.shapes.decode_batches)
         self._live: dict[int, _Live] = {}  # row index -> live request
@@ -189,6 +213,14 @@ class Engine:
     def _loop(self) -> None:
         last_queue_note = 0.0
         while True:
+            if self._inflight is not None and (
+                self._aborts or self.scheduler.queue or not self._live
+            ):
+                try:  # read the dispatch in flight before rows change hands
+                    self._land(self._take_inflight())
+                except Exception as e:
+                    log.exception("engine step failed")
+                    self._fail_all(f"internal error: {e}")
             with self._cv:
                 while self._running and not self._live and not self.scheduler.queue:
                     self._cv.wait(timeout=1.0)
@@ -293,26 +325,68 @@ class Engine:
         log.debug("moved rows %s", pairs)
 
     def _decode(self) -> None:
-        self._compact()
-        waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
-        rows = list(self._live.values())
-        left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
-        # A grammar needs the mask recomputed after every token: one step per dispatch.
-        grammar = any(x.grammar_pending for x in rows)
-        n = 1 if waiting or grammar or left < self.decode_steps else self.decode_steps
+        if self._inflight is not None:  # sent last time round, before its predecessor was read
+            current = self._take_inflight()
+        else:
+            self._compact()
+            rows = list(self._live.values())
+            waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
+            left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
+            # A grammar needs the mask recomputed after every token: one step per dispatch.
+            grammar = any(x.grammar_pending for x in rows)
+            n = 1 if waiting or grammar else max(1, min(self.decode_steps, left))
+            tokens = [x.sampled[-1] for x in rows]
+            current = self._dispatch(rows, n, tokens, self._masks(rows) if grammar else None)
+        if self.pipeline and (n := self._next_steps(current)):
+            self._inflight = self._dispatch(current.rows, n, None)
+        self._land(current)
+
+    def _dispatch(self, rows: list[_Live], n: int, tokens, masks=None) -> _Dispatch:
+        """Send n decode steps for `rows`, fed `tokens` (None: the tokens the previous
+        dispatch sampled, on the device). Returns at once."""
         max_pos = max(len(x.req.prompt_ids) + x.fed for x in rows)
-        out, _, self._cache, self._sampler = self.steps.decode(
+        pending, _, self._cache, self._sampler = self.steps.decode(
             self.model.params,
             self._cache,
             self._sampler,
             [x.row.index for x in rows],
-            [x.sampled[-1] for x in rows],
+            tokens,
             max_pos,
             n,
-            masks=self._masks(rows) if grammar else None,
+            masks=masks,
+            wait=False,
         )
-        for i, live in enumerate(rows):
-            live.fed += n
+        for live in rows:
+            live.fed += n  # written into the cache by this dispatch (read or not)
+        return _Dispatch(rows, n, pending)
+
+    def _next_steps(self, current: _Dispatch) -> int:
+        """How many steps to send behind `current` before reading it (0: none, read first):
+        only in the steady state, where nothing the host learns from `current` could change
+        the next dispatch except a row finishing (whose extra steps are then dropped)."""
+        if self._aborts or self.scheduler.queue:
+            return 0
+        rows = current.rows
+        if len(rows) != len(self._live) or any(self._live.get(x.row.index) is not x for x in rows):
+            return 0  # a row finished or was added since: compact / re-plan first
+        if any(x.grammar_pending for x in rows):
+            return 0
+        # tokens each row may still produce once `current` is read (at most)
+        left = min(x.text.max_tokens - len(x.text.tokens) - current.n for x in rows)
+        return max(0, min(self.decode_steps, left))
+
+    def _take_inflight(self) -> _Dispatch:
+        d, self._inflight = self._inflight, None
+        assert d is not None
+        return d
+
+    def _land(self, d: _Dispatch) -> None:
+        """Read a dispatch's tokens (waiting for it) and hand them to its rows' requests;
+        rows whose request finished since it was sent are skipped."""
+        out = d.tokens.get()
+        for i, live in enumerate(d.rows):
+            if live.text.finish_reason or self._live.get(live.row.index) is not live:
+                continue
             self._consume(live, [int(t) for t in out[:, i]])
 
     def _masks(self, rows: list[_Live]) -> np.ndarray | None:
@@ -367,6 +441,7 @@ class Engine:
             live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats))
 
     def _fail_all(self, message: str) -> None:
+        self._inflight = None  # its cache and tokens are about to be replaced
         for live in list(self._live.values()):
             self._finish(live, FinishReason.ERROR, error=message)
         with self._cv:

@@ -9,6 +9,8 @@ layout (`tsjax.cache`), decode attends block by block, reading each buffer where
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,7 +83,11 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
     """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
     block, scores against each position block below `attn_len` (batched dots over whole
     buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
-    value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H]."""
+    value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H].
+
+    Position blocks are finer than the attention buckets: a row block reads only the blocks
+    up to the one holding its furthest row's position (a `lax.switch` over how many it
+    needs), so a step reads the cache its rows reach, not the whole bucket."""
     b, kv, g, h = q.shape
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
@@ -90,34 +96,57 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
         r = kb[0].shape[0]
         qr, pr = q[lo : lo + r], pos[lo : lo + r]
         n = qr.shape[0]  # < r: the batch ends inside this block; read only its first n rows
-        used = []
+        used, starts = [], []
         start = 0
         for kblk, vblk in zip(kb, vb, strict=True):
             if start >= attn_len:
                 break
             if n < r:
                 kblk, vblk = kblk[:n], vblk[:n]
-            used.append((kblk.astype(q.dtype), vblk.astype(q.dtype)))
+            used.append((kblk, vblk))
+            starts.append(start)
             start += vblk.shape[2]
-        scores = (
-            jnp.concatenate([jnp.einsum("rkgh,rkhs->rkgs", qr, kblk) for kblk, _ in used], axis=-1)
-            * scale
-        )
-        if softcap:
-            scores = jnp.tanh(scores / softcap) * softcap
-        visible = _visible(pr, scores.shape[-1], window)
-        probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, NEG_INF), axis=-1)
-        o, s0 = 0, 0
-        for _, vblk in used:
-            p = vblk.shape[2]
-            o = o + jnp.einsum("rkgs,rksh->rkgh", probs[..., s0 : s0 + p], vblk)
-            s0 += p
+
+        def attend_first(j, qr, pr, used):
+            return _attend_row_block(qr, pr, used[: j + 1], window, scale, softcap)
+
+        if len(used) == 1:
+            o = attend_first(0, qr, pr, used)
+        else:
+            # the furthest position these rows attend to (rows past the bucket are padding:
+            # their writes are dropped and what they read does not matter)
+            reach = jnp.max(jnp.where(pr < attn_len, pr, 0))
+            need = sum((reach >= s).astype(jnp.int32) for s in starts[1:])
+            branches = [functools.partial(attend_first, j) for j in range(len(used))]
+            o = jax.lax.switch(need, branches, qr, pr, used)
         out.append(o)
         lo += r
     out = jnp.concatenate(out, axis=0)
     if out.shape[0] < b:  # a padded batch past the cache's rows
         out = jnp.pad(out, ((0, b - out.shape[0]), (0, 0), (0, 0), (0, 0)))
     return out[:b].reshape(b, kv * g * h)
+
+
+def _attend_row_block(qr, pr, used, window, scale, softcap):
+    """One row block's attention over the position blocks `used` [(keys, values)], from
+    position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H]."""
+    scores = (
+        jnp.concatenate(
+            [jnp.einsum("rkgh,rkhs->rkgs", qr, kblk.astype(qr.dtype)) for kblk, _ in used],
+            axis=-1,
+        )
+        * scale
+    )
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    visible = _visible(pr, scores.shape[-1], window)
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, NEG_INF), axis=-1)
+    o, s0 = 0, 0
+    for _, vblk in used:
+        p = vblk.shape[2]
+        o = o + jnp.einsum("rkgs,rksh->rkgh", probs[..., s0 : s0 + p], vblk.astype(qr.dtype))
+        s0 += p
+    return o
 
 
 class Attention(nn.Module):
