@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import os
 import re
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ).strip()
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from jax._src.lib import _profile_data
 
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def dispatch():
         nonlocal cache, sampler
+        # every row holds `--position` tokens (attention reads the blocks its rows reach)
+        cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, args.position))
         _, _, cache, sampler = steps.decode(
             model.params, cache, sampler, rows, [0] * args.live, args.position, n
         )
