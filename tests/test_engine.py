@@ -127,6 +127,51 @@ def test_stop_string_and_length(engine):
         assert events[-1].finish_reason is FinishReason.LENGTH
 
 
+def test_pipelined_dispatches_give_the_tokens_of_unpipelined_ones(engine, monkeypatch):
+    """The engine sends the next decode dispatch before reading the current one (fed on the
+    device): requests of different lengths, finishing at different steps (limits, a stop
+    string), seeded sampling among them, give exactly what an engine that reads every
+    dispatch before the next gives, and the pipelined path really ran."""
+    prompt = [1, 5, 9, 42, 17, 3]
+    full = generate(engine.model, prompt, sampling=SamplingParams.greedy(), max_tokens=30)
+    stop = (full.text[4:6],) if len(full.text) >= 6 else ()
+
+    def requests():
+        reqs = [
+            GenerationRequest([2 + i, 9, 4, 7][: 1 + i % 4], sp, 5 + 3 * i, reuse_prefix=False)
+            for i, sp in enumerate(
+                [SamplingParams.greedy()] * 3
+                + [SamplingParams(temperature=0.8, seed=i) for i in range(3)]
+            )
+        ]
+        return reqs + [GenerationRequest(prompt, SamplingParams.greedy(), 30, stop=stop)]
+
+    fed_on_device = []
+    decode = engine.steps.decode
+
+    def spy(params, cache, sampler, rows, tokens, *args, **kwargs):
+        fed_on_device.append(tokens is None)
+        return decode(params, cache, sampler, rows, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine.steps, "decode", spy)
+    piped = run(engine, requests())
+    assert sum(fed_on_device) >= 3, fed_on_device
+    engine.stop()  # the two engines share the model's compiled steps: one at a time
+    plain = Engine(engine.model, decode_steps=4, prefill_chunk=32, pipeline=False)
+    plain.start()
+    try:
+        fed_on_device.clear()
+        unpiped = run(plain, requests())
+        assert not any(fed_on_device)
+    finally:
+        plain.stop()
+        engine.start()
+    for a, b in zip(piped, unpiped, strict=True):
+        assert text_of(a) == text_of(b)
+        assert a[-1].finish_reason == b[-1].finish_reason
+        assert a[-1].stats.completion_tokens == b[-1].stats.completion_tokens
+
+
 def test_prompt_too_long_is_refused_before_queueing(engine):
     with pytest.raises(PromptTooLongError, match="128"):
         engine.check(GenerationRequest([1] * 200))

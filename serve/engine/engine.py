@@ -371,9 +371,11 @@ class Engine:
             return 0  # a row finished or was added since: compact / re-plan first
         if any(x.grammar_pending for x in rows):
             return 0
-        # tokens each row may still produce once `current` is read (at most)
-        left = min(x.text.max_tokens - len(x.text.tokens) - current.n for x in rows)
-        return max(0, min(self.decode_steps, left))
+        # tokens each row may still produce once `current` is read (at most); a row that
+        # `current` takes to its limit rides along in vain, the others set the step count
+        left = [x.text.max_tokens - len(x.text.tokens) - current.n for x in rows]
+        going = [n for n in left if n > 0]
+        return min(self.decode_steps, *going) if going else 0
 
     def _take_inflight(self) -> _Dispatch:
         d, self._inflight = self._inflight, None
