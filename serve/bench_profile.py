@@ -10,7 +10,8 @@ compiled HLO: `dot`, `reduce`, `scatter`, ...) and prints ms per step and ops pe
 first, with totals for matmuls (int8 `s32`/float dots over the weights), attention dots and
 everything else. The times are trace events summed, so an op both cores ran counts once per
 core and tracing adds a little per op: the total runs above `serve.bench_decode`'s wall time
-(float32 more so). Read the shares, not the absolute sum.
+(float32 more so). Read the shares, not the absolute sum. A last line splits the wall clock:
+the time some op of each group runs on any thread, and the time no op runs at all.
 """
 
 from __future__ import annotations
@@ -117,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         trace = _profile_data.ProfileData.from_file(path)
         totals: collections.Counter = collections.Counter()
         counts: collections.Counter = collections.Counter()
+        spans: list[tuple[str, int, int]] = []  # (op, start, end) on any thread
         for plane in trace.planes:
             for line in plane.lines:
                 for ev in line.events:
                     totals[ev.name] += ev.duration_ns
                     counts[ev.name] += 1
+                    spans.append((ev.name, ev.start_ns, ev.start_ns + ev.duration_ns))
 
     # the same program the dispatches ran, to name what each fused op computes
     b = steps.shapes.decode_batches[np.searchsorted(steps.shapes.decode_batches, max(rows) + 1)]
@@ -153,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             by[what] += ns
             ops[what] += counts[name]
     groups = {"matmuls": 0.0, "attention dots": 0.0, "other": 0.0}
+    group_of = {}
     for what, ns in by.items():
-        is_dot = what.endswith("dot") or what == "dot (unfused)"
-        # attention's batched dots have 4-d outputs; the weights' matmuls 2-d
-        key = "other"
-        if is_dot:
-            key = "attention dots" if what.count(",") >= 3 else "matmuls"
-        groups[key] += ns / 1e6 / per_step
+        groups[group(what)] += ns / 1e6 / per_step
+    for name in totals:
+        what = names.get(name) or (
+            "dot (unfused)" if re.fullmatch(r"(dot|convolution)[.\d]*", name) else None
+        )
+        if what is not None:
+            group_of[name] = group(what)
     print(
         f"{model.name}: {args.live} of {args.rows} rows, position {args.position}"
         f" (attention bucket {attn_len}), {args.quant or 'float32'} weights"
@@ -168,7 +173,37 @@ def main(argv: list[str] | None = None) -> int:
     for what, ns in by.most_common(args.top):
         print(f"| {ns / 1e6 / per_step:.2f} | {ops[what] / per_step:.0f} | {what} |")
     print("\n" + ", ".join(f"{k} {v:.1f} ms" for k, v in groups.items()) + " per step")
+    # Wall clock: the time during which some op of each group runs on any thread (an op both
+    # cores run counts once), and the time no op runs at all (the executor between ops).
+    ops = [(group_of[n], a, b) for n, a, b in spans if n in group_of]
+    t0, t1 = min(a for _, a, _ in ops), max(b for _, _, b in ops)
+    wall = {k: covered([(a, b) for g, a, b in ops if g == k]) for k in groups}
+    idle = (t1 - t0) - covered([(a, b) for _, a, b in ops])
+    print(
+        f"wall clock: step {(t1 - t0) / 1e6 / per_step:.1f} ms; "
+        + ", ".join(f"{k} {v / 1e6 / per_step:.1f} ms" for k, v in wall.items())
+        + f", no op running {idle / 1e6 / per_step:.1f} ms"
+    )
     return 0
+
+
+def group(what: str) -> str:
+    """matmuls (the weights' dots, 2-d outputs), attention dots (4-d outputs) or other."""
+    if what.endswith("dot") or what == "dot (unfused)":
+        return "attention dots" if what.count(",") >= 3 else "matmuls"
+    return "other"
+
+
+def covered(spans: list[tuple[int, int]]) -> int:
+    """Length of the union of [start, end) spans."""
+    total, cur = 0, None
+    for a, b in sorted(spans):
+        if cur is None or a > cur[1]:
+            total += 0 if cur is None else cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    return total + (0 if cur is None else cur[1] - cur[0])
 
 
 if __name__ == "__main__":

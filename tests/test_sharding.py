@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +236,9 @@ def _swap_worker(path: str) -> None:
     greedy = SamplingParams.greedy()
 
     def run(mesh: str | None, swap: bool) -> list[list[int]]:
-        shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16)
+        # split_span=8: the span 16-31 is two blocks, so decode's skip of an upper half no
+        # row reaches (a cond on a dp-sharded row block's furthest row) runs on the mesh too
+        shapes = replace(StepShapes.default(8, 64, min_prefill=8, min_attn=16), split_span=8)
         m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
         s = m.steps
         assert s.blocks == ((4, 8), (16, 24, 32, 48, 64))

@@ -3,6 +3,8 @@ and after warm-up no request shape or sampling setting compiles anything new."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import all_logits, loaded_model, rel_err
@@ -22,7 +24,10 @@ def tiny_gemma3(tmp_path_factory):
     return load(
         path,
         progress=False,
-        shapes=StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16),
+        # position blocks 0-15, 16-23, 24-31, 32-47, 48-63: decode skips upper halves
+        shapes=replace(
+            StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16), split_span=8
+        ),
     )
 
 
@@ -66,13 +71,14 @@ def test_decode_of_fewer_rows_than_a_cache_block(tiny_gemma3):
 
 
 def test_rows_of_one_block_at_different_positions(tiny_gemma3):
-    """Decode attention reads only the position blocks its row block reaches (a switch on the
-    furthest row): rows 0 and 1 share a row block, one 3 tokens long and one past three
-    position blocks, and both must match a full forward pass at every step, as must row 1
-    when it decodes alone (a 1-row batch inside the 4-row block)."""
+    """Decode attention skips the upper half of its bucket's last span when no row of the
+    row block reaches it (a cond on the furthest row): rows 0 and 1 share a row block, one 3
+    tokens long and one crossing from the lower half of the span 16-31 into its upper half,
+    and both must match a full forward pass at every step, as must row 1 when it
+    decodes alone (a 1-row batch inside the 4-row block)."""
     steps, params = tiny_gemma3.steps, tiny_gemma3.params
     assert steps.blocks == ((4,), (16, 24, 32, 48, 64))
-    prompts = [[7, 3, 11], [(5 * i + 2) % 97 + 1 for i in range(27)]]
+    prompts = [[7, 3, 11], [(5 * i + 2) % 97 + 1 for i in range(21)]]  # row 1: 21 -> 27
     cache, sampler = steps.new_cache(), steps.new_sampler()
     first, _, cache, sampler = steps.prefill(params, cache, sampler, prompts, [0, 1], [GREEDY] * 2)
     seqs = [p + [int(t)] for p, t in zip(prompts, first, strict=True)]
@@ -209,7 +215,7 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     model = load(path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16))
     steps = model.steps
-    assert steps.blocks == ((4, 8), (16, 24, 32, 48, 64))
+    assert steps.blocks == ((4, 8), (16, 32, 64))
     a, b = list(range(3, 23)), list(range(40, 58))  # 20 and 18 tokens: past the first block
 
     def fresh(rows, prompts):

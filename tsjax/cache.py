@@ -6,12 +6,13 @@ Two layouts, chosen with the layer loop (`tsjax.models.decoder.unroll_layers_def
   and updates the cache in place (accelerators, where slicing a buffer is free);
 - blocked (XLA:CPU, unrolled layers): per layer, a grid of separate buffers, one per (block of
   rows, block of positions): values `[R, K, P, H]`, keys transposed `[R, K, H, P]`. The blocks
-  follow the steps' buckets (position blocks: each attention bucket's span cut in two halves,
-  `tsjax.steps.split_blocks`), so a decode step over the first b rows reads whole buffers, and
-  only the position blocks its rows reach. XLA:CPU's dot and reduce kernels take whole
-  buffers: from a stacked cache, every step first copied each layer's bucket out of it
-  (measured: 14 of 55 ms of a 16-row int8 step). Keys are transposed because the batched q.k
-  dot reads them at memory speed that way (48 against 91 us per 12-row block, measured).
+  follow the steps' buckets (position blocks: the attention buckets, long spans cut in two
+  halves, `tsjax.steps.split_blocks`), so a decode step over the first b rows reads whole
+  buffers, and skips a span's upper half that none of its rows reach. XLA:CPU's dot and
+  reduce kernels take whole buffers: from a stacked cache, every step first copied each
+  layer's bucket out of it (measured: 14 of 55 ms of a 16-row int8 step). Keys are
+  transposed because the batched q.k dot reads them at memory speed that way (48 against 91
+  us per 12-row block, measured).
 
 The compiled steps donate the cache, so writes update the buffers in place.
 """
