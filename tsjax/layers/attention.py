@@ -85,9 +85,10 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
     buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
     value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H].
 
-    Position blocks are the attention buckets cut in halves: a row block whose rows all lie
-    in the lower half of the bucket's last span skips the upper half (a `lax.cond` on its
-    furthest row), so a step reads at most 1.5x the cache its rows need instead of 2x."""
+    A row block none of whose rows reaches the last position block below `attn_len` skips
+    it (a `lax.cond` on its furthest row). Spans of 256 positions and more are two blocks
+    (`StepShapes.split_span`), so there a step reads at most 1.5x the cache its rows need
+    instead of 2x."""
     b, kv, g, h = q.shape
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
@@ -113,10 +114,10 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
         if len(used) == 1:
             o = attend(used, qr, pr)
         else:
-            # The last block is the upper half of the bucket: read it only when a row reaches
-            # it. (Two branches, not one per block: each branch compiles its own attention.)
-            # Rows past the bucket are padding: their writes are dropped and what they read
-            # does not matter.
+            # Read the last block (a split span's upper half, or the bucket's last span)
+            # only when a row reaches it. Two branches, not one per block: each branch
+            # compiles its own attention. Rows past the bucket are padding: their writes are
+            # dropped and what they read does not matter.
             reach = jnp.max(jnp.where(pr < attn_len, pr, 0))
             o = jax.lax.cond(
                 reach >= starts[-1],
