@@ -10,6 +10,7 @@ import pytest
 from conftest import all_logits, loaded_model, rel_err
 from gguf_factory import write_tiny_gguf
 
+from tsjax.layers import attention
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
 from tsjax.steps import StepShapes
@@ -29,6 +30,21 @@ def tiny_gemma3(tmp_path_factory):
             StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16), split_span=8
         ),
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_skipping(tmp_path_factory):
+    """tiny_gemma3 whose decode skips unreached position blocks from 1 row on (the server
+    does from `SKIP_MIN_ROWS`; the steps trace with the value set here)."""
+    path = write_tiny_gguf(tmp_path_factory.mktemp("skip") / "g3.gguf", "gemma3")
+    shapes = replace(
+        StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16), split_span=8
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "SKIP_MIN_ROWS", 1)
+        model = load(path, progress=False, shapes=shapes)
+        model.steps.warmup(model.params, decode_steps=(1,), max_prompt=32, batches=(1, 2))
+    return model
 
 
 def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch, row=None):
@@ -70,12 +86,13 @@ def test_decode_of_fewer_rows_than_a_cache_block(tiny_gemma3):
     check_prefill_then_decode(tiny_gemma3, [1, 5, 9, 42, 17, 3, 99, 23], 12, 3, row=0)
 
 
-def test_rows_of_one_block_at_different_positions(tiny_gemma3):
+def test_rows_of_one_block_at_different_positions(tiny_gemma3_skipping):
     """Decode attention skips the upper half of its bucket's last span when no row of the
     row block reaches it (a cond on the furthest row): rows 0 and 1 share a row block, one 3
     tokens long and one crossing from the lower half of the span 16-31 into its upper half,
     and both must match a full forward pass at every step, as must row 1 when it
     decodes alone (a 1-row batch inside the 4-row block)."""
+    tiny_gemma3 = tiny_gemma3_skipping
     steps, params = tiny_gemma3.steps, tiny_gemma3.params
     assert steps.blocks == ((4,), (16, 24, 32, 48, 64))
     prompts = [[7, 3, 11], [(5 * i + 2) % 97 + 1 for i in range(21)]]  # row 1: 21 -> 27

@@ -25,6 +25,11 @@ NEG_INF = -1e30
 # (SmolLM2, 2 cores, 150 cached positions): 16 rows 112.8 vs 123.6 ms/step for the einsum
 # form; 1 row 35.7 vs 29.9 ms/step, so single rows keep the einsum.
 FUSED_DECODE_MIN_ROWS = 4
+# Row blocks decoding at least this many rows skip a last position block none of their rows
+# reaches (`attend_blocks`). Fewer rows read little cache, and the conditional costs them more
+# than it saves: a 1-row float32 step at 150 positions took 31.4 ms with it and 23.1 without
+# (python -m serve.bench_decode --rows 32 --live 1 --max-len 512 --positions 150).
+SKIP_MIN_ROWS = 8
 
 
 def attend(
@@ -85,10 +90,10 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
     buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
     value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H].
 
-    A row block none of whose rows reaches the last position block below `attn_len` skips
-    it (a `lax.cond` on its furthest row). Spans of 256 positions and more are two blocks
-    (`StepShapes.split_span`), so there a step reads at most 1.5x the cache its rows need
-    instead of 2x."""
+    A row block of at least `SKIP_MIN_ROWS` rows none of which reaches the last position
+    block below `attn_len` skips it (a `lax.cond` on its furthest row). Spans of 256
+    positions and more are two blocks (`StepShapes.split_span`), so there such a step reads
+    at most 1.5x the cache its rows need instead of 2x."""
     b, kv, g, h = q.shape
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
@@ -111,7 +116,7 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
         def attend(blocks, qr, pr):
             return _attend_row_block(qr, pr, blocks, window, scale, softcap)
 
-        if len(used) == 1:
+        if len(used) == 1 or n < SKIP_MIN_ROWS:
             o = attend(used, qr, pr)
         else:
             # Read the last block (a split span's upper half, or the bucket's last span)
