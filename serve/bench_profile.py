@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     per_step = runs * n
     by: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
+    group_of = {}  # traced op name -> its group, for the wall-clock split below
     for name, ns in totals.items():
         what = names.get(name)
         if what is None and re.fullmatch(r"(dot|convolution)[.\d]*", name):
@@ -155,16 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         if what is not None:
             by[what] += ns
             ops[what] += counts[name]
+            group_of[name] = group(what)
     groups = {"matmuls": 0.0, "attention dots": 0.0, "other": 0.0}
-    group_of = {}
     for what, ns in by.items():
         groups[group(what)] += ns / 1e6 / per_step
-    for name in totals:
-        what = names.get(name) or (
-            "dot (unfused)" if re.fullmatch(r"(dot|convolution)[.\d]*", name) else None
-        )
-        if what is not None:
-            group_of[name] = group(what)
     print(
         f"{model.name}: {args.live} of {args.rows} rows, position {args.position}"
         f" (attention bucket {attn_len}), {args.quant or 'float32'} weights"

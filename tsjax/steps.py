@@ -496,7 +496,7 @@ class Steps:
         active[where] = True
         if tokens is None:
             fed = self._next_tokens
-            if fed is None or fed.shape[0] != b or not np.array_equal(self._next_rows, where):
+            if fed is None or not np.array_equal(self._next_rows, where):  # b follows rows
                 raise ValueError("tokens=None continues the previous decode's rows only")
         else:
             tok = np.zeros((b,), np.int32)
