@@ -316,13 +316,15 @@ class Steps:
             cache, sub, tokens, _, out = carry
             logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
             tokens, sub = sample(logits, sub, masks)
-            return cache, sub, tokens, logits, out.at[i].set(tokens)
+            # carried as [V, b], the output projection's own layout: no copy per step
+            return cache, sub, tokens, logits.T, out.at[i].set(tokens)
 
-        init_logits = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
+        init_logits = jnp.zeros((self.cfg.vocab_size, b), jnp.float32)
         out = jnp.zeros((max_steps, b), jnp.int32)
-        cache, sub, tokens, logits, out = jax.lax.fori_loop(
+        cache, sub, tokens, logits_t, out = jax.lax.fori_loop(
             0, n_steps, step, (cache, sub, tokens, init_logits, out)
         )
+        logits = logits_t.T
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
         return out, tokens, logits, cache, sampler
 

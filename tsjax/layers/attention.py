@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tsjax.cache import read_rows, write_blocks
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import apply_rope
+from tsjax.layers.rope import RopeTables, rotate
 
 NEG_INF = -1e30
 # Decode batches at least this big use the fused multiply-reduce form. Measured on XLA:CPU
@@ -77,10 +77,10 @@ def _attend_one(q, k, v, pos, window, scale, softcap):
     return out.reshape(b, 1, kv * g * h).astype(v.dtype)
 
 
-def _visible(q_pos, kv_len: int, window):
-    """[..., S] mask of the keys a query at q_pos [...] sees (causal, optional sliding
-    window)."""
-    delta = q_pos[..., None] - jnp.arange(kv_len, dtype=jnp.int32)
+def _visible(q_pos, kv_len: int, window, start: int = 0):
+    """[..., S] mask of the keys at positions start .. start + S - 1 a query at q_pos [...]
+    sees (causal, optional sliding window)."""
+    delta = q_pos[..., None] - (start + jnp.arange(kv_len, dtype=jnp.int32))
     return (delta >= 0) & ((window <= 0) | (delta < window))
 
 
@@ -141,24 +141,27 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
 
 def _attend_row_block(qr, pr, used, window, scale, softcap):
     """One row block's attention over the position blocks `used` [(keys, values)], from
-    position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H]."""
-    scores = (
-        jnp.concatenate(
-            [jnp.einsum("rkgh,rkhs->rkgs", qr, kblk.astype(qr.dtype)) for kblk, _ in used],
-            axis=-1,
-        )
-        * scale
-    )
-    if softcap:
-        scores = jnp.tanh(scores / softcap) * softcap
-    visible = _visible(pr, scores.shape[-1], window)
-    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, NEG_INF), axis=-1)
-    o, s0 = 0, 0
-    for _, vblk in used:
-        p = vblk.shape[2]
-        o = o + jnp.einsum("rkgs,rksh->rkgh", probs[..., s0 : s0 + p], vblk.astype(qr.dtype))
-        s0 += p
-    return o
+    position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H].
+
+    Block by block, with no concatenated scores: the softmax's max spans every block, each
+    block's exponentials feed its own value dot, and the sum of the products is divided by
+    the sum of the exponentials at the end ([r, K, G, H] divides, not [r, K, G, S])."""
+    q = qr * jnp.asarray(scale, qr.dtype)
+    scores, start = [], 0
+    for kblk, _ in used:
+        sc = jnp.einsum("rkgh,rkhs->rkgs", q, kblk.astype(q.dtype))
+        if softcap:
+            sc = jnp.tanh(sc / softcap) * softcap
+        visible = _visible(pr, sc.shape[-1], window, start)
+        scores.append(jnp.where(visible[:, None, None, :], sc, NEG_INF))
+        start += sc.shape[-1]
+    top = functools.reduce(jnp.maximum, [jnp.max(sc, axis=-1, keepdims=True) for sc in scores])
+    num, den = 0, 0
+    for sc, (_, vblk) in zip(scores, used, strict=True):
+        e = jnp.exp(sc - top)
+        den = den + jnp.sum(e, axis=-1, keepdims=True)
+        num = num + jnp.einsum("rkgs,rksh->rkgh", e, vblk.astype(q.dtype))
+    return num / den
 
 
 class Attention(nn.Module):
@@ -177,11 +180,21 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, positions, cache_k, cache_v, layer, rows, attn_len, window, theta, rope_scale
+        self,
+        x,
+        positions,
+        cache_k,
+        cache_v,
+        layer,
+        rows,
+        attn_len,
+        window,
+        rope: RopeTables,
     ):
         """x: [B, T, D]; positions: [B, T]; cache_k/v: stacked [L, Bc, K, S, H] (all layers,
         this one at `layer`) or this layer's Blocks; rows: [B] cache row of each batch row,
-        or None when the batch is the cache rows [0, B). Returns (out [B, T, D], cache_k,
+        or None when the batch is the cache rows [0, B); rope: this layer's
+        `tsjax.layers.rope.rope_tables` of `positions`. Returns (out [B, T, D], cache_k,
         cache_v)."""
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
@@ -192,8 +205,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
-        q = apply_rope(q, positions, theta, rope_scale)
-        k = apply_rope(k, positions, theta, rope_scale)
+        q = rotate(q, rope)
+        k = rotate(k, rope)
 
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows

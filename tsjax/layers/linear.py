@@ -41,35 +41,55 @@ def int8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array) -> jax.Array:
     return (acc.astype(jnp.float32) * row_scale * scale).astype(x.dtype)
 
 
-def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype, computed as w @ x^T and then
-    transposed. The barrier keeps XLA from folding the transpose back into the slower operand
-    order. A narrower `w` (bfloat16) gets x in its dtype and accumulates in float32."""
+def features_first_matmul(x: jax.Array, w: jax.Array, x_axis: int = -1) -> jax.Array:
+    """w[N, K] @ x, contracting x's axis `x_axis` (its K features) -> [N, ...x's other axes]
+    in x's dtype. A narrower `w` (bfloat16) gets x in its dtype and accumulates in float32."""
     if w.dtype.itemsize < x.dtype.itemsize:  # narrow weights: narrow x, accumulate wide
         x_in, acc = x.astype(w.dtype), jnp.promote_types(x.dtype, jnp.float32)
     else:
         x_in, acc, w = x, None, w.astype(x.dtype)
     y = jax.lax.dot_general(
-        w, x_in, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=acc
-    )  # [N, ...]
-    return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1).astype(x.dtype)
+        w, x_in, (((1,), (x_axis % x.ndim,)), ((), ())), preferred_element_type=acc
+    )
+    return y.astype(x.dtype)
 
 
-def input_amax(x: jax.Array) -> jax.Array:
-    """Largest magnitude per input channel over every other axis. x: [..., in] -> [in]."""
+def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype, computed as w @ x^T and then
+    transposed. The barrier keeps XLA from folding the transpose back into the slower operand
+    order."""
+    y = features_first_matmul(x, w)  # [N, ...]
+    return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
+
+
+def input_amax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Largest magnitude per input channel (along `axis`) over every other axis.
+    x: [..., in] -> [in]."""
+    x = jnp.moveaxis(x, axis, -1)
     return jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0).astype(jnp.float32)
 
 
 class Linear(nn.Module):
+    """y = x @ W^T (+ b). `features_first` (float weights only) is the layout of the matmul's
+    own output, features leading ([..] -> [features, ..]) and taken that way as input too: a
+    chain of projections with elementwise work between them (the gated MLP) then runs with
+    no transpose between its matmuls."""
+
     features: int
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (x.shape[-1], self.features)
+    def __call__(
+        self, x: jax.Array, features_first_in: bool = False, features_first_out: bool = False
+    ) -> jax.Array:
+        """x: [..., in], or [in, ...] with `features_first_in`. Returns [..., features], or
+        [features, ...] with `features_first_out`."""
+        in_axis = 0 if features_first_in else -1
+        shape = (x.shape[in_axis], self.features)
         if self.quant == "int8":
+            assert not (features_first_in or features_first_out), "int8 takes rows first"
             kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
             scale = self.param("kernel_scale", nn.initializers.ones, shape[1:], jnp.float32)
             smooth = self.param("input_scale", nn.initializers.ones, shape[:1], jnp.float32)
@@ -77,8 +97,15 @@ class Linear(nn.Module):
         else:
             wdt = weight_dtype(self.quant, self.dtype)
             weight = self.param("weight", nn.initializers.normal(0.02), shape[::-1], wdt)
-            self.sow("intermediates", "input_amax", input_amax(x))
-            y = transposed_matmul(x, weight)
+            self.sow("intermediates", "input_amax", input_amax(x, in_axis))
+            if features_first_out:
+                y = features_first_matmul(x, weight, in_axis)
+            elif features_first_in:
+                y = features_first_matmul(x, weight, 0)
+                y = jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
+            else:
+                y = transposed_matmul(x, weight)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + (bias.reshape((-1,) + (1,) * (y.ndim - 1)) if features_first_out else bias)
         return y

@@ -23,8 +23,12 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
-        gate = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="gate")(x)  # [B, T, F]
-        up = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="up")(x)
-        return Linear(x.shape[-1], dtype=self.dtype, quant=self.quant, name="down")(
-            act(gate) * up
-        )  # [B, T, D]
+        # Float weights: gate and up leave their outputs features first ([F, B, T], the
+        # matmuls' own layout) and down takes them so; rows first, XLA:CPU transposed both
+        # into the activation and back out of it.
+        ff = self.quant != "int8"
+        gate = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="gate")
+        up = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="up")
+        down = Linear(x.shape[-1], dtype=self.dtype, quant=self.quant, name="down")
+        h = act(gate(x, features_first_out=ff)) * up(x, features_first_out=ff)
+        return down(h, features_first_in=ff)  # [B, T, D]

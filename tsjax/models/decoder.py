@@ -16,6 +16,7 @@ from tsjax.layers.embed import Embed
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
+from tsjax.layers.rope import RopeTables, rope_lookup, rope_tables
 from tsjax.models.config import ModelConfig
 
 
@@ -28,10 +29,14 @@ class DecoderLayer(nn.Module):
     quant: str | None = None
 
     @nn.compact
-    def __call__(self, carry, positions, rows, layer_data):
+    def __call__(self, carry, positions, rows, layer_data, rope: RopeTables | None = None):
+        """`rope`: this layer's rotation tables, when the caller computed them (the unrolled
+        loop shares them between layers); else they come from the layer's own base."""
         x, cache_k, cache_v = carry
         layer, window, theta, rope_scale = layer_data
         c = self.cfg
+        if rope is None:
+            rope = rope_tables(positions, theta, rope_scale, c.head_dim)
         attn = Attention(
             n_heads=c.n_heads,
             n_kv_heads=c.n_kv_heads,
@@ -47,7 +52,7 @@ class DecoderLayer(nn.Module):
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         h, cache_k, cache_v = attn(
-            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, theta, rope_scale
+            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, rope
         )
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
@@ -101,14 +106,19 @@ class Decoder(nn.Module):
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
         if self.unrolled:
+            # one lookup of the rotation tables per distinct (base, scale), shared by the
+            # layers (positions stay below attn_len)
+            bases = sorted(set(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True)))
+            tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
             ks, vs = [], []
             for i in range(c.n_layers):
                 data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
+                rope = tables[bases.index(data[2:])]
                 # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
                 k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
                 (x, k, v), _ = DecoderLayer(
                     c, attn_len, self.dtype, self.quant, name=layer_name(i)
-                )((x, k, v), positions, rows, data)
+                )((x, k, v), positions, rows, data, rope)
                 ks.append(k)
                 vs.append(v)
             if cache.blocked:
