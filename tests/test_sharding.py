@@ -264,14 +264,18 @@ def _swap_worker(path: str) -> None:
 def test_narrow_weights_on_a_mesh(tiny_files):
     """bf16 and int8 weights on a dp=2,tp=2 mesh follow the same weights on one device: the
     same greedy tokens and logits within float32 rounding (the tied output projection's
-    bf16 / int8 copy is sharded like any `lm_head`)."""
+    bf16 / int8 copy is sharded like any `lm_head`). int8 quantizes every projection's input
+    row to 127 levels, so a last-bit difference between the two programs upstream can move
+    an input by one level, 1/127 of its row's largest value: logits within 2e-2 there
+    (measured 7e-3 since the rotary tables became a lookup; bf16 still agrees exactly)."""
     rc, out, err = _finish(_spawn(["narrow", str(tiny_files["llama"])], 4), 300)
     assert rc == 0, f"narrow worker failed ({rc}):\n{out}\n{err[-4000:]}"
     got = json.loads(out.strip().splitlines()[-1])
     for quant in ("bf16", "int8"):
         single, mesh = got[quant]["single"], got[quant]["mesh"]
         assert mesh["tokens"] == single["tokens"], quant
-        assert _rel_err(mesh["logits"], single["logits"]) < 1e-3, quant
+        tol = 2e-2 if quant == "int8" else 1e-3
+        assert _rel_err(mesh["logits"], single["logits"]) < tol, quant
 
 
 def _narrow_worker(path: str) -> None:

@@ -100,6 +100,52 @@ def _local(index: jax.Array, lo: int, size: int) -> jax.Array:
     return jnp.where((local >= 0) & (local < size), local, size)
 
 
+#: Per block of one layer's Blocks, its [b, T, 2] scatter indices (row, position inside the
+#: block; out of bounds where a write falls elsewhere), or None for a block left untouched.
+WriteIndex = tuple[tuple[jax.Array | None, ...], ...]
+
+
+def write_index(
+    blocks: Blocks,
+    rows: jax.Array,
+    positions: jax.Array,
+    row_end: int | None = None,
+    pos_end: int | None = None,
+) -> WriteIndex:
+    """Where `write_blocks` puts rows[b] at positions[b, T] in each block of a layer shaped
+    like `blocks` (keys or values: their blocks share bounds). Blocks starting at or past the
+    static bounds `row_end` / `pos_end` (known to hold no row / position written) get None.
+    Every layer of a step writes the same places: the decoder computes this once per step,
+    where per layer and block XLA:CPU ran the same index arithmetic 8 times a layer."""
+    row_lo, pos_lo = block_bounds(blocks, keys=True)
+    out = []
+    for rlo, rb in zip(row_lo, blocks, strict=True):
+        if row_end is not None and rlo >= row_end:
+            out.append((None,) * len(rb))
+            continue
+        lr = jnp.broadcast_to(_local(rows, rlo, rb[0].shape[0])[:, None], positions.shape)
+        out.append(
+            tuple(
+                None
+                if pos_end is not None and plo >= pos_end
+                else jnp.stack([lr, _local(positions, plo, blk.shape[3])], axis=-1)
+                for plo, blk in zip(pos_lo, rb, strict=True)
+            )
+        )
+    return tuple(out)
+
+
+def batch_write_index(
+    blocks: Blocks, rows: jax.Array | None, positions: jax.Array, attn_len: int
+) -> WriteIndex:
+    """`write_index` for a step's batch: positions [B, T] below `attn_len`, rows [B] (None:
+    the batch is the cache rows [0, B), so no row block from B on is written)."""
+    b = positions.shape[0]
+    if rows is None:
+        return write_index(blocks, jnp.arange(b, dtype=jnp.int32), positions, b, attn_len)
+    return write_index(blocks, rows, positions, None, attn_len)
+
+
 def write_blocks(
     blocks: Blocks,
     rows: jax.Array,
@@ -108,30 +154,36 @@ def write_blocks(
     keys: bool,
     row_end: int | None = None,
     pos_end: int | None = None,
+    index: WriteIndex | None = None,
 ) -> Blocks:
     """Scatter new[b, T, K, H] into rows[b] at positions[b, T] of key (`keys`, stored
     [R, K, H, P]) or value ([R, K, P, H]) blocks; rows or positions outside the cache are
     dropped. Each block receives only its own part; blocks starting at or past the static
     bounds `row_end` / `pos_end` (known to hold no row / position written) are left as they
-    are, without a scatter."""
-    row_lo, pos_lo = block_bounds(blocks, keys)
-    out = []
-    for rlo, rb in zip(row_lo, blocks, strict=True):
-        if row_end is not None and rlo >= row_end:
-            out.append(rb)
-            continue
-        r = rb[0].shape[0]
-        lr = _local(rows, rlo, r)[:, None]
-        row_out = []
-        for plo, blk in zip(pos_lo, rb, strict=True):
-            if pos_end is not None and plo >= pos_end:
-                row_out.append(blk)
-                continue
-            lp = _local(positions, plo, blk.shape[3 if keys else 2])
-            at = blk.at[lr, :, :, lp] if keys else blk.at[lr, :, lp, :]
-            row_out.append(at.set(new.astype(blk.dtype), mode="drop"))
-        out.append(tuple(row_out))
-    return tuple(out)
+    are, without a scatter. `index`: `write_index` of the same arguments, if already made."""
+    if index is None:
+        index = write_index(blocks, rows, positions, row_end, pos_end)
+    pos_dim = 3 if keys else 2
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3),  # new's K, H
+        inserted_window_dims=(0, pos_dim),
+        scatter_dims_to_operand_dims=(0, pos_dim),
+    )
+    return tuple(
+        tuple(
+            blk
+            if idx is None
+            else jax.lax.scatter(
+                blk,
+                idx,
+                new.astype(blk.dtype),
+                numbers,
+                mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+            )
+            for blk, idx in zip(rb, rb_index, strict=True)
+        )
+        for rb, rb_index in zip(blocks, index, strict=True)
+    )
 
 
 def read_rows(blocks: Blocks, rows: jax.Array, length: int, keys: bool) -> jax.Array:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import read_rows, write_blocks
+from tsjax.cache import WriteIndex, batch_write_index, read_rows, write_blocks
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import RopeTables, rotate
@@ -190,12 +190,14 @@ class Attention(nn.Module):
         attn_len,
         window,
         rope: RopeTables,
+        writes: WriteIndex | None = None,
     ):
         """x: [B, T, D]; positions: [B, T]; cache_k/v: stacked [L, Bc, K, S, H] (all layers,
         this one at `layer`) or this layer's Blocks; rows: [B] cache row of each batch row,
         or None when the batch is the cache rows [0, B); rope: this layer's
-        `tsjax.layers.rope.rope_tables` of `positions`. Returns (out [B, T, D], cache_k,
-        cache_v)."""
+        `tsjax.layers.rope.rope_lookup` of `positions`; writes: the blocked cache's
+        `tsjax.cache.write_index` for this step, when the caller made it. Returns
+        (out [B, T, D], cache_k, cache_v)."""
         b, t, d = x.shape
         n, kv, h = self.n_heads, self.n_kv_heads, self.head_dim
         q = Linear(n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x).reshape(b, t, n, h)
@@ -211,10 +213,10 @@ class Attention(nn.Module):
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
         if isinstance(cache_k, tuple):  # blocked: this layer's Blocks
-            # positions are below attn_len; a decode batch is the rows [0, b)
-            ends = dict(row_end=b if rows is None else None, pos_end=attn_len)
-            cache_k = write_blocks(cache_k, row_idx, positions, k, keys=True, **ends)
-            cache_v = write_blocks(cache_v, row_idx, positions, v, keys=False, **ends)
+            if writes is None:
+                writes = batch_write_index(cache_k, rows, positions, attn_len)
+            cache_k = write_blocks(cache_k, row_idx, positions, k, keys=True, index=writes)
+            cache_v = write_blocks(cache_v, row_idx, positions, v, keys=False, index=writes)
             if rows is None and t == 1:  # decode of the cache rows [0, b)
                 q = q.reshape(b, kv, n // kv, h)
                 out = attend_blocks(

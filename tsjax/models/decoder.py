@@ -10,13 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import KVCache
+from tsjax.cache import KVCache, WriteIndex, batch_write_index
 from tsjax.layers.attention import Attention
 from tsjax.layers.embed import Embed
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import RopeTables, rope_lookup, rope_tables
+from tsjax.layers.rope import RopeTables, rope_lookup
 from tsjax.models.config import ModelConfig
 
 
@@ -29,14 +29,22 @@ class DecoderLayer(nn.Module):
     quant: str | None = None
 
     @nn.compact
-    def __call__(self, carry, positions, rows, layer_data, rope: RopeTables | None = None):
-        """`rope`: this layer's rotation tables, when the caller computed them (the unrolled
-        loop shares them between layers); else they come from the layer's own base."""
+    def __call__(
+        self,
+        carry,
+        positions,
+        rows,
+        layer_data,
+        rope: RopeTables,
+        writes: WriteIndex | None = None,
+    ):
+        """layer_data: (layer index, attention window, index of the layer's rotary base);
+        rope: every base's rotation tables for this step, stacked ([bases, B, T, 1, H/2]);
+        writes: the blocked cache's scatter indices. The decoder makes both once a step."""
         x, cache_k, cache_v = carry
-        layer, window, theta, rope_scale = layer_data
+        layer, window, base = layer_data
         c = self.cfg
-        if rope is None:
-            rope = rope_tables(positions, theta, rope_scale, c.head_dim)
+        rope = (rope[0][base], rope[1][base])
         attn = Attention(
             n_heads=c.n_heads,
             n_kv_heads=c.n_kv_heads,
@@ -52,7 +60,7 @@ class DecoderLayer(nn.Module):
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         h, cache_k, cache_v = attn(
-            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, rope
+            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, rope, writes
         )
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
@@ -105,20 +113,25 @@ class Decoder(nn.Module):
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
+        # The rotation tables of each distinct (base, scale), looked up once for every layer
+        # (positions stay below attn_len).
+        layer_bases = list(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True))
+        bases = sorted(set(layer_bases))
+        base_of = [bases.index(b) for b in layer_bases]
+        tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
+        rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
         if self.unrolled:
-            # one lookup of the rotation tables per distinct (base, scale), shared by the
-            # layers (positions stay below attn_len)
-            bases = sorted(set(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True)))
-            tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
+            writes = (
+                batch_write_index(cache.k[0], rows, positions, attn_len) if cache.blocked else None
+            )
             ks, vs = [], []
             for i in range(c.n_layers):
-                data = (i, c.layer_windows[i], c.layer_rope_thetas[i], c.layer_rope_scales[i])
-                rope = tables[bases.index(data[2:])]
+                data = (i, c.layer_windows[i], base_of[i])
                 # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
                 k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
                 (x, k, v), _ = DecoderLayer(
                     c, attn_len, self.dtype, self.quant, name=layer_name(i)
-                )((x, k, v), positions, rows, data, rope)
+                )((x, k, v), positions, rows, data, rope, writes)
                 ks.append(k)
                 vs.append(v)
             if cache.blocked:
@@ -129,16 +142,15 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.n_layers,
         )(c, attn_len, self.dtype, self.quant, name="layers")
         layer_data = (
             jnp.arange(c.n_layers, dtype=jnp.int32),
             jnp.asarray(c.layer_windows, jnp.int32),
-            jnp.asarray(c.layer_rope_thetas, jnp.float32),
-            jnp.asarray(c.layer_rope_scales, jnp.float32),
+            jnp.asarray(base_of, jnp.int32),
         )
-        (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data)
+        (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data, rope)
         return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
 
     def _head(self, embed, x, logit_index, cache):
