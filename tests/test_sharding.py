@@ -229,6 +229,7 @@ def test_swap_rows_on_a_mesh(tiny_files):
 
 
 def _swap_worker(path: str) -> None:
+    import tsjax.steps
     from tsjax.layers import attention
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
@@ -239,8 +240,9 @@ def _swap_worker(path: str) -> None:
     def run(mesh: str | None, swap: bool) -> list[list[int]]:
         # split_span=8 and skipping from 1 row: the span 16-31 is two blocks, and decode's
         # skip of an upper half no row reaches (a cond on a dp-sharded row block's furthest
-        # row) runs on the mesh too (this worker is its own process)
+        # row) runs on the mesh too; row blocks of 4 (this worker is its own process)
         attention.SKIP_MIN_ROWS = 1
+        tsjax.steps.MIN_ROW_BLOCK = 4
         shapes = replace(StepShapes.default(8, 64, min_prefill=8, min_attn=16), split_span=8)
         m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
         s = m.steps

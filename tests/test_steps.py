@@ -10,6 +10,7 @@ import pytest
 from conftest import all_logits, loaded_model, rel_err
 from gguf_factory import write_tiny_gguf
 
+import tsjax.steps
 from tsjax.layers import attention
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
@@ -226,14 +227,18 @@ def _decode_greedy(model, cache, sampler, rows, tokens, max_pos, n):
 
 
 def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
-    """Rows in different row blocks (4 | 4) holding prompts that span two position blocks:
-    after swapping them, or moving one into a free row, each continues exactly as it would
-    have where it was."""
+    """Rows in different row blocks (4 | 4) holding prompts that span two and three position
+    blocks (into the 32-position block 32-63, whose size differs from head_dim 16): after
+    swapping them, or moving one into a free row, each continues exactly as it would have
+    where it was."""
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
-    model = load(path, progress=False, shapes=StepShapes.default(8, 64, min_prefill=8, min_attn=16))
+    with pytest.MonkeyPatch.context() as mp:  # row blocks of 4 (the server's are 16+)
+        mp.setattr(tsjax.steps, "MIN_ROW_BLOCK", 4)
+        shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16)
+        model = load(path, progress=False, shapes=shapes)
     steps = model.steps
     assert steps.blocks == ((4, 8), (16, 32, 64))
-    a, b = list(range(3, 23)), list(range(40, 58))  # 20 and 18 tokens: past the first block
+    a, b = list(range(3, 55)), list(range(40, 58))  # 52 and 18 tokens: past the 1st block
 
     def fresh(rows, prompts):
         cache, sampler = steps.new_cache(), steps.new_sampler()
@@ -243,15 +248,15 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
         return [int(t) for t in first], cache, sampler
 
     first, cache, sampler = fresh([1, 6], [a, b])
-    want, _, _ = _decode_greedy(model, cache, sampler, [1, 6], first, 20, 5)
+    want, _, _ = _decode_greedy(model, cache, sampler, [1, 6], first, 52, 5)
 
     first, cache, sampler = fresh([1, 6], [a, b])
     _, _, cache, sampler = steps.swap_rows(model.params, cache, sampler, [(1, 6)])
-    got, _, _ = _decode_greedy(model, cache, sampler, [6, 1], first, 20, 5)
+    got, _, _ = _decode_greedy(model, cache, sampler, [6, 1], first, 52, 5)
     np.testing.assert_array_equal(got, want)
 
     first, cache, sampler = fresh([6], [a])
     _, _, cache, sampler = steps.swap_rows(model.params, cache, sampler, [(6, 0), (5, 5)])
-    assert np.asarray(cache.lengths).tolist() == [20, 0, 0, 0, 0, 0, 0, 0]
-    got, _, _ = _decode_greedy(model, cache, sampler, [0], first[:1], 20, 5)
+    assert np.asarray(cache.lengths).tolist() == [52, 0, 0, 0, 0, 0, 0, 0]
+    got, _, _ = _decode_greedy(model, cache, sampler, [0], first[:1], 52, 5)
     np.testing.assert_array_equal(got[:, 0], want[:, 0])

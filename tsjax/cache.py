@@ -109,15 +109,18 @@ def write_index(
     blocks: Blocks,
     rows: jax.Array,
     positions: jax.Array,
+    keys: bool,
     row_end: int | None = None,
     pos_end: int | None = None,
 ) -> WriteIndex:
-    """Where `write_blocks` puts rows[b] at positions[b, T] in each block of a layer shaped
-    like `blocks` (keys or values: their blocks share bounds). Blocks starting at or past the
+    """Where `write_blocks` puts rows[b] at positions[b, T] in each block of a layer's key
+    (`keys`) or value blocks (the two share bounds, so either's index serves both). Blocks
+    starting at or past the
     static bounds `row_end` / `pos_end` (known to hold no row / position written) get None.
     Every layer of a step writes the same places: the decoder computes this once per step,
     where per layer and block XLA:CPU ran the same index arithmetic 8 times a layer."""
-    row_lo, pos_lo = block_bounds(blocks, keys=True)
+    row_lo, pos_lo = block_bounds(blocks, keys)
+    pos_dim = 3 if keys else 2
     out = []
     for rlo, rb in zip(row_lo, blocks, strict=True):
         if row_end is not None and rlo >= row_end:
@@ -128,7 +131,7 @@ def write_index(
             tuple(
                 None
                 if pos_end is not None and plo >= pos_end
-                else jnp.stack([lr, _local(positions, plo, blk.shape[3])], axis=-1)
+                else jnp.stack([lr, _local(positions, plo, blk.shape[pos_dim])], axis=-1)
                 for plo, blk in zip(pos_lo, rb, strict=True)
             )
         )
@@ -138,12 +141,13 @@ def write_index(
 def batch_write_index(
     blocks: Blocks, rows: jax.Array | None, positions: jax.Array, attn_len: int
 ) -> WriteIndex:
-    """`write_index` for a step's batch: positions [B, T] below `attn_len`, rows [B] (None:
-    the batch is the cache rows [0, B), so no row block from B on is written)."""
+    """`write_index` for a step's batch into key blocks: positions [B, T] below `attn_len`,
+    rows [B] (None: the batch is the cache rows [0, B), so no row block from B on is
+    written)."""
     b = positions.shape[0]
     if rows is None:
-        return write_index(blocks, jnp.arange(b, dtype=jnp.int32), positions, b, attn_len)
-    return write_index(blocks, rows, positions, None, attn_len)
+        return write_index(blocks, jnp.arange(b, dtype=jnp.int32), positions, True, b, attn_len)
+    return write_index(blocks, rows, positions, True, None, attn_len)
 
 
 def write_blocks(
@@ -162,7 +166,7 @@ def write_blocks(
     bounds `row_end` / `pos_end` (known to hold no row / position written) are left as they
     are, without a scatter. `index`: `write_index` of the same arguments, if already made."""
     if index is None:
-        index = write_index(blocks, rows, positions, row_end, pos_end)
+        index = write_index(blocks, rows, positions, keys, row_end, pos_end)
     pos_dim = 3 if keys else 2
     numbers = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(2, 3),  # new's K, H

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tsjax.cache import KVCache, read_rows, write_blocks
+from tsjax.cache import KVCache, block_sizes, read_rows, write_blocks
 from tsjax.grammar import mask_words
+from tsjax.layers import attention
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
 from tsjax.quants import MIN_DECODE_ROWS
@@ -94,6 +95,15 @@ class PendingTokens:
         return np.asarray(self.out)[: self.n_steps, self.where]
 
 
+#: The fewest rows a cache row block holds (CPU layout). A decode batch that ends inside a
+#: block reads only its own rows of it, so a big block costs small batches little, while each
+#: block is more, smaller ops per layer and a block's rows skip an unreached half span only
+#: all together. Measured on SmolLM2 (bf16, 128-191 positions, `split_span` 128): 16 rows
+#: 41.1-41.8 ms a step as blocks of 4 + 12 rows, 38.8-39.9 as one block of 16; 2 and 4 rows
+#: 29.3-30.9 against 29.8-31.5, one float32 row 22.2-22.7 against 22.0-22.7.
+MIN_ROW_BLOCK = 16
+
+
 @dataclass(frozen=True)
 class StepShapes:
     """Every static shape the steps compile for."""
@@ -105,11 +115,12 @@ class StepShapes:
     attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
     decode_batches: tuple[int, ...] = ()  # buckets of live rows decoded together
     # Position spans between attention buckets at least this long are two cache blocks (CPU
-    # layout), so decode reads the upper half only when a row reaches it. Shorter spans stay
-    # whole: at 128-256 positions the extra block's writes, dots and branch cost about what
-    # skipping 64 positions saves (16 rows: 41-44 against 42-43 ms a step, noisy), and every
-    # split block adds compile time.
-    split_span: int = 256
+    # layout), so decode reads the upper half only when a row reaches it: 16 rows at 128-191
+    # positions, bf16, 42.3-43.4 -> 40.9-41.3 ms a step; at 192-255, which reads both halves,
+    # 42.7-44.0 against 43.1-43.6. None: no span is split. `default` splits only where a row
+    # block is big enough to skip at all (`tsjax.layers.attention.SKIP_MIN_ROWS`): elsewhere
+    # a split only adds ops and compile time.
+    split_span: int | None = 128
 
     def __post_init__(self):
         if not self.decode_batches:
@@ -117,21 +128,25 @@ class StepShapes:
 
     def cache_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(row bounds, position bounds) of the blocked cache layout: position blocks end at
-        the attention buckets, row blocks at the decode buckets, but no row block is smaller
-        than 4 rows (decode attention over a padded block costs little; more blocks mean
-        more, smaller kernels per layer)."""
-        rows = {min(max(b, 4), self.rows) for b in self.decode_batches} | {self.rows}
+        the attention buckets, long spans cut in halves (`split_span`); row blocks end at the
+        decode buckets, but no row block is smaller than `MIN_ROW_BLOCK` rows."""
+        rows = {min(max(b, MIN_ROW_BLOCK), self.rows) for b in self.decode_batches} | {self.rows}
+        if self.split_span is None:
+            return tuple(sorted(rows)), self.attn_lens
         return tuple(sorted(rows)), split_blocks(self.attn_lens, self.split_span)
 
     @classmethod
     def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
-        return cls(
+        shapes = cls(
             rows=rows,
             max_len=max_len,
             prefill_lens=geometric_buckets(min(min_prefill, max_len), max_len, 2),
             prefill_batches=geometric_buckets(1, rows, 2),
             attn_lens=geometric_buckets(min(min_attn, max_len), max_len, 2),
         )
+        if max(block_sizes(shapes.cache_blocks()[0])) < attention.SKIP_MIN_ROWS:
+            shapes = replace(shapes, split_span=None)  # no row block would skip a half
+        return shapes
 
 
 class Steps:
