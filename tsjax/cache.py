@@ -115,10 +115,10 @@ def write_index(
 ) -> WriteIndex:
     """Where `write_blocks` puts rows[b] at positions[b, T] in each block of a layer's key
     (`keys`) or value blocks (the two share bounds, so either's index serves both). Blocks
-    starting at or past the
-    static bounds `row_end` / `pos_end` (known to hold no row / position written) get None.
-    Every layer of a step writes the same places: the decoder computes this once per step,
-    where per layer and block XLA:CPU ran the same index arithmetic 8 times a layer."""
+    starting at or past the static bounds `row_end` / `pos_end` (known to hold no row /
+    position written) get None. Every layer of a step writes the same places: the decoder
+    computes this once per step, where per layer and block XLA:CPU ran the same index
+    arithmetic 8 times a layer."""
     row_lo, pos_lo = block_bounds(blocks, keys)
     pos_dim = 3 if keys else 2
     out = []

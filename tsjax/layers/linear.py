@@ -54,11 +54,11 @@ def features_first_matmul(x: jax.Array, w: jax.Array, x_axis: int = -1) -> jax.A
     return y.astype(x.dtype)
 
 
-def transposed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype, computed as w @ x^T and then
-    transposed. The barrier keeps XLA from folding the transpose back into the slower operand
-    order."""
-    y = features_first_matmul(x, w)  # [N, ...]
+def transposed_matmul(x: jax.Array, w: jax.Array, x_axis: int = -1) -> jax.Array:
+    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype (K at `x_axis` of x), computed as
+    w @ x^T and then transposed. The barrier keeps XLA from folding the transpose back into
+    the slower operand order."""
+    y = features_first_matmul(x, w, x_axis)  # [N, ...]
     return jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
 
 
@@ -70,8 +70,8 @@ def input_amax(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b). `features_first` (float weights only) is the layout of the matmul's
-    own output, features leading ([..] -> [features, ..]) and taken that way as input too: a
+    """y = x @ W^T (+ b). Float weights also take and give "features first" ([in, ...] ->
+    [features, ...], `features_first_in` / `features_first_out`), the matmul's own layout: a
     chain of projections with elementwise work between them (the gated MLP) then runs with
     no transpose between its matmuls."""
 
@@ -100,11 +100,8 @@ class Linear(nn.Module):
             self.sow("intermediates", "input_amax", input_amax(x, in_axis))
             if features_first_out:
                 y = features_first_matmul(x, weight, in_axis)
-            elif features_first_in:
-                y = features_first_matmul(x, weight, 0)
-                y = jnp.moveaxis(jax.lax.optimization_barrier(y), 0, -1)
             else:
-                y = transposed_matmul(x, weight)
+                y = transposed_matmul(x, weight, in_axis)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + (bias.reshape((-1,) + (1,) * (y.ndim - 1)) if features_first_out else bias)
