@@ -98,9 +98,9 @@ class PendingTokens:
 #: The fewest rows a cache row block holds (CPU layout). A decode batch that ends inside a
 #: block reads only its own rows of it, so a big block costs small batches little, while each
 #: block is more, smaller ops per layer and a block's rows skip an unreached half span only
-#: all together. Measured on SmolLM2 (bf16, 128-191 positions, `split_span` 128): 16 rows
-#: 41.1-41.8 ms a step as blocks of 4 + 12 rows, 38.8-39.9 as one block of 16; 2 and 4 rows
-#: 29.3-30.9 against 29.8-31.5, one float32 row 22.2-22.7 against 22.0-22.7.
+#: all together. With `split_span` 128 this took a 16-row bf16 step at 150 positions from
+#: 42.5-43.2 to 39.3-40.5 ms, and 4 rows or one float32 row no slower (README, "The KV cache
+#: on CPU: blocks", gives the `serve.bench_decode` commands and the other positions).
 MIN_ROW_BLOCK = 16
 
 
@@ -115,9 +115,8 @@ class StepShapes:
     attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
     decode_batches: tuple[int, ...] = ()  # buckets of live rows decoded together
     # Position spans between attention buckets at least this long are two cache blocks (CPU
-    # layout), so decode reads the upper half only when a row reaches it: 16 rows at 128-191
-    # positions, bf16, 42.3-43.4 -> 40.9-41.3 ms a step; at 192-255, which reads both halves,
-    # 42.7-44.0 against 43.1-43.6. None: no span is split. `default` splits only where a row
+    # layout), so decode reads the upper half only when a row reaches it (measured with
+    # `MIN_ROW_BLOCK`, above). None: no span is split. `default` splits only where a row
     # block is big enough to skip at all (`tsjax.layers.attention.SKIP_MIN_ROWS`): elsewhere
     # a split only adds ops and compile time.
     split_span: int | None = 128

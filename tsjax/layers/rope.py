@@ -34,7 +34,7 @@ def rope_lookup(
     angles = (np.arange(n_positions, dtype=np.float32) / np.float32(scale))[:, None] * inv_freq
 
     def look(table: np.ndarray) -> jax.Array:
-        rows = jnp.take(jnp.asarray(table.astype(np.float32)), positions, axis=0, mode="clip")
+        rows = jnp.take(jnp.asarray(table), positions, axis=0, mode="clip")  # float32
         return rows[:, :, None, :]
 
     return look(np.cos(angles)), look(np.sin(angles))
