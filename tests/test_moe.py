@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsjax.layers.experts import activation_fn, tile_rows
+from tsjax.layers.experts import activation_fn, bf16_bits, tile_rows
 from tsjax.layers.moe import (
     MOE_PARAM_AXES,
     MOE_RULES,
@@ -340,7 +340,7 @@ def test_route_variants():
 
 
 def test_tile_rows():
-    assert [tile_rows(n, 32) for n in (4, 64, 256, 2048, 65536)] == [1, 2, 8, 64, 128]
+    assert [tile_rows(n, 32) for n in (4, 32, 64, 256, 2048, 65536)] == [1, 1, 8, 16, 64, 64]
 
 
 # -- weight formats --------------------------------------------------------------------------
@@ -392,8 +392,8 @@ def test_weight_formats():
                 qp[name], deq = _mxfp4(w)
                 decoded[name] = {"weight": deq.reshape(w.shape)}
             else:
-                qp[name] = {"weight": jnp.asarray(w, jnp.bfloat16)}
-                decoded[name] = {"weight": np.asarray(qp[name]["weight"], np.float32)}
+                qp[name] = {"weight": bf16_bits(w)}
+                decoded[name] = {"weight": np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)}
         moe = MoE(spec, quant=quant)
         tree = jax.tree.structure(moe.init(jax.random.PRNGKey(0), jnp.zeros((1, D))))
         variables = {"params": jax.tree.map(jnp.asarray, qp)}

@@ -8,13 +8,15 @@ then an index into (0, 0.5, 1, 1.5, 2, 3, 4, 6). ggml stores those values double
 exactly representable in float32 (and in bfloat16: at most 3 significant bits), so dequantizing
 is exact in either.
 
-Two ways to hold such a tensor (`benchmarks/moe.py` measures both in the MoE layer's grouped
-matmul):
+Ways to hold such a tensor (`benchmarks/moe.py` measures them in the MoE layer):
 
 - `dequantize`: float32 at load (numpy, bit-exact with `gguf.quants.dequantize`, ~4x faster);
-  the caller narrows it to the model's weight format.
+  the caller narrows it to the model's weight format, exactly to bfloat16.
+- `to_int8_blocks`: exactly to int8 with a float scale per block of 32 (the doubled values
+  are small integers, the scales powers of two), the MoE layer's "int8" expert format.
 - `unpack` + `decode`: keep the bytes (4.25 bits a weight) and decode each expert's matrix in
-  the step, inside the tile that multiplies it.
+  the step, inside the tile that multiplies it. On XLA:CPU the decode (two table lookups a
+  weight) costs more than the bytes it saves: the load-time forms run faster.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def dequantize(scales: np.ndarray, nibbles: np.ndarray) -> np.ndarray:
     return values.reshape(*scales.shape[:-1], -1)
 
 
+def to_int8_blocks(scales: np.ndarray, nibbles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 -> int8 weights with a float32 scale per block of 32 (the MoE layer's "int8"
+    expert format), losslessly: the doubled E2M1 values are the integers -12..12, the scale
+    2**(e - 128). (scales [..., G], nibbles [..., G, 16]) -> (int8 [..., G * 32], float32
+    [..., G])."""
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+    return KVALUES[codes].reshape(*scales.shape[:-1], -1), E8M0_HALF[scales]
+
+
 def dequantize_raw(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """GGUF MXFP4 bytes -> float32 of numpy `shape`."""
     return dequantize(*unpack(raw, shape)).reshape(shape)
@@ -73,8 +84,8 @@ def dequantize_raw(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def decode(scales: jax.Array, nibbles: jax.Array, dtype=jnp.float32) -> jax.Array:
     """`dequantize` in the step: (scales [..., G], nibbles [..., G, 16]) -> [..., G * 32] in
-    `dtype` (exact in float32 and bfloat16). Both tables are 16 and 256 entries, so XLA fuses
-    the lookups into whatever consumes the result."""
+    `dtype`, exact in float32 and bfloat16 except for scale bytes 0 and 1 (float32
+    subnormals, which XLA:CPU flushes to zero). The tables have 16 and 256 entries."""
     codes = jnp.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(jnp.int32)
     kv = jnp.asarray(KVALUES, jnp.float32)[codes]
     scale = jnp.asarray(E8M0_HALF)[scales.astype(jnp.int32)][..., None]

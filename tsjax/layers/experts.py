@@ -6,25 +6,31 @@ contiguous run `sizes[e]` long. Two ways to run the experts over their runs, bot
 - `ragged_ffn`: `jax.lax.ragged_dot_general`, one grouped GEMM per projection. GPU and TPU
   lower it to a grouped GEMM kernel. XLA:CPU does not: JAX lowers it there to a dense
   product of every row with every expert (masked), which measured 3-6x slower than computing
-  all experts densely (`python -m benchmarks.moe`).
+  all experts densely (`python benchmarks/moe.py`).
 - `tiled_ffn`: a loop over row tiles, each tile `t` rows of one expert (an expert's last tile
   runs past its rows; the next tile overwrites the excess). Only tiles that exist run
   (`lax.fori_loop` over a dynamic count), so the work is the routed rows plus at most
   `t - 1` padding rows an expert, and each used expert's weights are read once a tile.
-  XLA:CPU copies a dynamically indexed weight slice before a matmul of 2+ rows (as it does
-  a scanned layer's weights, see `tsjax.models.decoder.unroll_layers_default`), so small
-  tiles pay a copy each; one-row tiles run as in-place matrix-vector products. `tile_rows`
-  picks `t` from the rows per expert.
+  XLA:CPU copies a dynamically indexed weight slice before multiplying it (as it does a
+  scanned layer's weights, see `tsjax.models.decoder.unroll_layers_default`), so every tile
+  pays a copy of its expert's weights, and `tile_rows` sizes tiles to make few of them.
 
-Expert weights keep GGUF's layout, [E, out, in], in one of three formats (a dict per
-projection): float (`weight`, any float dtype), int8 with a float scale per block of 32 along
-`in` (`weight` int8 + `scales` [E, out, in/32], the Q8_0 layout), or MXFP4 (`scales` uint8
-[E, out, in/32] + `nibbles` uint8 [E, out, in/32, 16], see `tsjax.mxfp4`). Tiles decode their
-expert's matrix to the activation dtype inside the loop, where XLA:CPU copies it anyway.
+Expert weights keep GGUF's layout, [E, out, in], in one of four formats (a dict per
+projection):
+
+- float32 (`weight`);
+- bfloat16, stored as its bits (`weight` uint16): XLA:CPU converts a bfloat16 array that a
+  loop slices to float32, whole, before the loop (every call); integers it leaves alone;
+- int8 with a float scale per block of 32 along `in` (`weight` int8 + `scales` [E, out,
+  in/32], Q8_0's layout; MXFP4 converts to it losslessly, `tsjax.mxfp4.to_int8_blocks`);
+- MXFP4 (`scales` uint8 [E, out, in/32] + `nibbles` uint8 [E, out, in/32, 16]).
+
+Tiles decode their expert's matrix inside the loop, where XLA:CPU copies it anyway.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import jax
@@ -36,7 +42,7 @@ Array = jax.Array
 Matrix = Mapping[str, Array]  # one projection of every expert, in one of the formats above
 
 Q8_BLOCK = 32
-MAX_TILE = 128  # rows a tile; longer tiles waste more rows at each expert's end
+MAX_TILE = 64  # rows a tile: 64 beat 32 and 128 at a 512-token prefill (benchmarks/moe.py)
 
 # (gate or None, up) -> hidden; gate is None for the families without a gate (Nemotron-H).
 ACTIVATIONS: dict[str, Callable[..., Array]] = {
@@ -62,15 +68,20 @@ def activation_fn(name: str, alpha: float = 1.702, limit: float = 7.0) -> Callab
 
 
 def matrix_format(m: Matrix) -> str:
-    """ "mxfp4", "int8" or "float"."""
+    """ "mxfp4", "int8", "bf16" (bits in uint16) or "float"."""
     if "nibbles" in m:
         return "mxfp4"
-    return "int8" if m["weight"].dtype == jnp.int8 else "float"
+    return {jnp.int8: "int8", jnp.uint16: "bf16"}.get(m["weight"].dtype.type, "float")
+
+
+def bf16_bits(w) -> Array:
+    """bfloat16 weights -> the uint16 bits the "bf16" expert format stores."""
+    return jax.lax.bitcast_convert_type(jnp.asarray(w, jnp.bfloat16), jnp.uint16)
 
 
 def expert_matrix(m: Matrix, e: Array | int, dtype) -> Array:
-    """Expert e's [out, in] matrix of projection `m`, decoded: float weights keep their own
-    dtype (a narrower one multiplies narrow, see `_mm`), the others become `dtype`."""
+    """Expert e's [out, in] matrix of projection `m`, decoded: float32 and bfloat16 keep their
+    dtype (bfloat16 multiplies narrow, see `_mm`), int8 and MXFP4 become `dtype`."""
     fmt = matrix_format(m)
     if fmt == "mxfp4":
         return mxfp4.decode(m["scales"][e], m["nibbles"][e], dtype)
@@ -79,13 +90,15 @@ def expert_matrix(m: Matrix, e: Array | int, dtype) -> Array:
         out, n = w.shape
         blocks = w.reshape(out, n // Q8_BLOCK, Q8_BLOCK).astype(jnp.float32)
         return (blocks * m["scales"][e][..., None]).reshape(out, n).astype(dtype)
-    return w
+    return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if fmt == "bf16" else w
 
 
 def all_experts(m: Matrix, dtype) -> Array:
     """Every expert's matrix decoded: [E, out, in] (what a grouped GEMM takes)."""
-    if matrix_format(m) == "float":
-        return m["weight"]
+    fmt = matrix_format(m)
+    if fmt in ("float", "bf16"):
+        w = m["weight"]
+        return jax.lax.bitcast_convert_type(w, jnp.bfloat16) if fmt == "bf16" else w
     return jax.vmap(lambda e: expert_matrix(m, e, dtype))(jnp.arange(n_experts(m)))
 
 
@@ -118,11 +131,16 @@ def expert_ffn(x: Array, e: Array, p: Mapping[str, Matrix], act: Callable[..., A
 
 
 def tile_rows(n_rows: int, n_experts: int) -> int:
-    """Rows a tile for `n_rows` routed rows over `n_experts` experts: the power of two at or
-    above the mean rows an expert (one row for decode-sized batches, which then run as
-    in-place matrix-vector products), at most `MAX_TILE`."""
-    mean = max(n_rows // n_experts, 1)
-    return min(1 << (mean - 1).bit_length(), MAX_TILE)
+    """Rows a tile for `n_rows` routed rows over `n_experts` experts. Each tile copies its
+    expert's weights (XLA:CPU) and computes every row of the tile, used or not, so a tile
+    should hold an expert's usual largest share, mean + 2 standard deviations of a Poisson
+    count, rounded up to a power of two, at most `MAX_TILE`; one row when experts average at
+    most one (matrix-vector products). Measured best on XLA:CPU (benchmarks/moe.py): 1 row
+    at one token, 8 at 16 tokens (32 experts top-4, and 8 experts top-2), 64 at 512."""
+    mean = n_rows / n_experts
+    if mean <= 1:
+        return 1
+    return min(1 << math.ceil(math.log2(mean + 2 * math.sqrt(mean))), MAX_TILE)
 
 
 def tiled_ffn(

@@ -275,8 +275,11 @@ class ExpertMatrix(nn.Module):
                 "weight": self.param("weight", zeros, self.shape, jnp.int8),
                 "scales": self.param("scales", zeros, (e, out, n // Q8_BLOCK), jnp.float32),
             }
-        wdt = jnp.bfloat16 if self.quant == "bf16" else self.dtype
-        return {"weight": self.param("weight", nn.initializers.normal(0.02), self.shape, wdt)}
+        if self.quant == "bf16":  # its bits (tsjax.layers.experts explains why)
+            return {"weight": self.param("weight", zeros, self.shape, jnp.uint16)}
+        return {
+            "weight": self.param("weight", nn.initializers.normal(0.02), self.shape, self.dtype)
+        }
 
 
 class SharedExpert(nn.Module):
@@ -300,9 +303,10 @@ class SharedExpert(nn.Module):
 class MoE(nn.Module):
     """The MoE block: router, routed experts, optional latent projection and shared expert.
 
-    `quant` is the routed experts' weight format: None or "bf16" (float), "int8" (blocks of
-    32 with a float scale) or "mxfp4" (GGUF's blocks, decoded in the step); the router stays
-    float32, the shared expert and projections use `Linear` (None / "bf16" / "int8").
+    `quant` is the routed experts' weight format (`tsjax.layers.experts`): None (the model
+    dtype), "bf16" (stored as uint16 bits), "int8" (blocks of 32 with a float scale) or
+    "mxfp4" (GGUF's blocks, decoded in the step); the router stays float32, the shared expert
+    and projections use `Linear` (None / "bf16" / "int8").
     `impl` ("tiles" / "ragged") and `tile` (rows a tile) override the defaults. Param paths
     and their logical axes: `MOE_PARAM_AXES`."""
 
