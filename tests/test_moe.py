@@ -408,7 +408,7 @@ def test_weight_formats():
 
 def test_param_axes():
     """Every param of every family has logical axes of its rank, with "experts" first on the
-    expert leaves; the rule splits experts over tp."""
+    expert leaves (and nowhere else); the rule splits experts over tp."""
     from dataclasses import replace
 
     assert MOE_RULES["experts"] == "tp" and MOE_RULES["expert_ffw"] is None
@@ -424,7 +424,9 @@ def test_param_axes():
                 axes = moe_param_axes(keys)
                 assert len(axes) == leaf.ndim, (family, quant, keys, axes, leaf.shape)
                 if keys[0] in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
-                    assert axes[0] == "experts"
+                    assert axes[0] == "experts", (keys, axes)
+                else:
+                    assert "experts" not in axes, (keys, axes)
     assert ("router", "weight") in MOE_PARAM_AXES
 
 

@@ -95,15 +95,16 @@ class ExpertParallel:
 # Logical axes of the MoE block's params (paths under the block), for `tsjax.sharding`:
 # experts split over a mesh axis, each expert whole ("expert_ffw" never split: the mesh axis
 # is taken). A model whose expert count does not divide keeps its experts replicated
-# (`tsjax.sharding.logical_to_spec`). Expert matrices are [E, out, in] (`weight`); the Linear
+# (`tsjax.sharding.logical_to_spec`). The router (E x D floats) stays whole on every device:
+# each routes all of its rows. Expert matrices are [E, out, in] (`weight`); the Linear
 # layers are listed by their `kernel` [in, out], as `tsjax.sharding` lists them.
 MOE_RULES: dict[str, str | None] = {"experts": "tp", "expert_ffw": None}
 MOE_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
-    ("router", "weight"): ("experts", "embed"),
-    ("router", "bias"): ("experts",),
-    ("router", "selection_bias"): ("experts",),
+    ("router", "weight"): (None, "embed"),
+    ("router", "bias"): (None,),
+    ("router", "selection_bias"): (None,),
     ("router", "input_scale"): ("embed",),
-    ("expert_scale",): ("experts",),
+    ("expert_scale",): (None,),
     ("gate", "weight"): ("experts", "expert_ffw", "embed"),
     ("up", "weight"): ("experts", "expert_ffw", "embed"),
     ("down", "weight"): ("experts", "embed", "expert_ffw"),
