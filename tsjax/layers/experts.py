@@ -5,7 +5,7 @@ contiguous run `sizes[e]` long. Two ways to run the experts over their runs, bot
 
 - `ragged_ffn`: `jax.lax.ragged_dot_general`, one grouped GEMM per projection. GPU and TPU
   lower it to a grouped GEMM kernel. XLA:CPU does not: JAX lowers it there to a dense
-  product of every row with every expert (masked), which measured 3-6x slower than computing
+  product of every row with every expert (masked), which measured 3-15x slower than computing
   all experts densely (`python benchmarks/moe.py`).
 - `tiled_ffn`: a loop over row tiles, each tile `t` rows of one expert (an expert's last tile
   runs past its rows; the next tile overwrites the excess). Only tiles that exist run
