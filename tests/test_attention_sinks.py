@@ -19,6 +19,8 @@ from tsjax.layers.attention import attend, attend_blocks
 N, K, H = 8, 2, 16
 SCALE = H**-0.5
 
+pytestmark = pytest.mark.slow  # transformers is the reference
+
 
 def _hf(q, k, v, q_pos, window, sinks):
     """GPT-OSS's eager_attention_forward on [B, T, N, H] / [B, K, S, H] numpy inputs."""

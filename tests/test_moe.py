@@ -229,6 +229,7 @@ def _inputs(shape, seed):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_matches_transformers(family):
     """Decode-sized batches (1-4 rows of one token) and a 256-token prefill: max relative
@@ -473,6 +474,7 @@ def mesh_case() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_experts_split_over_mesh():
     """Experts split over tp (4 devices; and dp=2 rows x tp=2 experts) give the unsharded
     values. Each (token, choice) output is computed on one device and the psum adds zeros,

@@ -18,6 +18,8 @@ from tsjax.layers.rope import (
     yarn_frequencies,
 )
 
+pytestmark = pytest.mark.slow  # transformers is the reference
+
 
 def gpt_oss_config():
     from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
