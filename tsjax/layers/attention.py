@@ -40,8 +40,10 @@ def attend(
     window: jax.Array,
     scale: float,
     softcap: float | None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-    """q: [B, T, N, H]; k, v: [B, K, S, H]; q_pos: [B, T]; window: scalar (0 = global).
+    """q: [B, T, N, H]; k, v: [B, K, S, H]; q_pos: [B, T]; window: scalar (0 = global);
+    sinks: [N] per-head sink logits (gpt-oss), or None.
 
     Key j is visible to a query at position p when j <= p and (window == 0 or p - j < window).
     Returns [B, T, N*H].
@@ -51,18 +53,31 @@ def attend(
     g = n // kv
     q = q.reshape(b, t, kv, g, h)
     if t == 1 and b >= FUSED_DECODE_MIN_ROWS:
-        return _attend_one(q[:, 0], k, v, q_pos[:, 0], window, scale, softcap)
+        return _attend_one(q[:, 0], k, v, q_pos[:, 0], window, scale, softcap, sinks)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     visible = _visible(q_pos, k.shape[2], window)  # [B, T, S]
     scores = jnp.where(visible[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    sink = None if sinks is None else sinks.reshape(kv, g)[None, :, :, None]
+    probs = softmax_with_sink(scores, sink).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(b, t, n * h)
 
 
-def _attend_one(q, k, v, pos, window, scale, softcap):
+def softmax_with_sink(scores: jax.Array, sink: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of scores [..., S], float32. With a sink logit (broadcast
+    to scores[..., 0]; gpt-oss learns one per head) the denominator also counts exp(sink):
+    the probabilities sum to less than one, the rest going to no value at all."""
+    if sink is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = sink.astype(jnp.float32)[..., None]
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
+def _attend_one(q, k, v, pos, window, scale, softcap, sinks=None):
     """Decode (one query per row) as broadcast-multiply-reduce: for a batch of rows XLA:CPU
     runs the einsum form's tiny per-(row, head) matrix products as many small dots, slower
     than these fused elementwise loops. q: [B, K, G, H]; k, v: [B, K, S, H]."""
@@ -72,7 +87,7 @@ def _attend_one(q, k, v, pos, window, scale, softcap):
         scores = jnp.tanh(scores / softcap) * softcap
     visible = _visible(pos, k.shape[2], window)
     scores = jnp.where(visible[:, None, None, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax_with_sink(scores, None if sinks is None else sinks.reshape(1, kv, g))
     out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, K, G, H]
     return out.reshape(b, 1, kv * g * h).astype(v.dtype)
 
@@ -84,7 +99,7 @@ def _visible(q_pos, kv_len: int, window, start: int = 0):
     return (delta >= 0) & ((window <= 0) | (delta < window))
 
 
-def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
+def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap, sinks=None):
     """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
     block, scores against each position block below `attn_len` (batched dots over whole
     buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
@@ -114,7 +129,7 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
             start += vblk.shape[2]
 
         def attend(blocks, qr, pr):
-            return _attend_row_block(qr, pr, blocks, window, scale, softcap)
+            return _attend_row_block(qr, pr, blocks, window, scale, softcap, sinks)
 
         if len(used) == 1 or n < SKIP_MIN_ROWS:
             o = attend(used, qr, pr)
@@ -139,7 +154,7 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap):
     return out[:b].reshape(b, kv * g * h)
 
 
-def _attend_row_block(qr, pr, used, window, scale, softcap):
+def _attend_row_block(qr, pr, used, window, scale, softcap, sinks=None):
     """One row block's attention over the position blocks `used` [(keys, values)], from
     position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H].
 
@@ -157,6 +172,10 @@ def _attend_row_block(qr, pr, used, window, scale, softcap):
         start += sc.shape[-1]
     top = functools.reduce(jnp.maximum, [jnp.max(sc, axis=-1, keepdims=True) for sc in scores])
     num, den = 0, 0
+    if sinks is not None:  # the sink's term of the denominator (`softmax_with_sink`)
+        sink = sinks.reshape(1, *top.shape[1:3], 1).astype(top.dtype)
+        top = jnp.maximum(top, sink)
+        den = jnp.exp(sink - top)
     for sc, (_, vblk) in zip(scores, used, strict=True):
         e = jnp.exp(sc - top)
         den = den + jnp.sum(e, axis=-1, keepdims=True)
@@ -177,6 +196,7 @@ class Attention(nn.Module):
     softcap: float | None = None
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
+    sinks: bool = False  # gpt-oss: a learned sink logit per query head (`softmax_with_sink`)
 
     @nn.compact
     def __call__(
@@ -209,6 +229,9 @@ class Attention(nn.Module):
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
         q = rotate(q, rope)
         k = rotate(k, rope)
+        sinks = None
+        if self.sinks:
+            sinks = self.param("sinks", nn.initializers.zeros, (n,), jnp.float32)
 
         # Scatter the new K/V; rows >= Bc (batch padding) and positions >= S are dropped.
         row_idx = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
@@ -220,7 +243,15 @@ class Attention(nn.Module):
             if rows is None and t == 1:  # decode of the cache rows [0, b)
                 q = q.reshape(b, kv, n // kv, h)
                 out = attend_blocks(
-                    q, cache_k, cache_v, positions[:, 0], attn_len, window, self.scale, self.softcap
+                    q,
+                    cache_k,
+                    cache_v,
+                    positions[:, 0],
+                    attn_len,
+                    window,
+                    self.scale,
+                    self.softcap,
+                    sinks,
                 )
                 return o_proj(out[:, None]), cache_k, cache_v
             keys = read_rows(cache_k, row_idx, attn_len, keys=True)
@@ -241,5 +272,5 @@ class Attention(nn.Module):
                 keys = jnp.take(layer_k[:, :, :attn_len], row_idx, axis=0, mode="clip")
                 values = jnp.take(layer_v[:, :, :attn_len], row_idx, axis=0, mode="clip")
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        out = attend(q, keys, values, positions, window, self.scale, self.softcap)
+        out = attend(q, keys, values, positions, window, self.scale, self.softcap, sinks)
         return o_proj(out), cache_k, cache_v
