@@ -93,6 +93,11 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Imag
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(f"the image is too large: {e}") from None
         except UnidentifiedImageError:
+            kind = _sniff(data)
+            if kind:
+                raise NotAnImageError(
+                    f"a corrupt or truncated {kind} image: its header is unreadable"
+                ) from None
             raise NotAnImageError(
                 f"not an image: the data ({len(data)} bytes) is in no format Pillow reads"
             ) from None
@@ -183,6 +188,22 @@ def prepare_image(
     raw = boxed.tobytes()
     digest = hashlib.sha256(f"{boxed.width}x{boxed.height}:".encode() + raw).hexdigest()
     return PreparedImage(normalize(boxed, cfg.image_mean, cfg.image_std), digest, img.size)
+
+
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file claims by its signature, for messages about ones Pillow refuses."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for sig, kind in _SIGNATURES.items() if data.startswith(sig)), None)
 
 
 def _read(source) -> bytes:

@@ -63,7 +63,9 @@ class Projector:
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self):
-        self._forward = jax.jit(lambda params, pixels: self.module.apply({"params": params}, pixels))
+        self._forward = jax.jit(
+            lambda params, pixels: self.module.apply({"params": params}, pixels)
+        )
 
     @property
     def name(self) -> str:
@@ -182,7 +184,10 @@ def load_params(g: GGUFFile, cfg: VisionConfig, module, table, device_put=None) 
         np_dtype = np.dtype(leaf.dtype)
         if "{i}" in name:
             arr = np.stack(
-                [_tensor(g, name.format(i=i), transform, leaf.shape[1:]) for i in range(cfg.n_layers)]
+                [
+                    _tensor(g, name.format(i=i), transform, leaf.shape[1:])
+                    for i in range(cfg.n_layers)
+                ]
             )
         else:
             arr = _tensor(g, name, transform, leaf.shape)
