@@ -97,6 +97,21 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, gh * gw, c * patch * patch)
 
 
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Unmasked attention. q, k, v: [B, P, N, H] -> [B, P, N, H].
+
+    Heads first, with the softmax's division applied to the [P, H] output instead of the
+    [P, P] probabilities: on XLA:CPU at SigLIP's 4096 patches x 16 heads of 72 this took
+    1.5 s a layer against 2.5 s for `jax.nn.dot_product_attention`, whose scores take a
+    transposing layout (`python benchmarks/vision_encode.py --layers 3`)."""
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    s = jnp.einsum("bnph,bnqh->bnpq", q, k, preferred_element_type=jnp.float32)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    out = jnp.einsum("bnpq,bnqh->bnph", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return out.astype(q.dtype).transpose(0, 2, 1, 3)
+
+
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention over one image's patches. x: [B, P, D]."""
 
@@ -112,8 +127,7 @@ class VisionAttention(nn.Module):
         def proj(name):
             return Linear(n * h, True, self.dtype, name=name)(x).reshape(b, p, n, h)
 
-        q, k, v = proj("q"), proj("k"), proj("v")
-        out = jax.nn.dot_product_attention(q, k, v, scale=h**-0.5)  # [B, P, N, H], no mask
+        out = full_attention(proj("q"), proj("k"), proj("v"), h**-0.5)
         return Linear(d, True, self.dtype, name="o")(out.reshape(b, p, n * h))
 
 
