@@ -77,7 +77,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proj(tiny):
-    return load_projector(tiny.mmproj)
+    return load_projector(tiny.mmproj, buckets=(1, 2, 4, 8))
 
 
 # -- an independent reference of the preprocessing (numpy, from llama.cpp's description) ------
@@ -208,6 +208,7 @@ def test_encode_buckets(proj):
     np.testing.assert_allclose(three[0], one[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(nine[:3], three, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(nine[len(IMAGES) :], nine[: 9 - len(IMAGES)], rtol=1e-5, atol=1e-6)
+    assert proj.encode(px[:0]).shape == (0, TOKENS_PER_IMAGE, TEXT_DIM)
     with pytest.raises(ValueError, match="pixels must be"):
         proj.encode(px[:, :10])
 
@@ -225,6 +226,7 @@ def test_param_axes_and_sharded_load(tiny, proj):
     assert tuple(q.spec) == (None, "tp")  # [L, N*H, D]: heads over tp
     down = plan.named(param_axes(family, ("vit", "layers", "mlp", "down", "weight")))
     assert tuple(down.spec) == (None, None, "tp")  # [L, D, F]: row-split
+    assert tuple(plan.images(4).spec) == ("dp",) and tuple(plan.images(3).spec) == ()
     mesh = jax.make_mesh((1, 1), ("dp", "tp"))
     sharded = load_projector(
         tiny.mmproj, device_put=VisionShardingPlan(mesh, proj.config).device_put
@@ -333,6 +335,7 @@ def test_bad_images_are_refused(proj, data, error, words):
     assert isinstance(e.value, ImageError) and isinstance(e.value, ValueError)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_limit_is_pillows(monkeypatch, proj):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 80x60 = 4800: over, under twice
     with pytest.raises(ImageTooLargeError, match="decompression bomb"):
@@ -390,5 +393,7 @@ def test_bad_projector_files(tiny, tmp_path):
     )
     with pytest.raises(GGUFError, match=r"v.pre_ln.weight.*not supported"):
         load_projector(extra)
+    plain = load_projector(tiny.mmproj)
+    assert plain.buckets == ((1,) if jax.default_backend() == "cpu" else (1, 2, 4, 8))
     with pytest.raises(GGUFError, match="belongs to another model"):
-        load_projector(tiny.mmproj).check_text_dim(640)
+        plain.check_text_dim(640)

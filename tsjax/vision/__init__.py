@@ -19,7 +19,13 @@ from tsjax.vision.preprocess import (
     open_image,
     prepare_image,
 )
-from tsjax.vision.projector import IMAGE_BUCKETS, PROJECTORS, Projector, load_projector
+from tsjax.vision.projector import (
+    IMAGE_BUCKETS,
+    PROJECTORS,
+    Projector,
+    default_buckets,
+    load_projector,
+)
 
 __all__ = [
     "IMAGE_BUCKETS",
@@ -34,6 +40,7 @@ __all__ = [
     "ResizeSpec",
     "TruncatedImageError",
     "VisionConfig",
+    "default_buckets",
     "load_projector",
     "open_image",
     "prepare_image",

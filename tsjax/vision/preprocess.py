@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +85,10 @@ def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Imag
         if not data:
             raise EmptyImageError("the image is empty (0 bytes)")
         try:
-            with warnings.catch_warnings():
-                # sizes are checked below against our own limits, before any pixel decodes
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+            # Pillow warns (DecompressionBombWarning) past MAX_IMAGE_PIXELS and raises past
+            # twice that; `_check_size` below refuses the former before any pixel decodes.
+            # (No warnings.catch_warnings: it swaps process-wide state, racing other threads.)
+            img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(f"the image is too large: {e}") from None
         except UnidentifiedImageError:

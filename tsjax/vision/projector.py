@@ -11,7 +11,7 @@ from `general.architecture`. A family module provides `config(g) -> VisionConfig
 `PARAM_AXES` (its own params' logical axes; the tower's are in `tsjax.vision.vit`).
 
 The encoder is one `jax.jit` of the module's apply with the params as an argument; batches of
-images are padded to an image-count bucket (`IMAGE_BUCKETS`), so at most one compile per
+images are padded to an image-count bucket (`default_buckets()`), so at most one compile per
 bucket, and bigger batches run in chunks of the largest.
 """
 
@@ -37,6 +37,15 @@ PROJECTORS: dict[str, ModuleType] = {
     "gemma3": gemma3,
 }
 IMAGE_BUCKETS = (1, 2, 4, 8)
+
+
+def default_buckets() -> tuple[int, ...]:
+    """One image at a time on CPU, `IMAGE_BUCKETS` on accelerators. XLA:CPU is compute-bound
+    here: two 896 px images (2 SigLIP layers) took 10.5-11.4 s as a batch of two against
+    9.5-10.0 s one after the other, and each image in a batch holds ~2 GiB of attention
+    scores at its widest."""
+    return (1,) if jax.default_backend() == "cpu" else IMAGE_BUCKETS
+
 
 DevicePut = Callable[[tuple[str, ...], np.ndarray], jax.Array]
 
@@ -98,7 +107,7 @@ class Projector:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk), s, s, 3), np.float32)])
             outs.append(self._forward(self.params, chunk)[: min(step, len(pixels) - start)])
         if not outs:
-            return jnp.zeros((0, self.tokens_per_image, self.config.text_dim))
+            return jnp.zeros((0, self.tokens_per_image, self.config.text_dim), self.module.dtype)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
     def encode_images(self, sources: Sequence[ImageSource]) -> jax.Array:
@@ -125,12 +134,13 @@ def load_projector(
     *,
     dtype: jnp.dtype | None = None,
     device_put: DevicePut | None = None,
-    buckets: tuple[int, ...] = IMAGE_BUCKETS,
+    buckets: tuple[int, ...] | None = None,
     limits: ImageLimits | None = None,
 ) -> Projector:
     """Read an mmproj GGUF: config from its `clip.*` keys, params from its `v.*` / `mm.*`
     tensors. dtype: the params' (default float32 on CPU, bfloat16 on accelerators);
-    device_put(path, array): place each leaf (e.g. a `VisionShardingPlan.device_put`)."""
+    device_put(path, array): place each leaf (e.g. a `VisionShardingPlan.device_put`);
+    buckets: the image counts compiled (default `default_buckets()`)."""
     t0 = time.perf_counter()
     g = GGUFFile(path)
     family = projector_family(g)
@@ -145,7 +155,7 @@ def load_projector(
         params,
         module,
         time.perf_counter() - t0,
-        tuple(sorted(buckets)),
+        tuple(sorted(buckets or default_buckets())),
         limits or ImageLimits(),
     )
 
