@@ -102,10 +102,11 @@ class Projector:
         outs, step = [], self.buckets[-1]
         for start in range(0, len(pixels), step):
             chunk = pixels[start : start + step]
-            b = self.bucket(len(chunk))
-            if b > len(chunk):
-                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), s, s, 3), np.float32)])
-            outs.append(self._forward(self.params, chunk)[: min(step, len(pixels) - start)])
+            n = len(chunk)
+            if self.bucket(n) > n:  # zero images as padding; each image attends only to itself
+                pad = np.zeros((self.bucket(n) - n, s, s, 3), np.float32)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self._forward(self.params, chunk)[:n])
         if not outs:
             return jnp.zeros((0, self.tokens_per_image, self.config.text_dim), self.module.dtype)
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
