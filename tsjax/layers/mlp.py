@@ -1,4 +1,5 @@
-"""Gated feed-forward: down(act(gate(x)) * up(x))."""
+"""Feed-forward blocks: gated, down(act(gate(x)) * up(x)), for the decoders; plain,
+down(act(up(x))) with biases, for the vision encoders."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from tsjax.layers.linear import Linear
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    # CLIP's "quick GELU" (llama.cpp's default for projectors without clip.use_gelu)
+    "gelu_quick": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
 
@@ -32,3 +35,20 @@ class GatedMLP(nn.Module):
         down = Linear(x.shape[-1], dtype=self.dtype, quant=self.quant, name="down")
         h = act(gate(x, features_first_out=ff)) * up(x, features_first_out=ff)
         return down(h, features_first_in=ff)  # [B, T, D]
+
+
+class MLP(nn.Module):
+    """down(act(up(x) + b_up)) + b_down. x: [..., D] -> [..., D]."""
+
+    ffn_dim: int
+    activation: str = "gelu_tanh"
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        up = Linear(self.ffn_dim, self.use_bias, self.dtype, name="up")
+        down = Linear(x.shape[-1], self.use_bias, self.dtype, name="down")
+        # features first between the matmuls, as in GatedMLP
+        return down(act(up(x, features_first_out=True)), features_first_in=True)

@@ -1,0 +1,242 @@
+"""A tiny random Gemma 3 vision model, converted by llama.cpp's own converter, and the two
+references its image embeddings are checked against.
+
+    tiny = build_tiny_gemma3_vision(tmp_path)     # HF checkpoint + mmproj GGUFs (+ text GGUF)
+    hf_image_features(tiny.hf_dir, pixels)        # transformers: [n, tokens, text D]
+    mtmd_image_embeddings(tiny.mmproj, tiny.text_gguf, [rgb_uint8, ...])   # llama.cpp's mtmd
+
+The route is the one `shared/recipes/gemma3` tried: transformers builds a random
+Gemma3ForConditionalGeneration (SigLIP 2 layers, 56 px images of 7 px patches = 8 x 8, pooled
+2 x 2 into 16 tokens; norms and the projection randomised, non-trivial image mean/std), its
+vision tower is saved under the hub's `vision_tower.vision_model.*` names, and llama.cpp's
+`convert_hf_to_gguf.py --mmproj` writes the projector (f32 and f16). The converter comes from
+the llama-cpp-python source distribution (`pip download`, cached under ~/.cache/tsjax). mtmd
+needs a text model of the projector's width: `gguf_factory` writes one.
+
+mtmd runs in a subprocess (this file as a script): a llama.cpp build for another CPU dies
+with SIGILL, which must not take pytest with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors llama.cpp 0c1e570 (converter, gguf-py, mtmd)
+TEXT_DIM = 64
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=56,
+    patch_size=7,
+    layer_norm_eps=1e-6,
+    vision_use_head=False,
+)
+TOKENS_PER_IMAGE = 16  # (56 / 7 / 2)^2: the converter writes scale_factor 2
+IMAGE_MEAN = [0.48, 0.46, 0.41]
+IMAGE_STD = [0.27, 0.26, 0.28]
+
+
+@dataclass(frozen=True)
+class TinyVision:
+    hf_dir: Path
+    mmproj: Path  # f32
+    mmproj_f16: Path
+    text_gguf: Path
+
+
+def llama_cpp_source() -> Path:
+    """llama.cpp's tree from the llama-cpp-python sdist, downloaded once into the cache."""
+    root = Path(os.environ.get("TSJAX_HOME", Path.home() / ".cache" / "tsjax")) / "llama.cpp-src"
+    tree = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if (tree / "convert_hf_to_gguf.py").is_file():
+        return tree
+    root.mkdir(parents=True, exist_ok=True)
+    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps"]
+            + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)],
+            check=True,
+        )
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        tar.extractall(root, filter="data")
+    return tree
+
+
+def build_tiny_gemma3_vision(out: Path, seed: int = 0) -> TinyVision:
+    """Write the HF checkpoint and convert it; returns the paths."""
+    out = Path(out)
+    hf_dir = out / "hf"
+    _write_hf(hf_dir, seed)
+    tree = llama_cpp_source()
+    mmproj, mmproj16 = out / "mmproj-tiny-f32.gguf", out / "mmproj-tiny-f16.gguf"
+    runs = [
+        [str(hf_dir), "--mmproj", "--outtype", t, "--outfile", str(p)]
+        for t, p in (("f32", mmproj), ("f16", mmproj16))
+    ]
+    driver = (
+        "import runpy, sys\n"
+        f"conv = {str(tree / 'convert_hf_to_gguf.py')!r}\n"
+        f"for args in {runs!r}:\n"
+        "    sys.argv = [conv] + args\n"
+        "    runpy.run_path(conv, run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "gguf-py")])}
+    proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}")
+    from gguf_factory import write_tiny_gguf
+
+    text = write_tiny_gguf(out / "text-gemma3.gguf", "gemma3", hidden_size=TEXT_DIM)
+    return TinyVision(hf_dir, mmproj, mmproj16, text)
+
+
+def _write_hf(hf_dir: Path, seed: int) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    text = Gemma3TextConfig(
+        vocab_size=64, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+    )  # fmt: skip
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**VISION),
+        mm_tokens_per_image=TOKENS_PER_IMAGE,
+        boi_token_index=60,
+        eoi_token_index=61,
+        image_token_index=62,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # LayerNorm weights/biases, soft_emb_norm: not the init's 1/0
+                p.copy_(p + torch.randn_like(p) * 0.2)
+        # HF initialises the projection to zeros; the converter writes it F16 even with
+        # --outtype f32, so make it exactly fp16-representable (lossless round trip).
+        w = model.model.multi_modal_projector.mm_input_projection_weight
+        w.normal_(0, 0.2)
+        w.copy_(w.half().float())
+    model.save_pretrained(str(hf_dir), safe_serialization=True)
+    # transformers 5 saves the tower as vision_tower.*; the converter (and the hub) use
+    # vision_tower.vision_model.*. transformers loads both.
+    path = hf_dir / "model.safetensors"
+    state = {}
+    for k, v in load_file(str(path)).items():
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+        state[k] = v.contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+    pre = {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "image_mean": IMAGE_MEAN,
+        "image_std": IMAGE_STD,
+        "image_seq_length": TOKENS_PER_IMAGE,
+        "size": {"height": VISION["image_size"], "width": VISION["image_size"]},
+        "resample": 2,
+        "do_pan_and_scan": False,
+    }
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
+
+
+_hf_models: dict = {}
+
+
+def hf_image_features(hf_dir: Path, pixels: np.ndarray) -> np.ndarray:
+    """transformers' Gemma 3 vision tower + projector on pixels [n, S, S, 3] (normalized,
+    channels last) -> [n, tokens, text D] float32."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    key = str(hf_dir)
+    if key not in _hf_models:
+        m = Gemma3ForConditionalGeneration.from_pretrained(key, dtype=torch.float32).eval()
+        _hf_models[key] = m
+    model = _hf_models[key]
+    pv = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        f = model.model.get_image_features(pixel_values=pv)
+    f = getattr(f, "pooler_output", f)
+    f = f[0] if isinstance(f, tuple | list) and len(f) == 1 else f
+    return np.asarray(f, np.float32).reshape(len(pixels), -1, TEXT_DIM)
+
+
+class MtmdCrashed(RuntimeError):
+    """The llama.cpp subprocess died from a signal (e.g. SIGILL: built for another CPU)."""
+
+
+def mtmd_image_embeddings(mmproj: Path, text_gguf: Path, images: list[np.ndarray], out: Path):
+    """llama.cpp's mtmd (llama-cpp-python) on RGB uint8 images [H, W, 3]: preprocessing and
+    encoding as llama.cpp does them. Returns one [tokens, text D] array per image."""
+    src = out.with_suffix(".in.npz")
+    np.savez(src, *images)
+    proc = subprocess.run(
+        [sys.executable, __file__, "mtmd", str(mmproj), str(text_gguf), str(src), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode < 0:
+        raise MtmdCrashed(f"llama.cpp died with signal {-proc.returncode}: {proc.stderr[-500:]}")
+    if proc.returncode:
+        raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
+    with np.load(out) as z:
+        return [z[f"arr_{i}"] for i in range(len(images))]
+
+
+def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    llm = llama_cpp.Llama(model_path=text_gguf, n_ctx=256, verbose=False, n_threads=2)
+    cp = M.mtmd_context_params_default()
+    cp.use_gpu, cp.print_timings, cp.n_threads, cp.warmup = False, False, 2, False
+    cp.flash_attn_type = 0  # disabled: flash attention would round K/V to f16
+    ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, cp)
+    assert ctx, "mtmd_init_from_file failed"
+    out = []
+    with np.load(src) as z:
+        images = [z[f"arr_{i}"] for i in range(len(z.files))]
+    for img in images:
+        h, w, _ = img.shape
+        buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
+        bitmap = M.mtmd_bitmap_init(w, h, buf)
+        marker = M.mtmd_default_marker()
+        text = M.mtmd_input_text(marker, len(marker), False, True)
+        chunks = M.mtmd_input_chunks_init()
+        bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                n = M.mtmd_input_chunk_get_n_tokens(chunk)
+                assert M.mtmd_encode_chunk(ctx, chunk) == 0
+                emb = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * TEXT_DIM,))
+                out.append(emb.reshape(n, TEXT_DIM).copy())
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
+    M.mtmd_free(ctx)
+    np.savez(dst, *out)
+
+
+if __name__ == "__main__" and sys.argv[1] == "mtmd":
+    _mtmd_main(*sys.argv[2:6])

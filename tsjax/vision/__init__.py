@@ -1,0 +1,47 @@
+"""Images in: multimodal projectors (llama.cpp's mmproj GGUF files) as Flax modules.
+
+- `load_projector(path)` reads an mmproj GGUF into a `Projector` (config, params, the
+  compiled encoder); its family comes from `clip.projector_type` (`PROJECTORS`).
+- `prepare_image` / `Projector.prepare` decode and preprocess an image exactly as llama.cpp's
+  mtmd does for the family; bad input raises an `ImageError` naming the problem.
+- `Projector.encode(pixels [n, S, S, 3])` -> image embeddings [n, tokens, text D].
+"""
+
+from tsjax.vision.config import ResizeSpec, VisionConfig
+from tsjax.vision.preprocess import (
+    EmptyImageError,
+    ImageError,
+    ImageLimits,
+    ImageTooLargeError,
+    NotAnImageError,
+    PreparedImage,
+    TruncatedImageError,
+    open_image,
+    prepare_image,
+)
+from tsjax.vision.projector import (
+    IMAGE_BUCKETS,
+    PROJECTORS,
+    Projector,
+    default_buckets,
+    load_projector,
+)
+
+__all__ = [
+    "IMAGE_BUCKETS",
+    "PROJECTORS",
+    "EmptyImageError",
+    "ImageError",
+    "ImageLimits",
+    "ImageTooLargeError",
+    "NotAnImageError",
+    "PreparedImage",
+    "Projector",
+    "ResizeSpec",
+    "TruncatedImageError",
+    "VisionConfig",
+    "default_buckets",
+    "load_projector",
+    "open_image",
+    "prepare_image",
+]

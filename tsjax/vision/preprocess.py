@@ -1,0 +1,242 @@
+"""Images -> the vision encoder's input, with Pillow, exactly as llama.cpp's mtmd does it.
+
+1. Decode anything Pillow reads (the first frame of an animation), refusing what is not an
+   image, is truncated, has no pixels, or is too big (Pillow's decompression-bomb limit,
+   `Image.MAX_IMAGE_PIXELS`, and a longest side): each with an `ImageError` naming it.
+2. Apply the EXIF orientation, as a browser shows the picture. (llama.cpp's stb_image ignores
+   EXIF; for images without an orientation tag the two agree.)
+3. RGB: alpha is dropped (not composited), palettes expanded, greyscale replicated, 16-bit
+   samples keep their high byte, as stb_image's 3-channel load does.
+4. Resize with the aspect ratio kept and letterbox onto the square input (`ResizeSpec`):
+   llama.cpp's `img_tool::resize` computes the scale and the scaled size in float32 and
+   resamples with its port of Pillow's fixed-point separable filters, so `Image.resize` is the
+   same computation, bit for bit.
+5. x / 255, then (x - mean) / std per channel, in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tsjax.vision.config import ResizeSpec, VisionConfig
+
+ImageSource = bytes | bytearray | memoryview | str | Path | Image.Image
+
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(ValueError):
+    """An image the server cannot use; the message says why (a client error, HTTP 400)."""
+
+
+class NotAnImageError(ImageError):
+    pass
+
+
+class TruncatedImageError(ImageError):
+    pass
+
+
+class EmptyImageError(ImageError):
+    pass
+
+
+class ImageTooLargeError(ImageError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """max_pixels None: Pillow's `Image.MAX_IMAGE_PIXELS` when the image is opened."""
+
+    max_side: int = 32768
+    max_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """pixels: [S, S, 3] float32, normalized. digest: sha256 of the letterboxed RGB bytes
+    (what the encoder sees; the key a prefix cache remembers the image by). size: the
+    decoded image's (width, height) after EXIF orientation."""
+
+    pixels: np.ndarray
+    digest: str
+    size: tuple[int, int]
+
+
+def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode `source` (encoded bytes, a file path, or a PIL image) into an RGB PIL image with
+    its EXIF orientation applied. Raises an `ImageError` subclass naming the problem."""
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = _read(source)
+        if not data:
+            raise EmptyImageError("the image is empty (0 bytes)")
+        try:
+            # Pillow warns (DecompressionBombWarning) past MAX_IMAGE_PIXELS and raises past
+            # twice that; `_check_size` below refuses the former before any pixel decodes.
+            # (No warnings.catch_warnings: it swaps process-wide state, racing other threads.)
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"the image is too large: {e}") from None
+        except UnidentifiedImageError:
+            kind = _sniff(data)
+            if kind:
+                raise NotAnImageError(
+                    f"a corrupt or truncated {kind} image: its header is unreadable"
+                ) from None
+            raise NotAnImageError(
+                f"not an image: the data ({len(data)} bytes) is in no format Pillow reads"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise NotAnImageError(f"not a readable image: {e}") from None
+    _check_size(img.size, limits)
+    try:
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"the image is too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if "truncated" in str(e) or isinstance(e, EOFError):
+            raise TruncatedImageError(f"the image is truncated: {e}") from None
+        raise ImageError(f"cannot decode the {img.format or ''} image: {e}") from None
+    img = _exif_upright(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> "RGB", as stb_image's 3-channel load converts."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64 if img.mode == "F" else np.int64)
+        if img.mode != "F":  # 16-bit samples (PNG greyscale opens as I or I;16): high byte
+            a = a >> 8
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"unsupported colour mode {img.mode}: {e}") from None
+
+
+def scaled_size(width: int, height: int, target: int, pad: str) -> tuple[int, int]:
+    """The size the image is resized to before the letterbox, in llama.cpp's float32
+    arithmetic (`img_tool::resize`): PAD_CEIL rounds up, PAD_NEAREST to nearest."""
+    if pad == "none":
+        return target, target
+    t, w, h = np.float32(target), np.float32(width), np.float32(height)
+    scale = min(t / w, t / h)
+    rnd = math.ceil if pad == "ceil" else _round_half_away
+    return min(int(rnd(w * scale)), target), min(int(rnd(h * scale)), target)
+
+
+def resample(img: Image.Image, width: int, height: int, algo: str) -> Image.Image:
+    """Resize as llama.cpp's `resize_pillow`: Pillow's separable fixed-point filters, the
+    horizontal pass first, its output rounded to 8 bits, then the vertical pass. Pillow 13's
+    own two-pass `resize` may run the vertical pass first, which moves some pixels by one
+    level, so each pass is its own single-axis `resize` here."""
+    filt = RESAMPLE[algo]
+    if img.width != width:
+        img = img.resize((width, img.height), filt)
+    if img.height != height:
+        img = img.resize((width, height), filt)
+    return img
+
+
+def letterbox(img: Image.Image, size: int, spec: ResizeSpec) -> Image.Image:
+    """An RGB image -> size x size RGB: resized with the aspect ratio kept and centred on
+    `spec.pad_color` (or stretched, pad "none")."""
+    if img.size == (size, size):
+        return img.copy()
+    nw, nh = scaled_size(img.width, img.height, size, spec.pad)
+    resized = resample(img, nw, nh, spec.algo)
+    if spec.pad == "none":
+        return resized
+    if spec.pad == "ceil":
+        left, top = (size - nw) // 2, (size - nh) // 2
+    else:
+        left, top = _round_half_away((size - nw) / 2), _round_half_away((size - nh) / 2)
+    canvas = Image.new("RGB", (size, size), spec.pad_color)
+    canvas.paste(resized, (left, top))
+    return canvas
+
+
+def normalize(img: Image.Image, mean, std) -> np.ndarray:
+    """RGB image -> [H, W, 3] float32 (x / 255 - mean) / std, in float32 as llama.cpp."""
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def prepare_image(
+    source: ImageSource, cfg: VisionConfig, limits: ImageLimits = ImageLimits()
+) -> PreparedImage:
+    """Decode, orient, letterbox and normalize one image for a projector with config `cfg`."""
+    img = open_image(source, limits)
+    boxed = letterbox(img, cfg.image_size, cfg.resize)
+    raw = boxed.tobytes()
+    digest = hashlib.sha256(f"{boxed.width}x{boxed.height}:".encode() + raw).hexdigest()
+    return PreparedImage(normalize(boxed, cfg.image_mean, cfg.image_std), digest, img.size)
+
+
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file claims by its signature, for messages about ones Pillow refuses."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for sig, kind in _SIGNATURES.items() if data.startswith(sig)), None)
+
+
+def _read(source) -> bytes:
+    if isinstance(source, str | Path):
+        try:
+            return Path(source).read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read image file {source}: {e.strerror or e}") from None
+    return bytes(source)
+
+
+def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise EmptyImageError(f"the image has no pixels ({w}x{h})")
+    if max(w, h) > limits.max_side:
+        raise ImageTooLargeError(
+            f"the image is {w}x{h}: a side longer than {limits.max_side} pixels is refused"
+        )
+    cap = limits.max_pixels if limits.max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if cap is not None and w * h > cap:
+        raise ImageTooLargeError(
+            f"the image is {w}x{h} = {w * h} pixels, over the {cap}-pixel limit"
+            " (a possible decompression bomb)"
+        )
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, OSError, KeyError, TypeError):
+        return img  # unreadable EXIF: keep the stored orientation, as llama.cpp does
+
+
+def _round_half_away(x: float) -> int:
+    """C's std::round: halves away from zero (Python's round() goes to even)."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)

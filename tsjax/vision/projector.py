@@ -1,0 +1,227 @@
+"""A loaded projector: its config, params on device, and the compiled encoder.
+
+    proj = load_projector("mmproj-gemma-3-4b-it-f16.gguf")
+    img = proj.prepare(open("cat.jpg", "rb").read())        # PreparedImage (pixels, digest)
+    emb = proj.encode(np.stack([img.pixels]))               # [1, 256, text D] on device
+
+The family comes from `clip.projector_type` through `PROJECTORS`, as the text families come
+from `general.architecture`. A family module provides `config(g) -> VisionConfig`,
+`module(cfg, dtype) -> flax module` (pixels [B, S, S, 3] -> [B, tokens, text D]),
+`tensors(g, cfg)` (GGUF tensor -> params path, `{i}` for the layer of stacked tensors) and
+`PARAM_AXES` (its own params' logical axes; the tower's are in `tsjax.vision.vit`).
+
+The encoder is one `jax.jit` of the module's apply with the params as an argument; batches of
+images are padded to an image-count bucket (`default_buckets()`), so at most one compile per
+bucket, and bigger batches run in chunks of the largest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsjax.gguf import GGUFError, GGUFFile
+from tsjax.vision import gemma3
+from tsjax.vision.config import VisionConfig, projector_type
+from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
+
+PROJECTORS: dict[str, ModuleType] = {
+    "gemma3": gemma3,
+}
+IMAGE_BUCKETS = (1, 2, 4, 8)
+
+
+def default_buckets() -> tuple[int, ...]:
+    """One image at a time on CPU, `IMAGE_BUCKETS` on accelerators. XLA:CPU is compute-bound
+    here: two 896 px images (2 SigLIP layers) took 10.5-11.4 s as a batch of two against
+    9.5-10.0 s one after the other, and each image in a batch holds ~2 GiB of attention
+    scores at its widest."""
+    return (1,) if jax.default_backend() == "cpu" else IMAGE_BUCKETS
+
+
+DevicePut = Callable[[tuple[str, ...], np.ndarray], jax.Array]
+
+
+def projector_family(g: GGUFFile) -> ModuleType:
+    kind = projector_type(g)
+    family = PROJECTORS.get(kind)
+    if family is None:
+        raise GGUFError(
+            f"{g.path.name}: projector type {kind!r} is not supported "
+            f"(supported: {', '.join(sorted(PROJECTORS))})"
+        )
+    return family
+
+
+@dataclass
+class Projector:
+    path: Path
+    config: VisionConfig
+    params: dict
+    module: nn.Module
+    load_seconds: float = 0.0
+    buckets: tuple[int, ...] = IMAGE_BUCKETS
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self):
+        self._forward = jax.jit(
+            lambda params, pixels: self.module.apply({"params": params}, pixels)
+        )
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    def prepare(self, source: ImageSource) -> PreparedImage:
+        """Decode and preprocess one image (bytes, path or PIL image); `ImageError` if bad."""
+        return prepare_image(source, self.config, self.limits)
+
+    def bucket(self, n: int) -> int:
+        """The image-count bucket a batch of n (1 <= n <= max bucket) images runs in."""
+        return next(b for b in self.buckets if b >= n)
+
+    def encode(self, pixels: np.ndarray | Sequence[np.ndarray]) -> jax.Array:
+        """pixels: [n, S, S, 3] normalized (`PreparedImage.pixels` stacked).
+        Returns the image embeddings [n, tokens_per_image, text D] on device."""
+        pixels = np.asarray(pixels, np.float32)
+        s = self.config.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
+            raise ValueError(f"pixels must be [n, {s}, {s}, 3], got {list(pixels.shape)}")
+        outs, step = [], self.buckets[-1]
+        for start in range(0, len(pixels), step):
+            chunk = pixels[start : start + step]
+            n = len(chunk)
+            if self.bucket(n) > n:  # zero images as padding; each image attends only to itself
+                pad = np.zeros((self.bucket(n) - n, s, s, 3), np.float32)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self._forward(self.params, chunk)[:n])
+        if not outs:
+            return jnp.zeros((0, self.tokens_per_image, self.config.text_dim), self.module.dtype)
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+
+    def encode_images(self, sources: Sequence[ImageSource]) -> jax.Array:
+        """Prepare and encode images in one batch: [n, tokens_per_image, text D]."""
+        return self.encode(np.stack([self.prepare(s).pixels for s in sources]))
+
+    def warmup(self, buckets: Sequence[int] | None = None) -> None:
+        """Compile the encoder for each image-count bucket ahead of the first request."""
+        s = self.config.image_size
+        for b in buckets or self.buckets:
+            jax.block_until_ready(self._forward(self.params, np.zeros((b, s, s, 3), np.float32)))
+
+    def check_text_dim(self, text_dim: int) -> None:
+        """A GGUFError when the projector's output does not fit the text model's D."""
+        if text_dim != self.config.text_dim:
+            raise GGUFError(
+                f"{self.name} projects to {self.config.text_dim} features but the text model's"
+                f" embedding is {text_dim}: it belongs to another model"
+            )
+
+
+def load_projector(
+    path: str | Path,
+    *,
+    dtype: jnp.dtype | None = None,
+    device_put: DevicePut | None = None,
+    buckets: tuple[int, ...] | None = None,
+    limits: ImageLimits | None = None,
+) -> Projector:
+    """Read an mmproj GGUF: config from its `clip.*` keys, params from its `v.*` / `mm.*`
+    tensors. dtype: the params' (default float32 on CPU, bfloat16 on accelerators);
+    device_put(path, array): place each leaf (e.g. a `VisionShardingPlan.device_put`);
+    buckets: the image counts compiled (default `default_buckets()`)."""
+    t0 = time.perf_counter()
+    g = GGUFFile(path)
+    family = projector_family(g)
+    cfg = family.config(g)
+    if dtype is None:
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    module = family.module(cfg, dtype)
+    params = load_params(g, cfg, module, family.tensors(g, cfg), device_put)
+    return Projector(
+        Path(path),
+        cfg,
+        params,
+        module,
+        time.perf_counter() - t0,
+        tuple(sorted(buckets or default_buckets())),
+        limits or ImageLimits(),
+    )
+
+
+def param_shapes(module: nn.Module, cfg: VisionConfig) -> dict:
+    """The params pytree's shapes and dtypes, from the module itself."""
+    pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), pixels))["params"]
+
+
+def load_params(g: GGUFFile, cfg: VisionConfig, module, table, device_put=None) -> dict:
+    """Every tensor of `table` (GGUF name -> (params path, transform)) into a params pytree
+    shaped as `module` wants it; per-layer tensors ("{i}") stacked on a leading layer axis."""
+    shapes = param_shapes(module, cfg)
+    put = device_put or (lambda path, a: jax.device_put(a))
+    names = set(g.tensor_names())
+    wanted = [n.format(i=i) for n in table for i in (range(cfg.n_layers) if "{i}" in n else [0])]
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise GGUFError(
+            f"{g.path.name}: missing tensors {missing[:5]} for a {cfg.projector_type} projector"
+        )
+    unused = sorted(names - set(wanted))
+    if unused:
+        raise GGUFError(
+            f"{g.path.name}: tensors {unused[:5]} are not supported for a "
+            f"{cfg.projector_type} projector (the encoder would ignore them)"
+        )
+    covered = {path for path, _ in table.values()}
+    for leaf_path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        key = tuple(k.key for k in leaf_path)
+        assert key in covered, f"no GGUF tensor fills params {'/'.join(key)}"
+    params: dict = {}
+    for name, (path, transform) in table.items():
+        leaf = _get(shapes, path)
+        np_dtype = np.dtype(leaf.dtype)
+        if "{i}" in name:
+            arr = np.stack(
+                [
+                    _tensor(g, name.format(i=i), transform, leaf.shape[1:])
+                    for i in range(cfg.n_layers)
+                ]
+            )
+        else:
+            arr = _tensor(g, name, transform, leaf.shape)
+        _set(params, path, put(path, arr.astype(np_dtype, copy=False)))
+    return params
+
+
+def _tensor(g: GGUFFile, name: str, transform, want: tuple[int, ...]) -> np.ndarray:
+    w = g.tensor(name, np.float32)
+    if transform is not None:
+        w = transform(w)
+    if w.shape != tuple(want):
+        raise GGUFError(f"{g.path.name}: tensor {name} has shape {w.shape}, expected {want}")
+    return np.ascontiguousarray(w)
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
