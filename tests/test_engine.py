@@ -13,7 +13,7 @@ from serve.engine.scheduler import Scheduler
 from tsjax.generation import PromptTooLongError, generate
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
-from tsjax.steps import StepShapes
+from tsjax.shapes import StepShapes
 
 ROWS = 16
 
@@ -250,3 +250,19 @@ def test_scheduler_admits_low_rows_and_compacts():
     s.swap(a, b)
     assert s.rows[b].request is reqs[5] and s.rows[a].request is None and s.rows[a].tokens == [9]
     assert s.compaction() == []
+
+
+def test_scheduler_imports_no_jax():
+    """The scheduler is plain Python: importing it (its package included) starts no JAX, so
+    the bucket arithmetic it shares with the steps lives in `tsjax.shapes`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serve.engine.scheduler\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
+        "print(heavy)\n"
+        "raise SystemExit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -30,7 +30,7 @@ _EXPORTS = {
     "ModelConfig": "tsjax.models.config",
     "KVCache": "tsjax.cache",
     "Steps": "tsjax.steps",
-    "StepShapes": "tsjax.steps",
+    "StepShapes": "tsjax.shapes",
     "pull": "tsjax.catalog",
     "resolve_model": "tsjax.catalog",
 }

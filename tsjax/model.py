@@ -16,7 +16,8 @@ from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
 from tsjax.gguf import GGUFFile
 from tsjax.loader import LoadStats, load_params
 from tsjax.models import ModelConfig, config_from_gguf
-from tsjax.steps import Steps, StepShapes
+from tsjax.shapes import StepShapes
+from tsjax.steps import Steps
 from tsjax.tokenizer import Tokenizer
 
 log = logging.getLogger("tsjax")

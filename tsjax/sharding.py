@@ -314,7 +314,8 @@ class ShardingPlan:
         position bounds) as in `KVCache.create`: each block split like the stacked layout,
         a block whose rows do not divide over `dp` kept whole on that axis."""
         # here: tsjax.cache <-> tsjax.models import each other
-        from tsjax.cache import KVCache, block_sizes
+        from tsjax.cache import KVCache
+        from tsjax.shapes import block_sizes
 
         lengths = self.named(CACHE_LENGTHS_AXES)
         if blocks is None:

@@ -8,23 +8,21 @@ cache positions attention reads. Everything else a request can vary is array dat
 
 from __future__ import annotations
 
-import bisect
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tsjax.cache import KVCache, block_sizes, read_rows, write_blocks
+from tsjax.cache import KVCache, read_rows, write_blocks
 from tsjax.grammar import mask_words
-from tsjax.layers import attention
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
-from tsjax.quants import MIN_DECODE_ROWS
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
+from tsjax.shapes import StepShapes, bucket_for, steps_bucket
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
 
 
@@ -49,39 +47,6 @@ def fit_rows(x: jax.Array, n: int) -> jax.Array:
     return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= factor
-    out.append(hi)
-    return tuple(out)
-
-
-def steps_bucket(n: int) -> int:
-    """The compiled step-count capacity for a dispatch of n decode steps: 4, 8, 16, ..."""
-    return max(4, 1 << (max(n, 1) - 1).bit_length())
-
-
-def split_blocks(bounds: tuple[int, ...], min_span: int) -> tuple[int, ...]:
-    """Block bounds with every block after the first that spans at least `min_span` positions
-    cut in two halves: (128, 256, 512, 1024) with 256 -> (128, 256, 384, 512, 768, 1024).
-    Decode attention skips the upper half of its bucket's last span when no row reaches it."""
-    out = [bounds[0]]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi - lo >= max(min_span, 2) and (hi - lo) % 2 == 0:
-            out.append(lo + (hi - lo) // 2)
-        out.append(hi)
-    return tuple(out)
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
-
-
 @dataclass
 class PendingTokens:
     """The tokens of a decode dispatch that may still be running: `get()` waits for them and
@@ -93,59 +58,6 @@ class PendingTokens:
 
     def get(self) -> np.ndarray:
         return np.asarray(self.out)[: self.n_steps, self.where]
-
-
-#: The fewest rows a cache row block holds (CPU layout). A decode batch that ends inside a
-#: block reads only its own rows of it, so a big block costs small batches little, while each
-#: block is more, smaller ops per layer and a block's rows skip an unreached half span only
-#: all together. With `split_span` 128 this took a 16-row bf16 step at 150 positions from
-#: 42.5-43.2 to 39.3-40.5 ms, and 4 rows or one float32 row no slower (README, "The KV cache
-#: on CPU: blocks", gives the `serve.bench_decode` commands and the other positions).
-MIN_ROW_BLOCK = 16
-
-
-@dataclass(frozen=True)
-class StepShapes:
-    """Every static shape the steps compile for."""
-
-    rows: int  # decode slots (cache rows), B
-    max_len: int  # cache positions per row, S
-    prefill_lens: tuple[int, ...]  # token buckets T for prefill
-    prefill_batches: tuple[int, ...]  # batch buckets b for prefill
-    attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
-    decode_batches: tuple[int, ...] = ()  # buckets of live rows decoded together
-    # Position spans between attention buckets at least this long are two cache blocks (CPU
-    # layout), so decode reads the upper half only when a row reaches it (measured with
-    # `MIN_ROW_BLOCK`, above). None: no span is split. `default` splits only where a row
-    # block is big enough to skip at all (`tsjax.layers.attention.SKIP_MIN_ROWS`): elsewhere
-    # a split only adds ops and compile time.
-    split_span: int | None = 128
-
-    def __post_init__(self):
-        if not self.decode_batches:
-            object.__setattr__(self, "decode_batches", geometric_buckets(1, self.rows, 4))
-
-    def cache_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(row bounds, position bounds) of the blocked cache layout: position blocks end at
-        the attention buckets, long spans cut in halves (`split_span`); row blocks end at the
-        decode buckets, but no row block is smaller than `MIN_ROW_BLOCK` rows."""
-        rows = {min(max(b, MIN_ROW_BLOCK), self.rows) for b in self.decode_batches} | {self.rows}
-        if self.split_span is None:
-            return tuple(sorted(rows)), self.attn_lens
-        return tuple(sorted(rows)), split_blocks(self.attn_lens, self.split_span)
-
-    @classmethod
-    def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
-        shapes = cls(
-            rows=rows,
-            max_len=max_len,
-            prefill_lens=geometric_buckets(min(min_prefill, max_len), max_len, 2),
-            prefill_batches=geometric_buckets(1, rows, 2),
-            attn_lens=geometric_buckets(min(min_attn, max_len), max_len, 2),
-        )
-        if max(block_sizes(shapes.cache_blocks()[0])) < attention.SKIP_MIN_ROWS:
-            shapes = replace(shapes, split_span=None)  # no row block would skip a half
-        return shapes
 
 
 class Steps:
@@ -167,19 +79,12 @@ class Steps:
         quant: str | None = None,
     ):
         self.cfg = cfg
-        # XLA:CPU's int8 and bfloat16 matmuls are slow for one row (see tsjax.quants): on CPU
-        # their decode pads to the fewest rows that run fast (rows past the cache's are
-        # padding: they compute and are dropped). Measured: a 4-row int8 step beats a 1-row
-        # float32 one. Other backends have fast narrow matrix-vector kernels: no padding.
-        least = MIN_DECODE_ROWS[quant] if jax.default_backend() == "cpu" else 1
-        if least > 1:
-            low = tuple(sorted({max(b, least) for b in shapes.decode_batches}))
-            shapes = replace(shapes, decode_batches=low)
-        self.shapes = shapes
+        # XLA:CPU's narrow matmuls are slow for one row: pad their decode there
+        self.shapes = shapes = shapes.padded_decode(quant, jax.default_backend() == "cpu")
         self.dtype = dtype
         # Params layout (see `unroll_layers_default`); load_params must be given the same.
         self.unrolled = unroll_layers_default() if unrolled is None else unrolled
-        self.model = Decoder(cfg, dtype, self.unrolled, quant)
+        self.model = Decoder(cfg, dtype, self.unrolled, quant, shapes.skip_min_rows)
         # Cache layout (see tsjax.cache): blocked where the layer loop is unrolled (CPU).
         self.blocks = shapes.cache_blocks() if self.unrolled else None
         self.mesh = mesh

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from serve.engine.types import GenerationRequest
-from tsjax.steps import bucket_for
+from tsjax.shapes import bucket_for
+
+if TYPE_CHECKING:  # its module imports JAX (through tsjax.sampling); this one must not
+    from serve.engine.types import GenerationRequest
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -19,17 +19,13 @@ from tsjax.cache import WriteIndex, batch_write_index, read_rows, write_blocks
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import RopeTables, rotate
+from tsjax.shapes import SKIP_MIN_ROWS
 
 NEG_INF = -1e30
 # Decode batches at least this big use the fused multiply-reduce form. Measured on XLA:CPU
 # (SmolLM2, 2 cores, 150 cached positions): 16 rows 112.8 vs 123.6 ms/step for the einsum
 # form; 1 row 35.7 vs 29.9 ms/step, so single rows keep the einsum.
 FUSED_DECODE_MIN_ROWS = 4
-# Row blocks decoding at least this many rows skip a last position block none of their rows
-# reaches (`attend_blocks`). Fewer rows read little cache, and the conditional costs them more
-# than it saves: a 1-row float32 step at 150 positions took 31.4 ms with it and 23.1 without
-# (python -m serve.bench_decode --rows 32 --live 1 --max-len 512 --positions 150).
-SKIP_MIN_ROWS = 8
 
 
 def attend(
@@ -99,13 +95,24 @@ def _visible(q_pos, kv_len: int, window, start: int = 0):
     return (delta >= 0) & ((window <= 0) | (delta < window))
 
 
-def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap, sinks=None):
+def attend_blocks(
+    q,
+    k_blocks,
+    v_blocks,
+    pos,
+    attn_len,
+    window,
+    scale,
+    softcap,
+    sinks=None,
+    skip_min_rows=SKIP_MIN_ROWS,
+):
     """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
     block, scores against each position block below `attn_len` (batched dots over whole
     buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
     value blocks' weighted sum. q: [b, K, G, H]; pos: [b]. Returns [b, K*G*H].
 
-    A row block of at least `SKIP_MIN_ROWS` rows none of which reaches the last position
+    A row block of at least `skip_min_rows` rows none of which reaches the last position
     block below `attn_len` skips it (a `lax.cond` on its furthest row). Spans of 256
     positions and more are two blocks (`StepShapes.split_span`), so there such a step reads
     at most 1.5x the cache its rows need instead of 2x."""
@@ -131,7 +138,7 @@ def attend_blocks(q, k_blocks, v_blocks, pos, attn_len, window, scale, softcap, 
         def attend(blocks, qr, pr):
             return _attend_row_block(qr, pr, blocks, window, scale, softcap, sinks)
 
-        if len(used) == 1 or n < SKIP_MIN_ROWS:
+        if len(used) == 1 or n < skip_min_rows:
             o = attend(used, qr, pr)
         else:
             # Read the last block (a split span's upper half, or the bucket's last span)
@@ -197,6 +204,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
     sinks: bool = False  # gpt-oss: a learned sink logit per query head (`softmax_with_sink`)
+    skip_min_rows: int = SKIP_MIN_ROWS  # blocked cache: see `attend_blocks`
 
     @nn.compact
     def __call__(
@@ -252,6 +260,7 @@ class Attention(nn.Module):
                     self.scale,
                     self.softcap,
                     sinks,
+                    self.skip_min_rows,
                 )
                 return o_proj(out[:, None]), cache_k, cache_v
             keys = read_rows(cache_k, row_idx, attn_len, keys=True)

@@ -18,6 +18,7 @@ from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import RopeTables, rope_lookup
 from tsjax.models.config import ModelConfig
+from tsjax.shapes import SKIP_MIN_ROWS
 
 
 class DecoderLayer(nn.Module):
@@ -27,6 +28,7 @@ class DecoderLayer(nn.Module):
     attn_len: int
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
+    skip_min_rows: int = SKIP_MIN_ROWS
 
     @nn.compact
     def __call__(
@@ -56,6 +58,7 @@ class DecoderLayer(nn.Module):
             softcap=c.attn_softcap,
             dtype=self.dtype,
             quant=self.quant,
+            skip_min_rows=self.skip_min_rows,
             name="attn",
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
@@ -94,6 +97,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     unrolled: bool = False
     quant: str | None = None  # "bf16" / "int8" weights (see tsjax.layers.linear)
+    skip_min_rows: int = SKIP_MIN_ROWS  # blocked cache
 
     @nn.compact
     def __call__(
@@ -130,7 +134,7 @@ class Decoder(nn.Module):
                 # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
                 k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
                 (x, k, v), _ = DecoderLayer(
-                    c, attn_len, self.dtype, self.quant, name=layer_name(i)
+                    c, attn_len, self.dtype, self.quant, self.skip_min_rows, name=layer_name(i)
                 )((x, k, v), positions, rows, data, rope, writes)
                 ks.append(k)
                 vs.append(v)
