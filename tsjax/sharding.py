@@ -1,9 +1,10 @@
 """Meshes, logical axis names and the rules that map them onto a mesh (JAX SPMD).
 
-Every parameter and cache array is described once by *logical* axis names (what an axis means:
-`q_heads`, `ffw`, `batch`, ...). A small table of *rules* says which mesh axis each logical
-axis is split over; the compiler (GSPMD) then partitions the compiled steps and inserts the
-collectives. Changing the parallelism is changing the mesh, never the model code.
+Every parameter (in the parameter table, `tsjax.models.stack`) and cache array is described
+once by *logical* axis names (what an axis means: `q_heads`, `ffw`, `batch`, ...). A small
+table of *rules* says which mesh axis each logical axis is split over; the compiler (GSPMD)
+then partitions the compiled steps and inserts the collectives. Changing the parallelism is
+changing the mesh, never the model code.
 
 Mesh axes:
 
@@ -39,6 +40,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsjax.models import ModelConfig
+from tsjax.models.decoder import PARAM_TABLE
+from tsjax.models.stack import LogicalAxes
 from tsjax.sampling import SamplerState
 
 if TYPE_CHECKING:
@@ -47,8 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tsjax")
 
 MESH_AXES = ("dp", "tp")  # the order devices are laid out in: tp innermost (fastest links)
-
-LogicalAxes = tuple[str | None, ...]
 
 # logical axis -> mesh axis (None: never split).
 DEFAULT_RULES: dict[str, str | None] = {
@@ -63,63 +64,16 @@ DEFAULT_RULES: dict[str, str | None] = {
     "layers": None,
 }
 
-# Parameter path (under the params root, or under "layers" with a leading layer axis) ->
-# logical axes. q/k/v kernels are [D, N*H] with heads major, so splitting whole heads is
-# splitting that axis into contiguous blocks; the axis is named for its heads.
-_LAYER_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
-    ("attn_norm", "scale"): ("embed",),
-    ("attn", "q", "kernel"): ("embed", "q_heads"),
-    ("attn", "k", "kernel"): ("embed", "kv_heads"),
-    ("attn", "v", "kernel"): ("embed", "kv_heads"),
-    ("attn", "q", "bias"): ("q_heads",),
-    ("attn", "k", "bias"): ("kv_heads",),
-    ("attn", "v", "bias"): ("kv_heads",),
-    ("attn", "o", "kernel"): ("q_heads", "embed"),
-    ("attn", "q_norm", "scale"): ("head_dim",),
-    ("attn", "k_norm", "scale"): ("head_dim",),
-    ("post_attn_norm", "scale"): ("embed",),
-    ("ffn_norm", "scale"): ("embed",),
-    ("mlp", "gate", "kernel"): ("embed", "ffw"),
-    ("mlp", "up", "kernel"): ("embed", "ffw"),
-    ("mlp", "down", "kernel"): ("ffw", "embed"),
-    ("post_ffn_norm", "scale"): ("embed",),
-}
-_GLOBAL_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
-    ("embed", "embedding"): ("vocab", "embed"),
-    ("final_norm", "scale"): ("embed",),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-}
-
-_LAYER_KEY = re.compile(r"layers_\d+")
 CACHE_KV_AXES: LogicalAxes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # [L,B,K,S,H]
 CACHE_K_BLOCK_AXES: LogicalAxes = ("batch", "kv_heads", "head_dim", "seq")  # blocked keys
 CACHE_LENGTHS_AXES: LogicalAxes = ("batch",)
 
 
 def param_axes(path: Sequence[str]) -> LogicalAxes:
-    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root):
-    under "layers" (stacked layout) with a leading layer axis, under "layers_<i>" (unrolled
-    layout) without."""
-    path = tuple(path)
-    if path and path[-1] == "weight":  # a float Linear's [out, in]: the kernel's axes reversed
-        axes = param_axes((*path[:-1], "kernel"))
-        return (*axes[:-2], axes[-1], axes[-2])
-    if path and path[-1] in ("kernel_scale", "input_scale"):  # an int8 kernel's out / in axis
-        axes = param_axes((*path[:-1], "kernel"))
-        return (*axes[:-2], axes[-1] if path[-1] == "kernel_scale" else axes[-2])
-    if path and path[0] == "layers":
-        axes = _LAYER_PARAM_AXES.get(path[1:])
-        if axes is not None:
-            return ("layers", *axes)
-    elif path and _LAYER_KEY.fullmatch(path[0]):
-        axes = _LAYER_PARAM_AXES.get(path[1:])
-        if axes is not None:
-            return axes
-    else:
-        axes = _GLOBAL_PARAM_AXES.get(path)
-        if axes is not None:
-            return axes
-    raise KeyError(f"no logical axes for parameter {'/'.join(path)}")
+    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root), as
+    the parameter table declares them (`tsjax.models.stack.ParamTable.axes`): under a stacked
+    segment ("layers") with a leading layer axis, under "layers_<i>" (unrolled) without."""
+    return PARAM_TABLE.axes(path)
 
 
 def sampler_axes(ndim: int) -> LogicalAxes:

@@ -1,10 +1,15 @@
-"""The decoder stack shared by every family: embed, scan over layers, norm, project.
+"""The decoder stack shared by every family: embed, the layers (segment by segment, see
+`tsjax.models.stack`), norm, project.
 
-Families differ only in their config (which norms, biases, windows, caps) and in how their
-GGUF tensors are named; both live in the family's own module.
+The dense families differ only in their config (which norms, biases, windows, caps), which
+lives in the family's own module. Every parameter a layer kind or the head may have is
+declared once, in its module's `PARAMS` and in `HEAD_PARAMS`, which the loader and the
+sharding rules read through `PARAM_TABLE`.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -18,11 +23,34 @@ from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import RopeTables, rope_lookup
 from tsjax.models.config import ModelConfig
+from tsjax.models.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 from tsjax.shapes import SKIP_MIN_ROWS
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms."""
+
+    #: Every parameter this layer may have (the config decides biases and extra norms).
+    #: q/k/v weights are [N*H, D] with heads major, so splitting whole heads is splitting
+    #: that axis into contiguous blocks; the axis is named for its heads.
+    PARAMS: ClassVar[tuple[Param, ...]] = (
+        Param("attn_norm.weight", ("attn_norm", "scale"), ("embed",)),
+        Param("attn_q.weight", ("attn", "q", "weight"), ("q_heads", "embed")),
+        Param("attn_k.weight", ("attn", "k", "weight"), ("kv_heads", "embed")),
+        Param("attn_v.weight", ("attn", "v", "weight"), ("kv_heads", "embed")),
+        Param("attn_q.bias", ("attn", "q", "bias"), ("q_heads",)),
+        Param("attn_k.bias", ("attn", "k", "bias"), ("kv_heads",)),
+        Param("attn_v.bias", ("attn", "v", "bias"), ("kv_heads",)),
+        Param("attn_output.weight", ("attn", "o", "weight"), ("embed", "q_heads")),
+        Param("attn_q_norm.weight", ("attn", "q_norm", "scale"), ("head_dim",)),
+        Param("attn_k_norm.weight", ("attn", "k_norm", "scale"), ("head_dim",)),
+        Param("post_attention_norm.weight", ("post_attn_norm", "scale"), ("embed",)),
+        Param("ffn_norm.weight", ("ffn_norm", "scale"), ("embed",)),
+        Param("ffn_gate.weight", ("mlp", "gate", "weight"), ("ffw", "embed")),
+        Param("ffn_up.weight", ("mlp", "up", "weight"), ("ffw", "embed")),
+        Param("ffn_down.weight", ("mlp", "down", "weight"), ("embed", "ffw")),
+        Param("post_ffw_norm.weight", ("post_ffn_norm", "scale"), ("embed",)),
+    )
 
     cfg: ModelConfig
     attn_len: int
@@ -87,9 +115,21 @@ def unroll_layers_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def layer_name(i: int) -> str:
-    """Params key of layer i in the unrolled layout ("layers" holds the stacked layout)."""
-    return f"layers_{i}"
+#: The module of each layer kind (`ModelConfig.layer_kinds`): the layer's parameters are its
+#: `PARAMS`. A family with a new kind of layer registers its module here.
+BLOCKS: dict[str, type[nn.Module]] = {ATTENTION: DecoderLayer}
+
+#: The model-wide parameters: the embedding (also the tied output projection), the final norm
+#: and a separate output projection (GGUF `output.weight`; bf16 / int8 give a tied embedding
+#: one in their format).
+HEAD_PARAMS: tuple[Param, ...] = (
+    Param("token_embd.weight", ("embed", "embedding"), ("vocab", "embed")),
+    Param("output_norm.weight", ("final_norm", "scale"), ("embed",)),
+    Param("output.weight", ("lm_head", "weight"), ("vocab", "embed")),
+)
+
+#: Every parameter of every model (see `tsjax.models.stack.ParamTable`).
+PARAM_TABLE = ParamTable(HEAD_PARAMS, BLOCKS)
 
 
 class Decoder(nn.Module):
@@ -124,6 +164,7 @@ class Decoder(nn.Module):
         base_of = [bases.index(b) for b in layer_bases]
         tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
         rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
+        plan = self.plan()
         if self.unrolled:
             writes = (
                 batch_write_index(cache.k[0], rows, positions, attn_len) if cache.blocked else None
@@ -134,7 +175,7 @@ class Decoder(nn.Module):
                 # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
                 k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
                 (x, k, v), _ = DecoderLayer(
-                    c, attn_len, self.dtype, self.quant, self.skip_min_rows, name=layer_name(i)
+                    c, attn_len, self.dtype, self.quant, self.skip_min_rows, name=plan[i].name
                 )((x, k, v), positions, rows, data, rope, writes)
                 ks.append(k)
                 vs.append(v)
@@ -142,13 +183,14 @@ class Decoder(nn.Module):
                 k, v = tuple(ks), tuple(vs)
             return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
         assert not cache.blocked, "the scanned layer loop takes the stacked cache layout"
+        assert len(plan) == 1, "one kind of layer"
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.n_layers,
-        )(c, attn_len, self.dtype, self.quant, name="layers")
+        )(c, attn_len, self.dtype, self.quant, name=plan[0].name)
         layer_data = (
             jnp.arange(c.n_layers, dtype=jnp.int32),
             jnp.asarray(c.layer_windows, jnp.int32),
@@ -156,6 +198,10 @@ class Decoder(nn.Module):
         )
         (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data, rope)
         return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
+
+    def plan(self) -> tuple[Segment, ...]:
+        """The layer loop's segments (`tsjax.models.stack.layer_plan`)."""
+        return layer_plan(self.cfg.layer_kinds, self.unrolled)
 
     def _head(self, embed, x, logit_index, cache):
         c = self.cfg
