@@ -1,4 +1,4 @@
-"""The parameter table (`tsjax.models.stack`, declared in `tsjax.models.decoder`): every
+"""The parameter table (`tsjax.stack`, declared in `tsjax.models.decoder`): every
 parameter each family's model creates has exactly one entry, in both layer layouts; the
 loader reads every tensor of the file through it, and the sharding rules give each parameter
 (the narrow formats' leaves included) axes that fit its array."""
@@ -13,8 +13,8 @@ from tsjax.gguf import GGUFFile
 from tsjax.loader import load_params, param_shapes
 from tsjax.models import ARCHITECTURES, Decoder, config_from_gguf
 from tsjax.models.decoder import BLOCKS, HEAD_PARAMS, PARAM_TABLE
-from tsjax.models.stack import Param, ParamTable, Segment, layer_plan
 from tsjax.sharding import param_axes
+from tsjax.stack import Param, ParamTable, Segment, layer_plan
 
 FAMILIES = [a for a in ARCHS if a in ARCHITECTURES]
 

@@ -207,7 +207,7 @@ def _families_worker(files: dict[str, str], out: str) -> None:
                 q_spec=str(layer["attn"]["q"]["weight"].sharding.spec),
                 k_spec=str(layer["attn"]["k"]["weight"].sharding.spec),
                 # stacked cache, or the blocked one's largest row block (a dp multiple)
-                cache_spec=str(jax.tree.leaves(m.steps.new_cache().k)[-1].sharding.spec),
+                cache_spec=str(jax.tree.leaves(m.steps.new_cache().layers)[-1].sharding.spec),
                 param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
                 max_param_bytes_per_device=max(per_dev.values()),
             )

@@ -7,7 +7,7 @@ The public surface (imported lazily, so `tsjax pull` starts without loading JAX)
     generate(model, prompt_ids, ...) -> Generation     run to the end
     stream(model, prompt_ids, ...) -> Iterator[str]    text as it is decoded
     SamplingParams                                     temperature, top-k/p, min-p, penalties, seed
-    Tokenizer, ChatTemplate, GGUFFile, ModelConfig, KVCache, Steps, StepShapes
+    Tokenizer, ChatTemplate, GGUFFile, ModelConfig, Cache, Steps, StepShapes
     pull(name) -> Path, resolve_model(name_or_path) -> Path
 """
 
@@ -28,7 +28,7 @@ _EXPORTS = {
     "GGUFFile": "tsjax.gguf",
     "GGUFError": "tsjax.gguf",
     "ModelConfig": "tsjax.models.config",
-    "KVCache": "tsjax.cache",
+    "Cache": "tsjax.cache",
     "Steps": "tsjax.steps",
     "StepShapes": "tsjax.shapes",
     "pull": "tsjax.catalog",

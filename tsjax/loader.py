@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.models import Decoder
 from tsjax.models.decoder import PARAM_TABLE
-from tsjax.models.stack import Placement
+from tsjax.stack import Placement
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -32,9 +32,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def param_shapes(model: Decoder):
     """The params pytree's shapes (and dtypes), from the model itself (so the loader cannot
     drift from it)."""
-    from tsjax.cache import KVCache
-
-    cache = KVCache.create(model.cfg, 1, 8, model.dtype)
+    cache = model.new_cache(1, 8)
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), tokens, tokens, cache, None, None, 8)
@@ -56,7 +54,7 @@ def load_params(
     """Read every tensor `model` (a float model: `tsjax.quantize` makes int8 weights from
     these) needs into a params pytree on device, in its layout: layer weights one array per
     layer under "layers_<i>" (`model.unrolled`) or stacked under "layers" (see
-    `tsjax.models.stack.Segment`).
+    `tsjax.stack.Segment`).
 
     `device_put(path, array)` lets callers place each leaf (e.g. with a sharding); default
     is `jax.device_put` onto the default device.

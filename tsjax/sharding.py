@@ -1,6 +1,6 @@
 """Meshes, logical axis names and the rules that map them onto a mesh (JAX SPMD).
 
-Every parameter (in the parameter table, `tsjax.models.stack`) and cache array is described
+Every parameter (in the parameter table, `tsjax.stack`) and cache array is described
 once by *logical* axis names (what an axis means: `q_heads`, `ffw`, `batch`, ...). A small
 table of *rules* says which mesh axis each logical axis is split over; the compiler (GSPMD)
 then partitions the compiled steps and inserts the collectives. Changing the parallelism is
@@ -21,7 +21,7 @@ than padded: correctness first, and the startup report shows what was split.
 
     mesh = make_mesh("dp=2,tp=2")
     plan = ShardingPlan(mesh, cfg, rows=8, max_len=2048)
-    plan.cache()                  # KVCache of NamedShardings
+    plan.cache(abstract_cache)    # a Cache of NamedShardings
     plan.device_put(path, array)  # the loader's per-leaf hook: each device gets its slice
 """
 
@@ -32,20 +32,17 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tsjax.cache import Cache, StackedKV
 from tsjax.models import ModelConfig
 from tsjax.models.decoder import PARAM_TABLE
-from tsjax.models.stack import LogicalAxes
 from tsjax.sampling import SamplerState
-
-if TYPE_CHECKING:
-    from tsjax.cache import KVCache
+from tsjax.stack import LogicalAxes
 
 log = logging.getLogger("tsjax")
 
@@ -64,14 +61,12 @@ DEFAULT_RULES: dict[str, str | None] = {
     "layers": None,
 }
 
-CACHE_KV_AXES: LogicalAxes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # [L,B,K,S,H]
-CACHE_K_BLOCK_AXES: LogicalAxes = ("batch", "kv_heads", "head_dim", "seq")  # blocked keys
-CACHE_LENGTHS_AXES: LogicalAxes = ("batch",)
+CACHE_KV_AXES: LogicalAxes = StackedKV.AXES  # [L, B, K, S, H]
 
 
 def param_axes(path: Sequence[str]) -> LogicalAxes:
     """Logical axes of the parameter at `path` (a tuple of dict keys from the params root), as
-    the parameter table declares them (`tsjax.models.stack.ParamTable.axes`): under a stacked
+    the parameter table declares them (`tsjax.stack.ParamTable.axes`): under a stacked
     segment ("layers") with a leading layer axis, under "layers_<i>" (unrolled) without."""
     return PARAM_TABLE.axes(path)
 
@@ -263,28 +258,17 @@ class ShardingPlan:
             lambda p, _: self.param(tuple(k.key for k in p)), tree
         )
 
-    def cache(self, blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> KVCache:
-        """Shardings of the stacked cache, or of the blocked one with `blocks` = (row bounds,
-        position bounds) as in `KVCache.create`: each block split like the stacked layout,
-        a block whose rows do not divide over `dp` kept whole on that axis."""
-        # here: tsjax.cache <-> tsjax.models import each other
-        from tsjax.cache import KVCache
-        from tsjax.shapes import block_sizes
+    def cache(self, cache: Cache) -> Cache:
+        """Shardings of `cache` (arrays or `jax.eval_shape`'s structs), keyed like it: each
+        state names its arrays' logical axes (`tsjax.cache.LayerState.shardings`), sized by
+        the array itself, so a blocked cache's block whose rows do not divide over `dp` is
+        kept whole on that axis."""
 
-        lengths = self.named(CACHE_LENGTHS_AXES)
-        if blocks is None:
-            kv = self.named(CACHE_KV_AXES)
-            return KVCache(kv, kv, lengths)
+        def named(axes: LogicalAxes, shape: tuple[int, ...]) -> NamedSharding:
+            sizes = dict(zip(axes, shape, strict=True))
+            return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh, sizes, self.rules))
 
-        def layer(axes: LogicalAxes) -> tuple:
-            def block(r: int, p: int) -> NamedSharding:
-                sz = {**self.sizes, "batch": r, "seq": p}
-                return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh, sz, self.rules))
-
-            rows, pos = block_sizes(blocks[0]), block_sizes(blocks[1])
-            return (tuple(tuple(block(r, p) for p in pos) for r in rows),) * self.cfg.n_layers
-
-        return KVCache(layer(CACHE_K_BLOCK_AXES), layer(CACHE_KV_AXES[1:]), lengths)
+        return cache.shardings(named)
 
     def sampler(self) -> SamplerState:
         # Built on the host (a few KB): its construction draws PRNG keys, which eval_shape

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tsjax.cache import KVCache, read_rows, write_blocks
+from tsjax.cache import Cache, KVLayout
 from tsjax.grammar import mask_words
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
@@ -37,6 +37,14 @@ def _constrain_inputs(fn, shardings: tuple):
         return fn(*head, *args[len(head) :], **kwargs)
 
     return wrapped
+
+
+def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
+    """[b] bool: `flags` then False for the padding rows."""
+    out = np.zeros((b,), bool)
+    if flags is not None:
+        out[: len(flags)] = flags
+    return out
 
 
 def fit_rows(x: jax.Array, n: int) -> jax.Array:
@@ -84,9 +92,12 @@ class Steps:
         self.dtype = dtype
         # Params layout (see `unroll_layers_default`); load_params must be given the same.
         self.unrolled = unroll_layers_default() if unrolled is None else unrolled
-        self.model = Decoder(cfg, dtype, self.unrolled, quant, shapes.skip_min_rows)
-        # Cache layout (see tsjax.cache): blocked where the layer loop is unrolled (CPU).
-        self.blocks = shapes.cache_blocks() if self.unrolled else None
+        self.model = Decoder(cfg, dtype, self.unrolled, quant)
+        # Attention's cache layout (see tsjax.cache): blocked where the layer loop is unrolled
+        # (CPU), stacked where it is scanned.
+        self.layout = KVLayout()
+        if self.unrolled:
+            self.layout = KVLayout(shapes.cache_blocks(), shapes.skip_min_rows)
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -107,10 +118,7 @@ class Steps:
             **sh["decode"],
         )
         self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
-        self._create_cache = jax.jit(
-            lambda: KVCache.create(cfg, shapes.rows, shapes.max_len, dtype, self.blocks),
-            **sh["cache"],
-        )
+        self._create_cache = jax.jit(self._zero_cache, **sh["cache"])
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
         # what `decode(tokens=None)` feeds: the last decode's next tokens (device) and rows
         self._next_tokens: jax.Array | None = None
@@ -126,7 +134,8 @@ class Steps:
 
         assert self.plan is not None
         p = self.plan.params(param_shapes(self.model))
-        c, s, r = self.plan.cache(self.blocks), self.plan.sampler(), self.plan.replicated()
+        c = self.plan.cache(jax.eval_shape(self._zero_cache))
+        s, r = self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
             "decode": dict(out_shardings=(r, r, r, c, s)),  # tokens, next, logits, cache, sampler
@@ -142,12 +151,19 @@ class Steps:
         jit requires), or the default device."""
         return jnp.asarray(x) if self.plan is None else put(np.asarray(x), self.plan.replicated())
 
-    def new_cache(self) -> KVCache:
+    @property
+    def blocks(self):
+        """(row bounds, position bounds) of the blocked cache layout, or None (stacked)."""
+        return self.layout.blocks
+
+    def _zero_cache(self) -> Cache:
+        return self.model.new_cache(self.shapes.rows, self.shapes.max_len, self.layout)
+
+    def new_cache(self) -> Cache:
         """A zeroed cache, created directly in its shards (never whole on one device)."""
         self._next_tokens = None
         if self.plan is None:
-            shapes = self.shapes
-            return KVCache.create(self.cfg, shapes.rows, shapes.max_len, self.dtype, self.blocks)
+            return self._zero_cache()
         return self._create_cache()
 
     def new_sampler(self) -> SamplerState:
@@ -159,7 +175,7 @@ class Steps:
     def _prefill(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         new_sampler: SamplerState,
         tokens,
@@ -167,35 +183,44 @@ class Steps:
         starts,
         lengths,
         masks,
+        restore,
+        checkpoint,
         *,
         attn_len: int,
     ):
-        """tokens: [b, T]; rows, starts, lengths: [b]. Row r's tokens go to positions
-        starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B are padding),
-        and `new_sampler` (b rows) replaces those rows' sampling state. Samples each row's
-        first token. Returns (tokens [b], logits [b, V], cache, sampler)."""
+        """tokens: [b, T]; rows, starts, lengths, restore, checkpoint: [b]. Row r's tokens go
+        to positions starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B
+        are padding), and `new_sampler` (b rows) replaces those rows' sampling state. Rows
+        with `restore` first resume from their saved state, rows with `checkpoint` save
+        theirs after (`tsjax.cache.LayerState`: states that rewind by length alone ignore
+        both). Samples each row's first token. Returns (tokens [b], logits [b, V], cache,
+        sampler)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
         logits, cache = self.model.apply(
             {"params": params},
             tokens,
             positions,
-            cache,
+            cache.restore(rows, restore),
             rows,
             jnp.maximum(lengths - 1, 0),
             attn_len,
+            counts,
         )
+        cache = cache.checkpoint(rows, checkpoint)
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
         first, new_sampler = sample(logits, new_sampler, masks)
         sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
-        return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
+        return first, logits, replace(cache, lengths=new_lengths), sampler
 
-    def _decode_logits(self, params, cache: KVCache, tokens, active, attn_len: int):
+    def _decode_logits(self, params, cache: Cache, tokens, active, attn_len: int):
         """One token for each of the cache rows [0, b). tokens, active: [b]. Positions are
         the row lengths; inactive rows compute but neither advance nor disturb their cached
         tokens."""
         b = tokens.shape[0]
         lengths = fit_rows(cache.lengths, b)
+        counts = active.astype(jnp.int32)
         logits, cache = self.model.apply(
             {"params": params},
             tokens[:, None],
@@ -204,14 +229,15 @@ class Steps:
             None,
             jnp.zeros_like(tokens),
             attn_len,
+            counts,
         )
-        new_lengths = cache.lengths + fit_rows(active.astype(jnp.int32), cache.lengths.shape[0])
-        return logits, KVCache(cache.k, cache.v, new_lengths)
+        new_lengths = cache.lengths + fit_rows(counts, cache.lengths.shape[0])
+        return logits, replace(cache, lengths=new_lengths)
 
     def _decode(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         tokens,
         active,
@@ -247,32 +273,18 @@ class Steps:
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
         return out, tokens, logits, cache, sampler
 
-    def _swap(self, cache: KVCache, sampler: SamplerState, a, b):
-        """Exchange cache rows a[i] <-> b[i] (keys, values, lengths, sampling state).
+    def _swap(self, cache: Cache, sampler: SamplerState, a, b):
+        """Exchange cache rows a[i] <-> b[i] (every layer's state, lengths, sampling state).
         Indices >= B are padding: they read a clipped row and write nothing."""
         src = jnp.concatenate([a, b])
         dst = jnp.concatenate([b, a])
-        rows = self.shapes.rows
 
         def move(x):  # any array with the row axis first
             return x.at[dst].set(jnp.take(x, src, axis=0, mode="clip"), mode="drop")
 
-        if cache.blocked:
-            every = jnp.arange(self.shapes.max_len, dtype=jnp.int32)
+        return cache.swap(src, dst), jax.tree.map(move, sampler)
 
-            def move_blocks(layer, keys):
-                vals = read_rows(layer, jnp.minimum(src, rows - 1), self.shapes.max_len, keys)
-                pos = jnp.broadcast_to(every, (src.shape[0], every.shape[0]))
-                return write_blocks(layer, dst, pos, vals.transpose(0, 2, 1, 3), keys)
-
-            k = tuple(move_blocks(x, True) for x in cache.k)
-            v = tuple(move_blocks(x, False) for x in cache.v)
-        else:
-            k = cache.k.at[:, dst].set(jnp.take(cache.k, src, axis=1, mode="clip"), mode="drop")
-            v = cache.v.at[:, dst].set(jnp.take(cache.v, src, axis=1, mode="clip"), mode="drop")
-        return KVCache(k, v, move(cache.lengths)), jax.tree.map(move, sampler)
-
-    def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
+    def _forward(self, params, cache: Cache, tokens, starts, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -333,7 +345,7 @@ class Steps:
     def prefill(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         prompts: list[list[int]],
         rows: list[int],
@@ -342,10 +354,14 @@ class Steps:
         histories: list[list[int]] | None = None,
         seeds: list[int] | None = None,
         masks: np.ndarray | None = None,
+        restore: list[bool] | None = None,
+        checkpoint: list[bool] | None = None,
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
-        the prompts). Returns (first tokens [n] numpy, logits [n, V], cache, sampler)."""
+        the prompts). `restore` / `checkpoint` (default none): rows that resume from their
+        saved state / save it after (see `_prefill`). Returns (first tokens [n] numpy, logits
+        [n, V], cache, sampler)."""
         n = len(prompts)
         starts = starts or [0] * n
         b = bucket_for(n, self.shapes.prefill_batches)
@@ -375,6 +391,8 @@ class Steps:
             self._put(st),
             self._put(ln),
             self._put(self._mask_rows(masks, n, b)),
+            self._put(_flags(restore, b)),
+            self._put(_flags(checkpoint, b)),
             attn_len=attn_len,
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsjax.gguf import GGUFFile
-from tsjax.models.stack import ATTENTION
+from tsjax.stack import ATTENTION
 
 
 @dataclass(frozen=True)

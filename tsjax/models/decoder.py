@@ -1,5 +1,10 @@
-"""The decoder stack shared by every family: embed, the layers (segment by segment, see
-`tsjax.models.stack`), norm, project.
+"""The decoder stack shared by every family: embed, the layers segment by segment
+(`tsjax.stack`), norm, project.
+
+Each segment runs one kind of layer (`BLOCKS`) over its own cache state: unrolled, one layer
+with its own params subtree; scanned, `nn.scan` over a run of layers whose params and state
+are stacked on a leading layer axis. The decoder hands each segment its state from
+`Cache.layers` and collects the updated one, whatever kind it is (`tsjax.cache`).
 
 The dense families differ only in their config (which norms, biases, windows, caps), which
 lives in the family's own module. Every parameter a layer kind or the head may have is
@@ -9,26 +14,28 @@ sharding rules read through `PARAM_TABLE`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import KVCache, WriteIndex, batch_write_index
+from tsjax.cache import Cache, KVLayout, KVState, Step, create_cache
 from tsjax.layers.attention import Attention
 from tsjax.layers.embed import Embed
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import RopeTables, rope_lookup
+from tsjax.layers.rope import rope_lookup
 from tsjax.models.config import ModelConfig
-from tsjax.models.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
-from tsjax.shapes import SKIP_MIN_ROWS
+from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms."""
+    """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms.
+
+    Every layer kind's module takes (cfg, dtype, quant) and is called as
+    `((x, state), step, (layer, window, base), rope) -> ((x, state), None)`."""
 
     #: Every parameter this layer may have (the config decides biases and extra norms).
     #: q/k/v weights are [N*H, D] with heads major, so splitting whole heads is splitting
@@ -53,25 +60,15 @@ class DecoderLayer(nn.Module):
     )
 
     cfg: ModelConfig
-    attn_len: int
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
-    skip_min_rows: int = SKIP_MIN_ROWS
 
     @nn.compact
-    def __call__(
-        self,
-        carry,
-        positions,
-        rows,
-        layer_data,
-        rope: RopeTables,
-        writes: WriteIndex | None = None,
-    ):
-        """layer_data: (layer index, attention window, index of the layer's rotary base);
-        rope: every base's rotation tables for this step, stacked ([bases, B, T, 1, H/2]);
-        writes: the blocked cache's scatter indices. The decoder makes both once a step."""
-        x, cache_k, cache_v = carry
+    def __call__(self, carry: tuple[jax.Array, KVState], step: Step, layer_data, rope):
+        """carry: (x [B, T, D], this segment's attention state); layer_data: (index into a
+        stacked state, attention window, index of the layer's rotary base); rope: every
+        base's rotation tables for this step, stacked ([bases, B, T, 1, H/2])."""
+        x, state = carry
         layer, window, base = layer_data
         c = self.cfg
         rope = (rope[0][base], rope[1][base])
@@ -86,13 +83,10 @@ class DecoderLayer(nn.Module):
             softcap=c.attn_softcap,
             dtype=self.dtype,
             quant=self.quant,
-            skip_min_rows=self.skip_min_rows,
             name="attn",
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
-        h, cache_k, cache_v = attn(
-            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, rope, writes
-        )
+        h, state = attn(h, state, layer, step, window, rope)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
         x = x + h
@@ -100,7 +94,7 @@ class DecoderLayer(nn.Module):
         h = GatedMLP(c.ffn_dim, c.activation, self.dtype, self.quant, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm")(h)
-        return (x + h, cache_k, cache_v), None
+        return (x + h, state), None
 
 
 def unroll_layers_default() -> bool:
@@ -128,7 +122,7 @@ HEAD_PARAMS: tuple[Param, ...] = (
     Param("output.weight", ("lm_head", "weight"), ("vocab", "embed")),
 )
 
-#: Every parameter of every model (see `tsjax.models.stack.ParamTable`).
+#: Every parameter of every model (see `tsjax.stack.ParamTable`).
 PARAM_TABLE = ParamTable(HEAD_PARAMS, BLOCKS)
 
 
@@ -137,21 +131,22 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     unrolled: bool = False
     quant: str | None = None  # "bf16" / "int8" weights (see tsjax.layers.linear)
-    skip_min_rows: int = SKIP_MIN_ROWS  # blocked cache
 
     @nn.compact
     def __call__(
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        cache: KVCache,
+        cache: Cache,
         rows: jax.Array | None,
         logit_index: jax.Array | None,
         attn_len: int,
-    ) -> tuple[jax.Array, KVCache]:
+        counts: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache]:
         """tokens, positions: [B, T]; rows: [B] cache rows (None: the cache rows [0, B));
-        logit_index: [B] which of the T positions to project to logits (None: all).
-        Returns (logits [B, V] or [B, T, V], cache with the new K/V written)."""
+        logit_index: [B] which of the T positions to project to logits (None: all); counts:
+        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T).
+        Returns (logits [B, V] or [B, T, V], cache with the step's tokens written)."""
         c = self.cfg
         embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
         x = embed(tokens)  # [B, T, D]
@@ -164,44 +159,48 @@ class Decoder(nn.Module):
         base_of = [bases.index(b) for b in layer_bases]
         tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
         rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
-        plan = self.plan()
-        if self.unrolled:
-            writes = (
-                batch_write_index(cache.k[0], rows, positions, attn_len) if cache.blocked else None
+        if counts is None:
+            counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        step = cache.step(positions, rows, counts, attn_len)
+        states = []
+        for seg, state in zip(self.plan(), cache.layers, strict=True):
+            x, state = self._segment(seg, x, state, step, rope, base_of)
+            states.append(state)
+        return self._head(embed, x, logit_index, cache.with_layers(states))
+
+    def _segment(self, seg: Segment, x, state, step: Step, rope, base_of) -> tuple[Any, Any]:
+        """Run one segment's layers over its state."""
+        c, block = self.cfg, BLOCKS[seg.kind]
+        if not seg.stacked:
+            i = seg.first  # static window and base: the mask's window test folds away
+            (x, state), _ = block(c, self.dtype, self.quant, name=seg.name)(
+                (x, state), step, (0, c.layer_windows[i], base_of[i]), rope
             )
-            ks, vs = [], []
-            for i in range(c.n_layers):
-                data = (i, c.layer_windows[i], base_of[i])
-                # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
-                k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
-                (x, k, v), _ = DecoderLayer(
-                    c, attn_len, self.dtype, self.quant, self.skip_min_rows, name=plan[i].name
-                )((x, k, v), positions, rows, data, rope, writes)
-                ks.append(k)
-                vs.append(v)
-            if cache.blocked:
-                k, v = tuple(ks), tuple(vs)
-            return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
-        assert not cache.blocked, "the scanned layer loop takes the stacked cache layout"
-        assert len(plan) == 1, "one kind of layer"
+            return x, state
         layers = nn.scan(
-            DecoderLayer,
+            block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=c.n_layers,
-        )(c, attn_len, self.dtype, self.quant, name=plan[0].name)
+            in_axes=(nn.broadcast, 0, nn.broadcast),
+            length=seg.count,
+        )(c, self.dtype, self.quant, name=seg.name)
+        span = slice(seg.first, seg.first + seg.count)
         layer_data = (
-            jnp.arange(c.n_layers, dtype=jnp.int32),
-            jnp.asarray(c.layer_windows, jnp.int32),
-            jnp.asarray(base_of, jnp.int32),
+            jnp.arange(seg.count, dtype=jnp.int32),
+            jnp.asarray(c.layer_windows[span], jnp.int32),
+            jnp.asarray(base_of[span], jnp.int32),
         )
-        (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data, rope)
-        return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
+        (x, state), _ = layers((x, state), step, layer_data, rope)
+        return x, state
 
     def plan(self) -> tuple[Segment, ...]:
-        """The layer loop's segments (`tsjax.models.stack.layer_plan`)."""
+        """The layer loop's segments (`tsjax.stack.layer_plan`)."""
         return layer_plan(self.cfg.layer_kinds, self.unrolled)
+
+    def new_cache(self, rows: int, max_len: int, layout: KVLayout | None = None) -> Cache:
+        """A zeroed cache for this model's segments (attention stacked unless `layout`)."""
+        layout = KVLayout() if layout is None else layout
+        return create_cache(self.cfg, self.plan(), layout, rows, max_len, self.dtype)
 
     def _head(self, embed, x, logit_index, cache):
         c = self.cfg
