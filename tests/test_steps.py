@@ -110,37 +110,44 @@ def test_rows_of_one_block_at_different_positions(tiny_gemma3_skipping):
 
 
 def test_decode_continues_from_device_tokens(tiny_gemma3):
-    """`decode(tokens=None, wait=False)` (the engine's pipelined dispatch) feeds each row the
-    token the previous decode sampled and gives the tokens a host round trip would; it
-    refuses rows other than the previous call's, and a prefill in between."""
-    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    """`decode(tokens=None)` (the engine's pipelined dispatch, `tsjax.runner.LocalRunner`)
+    feeds each row the token the previous decode sampled and gives the tokens a host round
+    trip would; it refuses rows other than the previous call's, and a prefill in between."""
     prompts = [[4, 8, 15, 16], [23, 42, 9, 1, 2]]
 
     def run(pipelined: bool) -> np.ndarray:
-        cache, sampler = steps.new_cache(), steps.new_sampler()
-        first, _, cache, sampler = steps.prefill(
-            params, cache, sampler, prompts, [0, 2], [GREEDY] * 2
-        )
+        runner = tiny_gemma3.runner()
+        first = runner.prefill(prompts, [0, 2], [GREEDY] * 2)
         toks, pos, got = [int(t) for t in first], 5, []
         for k in range(4):
             feed = None if pipelined and k > 0 else toks
-            out, logits, cache, sampler = steps.decode(
-                params, cache, sampler, [0, 2], feed, pos, 3, wait=not pipelined
-            )
-            out = out.get() if pipelined else out
-            assert (logits is None) == pipelined
+            out = runner.decode([0, 2], feed, pos, 3).get()
             got.append(out)
             toks, pos = [int(t) for t in out[-1]], pos + 3
         return np.concatenate(got)
 
     np.testing.assert_array_equal(run(True), run(False))
+    runner = tiny_gemma3.runner()
+    runner.prefill(prompts, [0, 2], [GREEDY] * 2)
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0, 2], None, 5, 1)
+    runner.decode([0, 2], [1, 1], 5, 1)
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0], None, 6, 1)
+    runner.decode([0, 2], None, 6, 1)  # the same rows continue
+    runner.swap_rows([(1, 3)])
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0, 2], None, 7, 1)
+    # the steps themselves: device tokens continue the rows they were sampled for
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
     cache, sampler = steps.new_cache(), steps.new_sampler()
     _, _, cache, sampler = steps.prefill(params, cache, sampler, prompts, [0, 2], [GREEDY] * 2)
+    pending, logits, cache, sampler = steps.decode(
+        params, cache, sampler, [0, 2], [1, 1], 5, 1, wait=False
+    )
+    assert logits is None
     with pytest.raises(ValueError, match="previous decode"):
-        steps.decode(params, cache, sampler, [0, 2], None, 5, 1)
-    _, _, cache, sampler = steps.decode(params, cache, sampler, [0, 2], [1, 1], 5, 1)
-    with pytest.raises(ValueError, match="previous decode"):
-        steps.decode(params, cache, sampler, [0], None, 6, 1)
+        steps.decode(params, cache, sampler, [0], pending, 6, 1)
 
 
 @pytest.mark.slow

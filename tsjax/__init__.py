@@ -8,6 +8,7 @@ The public surface (imported lazily, so `tsjax pull` starts without loading JAX)
     stream(model, prompt_ids, ...) -> Iterator[str]    text as it is decoded
     SamplingParams                                     temperature, top-k/p, min-p, penalties, seed
     Tokenizer, ChatTemplate, GGUFFile, ModelConfig, Cache, Steps, StepShapes
+    Runner, LocalRunner                                the steps with their state (model.runner())
     pull(name) -> Path, resolve_model(name_or_path) -> Path
 """
 
@@ -31,6 +32,8 @@ _EXPORTS = {
     "Cache": "tsjax.cache",
     "Steps": "tsjax.steps",
     "StepShapes": "tsjax.shapes",
+    "Runner": "tsjax.runner",
+    "LocalRunner": "tsjax.runner",
     "pull": "tsjax.catalog",
     "resolve_model": "tsjax.catalog",
 }

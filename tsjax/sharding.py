@@ -27,6 +27,7 @@ than padded: correctness first, and the startup report shows what was split.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -304,6 +305,19 @@ def put(array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
+def constrain_inputs(fn, shardings: tuple):
+    """`fn` with its leading positional arguments constrained to `shardings` (pytrees)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        head = [
+            jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(args, shardings, strict=False)
+        ]
+        return fn(*head, *args[len(head) :], **kwargs)
+
+    return wrapped
+
+
 def put_tree(tree, shardings):
     """`put` over matching pytrees (shardings may be one sharding for every leaf)."""
     if isinstance(shardings, NamedSharding):
@@ -312,11 +326,13 @@ def put_tree(tree, shardings):
 
 
 def bytes_per_device(tree) -> dict[int, int]:
-    """Bytes each device holds of the arrays in `tree` (addressable shards only)."""
+    """Bytes each device holds of the arrays in `tree` (this process's devices), from each
+    array's shape and sharding alone: also right for an array a step has taken (donated)."""
     out: dict[int, int] = {}
     for a in jax.tree_util.tree_leaves(tree):
-        for s in a.addressable_shards:
-            out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+        shard = int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+        for d in a.sharding.addressable_devices:
+            out[d.id] = out.get(d.id, 0) + shard
     return out
 
 

@@ -8,7 +8,6 @@ cache positions attention reads. Everything else a request can vary is array dat
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -23,20 +22,7 @@ from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.shapes import StepShapes, bucket_for, steps_bucket
-from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
-
-
-def _constrain_inputs(fn, shardings: tuple):
-    """`fn` with its leading positional arguments constrained to `shardings` (pytrees)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        head = [
-            jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(args, shardings, strict=False)
-        ]
-        return fn(*head, *args[len(head) :], **kwargs)
-
-    return wrapped
+from tsjax.sharding import DEFAULT_RULES, ShardingPlan, constrain_inputs, put, put_tree
 
 
 def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
@@ -58,11 +44,14 @@ def fit_rows(x: jax.Array, n: int) -> jax.Array:
 @dataclass
 class PendingTokens:
     """The tokens of a decode dispatch that may still be running: `get()` waits for them and
-    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given)."""
+    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given). `next`
+    holds, on the device, what the next step would be fed: a decode given this object as
+    its tokens continues from there without the tokens leaving the device."""
 
     out: jax.Array  # [max_steps, b]
     n_steps: int
-    where: np.ndarray
+    where: np.ndarray  # [rows] the dispatch's rows
+    next: jax.Array  # [b] each row's last sampled token
 
     def get(self) -> np.ndarray:
         return np.asarray(self.out)[: self.n_steps, self.where]
@@ -120,9 +109,6 @@ class Steps:
         self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
         self._create_cache = jax.jit(self._zero_cache, **sh["cache"])
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
-        # what `decode(tokens=None)` feeds: the last decode's next tokens (device) and rows
-        self._next_tokens: jax.Array | None = None
-        self._next_rows: np.ndarray | None = None
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -144,7 +130,7 @@ class Steps:
             "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
         }
         pinned = [(p, c, s), (p, c, s), (p, c)]
-        return jit_kw, [_constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
+        return jit_kw, [constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
 
     def _put(self, x) -> jax.Array:
         """Host data for a step: replicated over the mesh (a global array, as multi-process
@@ -161,7 +147,6 @@ class Steps:
 
     def new_cache(self) -> Cache:
         """A zeroed cache, created directly in its shards (never whole on one device)."""
-        self._next_tokens = None
         if self.plan is None:
             return self._zero_cache()
         return self._create_cache()
@@ -380,7 +365,6 @@ class Steps:
         if self.plan is not None:
             new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
-        self._next_tokens = None  # a prefill starts rows afresh: decode takes host tokens
         first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
@@ -390,19 +374,19 @@ class Steps:
             self._put(row_arr),
             self._put(st),
             self._put(ln),
-            self._put(self._mask_rows(masks, n, b)),
+            self._put(self._mask_rows(masks, np.arange(n), b)),
             self._put(_flags(restore, b)),
             self._put(_flags(checkpoint, b)),
             attn_len=attn_len,
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler
 
-    def _mask_rows(self, masks: np.ndarray | None, n: int, b: int) -> np.ndarray:
-        """Grammar bitmasks for b rows: the first n from `masks`, the rest allow everything.
+    def _mask_rows(self, masks: np.ndarray | None, where: np.ndarray, b: int) -> np.ndarray:
+        """Grammar bitmasks for b rows: rows `where` from `masks`, the rest allow everything.
         Always an array (never None) so constrained requests reuse the warmed shapes."""
         out = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
         if masks is not None:
-            out[:n] = masks
+            out[where] = masks
         return out
 
     def decode(
@@ -411,7 +395,7 @@ class Steps:
         cache,
         sampler,
         rows: list[int],
-        tokens: list[int] | None,
+        tokens: list[int] | PendingTokens,
         max_pos: int,
         n_steps: int = 1,
         masks: np.ndarray | None = None,
@@ -423,40 +407,37 @@ class Steps:
         (keep live rows low: `swap_rows`). Returns (tokens [n_steps, len(rows)] numpy, last
         logits [len(rows), V], cache, sampler).
 
-        `tokens=None` feeds each row the token the previous decode sampled for it, without
-        it ever leaving the device: the engine dispatches the next decode before it has read
-        the previous one's tokens. That needs the previous call's rows, with no prefill or
-        swap since. `wait=False` returns at once with a `PendingTokens` in place of the
-        tokens (read them with `.get()`, which waits) and None for the logits."""
+        `tokens` a previous decode's `PendingTokens` feeds each row the token that decode
+        sampled for it, without it ever leaving the device: the engine dispatches the next
+        decode before it has read the previous one's tokens. That needs the same rows, with
+        no prefill or swap in between (`tsjax.runner.LocalRunner` keeps track). `wait=False`
+        returns at once with a `PendingTokens` in place of the tokens (read them with
+        `.get()`, which waits) and None for the logits."""
         b = bucket_for(max(rows) + 1, self.shapes.decode_batches)  # may pass the cache rows
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
         where = np.asarray(rows)
         active = np.zeros((b,), bool)
         active[where] = True
-        if tokens is None:
-            fed = self._next_tokens
-            if fed is None or not np.array_equal(self._next_rows, where):  # b follows rows
-                raise ValueError("tokens=None continues the previous decode's rows only")
+        if isinstance(tokens, PendingTokens):
+            fed = tokens.next
+            if not np.array_equal(tokens.where, where):  # b follows rows
+                raise ValueError("device tokens continue the previous decode's rows only")
         else:
             tok = np.zeros((b,), np.int32)
             tok[where] = tokens
             fed = self._put(tok)
-        mask = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
-        if masks is not None:
-            mask[where] = masks
         out, nxt, logits, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
             fed,
             self._put(active),
-            self._put(mask),
+            self._put(self._mask_rows(masks, where, b)),
             self._put(np.int32(n_steps)),
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
-        self._next_tokens, self._next_rows = nxt, where
-        pending = PendingTokens(out, n_steps, where)
+        pending = PendingTokens(out, n_steps, where, nxt)
         if not wait:
             return pending, None, cache, sampler
         return pending.get(), logits[self._put(where)], cache, sampler
@@ -472,7 +453,6 @@ class Steps:
         unused (the same signature as the other steps). Returns (None, None, cache,
         sampler)."""
         del params
-        self._next_tokens = None  # rows moved: decode takes host tokens
         for i in range(0, len(pairs), self.SWAP_PAIRS):
             chunk = pairs[i : i + self.SWAP_PAIRS]
             a = np.full((self.SWAP_PAIRS,), self.shapes.rows, np.int32)  # padding: no-op

@@ -59,7 +59,10 @@ class Step:
 
 
 class LayerState(Protocol):
-    """One segment's state for every cache row."""
+    """One segment's state for every cache row. A state that is more than its positions (a
+    recurrent one) starts a row afresh where the step's positions start at 0, and keeps
+    only a row's real tokens (`Step.counts`): a decode row that idles, or a prefill's
+    padding, must leave it as it was."""
 
     #: Whether a row's state at any earlier length is just its first positions (keys and
     #: values: rewinding is setting the length). A state that is not (a recurrent one) keeps
