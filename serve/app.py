@@ -46,9 +46,9 @@ def _load(hub: Hub, channel: StepChannel | None) -> None:
     model = load_model(s)
     hub.load_seconds = time.perf_counter() - t0
     hub.model = model
-    steps = model.steps if channel is None else channel.attach(model.steps, model.params)
+    runner = model.runner() if channel is None else channel.attach(model.runner())
     hub.engine = Engine(
-        model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk, steps=steps
+        model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk, runner=runner
     )
 
 
@@ -80,11 +80,11 @@ def _startup_line(hub: Hub) -> str:
 def _mesh_report(hub: Hub) -> list[str]:
     """The mesh, what is split over it, and each device's share and memory (after warm-up,
     so the cache and compiled steps are counted where the runtime reports memory)."""
-    from tsjax.sharding import bytes_per_device, device_report, mesh_summary
+    from tsjax.sharding import device_report, mesh_summary
 
     assert hub.model is not None and hub.engine is not None
     steps = hub.model.steps
-    held = bytes_per_device((hub.model.params, hub.engine._cache))
+    held = hub.engine.memory().per_device
     if steps.plan is None:
         return ["single device (no --mesh)", *device_report(None, held)[:1]]
     return [mesh_summary(steps.plan.mesh), *steps.plan.describe(), *device_report(steps.mesh, held)]

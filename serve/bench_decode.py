@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tsjax.model import load
     from tsjax.sampling import SamplingParams, host_sampler_state
+    from tsjax.shapes import StepShapes
     from tsjax.sharding import put_tree
-    from tsjax.steps import StepShapes
 
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tsjax.grammar import mask_words
     from tsjax.model import load
-    from tsjax.steps import StepShapes
+    from tsjax.shapes import StepShapes
 
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)

@@ -3,9 +3,9 @@
 Everything is collected at two shared places, so no adapter carries metrics code:
 
 * an ASGI middleware counts requests by route template and status and times them;
-* the engine's `submit` is wrapped once, so every token event of every API style passes one
-  observer on the engine thread: per-token latency is measured where tokens are produced, and
-  the final event's `Stats` gives prompt, cached and completion tokens and time to first token.
+* one engine observer (`Engine.add_observer`) sees every token event of every API style on
+  the engine thread: per-token latency is measured where tokens are produced, and the final
+  event's `Stats` gives prompt, cached and completion tokens and time to first token.
 
 Queue depth and active requests are read from `Engine.status()` at scrape time rather than
 tracked incrementally, so they can never drift. Each app owns its registry, so several apps in
@@ -98,24 +98,19 @@ class Metrics:
     # -- hook 1: the engine --------------------------------------------------------------------
 
     def instrument(self) -> None:
-        """Wrap the engine's `submit` (once per engine) so every event passes `_observe`."""
+        """Observe the engine's events (once per engine: the hub may get its engine late)."""
         engine = self.hub.engine
         if engine is None or self._instrumented is engine:
             return
-        submit = type(engine).submit.__get__(engine)
+        requests: dict[str, dict[str, float]] = {}  # per request in flight: its timing
 
-        def observed_submit(req: Any, sink: Any) -> None:
-            state = {"last": time.perf_counter()}
+        def observe(req: Any, ev: TokenEvent) -> None:
+            state = requests.setdefault(req.id, {"last": time.perf_counter()})
+            if ev.kind in (EventKind.DONE, EventKind.ERROR):
+                requests.pop(req.id, None)
+            self._observe(ev, state)
 
-            def tap(ev: TokenEvent) -> None:
-                try:
-                    self._observe(ev, state)
-                finally:
-                    sink(ev)
-
-            submit(req, tap)
-
-        engine.submit = observed_submit  # type: ignore[method-assign]
+        engine.add_observer(observe)
         self._instrumented = engine
 
     def _observe(self, ev: TokenEvent, state: dict[str, float]) -> None:

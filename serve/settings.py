@@ -261,7 +261,7 @@ def _follow(settings: Settings) -> int:
     announce_ready()
     assert model.steps.mesh is not None
     log.info("follower %d: %s loaded; %s", me, model.name, mesh_summary(model.steps.mesh))
-    code = follow(model.steps, model.params)
+    code = follow(model.runner())
     if code == 0:
         jax.distributed.shutdown()  # with process 0, which leaves once it has sent SHUTDOWN
     return code

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsjax.layers.attention import attend, attend_blocks
+from tsjax.cache.cpu_kernels import attend_blocks
+from tsjax.cache.dense import attend
 
 N, K, H = 8, 2, 16
 SCALE = H**-0.5

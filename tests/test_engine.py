@@ -13,7 +13,7 @@ from serve.engine.scheduler import Scheduler
 from tsjax.generation import PromptTooLongError, generate
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
-from tsjax.steps import StepShapes
+from tsjax.shapes import StepShapes
 
 ROWS = 16
 
@@ -147,17 +147,22 @@ def test_pipelined_dispatches_give_the_tokens_of_unpipelined_ones(engine, monkey
         return reqs + [GenerationRequest(prompt, SamplingParams.greedy(), 30, stop=stop)]
 
     fed_on_device = []
-    decode = engine.steps.decode
 
-    def spy(params, cache, sampler, rows, tokens, *args, **kwargs):
-        fed_on_device.append(tokens is None)
-        return decode(params, cache, sampler, rows, tokens, *args, **kwargs)
+    def spy_on(runner):
+        decode = runner.decode
 
-    monkeypatch.setattr(engine.steps, "decode", spy)
+        def spy(rows, tokens, *args, **kwargs):
+            fed_on_device.append(tokens is None)
+            return decode(rows, tokens, *args, **kwargs)
+
+        monkeypatch.setattr(runner, "decode", spy)
+
+    spy_on(engine.runner)
     piped = run(engine, requests())
     assert sum(fed_on_device) >= 3, fed_on_device
     engine.stop()  # the two engines share the model's compiled steps: one at a time
     plain = Engine(engine.model, decode_steps=4, prefill_chunk=32, pipeline=False)
+    spy_on(plain.runner)
     plain.start()
     try:
         fed_on_device.clear()
@@ -207,21 +212,21 @@ def test_live_rows_are_compacted_and_keep_their_output(engine, monkeypatch):
     the four short ones before it finish, so decode drops to the 1-row bucket; its tokens
     equal a solo run's."""
     moves: list = []
-    swap = engine.steps.swap_rows
+    swap = engine.runner.swap_rows
 
-    def spy(params, cache, sampler, pairs):
+    def spy(pairs):
         moves.append(list(pairs))
-        return swap(params, cache, sampler, pairs)
+        return swap(pairs)
 
-    monkeypatch.setattr(engine.steps, "swap_rows", spy)
+    monkeypatch.setattr(engine.runner, "swap_rows", spy)
     decoded_rows: list = []
-    decode = engine.steps.decode
+    decode = engine.runner.decode
 
-    def spy_decode(params, cache, sampler, rows, *args, **kwargs):
+    def spy_decode(rows, *args, **kwargs):
         decoded_rows.append(list(rows))
-        return decode(params, cache, sampler, rows, *args, **kwargs)
+        return decode(rows, *args, **kwargs)
 
-    monkeypatch.setattr(engine.steps, "decode", spy_decode)
+    monkeypatch.setattr(engine.runner, "decode", spy_decode)
     short = [
         GenerationRequest([2 + i, 7, 11], SamplingParams.greedy(), 2, reuse_prefix=False)
         for i in range(4)
@@ -250,3 +255,72 @@ def test_scheduler_admits_low_rows_and_compacts():
     s.swap(a, b)
     assert s.rows[b].request is reqs[5] and s.rows[a].request is None and s.rows[a].tokens == [9]
     assert s.compaction() == []
+
+
+def test_scheduler_imports_no_jax():
+    """The scheduler is plain Python: importing it (its package included) starts no JAX, so
+    the bucket arithmetic it shares with the steps lives in `tsjax.shapes`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serve.engine.scheduler\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
+        "print(heavy)\n"
+        "raise SystemExit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_observers_see_every_event_with_its_request(engine, caplog):
+    """`Engine.add_observer`: each request's events, in order, with the request; an observer
+    that raises is logged and the request is unharmed."""
+    seen: list = []
+
+    def record(req, ev):
+        seen.append((req.id, ev.kind))
+
+    def broken(req, ev):
+        raise RuntimeError("an observer's own bug")
+
+    engine.add_observer(record)
+    engine.add_observer(broken)
+    try:
+        reqs = [
+            GenerationRequest([1, 5, 9, i], SamplingParams.greedy(), 4, reuse_prefix=False)
+            for i in range(2)
+        ]
+        results = run(engine, reqs)
+    finally:
+        engine.remove_observer(record)
+        engine.remove_observer(broken)
+    for req, events in zip(reqs, results, strict=True):
+        assert [k for i, k in seen if i == req.id] == [ev.kind for ev in events]
+        assert events[-1].kind is EventKind.DONE
+    assert any("observer failed" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_report(engine):
+    """Params and cache bytes (the tiny llama's blocked float32 cache: keys and values of
+    every layer, row and position, plus the lengths), all on the one device."""
+    import jax
+
+    cfg = engine.model.config
+    mem = engine.memory()
+    assert mem.params_bytes == sum(x.nbytes for x in jax.tree.leaves(engine.model.params))
+    kv = 2 * cfg.n_layers * ROWS * cfg.n_kv_heads * 128 * cfg.head_dim * 4
+    assert mem.cache_bytes == kv + ROWS * 4
+    assert mem.per_device == {jax.devices()[0].id: mem.params_bytes + mem.cache_bytes}
+
+
+def test_scheduler_reuses_prefixes_only_where_the_cache_rewinds():
+    """A cache with a state that cannot rewind to any prefix (a recurrent layer's) reuses no
+    prefix; one of keys and values reuses the longest."""
+    for rewinds, want in ((True, 5), (False, 0)):
+        s = Scheduler(4, (1, 4), rewinds=rewinds)
+        s.enqueue(GenerationRequest([1, 2, 3], SamplingParams.greedy(), 4))
+        _, row, _ = s.admit()
+        s.release(row, [1, 2, 3, 4, 5])
+        s.enqueue(GenerationRequest([1, 2, 3, 4, 5, 6], SamplingParams.greedy(), 4))
+        assert s.admit()[2] == want

@@ -1,7 +1,7 @@
 """The lockstep command channel without a second process: process 0's `StepChannel` and a
-follower thread share an in-memory stand-in for jax.distributed's key-value store, and fake
-steps record what each side ran. (tests/test_sharding.py runs the real thing: `tsjax serve`
-as two processes.)"""
+follower thread share an in-memory stand-in for jax.distributed's key-value store, and each
+side's `LocalRunner` runs fake steps that record what it ran. (tests/test_sharding.py runs
+the real thing: `tsjax serve` as two processes.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from serve.engine import lockstep
 from serve.engine.lockstep import BLOCK, StepChannel, announce_ready, follow
+from tsjax.runner import LocalRunner
 
 
 class MemoryStore:
@@ -80,7 +81,7 @@ class FakeSteps:
         self.calls.append(("new_sampler",))
         return self._new()
 
-    def warmup(self, params, decode_steps=(1,), max_prompt=None):
+    def warmup(self, params, decode_steps=(1,), max_prompt=None, batches=(1,)):
         self._collective()
         self.calls.append(("warmup", params, decode_steps, max_prompt))
         return 0.5
@@ -92,13 +93,16 @@ class FakeSteps:
         self.calls.append(("prefill", params, cache[0], sampler[0], prompts, rows, sampling, kw))
         return [len(prompts[0])], None, self._new(), self._new()
 
-    def decode(self, params, cache, sampler, rows, tokens, max_pos, n_steps=1, masks=None):
+    def decode(
+        self, params, cache, sampler, rows, tokens, max_pos, n_steps=1, masks=None, wait=True
+    ):
         self._collective()
         self.decodes += 1
         if self.decodes == self.fail_decode:
             raise MemoryError("this process only")
         self.calls.append(("decode", params, cache[0], sampler[0], rows, tokens, max_pos, n_steps))
-        return [[t + 1 for t in tokens]] * n_steps, None, self._new(), self._new()
+        out = [[t + 1 for t in tokens]] * n_steps
+        return (out if wait else Pending(out)), None, self._new(), self._new()
 
     def swap_rows(self, params, cache, sampler, pairs):
         self._collective()
@@ -106,24 +110,32 @@ class FakeSteps:
         return None, None, self._new(), self._new()
 
 
-def _engine_like(ch: StepChannel, params, n_decodes: int) -> None:
-    """What the engine does through the channel: fresh state, warm-up, fresh state, a
-    prefill, decodes; a failed step and the reset after it."""
-    cache, sampler = ch.new_cache(), ch.new_sampler()
-    assert ch.warmup(params, decode_steps=(1, 4), max_prompt=16) == 0.5
-    cache, sampler = ch.new_cache(), ch.new_sampler()
-    first, _, cache, sampler = ch.prefill(params, cache, sampler, [[1, 2, 3]], [0], ["greedy"])
+class Pending:
+    """What a decode that does not wait returns (`tsjax.steps.PendingTokens`'s `get`)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def get(self):
+        return self.out
+
+
+def _engine_like(ch: StepChannel, n_decodes: int) -> None:
+    """What the engine does through the channel: fresh state, warm-up (which ends in fresh
+    state), a prefill, decodes; a failed step and the reset after it."""
+    ch.reset()
+    assert ch.warmup(decode_steps=(1, 4), max_prompt=16) == 0.5
+    first = ch.prefill([[1, 2, 3]], [0], ["greedy"])
     tokens = [first[0]]
     for i in range(n_decodes):
-        out, _, cache, sampler = ch.decode(params, cache, sampler, [0], tokens, 3 + i, 1)
-        tokens = out[-1]
-    _, _, cache, sampler = ch.swap_rows(params, cache, sampler, [(0, 1)])
+        tokens = ch.decode([0], tokens, 3 + i, 1).get()[-1]
+    ch.swap_rows([(0, 1)])
     with pytest.raises(ValueError, match="fails on every process"):
-        ch.prefill(params, cache, sampler, [[666]], [0], ["greedy"])
-    with pytest.raises(RuntimeError, match="previous call returned"):  # donated: now stale
-        ch.decode(params, cache, sampler, [0], tokens, 9, 1)
-    cache, sampler = ch.new_cache(), ch.new_sampler()
-    ch.decode(params, cache, sampler, [0], tokens, 9, 4)
+        ch.prefill([[666]], [0], ["greedy"])
+    with pytest.raises(RuntimeError, match="reset"):  # the failed step took the state
+        ch.decode([0], tokens, 9, 1)
+    ch.reset()
+    ch.decode([0], tokens, 9, 4)
 
 
 def test_follower_replays_every_step_in_order(caplog, monkeypatch):
@@ -133,32 +145,31 @@ def test_follower_replays_every_step_in_order(caplog, monkeypatch):
     leader_steps, follower_steps = FakeSteps(barrier), FakeSteps(barrier)
     ch = StepChannel(client=store, followers=1)
     result: list[int] = []
+    follower_runner = LocalRunner(follower_steps, "follower params")
     follower = threading.Thread(
-        target=lambda: result.append(
-            follow(follower_steps, "follower params", client=store, process=1)
-        )
+        target=lambda: result.append(follow(follower_runner, client=store, process=1))
     )
     follower.start()
     announce_ready(client=store, process=1)
-    ch.attach(leader_steps, "leader params", ready_timeout_s=10)
-    assert ch.shapes == "the shapes"  # everything else is the wrapped steps'
+    ch.attach(LocalRunner(leader_steps, "leader params"), ready_timeout_s=10)
+    assert ch.shapes == "the shapes"  # the local runner's
 
     n_decodes = 3 * BLOCK  # enough commands for the follower to acknowledge whole blocks
     with caplog.at_level("ERROR", logger="tsjax.lockstep"):
-        _engine_like(ch, "leader params", n_decodes)
+        _engine_like(ch, n_decodes)
         ch.close()
         follower.join(timeout=30)
     assert result == [0]
     ch.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
-        ch.new_cache()
+        ch.reset()
 
     # Same calls on both sides, each side with its own params and its own state.
     def strip(calls):
         return [tuple(x for x in c if x not in ("leader params", "follower params")) for c in calls]
 
     assert strip(follower_steps.calls) == strip(leader_steps.calls)
-    assert follower_steps.calls[2][1] == "follower params"
+    assert next(c for c in follower_steps.calls if c[0] == "warmup")[1] == "follower params"
     assert len([c for c in leader_steps.calls if c[0] == "decode"]) == n_decodes + 1
     # The failed prefill failed on the follower as well, and it said so.
     assert any("PREFILL) failed" in r.getMessage() for r in caplog.records)
@@ -171,40 +182,42 @@ def test_attach_reports_a_follower_that_failed_to_load():
     store = MemoryStore()
     announce_ready("model failed to load: no such file", client=store, process=1)
     with pytest.raises(RuntimeError, match="follower process 1: model failed to load"):
-        StepChannel(client=store, followers=1).attach(FakeSteps(), "params", ready_timeout_s=5)
+        runner = LocalRunner(FakeSteps(), "params")
+        StepChannel(client=store, followers=1).attach(runner, ready_timeout_s=5)
 
 
-def test_wrong_params_or_unattached_raise():
+def test_unattached_raises():
     store = MemoryStore()
     ch = StepChannel(client=store, followers=0)
     with pytest.raises(RuntimeError, match="attach"):
-        ch.warmup("params")
+        ch.warmup()
     with pytest.raises(RuntimeError, match="attach"):
-        ch.new_cache()
-    ch.attach(FakeSteps(), "params")
-    with pytest.raises(RuntimeError, match="params they were attached with"):
-        ch.warmup("other params")
+        ch.reset()
     assert store.sets == 0  # nothing was sent for a call that was refused
+    ch.attach(LocalRunner(FakeSteps(), "params"))
+    ch.reset()
+    assert store.sets == 1
 
 
 def _pair(store, leader_steps, follower_steps):
     ch = StepChannel(client=store, followers=1)
     result: list[int] = []
+    runner = LocalRunner(follower_steps, "params")
     follower = threading.Thread(
-        target=lambda: result.append(follow(follower_steps, "params", client=store, process=1))
+        target=lambda: result.append(follow(runner, client=store, process=1))
     )
     follower.start()
     announce_ready(client=store, process=1)
-    ch.attach(leader_steps, "params", ready_timeout_s=10)
-    cache, sampler = ch.new_cache(), ch.new_sampler()
-    return ch, follower, result, (cache, sampler)
+    ch.attach(LocalRunner(leader_steps, "params"), ready_timeout_s=10)
+    ch.reset()
+    return ch, follower, result
 
 
 def test_follower_leaves_when_only_it_failed_a_step(caplog):
     store = MemoryStore()
-    ch, follower, result, (cache, sampler) = _pair(store, FakeSteps(), FakeSteps(fail_decode=2))
+    ch, follower, result = _pair(store, FakeSteps(), FakeSteps(fail_decode=2))
     for i in range(3):
-        _, _, cache, sampler = ch.decode("params", cache, sampler, [0], [1], i, 1)
+        ch.decode([0], [1], i, 1)
     follower.join(timeout=30)
     assert result == [2]  # it saw process 0 carry on after the step it failed
     assert any("out of lockstep" in r.getMessage() for r in caplog.records)
@@ -213,12 +226,12 @@ def test_follower_leaves_when_only_it_failed_a_step(caplog):
 def test_process_0_refuses_to_go_on_when_only_it_failed_a_step(monkeypatch, caplog):
     monkeypatch.setattr(lockstep, "FAIL_WAIT_S", 0.2)
     store = MemoryStore()
-    ch, follower, result, (cache, sampler) = _pair(store, FakeSteps(fail_decode=1), FakeSteps())
+    ch, follower, result = _pair(store, FakeSteps(fail_decode=1), FakeSteps())
     with pytest.raises(RuntimeError, match="not on follower 1") as err:
-        ch.decode("params", cache, sampler, [0], [1], 0, 1)
+        ch.decode([0], [1], 0, 1)
     assert isinstance(err.value.__cause__, MemoryError)
     with pytest.raises(RuntimeError, match="out of lockstep"):  # every later step, too
-        ch.new_cache()
+        ch.reset()
     ch.close()  # the shutdown still goes out
     follower.join(timeout=30)
     assert result == [0]

@@ -53,7 +53,7 @@ ENGINE_PROMPTS = ([1, 5, 9, 42, 17, 3], [4, 4, 8, 15, 16, 23, 42])
 
 
 def _shapes():
-    from tsjax.steps import StepShapes
+    from tsjax.shapes import StepShapes
 
     # One bucket each for prefill, attention and decode: three compiles per run.
     return StepShapes.default(rows=4, max_len=32, min_prefill=16, min_attn=32)
@@ -207,7 +207,7 @@ def _families_worker(files: dict[str, str], out: str) -> None:
                 q_spec=str(layer["attn"]["q"]["weight"].sharding.spec),
                 k_spec=str(layer["attn"]["k"]["weight"].sharding.spec),
                 # stacked cache, or the blocked one's largest row block (a dp multiple)
-                cache_spec=str(jax.tree.leaves(m.steps.new_cache().k)[-1].sharding.spec),
+                cache_spec=str(jax.tree.leaves(m.steps.new_cache().layers)[-1].sharding.spec),
                 param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
                 max_param_bytes_per_device=max(per_dev.values()),
             )
@@ -229,21 +229,21 @@ def test_swap_rows_on_a_mesh(tiny_files):
 
 
 def _swap_worker(path: str) -> None:
-    import tsjax.steps
-    from tsjax.layers import attention
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
-    from tsjax.steps import StepShapes
+    from tsjax.shapes import StepShapes
 
     greedy = SamplingParams.greedy()
 
     def run(mesh: str | None, swap: bool) -> list[list[int]]:
         # split_span=8 and skipping from 1 row: the span 16-31 is two blocks, and decode's
         # skip of an upper half no row reaches (a cond on a dp-sharded row block's furthest
-        # row) runs on the mesh too; row blocks of 4 (this worker is its own process)
-        attention.SKIP_MIN_ROWS = 1
-        tsjax.steps.MIN_ROW_BLOCK = 4
-        shapes = replace(StepShapes.default(8, 64, min_prefill=8, min_attn=16), split_span=8)
+        # row) runs on the mesh too; row blocks of 4
+        shapes = replace(
+            StepShapes.default(8, 64, min_prefill=8, min_attn=16, min_row_block=4),
+            split_span=8,
+            skip_min_rows=1,
+        )
         m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
         s = m.steps
         assert s.blocks == ((4, 8), (16, 24, 32, 48, 64))
@@ -313,7 +313,7 @@ def _engine_requests():
 def _engine_worker(path: str, out: str) -> None:
     from serve.engine import Engine, EventKind
     from tsjax.model import load
-    from tsjax.steps import StepShapes
+    from tsjax.shapes import StepShapes
 
     shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
     model = load(Path(path), progress=False, shapes=shapes, mesh="dp=2,tp=2")
@@ -349,7 +349,7 @@ def test_engine_on_four_devices(tiny_files, tmp_path):
     from tsjax.generation import generate
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
-    from tsjax.steps import StepShapes
+    from tsjax.shapes import StepShapes
 
     out = tmp_path / "engine.json"
     proc = _spawn(["engine", str(tiny_files["llama"]), str(out)], 4)

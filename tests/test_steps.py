@@ -10,11 +10,9 @@ import pytest
 from conftest import all_logits, loaded_model, rel_err
 from gguf_factory import write_tiny_gguf
 
-import tsjax.steps
-from tsjax.layers import attention
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
-from tsjax.steps import StepShapes
+from tsjax.shapes import StepShapes
 
 GREEDY = SamplingParams.greedy()
 
@@ -36,15 +34,15 @@ def tiny_gemma3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gemma3_skipping(tmp_path_factory):
     """tiny_gemma3 whose decode skips unreached position blocks from 1 row on (the server
-    does from `SKIP_MIN_ROWS`; the steps trace with the value set here)."""
+    does from `tsjax.shapes.SKIP_MIN_ROWS`)."""
     path = write_tiny_gguf(tmp_path_factory.mktemp("skip") / "g3.gguf", "gemma3")
     shapes = replace(
-        StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16), split_span=8
+        StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16),
+        split_span=8,
+        skip_min_rows=1,
     )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention, "SKIP_MIN_ROWS", 1)
-        model = load(path, progress=False, shapes=shapes)
-        model.steps.warmup(model.params, decode_steps=(1,), max_prompt=32, batches=(1, 2))
+    model = load(path, progress=False, shapes=shapes)
+    model.steps.warmup(model.params, decode_steps=(1,), max_prompt=32, batches=(1, 2))
     return model
 
 
@@ -112,37 +110,44 @@ def test_rows_of_one_block_at_different_positions(tiny_gemma3_skipping):
 
 
 def test_decode_continues_from_device_tokens(tiny_gemma3):
-    """`decode(tokens=None, wait=False)` (the engine's pipelined dispatch) feeds each row the
-    token the previous decode sampled and gives the tokens a host round trip would; it
-    refuses rows other than the previous call's, and a prefill in between."""
-    steps, params = tiny_gemma3.steps, tiny_gemma3.params
+    """`decode(tokens=None)` (the engine's pipelined dispatch, `tsjax.runner.LocalRunner`)
+    feeds each row the token the previous decode sampled and gives the tokens a host round
+    trip would; it refuses rows other than the previous call's, and a prefill in between."""
     prompts = [[4, 8, 15, 16], [23, 42, 9, 1, 2]]
 
     def run(pipelined: bool) -> np.ndarray:
-        cache, sampler = steps.new_cache(), steps.new_sampler()
-        first, _, cache, sampler = steps.prefill(
-            params, cache, sampler, prompts, [0, 2], [GREEDY] * 2
-        )
+        runner = tiny_gemma3.runner()
+        first = runner.prefill(prompts, [0, 2], [GREEDY] * 2)
         toks, pos, got = [int(t) for t in first], 5, []
         for k in range(4):
             feed = None if pipelined and k > 0 else toks
-            out, logits, cache, sampler = steps.decode(
-                params, cache, sampler, [0, 2], feed, pos, 3, wait=not pipelined
-            )
-            out = out.get() if pipelined else out
-            assert (logits is None) == pipelined
+            out = runner.decode([0, 2], feed, pos, 3).get()
             got.append(out)
             toks, pos = [int(t) for t in out[-1]], pos + 3
         return np.concatenate(got)
 
     np.testing.assert_array_equal(run(True), run(False))
+    runner = tiny_gemma3.runner()
+    runner.prefill(prompts, [0, 2], [GREEDY] * 2)
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0, 2], None, 5, 1)
+    runner.decode([0, 2], [1, 1], 5, 1)
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0], None, 6, 1)
+    runner.decode([0, 2], None, 6, 1)  # the same rows continue
+    runner.swap_rows([(1, 3)])
+    with pytest.raises(ValueError, match="previous decode"):
+        runner.decode([0, 2], None, 7, 1)
+    # the steps themselves: device tokens continue the rows they were sampled for
+    steps, params = tiny_gemma3.steps, tiny_gemma3.params
     cache, sampler = steps.new_cache(), steps.new_sampler()
     _, _, cache, sampler = steps.prefill(params, cache, sampler, prompts, [0, 2], [GREEDY] * 2)
+    pending, logits, cache, sampler = steps.decode(
+        params, cache, sampler, [0, 2], [1, 1], 5, 1, wait=False
+    )
+    assert logits is None
     with pytest.raises(ValueError, match="previous decode"):
-        steps.decode(params, cache, sampler, [0, 2], None, 5, 1)
-    _, _, cache, sampler = steps.decode(params, cache, sampler, [0, 2], [1, 1], 5, 1)
-    with pytest.raises(ValueError, match="previous decode"):
-        steps.decode(params, cache, sampler, [0], None, 6, 1)
+        steps.decode(params, cache, sampler, [0], pending, 6, 1)
 
 
 @pytest.mark.slow
@@ -232,10 +237,9 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     swapping them, or moving one into a free row, each continues exactly as it would have
     where it was."""
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
-    with pytest.MonkeyPatch.context() as mp:  # row blocks of 4 (the server's are 16+)
-        mp.setattr(tsjax.steps, "MIN_ROW_BLOCK", 4)
-        shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16)
-        model = load(path, progress=False, shapes=shapes)
+    # row blocks of 4 (the server's are 16+)
+    shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16, min_row_block=4)
+    model = load(path, progress=False, shapes=shapes)
     steps = model.steps
     assert steps.blocks == ((4, 8), (16, 32, 64))
     a, b = list(range(3, 55)), list(range(40, 58))  # 52 and 18 tokens: past the 1st block
@@ -260,3 +264,20 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     assert np.asarray(cache.lengths).tolist() == [52, 0, 0, 0, 0, 0, 0, 0]
     got, _, _ = _decode_greedy(model, cache, sampler, [0], first[:1], 52, 5)
     np.testing.assert_array_equal(got[:, 0], want[:, 0])
+
+
+def test_shape_arithmetic():
+    """The buckets and the CPU layout's blocks (`tsjax.shapes`): the README's example of 32
+    rows and 512 positions, and the narrow formats' padded decode buckets."""
+    from tsjax.shapes import block_sizes, geometric_buckets, split_blocks, steps_bucket
+
+    assert geometric_buckets(16, 100, 2) == (16, 32, 64, 100)
+    assert split_blocks((128, 256, 512, 1024), 256) == (128, 256, 384, 512, 768, 1024)
+    assert block_sizes((4, 16, 32)) == [4, 12, 16]
+    assert [steps_bucket(n) for n in (1, 4, 5, 9)] == [4, 4, 8, 16]
+    shapes = StepShapes.default(rows=32, max_len=512)
+    assert shapes.cache_blocks() == ((16, 32), (128, 192, 256, 384, 512))
+    assert shapes.padded_decode("bf16", cpu=True).decode_batches == (2, 4, 16, 32)
+    assert shapes.padded_decode("int8", cpu=False) is shapes
+    # row blocks under skip_min_rows never skip: their spans stay whole
+    assert StepShapes.default(rows=4, max_len=512).split_span is None

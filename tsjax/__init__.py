@@ -7,7 +7,8 @@ The public surface (imported lazily, so `tsjax pull` starts without loading JAX)
     generate(model, prompt_ids, ...) -> Generation     run to the end
     stream(model, prompt_ids, ...) -> Iterator[str]    text as it is decoded
     SamplingParams                                     temperature, top-k/p, min-p, penalties, seed
-    Tokenizer, ChatTemplate, GGUFFile, ModelConfig, KVCache, Steps, StepShapes
+    Tokenizer, ChatTemplate, GGUFFile, ModelConfig, Cache, Steps, StepShapes
+    Runner, LocalRunner                                the steps with their state (model.runner())
     pull(name) -> Path, resolve_model(name_or_path) -> Path
 """
 
@@ -28,9 +29,11 @@ _EXPORTS = {
     "GGUFFile": "tsjax.gguf",
     "GGUFError": "tsjax.gguf",
     "ModelConfig": "tsjax.models.config",
-    "KVCache": "tsjax.cache",
+    "Cache": "tsjax.cache",
     "Steps": "tsjax.steps",
-    "StepShapes": "tsjax.steps",
+    "StepShapes": "tsjax.shapes",
+    "Runner": "tsjax.runner",
+    "LocalRunner": "tsjax.runner",
     "pull": "tsjax.catalog",
     "resolve_model": "tsjax.catalog",
 }

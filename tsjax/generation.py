@@ -61,11 +61,10 @@ def stream(
         raise PromptTooLongError(len(prompt_ids), limit)
     if not prompt_ids:
         raise ValueError("empty prompt")
-    steps = model.steps
+    runner = model.runner()
     text = TextStream(
         model.tokenizer, stop=stop, max_tokens=max_tokens, room=limit - len(prompt_ids)
     )
-    cache, sampler = steps.new_cache(), steps.new_sampler()
     res.prompt_tokens = len(prompt_ids)
 
     t0 = time.perf_counter()
@@ -78,9 +77,7 @@ def stream(
         constraint.fill(out[0])
         return out
 
-    first, _, cache, sampler = steps.prefill(
-        model.params, cache, sampler, [prompt_ids], [0], [sampling], masks=mask()
-    )
+    first = runner.prefill([prompt_ids], [0], [sampling], masks=mask())
     res.prefill_seconds = time.perf_counter() - t0
     pending = [int(first[0])]
     fed = 0  # sampled tokens written back into the cache
@@ -98,16 +95,7 @@ def stream(
             break
         left = text.max_tokens - len(text.tokens)
         n = steps_per_dispatch if left >= steps_per_dispatch and constraint is None else 1
-        out, _, cache, sampler = steps.decode(
-            model.params,
-            cache,
-            sampler,
-            [0],
-            [pending[-1]],
-            len(prompt_ids) + fed,
-            n,
-            masks=mask(),
-        )
+        out = runner.decode([0], [pending[-1]], len(prompt_ids) + fed, n, masks=mask()).get()
         fed += n
         pending = [int(x) for x in out[:, 0]]
     res.decode_seconds = time.perf_counter() - t1

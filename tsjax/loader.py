@@ -1,8 +1,9 @@
-"""GGUF tensors -> the Flax params pytree, one tensor at a time.
+"""GGUF tensors -> the Flax params pytree, one tensor at a time, where the parameter table
+(`tsjax.models.decoder.PARAM_TABLE`) says each goes.
 
-Per-layer tensors are written into one preallocated [L, ...] host array per parameter (the
-layout `nn.scan` expects), so peak host memory is the stacked parameter being filled plus one
-dequantized tensor, never two copies of the model.
+A stacked segment's tensors are written into one preallocated [L, ...] host array per
+parameter (the layout `nn.scan` expects), so peak host memory is the stacked parameter being
+filled plus one dequantized tensor, never two copies of the model.
 """
 
 from __future__ import annotations
@@ -16,34 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.models import Decoder, ModelConfig
-from tsjax.models.decoder import layer_name
-
-# GGUF tensor name (per layer) -> params path under "layers" (every tensor keeps GGUF's
-# orientation: a Linear's float `weight` is [out, in], see tsjax.layers.linear).
-LAYER_TENSORS: dict[str, tuple[str, ...]] = {
-    "attn_norm.weight": (("attn_norm", "scale")),
-    "attn_q.weight": (("attn", "q", "weight")),
-    "attn_k.weight": (("attn", "k", "weight")),
-    "attn_v.weight": (("attn", "v", "weight")),
-    "attn_q.bias": (("attn", "q", "bias")),
-    "attn_k.bias": (("attn", "k", "bias")),
-    "attn_v.bias": (("attn", "v", "bias")),
-    "attn_output.weight": (("attn", "o", "weight")),
-    "attn_q_norm.weight": (("attn", "q_norm", "scale")),
-    "attn_k_norm.weight": (("attn", "k_norm", "scale")),
-    "post_attention_norm.weight": (("post_attn_norm", "scale")),
-    "ffn_norm.weight": (("ffn_norm", "scale")),
-    "ffn_gate.weight": (("mlp", "gate", "weight")),
-    "ffn_up.weight": (("mlp", "up", "weight")),
-    "ffn_down.weight": (("mlp", "down", "weight")),
-    "post_ffw_norm.weight": (("post_ffn_norm", "scale")),
-}
-GLOBAL_TENSORS: dict[str, tuple[str, ...]] = {
-    "token_embd.weight": (("embed", "embedding")),
-    "output_norm.weight": (("final_norm", "scale")),
-    "output.weight": (("lm_head", "weight")),
-}
+from tsjax.models import Decoder
+from tsjax.models.decoder import PARAM_TABLE
+from tsjax.stack import Placement
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -56,9 +32,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def param_shapes(model: Decoder):
     """The params pytree's shapes (and dtypes), from the model itself (so the loader cannot
     drift from it)."""
-    from tsjax.cache import KVCache
-
-    cache = KVCache.create(model.cfg, 1, 8, model.dtype)
+    cache = model.new_cache(1, 8)
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), tokens, tokens, cache, None, None, 8)
@@ -79,18 +53,20 @@ def load_params(
 ) -> tuple[dict, LoadStats]:
     """Read every tensor `model` (a float model: `tsjax.quantize` makes int8 weights from
     these) needs into a params pytree on device, in its layout: layer weights one array per
-    layer under "layers_<i>" (`model.unrolled`) or stacked under "layers".
+    layer under "layers_<i>" (`model.unrolled`) or stacked under "layers" (see
+    `tsjax.stack.Segment`).
 
     `device_put(path, array)` lets callers place each leaf (e.g. with a sharding); default
     is `jax.device_put` onto the default device.
     """
     t0 = time.perf_counter()
-    cfg, dtype, unrolled = model.cfg, model.dtype, model.unrolled
+    cfg, dtype = model.cfg, model.dtype
     shapes = param_shapes(model)
     put = device_put or (lambda path, a: jax.device_put(a))
     np_dtype = np.dtype(jnp.dtype(dtype).name) if dtype != jnp.bfloat16 else np.float32
     names = g.tensor_names()
-    expected = _expected_tensors(cfg, shapes)
+    places = _present(model, shapes)
+    expected = [name for place in places for name in place.tensors]
     missing = [n for n in expected if n not in names]
     if missing:
         raise GGUFError(f"{g.path.name}: missing tensors {missing[:5]} for {cfg.architecture}")
@@ -106,43 +82,27 @@ def load_params(
     def store(path, arr):
         _set(params, path, put(path, _cast(arr, dtype)))
 
-    layer_params = shapes[layer_name(0) if unrolled else "layers"]
-    for suffix, path in LAYER_TENSORS.items():
-        leaf = _get(layer_params, path)
-        if leaf is None:
-            continue
-        shape = leaf.shape if unrolled else leaf.shape[1:]
-        stacked = None if unrolled else np.empty(leaf.shape, np_dtype)
-        for i in range(cfg.n_layers):
-            arr = _convert(g, f"blk.{i}.{suffix}", cfg, np_dtype, shape)
-            if unrolled:
-                store((layer_name(i), *path), arr)
-            else:
-                stacked[i] = arr
+    for place in places:
+        leaf = _get(shapes, place.path)
+        if not place.stacked:
+            store(place.path, _convert(g, place.tensors[0], cfg, np_dtype, leaf.shape))
             bar.update(1)
-        if stacked is not None:
-            store(("layers", *path), stacked)
-        del stacked
-    for name, path in GLOBAL_TENSORS.items():
-        leaf = _get(shapes, path)
-        if leaf is None:
             continue
-        arr = _convert(g, name, cfg, np_dtype, leaf.shape)
-        store(path, arr)
-        bar.update(1)
+        stacked = np.empty(leaf.shape, np_dtype)
+        for i, name in enumerate(place.tensors):
+            stacked[i] = _convert(g, name, cfg, np_dtype, leaf.shape[1:])
+            bar.update(1)
+        store(place.path, stacked)
+        del stacked
     bar.close()
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     stats = LoadStats(time.perf_counter() - t0, len(expected), g.total_tensor_bytes(), n_bytes)
     return params, stats
 
 
-def _expected_tensors(cfg: ModelConfig, shapes) -> list[str]:
-    out = [n for n, p in GLOBAL_TENSORS.items() if _get(shapes, p) is not None]
-    layer_params = shapes.get("layers") or shapes[layer_name(0)]
-    for suffix, path in LAYER_TENSORS.items():
-        if _get(layer_params, path) is not None:
-            out += [f"blk.{i}.{suffix}" for i in range(cfg.n_layers)]
-    return out
+def _present(model: Decoder, shapes) -> list[Placement]:
+    """The table's placements of the parameters `model` has (its config picks among them)."""
+    return [p for p in PARAM_TABLE.placements(model.plan()) if _get(shapes, p.path) is not None]
 
 
 def _convert(g, name, cfg, np_dtype, want_shape) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""A loaded model: config, params on device, tokenizer, chat template and compiled steps."""
+"""A loaded model: config, params on device, tokenizer, chat template and compiled steps
+(`Model.runner()` runs them with a cache of its own)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
 from tsjax.gguf import GGUFFile
 from tsjax.loader import LoadStats, load_params
 from tsjax.models import ModelConfig, config_from_gguf
-from tsjax.steps import Steps, StepShapes
+from tsjax.runner import LocalRunner
+from tsjax.shapes import StepShapes
+from tsjax.steps import Steps
 from tsjax.tokenizer import Tokenizer
 
 log = logging.getLogger("tsjax")
@@ -45,6 +48,11 @@ class Model:
     @property
     def max_len(self) -> int:
         return self.steps.shapes.max_len
+
+    def runner(self) -> LocalRunner:
+        """The compiled steps with this model's params and a fresh cache of their own (one
+        per user: `tsjax.generation`, the server's engine)."""
+        return LocalRunner(self.steps, self.params)
 
     def render_chat(self, messages: list[dict], **kwargs) -> list[int]:
         """Messages through the chat template, then tokens (no second BOS)."""

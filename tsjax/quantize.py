@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tsjax.cache import KVCache
 from tsjax.models.decoder import Decoder
 
 ALPHA = 0.5  # how much of the activation range moves into the weights
@@ -64,7 +63,7 @@ def calibrate(model: Decoder, params, tokens: list[int]) -> dict[tuple[str, ...]
     """Largest input magnitude per channel of every matmul of the float `model` over
     `tokens`: {path of the Linear (or ("lm_head",) for a tied embedding): [..., in]}."""
     n = len(tokens)
-    cache = KVCache.create(model.cfg, 1, n, model.dtype)
+    cache = model.new_cache(1, n)
     toks = jnp.asarray([tokens], jnp.int32)
     pos = jnp.arange(n, dtype=jnp.int32)[None]
 

@@ -16,7 +16,4 @@ QUANT_HELP = (
     "matmul weights: bf16 or int8; both decode batches faster on CPU than the float32 default"
     " and are less exact (default: float32)"
 )
-# Fewest rows a decode step computes per format on CPU: XLA:CPU's bfloat16 and int8 matmuls are
-# slow for one row (no fast matrix-vector kernel) and fast from 2 and 4 rows, so narrower batches
-# are padded there (rows past the cache's compute and are dropped).
-MIN_DECODE_ROWS: dict[str | None, int] = {None: 1, "bf16": 2, "int8": 4}
+# Each format's fewest decode rows on CPU: tsjax.shapes.MIN_DECODE_ROWS.

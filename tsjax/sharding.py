@@ -1,9 +1,10 @@
 """Meshes, logical axis names and the rules that map them onto a mesh (JAX SPMD).
 
-Every parameter and cache array is described once by *logical* axis names (what an axis means:
-`q_heads`, `ffw`, `batch`, ...). A small table of *rules* says which mesh axis each logical
-axis is split over; the compiler (GSPMD) then partitions the compiled steps and inserts the
-collectives. Changing the parallelism is changing the mesh, never the model code.
+Every parameter (in the parameter table, `tsjax.stack`) and cache array is described
+once by *logical* axis names (what an axis means: `q_heads`, `ffw`, `batch`, ...). A small
+table of *rules* says which mesh axis each logical axis is split over; the compiler (GSPMD)
+then partitions the compiled steps and inserts the collectives. Changing the parallelism is
+changing the mesh, never the model code.
 
 Mesh axes:
 
@@ -20,35 +21,33 @@ than padded: correctness first, and the startup report shows what was split.
 
     mesh = make_mesh("dp=2,tp=2")
     plan = ShardingPlan(mesh, cfg, rows=8, max_len=2048)
-    plan.cache()                  # KVCache of NamedShardings
+    plan.cache(abstract_cache)    # a Cache of NamedShardings
     plan.device_put(path, array)  # the loader's per-leaf hook: each device gets its slice
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tsjax.cache import Cache, StackedKV
 from tsjax.models import ModelConfig
+from tsjax.models.decoder import PARAM_TABLE
 from tsjax.sampling import SamplerState
-
-if TYPE_CHECKING:
-    from tsjax.cache import KVCache
+from tsjax.stack import LogicalAxes
 
 log = logging.getLogger("tsjax")
 
 MESH_AXES = ("dp", "tp")  # the order devices are laid out in: tp innermost (fastest links)
-
-LogicalAxes = tuple[str | None, ...]
 
 # logical axis -> mesh axis (None: never split).
 DEFAULT_RULES: dict[str, str | None] = {
@@ -63,63 +62,14 @@ DEFAULT_RULES: dict[str, str | None] = {
     "layers": None,
 }
 
-# Parameter path (under the params root, or under "layers" with a leading layer axis) ->
-# logical axes. q/k/v kernels are [D, N*H] with heads major, so splitting whole heads is
-# splitting that axis into contiguous blocks; the axis is named for its heads.
-_LAYER_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
-    ("attn_norm", "scale"): ("embed",),
-    ("attn", "q", "kernel"): ("embed", "q_heads"),
-    ("attn", "k", "kernel"): ("embed", "kv_heads"),
-    ("attn", "v", "kernel"): ("embed", "kv_heads"),
-    ("attn", "q", "bias"): ("q_heads",),
-    ("attn", "k", "bias"): ("kv_heads",),
-    ("attn", "v", "bias"): ("kv_heads",),
-    ("attn", "o", "kernel"): ("q_heads", "embed"),
-    ("attn", "q_norm", "scale"): ("head_dim",),
-    ("attn", "k_norm", "scale"): ("head_dim",),
-    ("post_attn_norm", "scale"): ("embed",),
-    ("ffn_norm", "scale"): ("embed",),
-    ("mlp", "gate", "kernel"): ("embed", "ffw"),
-    ("mlp", "up", "kernel"): ("embed", "ffw"),
-    ("mlp", "down", "kernel"): ("ffw", "embed"),
-    ("post_ffn_norm", "scale"): ("embed",),
-}
-_GLOBAL_PARAM_AXES: dict[tuple[str, ...], LogicalAxes] = {
-    ("embed", "embedding"): ("vocab", "embed"),
-    ("final_norm", "scale"): ("embed",),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-}
-
-_LAYER_KEY = re.compile(r"layers_\d+")
-CACHE_KV_AXES: LogicalAxes = ("layers", "batch", "kv_heads", "seq", "head_dim")  # [L,B,K,S,H]
-CACHE_K_BLOCK_AXES: LogicalAxes = ("batch", "kv_heads", "head_dim", "seq")  # blocked keys
-CACHE_LENGTHS_AXES: LogicalAxes = ("batch",)
+CACHE_KV_AXES: LogicalAxes = StackedKV.AXES  # [L, B, K, S, H]
 
 
 def param_axes(path: Sequence[str]) -> LogicalAxes:
-    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root):
-    under "layers" (stacked layout) with a leading layer axis, under "layers_<i>" (unrolled
-    layout) without."""
-    path = tuple(path)
-    if path and path[-1] == "weight":  # a float Linear's [out, in]: the kernel's axes reversed
-        axes = param_axes((*path[:-1], "kernel"))
-        return (*axes[:-2], axes[-1], axes[-2])
-    if path and path[-1] in ("kernel_scale", "input_scale"):  # an int8 kernel's out / in axis
-        axes = param_axes((*path[:-1], "kernel"))
-        return (*axes[:-2], axes[-1] if path[-1] == "kernel_scale" else axes[-2])
-    if path and path[0] == "layers":
-        axes = _LAYER_PARAM_AXES.get(path[1:])
-        if axes is not None:
-            return ("layers", *axes)
-    elif path and _LAYER_KEY.fullmatch(path[0]):
-        axes = _LAYER_PARAM_AXES.get(path[1:])
-        if axes is not None:
-            return axes
-    else:
-        axes = _GLOBAL_PARAM_AXES.get(path)
-        if axes is not None:
-            return axes
-    raise KeyError(f"no logical axes for parameter {'/'.join(path)}")
+    """Logical axes of the parameter at `path` (a tuple of dict keys from the params root), as
+    the parameter table declares them (`tsjax.stack.ParamTable.axes`): under a stacked
+    segment ("layers") with a leading layer axis, under "layers_<i>" (unrolled) without."""
+    return PARAM_TABLE.axes(path)
 
 
 def sampler_axes(ndim: int) -> LogicalAxes:
@@ -309,27 +259,17 @@ class ShardingPlan:
             lambda p, _: self.param(tuple(k.key for k in p)), tree
         )
 
-    def cache(self, blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> KVCache:
-        """Shardings of the stacked cache, or of the blocked one with `blocks` = (row bounds,
-        position bounds) as in `KVCache.create`: each block split like the stacked layout,
-        a block whose rows do not divide over `dp` kept whole on that axis."""
-        # here: tsjax.cache <-> tsjax.models import each other
-        from tsjax.cache import KVCache, block_sizes
+    def cache(self, cache: Cache) -> Cache:
+        """Shardings of `cache` (arrays or `jax.eval_shape`'s structs), keyed like it: each
+        state names its arrays' logical axes (`tsjax.cache.LayerState.shardings`), sized by
+        the array itself, so a blocked cache's block whose rows do not divide over `dp` is
+        kept whole on that axis."""
 
-        lengths = self.named(CACHE_LENGTHS_AXES)
-        if blocks is None:
-            kv = self.named(CACHE_KV_AXES)
-            return KVCache(kv, kv, lengths)
+        def named(axes: LogicalAxes, shape: tuple[int, ...]) -> NamedSharding:
+            sizes = dict(zip(axes, shape, strict=True))
+            return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh, sizes, self.rules))
 
-        def layer(axes: LogicalAxes) -> tuple:
-            def block(r: int, p: int) -> NamedSharding:
-                sz = {**self.sizes, "batch": r, "seq": p}
-                return NamedSharding(self.mesh, logical_to_spec(axes, self.mesh, sz, self.rules))
-
-            rows, pos = block_sizes(blocks[0]), block_sizes(blocks[1])
-            return (tuple(tuple(block(r, p) for p in pos) for r in rows),) * self.cfg.n_layers
-
-        return KVCache(layer(CACHE_K_BLOCK_AXES), layer(CACHE_KV_AXES[1:]), lengths)
+        return cache.shardings(named)
 
     def sampler(self) -> SamplerState:
         # Built on the host (a few KB): its construction draws PRNG keys, which eval_shape
@@ -365,6 +305,19 @@ def put(array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
+def constrain_inputs(fn, shardings: tuple):
+    """`fn` with its leading positional arguments constrained to `shardings` (pytrees)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        head = [
+            jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(args, shardings, strict=False)
+        ]
+        return fn(*head, *args[len(head) :], **kwargs)
+
+    return wrapped
+
+
 def put_tree(tree, shardings):
     """`put` over matching pytrees (shardings may be one sharding for every leaf)."""
     if isinstance(shardings, NamedSharding):
@@ -373,11 +326,13 @@ def put_tree(tree, shardings):
 
 
 def bytes_per_device(tree) -> dict[int, int]:
-    """Bytes each device holds of the arrays in `tree` (addressable shards only)."""
+    """Bytes each device holds of the arrays in `tree` (this process's devices), from each
+    array's shape and sharding alone: also right for an array a step has taken (donated)."""
     out: dict[int, int] = {}
     for a in jax.tree_util.tree_leaves(tree):
-        for s in a.addressable_shards:
-            out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+        shard = int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+        for d in a.sharding.addressable_devices:
+            out[d.id] = out.get(d.id, 0) + shard
     return out
 
 

@@ -8,8 +8,6 @@ cache positions attention reads. Everything else a request can vary is array dat
 
 from __future__ import annotations
 
-import bisect
-import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -18,27 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tsjax.cache import KVCache, block_sizes, read_rows, write_blocks
+from tsjax.cache import Cache, KVLayout
 from tsjax.grammar import mask_words
-from tsjax.layers import attention
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
-from tsjax.quants import MIN_DECODE_ROWS
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
-from tsjax.sharding import DEFAULT_RULES, ShardingPlan, put, put_tree
+from tsjax.shapes import StepShapes, bucket_for, steps_bucket
+from tsjax.sharding import DEFAULT_RULES, ShardingPlan, constrain_inputs, put, put_tree
 
 
-def _constrain_inputs(fn, shardings: tuple):
-    """`fn` with its leading positional arguments constrained to `shardings` (pytrees)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        head = [
-            jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(args, shardings, strict=False)
-        ]
-        return fn(*head, *args[len(head) :], **kwargs)
-
-    return wrapped
+def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
+    """[b] bool: `flags` then False for the padding rows."""
+    out = np.zeros((b,), bool)
+    if flags is not None:
+        out[: len(flags)] = flags
+    return out
 
 
 def fit_rows(x: jax.Array, n: int) -> jax.Array:
@@ -49,103 +41,20 @@ def fit_rows(x: jax.Array, n: int) -> jax.Array:
     return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def geometric_buckets(lo: int, hi: int, factor: int) -> tuple[int, ...]:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= factor
-    out.append(hi)
-    return tuple(out)
-
-
-def steps_bucket(n: int) -> int:
-    """The compiled step-count capacity for a dispatch of n decode steps: 4, 8, 16, ..."""
-    return max(4, 1 << (max(n, 1) - 1).bit_length())
-
-
-def split_blocks(bounds: tuple[int, ...], min_span: int) -> tuple[int, ...]:
-    """Block bounds with every block after the first that spans at least `min_span` positions
-    cut in two halves: (128, 256, 512, 1024) with 256 -> (128, 256, 384, 512, 768, 1024).
-    Decode attention skips the upper half of its bucket's last span when no row reaches it."""
-    out = [bounds[0]]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi - lo >= max(min_span, 2) and (hi - lo) % 2 == 0:
-            out.append(lo + (hi - lo) // 2)
-        out.append(hi)
-    return tuple(out)
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
-
-
 @dataclass
 class PendingTokens:
     """The tokens of a decode dispatch that may still be running: `get()` waits for them and
-    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given)."""
+    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given). `next`
+    holds, on the device, what the next step would be fed: a decode given this object as
+    its tokens continues from there without the tokens leaving the device."""
 
     out: jax.Array  # [max_steps, b]
     n_steps: int
-    where: np.ndarray
+    where: np.ndarray  # [rows] the dispatch's rows
+    next: jax.Array  # [b] each row's last sampled token
 
     def get(self) -> np.ndarray:
         return np.asarray(self.out)[: self.n_steps, self.where]
-
-
-#: The fewest rows a cache row block holds (CPU layout). A decode batch that ends inside a
-#: block reads only its own rows of it, so a big block costs small batches little, while each
-#: block is more, smaller ops per layer and a block's rows skip an unreached half span only
-#: all together. With `split_span` 128 this took a 16-row bf16 step at 150 positions from
-#: 42.5-43.2 to 39.3-40.5 ms, and 4 rows or one float32 row no slower (README, "The KV cache
-#: on CPU: blocks", gives the `serve.bench_decode` commands and the other positions).
-MIN_ROW_BLOCK = 16
-
-
-@dataclass(frozen=True)
-class StepShapes:
-    """Every static shape the steps compile for."""
-
-    rows: int  # decode slots (cache rows), B
-    max_len: int  # cache positions per row, S
-    prefill_lens: tuple[int, ...]  # token buckets T for prefill
-    prefill_batches: tuple[int, ...]  # batch buckets b for prefill
-    attn_lens: tuple[int, ...]  # buckets of cache positions read by attention
-    decode_batches: tuple[int, ...] = ()  # buckets of live rows decoded together
-    # Position spans between attention buckets at least this long are two cache blocks (CPU
-    # layout), so decode reads the upper half only when a row reaches it (measured with
-    # `MIN_ROW_BLOCK`, above). None: no span is split. `default` splits only where a row
-    # block is big enough to skip at all (`tsjax.layers.attention.SKIP_MIN_ROWS`): elsewhere
-    # a split only adds ops and compile time.
-    split_span: int | None = 128
-
-    def __post_init__(self):
-        if not self.decode_batches:
-            object.__setattr__(self, "decode_batches", geometric_buckets(1, self.rows, 4))
-
-    def cache_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(row bounds, position bounds) of the blocked cache layout: position blocks end at
-        the attention buckets, long spans cut in halves (`split_span`); row blocks end at the
-        decode buckets, but no row block is smaller than `MIN_ROW_BLOCK` rows."""
-        rows = {min(max(b, MIN_ROW_BLOCK), self.rows) for b in self.decode_batches} | {self.rows}
-        if self.split_span is None:
-            return tuple(sorted(rows)), self.attn_lens
-        return tuple(sorted(rows)), split_blocks(self.attn_lens, self.split_span)
-
-    @classmethod
-    def default(cls, rows: int, max_len: int, min_prefill: int = 16, min_attn: int = 128):
-        shapes = cls(
-            rows=rows,
-            max_len=max_len,
-            prefill_lens=geometric_buckets(min(min_prefill, max_len), max_len, 2),
-            prefill_batches=geometric_buckets(1, rows, 2),
-            attn_lens=geometric_buckets(min(min_attn, max_len), max_len, 2),
-        )
-        if max(block_sizes(shapes.cache_blocks()[0])) < attention.SKIP_MIN_ROWS:
-            shapes = replace(shapes, split_span=None)  # no row block would skip a half
-        return shapes
 
 
 class Steps:
@@ -167,21 +76,17 @@ class Steps:
         quant: str | None = None,
     ):
         self.cfg = cfg
-        # XLA:CPU's int8 and bfloat16 matmuls are slow for one row (see tsjax.quants): on CPU
-        # their decode pads to the fewest rows that run fast (rows past the cache's are
-        # padding: they compute and are dropped). Measured: a 4-row int8 step beats a 1-row
-        # float32 one. Other backends have fast narrow matrix-vector kernels: no padding.
-        least = MIN_DECODE_ROWS[quant] if jax.default_backend() == "cpu" else 1
-        if least > 1:
-            low = tuple(sorted({max(b, least) for b in shapes.decode_batches}))
-            shapes = replace(shapes, decode_batches=low)
-        self.shapes = shapes
+        # XLA:CPU's narrow matmuls are slow for one row: pad their decode there
+        self.shapes = shapes = shapes.padded_decode(quant, jax.default_backend() == "cpu")
         self.dtype = dtype
         # Params layout (see `unroll_layers_default`); load_params must be given the same.
         self.unrolled = unroll_layers_default() if unrolled is None else unrolled
         self.model = Decoder(cfg, dtype, self.unrolled, quant)
-        # Cache layout (see tsjax.cache): blocked where the layer loop is unrolled (CPU).
-        self.blocks = shapes.cache_blocks() if self.unrolled else None
+        # Attention's cache layout (see tsjax.cache): blocked where the layer loop is unrolled
+        # (CPU), stacked where it is scanned.
+        self.layout = KVLayout()
+        if self.unrolled:
+            self.layout = KVLayout(shapes.cache_blocks(), shapes.skip_min_rows)
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -202,14 +107,8 @@ class Steps:
             **sh["decode"],
         )
         self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
-        self._create_cache = jax.jit(
-            lambda: KVCache.create(cfg, shapes.rows, shapes.max_len, dtype, self.blocks),
-            **sh["cache"],
-        )
+        self._create_cache = jax.jit(self._zero_cache, **sh["cache"])
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
-        # what `decode(tokens=None)` feeds: the last decode's next tokens (device) and rows
-        self._next_tokens: jax.Array | None = None
-        self._next_rows: np.ndarray | None = None
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -221,7 +120,8 @@ class Steps:
 
         assert self.plan is not None
         p = self.plan.params(param_shapes(self.model))
-        c, s, r = self.plan.cache(self.blocks), self.plan.sampler(), self.plan.replicated()
+        c = self.plan.cache(jax.eval_shape(self._zero_cache))
+        s, r = self.plan.sampler(), self.plan.replicated()
         jit_kw = {
             "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
             "decode": dict(out_shardings=(r, r, r, c, s)),  # tokens, next, logits, cache, sampler
@@ -230,19 +130,25 @@ class Steps:
             "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
         }
         pinned = [(p, c, s), (p, c, s), (p, c)]
-        return jit_kw, [_constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
+        return jit_kw, [constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
 
     def _put(self, x) -> jax.Array:
         """Host data for a step: replicated over the mesh (a global array, as multi-process
         jit requires), or the default device."""
         return jnp.asarray(x) if self.plan is None else put(np.asarray(x), self.plan.replicated())
 
-    def new_cache(self) -> KVCache:
+    @property
+    def blocks(self):
+        """(row bounds, position bounds) of the blocked cache layout, or None (stacked)."""
+        return self.layout.blocks
+
+    def _zero_cache(self) -> Cache:
+        return self.model.new_cache(self.shapes.rows, self.shapes.max_len, self.layout)
+
+    def new_cache(self) -> Cache:
         """A zeroed cache, created directly in its shards (never whole on one device)."""
-        self._next_tokens = None
         if self.plan is None:
-            shapes = self.shapes
-            return KVCache.create(self.cfg, shapes.rows, shapes.max_len, self.dtype, self.blocks)
+            return self._zero_cache()
         return self._create_cache()
 
     def new_sampler(self) -> SamplerState:
@@ -254,7 +160,7 @@ class Steps:
     def _prefill(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         new_sampler: SamplerState,
         tokens,
@@ -262,35 +168,44 @@ class Steps:
         starts,
         lengths,
         masks,
+        restore,
+        checkpoint,
         *,
         attn_len: int,
     ):
-        """tokens: [b, T]; rows, starts, lengths: [b]. Row r's tokens go to positions
-        starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B are padding),
-        and `new_sampler` (b rows) replaces those rows' sampling state. Samples each row's
-        first token. Returns (tokens [b], logits [b, V], cache, sampler)."""
+        """tokens: [b, T]; rows, starts, lengths, restore, checkpoint: [b]. Row r's tokens go
+        to positions starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B
+        are padding), and `new_sampler` (b rows) replaces those rows' sampling state. Rows
+        with `restore` first resume from their saved state, rows with `checkpoint` save
+        theirs after (`tsjax.cache.LayerState`: states that rewind by length alone ignore
+        both). Samples each row's first token. Returns (tokens [b], logits [b, V], cache,
+        sampler)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
         logits, cache = self.model.apply(
             {"params": params},
             tokens,
             positions,
-            cache,
+            cache.restore(rows, restore),
             rows,
             jnp.maximum(lengths - 1, 0),
             attn_len,
+            counts,
         )
+        cache = cache.checkpoint(rows, checkpoint)
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
         first, new_sampler = sample(logits, new_sampler, masks)
         sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
-        return first, logits, KVCache(cache.k, cache.v, new_lengths), sampler
+        return first, logits, replace(cache, lengths=new_lengths), sampler
 
-    def _decode_logits(self, params, cache: KVCache, tokens, active, attn_len: int):
+    def _decode_logits(self, params, cache: Cache, tokens, active, attn_len: int):
         """One token for each of the cache rows [0, b). tokens, active: [b]. Positions are
         the row lengths; inactive rows compute but neither advance nor disturb their cached
         tokens."""
         b = tokens.shape[0]
         lengths = fit_rows(cache.lengths, b)
+        counts = active.astype(jnp.int32)
         logits, cache = self.model.apply(
             {"params": params},
             tokens[:, None],
@@ -299,14 +214,15 @@ class Steps:
             None,
             jnp.zeros_like(tokens),
             attn_len,
+            counts,
         )
-        new_lengths = cache.lengths + fit_rows(active.astype(jnp.int32), cache.lengths.shape[0])
-        return logits, KVCache(cache.k, cache.v, new_lengths)
+        new_lengths = cache.lengths + fit_rows(counts, cache.lengths.shape[0])
+        return logits, replace(cache, lengths=new_lengths)
 
     def _decode(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         tokens,
         active,
@@ -342,32 +258,18 @@ class Steps:
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
         return out, tokens, logits, cache, sampler
 
-    def _swap(self, cache: KVCache, sampler: SamplerState, a, b):
-        """Exchange cache rows a[i] <-> b[i] (keys, values, lengths, sampling state).
+    def _swap(self, cache: Cache, sampler: SamplerState, a, b):
+        """Exchange cache rows a[i] <-> b[i] (every layer's state, lengths, sampling state).
         Indices >= B are padding: they read a clipped row and write nothing."""
         src = jnp.concatenate([a, b])
         dst = jnp.concatenate([b, a])
-        rows = self.shapes.rows
 
         def move(x):  # any array with the row axis first
             return x.at[dst].set(jnp.take(x, src, axis=0, mode="clip"), mode="drop")
 
-        if cache.blocked:
-            every = jnp.arange(self.shapes.max_len, dtype=jnp.int32)
+        return cache.swap(src, dst), jax.tree.map(move, sampler)
 
-            def move_blocks(layer, keys):
-                vals = read_rows(layer, jnp.minimum(src, rows - 1), self.shapes.max_len, keys)
-                pos = jnp.broadcast_to(every, (src.shape[0], every.shape[0]))
-                return write_blocks(layer, dst, pos, vals.transpose(0, 2, 1, 3), keys)
-
-            k = tuple(move_blocks(x, True) for x in cache.k)
-            v = tuple(move_blocks(x, False) for x in cache.v)
-        else:
-            k = cache.k.at[:, dst].set(jnp.take(cache.k, src, axis=1, mode="clip"), mode="drop")
-            v = cache.v.at[:, dst].set(jnp.take(cache.v, src, axis=1, mode="clip"), mode="drop")
-        return KVCache(k, v, move(cache.lengths)), jax.tree.map(move, sampler)
-
-    def _forward(self, params, cache: KVCache, tokens, starts, *, attn_len: int):
+    def _forward(self, params, cache: Cache, tokens, starts, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -428,7 +330,7 @@ class Steps:
     def prefill(
         self,
         params,
-        cache: KVCache,
+        cache: Cache,
         sampler: SamplerState,
         prompts: list[list[int]],
         rows: list[int],
@@ -437,10 +339,14 @@ class Steps:
         histories: list[list[int]] | None = None,
         seeds: list[int] | None = None,
         masks: np.ndarray | None = None,
+        restore: list[bool] | None = None,
+        checkpoint: list[bool] | None = None,
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
-        the prompts). Returns (first tokens [n] numpy, logits [n, V], cache, sampler)."""
+        the prompts). `restore` / `checkpoint` (default none): rows that resume from their
+        saved state / save it after (see `_prefill`). Returns (first tokens [n] numpy, logits
+        [n, V], cache, sampler)."""
         n = len(prompts)
         starts = starts or [0] * n
         b = bucket_for(n, self.shapes.prefill_batches)
@@ -459,7 +365,6 @@ class Steps:
         if self.plan is not None:
             new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
-        self._next_tokens = None  # a prefill starts rows afresh: decode takes host tokens
         first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
@@ -469,17 +374,19 @@ class Steps:
             self._put(row_arr),
             self._put(st),
             self._put(ln),
-            self._put(self._mask_rows(masks, n, b)),
+            self._put(self._mask_rows(masks, np.arange(n), b)),
+            self._put(_flags(restore, b)),
+            self._put(_flags(checkpoint, b)),
             attn_len=attn_len,
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler
 
-    def _mask_rows(self, masks: np.ndarray | None, n: int, b: int) -> np.ndarray:
-        """Grammar bitmasks for b rows: the first n from `masks`, the rest allow everything.
+    def _mask_rows(self, masks: np.ndarray | None, where: np.ndarray, b: int) -> np.ndarray:
+        """Grammar bitmasks for b rows: rows `where` from `masks`, the rest allow everything.
         Always an array (never None) so constrained requests reuse the warmed shapes."""
         out = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
         if masks is not None:
-            out[:n] = masks
+            out[where] = masks
         return out
 
     def decode(
@@ -488,7 +395,7 @@ class Steps:
         cache,
         sampler,
         rows: list[int],
-        tokens: list[int] | None,
+        tokens: list[int] | PendingTokens,
         max_pos: int,
         n_steps: int = 1,
         masks: np.ndarray | None = None,
@@ -500,40 +407,37 @@ class Steps:
         (keep live rows low: `swap_rows`). Returns (tokens [n_steps, len(rows)] numpy, last
         logits [len(rows), V], cache, sampler).
 
-        `tokens=None` feeds each row the token the previous decode sampled for it, without
-        it ever leaving the device: the engine dispatches the next decode before it has read
-        the previous one's tokens. That needs the previous call's rows, with no prefill or
-        swap since. `wait=False` returns at once with a `PendingTokens` in place of the
-        tokens (read them with `.get()`, which waits) and None for the logits."""
+        `tokens` a previous decode's `PendingTokens` feeds each row the token that decode
+        sampled for it, without it ever leaving the device: the engine dispatches the next
+        decode before it has read the previous one's tokens. That needs the same rows, with
+        no prefill or swap in between (`tsjax.runner.LocalRunner` keeps track). `wait=False`
+        returns at once with a `PendingTokens` in place of the tokens (read them with
+        `.get()`, which waits) and None for the logits."""
         b = bucket_for(max(rows) + 1, self.shapes.decode_batches)  # may pass the cache rows
         attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
         where = np.asarray(rows)
         active = np.zeros((b,), bool)
         active[where] = True
-        if tokens is None:
-            fed = self._next_tokens
-            if fed is None or not np.array_equal(self._next_rows, where):  # b follows rows
-                raise ValueError("tokens=None continues the previous decode's rows only")
+        if isinstance(tokens, PendingTokens):
+            fed = tokens.next
+            if not np.array_equal(tokens.where, where):  # b follows rows
+                raise ValueError("device tokens continue the previous decode's rows only")
         else:
             tok = np.zeros((b,), np.int32)
             tok[where] = tokens
             fed = self._put(tok)
-        mask = np.full((b, mask_words(self.cfg.vocab_size)), -1, np.int32)
-        if masks is not None:
-            mask[where] = masks
         out, nxt, logits, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
             fed,
             self._put(active),
-            self._put(mask),
+            self._put(self._mask_rows(masks, where, b)),
             self._put(np.int32(n_steps)),
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
-        self._next_tokens, self._next_rows = nxt, where
-        pending = PendingTokens(out, n_steps, where)
+        pending = PendingTokens(out, n_steps, where, nxt)
         if not wait:
             return pending, None, cache, sampler
         return pending.get(), logits[self._put(where)], cache, sampler
@@ -549,7 +453,6 @@ class Steps:
         unused (the same signature as the other steps). Returns (None, None, cache,
         sampler)."""
         del params
-        self._next_tokens = None  # rows moved: decode takes host tokens
         for i in range(0, len(pairs), self.SWAP_PAIRS):
             chunk = pairs[i : i + self.SWAP_PAIRS]
             a = np.full((self.SWAP_PAIRS,), self.shapes.rows, np.int32)  # padding: no-op

@@ -8,12 +8,17 @@ requests wait, a dispatch runs a single step so they are admitted quickly; other
 
 Pipelining: in the steady state (nobody waiting, no aborts, no grammar, no row finished) the
 next dispatch goes out before the current one's tokens are read, fed on the device with the
-tokens the current one samples (`Steps.decode(tokens=None)`). The host's work between
+tokens the current one samples (`Runner.decode(tokens=None)`). The host's work between
 dispatches (reading tokens, detokenizing, stop strings, events, the next dispatch's own
 Python) then overlaps the device's instead of adding to it. A row that finishes inside a
 dispatch has its next one computed in vain and dropped; a request that arrives waits for the
 dispatch in flight, as it would without pipelining, plus at most the one already queued
 behind it.
+
+The engine talks to the compiled steps only through a `tsjax.runner.Runner` (which owns the
+params, cache, sampler state and device feed): in one process the model's own
+`LocalRunner`, over several a `serve.engine.lockstep.StepChannel`. Observers
+(`add_observer`) see every event of every request, as the metrics do.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from serve.engine.scheduler import Row, Scheduler
@@ -40,15 +44,17 @@ from serve.engine.types import (
 from tsjax.generation import PromptTooLongError
 from tsjax.grammar import mask_words
 from tsjax.model import Model
+from tsjax.runner import MemoryReport, Runner
 from tsjax.textstream import TextStream
 
 if TYPE_CHECKING:
-    from serve.engine.lockstep import StepChannel
-    from tsjax.steps import PendingTokens, Steps
+    from tsjax.steps import PendingTokens
 
 log = logging.getLogger("tsjax.engine")
 
 Sink = Callable[[TokenEvent], None]
+#: Sees every event the engine publishes, with its request (on the engine thread).
+Observer = Callable[[GenerationRequest, TokenEvent], None]
 
 
 @dataclass
@@ -99,21 +105,22 @@ class Engine:
         *,
         decode_steps: int = 4,
         prefill_chunk: int = 512,
-        steps: Steps | StepChannel | None = None,
+        runner: Runner | None = None,
         pipeline: bool = True,
     ):
-        """`steps`: what runs the compiled steps, `model.steps` unless given (several
+        """`runner`: what runs the compiled steps, `model.runner()` unless given (several
         processes: a `serve.engine.lockstep.StepChannel` that replays them on the others).
         `pipeline`: send the next decode dispatch before reading the current one's tokens
         (see the module docstring)."""
         self.model = model
-        self.steps = model.steps if steps is None else steps
-        self.rows = self.steps.shapes.rows
+        self.runner: Runner = model.runner() if runner is None else runner
+        shapes = self.runner.shapes
+        self.rows = shapes.rows
         self.decode_steps = decode_steps
         self.pipeline = pipeline
         self._inflight: _Dispatch | None = None  # a pipelined dispatch not yet read
-        self.prefill_chunk = min(prefill_chunk, self.steps.shapes.prefill_lens[-1])
-        self.scheduler = Scheduler(self.rows, self.steps.shapes.decode_batches)
+        self.prefill_chunk = min(prefill_chunk, shapes.prefill_lens[-1])
+        self.scheduler = Scheduler(self.rows, shapes.decode_batches, self.runner.rewinds)
         self._live: dict[int, _Live] = {}  # row index -> live request
         self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
         self._aborts: set[str] = set()
@@ -122,19 +129,15 @@ class Engine:
         self._running = False
         self.total_processed = 0
         self.warm = False
-        self._cache = self.steps.new_cache()
-        self._sampler = self.steps.new_sampler()
+        self._observers: list[Observer] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def warmup(self) -> float:
         """Compile every step shape the loop uses, before taking traffic."""
-        secs = self.steps.warmup(
-            self.model.params,
-            decode_steps=tuple(sorted({1, self.decode_steps})),
-            max_prompt=self.prefill_chunk,
+        secs = self.runner.warmup(
+            decode_steps=tuple(sorted({1, self.decode_steps})), max_prompt=self.prefill_chunk
         )
-        self._cache, self._sampler = self.steps.new_cache(), self.steps.new_sampler()
         self.warm = True
         return secs
 
@@ -166,12 +169,39 @@ class Engine:
         req.sampling.validate()
 
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
-        """Queue a request; `sink` receives its events on the engine thread."""
+        """Queue a request; `sink` receives its events on the engine thread (each after the
+        observers have seen it)."""
         self.check(req)
         with self._cv:
             self.scheduler.enqueue(req)
-            self._waiting[req.id] = (req, sink, time.perf_counter())
+            self._waiting[req.id] = (req, self._observed(req, sink), time.perf_counter())
             self._cv.notify_all()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call `observer(request, event)` for every event published from now on (on the
+        engine thread, before the request's own sink; an observer that raises is logged and
+        skipped, the request unharmed)."""
+        with self._cv:
+            self._observers = [*self._observers, observer]
+
+    def remove_observer(self, observer: Observer) -> None:
+        with self._cv:
+            self._observers = [o for o in self._observers if o is not observer]
+
+    def memory(self) -> MemoryReport:
+        """Params and cache bytes, per device (`Runner.memory`)."""
+        return self.runner.memory()
+
+    def _observed(self, req: GenerationRequest, sink: Sink) -> Sink:
+        def publish(ev: TokenEvent) -> None:
+            for observer in self._observers:
+                try:
+                    observer(req, ev)
+                except Exception:
+                    log.exception("an engine observer failed")
+            sink(ev)
+
+        return publish
 
     def abort(self, req_id: str) -> None:
         """Cancel a queued or running request; its row is freed within one dispatch."""
@@ -286,10 +316,7 @@ class Engine:
         first = None
         while start < len(prompt):
             chunk = prompt[start : start + self.prefill_chunk]
-            first, _, self._cache, self._sampler = self.steps.prefill(
-                self.model.params,
-                self._cache,
-                self._sampler,
+            first = self.runner.prefill(
                 [chunk],
                 [row.index],
                 [req.sampling],
@@ -313,9 +340,7 @@ class Engine:
             pairs = self.scheduler.compaction()
         if not pairs:
             return
-        _, _, self._cache, self._sampler = self.steps.swap_rows(
-            self.model.params, self._cache, self._sampler, pairs
-        )
+        self.runner.swap_rows(pairs)
         with self._cv:
             for a, b in pairs:
                 self.scheduler.swap(a, b)
@@ -345,17 +370,7 @@ class Engine:
         """Send n decode steps for `rows`, fed `tokens` (None: the tokens the previous
         dispatch sampled, on the device). Returns at once."""
         max_pos = max(len(x.req.prompt_ids) + x.fed for x in rows)
-        pending, _, self._cache, self._sampler = self.steps.decode(
-            self.model.params,
-            self._cache,
-            self._sampler,
-            [x.row.index for x in rows],
-            tokens,
-            max_pos,
-            n,
-            masks=masks,
-            wait=False,
-        )
+        pending = self.runner.decode([x.row.index for x in rows], tokens, max_pos, n, masks)
         for live in rows:
             live.fed += n  # written into the cache by this dispatch (read or not)
         return _Dispatch(rows, n, pending)
@@ -443,7 +458,7 @@ class Engine:
             live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats))
 
     def _fail_all(self, message: str) -> None:
-        self._inflight = None  # its cache and tokens are about to be replaced
+        self._inflight = None  # the runner's state and feed are about to be replaced
         for live in list(self._live.values()):
             self._finish(live, FinishReason.ERROR, error=message)
         with self._cv:
@@ -453,5 +468,4 @@ class Engine:
             self._waiting.clear()
             for row in self.scheduler.rows:
                 row.tokens = []  # the cache may be gone: trust nothing in it
-        self._cache, self._sampler = self.steps.new_cache(), self.steps.new_sampler()
-        jax.block_until_ready(self._cache)
+        self.runner.reset()

@@ -2,11 +2,12 @@
 other process is a follower that runs the same compiled steps with the same host inputs.
 
 A mesh that spans several processes makes every step an SPMD program that each process must
-launch, in the same order, with the same host data. So on process 0 the engine talks to a
-`StepChannel` instead of the bare `Steps`: each call first publishes a command (an op code and
-the call's host arguments) and then runs the step. Followers run `follow`: read the next
-command, run the same `Steps` method on their own params, cache and sampler state, repeat
-until SHUTDOWN. The engine does not know; it only sees an object with the `Steps` methods.
+launch, in the same order, with the same host data. So on process 0 the engine's runner is a
+`StepChannel` (a `tsjax.runner.Runner`, like the `LocalRunner` it wraps): each call first
+publishes a command (an op code and the call's host arguments) and then runs on the local
+runner. Followers run `follow`: read the next command, make the same call on their own
+`LocalRunner` (their own params, cache, sampler state and device feed), repeat until
+SHUTDOWN. The engine does not know; it only sees a `Runner`.
 
 Commands go through the key-value store of jax.distributed's coordination service (gRPC on
 the host; process 0 hosts it), not through a device collective such as
@@ -24,14 +25,14 @@ Failures. A step that raises on process 0 raises the same way on every follower 
 case (same code, same inputs: a host-side check, a compile error). A follower records each
 command it failed in the store; process 0, when a step raised, waits (`FAIL_WAIT_S`) to see
 that every follower failed the same command, and then its engine fails the live requests and
-starts over with a new cache and sampler, which the followers follow. A failure on one side
-only (a device out of memory, a lost host) leaves the processes out of lockstep for good: a
-follower that failed alone sees process 0 go on, or not start over, and exits with status 2;
-process 0 failing alone logs it as CRITICAL and refuses every later step with the reason (each
-request gets it as its error) until the job is restarted. A follower that exits or dies stops
-its jax.distributed heartbeats, which ends the job (about 100 s by default) rather than
-leaving it hanging. A follower that cannot load the model says so in the store, and process
-0's /health reports it instead of hanging in the first step.
+starts over (`reset`: a new cache and sampler state), which the followers follow. A failure on
+one side only (a device out of memory, a lost host) leaves the processes out of lockstep for
+good: a follower that failed alone sees process 0 go on, or not start over, and exits with
+status 2; process 0 failing alone logs it as CRITICAL and refuses every later step with the
+reason (each request gets it as its error) until the job is restarted. A follower that exits
+or dies stops its jax.distributed heartbeats, which ends the job (about 100 s by default)
+rather than leaving it hanging. A follower that cannot load the model says so in the store,
+and process 0's /health reports it instead of hanging in the first step.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
+
+from tsjax.runner import MemoryReport, Runner
+from tsjax.sampling import SamplingParams
+from tsjax.shapes import StepShapes
+from tsjax.steps import PendingTokens
 
 log = logging.getLogger("tsjax.lockstep")
 
@@ -54,13 +61,12 @@ FAIL_WAIT_S = 120.0  # after a failed step, how long each side waits to hear the
 
 
 class Op(enum.IntEnum):
-    NEW_CACHE = 1
-    NEW_SAMPLER = 2
-    WARMUP = 3
-    PREFILL = 4
-    DECODE = 5
+    RESET = 1
+    WARMUP = 2
+    PREFILL = 3
+    DECODE = 4
+    SWAP = 5
     SHUTDOWN = 6
-    SWAP = 7
 
 
 def _client():
@@ -89,13 +95,9 @@ def _failed_key(process: int, seq: int) -> str:
 
 
 class StepChannel:
-    """Stands in for `Steps` on process 0: `prefill`, `decode`, `swap_rows`, `new_cache`,
-    `new_sampler` and `warmup` publish their host arguments to the followers, then run the
-    step here. Everything else (`shapes`, `plan`, `mesh`, ...) is the wrapped `Steps`' own.
-
-    Followers hold their own params, cache and sampler state and substitute them, so the
-    cache and sampler passed in must be the ones the previous call returned (what the engine
-    does); anything else raises here before a follower could drift."""
+    """A `Runner` for process 0: `reset`, `warmup`, `prefill`, `decode` and `swap_rows`
+    publish their host arguments to the followers, then run on the local runner it was
+    attached to (`memory`, `shapes` and `rewinds` are the local runner's own)."""
 
     def __init__(self, client: Any = None, followers: int | None = None):
         self._kv = client if client is not None else _client()
@@ -105,59 +107,82 @@ class StepChannel:
         self._lock = threading.Lock()  # one command and its step at a time, in order
         self._closed = False
         self._broken = ""  # why the processes are out of lockstep, once they are
-        self.steps: Any = None
-        self.params: Any = None
-        self._cache: Any = None
-        self._sampler: Any = None
+        self._lost = ""  # why the runners' state is gone (a step failed) until a reset
+        self.runner: Runner | None = None
 
-    def attach(self, steps, params, ready_timeout_s: float = 1800.0) -> StepChannel:
-        """Wrap `steps` (run with `params`) once every follower reports its model loaded."""
+    def attach(self, runner: Runner, ready_timeout_s: float = 1800.0) -> StepChannel:
+        """Drive `runner` (process 0's own) once every follower reports its model loaded."""
         deadline = time.monotonic() + ready_timeout_s
         for p in range(1, self._followers + 1):
             left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
             status = self._kv.blocking_key_value_get(_ready_key(p), left_ms)
             if status != "ok":
                 raise RuntimeError(f"follower process {p}: {status}")
-        self.steps, self.params = steps, params
+        self.runner = runner
         return self
 
-    def __getattr__(self, name: str):
-        if name.startswith("_") or self.__dict__.get("steps") is None:
-            raise AttributeError(name)
-        return getattr(self.steps, name)
+    # -- the Runner ---------------------------------------------------------------------------
 
-    # -- the Steps methods the engine calls ------------------------------------------------
+    @property
+    def shapes(self) -> StepShapes:
+        return self._local().shapes
 
-    def new_cache(self):
-        with self._lock:
-            self._send(Op.NEW_CACHE)
-            self._cache = self.steps.new_cache()
-            return self._cache
+    @property
+    def rewinds(self) -> bool:
+        return self._local().rewinds
 
-    def new_sampler(self):
-        with self._lock:
-            self._send(Op.NEW_SAMPLER)
-            self._sampler = self.steps.new_sampler()
-            return self._sampler
+    def memory(self) -> MemoryReport:
+        return self._local().memory()
 
-    def warmup(self, params, *args, **kwargs) -> float:
-        with self._lock:
-            self._check(params)
-            self._send(Op.WARMUP, args, kwargs)
-            try:
-                return self.steps.warmup(params, *args, **kwargs)
-            except Exception as e:
-                self._failed(e)
-                raise
+    def reset(self) -> None:
+        self._call(Op.RESET, "reset")
 
-    def prefill(self, params, cache, sampler, *args, **kwargs):
-        return self._step(Op.PREFILL, self.steps.prefill, params, cache, sampler, args, kwargs)
+    def warmup(
+        self,
+        decode_steps: tuple[int, ...] = (1,),
+        max_prompt: int | None = None,
+        batches: tuple[int, ...] = (1,),
+    ) -> float:
+        return self._call(Op.WARMUP, "warmup", decode_steps, max_prompt, batches)
 
-    def decode(self, params, cache, sampler, *args, **kwargs):
-        return self._step(Op.DECODE, self.steps.decode, params, cache, sampler, args, kwargs)
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        rows: list[int],
+        sampling: list[SamplingParams],
+        starts: list[int] | None = None,
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        masks: np.ndarray | None = None,
+        restore: list[bool] | None = None,
+        checkpoint: list[bool] | None = None,
+    ) -> np.ndarray:
+        return self._call(
+            Op.PREFILL,
+            "prefill",
+            prompts,
+            rows,
+            sampling,
+            starts,
+            histories,
+            seeds,
+            masks,
+            restore,
+            checkpoint,
+        )
 
-    def swap_rows(self, params, cache, sampler, *args, **kwargs):
-        return self._step(Op.SWAP, self.steps.swap_rows, params, cache, sampler, args, kwargs)
+    def decode(
+        self,
+        rows: list[int],
+        tokens: list[int] | None,
+        max_pos: int,
+        n_steps: int = 1,
+        masks: np.ndarray | None = None,
+    ) -> PendingTokens:
+        return self._call(Op.DECODE, "decode", rows, tokens, max_pos, n_steps, masks)
+
+    def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
+        self._call(Op.SWAP, "swap_rows", pairs)
 
     def close(self) -> None:
         """Tell the followers to exit (idempotent; later calls raise)."""
@@ -169,17 +194,28 @@ class StepChannel:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _step(self, op: Op, fn, params, cache, sampler, args, kwargs):
+    def _local(self) -> Runner:
+        if self.runner is None:
+            raise RuntimeError("StepChannel.attach() has not been called")
+        return self.runner
+
+    def _call(self, op: Op, method: str, *args):
+        """Publish the call, then make it on the local runner. After a failed step only a
+        reset is published: every runner's state went with the step (donated), and a
+        follower that failed the same step waits for the reset."""
         with self._lock:
-            self._check(params, cache, sampler)
-            self._send(op, args, kwargs)
-            self._cache = self._sampler = None  # donated: stale until the step returns
+            runner = self._local()
+            if self._lost and op is not Op.RESET:
+                raise RuntimeError(f"a step failed ({self._lost}): reset() first")
+            self._send(op, args)
             try:
-                out = fn(params, cache, sampler, *args, **kwargs)
+                out = getattr(runner, method)(*args)
             except Exception as e:
+                self._lost = repr(e)[:200]
                 self._failed(e)
                 raise
-            self._cache, self._sampler = out[2], out[3]
+            if op is Op.RESET:
+                self._lost = ""
             return out
 
     def _failed(self, error: Exception) -> None:
@@ -199,25 +235,12 @@ class StepChannel:
                 log.critical("lockstep: %s", self._broken)
                 raise RuntimeError(self._broken) from error
 
-    def _check(self, params, cache=None, sampler=None) -> None:
-        if self.steps is None:
-            raise RuntimeError("StepChannel.attach() has not been called")
-        if params is not self.params:
-            raise RuntimeError("lockstep steps run with the params they were attached with")
-        if cache is not None and (cache is not self._cache or sampler is not self._sampler):
-            raise RuntimeError(
-                "lockstep steps need the cache and sampler the previous call returned:"
-                " the followers hold only those"
-            )
-
-    def _send(self, op: Op, args: tuple = (), kwargs: dict | None = None, force=False) -> None:
+    def _send(self, op: Op, args: tuple = (), force=False) -> None:
         if self._closed:
             raise RuntimeError("the lockstep channel is closed (server shutting down)")
-        if self.steps is None and not force:
-            raise RuntimeError("StepChannel.attach() has not been called")
         if self._broken and not force:
             raise RuntimeError(self._broken)
-        payload = pickle.dumps((int(op), tuple(args), dict(kwargs or {})), protocol=5)
+        payload = pickle.dumps((int(op), tuple(args)), protocol=5)
         self._kv.key_value_set_bytes(_cmd_key(self._seq), payload)
         self._seq += 1
         if self._seq % BLOCK == 0:
@@ -241,7 +264,7 @@ def announce_ready(error: str | None = None, client: Any = None, process: int | 
     kv.key_value_set(_ready_key(me), "ok" if error is None else error)
 
 
-def _receive(kv, seq: int, wait_s: float | None = None) -> tuple[Op, tuple, dict] | None:
+def _receive(kv, seq: int, wait_s: float | None = None) -> tuple[Op, tuple] | None:
     """Command `seq`; None if `wait_s` passes first (no limit: an idle server is normal)."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
     while True:
@@ -256,17 +279,27 @@ def _receive(kv, seq: int, wait_s: float | None = None) -> tuple[Op, tuple, dict
         except Exception as e:  # a timeout just means an idle server; anything else is fatal
             if "DEADLINE_EXCEEDED" not in str(e):
                 raise
-    op, args, kwargs = pickle.loads(payload)
-    return Op(op), args, kwargs
+    op, args = pickle.loads(payload)
+    return Op(op), args
 
 
-def follow(steps, params, client: Any = None, process: int | None = None) -> int:
-    """A follower's loop: run process 0's step commands in order until SHUTDOWN (returns 0).
-    Returns 1 if the command stream itself fails (the coordinator went away), 2 if a step
-    failed here and process 0 did not start over after it (out of lockstep)."""
+#: The runner method each command calls.
+_METHODS = {
+    Op.RESET: "reset",
+    Op.WARMUP: "warmup",
+    Op.PREFILL: "prefill",
+    Op.DECODE: "decode",
+    Op.SWAP: "swap_rows",
+}
+
+
+def follow(runner: Runner, client: Any = None, process: int | None = None) -> int:
+    """A follower's loop: make process 0's runner calls, in order, on `runner` (this
+    process's own) until SHUTDOWN (returns 0). Returns 1 if the command stream itself fails
+    (the coordinator went away), 2 if a step failed here and process 0 did not start over
+    after it (out of lockstep)."""
     kv = client if client is not None else _client()
     me = jax.process_index() if process is None else process
-    cache = sampler = None
     seq = 0
     ran = 0
     failed = False  # the previous command failed here
@@ -276,7 +309,7 @@ def follow(steps, params, client: Any = None, process: int | None = None) -> int
         except Exception:
             log.exception("follower %d: lost the command stream at command %d", me, seq)
             return 1
-        if failed and (got is None or got[0] not in (Op.NEW_CACHE, Op.SHUTDOWN)):
+        if failed and (got is None or got[0] not in (Op.RESET, Op.SHUTDOWN)):
             log.critical(
                 "follower %d: command %d failed here but process 0 did not start over after"
                 " it; out of lockstep, leaving the job so that it stops instead of hanging",
@@ -285,7 +318,7 @@ def follow(steps, params, client: Any = None, process: int | None = None) -> int
             )
             return 2
         assert got is not None
-        op, args, kwargs = got
+        op, args = got
         failed = False
         seq += 1
         if seq % BLOCK == 0:
@@ -294,20 +327,14 @@ def follow(steps, params, client: Any = None, process: int | None = None) -> int
             log.info("follower %d: shutdown after %d commands (%d steps)", me, seq, ran)
             return 0
         try:
-            if op is Op.NEW_CACHE:
-                cache = steps.new_cache()
-            elif op is Op.NEW_SAMPLER:
-                sampler = steps.new_sampler()
-            elif op is Op.WARMUP:
-                secs = steps.warmup(params, *args, **kwargs)
-                log.info("follower %d: warm-up compiled in %.1fs", me, secs)
-            else:
-                fn = {Op.PREFILL: "prefill", Op.DECODE: "decode", Op.SWAP: "swap_rows"}[op]
-                _, _, cache, sampler = getattr(steps, fn)(params, cache, sampler, *args, **kwargs)
+            out = getattr(runner, _METHODS[op])(*args)
+            if op is Op.WARMUP:
+                log.info("follower %d: warm-up compiled in %.1fs", me, out)
+            elif op is not Op.RESET:
                 ran += 1
         except Exception as e:
-            # Process 0 ran the same call on the same inputs; in the usual case it failed the
-            # same way and its engine starts over with new_cache/new_sampler, which we follow.
+            # Process 0 made the same call on the same inputs; in the usual case it failed
+            # the same way and its engine starts over with a reset, which we follow.
             log.exception("follower %d: command %d (%s) failed", me, seq - 1, op.name)
             kv.key_value_set(_failed_key(me, seq - 1), repr(e)[:1000], allow_overwrite=True)
             failed = True

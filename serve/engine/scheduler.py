@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from serve.engine.types import GenerationRequest
-from tsjax.steps import bucket_for
+from tsjax.shapes import bucket_for
+
+if TYPE_CHECKING:  # its module imports JAX (through tsjax.sampling); this one must not
+    from serve.engine.types import GenerationRequest
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -34,10 +37,14 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, rows: int, buckets: tuple[int, ...] | None = None):
+    def __init__(self, rows: int, buckets: tuple[int, ...] | None = None, rewinds: bool = True):
         """`buckets`: the decode batch buckets (row counts a decode step runs); default one
-        bucket of all rows."""
+        bucket of all rows. `rewinds`: whether a cache row can resume from any prefix of
+        what it holds (keys and values can; a recurrent layer's state cannot, and then no
+        prefix is reused: resuming from a saved state is the runner's `restore` /
+        `checkpoint`, for the scheduler to use once it tracks where rows saved theirs)."""
         self.rows = [Row(i) for i in range(rows)]
+        self.rewinds = rewinds
         self.buckets = tuple(sorted({min(b, rows) for b in (buckets or ())} | {rows}))
         self.queue: deque[GenerationRequest] = deque()
         self._clock = 0
@@ -75,7 +82,7 @@ class Scheduler:
         limit = self.bucket(len(self.rows) - len(free) + 1)
         low = [r for r in free if r.index < limit] or free
         best, reuse = min(low, key=lambda r: r.last_used), 0
-        if req.reuse_prefix:
+        if req.reuse_prefix and self.rewinds:
             for row in sorted(free, key=lambda r: r.last_used):
                 n = common_prefix(row.tokens, req.prompt_ids)
                 if n > reuse:

@@ -7,7 +7,7 @@ With `quant="bf16"` the `weight` is stored as bfloat16 and multiplied by bfloat1
 float32 accumulation: half the bytes, and on XLA:CPU with AVX512-BF16 about 1.4x the float32
 rate at 16 rows and 1.6x at 32 (about the same at 2-8 rows; `serve.bench_kernels --rows N`).
 One row is the exception: XLA:CPU has no fast bfloat16 matrix-vector kernel (~9x slower than
-float32), so a bf16 model's decode pads to 2 rows (`tsjax.quants.MIN_DECODE_ROWS`).
+float32), so a bf16 model's decode pads to 2 rows (`tsjax.shapes.MIN_DECODE_ROWS`).
 
 With `quant="int8"` (weights made by `tsjax.quantize`) the `kernel` [in, out] is int8 (both
 orders run at the same speed there) with one float scale

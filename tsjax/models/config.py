@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsjax.gguf import GGUFFile
+from tsjax.stack import ATTENTION
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ class ModelConfig:
     activation: str = "silu"
     tied_embeddings: bool = True
     permuted_qk: bool = False  # llama.cpp stores Llama q/k rows interleaved for its RoPE
+    # What each layer is (`tsjax.models.decoder.BLOCKS`); () = attention everywhere.
+    layer_kinds: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.layer_kinds:
+            object.__setattr__(self, "layer_kinds", (ATTENTION,) * self.n_layers)
+        assert len(self.layer_kinds) == self.n_layers, self.layer_kinds
 
     @property
     def attn_scale(self) -> float:

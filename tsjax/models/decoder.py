@@ -1,47 +1,74 @@
-"""The decoder stack shared by every family: embed, scan over layers, norm, project.
+"""The decoder stack shared by every family: embed, the layers segment by segment
+(`tsjax.stack`), norm, project.
 
-Families differ only in their config (which norms, biases, windows, caps) and in how their
-GGUF tensors are named; both live in the family's own module.
+Each segment runs one kind of layer (`BLOCKS`) over its own cache state: unrolled, one layer
+with its own params subtree; scanned, `nn.scan` over a run of layers whose params and state
+are stacked on a leading layer axis. The decoder hands each segment its state from
+`Cache.layers` and collects the updated one, whatever kind it is (`tsjax.cache`).
+
+The dense families differ only in their config (which norms, biases, windows, caps), which
+lives in the family's own module. Every parameter a layer kind or the head may have is
+declared once, in its module's `PARAMS` and in `HEAD_PARAMS`, which the loader and the
+sharding rules read through `PARAM_TABLE`.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import KVCache, WriteIndex, batch_write_index
+from tsjax.cache import Cache, KVLayout, KVState, Step, create_cache
 from tsjax.layers.attention import Attention
 from tsjax.layers.embed import Embed
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import RopeTables, rope_lookup
+from tsjax.layers.rope import rope_lookup
 from tsjax.models.config import ModelConfig
+from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms."""
+    """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms.
+
+    Every layer kind's module takes (cfg, dtype, quant) and is called as
+    `((x, state), step, (layer, window, base), rope) -> ((x, state), None)`."""
+
+    #: Every parameter this layer may have (the config decides biases and extra norms).
+    #: q/k/v weights are [N*H, D] with heads major, so splitting whole heads is splitting
+    #: that axis into contiguous blocks; the axis is named for its heads.
+    PARAMS: ClassVar[tuple[Param, ...]] = (
+        Param("attn_norm.weight", ("attn_norm", "scale"), ("embed",)),
+        Param("attn_q.weight", ("attn", "q", "weight"), ("q_heads", "embed")),
+        Param("attn_k.weight", ("attn", "k", "weight"), ("kv_heads", "embed")),
+        Param("attn_v.weight", ("attn", "v", "weight"), ("kv_heads", "embed")),
+        Param("attn_q.bias", ("attn", "q", "bias"), ("q_heads",)),
+        Param("attn_k.bias", ("attn", "k", "bias"), ("kv_heads",)),
+        Param("attn_v.bias", ("attn", "v", "bias"), ("kv_heads",)),
+        Param("attn_output.weight", ("attn", "o", "weight"), ("embed", "q_heads")),
+        Param("attn_q_norm.weight", ("attn", "q_norm", "scale"), ("head_dim",)),
+        Param("attn_k_norm.weight", ("attn", "k_norm", "scale"), ("head_dim",)),
+        Param("post_attention_norm.weight", ("post_attn_norm", "scale"), ("embed",)),
+        Param("ffn_norm.weight", ("ffn_norm", "scale"), ("embed",)),
+        Param("ffn_gate.weight", ("mlp", "gate", "weight"), ("ffw", "embed")),
+        Param("ffn_up.weight", ("mlp", "up", "weight"), ("ffw", "embed")),
+        Param("ffn_down.weight", ("mlp", "down", "weight"), ("embed", "ffw")),
+        Param("post_ffw_norm.weight", ("post_ffn_norm", "scale"), ("embed",)),
+    )
 
     cfg: ModelConfig
-    attn_len: int
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
 
     @nn.compact
-    def __call__(
-        self,
-        carry,
-        positions,
-        rows,
-        layer_data,
-        rope: RopeTables,
-        writes: WriteIndex | None = None,
-    ):
-        """layer_data: (layer index, attention window, index of the layer's rotary base);
-        rope: every base's rotation tables for this step, stacked ([bases, B, T, 1, H/2]);
-        writes: the blocked cache's scatter indices. The decoder makes both once a step."""
-        x, cache_k, cache_v = carry
+    def __call__(self, carry: tuple[jax.Array, KVState], step: Step, layer_data, rope):
+        """carry: (x [B, T, D], this segment's attention state); layer_data: (index into a
+        stacked state, attention window, index of the layer's rotary base); rope: every
+        base's rotation tables for this step, stacked ([bases, B, T, 1, H/2])."""
+        x, state = carry
         layer, window, base = layer_data
         c = self.cfg
         rope = (rope[0][base], rope[1][base])
@@ -59,9 +86,7 @@ class DecoderLayer(nn.Module):
             name="attn",
         )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
-        h, cache_k, cache_v = attn(
-            h, positions, cache_k, cache_v, layer, rows, self.attn_len, window, rope, writes
-        )
+        h, state = attn(h, state, layer, step, window, rope)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
         x = x + h
@@ -69,7 +94,7 @@ class DecoderLayer(nn.Module):
         h = GatedMLP(c.ffn_dim, c.activation, self.dtype, self.quant, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm")(h)
-        return (x + h, cache_k, cache_v), None
+        return (x + h, state), None
 
 
 def unroll_layers_default() -> bool:
@@ -84,9 +109,21 @@ def unroll_layers_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def layer_name(i: int) -> str:
-    """Params key of layer i in the unrolled layout ("layers" holds the stacked layout)."""
-    return f"layers_{i}"
+#: The module of each layer kind (`ModelConfig.layer_kinds`): the layer's parameters are its
+#: `PARAMS`. A family with a new kind of layer registers its module here.
+BLOCKS: dict[str, type[nn.Module]] = {ATTENTION: DecoderLayer}
+
+#: The model-wide parameters: the embedding (also the tied output projection), the final norm
+#: and a separate output projection (GGUF `output.weight`; bf16 / int8 give a tied embedding
+#: one in their format).
+HEAD_PARAMS: tuple[Param, ...] = (
+    Param("token_embd.weight", ("embed", "embedding"), ("vocab", "embed")),
+    Param("output_norm.weight", ("final_norm", "scale"), ("embed",)),
+    Param("output.weight", ("lm_head", "weight"), ("vocab", "embed")),
+)
+
+#: Every parameter of every model (see `tsjax.stack.ParamTable`).
+PARAM_TABLE = ParamTable(HEAD_PARAMS, BLOCKS)
 
 
 class Decoder(nn.Module):
@@ -100,14 +137,16 @@ class Decoder(nn.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        cache: KVCache,
+        cache: Cache,
         rows: jax.Array | None,
         logit_index: jax.Array | None,
         attn_len: int,
-    ) -> tuple[jax.Array, KVCache]:
+        counts: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache]:
         """tokens, positions: [B, T]; rows: [B] cache rows (None: the cache rows [0, B));
-        logit_index: [B] which of the T positions to project to logits (None: all).
-        Returns (logits [B, V] or [B, T, V], cache with the new K/V written)."""
+        logit_index: [B] which of the T positions to project to logits (None: all); counts:
+        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T).
+        Returns (logits [B, V] or [B, T, V], cache with the step's tokens written)."""
         c = self.cfg
         embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
         x = embed(tokens)  # [B, T, D]
@@ -120,38 +159,48 @@ class Decoder(nn.Module):
         base_of = [bases.index(b) for b in layer_bases]
         tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
         rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
-        if self.unrolled:
-            writes = (
-                batch_write_index(cache.k[0], rows, positions, attn_len) if cache.blocked else None
+        if counts is None:
+            counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        step = cache.step(positions, rows, counts, attn_len)
+        states = []
+        for seg, state in zip(self.plan(), cache.layers, strict=True):
+            x, state = self._segment(seg, x, state, step, rope, base_of)
+            states.append(state)
+        return self._head(embed, x, logit_index, cache.with_layers(states))
+
+    def _segment(self, seg: Segment, x, state, step: Step, rope, base_of) -> tuple[Any, Any]:
+        """Run one segment's layers over its state."""
+        c, block = self.cfg, BLOCKS[seg.kind]
+        if not seg.stacked:
+            i = seg.first  # static window and base: the mask's window test folds away
+            (x, state), _ = block(c, self.dtype, self.quant, name=seg.name)(
+                (x, state), step, (0, c.layer_windows[i], base_of[i]), rope
             )
-            ks, vs = [], []
-            for i in range(c.n_layers):
-                data = (i, c.layer_windows[i], base_of[i])
-                # blocked cache: this layer's own buffers; stacked: all of it, indexed by i
-                k, v = (cache.k[i], cache.v[i]) if cache.blocked else (cache.k, cache.v)
-                (x, k, v), _ = DecoderLayer(
-                    c, attn_len, self.dtype, self.quant, name=layer_name(i)
-                )((x, k, v), positions, rows, data, rope, writes)
-                ks.append(k)
-                vs.append(v)
-            if cache.blocked:
-                k, v = tuple(ks), tuple(vs)
-            return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
-        assert not cache.blocked, "the scanned layer loop takes the stacked cache layout"
+            return x, state
         layers = nn.scan(
-            DecoderLayer,
+            block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=c.n_layers,
-        )(c, attn_len, self.dtype, self.quant, name="layers")
+            in_axes=(nn.broadcast, 0, nn.broadcast),
+            length=seg.count,
+        )(c, self.dtype, self.quant, name=seg.name)
+        span = slice(seg.first, seg.first + seg.count)
         layer_data = (
-            jnp.arange(c.n_layers, dtype=jnp.int32),
-            jnp.asarray(c.layer_windows, jnp.int32),
-            jnp.asarray(base_of, jnp.int32),
+            jnp.arange(seg.count, dtype=jnp.int32),
+            jnp.asarray(c.layer_windows[span], jnp.int32),
+            jnp.asarray(base_of[span], jnp.int32),
         )
-        (x, k, v), _ = layers((x, cache.k, cache.v), positions, rows, layer_data, rope)
-        return self._head(embed, x, logit_index, KVCache(k, v, cache.lengths))
+        (x, state), _ = layers((x, state), step, layer_data, rope)
+        return x, state
+
+    def plan(self) -> tuple[Segment, ...]:
+        """The layer loop's segments (`tsjax.stack.layer_plan`)."""
+        return layer_plan(self.cfg.layer_kinds, self.unrolled)
+
+    def new_cache(self, rows: int, max_len: int, layout: KVLayout | None = None) -> Cache:
+        """A zeroed cache for this model's segments (attention stacked unless `layout`)."""
+        layout = KVLayout() if layout is None else layout
+        return create_cache(self.cfg, self.plan(), layout, rows, max_len, self.dtype)
 
     def _head(self, embed, x, logit_index, cache):
         c = self.cfg

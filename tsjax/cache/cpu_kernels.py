@@ -1,85 +1,27 @@
-"""The KV cache: a pytree of every layer's keys and values plus per-row lengths.
+"""XLA:CPU kernels of the blocked cache layout (`tsjax.cache.blocked`): scatter a step's new
+keys and values into the blocks their rows and positions fall in, gather a few rows back into
+one array, and decode attention that reads the blocks where they lie.
 
-Two layouts, chosen with the layer loop (`tsjax.models.decoder.unroll_layers_default`):
-
-- stacked, `[L, B, K, S, H]`: one leading layer axis so a single `lax.scan` walks the layers
-  and updates the cache in place (accelerators, where slicing a buffer is free);
-- blocked (XLA:CPU, unrolled layers): per layer, a grid of separate buffers, one per (block of
-  rows, block of positions): values `[R, K, P, H]`, keys transposed `[R, K, H, P]`. The blocks
-  follow the steps' buckets (position blocks: the attention buckets, long spans cut in two
-  halves, `tsjax.steps.split_blocks`), so a decode step over the first b rows reads whole
-  buffers, and skips a span's upper half that none of its rows reach. XLA:CPU's dot and
-  reduce kernels take whole buffers: from a stacked cache, every step first copied each
-  layer's bucket out of it (measured: 14 of 55 ms of a 16-row int8 step). Keys are
-  transposed because the batched q.k dot reads them at memory speed that way (48 against 91
-  us per 12-row block, measured).
-
-The compiled steps donate the cache, so writes update the buffers in place.
+One layer's keys (or values) are a grid of separate buffers, one per (block of rows, block of
+positions): values `[R, K, P, H]`, keys transposed `[R, K, H, P]`. XLA:CPU's dot and reduce
+kernels take whole buffers: from one big cache array, every step first copied each layer's
+bucket out of it (measured: 14 of 55 ms of a 16-row int8 step). Keys are transposed because
+the batched q.k dot reads them at memory speed that way (48 against 91 us per 12-row block,
+measured; `python -m serve.bench_kernels` times these forms).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import functools
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:  # tsjax.models imports this module (a real import would be a cycle)
-    from tsjax.models.config import ModelConfig
+from tsjax.cache.dense import NEG_INF, visible
+from tsjax.shapes import SKIP_MIN_ROWS
 
 #: One layer's blocked keys (or values): row blocks, each a tuple of position blocks.
 Blocks = tuple[tuple[jax.Array, ...], ...]
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class KVCache:
-    k: jax.Array | tuple[Blocks, ...]  # stacked [L, B, K, S, H], or per layer Blocks
-    v: jax.Array | tuple[Blocks, ...]
-    lengths: jax.Array  # [B] int32: tokens held per row
-
-    @classmethod
-    def create(
-        cls,
-        cfg: ModelConfig,
-        rows: int,
-        max_len: int,
-        dtype=jnp.float32,
-        blocks: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-    ) -> KVCache:
-        """A zeroed cache; `blocks` = (row bounds, position bounds) selects the blocked
-        layout, e.g. ((4, 16, 32), (128, 256, 512)): rows 0-3, 4-15, 16-31 by positions
-        0-127, 128-255, 256-511. Each list ends at `rows` / `max_len`."""
-        lengths = jnp.zeros((rows,), jnp.int32)
-        if blocks is None:
-            shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
-            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), lengths)
-        row_bounds, pos_bounds = blocks
-        assert row_bounds[-1] == rows and pos_bounds[-1] == max_len, blocks
-
-        def layer(keys: bool) -> Blocks:
-            kh, h = cfg.n_kv_heads, cfg.head_dim
-            return tuple(
-                tuple(
-                    jnp.zeros((r, kh, h, p) if keys else (r, kh, p, h), dtype)
-                    for p in block_sizes(pos_bounds)
-                )
-                for r in block_sizes(row_bounds)
-            )
-
-        n = cfg.n_layers
-        k = tuple(layer(True) for _ in range(n))
-        return cls(k, tuple(layer(False) for _ in range(n)), lengths)
-
-    @property
-    def blocked(self) -> bool:
-        return isinstance(self.k, tuple)
-
-
-def block_sizes(bounds: tuple[int, ...]) -> list[int]:
-    """Block bounds (each block's end) -> block sizes."""
-    return [hi - lo for lo, hi in zip((0, *bounds[:-1]), bounds, strict=True)]
 
 
 def block_bounds(blocks: Blocks, keys: bool) -> tuple[list[int], list[int]]:
@@ -209,3 +151,99 @@ def read_rows(blocks: Blocks, rows: jax.Array, length: int, keys: bool) -> jax.A
         out = part if out is None else out + part
     assert out is not None and out.shape[axis] == length, (length, pos_lo)
     return out.swapaxes(2, 3) if keys else out
+
+
+def attend_blocks(
+    q: jax.Array,
+    k_blocks: Blocks,
+    v_blocks: Blocks,
+    pos: jax.Array,
+    attn_len: int,
+    window: jax.Array,
+    scale: float,
+    softcap: float | None,
+    sinks: jax.Array | None = None,
+    skip_min_rows: int = SKIP_MIN_ROWS,
+) -> jax.Array:
+    """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
+    block, scores against each position block below `attn_len` (batched dots over whole
+    buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
+    value blocks' weighted sum. q: [b, K, G, H]; pos: [b]; sinks: [K*G] per-head sink logits
+    (`tsjax.cache.dense.softmax_with_sink`), or None. Returns [b, K*G*H].
+
+    A row block of at least `skip_min_rows` rows none of which reaches the last position
+    block below `attn_len` skips it (a `lax.cond` on its furthest row). Long spans are two
+    blocks (`tsjax.shapes.StepShapes.split_span`), so there such a step reads at most 1.5x
+    the cache its rows need instead of 2x."""
+    b, kv, g, h = q.shape
+    out, lo = [], 0
+    for kb, vb in zip(k_blocks, v_blocks, strict=True):
+        if lo >= b:
+            break
+        r = kb[0].shape[0]
+        qr, pr = q[lo : lo + r], pos[lo : lo + r]
+        n = qr.shape[0]  # < r: the batch ends inside this block; read only its first n rows
+        used, starts = [], []
+        start = 0
+        for kblk, vblk in zip(kb, vb, strict=True):
+            if start >= attn_len:
+                break
+            if n < r:
+                kblk, vblk = kblk[:n], vblk[:n]
+            used.append((kblk, vblk))
+            starts.append(start)
+            start += vblk.shape[2]
+
+        def attend_used(blocks, qr, pr):
+            return _attend_row_block(qr, pr, blocks, window, scale, softcap, sinks)
+
+        if len(used) == 1 or n < skip_min_rows:
+            o = attend_used(used, qr, pr)
+        else:
+            # Read the last block (a split span's upper half, or the bucket's last span)
+            # only when a row reaches it. Two branches, not one per block: each branch
+            # compiles its own attention. Rows past the bucket are padding: their writes are
+            # dropped and what they read does not matter.
+            reach = jnp.max(jnp.where(pr < attn_len, pr, 0))
+            o = jax.lax.cond(
+                reach >= starts[-1],
+                functools.partial(attend_used, used),
+                functools.partial(attend_used, used[:-1]),
+                qr,
+                pr,
+            )
+        out.append(o)
+        lo += r
+    out = jnp.concatenate(out, axis=0)
+    if out.shape[0] < b:  # a padded batch past the cache's rows
+        out = jnp.pad(out, ((0, b - out.shape[0]), (0, 0), (0, 0), (0, 0)))
+    return out[:b].reshape(b, kv * g * h)
+
+
+def _attend_row_block(qr, pr, used, window, scale, softcap, sinks=None):
+    """One row block's attention over the position blocks `used` [(keys, values)], from
+    position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H].
+
+    Block by block, with no concatenated scores: the softmax's max spans every block, each
+    block's exponentials feed its own value dot, and the sum of the products is divided by
+    the sum of the exponentials at the end ([r, K, G, H] divides, not [r, K, G, S])."""
+    q = qr * jnp.asarray(scale, qr.dtype)
+    scores, start = [], 0
+    for kblk, _ in used:
+        sc = jnp.einsum("rkgh,rkhs->rkgs", q, kblk.astype(q.dtype))
+        if softcap:
+            sc = jnp.tanh(sc / softcap) * softcap
+        seen = visible(pr, sc.shape[-1], window, start)
+        scores.append(jnp.where(seen[:, None, None, :], sc, NEG_INF))
+        start += sc.shape[-1]
+    top = functools.reduce(jnp.maximum, [jnp.max(sc, axis=-1, keepdims=True) for sc in scores])
+    num, den = 0, 0
+    if sinks is not None:  # the sink's term of the denominator (`softmax_with_sink`)
+        sink = sinks.reshape(1, *top.shape[1:3], 1).astype(top.dtype)
+        top = jnp.maximum(top, sink)
+        den = jnp.exp(sink - top)
+    for sc, (_, vblk) in zip(scores, used, strict=True):
+        e = jnp.exp(sc - top)
+        den = den + jnp.sum(e, axis=-1, keepdims=True)
+        num = num + jnp.einsum("rkgs,rksh->rkgh", e, vblk.astype(q.dtype))
+    return num / den
