@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_list)
     _add_generate(sub)
     # The server-side commands live in serve/ (tsjax/ never imports it at module level).
-    from serve.bench import add_bench_args, cmd_bench
+    from benchmarks.engine import add_bench_args, cmd_bench
     from serve.settings import add_serve_args, cmd_serve
 
     p = sub.add_parser("serve", help="serve the Ollama/OpenAI HTTP API")
