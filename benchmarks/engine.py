@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tsjax.cli import Command
 from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
 
@@ -495,6 +496,13 @@ def report(
     if ref is None and not args.no_llama_cpp:
         lines.append("\nllama-cpp-python is not installed (`pip install -e .[bench]`): no ratios.")
     return "\n".join(lines)
+
+
+command = Command(
+    help="benchmark a model (and llama.cpp on the same file)",
+    add_args=add_bench_args,
+    run=cmd_bench,
+)  # `tsjax bench`, through the tsjax.commands entry point
 
 
 def main(argv: list[str] | None = None) -> int:
