@@ -504,3 +504,12 @@ def test_invalid_schema_is_400_before_generation(base_url, schema):
         body = {"model": MODEL, "messages": msgs, "tools": TOOLS, "tool_choice": "sometimes"}
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_every_sampling_parameter_can_be_requested():
+    """The neutral request's sampling fields are the sampler's: a parameter added to
+    SamplingParams without its request field (or the reverse) fails here."""
+    from serve.translation import Sampling
+    from tsjax.sampling import SamplingParams
+
+    assert set(Sampling.__struct_fields__) == set(SamplingParams.__dataclass_fields__)

@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.params import JSONBody
 
-from serve.bodies import decode_body
+from serve.bodies import StrictBody, decode_body, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
 from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCall, ToolCallEnd
@@ -230,22 +231,20 @@ def _generate_intent(body: GenerateBody) -> Intent:
     return _intent(body, messages=messages, images=body.images or [], reuse_prefix=False)
 
 
-@post("/api/generate", status_code=200)
-async def generate(request: Request) -> Response:
+@post("/api/generate", status_code=200, dto=StrictBody[GenerateBody], return_dto=None)
+async def generate(request: Request, data: JSONBody[GenerateBody | None] = None) -> Response:
     """One-shot completion."""
     began = time.perf_counter()
-    hub = hub_of(request)
-    body = await decode_body(request, GenerateBody)
+    hub, body = hub_of(request), required(data)
     prep = await prepare(hub, _generate_intent(body))
     return await _respond(hub, prep.request, body.model, "response", body.stream, began,
                           prep.reply)  # fmt: skip
 
 
-async def ollama_chat(request: Request) -> Response:
+async def ollama_chat(request: Request, body: ChatBody) -> Response:
     """Multi-turn chat; reuses the KV cache of an earlier turn with the same prefix."""
     began = time.perf_counter()
     hub = hub_of(request)
-    body = await decode_body(request, ChatBody)
     messages = [_message_dict(m) for m in body.messages]
     intent = _intent(body, messages=messages, tools=body.tools, tool_choice=body.tool_choice)
     prep = await prepare(hub, intent)
@@ -262,9 +261,9 @@ def _message_dict(m: Message) -> dict[str, Any]:
     return msg
 
 
-@post("/api/chat/ollama", status_code=200)
-async def chat_ollama(request: Request) -> Response:
-    return await ollama_chat(request)
+@post("/api/chat/ollama", status_code=200, dto=StrictBody[ChatBody], return_dto=None)
+async def chat_ollama(request: Request, data: JSONBody[ChatBody | None] = None) -> Response:
+    return await ollama_chat(request, required(data))
 
 
 class _Probe(msgspec.Struct):
@@ -284,7 +283,7 @@ async def chat(request: Request) -> Response:
     webui = getattr(request.app.state, "webui_chat", None)
     if not has_model and webui is not None:
         return await webui(request)
-    return await ollama_chat(request)
+    return await ollama_chat(request, await decode_body(request, ChatBody))
 
 
 def _modified(hub: Hub) -> str:
@@ -335,10 +334,9 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
 
 
-@post("/api/show", status_code=200)
-async def show(request: Request) -> dict[str, Any]:
-    hub = hub_of(request)
-    body = await decode_body(request, ShowBody)
+@post("/api/show", status_code=200, dto=StrictBody[ShowBody], return_dto=None)
+async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict[str, Any]:
+    hub, body = hub_of(request), required(data)
     requested = body.model or body.name or ""
     model, _ = hub.live()
     check_model(requested, model)

@@ -15,8 +15,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.params import JSONBody
 
-from serve.bodies import decode_body
+from serve.bodies import StrictBody, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
 from serve.errors import ApiError, ErrorKind
 from serve.outputs import (
@@ -296,10 +297,9 @@ def _chat_intent(body: ChatBody) -> Intent:
     )
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request) -> Response:
-    hub = hub_of(request)
-    body = await decode_body(request, ChatBody)
+@post("/v1/chat/completions", status_code=200, dto=StrictBody[ChatBody], return_dto=None)
+async def chat_completions(request: Request, data: JSONBody[ChatBody | None] = None) -> Response:
+    hub, body = hub_of(request), required(data)
     prep = await prepare(hub, _chat_intent(body))
     return await _chat_respond(hub, prep, body)
 
@@ -313,10 +313,9 @@ def _completion_intent(body: CompletionBody) -> Intent:
     return _intent(body, body.max_tokens, prompt=prompt)
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request) -> Response:
-    hub = hub_of(request)
-    body = await decode_body(request, CompletionBody)
+@post("/v1/completions", status_code=200, dto=StrictBody[CompletionBody], return_dto=None)
+async def completions(request: Request, data: JSONBody[CompletionBody | None] = None) -> Response:
+    hub, body = hub_of(request), required(data)
     prep = await prepare(hub, _completion_intent(body))
     return await _respond(hub, prep.request, body, chat=False)
 

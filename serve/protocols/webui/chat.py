@@ -23,8 +23,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, post
+from litestar.params import JSONBody
 
-from serve.bodies import decode_body
+from serve.bodies import StrictBody, decode_body, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
 from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCallEnd
@@ -174,9 +175,13 @@ def _frames(events: list[OutputEvent]) -> list[dict[str, Any]]:
 
 
 async def webui_chat(request: Request) -> Response:
-    """POST /api/chat without `model`: one streamed turn of a session's conversation."""
+    """POST /api/chat without `model` (Ollama's /api/chat hands such bodies over)."""
+    return await chat_turn(request, await decode_body(request, ChatBody))
+
+
+async def chat_turn(request: Request, body: ChatBody) -> Response:
+    """One streamed turn of a session's conversation."""
     hub = hub_of(request)
-    body = await decode_body(request, ChatBody)
     if (body.model or "").strip() or (body.backend or "").strip():
         raise ApiError(
             400,
@@ -227,10 +232,10 @@ def _message(m: WebMessage) -> dict[str, Any]:
     return msg
 
 
-@post("/api/webui/chat", status_code=200)
-async def chat_alias(request: Request) -> Response:
+@post("/api/webui/chat", status_code=200, dto=StrictBody[ChatBody], return_dto=None)
+async def chat_alias(request: Request, data: JSONBody[ChatBody | None] = None) -> Response:
     """The same protocol at a path no Ollama client claims (for UIs that want certainty)."""
-    return await webui_chat(request)
+    return await chat_turn(request, required(data))
 
 
 router = Router(path="/", route_handlers=[chat_alias], exception_handlers={ApiError: render_error})

@@ -10,8 +10,9 @@ from typing import Any
 import jax
 import msgspec
 from litestar import Request, Router, get, post
+from litestar.params import JSONBody
 
-from serve.bodies import decode_body
+from serve.bodies import StrictBody, required
 from serve.errors import ApiError
 from serve.protocols.webui.errors import render_ok_error
 from serve.state import hub_of
@@ -68,13 +69,12 @@ def _backend_ok(requested: str | None) -> bool:
     return name == jax.default_backend()
 
 
-@post("/api/models/load", status_code=200)
-async def load_model(request: Request) -> dict[str, Any]:
+@post("/api/models/load", status_code=200, dto=StrictBody[LoadBody], return_dto=None)
+async def load_model(request: Request, data: JSONBody[LoadBody | None] = None) -> dict[str, Any]:
     """Only the hosted model can be "loaded": one model per process, compiled at startup. A
     matching request succeeds at once (weights on the device never change, so the reference's
     full reload would only cost time); anything else is a 400 that says how to switch."""
-    hub = hub_of(request)
-    body = await decode_body(request, LoadBody)
+    hub, body = hub_of(request), required(data)
     if not (body.model or "").strip():
         raise ApiError(400, "model is required")
     if not _backend_ok(body.backend):
