@@ -116,6 +116,41 @@ def test_no_import_circles_in_the_server():
     assert len(graph) > 10 and not cycles(graph)
 
 
+# The server's layers, lowest first (README, "Repository layout"): a module imports only from
+# its own group or from a lower layer. Adapters never import each other; translation never
+# imports an adapter; the engine and the output parsers know nothing of HTTP.
+SERVER_LAYERS = [
+    ["serve.settings", "serve.errors", "serve.sessions", "serve.streaming"],
+    ["serve.engine", "serve.outputs"],
+    ["serve.state", "serve.bodies"],
+    ["serve.translation"],
+    ["serve.protocols.ollama", "serve.protocols.openai", "serve.protocols.webui", "serve.metrics"],
+    ["serve.app"],
+    ["serve.cli", "serve.__main__"],
+]
+
+
+def _group(module: str) -> tuple[int, str] | None:
+    """(layer, group) of a serve module: the longest group name it is, or lies under."""
+    found = [(i, g) for i, layer in enumerate(SERVER_LAYERS) for g in layer
+             if module == g or module.startswith(g + ".")]  # fmt: skip
+    return max(found, key=lambda f: len(f[1])) if found else None
+
+
+def test_server_imports_go_down_the_layers():
+    graph = import_graph("serve")
+    placed = {m: _group(m) for m in graph if m not in ("serve", "serve.protocols")}
+    assert not [m for m, g in placed.items() if g is None], "every module has a layer"
+    upward = [
+        (a, b)
+        for a, imports in graph.items()
+        for b in imports
+        if a in placed and b in placed and placed[a][1] != placed[b][1]
+        and placed[b][0] >= placed[a][0]
+    ]  # fmt: skip
+    assert not upward
+
+
 def test_the_checks_see_what_they_look_for(tmp_path):
     """The walker finds function-level imports and skips TYPE_CHECKING ones, and the cycle
     finder finds a circle: the two tests above cannot pass for want of looking."""
@@ -134,6 +169,8 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     assert module_name(path) == "tsjax._layout_probe"
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+    assert _group("serve.protocols.webui.chat") == (4, "serve.protocols.webui")
+    assert _group("serve.translation.plan")[0] > _group("serve.state")[0]
 
 
 def test_the_tsjax_command_offers_the_server_and_the_benchmarks(capsys):
