@@ -38,7 +38,7 @@ class _FakeEngine:
         pass
 
     async def generate(self, req: Any):
-        from serve.engine import EventKind, FinishReason, Stats, TokenEvent
+        from serve.engine.types import EventKind, FinishReason, Stats, TokenEvent
 
         for p in self.pieces:
             yield TokenEvent(EventKind.TOKEN, text=p, token_ids=(1,))
