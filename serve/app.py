@@ -22,9 +22,10 @@ from litestar.static_files import create_static_files_router
 from serve import metrics
 from serve.engine import Engine
 from serve.engine.lockstep import StepChannel
+from serve.errors import ApiError
 from serve.protocols import ollama, openai, webui
-from serve.protocols.common import ApiError, Hub, hub_of
 from serve.settings import Settings
+from serve.state import Hub, hub_of
 from tsjax.model import Model
 
 log = logging.getLogger("tsjax.serve")
@@ -138,7 +139,8 @@ webui_files = create_static_files_router(path="/", directories=[WEBUI_DIR], html
 
 
 def _render_api_error(_: Request, exc: ApiError) -> Response:
-    return exc.response()
+    """Errors outside the API routers (each router renders its own dialect's shape)."""
+    return Response({"error": exc.message}, status_code=exc.status)
 
 
 def create_app(

@@ -25,7 +25,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from serve.engine import EventKind, FinishReason, TokenEvent
-from serve.protocols.common import Hub
+from serve.state import Hub
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

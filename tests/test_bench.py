@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from serve.bench import (
+from benchmarks.engine import (
     add_bench_args,
     bench_command,
     decode_entries,
@@ -179,7 +179,7 @@ def test_report_without_llama_cpp_has_no_ratios():
 
 
 def test_accuracy_comparison_measures_what_it_says():
-    from serve.bench_accuracy import compare
+    from benchmarks.accuracy import compare
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((5, 40)).astype(np.float32)

@@ -19,27 +19,18 @@ import jsonschema
 import pytest
 
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats, TokenEvent
+from serve.errors import ApiError
 from serve.outputs import select_format
 from serve.protocols import ollama as ollama_api
 from serve.protocols import openai as openai_api
-from serve.protocols import webui as webui_api
-from serve.protocols.common import Hub
-from serve.protocols.features import (
-    OutputSpec,
-    Plan,
-    Reply,
-    apply,
-    call_schema,
-    normalize_tools,
-    openai_format,
-    openai_think,
-    plan_of,
-    think_of,
-    tool_choice_of,
-    with_generic_tools,
-)
+from serve.protocols.webui import chat as webui_api
 from serve.sessions import SessionStore
 from serve.settings import Settings
+from serve.state import Hub
+from serve.translation import OutputSpec, Reply
+from serve.translation.options import openai_format, openai_think, think_of
+from serve.translation.plan import Plan, apply, call_schema, plan_of
+from serve.translation.tools import normalize_tools, tool_choice_of, with_generic_tools
 
 QWEN_TEMPLATE = "{{ '<think>' }}{% if tools %}<tool_call>{% endif %}"  # a think + hermes format
 TOOLS = [
@@ -137,7 +128,7 @@ CALL = ['Sure.<tool_', 'call>\n{"name": "get_weather", "argu', 'ments": {"city":
 
 def test_streamed_tool_calls_in_each_dialect():
     hub = fake_hub(CALL)
-    plan = Plan(tools=normalize_tools(TOOLS, openai_api.OpenAIError))
+    plan = Plan(tools=normalize_tools(TOOLS))
     shape = openai_api._Shape(True, "m")
     chunks = run(collect(openai_api._chat_sse(hub, GenerationRequest([1]), shape, Reply(hub, plan,
                  ""), False)))  # fmt: skip
@@ -195,7 +186,7 @@ def test_reply_problems():
     bad = Reply(hub, Plan(output=OutputSpec(schema)), "")
     bad.parse('{"n": 7}')
     assert "maximum" in bad.problem() and "n" in bad.problem()
-    tools = normalize_tools(TOOLS, openai_api.OpenAIError)
+    tools = normalize_tools(TOOLS)
     forced = Reply(hub, Plan(tools=tools, choice="add"), "")
     forced.parse('{"name": "add", "arguments": {"a": 1, "b": "x"}}')
     assert "do not match" in forced.problem()
@@ -208,7 +199,7 @@ def test_union_reply_checks_the_call_or_the_content():
     """`tool_choice: "auto"` with tools and a response format: a call must be valid, content
     must match the format."""
     hub = fake_hub([])
-    tools = normalize_tools(TOOLS, openai_api.OpenAIError)
+    tools = normalize_tools(TOOLS)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     cases = [
         ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', None),
@@ -240,15 +231,14 @@ def grammars():
      ("gptoss", ""), ("qwen3", "<tool_call>"), ("llama", "")],
 )  # fmt: skip
 def test_every_tool_syntax_is_enforced_from_the_first_token(grammars, arch, template):
-    from serve.protocols.features import constrain
+    from serve.translation.plan import constrain
 
-    err = openai_api.OpenAIError
     hub = fake_hub([], template=template, arch=arch)
     hub._grammars = grammars
-    tools = normalize_tools(TOOLS, err)
+    tools = normalize_tools(TOOLS)
     for choice, output in (("required", None), ("add", None), ("auto", OutputSpec())):
-        plan = plan_of(tools=tools, choice=choice, think=None, output=output, error=err)
-        plan = run(constrain(hub, plan, err, "<|im_start|>assistant\n"))
+        plan = plan_of(tools=tools, choice=choice, think=None, output=output)
+        plan = run(constrain(hub, plan, "<|im_start|>assistant\n"))
         assert plan.constraint is not None
         req = apply(plan, GenerationRequest([1]))
         assert req.constraint is plan.constraint
@@ -257,52 +247,51 @@ def test_every_tool_syntax_is_enforced_from_the_first_token(grammars, arch, temp
 def test_a_tool_syntax_without_grammar_is_a_400(grammars):
     from serve.outputs.registry import OutputFormat
     from serve.outputs.toolcalls import ToolCallParser
-    from serve.protocols.features import constrain
+    from serve.translation.plan import constrain
 
-    err = openai_api.OpenAIError
+    err = ApiError
     hub = fake_hub([])
     hub._grammars = grammars
     hub._format = OutputFormat("none", "pythonic", lambda p: None, ToolCallParser)
-    plan = plan_of(tools=normalize_tools(TOOLS, err), choice="required", think=None,
-                   output=None, error=err)  # fmt: skip
+    plan = plan_of(tools=normalize_tools(TOOLS), choice="required", think=None, output=None)
     with pytest.raises(err) as e:
-        run(constrain(hub, plan, err))
+        run(constrain(hub, plan))
     assert e.value.status == 400 and "pythonic" in e.value.message
 
 
 def test_request_field_parsing():
-    err = openai_api.OpenAIError
-    tools = normalize_tools(TOOLS, err)
-    assert tool_choice_of(None, tools, err) == "auto"
-    assert tool_choice_of({"type": "function", "function": {"name": "add"}}, tools, err) == "add"
+    err = ApiError
+    tools = normalize_tools(TOOLS)
+    assert tool_choice_of(None, tools) == "auto"
+    assert tool_choice_of({"type": "function", "function": {"name": "add"}}, tools) == "add"
     for bad in ("always", {"type": "function", "function": {"name": "nope"}}, 3):
         with pytest.raises(err) as e:
-            tool_choice_of(bad, tools, err)
+            tool_choice_of(bad, tools)
         assert e.value.status == 400
     with pytest.raises(err):
-        tool_choice_of("required", [], err)
+        tool_choice_of("required", [])
     with pytest.raises(err):
-        normalize_tools([{"type": "function", "function": {"description": "no name"}}], err)
+        normalize_tools([{"type": "function", "function": {"description": "no name"}}])
     assert openai_think(None, "low", None) is True
     assert openai_think(None, "none", None) is False
     assert openai_think(True, None, {"enable_thinking": False}) is False
-    assert think_of("high", err) is True and think_of(False, err) is False
+    assert think_of("high") is True and think_of(False) is False
     with pytest.raises(err):
-        think_of("sometimes", err)
-    assert openai_format({"type": "text"}, err) is None
+        think_of("sometimes")
+    assert openai_format({"type": "text"}) is None
     spec = openai_format({"type": "json_schema", "json_schema": {"name": "x", "strict": True,
-                          "schema": {"type": "object"}}}, err)  # fmt: skip
+                          "schema": {"type": "object"}}})  # fmt: skip
     assert spec.strict and spec.schema == {"type": "object"}
     with pytest.raises(err):
-        openai_format({"type": "xml"}, err)
+        openai_format({"type": "xml"})
     with pytest.raises(err):
-        plan_of(tools=tools, choice="required", think=None, output=OutputSpec(), error=err)
-    plan = plan_of(tools=tools, choice="none", think=None, output=None, error=err)
+        plan_of(tools=tools, choice="required", think=None, output=OutputSpec())
+    plan = plan_of(tools=tools, choice="none", think=None, output=None)
     assert plan.template_tools is None and not plan.parse_tools
 
 
 def test_call_schema_and_generic_tool_prompt():
-    tools = normalize_tools(TOOLS, openai_api.OpenAIError)
+    tools = normalize_tools(TOOLS)
     both = call_schema(Plan(tools=tools, choice="required"))
     jsonschema.validate({"name": "add", "arguments": {"a": 1, "b": 2}}, both)
     with pytest.raises(jsonschema.ValidationError):
@@ -515,3 +504,12 @@ def test_invalid_schema_is_400_before_generation(base_url, schema):
         body = {"model": MODEL, "messages": msgs, "tools": TOOLS, "tool_choice": "sometimes"}
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_every_sampling_parameter_can_be_requested():
+    """The neutral request's sampling fields are the sampler's: a parameter added to
+    SamplingParams without its request field (or the reverse) fails here."""
+    from serve.translation import Sampling
+    from tsjax.sampling import SamplingParams
+
+    assert set(Sampling.__struct_fields__) == set(SamplingParams.__dataclass_fields__)

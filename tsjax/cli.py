@@ -1,4 +1,9 @@
-"""The `tsjax` command: pull, list, generate (serve and bench join as they land)."""
+"""The `tsjax` command: pull, list and generate here; other packages add theirs.
+
+The library never imports the server or the benchmarks. `tsjax serve` and `tsjax bench` are
+subcommands those packages register under the entry point group `tsjax.commands` (see
+pyproject.toml): each entry point names a `Command`, found at startup with `importlib.metadata`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
@@ -130,10 +137,51 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_GROUP = "tsjax.commands"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A `tsjax` subcommand from another package: its one-line help, a function that adds its
+    flags to the subparser, and the function that runs it (returns the exit status)."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_registered(sub) -> None:
+    """The subcommands of the `tsjax.commands` entry points, in the order they are declared. One
+    that fails to import still appears, and running it reports why instead of a bare "invalid
+    choice" (the library's own commands keep working either way)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMAND_GROUP):
+        try:
+            command = ep.load()
+        except Exception as e:  # a broken optional dependency must not take down `tsjax pull`
+            p = sub.add_parser(ep.name, help=f"(unavailable: {e})")
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_unavailable(ep.name, ep.value, e))
+            continue
+        p = sub.add_parser(ep.name, help=command.help)
+        command.add_args(p)
+        p.set_defaults(func=command.run)
+
+
+def _unavailable(name: str, target: str, error: Exception) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"error: tsjax {name} is unavailable: importing {target} failed: {error}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     from tsjax.catalog import cmd_pull
 
-    parser = argparse.ArgumentParser(prog="tsjax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tsjax", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pull", help="fetch a catalog model and print its path")
@@ -143,17 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="list catalog models and where they are")
     p.set_defaults(func=cmd_list)
     _add_generate(sub)
-    # The server-side commands live in serve/ (tsjax/ never imports it at module level).
-    from serve.bench import add_bench_args, cmd_bench
-    from serve.settings import add_serve_args, cmd_serve
-
-    p = sub.add_parser("serve", help="serve the Ollama/OpenAI HTTP API")
-    add_serve_args(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("bench", help="benchmark a model (and llama.cpp on the same file)")
-    add_bench_args(p)
-    p.set_defaults(func=cmd_bench)
+    _add_registered(sub)  # serve (serve/cli.py) and bench (benchmarks/engine.py)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

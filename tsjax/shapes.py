@@ -4,7 +4,7 @@ the scheduler (which rounds row counts to decode buckets) and command lines can 
 without starting JAX.
 
 The layout policy numbers live here too, each with the measurement that set it (README, "The
-KV cache on CPU: blocks", gives the `serve.bench_decode` commands):
+KV cache on CPU: blocks", gives the `benchmarks.decode` commands):
 
 - `MIN_ROW_BLOCK`: the fewest rows a cache row block holds;
 - `SKIP_MIN_ROWS`: the fewest rows a row block decodes with for it to skip an unreached
@@ -28,7 +28,7 @@ MIN_ROW_BLOCK = 16
 #: Row blocks decoding at least this many rows skip a last position block none of their rows
 #: reaches. Fewer rows read little cache, and the conditional costs them more than it saves:
 #: a 1-row float32 step at 150 positions took 31.4 ms with it and 23.1 without
-#: (python -m serve.bench_decode --rows 32 --live 1 --max-len 512 --positions 150).
+#: (python -m benchmarks.decode --rows 32 --live 1 --max-len 512 --positions 150).
 SKIP_MIN_ROWS = 8
 
 #: Fewest rows a decode step computes per weight format on CPU: XLA:CPU's bfloat16 and int8

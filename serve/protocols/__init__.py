@@ -1,5 +1,3 @@
-"""One adapter per API style; each translates its wire format to and from the engine's seam."""
-
-from serve.protocols.common import ApiError, Hub
-
-__all__ = ["ApiError", "Hub"]
+"""One adapter per API style: each parses its wire request into an `Intent` (serve/translation),
+renders the engine's events in its wire format, and renders `ApiError` in its error shape
+through its router's exception handler. Nothing else lives here."""

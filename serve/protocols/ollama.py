@@ -14,42 +14,29 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.params import JSONBody
 
+from serve.bodies import StrictBody, decode_body, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCall, ToolCallEnd
-from serve.protocols.common import (
-    ApiError,
-    Hub,
-    chat_prompt,
-    check_model,
-    decode_body,
-    hub_of,
-    make_request,
-    ns,
-    reject_images,
-    sampling_params,
-    stop_list,
-)
-from serve.protocols.features import (
-    Plan,
-    Reply,
-    apply,
-    complete,
-    constrain,
-    normalize_tools,
-    ollama_format,
-    plan_of,
-    think_of,
-    tool_choice_of,
-    with_generic_tools,
-)
+from serve.state import Hub, hub_of
 from serve.streaming import ndjson_response
+from serve.translation import Intent, Reply, Sampling, complete, prepare
+from serve.translation.options import ollama_format, stop_of, think_of
+from serve.translation.prompt import check_model
 
 VERSION = "0.1.0"
 
 
-class OllamaError(ApiError):
+def render_error(_: Request, exc: ApiError) -> Response:
     """Ollama's error shape: `{"error": "<message>"}`."""
+    return Response({"error": exc.message}, status_code=exc.status)
+
+
+def ns(seconds: float) -> int:
+    """Ollama reports durations as integer nanoseconds."""
+    return int(seconds * 1e9)
 
 
 class Options(msgspec.Struct):
@@ -111,16 +98,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _request(
-    hub: Hub, ids: list[int], options: Options | None, *, reuse: bool
-) -> GenerationRequest:
-    _, engine = hub.live(OllamaError)
-    o = options or Options()
-    given = {f: getattr(o, f) for f in o.__struct_fields__ if f not in ("stop", "num_predict")}
-    sampling = sampling_params(hub.settings, **given)
-    max_tokens = hub.settings.max_tokens if o.num_predict is None else o.num_predict
-    stop = stop_list(hub.settings, o.stop)
-    return make_request(engine, ids, sampling, max_tokens, stop, OllamaError, reuse_prefix=reuse)
+def _intent(body: GenerateBody | ChatBody, **given: Any) -> Intent:
+    """Fields both endpoints share: the model, the options, thinking, the format."""
+    o = body.options or Options()
+    sampling = Sampling(**{f: getattr(o, f) for f in Sampling.__struct_fields__})
+    return Intent(model=body.model, sampling=sampling, max_tokens=o.num_predict,
+                  stop=stop_of(o.stop), think=think_of(body.think),
+                  output=ollama_format(body.format), stream=body.stream, **given)  # fmt: skip
 
 
 def _metrics(stats: Stats | None, reason: FinishReason | None, began: float) -> dict[str, Any]:
@@ -219,7 +203,7 @@ async def _respond(
 ) -> Response:
     if stream:
         return ndjson_response(_stream(hub, req, requested, body_key, began, reply))
-    final = await complete(hub, req, reply, OllamaError)
+    final = await complete(hub, req, reply)
     body: dict[str, Any] = {"model": hub.model.name, "created_at": _now()}  # type: ignore[union-attr]
     if body_key == "response":
         body["response"] = reply.content
@@ -235,58 +219,37 @@ async def _respond(
     return Response(body | _metrics(final.stats, final.finish_reason, began))
 
 
-@post("/api/generate", status_code=200)
-async def generate(request: Request) -> Response:
-    """One-shot completion. Never reuses a cached prefix, so each call stands alone."""
-    began = time.perf_counter()
-    hub = hub_of(request)
-    body = await decode_body(request, GenerateBody, OllamaError)
-    model, _ = hub.live(OllamaError)
-    check_model(body.model, model, OllamaError)
-    if body.images:
-        reject_images(model, OllamaError, "images")
+def _generate_intent(body: GenerateBody) -> Intent:
+    """A prompt through the chat template (with `system`), or as given with `raw`. Never
+    reuses a cached prefix, so each call stands alone."""
     prompt = body.prompt or ""
-    think = think_of(body.think, OllamaError)
-    output = ollama_format(body.format, OllamaError)
-    plan = plan_of(tools=[], choice="auto", think=think, output=output, error=OllamaError)
     if body.raw:
-        text = prompt
-        ids = model.tokenizer.encode(prompt, parse_special=True)
-    else:
-        messages = [{"role": "user", "content": prompt}]
-        if body.system:
-            messages.insert(0, {"role": "system", "content": body.system})
-        ids, text = chat_prompt(model, messages, OllamaError, think=think)
-    req = _request(hub, ids, body.options, reuse=False)
-    apply(await constrain(hub, plan, OllamaError, text), req)
-    reply = Reply(hub, plan, text)
-    return await _respond(hub, req, body.model, "response", body.stream, began, reply)
+        return _intent(body, prompt=prompt, images=body.images or [], reuse_prefix=False)
+    messages = [{"role": "user", "content": prompt}]
+    if body.system:
+        messages.insert(0, {"role": "system", "content": body.system})
+    return _intent(body, messages=messages, images=body.images or [], reuse_prefix=False)
 
 
-async def ollama_chat(request: Request) -> Response:
+@post("/api/generate", status_code=200, dto=StrictBody[GenerateBody], return_dto=None)
+async def generate(request: Request, data: JSONBody[GenerateBody | None] = None) -> Response:
+    """One-shot completion."""
+    began = time.perf_counter()
+    hub, body = hub_of(request), required(data)
+    prep = await prepare(hub, _generate_intent(body))
+    return await _respond(hub, prep.request, body.model, "response", body.stream, began,
+                          prep.reply)  # fmt: skip
+
+
+async def ollama_chat(request: Request, body: ChatBody) -> Response:
     """Multi-turn chat; reuses the KV cache of an earlier turn with the same prefix."""
     began = time.perf_counter()
     hub = hub_of(request)
-    body = await decode_body(request, ChatBody, OllamaError)
-    model, _ = hub.live(OllamaError)
-    check_model(body.model, model, OllamaError)
-    plan = _plan(body)
     messages = [_message_dict(m) for m in body.messages]
-    messages = with_generic_tools(messages, plan.template_tools, model.template.source)
-    ids, text = chat_prompt(model, messages, OllamaError, tools=plan.template_tools,
-                            think=plan.think)  # fmt: skip
-    req = _request(hub, ids, body.options, reuse=True)
-    apply(await constrain(hub, plan, OllamaError, text), req)
-    reply = Reply(hub, plan, text)
-    return await _respond(hub, req, body.model, "message", body.stream, began, reply)
-
-
-def _plan(body: ChatBody) -> Plan:
-    tools = normalize_tools(body.tools, OllamaError)
-    choice = tool_choice_of(body.tool_choice, tools, OllamaError)
-    think = think_of(body.think, OllamaError)
-    output = ollama_format(body.format, OllamaError)
-    return plan_of(tools=tools, choice=choice, think=think, output=output, error=OllamaError)
+    intent = _intent(body, messages=messages, tools=body.tools, tool_choice=body.tool_choice)
+    prep = await prepare(hub, intent)
+    return await _respond(hub, prep.request, body.model, "message", body.stream, began,
+                          prep.reply)  # fmt: skip
 
 
 def _message_dict(m: Message) -> dict[str, Any]:
@@ -298,9 +261,9 @@ def _message_dict(m: Message) -> dict[str, Any]:
     return msg
 
 
-@post("/api/chat/ollama", status_code=200)
-async def chat_ollama(request: Request) -> Response:
-    return await ollama_chat(request)
+@post("/api/chat/ollama", status_code=200, dto=StrictBody[ChatBody], return_dto=None)
+async def chat_ollama(request: Request, data: JSONBody[ChatBody | None] = None) -> Response:
+    return await ollama_chat(request, required(data))
 
 
 class _Probe(msgspec.Struct):
@@ -320,7 +283,7 @@ async def chat(request: Request) -> Response:
     webui = getattr(request.app.state, "webui_chat", None)
     if not has_model and webui is not None:
         return await webui(request)
-    return await ollama_chat(request)
+    return await ollama_chat(request, await decode_body(request, ChatBody))
 
 
 def _modified(hub: Hub) -> str:
@@ -371,13 +334,12 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
 
 
-@post("/api/show", status_code=200)
-async def show(request: Request) -> dict[str, Any]:
-    hub = hub_of(request)
-    body = await decode_body(request, ShowBody, OllamaError)
+@post("/api/show", status_code=200, dto=StrictBody[ShowBody], return_dto=None)
+async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict[str, Any]:
+    hub, body = hub_of(request), required(data)
     requested = body.model or body.name or ""
-    model, _ = hub.live(OllamaError)
-    check_model(requested, model, OllamaError)
+    model, _ = hub.live()
+    check_model(requested, model)
     s = hub.settings
     params = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
               "repeat_penalty": s.repeat_penalty, "num_ctx": model.max_len}  # fmt: skip
@@ -409,4 +371,5 @@ async def queue_status(request: Request) -> dict[str, Any]:
 router = Router(
     path="/",
     route_handlers=[generate, chat_ollama, chat, tags, show, version, queue_status],
+    exception_handlers={ApiError: render_error},
 )

@@ -15,8 +15,11 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.params import JSONBody
 
+from serve.bodies import StrictBody, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.errors import ApiError, ErrorKind
 from serve.outputs import (
     ContentDelta,
     OutputEvent,
@@ -25,48 +28,27 @@ from serve.outputs import (
     ToolCallArgs,
     ToolCallStart,
 )
-from serve.protocols.common import (
-    ApiError,
-    Hub,
-    chat_prompt,
-    check_model,
-    decode_body,
-    hub_of,
-    make_request,
-    run_to_end,
-    sampling_params,
-    stop_list,
-)
-from serve.protocols.features import (
-    Plan,
-    Reply,
-    apply,
-    complete,
-    constrain,
-    normalize_tools,
-    openai_format,
-    openai_think,
-    plan_of,
-    tool_choice_of,
-    with_generic_tools,
-)
+from serve.state import Hub, hub_of
 from serve.streaming import DONE_SENTINEL, sse_response
+from serve.translation import Intent, Prepared, Reply, Sampling, complete, prepare, run_to_end
+from serve.translation.options import openai_format, openai_think, stop_of
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_response_error",
-          503: "unavailable_error"}  # fmt: skip
+_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.INVALID_RESPONSE: "invalid_response_error",
+    ErrorKind.UNAVAILABLE: "unavailable_error",
+}
 
 
-class OpenAIError(ApiError):
-    """OpenAI's error shape, with `type` chosen from the status as Ollama's /v1 does."""
+def render_error(_: Request, exc: ApiError) -> Response:
+    """OpenAI's error shape, with `type` named from the error's kind as Ollama's /v1 does."""
+    err = {"message": exc.message, "type": _error_type(exc.kind), "param": exc.param, "code": None}
+    return Response({"error": err}, status_code=exc.status)
 
-    def response(self) -> Response:
-        err = {
-            "message": self.message,
-            "type": _TYPES.get(self.status, "api_error"),
-            "param": self.param,
-            "code": None,
-        }
-        return Response({"error": err}, status_code=self.status)
+
+def _error_type(kind: ErrorKind) -> str:
+    return _TYPES.get(kind, "api_error")
 
 
 class StreamOptions(msgspec.Struct):
@@ -118,12 +100,11 @@ class CompletionBody(_Sampling, kw_only=True):
     prompt: str | list[str]
 
 
-def _request(hub: Hub, body: _Sampling, ids: list[int], max_tokens: int | None, *, reuse: bool):
-    _, engine = hub.live(OpenAIError)
-    if body.n not in (None, 1):
-        raise OpenAIError(400, "only n=1 is supported", param="n")
-    sampling = sampling_params(
-        hub.settings,
+def _intent(body: _Sampling, max_tokens: int | None, **given: Any) -> Intent:
+    """The fields both endpoints share; `given` are the endpoint's own."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    sampling = Sampling(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -133,11 +114,9 @@ def _request(hub: Hub, body: _Sampling, ids: list[int], max_tokens: int | None, 
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
     )
-    budget = hub.settings.max_tokens if max_tokens is None else max_tokens
-    if budget < 1:
-        raise OpenAIError(400, f"max_tokens must be at least 1, got {budget}", "max_tokens")
-    stop = stop_list(hub.settings, body.stop)
-    return make_request(engine, ids, sampling, budget, stop, OpenAIError, reuse_prefix=reuse)
+    return Intent(model=body.model, sampling=sampling, max_tokens=max_tokens,
+                  stop=stop_of(body.stop), n=1 if body.n is None else body.n,
+                  stream=body.stream, **given)  # fmt: skip
 
 
 def _usage(stats: Stats | None) -> dict[str, Any]:
@@ -193,7 +172,7 @@ async def _sse(hub: Hub, req: GenerationRequest, shape: _Shape, include_usage: b
                 if include_usage:
                     yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
             elif ev.kind is EventKind.ERROR:
-                yield _stream_error(ev.error, "api_error")
+                yield _stream_error(ev.error, ErrorKind.INTERNAL)
     yield DONE_SENTINEL
 
 
@@ -205,14 +184,14 @@ async def _respond(hub: Hub, req: GenerationRequest, body: _Sampling, chat: bool
         return sse_response(source)
     text, final = await run_to_end(hub.engine, req)  # type: ignore[arg-type]
     if final.kind is EventKind.ERROR:
-        raise OpenAIError(500, final.error or "generation failed")
+        raise ApiError(500, final.error or "generation failed")
     choice = shape.choice(text, _finish(final.finish_reason), delta=False)
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
 
 
-def _stream_error(message: str | None, kind: str) -> dict[str, Any]:
+def _stream_error(message: str | None, kind: ErrorKind) -> dict[str, Any]:
     """An error frame inside an SSE stream (headers are already sent: no status code)."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": {"message": message, "type": _error_type(kind), "param": None, "code": None}}
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
@@ -265,12 +244,12 @@ async def _chat_sse(
                         yield _chunk(shape, delta)
                 problem = reply.problem(ev.finish_reason is FinishReason.LENGTH)
                 if problem:
-                    yield _stream_error(problem, "invalid_response_error")
+                    yield _stream_error(problem, ErrorKind.INVALID_RESPONSE)
                 yield _chunk(shape, {}, _chat_finish(reply, ev.finish_reason))
                 if include_usage:
                     yield shape.envelope([], chunk=True) | {"usage": _usage(ev.stats)}
             elif ev.kind is EventKind.ERROR:
-                yield _stream_error(ev.error, "api_error")
+                yield _stream_error(ev.error, ErrorKind.INTERNAL)
     yield DONE_SENTINEL
 
 
@@ -286,63 +265,59 @@ def _message(reply: Reply) -> dict[str, Any]:
     return msg
 
 
-async def _chat_respond(hub: Hub, req: GenerationRequest, body: ChatBody, reply: Reply):
-    shape = _Shape(True, hub.model.name)  # type: ignore[union-attr]
+async def _chat_respond(hub: Hub, prep: Prepared, body: ChatBody) -> Response:
+    req, reply = prep.request, prep.reply
+    shape = _Shape(True, prep.model.name)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_chat_sse(hub, req, shape, reply, usage))
-    final = await complete(hub, req, reply, OpenAIError)
+    final = await complete(hub, req, reply)
     choice = {"index": 0, "message": _message(reply), "logprobs": None,
               "finish_reason": _chat_finish(reply, final.finish_reason)}  # fmt: skip
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
 
 
-def _plan(body: ChatBody) -> tuple[Plan, dict[str, Any]]:
-    """The request's plan and the extra template variables (`chat_template_kwargs`, and
-    `reasoning_effort` for templates that read it)."""
-    tools = normalize_tools(body.tools, OpenAIError)
-    choice = tool_choice_of(body.tool_choice, tools, OpenAIError)
-    think = openai_think(body.think, body.reasoning_effort, body.chat_template_kwargs)
-    output = openai_format(body.response_format, OpenAIError)
-    plan = plan_of(tools=tools, choice=choice, think=think, output=output, error=OpenAIError)
+def _chat_intent(body: ChatBody) -> Intent:
+    """The chat request in neutral terms. Extra template variables: `chat_template_kwargs`,
+    and `reasoning_effort` for templates that read it."""
     extra = dict(body.chat_template_kwargs or {})
     extra.pop("enable_thinking", None)
     if body.reasoning_effort and body.reasoning_effort.lower() != "none":
         extra.setdefault("reasoning_effort", body.reasoning_effort)
-    return plan, extra
-
-
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request) -> Response:
-    hub = hub_of(request)
-    body = await decode_body(request, ChatBody, OpenAIError)
-    model, _ = hub.live(OpenAIError)
-    check_model(body.model, model, OpenAIError)
-    plan, extra = _plan(body)
-    messages = [msgspec.structs.asdict(m) for m in body.messages]
-    messages = with_generic_tools(messages, plan.template_tools, model.template.source)
-    ids, text = chat_prompt(model, messages, OpenAIError, tools=plan.template_tools,
-                            think=plan.think, extra=extra)  # fmt: skip
     limit = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-    req = _request(hub, body, ids, limit, reuse=True)
-    apply(await constrain(hub, plan, OpenAIError, text), req)
-    return await _chat_respond(hub, req, body, Reply(hub, plan, text))
+    return _intent(
+        body,
+        limit,
+        messages=[msgspec.structs.asdict(m) for m in body.messages],
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        think=openai_think(body.think, body.reasoning_effort, body.chat_template_kwargs),
+        output=openai_format(body.response_format),
+        template_kwargs=extra,
+    )
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request) -> Response:
-    hub = hub_of(request)
-    body = await decode_body(request, CompletionBody, OpenAIError)
-    model, _ = hub.live(OpenAIError)
-    check_model(body.model, model, OpenAIError)
+@post("/v1/chat/completions", status_code=200, dto=StrictBody[ChatBody], return_dto=None)
+async def chat_completions(request: Request, data: JSONBody[ChatBody | None] = None) -> Response:
+    hub, body = hub_of(request), required(data)
+    prep = await prepare(hub, _chat_intent(body))
+    return await _chat_respond(hub, prep, body)
+
+
+def _completion_intent(body: CompletionBody) -> Intent:
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise OpenAIError(400, "exactly one prompt is supported", param="prompt")
+            raise ApiError(400, "exactly one prompt is supported", param="prompt")
         prompt = prompt[0]
-    ids = model.tokenizer.encode(prompt, parse_special=True)
-    req = _request(hub, body, ids, body.max_tokens, reuse=True)
-    return await _respond(hub, req, body, chat=False)
+    return _intent(body, body.max_tokens, prompt=prompt)
+
+
+@post("/v1/completions", status_code=200, dto=StrictBody[CompletionBody], return_dto=None)
+async def completions(request: Request, data: JSONBody[CompletionBody | None] = None) -> Response:
+    hub, body = hub_of(request), required(data)
+    prep = await prepare(hub, _completion_intent(body))
+    return await _respond(hub, prep.request, body, chat=False)
 
 
 @get("/v1/models")
@@ -356,4 +331,8 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [entry]}
 
 
-router = Router(path="/", route_handlers=[chat_completions, completions, models])
+router = Router(
+    path="/",
+    route_handlers=[chat_completions, completions, models],
+    exception_handlers={ApiError: render_error},
+)

@@ -7,7 +7,7 @@ positions): values `[R, K, P, H]`, keys transposed `[R, K, H, P]`. XLA:CPU's dot
 kernels take whole buffers: from one big cache array, every step first copied each layer's
 bucket out of it (measured: 14 of 55 ms of a 16-row int8 step). Keys are transposed because
 the batched q.k dot reads them at memory speed that way (48 against 91 us per 12-row block,
-measured; `python -m serve.bench_kernels` times these forms).
+measured; `python -m benchmarks.kernels` times these forms).
 """
 
 from __future__ import annotations

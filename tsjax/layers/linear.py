@@ -1,11 +1,11 @@
 """Dense projection. Float weights are kept as GGUF stores them, `weight` [out, in], and the
 product is computed as weight @ x^T then transposed: XLA:CPU runs that ~1.3x faster than
-x @ kernel[in, out] from 4 rows on, and no worse for one row (`python -m serve.bench_kernels`
+x @ kernel[in, out] from 4 rows on, and no worse for one row (`python -m benchmarks.kernels`
 times both forms on SmolLM2's shapes).
 
 With `quant="bf16"` the `weight` is stored as bfloat16 and multiplied by bfloat16 inputs with
 float32 accumulation: half the bytes, and on XLA:CPU with AVX512-BF16 about 1.4x the float32
-rate at 16 rows and 1.6x at 32 (about the same at 2-8 rows; `serve.bench_kernels --rows N`).
+rate at 16 rows and 1.6x at 32 (about the same at 2-8 rows; `benchmarks.kernels --rows N`).
 One row is the exception: XLA:CPU has no fast bfloat16 matrix-vector kernel (~9x slower than
 float32), so a bf16 model's decode pads to 2 rows (`tsjax.shapes.MIN_DECODE_ROWS`).
 

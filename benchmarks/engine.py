@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tsjax.cli import Command
 from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
 
@@ -372,7 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as d:
             cold_start(path, d, args.quant)  # fill the persistent cache
             cold["persistent cache"] = cold_start(path, d, args.quant)
-    print(report(args, path, bw, ours, ref, cold, load_avg=load_avg))
+    command = getattr(args, "report_command", None)  # set by `python -m benchmarks.engine`
+    print(report(args, path, bw, ours, ref, cold, command, load_avg=load_avg))
     return 0
 
 
@@ -494,3 +496,24 @@ def report(
     if ref is None and not args.no_llama_cpp:
         lines.append("\nllama-cpp-python is not installed (`pip install -e .[bench]`): no ratios.")
     return "\n".join(lines)
+
+
+command = Command(
+    help="benchmark a model (and llama.cpp on the same file)",
+    add_args=add_bench_args,
+    run=cmd_bench,
+)  # `tsjax bench`, through the tsjax.commands entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.engine [flags]`: the same run as `tsjax bench [flags]`."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
+    add_bench_args(p)
+    args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.report_command = shlex.join(["python", "-m", "benchmarks.engine", *given])
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Decode-speed cost of constrained decoding: tok/s with and without a grammar, same run.
 
-    python -m serve.bench_grammar [--model smollm2-135m] [--tokens 128] [--repeats 3] [--rows 1]
+    python -m benchmarks.grammar [--model smollm2-135m] [--tokens 128] [--repeats 3] [--rows 1]
 
 Runs the same prompt through the engine unconstrained, with `json_object`, and with a JSON
 schema (fresh Constraint per request, as the server does), and reports decode tok/s for each

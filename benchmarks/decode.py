@@ -1,7 +1,7 @@
 """Decode-step cost by live rows and attention bucket: where batched decode time goes.
 
-    python -m serve.bench_decode [--model smollm2-135m] [--rows 16] [--live 16]
-                                 [--max-len 2048] [--positions 100,200,1000] [--steps 4]
+    python -m benchmarks.decode [--model smollm2-135m] [--rows 16] [--live 16]
+                                [--max-len 2048] [--positions 100,200,1000] [--steps 4]
                                  [--quant int8] [--sampling greedy|default]
 
 Runs the compiled decode step directly (no engine; greedy, or the server's default sampling
@@ -22,7 +22,7 @@ from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_decode", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__)
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--rows", type=int, default=16, help="cache rows (decode slots)")
     p.add_argument("--live", type=int, default=None, help="rows decoding (default: all)")

@@ -1,6 +1,6 @@
 """XLA:CPU kernel forms behind the CPU layout choices (README, "The KV cache on CPU: blocks").
 
-    python -m serve.bench_kernels [--rows 16]
+    python -m benchmarks.kernels [--rows 16]
 
 Times, on SmolLM2-135M's shapes (30 layers, random data), each choice this backend's layout
 rests on, best of 8 runs of one jitted program:
@@ -37,7 +37,7 @@ def _best(fn, *args, runs: int = 8) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_kernels", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__)
     p.add_argument("--rows", type=int, default=16)
     args = p.parse_args(argv)
 

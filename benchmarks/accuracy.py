@@ -1,6 +1,6 @@
 """How far bf16 and int8 weights (and llama.cpp) move the next-token distribution from float32.
 
-    python -m serve.bench_accuracy [--model smollm2-135m] [--tokens 256] [--text FILE]
+    python -m benchmarks.accuracy [--model smollm2-135m] [--tokens 256] [--text FILE]
 
 Runs one text (default: this repository's README, which is not the calibration text) through
 the float32 model, the `--quant bf16` and `--quant int8` models and, with the `bench` extra
@@ -48,7 +48,7 @@ def _logits(model, ids: list[int]) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_accuracy", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__)
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--text", type=Path, default=README)

@@ -1,7 +1,7 @@
 """Where one decode step's time goes, op by op (XLA:CPU): the per-op split BENCHMARKS.md quotes.
 
-    python -m serve.bench_profile [--model smollm2-135m] [--rows 32] [--live 16]
-                                  [--position 200] [--quant int8] [--top 25]
+    python -m benchmarks.profile [--model smollm2-135m] [--rows 32] [--live 16]
+                                 [--position 200] [--quant int8] [--top 25]
 
 Runs `--live` rows of the compiled decode step (4 steps per dispatch) at cache position
 `--position` under JAX's profiler with XLA:CPU's per-thunk trace events on, then groups the
@@ -9,7 +9,7 @@ events by what each fused op computes (its output shape and its main operations,
 compiled HLO: `dot`, `reduce`, `scatter`, ...) and prints ms per step and ops per step, largest
 first, with totals for matmuls (int8 `s32`/float dots over the weights), attention dots and
 everything else. The times are trace events summed, so an op both cores ran counts once per
-core and tracing adds a little per op: the total runs above `serve.bench_decode`'s wall time
+core and tracing adds a little per op: the total runs above `benchmarks.decode`'s wall time
 (float32 more so). Read the shares, not the absolute sum. A last line splits the wall clock:
 the time some op of each group runs on any thread, and the time no op runs at all.
 """
@@ -68,7 +68,7 @@ def fusion_contents(hlo: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_profile", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--rows", type=int, default=32, help="cache rows")
     p.add_argument("--live", type=int, default=16, help="rows decoding")

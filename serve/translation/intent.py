@@ -1,0 +1,71 @@
+"""What one request asks for, in no API style's terms: the `Intent` every adapter parses its
+wire body into, and `prepare` (serve/translation/prepare.py) turns into an engine request.
+
+A new request option is a field here, read where `prepare` uses it, and the line in each
+adapter that reads its wire spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from serve.sessions import TrackedMessage
+
+
+class Sampling(msgspec.Struct, kw_only=True):
+    """The sampling fields a request gave; None keeps the server's default. The names are
+    `tsjax.sampling.SamplingParams`'s (a test keeps the two in step)."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class OutputSpec:
+    """A structured-output request: any JSON object, or JSON valid under `schema`."""
+
+    schema: dict[str, Any] | None = None  # None: any JSON object
+    strict: bool = False
+    name: str = ""
+
+
+class Intent(msgspec.Struct, kw_only=True):
+    """One generation request, parsed from any API style.
+
+    Either `messages` (a conversation for the model's chat template, as the template reads
+    them: dicts with `role`, `content`, `tool_calls`, ...) or `prompt` (raw text, tokenized as
+    given, special tokens included)."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    # The model the request names; None where the API names none (the Web UI chooses models
+    # through /api/models/load).
+    model: str | None = None
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    max_tokens: int | None = None  # None: the server's default; 0 or less: until the window is full
+    stop: tuple[str, ...] | None = None  # None: the server's default stop strings
+    n: int = 1  # answers per request (one is served)
+    # Tools as sent (`{"type":"function","function":{...}}` or the flat `{"name",...}` form)
+    # and the choice ("auto", "none", "required", a name or `{"function":{"name"}}`):
+    # checked and normalized by `prepare`.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    output: OutputSpec | None = None  # a response format: JSON, or JSON under a schema
+    think: bool | None = None  # None: the chat template's own default
+    template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # more template vars
+    images: list[str] = msgspec.field(default_factory=list)  # beside the prompt, not in a turn
+    # The conversation as this server last generated it (raw answer ids): answers found again
+    # in `messages` are spliced in as those ids, so the prompt starts with the cached tokens.
+    history: list[TrackedMessage] = msgspec.field(default_factory=list)
+    reuse_prefix: bool = True  # may start from another request's cached prefix
+    stream: bool = False

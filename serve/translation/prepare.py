@@ -1,0 +1,106 @@
+"""`prepare`: one `Intent` -> a checked engine request, its plan and its reply parser. The chain
+every API style runs, written once: the model is live and the one asked for, the plan (tools,
+tool choice, thinking, response format), the prompt (generic tool prompt, chat template, BOS,
+splicing), the request checks (sampling values, window, max tokens) and the grammar constraint.
+
+Everything a request can get wrong is an `ApiError` raised here, before anything is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve.engine import Engine, GenerationRequest
+from serve.errors import ApiError
+from serve.settings import Settings
+from serve.state import Hub
+from serve.translation.intent import Intent, Sampling
+from serve.translation.plan import Plan, constrain, plan_of
+from serve.translation.prompt import Prompt, chat_prompt, check_model, raw_prompt, reject_images
+from serve.translation.reply import Reply
+from serve.translation.tools import normalize_tools, tool_choice_of, with_generic_tools
+from tsjax.generation import PromptTooLongError
+from tsjax.model import Model
+from tsjax.sampling import SamplingParams
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine: what to submit, how to read its output, and the prompt
+    it was made from (ids, text, and the turns a stateful API records)."""
+
+    request: GenerationRequest
+    reply: Reply
+    plan: Plan
+    prompt: Prompt
+    model: Model
+
+
+def sampling_params(settings: Settings, given: Sampling) -> SamplingParams:
+    """Server defaults, overridden by the request's fields that are present (not None)."""
+    values = {name: getattr(settings, name) for name in SamplingParams.__dataclass_fields__}
+    values.update({k: v for k in given.__struct_fields__ if (v := getattr(given, k)) is not None})
+    return SamplingParams(**values)
+
+
+def make_request(
+    engine: Engine,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    *,
+    reuse_prefix: bool,
+) -> GenerationRequest:
+    """A checked engine request: bad sampling values or a prompt over the window are 400s
+    here, before anything is queued or streamed. max_tokens <= 0 means "until the window is
+    full" (Ollama's -1)."""
+    room = engine.model.max_len - len(prompt_ids)
+    budget = room if max_tokens <= 0 else max_tokens
+    req = GenerationRequest(
+        prompt_ids, sampling, max_tokens=max(budget, 1), stop=stop, reuse_prefix=reuse_prefix
+    )
+    try:
+        engine.check(req)
+    except PromptTooLongError as e:
+        raise ApiError(
+            400, f"{e}: shorten the conversation or start a new one", param="messages"
+        ) from e
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+    return req
+
+
+def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
+    if intent.messages is None:
+        text = intent.prompt or ""
+        return Prompt(raw_prompt(model, text), text, [])
+    if not intent.messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    shown = with_generic_tools(intent.messages, plan.template_tools, model.template.source)
+    return chat_prompt(model, shown, tools=plan.template_tools, think=plan.think,
+                       extra=intent.template_kwargs, history=intent.history)  # fmt: skip
+
+
+async def prepare(hub: Hub, intent: Intent) -> Prepared:
+    """The engine request for `intent`, checked, with its constraint and reply parser."""
+    model, engine = hub.live()
+    if intent.model is not None:
+        check_model(intent.model, model)
+    if intent.images:
+        reject_images(model, "images")
+    tools = normalize_tools(intent.tools)
+    choice = tool_choice_of(intent.tool_choice, tools)
+    plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
+    prompt = _prompt(model, intent, plan)
+    if intent.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    s = hub.settings
+    sampling = sampling_params(s, intent.sampling)
+    max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
+    stop = tuple(s.stop) if intent.stop is None else intent.stop
+    req = make_request(engine, prompt.ids, sampling, max_tokens, stop,
+                       reuse_prefix=intent.reuse_prefix)  # fmt: skip
+    plan = await constrain(hub, plan, prompt.text)
+    req.constraint = plan.constraint
+    return Prepared(req, Reply(hub, plan, prompt.text), plan, prompt, model)

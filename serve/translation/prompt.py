@@ -1,0 +1,155 @@
+"""Prompt token ids for a request, written once: the model-name check, the chat template with
+its BOS rule, raw prompts, the refusal of images, and the splicing of answers this server
+generated earlier (their exact token ids instead of their re-tokenized text).
+
+Splicing: an assistant turn the server generated comes back from the client as text, often
+edited or without its reasoning block, and re-tokenizing it rarely gives the ids still sitting
+in a cache row. Each such turn found again in the conversation (same roles and non-assistant
+contents as the recorded `history`) is rendered as a placeholder, and the placeholder's place
+in the token ids gets the recorded raw ids, so prefix reuse covers the whole previous turn.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from serve.errors import ApiError
+from serve.sessions import TrackedMessage
+from tsjax.chat_template import TemplateError
+from tsjax.model import Model
+
+
+def model_names(model: Model) -> set[str]:
+    """Every name the hosted model answers to, lower-cased: file name, its stem, catalog
+    names and aliases of the catalog entry with that file name, and the full path."""
+    from tsjax.catalog import CATALOG
+
+    names = {model.name, model.path.stem, str(model.path)}
+    for entry in CATALOG.values():
+        if entry.filename == model.name:
+            names.update((entry.name, *entry.aliases))
+    return {n.lower() for n in names}
+
+
+def check_model(requested: str, model: Model) -> None:
+    """Blank -> 400; a name the hosted model doesn't answer to -> 404."""
+    name = requested.strip()
+    if not name:
+        raise ApiError(400, "model is required", param="model")
+    if name.lower() not in model_names(model):
+        raise ApiError(
+            404,
+            f"model '{name}' is not hosted by this server (it serves '{model.name}'); "
+            "restart tsjax serve with --model to change it",
+            param="model",
+        )
+
+
+IMAGE_PART_TYPES = {"image_url", "image", "input_image"}
+
+
+def _has_image(message: dict[str, Any]) -> bool:
+    """Ollama's per-message `images`, or an OpenAI content part carrying an image."""
+    if message.get("images"):
+        return True
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content
+    )
+
+
+def reject_images(model: Model, param: str) -> None:
+    """The hosted families are text-only (no vision encoder is loaded), so an image cannot be
+    used: say so instead of silently answering without it."""
+    raise ApiError(
+        400,
+        f"model {model.name} ({model.config.architecture}) cannot take image input: "
+        "it has no vision encoder; send text only",
+        param=param,
+    )
+
+
+def encode(model: Model, text: str, *, first: bool = True, last: bool = True) -> list[int]:
+    """Token ids of rendered template text (special tokens parsed). The BOS rule: a template
+    that writes BOS itself gets none added, else the file's flag decides; only the `first`
+    piece of a prompt can start with BOS, only the `last` can end with the file's EOS."""
+    add_bos = (None if not model.template.bos_in_template else False) if first else False
+    add_eos = None if last else False
+    return model.tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos, parse_special=True)
+
+
+def raw_prompt(model: Model, text: str) -> list[int]:
+    """A prompt sent as text, not messages: tokenized as given (the file's BOS flag)."""
+    return model.tokenizer.encode(text, parse_special=True)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    # The rendered text (the output parser reads its end: a prompt that opened `<think>` means
+    # the answer starts inside the reasoning block; spliced answers appear decoded).
+    text: str
+    # The messages as rendered, with the raw ids of every spliced answer: what a stateful API
+    # records to splice the next turn.
+    turns: list[TrackedMessage]
+
+
+_PLACEHOLDER = "\ue000R{:04d}\ue000"
+_PLACEHOLDER_RE = re.compile("\ue000R(\\d{4})\ue000")
+
+
+def _matched_raw(messages: list[dict[str, Any]], history: list[TrackedMessage]) -> dict[int, list]:
+    """Raw token ids for assistant turns inside the prefix that matches the recorded history.
+    Assistant text is not compared: clients send back answers without their think blocks."""
+    raws: dict[int, list[int]] = {}
+    for i, (new, old) in enumerate(zip(messages, history, strict=False)):
+        if new.get("role") != old.role:
+            break
+        if new.get("role") != "assistant" and new.get("content") != old.content:
+            break
+        if new.get("role") == "assistant" and old.raw:
+            raws[i] = old.raw
+    return raws
+
+
+def chat_prompt(
+    model: Model,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    think: bool | None = None,
+    extra: dict[str, Any] | None = None,
+    history: list[TrackedMessage] | None = None,
+) -> Prompt:
+    """Messages through the model's chat template, with the answers of `history` spliced in
+    as their raw ids. A conversation the template rejects is a 400. `extra` are more template
+    variables (`chat_template_kwargs`)."""
+    if any(_has_image(m) for m in messages):
+        reject_images(model, "messages")
+    kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
+    kwargs["enable_thinking"] = think
+    raws = _matched_raw(messages, history or [])
+    shown = [
+        {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
+        for i, m in enumerate(messages)
+    ]
+    try:
+        text = model.template.render(shown, tools=tools or None, **kwargs)
+        parts = _PLACEHOLDER_RE.split(text)
+        if len(parts) != 2 * len(raws) + 1:  # the template dropped or repeated an answer
+            raws, text = {}, model.template.render(messages, tools=tools or None, **kwargs)
+            parts = [text]
+    except TemplateError as e:
+        raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from e
+    ids: list[int] = []
+    for j, part in enumerate(parts):
+        if j % 2:
+            ids.extend(raws[int(part)])
+            parts[j] = model.tokenizer.decode(raws[int(part)])
+        elif j == 0 or part:
+            ids.extend(encode(model, part, first=j == 0, last=j == len(parts) - 1))
+    turns = [TrackedMessage(m.get("role", ""), m.get("content") or "", raws.get(i))
+             for i, m in enumerate(messages)]  # fmt: skip
+    return Prompt(ids, "".join(parts), turns)
