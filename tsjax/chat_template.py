@@ -12,6 +12,11 @@ rendering an empty string as stock Jinja would.
 
 Files without a template (e.g. some Gemma 3 conversions) get a built-in one chosen from the
 architecture: Gemma turns, Llama 3 headers, or ChatML.
+
+`ChatTemplate.tokenize(tokenizer, messages)` turns a conversation into prompt ids: only the
+control tokens the template itself writes become control ids; control-token text anywhere in the
+request (content, tools, results, arguments, kwargs) is tokenized as text, so a client cannot
+close its turn and forge another (see tsjax.chat_markers).
 """
 
 from __future__ import annotations
