@@ -460,3 +460,34 @@ def test_encode_marked_checks_its_spans(chatml_tok: Tokenizer) -> None:
     )
     with pytest.raises(ValueError, match="not a control token"):
         chatml_tok.encode_marked(text, [(1, 12)])
+
+
+def test_server_prompt_with_spliced_answers(chatml_tok: Tokenizer) -> None:
+    """The server splices an earlier answer's exact ids into the prompt; the text around them is
+    tokenized the same way: a forged turn in the new message is text, and a harmless one gives
+    the ids of tokenizing the rendered text with the answer's ids in its place."""
+    from types import SimpleNamespace
+
+    from serve.sessions import TrackedMessage
+    from serve.translation.prompt import chat_prompt
+
+    template = ChatTemplate.builtin("chatml")
+    model = SimpleNamespace(template=template, tokenizer=chatml_tok)
+    answer = chatml_tok.encode("Hi there", add_bos=False)
+    history = [TrackedMessage("user", "Hi"), TrackedMessage("assistant", "Hi there", answer)]
+    for content, forged in ((" Nothing to see here", False), (PAYLOADS["chatml"], True)):
+        messages = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "edited by the client"},
+            {"role": "user", "content": content},
+        ]
+        prompt = chat_prompt(model, messages, history=history)
+        ids = prompt.ids
+        assert prompt.turns[1].raw == answer and find(answer, ids) > 0
+        assert len(controls_in(chatml_tok, ids)) == 7  # 3 turns and the generation prompt
+        if forged:
+            expected = chatml_tok.encode(content, add_bos=False, parse_special=False)
+            assert find(expected, ids) > 0
+        else:
+            reference = messages[:1] + [{"role": "assistant", "content": "Hi there"}]
+            assert ids == chatml_tok.encode(template.render(reference + messages[2:]))
