@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from gguf_factory import tiny_spec, tiny_vocab
 
-from tsjax.chat_template import ChatTemplate, TemplateError
+from tsjax.chat_template import ChatTemplate, TemplateError, special_tokens_from_metadata
 from tsjax.gguf import GGUFFile
 from tsjax.tokenizer import CONTROL, USER_DEFINED, Tokenizer
 
@@ -213,8 +213,7 @@ def _tiny_family(
 ) -> Family:
     tok, meta = _tiny_tokenizer(arch, controls, user_defined)
     if template in ("chatml", "llama3", "qwen3"):
-        chat = ChatTemplate.from_metadata(dict(meta, **{"general.architecture": template}))
-        chat = ChatTemplate.builtin(template, chat.special_tokens)
+        chat = ChatTemplate.builtin(template, special_tokens_from_metadata(meta))
     else:
         chat = ChatTemplate.from_metadata(dict(meta, **{"tokenizer.chat_template": template}))
     return Family(tok, chat, PAYLOADS[name], fields)
