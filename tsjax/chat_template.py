@@ -12,6 +12,11 @@ rendering an empty string as stock Jinja would.
 
 Files without a template (e.g. some Gemma 3 conversions) get a built-in one chosen from the
 architecture: Gemma turns, Llama 3 headers, or ChatML.
+
+`ChatTemplate.tokenize(tokenizer, messages)` turns a conversation into prompt ids: only the
+control tokens the template itself writes become control ids; control-token text anywhere in the
+request (content, tools, results, arguments, kwargs) is tokenized as text, so a client cannot
+close its turn and forge another (see tsjax.chat_markers).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache, cached_property, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -29,6 +34,11 @@ import numpy as np
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
+
+from tsjax.chat_markers import marked_template
+
+if TYPE_CHECKING:
+    from tsjax.tokenizer import Tokenizer
 
 
 class TemplateError(ValueError):
@@ -581,7 +591,8 @@ class ChatTemplate:
         image_placeholder: str | None = None,
         **extra: Any,
     ) -> str:
-        """The prompt text for `messages`, ready to tokenize (with special-token parsing on).
+        """The prompt text for `messages`. To tokenize a conversation, use `tokenize`: this text
+        alone does not tell the template's control tokens from the same text in a message.
 
         `enable_thinking` is left undefined in the template when None, so templates that default
         it themselves (`{% if enable_thinking is not defined %}`) keep their default. `extra`
@@ -597,6 +608,98 @@ class ChatTemplate:
                 image_placeholder=image_placeholder,
                 **extra,
             )
+        context = self._context(
+            messages, tools, add_generation_prompt, enable_thinking, image_placeholder, extra
+        )
+        return self._run(self._template, context)
+
+    def render_marked(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        controls: frozenset[str],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        image_placeholder: str | None = None,
+        **extra: Any,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """`render`'s text, and the (start, end) character spans of the control tokens (texts
+        among `controls`, e.g. `Tokenizer.control_texts`) that the template itself wrote.
+
+        Control-token text that comes from the request (message content, tool definitions,
+        results and arguments, names, `extra`) is never in a span (see tsjax.chat_markers).
+        """
+        if tools and self.tool_use is not None:
+            return self.tool_use.render_marked(
+                messages,
+                controls,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                image_placeholder=image_placeholder,
+                **extra,
+            )
+        trusted = {k: v for k, v in self.special_tokens.items() if k not in extra}
+        marked = marked_template(
+            _environment(), self.source, controls, tuple(sorted(trusted.values()))
+        )
+        context = self._context(
+            messages, tools, add_generation_prompt, enable_thinking, image_placeholder, extra
+        )
+        client = [v for k, v in context.items() if k not in trusted]
+        markers = marked.choose_markers(client)
+        if markers is None:
+            raise TemplateError(
+                f"{self.name}: the request uses every private-use code point, leaving none to "
+                "mark the template's control tokens with"
+            )
+        context.update({k: marked.mark(v, markers) for k, v in trusted.items()})
+        context.update(marked.variables(markers))
+        try:
+            output = self._run(marked.template, context)
+        except TemplateError as e:
+            raise TemplateError(marked.restore(str(e), markers)) from e.__cause__
+        return marked.unmark(output, markers)
+
+    def tokenize(
+        self,
+        tokenizer: Tokenizer,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        image_placeholder: str | None = None,
+        **extra: Any,
+    ) -> tuple[list[int], str]:
+        """The prompt ids [T] and text for `messages`: the template's own control tokens are
+        control ids, and everything the request supplied is tokenized as text, so control-token
+        text typed in a message cannot open or close a turn. Ids are `encode(text)`'s when the
+        request has no control-token text. BOS is added unless the template writes it.
+        Arguments as in `render`.
+        """
+        text, spans = self.render_marked(
+            messages,
+            tokenizer.control_texts,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            image_placeholder=image_placeholder,
+            **extra,
+        )
+        add_bos = None if not self.bos_in_template else False
+        return tokenizer.encode_marked(text, spans, add_bos=add_bos), text
+
+    def _context(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+        enable_thinking: bool | None,
+        image_placeholder: str | None,
+        extra: Mapping[str, Any],
+    ) -> dict[str, Any]:
         msgs = normalize_messages(messages, image_placeholder=image_placeholder)
         context: dict[str, Any] = dict(self.special_tokens)
         context.update(_plain(extra))
@@ -605,8 +708,11 @@ class ChatTemplate:
         context["add_generation_prompt"] = bool(add_generation_prompt)
         if enable_thinking is not None:
             context["enable_thinking"] = bool(enable_thinking)
+        return context
+
+    def _run(self, template: jinja2.Template, context: dict[str, Any]) -> str:
         try:
-            return self._template.render(context)
+            return template.render(context)
         except _RaisedByTemplate as e:
             raise TemplateError(f"{self.name} rejected the conversation: {e}") from e
         except SecurityError as e:

@@ -55,10 +55,9 @@ class Model:
         return LocalRunner(self.steps, self.params)
 
     def render_chat(self, messages: list[dict], **kwargs) -> list[int]:
-        """Messages through the chat template, then tokens (no second BOS)."""
-        text = self.template.render(messages, **kwargs)
-        add_bos = None if not self.template.bos_in_template else False
-        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+        """Messages through the chat template, then tokens (no second BOS); control-token text
+        in the messages is tokenized as text (`ChatTemplate.tokenize`)."""
+        return self.template.tokenize(self.tokenizer, messages, **kwargs)[0]
 
 
 def load(

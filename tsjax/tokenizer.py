@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -246,10 +247,24 @@ class Tokenizer:
         self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
         self._eog_ids = frozenset(eog_ids)
         self._special_ids = frozenset(np.flatnonzero(token_types == CONTROL).tolist())
+        # The control tokens the backend matches in text with parse_special: text -> id.
+        self._controls = {
+            t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
+        }
+        self._control_lut = np.zeros(max(len(tokens), 1), dtype=bool)
+        self._control_lut[list(self._controls.values())] = True
         self.add_bos, self.add_eos = add_bos, add_eos
         self.strip_leading_space = strip_leading_space
-        # `encode_special_tokens` is a flag on the shared backend; the lock keeps a
-        # parse_special=False call from leaking into a concurrent one.
+        # SentencePiece's "▁" prefix goes on the text's first piece only; a piece that follows a
+        # control token is encoded on its own by `encode_marked`, so it needs a "never" variant.
+        self._pre_first = backend.pre_tokenizer
+        self._pre_rest = (
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+            if strip_leading_space
+            else None
+        )
+        # `encode_special_tokens` and the pre-tokenizer are state on the shared backend; the
+        # lock keeps one call's settings from leaking into a concurrent one.
         self._lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------
@@ -446,6 +461,12 @@ class Tokenizer:
         dropped by decode's `skip_special`."""
         return self._special_ids
 
+    @cached_property
+    def control_texts(self) -> frozenset[str]:
+        """The texts of the control tokens that `encode(parse_special=True)` turns into their
+        ids (e.g. "<|im_end|>", "<start_of_turn>"); a chat template's markers are among them."""
+        return frozenset(self._controls)
+
     def id_of(self, token: str) -> int | None:
         """The id of a token spelled as the GGUF stores it (e.g. "<|im_end|>", "Ġthe")."""
         return self._ids.get(token)
@@ -476,6 +497,66 @@ class Tokenizer:
             ids.insert(0, self._bos_id)
         if (self.add_eos if add_eos is None else add_eos) and self._eos_id is not None:
             ids.append(self._eos_id)
+        return ids
+
+    def encode_marked(
+        self,
+        text: str,
+        special_spans: Sequence[tuple[int, int]],
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ) -> list[int]:
+        """Token ids for `text` where control tokens are parsed only at `special_spans`.
+
+        `special_spans` are the (start, end) character spans, in order, of the control tokens a
+        chat template wrote itself (`ChatTemplate.render_marked`). Control-token text anywhere
+        else, i.e. typed by a client, is tokenized as plain text, as llama.cpp does with
+        parse_special=false and transformers with split_special_tokens. The text between two
+        markers is one piece either way, so BPE merges across the boundary between template text
+        and message content are those of `encode(text)`: when the control tokens `encode` finds
+        are exactly the spans, its ids are returned unchanged.
+        """
+        spans = [(int(a), int(b)) for a, b in special_spans]
+        end = 0
+        for a, b in spans:
+            if a < end or text[a:b] not in self._controls:
+                raise ValueError(f"span {a}:{b} ({text[a:b]!r}) is not a control token in order")
+            end = b
+        with self._lock:
+            self._backend.encode_special_tokens = False
+            encoding = self._backend.encode(text, add_special_tokens=False)
+            ids = encoding.ids
+            where = np.flatnonzero(self._control_lut[np.asarray(ids, dtype=np.int64)])
+            if [encoding.token_to_chars(int(i)) for i in where] != spans:
+                ids = self._encode_between(text, spans)
+        if (self.add_bos if add_bos is None else add_bos) and self._bos_id is not None:
+            ids.insert(0, self._bos_id)
+        if (self.add_eos if add_eos is None else add_eos) and self._eos_id is not None:
+            ids.append(self._eos_id)
+        return ids
+
+    def _encode_between(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """The control ids at `spans`, and every piece between them encoded with special
+        parsing off: what the backend does with parse_special, split at `spans` only. The
+        caller holds the lock."""
+        backend = self._backend
+        ids: list[int] = []
+        pos = 0
+        backend.encode_special_tokens = True
+        try:
+            for start, end in [*spans, (len(text), len(text))]:
+                if start > pos:
+                    if self._pre_rest is not None:
+                        backend.pre_tokenizer = self._pre_first if pos == 0 else self._pre_rest
+                    ids += backend.encode(text[pos:start], add_special_tokens=False).ids
+                if end > start:
+                    ids.append(self._controls[text[start:end]])
+                pos = end
+        finally:
+            backend.encode_special_tokens = False
+            if self._pre_rest is not None:
+                backend.pre_tokenizer = self._pre_first
         return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:

@@ -71,13 +71,21 @@ def reject_images(model: Model, param: str) -> None:
     )
 
 
-def encode(model: Model, text: str, *, first: bool = True, last: bool = True) -> list[int]:
-    """Token ids of rendered template text (special tokens parsed). The BOS rule: a template
-    that writes BOS itself gets none added, else the file's flag decides; only the `first`
-    piece of a prompt can start with BOS, only the `last` can end with the file's EOS."""
+def encode(
+    model: Model,
+    text: str,
+    specials: list[tuple[int, int]],
+    *,
+    first: bool = True,
+    last: bool = True,
+) -> list[int]:
+    """Token ids of rendered template text, control tokens parsed only at `specials` (the ones
+    the template wrote: control-token text from the request stays text). The BOS rule: a
+    template that writes BOS itself gets none added, else the file's flag decides; only the
+    `first` piece of a prompt can start with BOS, only the `last` can end with the file's EOS."""
     add_bos = (None if not model.template.bos_in_template else False) if first else False
     add_eos = None if last else False
-    return model.tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos, parse_special=True)
+    return model.tokenizer.encode_marked(text, specials, add_bos=add_bos, add_eos=add_eos)
 
 
 def raw_prompt(model: Model, text: str) -> list[int]:
@@ -135,21 +143,30 @@ def chat_prompt(
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
         for i, m in enumerate(messages)
     ]
+    controls = model.tokenizer.control_texts
     try:
-        text = model.template.render(shown, tools=tools or None, **kwargs)
+        text, spans = model.template.render_marked(shown, controls, tools=tools or None, **kwargs)
         parts = _PLACEHOLDER_RE.split(text)
         if len(parts) != 2 * len(raws) + 1:  # the template dropped or repeated an answer
-            raws, text = {}, model.template.render(messages, tools=tools or None, **kwargs)
+            raws = {}
+            text, spans = model.template.render_marked(
+                messages, controls, tools=tools or None, **kwargs
+            )
             parts = [text]
     except TemplateError as e:
         raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from e
     ids: list[int] = []
+    pos = 0  # where parts[j] starts in text
     for j, part in enumerate(parts):
         if j % 2:
             ids.extend(raws[int(part)])
             parts[j] = model.tokenizer.decode(raws[int(part)])
-        elif j == 0 or part:
-            ids.extend(encode(model, part, first=j == 0, last=j == len(parts) - 1))
+            pos += len(_PLACEHOLDER.format(int(part)))
+            continue
+        if j == 0 or part:
+            inside = [(a - pos, b - pos) for a, b in spans if pos <= a and b <= pos + len(part)]
+            ids.extend(encode(model, part, inside, first=j == 0, last=j == len(parts) - 1))
+        pos += len(part)
     turns = [TrackedMessage(m.get("role", ""), m.get("content") or "", raws.get(i))
              for i, m in enumerate(messages)]  # fmt: skip
     return Prompt(ids, "".join(parts), turns)
