@@ -9,7 +9,7 @@ DEFAULT_MODEL = smollm2-135m
 MODELS = smollm2-135m gemma3-270m
 PORT ?= 5000
 
-.PHONY: venv models browser serve test lint bench clean distclean
+.PHONY: venv models converter browser serve test lint bench clean distclean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ models: venv
 		$(BIN)/tsjax pull $$m >/dev/null || exit 1; \
 	done
 
+# llama.cpp's HF -> GGUF converter (pinned llama-cpp-python sdist from PyPI, sha256-checked,
+# unpacked beside the model cache) for the tiny random models of tests/hf_factory.py. Instant
+# when cached; fails loudly when PyPI is unreachable.
+converter: venv
+	$(BIN)/python tests/converter.py fetch >/dev/null
+
 # Headless Chromium for tests/test_webui_browser.py (Playwright drives Debian's build; its own
 # browser download does not work here). Installed only as root; otherwise those tests skip.
 browser:
@@ -41,7 +47,7 @@ serve: venv
 	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
 	$(BIN)/tsjax serve --port $(PORT)
 
-test: venv models browser
+test: venv models converter browser
 	$(BIN)/python -m pytest -q
 
 lint: venv
