@@ -10,7 +10,7 @@ code (``src/models``, ``tools/mtmd``) are read from.
 
     python tests/converter.py fetch          # what `make converter` runs: download, verify, unpack
     root = converter_root()                  # the same, from Python (instant once unpacked)
-    convert(hf_dir, [ConvertJob(out, "f32"), ConvertJob(out_mm, "f32", mmproj=True)])
+    convert([ConvertJob(hf_dir, out, "f32"), ConvertJob(hf_dir, out_mm, "f32", mmproj=True)])
 
 The tree lives beside the model cache: ``$TSJAX_HOME/llama.cpp/<version>``, else
 ``$XDG_CACHE_HOME/tsjax/...`` (``~/.cache/tsjax/...``), as `tsjax.catalog.models_dir` decides.
@@ -19,7 +19,7 @@ A failure to fetch raises: a test that needs the converter must not silently ski
 The converter runs in a child process (it puts its own, newer ``gguf-py`` first on
 ``sys.path``, which must not leak into the tests' ``gguf``). All jobs for one model share one
 child, so torch and transformers are imported once per model. Three optional patches are applied
-in the child before the converter runs; each exists because a *tiny* checkpoint differs from a
+in the child before each job's run; each exists because a *tiny* checkpoint differs from a
 real one in a way the converter cannot handle (see `ConvertJob`).
 """
 
@@ -127,11 +127,12 @@ def _unpack(sdist: Path, dest: Path) -> None:
 class ConvertJob:
     """One run of ``convert_hf_to_gguf.py`` on a model directory.
 
-    outfile: the GGUF to write. outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (the converter's
-    own choices). mmproj: write the projector (``--mmproj``) instead of the text model.
-    extra_args: more converter flags (e.g. ``--no-mtp``).
+    hf_dir: the Hugging Face checkpoint directory. outfile: the GGUF to write. outtype:
+    ``f32``, ``f16``, ``bf16`` or ``q8_0`` (the converter's own choices). mmproj: write the
+    projector (``--mmproj``) instead of the text model. extra_args: more converter flags (e.g.
+    ``--no-mtp``).
 
-    Patches (applied in the child process, only for this model's jobs):
+    Patches (applied in the child process, for this job only):
     force_pre: the ``tokenizer.ggml.pre`` name to write. The converter recognises a BPE
         pre-tokenizer by hashing how the tokenizer splits a fixed text; a tiny trained vocabulary
         gives an unknown hash and the converter refuses. The tiny tokenizers use the real
@@ -146,6 +147,7 @@ class ConvertJob:
         come from the Mistral-format checkpoint, whose path keeps it.
     """
 
+    hf_dir: str
     outfile: str
     outtype: str = "f32"
     mmproj: bool = False
@@ -154,15 +156,15 @@ class ConvertJob:
     raw_config: bool = False
     pixtral_img_break: bool = False
 
-    def argv(self, hf_dir: Path) -> list[str]:
-        args = [str(hf_dir), "--outfile", self.outfile, "--outtype", self.outtype]
+    def argv(self) -> list[str]:
+        args = [self.hf_dir, "--outfile", self.outfile, "--outtype", self.outtype]
         return args + (["--mmproj"] if self.mmproj else []) + list(self.extra_args)
 
 
-def convert(hf_dir: Path, jobs: list[ConvertJob], *, timeout: float = 600) -> None:
-    """Run every job on `hf_dir` in one child process; raise `ConverterError` with its log."""
+def convert(jobs: list[ConvertJob], *, timeout: float = 600) -> None:
+    """Run the jobs in one child process; raise `ConverterError` with its log."""
     root = converter_root()
-    spec = json.dumps({"root": str(root), "hf_dir": str(hf_dir), "jobs": [asdict(j) for j in jobs]})
+    spec = json.dumps({"root": str(root), "jobs": [asdict(j) for j in jobs]})
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, "convert", spec],
@@ -171,7 +173,7 @@ def convert(hf_dir: Path, jobs: list[ConvertJob], *, timeout: float = 600) -> No
     missing = [j.outfile for j in jobs if not Path(j.outfile).is_file()]
     if proc.returncode != 0 or missing:
         raise ConverterError(
-            f"convert_hf_to_gguf.py failed on {hf_dir} (rc={proc.returncode}, missing {missing}):\n"
+            f"convert_hf_to_gguf.py failed (rc={proc.returncode}, missing {missing}):\n"
             + (proc.stdout + proc.stderr)[-4000:]
         )
 
@@ -203,7 +205,7 @@ def _run_jobs(spec: dict) -> None:
             base.ModelBase.load_hparams = staticmethod(raw)
         if job["pixtral_img_break"]:
             _let_img_break_through(base)
-        sys.argv = ["convert_hf_to_gguf.py", *ConvertJob(**job).argv(Path(spec["hf_dir"]))]
+        sys.argv = ["convert_hf_to_gguf.py", *ConvertJob(**job).argv()]
         script["main"]()
 
 
