@@ -237,7 +237,7 @@ def _nemotron(hf: Path, layers: list[str], specials, template: str, **moe: Any) 
     import torch
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    eos = "<|im_end|>" if moe else "</s>"
+    eos = "<|im_end|>" if moe else "<SPECIAL_12>"  # what ends an assistant turn
     ids = ft.byte_bpe_tokenizer(
         hf, pre="tekken", specials=specials, bos="<s>", eos=eos, unk="<unk>",
         specials_first=True, template=ft.family_template(template),
@@ -508,9 +508,12 @@ def _gemma4_text(**kw: Any) -> dict[str, Any]:
 
 
 # E2B/E4B style: per-layer inputs, the last 3 layers reuse earlier layers' K/V and have a
-# double-wide MLP, 3:1 sliding/global pattern.
+# double-wide MLP, 4:1 sliding/global pattern. llama.cpp maps a KV-shared layer to the last
+# unshared layer if it is global, else to the one before (n_kv - 1 / n_kv - 2); HF to the last
+# unshared layer of the same kind. They agree when the unshared layers end "sliding, global",
+# as in the real E2B/E4B, so the pattern here does too.
 _GEMMA4_E = dict(
-    num_hidden_layers=8, layer_types=[_S, _S, _S, _F, _S, _S, _S, _F],
+    num_hidden_layers=8, layer_types=[_S, _S, _S, _S, _F, _S, _S, _F],
     hidden_size_per_layer_input=16, num_kv_shared_layers=3, use_double_wide_mlp=True,
 )  # fmt: skip
 
@@ -534,8 +537,8 @@ def _gemma4_randomize(model):
 @family(name="gemma4", arch="gemma4", hf_class="Gemma4ForCausalLM")
 def gemma4(hf: Path) -> dict[str, int]:
     """Gemma 4 E-model text (dense): per-layer input embeddings (16 per layer) with their gate,
-    projection and norm, KV sharing (layers 5-7 reuse the K/V of the last unshared layer of
-    their kind), double-wide MLP on those layers, per-layer output scales, q/k norms and a
+    projection and norm, KV sharing (layers 5-7 reuse the K/V of layer 3 if sliding, 4 if
+    global), double-wide MLP on those layers, per-layer output scales, q/k norms and a
     parameter-free v norm, sliding head_dim 32 / global 64, see `_gemma4_text`."""
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
