@@ -449,8 +449,9 @@ def mistral3(hf: Path) -> dict[str, int]:
     text = dict(
         model_type="ministral3", vocab_size=ft.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=4096, rope_parameters=rope, bos_token_id=ids["<s>"],
-        eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+        max_position_embeddings=256, rope_parameters=rope,  # = factor x original context
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
     )  # fmt: skip
     vision = dict(
         model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -22,6 +22,7 @@ own test, against mtmd.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,32 @@ def hf_multimodal_logits(
 # ----------------------------------------------------------------------------- llama.cpp
 
 
+@contextlib.contextmanager
+def llama_cpp_gelu():
+    """Make transformers' tanh-GELU round like llama.cpp's CPU GELU while inside.
+
+    ggml-cpu computes GELU through a table indexed by the input rounded to fp16, holding fp16
+    outputs (``GGML_GELU_FP16`` in ggml-cpu/vec.h; exact beyond |x| >= 10). That alone puts the
+    Gemma families' logits 5e-4 (gemma3) to 1e-2 (gemma4 MoE: routing near-ties flip) away from
+    the float32 reference; with this emulation they agree to ~1e-3. Use it only when comparing
+    with llama.cpp: tsjax must match the plain float32 reference.
+    """
+    import torch
+    from transformers.activations import GELUTanh
+
+    forward = GELUTanh.forward
+
+    def rounded(self, x):
+        y = forward(self, x.half().float()).half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+    GELUTanh.forward = rounded
+    try:
+        yield
+    finally:
+        GELUTanh.forward = forward
+
+
 def llama_cpp():
     """The llama_cpp module, or skip the calling test (it is an optional second reference)."""
     import pytest
@@ -205,3 +232,74 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+@functools.cache
+def _mtmd(text: Path, mmproj: Path):
+    """An mtmd context for (text GGUF, projector GGUF), CPU, 2 threads; cached."""
+    llama_cpp()
+    from llama_cpp import mtmd_cpp as mtmd
+
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = 2
+    params.print_timings = False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), _llama(Path(text)).model, params)
+    assert ctx, f"mtmd_init_from_file failed for {mmproj}"
+    return ctx
+
+
+def _mtmd_chunks(m: TinyModel, bitmap, prompt: bytes, mmproj: str):
+    """Tokenize `prompt` (with mtmd's media marker where the media goes) around one bitmap."""
+    import ctypes
+
+    from llama_cpp import mtmd_cpp as mtmd
+
+    ctx = _mtmd(m.gguf["f32"], m.mmproj[mmproj])
+    text = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
+    chunks = mtmd.mtmd_input_chunks_init()
+    bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1)
+    assert rc == 0, f"mtmd_tokenize: {rc}"
+    return ctx, chunks
+
+
+def _media_embeddings(m: TinyModel, bitmap, mmproj: str) -> np.ndarray:
+    from llama_cpp import mtmd_cpp as mtmd
+
+    marker = mtmd.mtmd_default_marker()
+    ctx, chunks = _mtmd_chunks(m, bitmap, marker, mmproj)
+    width = m.text_config["hidden_size"]
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+        if mtmd.mtmd_input_chunk_get_type(chunk) != 0:  # not text
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+            out = mtmd.mtmd_get_output_embd(ctx)
+            return np.ctypeslib.as_array(out, shape=(n * width,)).reshape(n, width).copy()
+    raise AssertionError("mtmd produced no media chunk")
+
+
+def mtmd_image_embeddings(m: TinyModel, image: np.ndarray, mmproj: str = "f32") -> np.ndarray:
+    """llama.cpp's (mtmd) embeddings [n, E_text] for a uint8 [H, W, 3] image, its own
+    preprocessing included (resize/letterbox as mtmd does); skips without llama-cpp-python."""
+    import ctypes
+
+    llama_cpp()
+    from llama_cpp import mtmd_cpp as mtmd
+
+    h, w, _ = image.shape
+    data = (ctypes.c_uint8 * image.size).from_buffer_copy(np.ascontiguousarray(image).tobytes())
+    return _media_embeddings(m, mtmd.mtmd_bitmap_init(w, h, data), mmproj)
+
+
+def mtmd_audio_embeddings(m: TinyModel, samples: np.ndarray, mmproj: str = "f32") -> np.ndarray:
+    """llama.cpp's (mtmd) embeddings [n, E_text] for float32 mono 16 kHz `samples`."""
+    import ctypes
+
+    llama_cpp()
+    from llama_cpp import mtmd_cpp as mtmd
+
+    s = np.ascontiguousarray(samples, np.float32)
+    data = (ctypes.c_float * s.size).from_buffer_copy(s.tobytes())
+    return _media_embeddings(m, mtmd.mtmd_bitmap_init_from_audio(s.size, data), mmproj)
