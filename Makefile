@@ -9,7 +9,7 @@ DEFAULT_MODEL = smollm2-135m
 MODELS = smollm2-135m gemma3-270m
 PORT ?= 5000
 
-.PHONY: venv models browser serve test lint bench clean distclean
+.PHONY: venv models converter browser serve test lint llama-cpp bench clean distclean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ models: venv
 		$(BIN)/tsjax pull $$m >/dev/null || exit 1; \
 	done
 
+# llama.cpp's HF -> GGUF converter (pinned llama-cpp-python sdist from PyPI, sha256-checked,
+# unpacked beside the model cache) for the tiny random models of tests/hf_factory.py. Instant
+# when cached; fails loudly when PyPI is unreachable.
+converter: venv
+	$(BIN)/python tests/converter.py fetch >/dev/null
+
 # Headless Chromium for tests/test_webui_browser.py (Playwright drives Debian's build; its own
 # browser download does not work here). Installed only as root; otherwise those tests skip.
 browser:
@@ -41,13 +47,29 @@ serve: venv
 	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
 	$(BIN)/tsjax serve --port $(PORT)
 
-test: venv models browser
+test: venv models converter browser
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check .
 
-bench: venv models
+# llama-cpp-python (the `bench` extra: llama.cpp in the same run as tsjax, and the tests' optional
+# second reference) built portable: a -march=native build segfaults on tiny quantized models on
+# AMX machines, and a build with instructions the CPU lacks dies with SIGILL. So: no native
+# tuning, AVX2/FMA/F16C always (x86-64-v3), and the AVX512 variants only where /proc/cpuinfo
+# lists them (for the AVX512 machines: -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+# -DGGML_AVX512_BF16=ON). Override with `make bench LLAMA_CMAKE_ARGS=...`.
+CPU_FLAGS := $(shell grep -m1 -o -w -E 'avx512f|avx512_vnni|avx512_bf16' /proc/cpuinfo 2>/dev/null | sort -u)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	$(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) \
+	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON)
+
+llama-cpp: venv
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --no-cache-dir -e '.[bench]'
+
+bench: venv models llama-cpp
 	$(BIN)/tsjax bench
 
 # Build and test leftovers; keeps .venv and the model cache (~/.cache/tsjax), which are slow
