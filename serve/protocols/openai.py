@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 
 from serve.bodies import StrictBody, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
@@ -338,7 +338,7 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @get("/v1/models/{model:str}")
-async def model(request: Request, model: str) -> dict[str, Any]:
+async def model(request: Request, model: FromPath[str]) -> dict[str, Any]:
     """The hosted model under any name it answers to (its id is the file's stem); a 404 for
     any other (a 503 while loading, when the names are not known yet)."""
     hosted, _ = hub_of(request).live()
