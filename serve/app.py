@@ -15,15 +15,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import jax
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, get, route
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
 from litestar.static_files import create_static_files_router
 
-from serve import metrics
+from serve import access, metrics
 from serve.engine import Engine
 from serve.engine.lockstep import StepChannel
 from serve.errors import ApiError
-from serve.protocols import ollama, openai, webui
+from serve.protocols import anthropic, ollama, openai, responses, webui
 from serve.settings import Settings
 from serve.state import Hub, hub_of
 from tsjax.model import Model
@@ -123,7 +124,7 @@ def _lifespan(hub: Hub, channel: StepChannel | None):
     return lifespan
 
 
-@get("/health")
+@get("/health", opt={access.ACCESS: access.PUBLIC})
 async def health(request: Request) -> Response:
     hub = hub_of(request)
     if hub.ready:
@@ -133,14 +134,38 @@ async def health(request: Request) -> Response:
 
 
 # The browser chat page (webui/index.html and its assets) at `/`. Routes registered by the API
-# routers match first; only paths no handler claims fall through to these files.
+# routers match first; only paths no handler claims fall through to these files. The page is
+# public: with API keys set, it asks for one and sends it on every API call.
 WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
-webui_files = create_static_files_router(path="/", directories=[WEBUI_DIR], html_mode=True)
+webui_files = create_static_files_router(
+    path="/", directories=[WEBUI_DIR], html_mode=True, opt={access.ACCESS: access.PUBLIC}
+)
 
 
-def _render_api_error(_: Request, exc: ApiError) -> Response:
-    """Errors outside the API routers (each router renders its own dialect's shape)."""
-    return Response({"error": exc.message}, status_code=exc.status)
+# The files above answer GET and HEAD on every path; without this, any other method on a path
+# no API claims would be a 405 (the files' route matched, its method did not). Same path
+# parameter as the files' route, so Litestar joins the two into one route.
+@route("/{file_path:path}", http_method=["POST", "PUT", "PATCH", "DELETE"],
+       include_in_schema=False, opt={access.ACCESS: access.PUBLIC})  # fmt: skip
+async def no_route(request: Request) -> None:
+    raise ApiError(404, f"no endpoint {request.method} {request.url.path}")
+
+
+def _render_api_error(request: Request, exc: ApiError) -> Response:
+    """Errors no API router rendered (unknown paths, a missing key on /schema, the Responses
+    router, which has no renderer of its own): in the shape of the API the path belongs to."""
+    path = request.url.path
+    if path.startswith("/v1/messages"):
+        return anthropic.render_error(request, exc)
+    if path.startswith("/v1/"):
+        return openai.render_error(request, exc)
+    return ollama.render_error(request, exc)  # {"error": "..."}: /api/* and the rest
+
+
+def _render_not_found(request: Request, exc: NotFoundException) -> Response:
+    """Litestar's 404 (no route, no such Web UI file) as JSON in the path's API shape."""
+    return _render_api_error(request, ApiError(404, f"no endpoint {request.method} "
+                                               f"{request.url.path}"))  # fmt: skip
 
 
 def create_app(
@@ -152,18 +177,27 @@ def create_app(
     if engine is not None:
         hub.engine, hub.model = engine, engine.model
     app_metrics = metrics.Metrics(hub)
+    key_guard = access.guard(settings)
+    if key_guard is not None:
+        log.info("API keys required (%d set) on every route but /health%s", len(settings.api_key),
+                 "" if settings.metrics_auth else " and /metrics")  # fmt: skip
     return Litestar(
         route_handlers=[
             health,
             webui_files,
+            no_route,
             ollama.router,
             openai.router,
+            responses.router,
+            anthropic.router,
             webui.router,
             metrics.router,
         ],
         state=State({"hub": hub, "metrics": app_metrics, **webui.state(settings)}),
         middleware=[app_metrics.middleware],
         lifespan=[_lifespan(hub, channel)],
-        exception_handlers={ApiError: _render_api_error},
+        exception_handlers={ApiError: _render_api_error, NotFoundException: _render_not_found},
+        guards=[key_guard] if key_guard else [],
+        cors_config=access.cors(settings),
         request_max_body_size=settings.max_upload_bytes,
     )

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from serve import access
 from serve.engine import EventKind, FinishReason, TokenEvent
 from serve.state import Hub
 
@@ -169,7 +170,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@get("/metrics", include_in_schema=False)
+@get("/metrics", include_in_schema=False, opt={access.ACCESS: access.METRICS})
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format (the registry of this app only)."""
     m: Metrics = request.app.state.metrics

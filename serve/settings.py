@@ -51,6 +51,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_ttl_seconds: float = 3600.0  # Web UI sessions idle longer are dropped
     max_sessions: int = 256
     log_level: str = "INFO"
+    # Access control (serve/access.py). API keys: when any is set, every route but /health (and
+    # /metrics unless metrics_auth) needs `Authorization: Bearer KEY` or `x-api-key: KEY`.
+    api_key: list[str] = msgspec.field(default_factory=list)
+    metrics_auth: bool = False  # /metrics needs a key too (when keys are set)
+    cors_origins: list[str] = msgspec.field(default_factory=list)  # browser origins; "*": any
     # Several devices: "tp=4", "dp=2,tp=2", "tp=-1" (every device); None = one device.
     mesh: str | None = None
     # Several processes (hosts): join a jax.distributed job before touching devices. With no
@@ -78,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid setting {name}={getattr(self, name)!r}")
+        if any(not k.strip() or k != k.strip() for k in self.api_key):
+            raise ValueError("invalid setting api_key: keys must be non-empty, without spaces "
+                             "around them")  # fmt: skip
         if self.mesh:
             from tsjax.sharding import parse_mesh  # imports JAX: only when a mesh is asked for
 
@@ -89,12 +97,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 FIELDS = Settings.__struct_fields__
+_LISTS = ("stop", "api_key", "cors_origins")  # list settings: comma-separated in the environment
 
 
 def _from_file(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         data = tomllib.load(f)
     data = data.get("server", data)  # accept a [server] table or top-level keys
+    for name in _LISTS:  # one value where a list is expected: `api_key = "k"`
+        if isinstance(data.get(name), str):
+            data[name] = [data[name]]
     unknown = set(data) - set(FIELDS)
     if unknown:
         raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
@@ -107,8 +119,10 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
-        if name == "stop":  # a JSON list, or comma-separated
+        if name in _LISTS:  # a JSON list, or comma-separated
             out[name] = json.loads(raw) if raw.lstrip().startswith("[") else raw.split(",")
+            if name != "stop":  # keys and origins never hold spaces; stop strings may
+                out[name] = [v.strip() for v in out[name] if v.strip()]
         else:
             out[name] = raw
     return out
@@ -184,6 +198,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--stop", action="append", default=None, help="default stop string (repeatable)"
     )
     parser.add_argument(
+        "--api-key", dest="api_key", action="append", default=None,
+        help="require this API key (Authorization: Bearer KEY or x-api-key: KEY); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cors-origin", dest="cors_origins", action="append", default=None,
+        help="allow browser requests from this origin (repeatable; * = any); default: none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-auth", dest="metrics_auth", action="store_true", default=None,
+        help="with API keys set, /metrics needs a key too (default: open)",
+    )  # fmt: skip
+    parser.add_argument(
         "--distributed",
         action="store_true",
         default=None,
@@ -193,6 +219,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {name: getattr(args, name, None) for name, _, _ in _FLAGS}
-    overrides["stop"] = getattr(args, "stop", None)
+    for name in ("stop", "api_key", "cors_origins", "metrics_auth"):
+        overrides[name] = getattr(args, name, None)
     overrides["distributed"] = getattr(args, "distributed", None)
     return load_settings(getattr(args, "config", None), overrides)

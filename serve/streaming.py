@@ -45,3 +45,21 @@ def sse_response(source: AsyncIterator[Any]) -> Stream:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "Connection": "keep-alive"},
     )
+
+
+async def _typed_frames(source: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for obj in source:
+            yield b"event: " + obj["type"].encode() + b"\ndata: " + _encoder.encode(obj) + b"\n\n"
+    finally:
+        await source.aclose()  # type: ignore[attr-defined]
+
+
+def typed_sse_response(source: AsyncIterator[dict[str, Any]]) -> Stream:
+    """Named SSE events, `event: <type>` then `data: <json>`, each object's `type` naming its
+    event (the OpenAI Responses and Anthropic Messages streams; no [DONE])."""
+    return Stream(
+        _typed_frames(source),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "Connection": "keep-alive"},
+    )

@@ -120,11 +120,13 @@ def test_stop_string_and_length(engine):
     )
     assert text_of(events) == full.text[: full.text.index(stop)]
     assert events[-1].finish_reason is FinishReason.STOP
+    assert events[-1].stop_sequence == stop  # which stop string ended it (Anthropic reports it)
     (events,) = run(
         engine, [GenerationRequest(prompt, SamplingParams.greedy(), 3, reuse_prefix=False)]
     )
     if events[-1].stats.completion_tokens == 3:
         assert events[-1].finish_reason is FinishReason.LENGTH
+    assert events[-1].stop_sequence is None
 
 
 def test_pipelined_dispatches_give_the_tokens_of_unpipelined_ones(engine, monkeypatch):

@@ -122,9 +122,16 @@ def test_no_import_circles_in_the_server():
 SERVER_LAYERS = [
     ["serve.settings", "serve.errors", "serve.sessions", "serve.streaming"],
     ["serve.engine", "serve.outputs"],
-    ["serve.state", "serve.bodies"],
+    ["serve.state", "serve.bodies", "serve.access"],
     ["serve.translation"],
-    ["serve.protocols.ollama", "serve.protocols.openai", "serve.protocols.webui", "serve.metrics"],
+    [
+        "serve.protocols.ollama",
+        "serve.protocols.openai",
+        "serve.protocols.responses",
+        "serve.protocols.anthropic",
+        "serve.protocols.webui",
+        "serve.metrics",
+    ],
     ["serve.app"],
     ["serve.cli", "serve.__main__"],
 ]

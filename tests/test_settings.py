@@ -41,3 +41,24 @@ def test_file_then_environment_then_flags(tmp_path):
 def test_bad_values_name_the_setting(env, name):
     with pytest.raises(ValueError, match=name):
         load_settings(None, environ=env)
+
+
+def test_access_settings_from_file_environment_and_flags(tmp_path):
+    """API keys and CORS origins: a list in the file (one string is accepted), comma-separated
+    in the environment, repeatable flags; keys with spaces around them are refused."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[server]\napi_key = "k1"\ncors_origins = ["https://a.example"]\n')
+    s = load_settings(cfg, environ={})
+    assert (s.api_key, s.cors_origins, s.metrics_auth) == (["k1"], ["https://a.example"], False)
+    s = load_settings(cfg, environ={"TSJAX_API_KEY": "k2, k3", "TSJAX_METRICS_AUTH": "true"})
+    assert (s.api_key, s.metrics_auth) == (["k2", "k3"], True)
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    args = parser.parse_args(["--config", str(cfg), "--api-key", "a", "--api-key", "b",
+                              "--cors-origin", "*", "--metrics-auth"])  # fmt: skip
+    s = settings_from_args(args)
+    assert (s.api_key, s.cors_origins, s.metrics_auth) == (["a", "b"], ["*"], True)
+    assert load_settings(None, environ={}).api_key == []
+    cfg.write_text('[server]\napi_key = [" padded"]\n')
+    with pytest.raises(ValueError, match="api_key"):
+        load_settings(cfg, environ={})

@@ -40,6 +40,11 @@ class TextStream:
         self.text += piece
         return piece
 
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the stream, if one did."""
+        return self._matcher.stopped
+
     def finish(self, reason: str) -> str:
         """End the stream from outside (e.g. abort); returns any held-back text."""
         if self.finish_reason is not None:

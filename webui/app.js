@@ -4,6 +4,7 @@
 // (send, edit, delete, new chat) and patched in place while a reply streams, so a long answer
 // does not rebuild the whole transcript on every token.
 
+import { apiFetch, showImage } from "./auth.js";
 import { escapeHtml, renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -150,7 +151,7 @@ function samplingOptions() {
 // -- server calls --------------------------------------------------------------------------
 
 async function createSession() {
-  const res = await fetch("/api/sessions", { method: "POST" });
+  const res = await apiFetch("/api/sessions", { method: "POST" });
   if (!res.ok) throw new Error(`could not create a session (HTTP ${res.status})`);
   state.sessionId = (await res.json()).sessionId;
   els.transcript.dataset.sessionId = state.sessionId; // lets tests and devtools see it
@@ -158,13 +159,13 @@ async function createSession() {
 
 function disposeSession(id, keepalive = false) {
   if (!id) return Promise.resolve();
-  return fetch(`/api/sessions/${encodeURIComponent(id)}`, { method: "DELETE", keepalive })
+  return apiFetch(`/api/sessions/${encodeURIComponent(id)}`, { method: "DELETE", keepalive })
     .catch(() => {}); // best effort: the server expires idle sessions anyway
 }
 
 async function loadModel() {
   try {
-    const res = await fetch("/api/models");
+    const res = await apiFetch("/api/models");
     const m = await res.json();
     state.model = m;
     if (m.status === "loading") {
@@ -193,7 +194,7 @@ async function loadModel() {
 async function pollQueue() {
   if (document.visibilityState === "visible") {
     try {
-      const q = await (await fetch("/api/queue/status")).json();
+      const q = await (await apiFetch("/api/queue/status")).json();
       const badge = els.queueBadge;
       if (q.pending_requests > 0) {
         badge.textContent = `Queue: ${q.pending_requests} waiting`;
@@ -226,7 +227,7 @@ async function uploadFile(file) {
   try {
     const form = new FormData();
     form.append("file", file, file.name);
-    const res = await fetch("/api/upload", { method: "POST", body: form });
+    const res = await apiFetch("/api/upload", { method: "POST", body: form });
     const data = await res.json().catch(() => ({}));
     if (!res.ok || !data.ok) throw new Error(data.error || `HTTP ${res.status}`);
     Object.assign(att, data, { status: "ready" });
@@ -249,10 +250,16 @@ function attachmentNote(att) {
   return formatBytes(att.size);
 }
 
+function thumbnail(url) {
+  const img = el("img", { alt: "", class: "thumb" });
+  showImage(img, url); // with an API key, fetched with it (an <img src> sends no headers)
+  return img;
+}
+
 function chip(att, onRemove) {
   const kind = att.mediaType;
   const thumb = kind === "image" && att.path
-    ? el("img", { src: `/uploads/${basename(att.path)}`, alt: "", class: "thumb" })
+    ? thumbnail(`/uploads/${basename(att.path)}`)
     : el("span", { class: "icon", "aria-hidden": "true", text: { text: "TXT", image: "IMG", audio: "AUD", video: "VID" }[kind] ?? "FILE" });
   const li = el("li", { class: `chip ${att.status ?? "ready"} kind-${kind}`, title: att.fileName },
     thumb,
@@ -595,7 +602,7 @@ async function generate() {
 }
 
 function postChat(body, signal) {
-  return fetch("/api/chat", {
+  return apiFetch("/api/chat", {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
     body: JSON.stringify(body),

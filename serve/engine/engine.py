@@ -455,7 +455,9 @@ class Engine:
         if reason is FinishReason.ERROR:
             live.sink(TokenEvent(EventKind.ERROR, error=error, stats=stats, finish_reason=reason))
         else:
-            live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats))
+            stopped = live.text.stop_string
+            live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats,
+                                 stop_sequence=stopped))  # fmt: skip
 
     def _fail_all(self, message: str) -> None:
         self._inflight = None  # the runner's state and feed are about to be replaced

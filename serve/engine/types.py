@@ -66,3 +66,4 @@ class TokenEvent:
     queue_position: int = 0
     queue_pending: int = 0
     error: str = ""
+    stop_sequence: str | None = None  # DONE: the stop string that ended the answer, if one did

@@ -1,5 +1,5 @@
 """The Ollama dialect: /api/generate, /api/chat/ollama (and /api/chat with a `model`),
-/api/tags, /api/show, plus the /api/version and /api/queue/status utilities.
+/api/tags, /api/ps, /api/show, plus the /api/version and /api/queue/status utilities.
 
 Streams are NDJSON; durations are integer nanoseconds; errors are `{"error": "..."}`.
 """
@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jax
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.params import JSONBody
@@ -322,6 +323,35 @@ async def tags(request: Request) -> dict[str, Any]:
     return {"models": [entry]}
 
 
+# Ollama's expiry for a model kept loaded for good (keep_alive < 0): load time plus Go's
+# longest duration (2^63 ns, ~292 years). Here a model stays until the server stops.
+_FOREVER = timedelta(microseconds=2**63 // 1000)
+
+
+@get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    """The loaded model: `size` is what it holds in memory (weights and KV cache, from the
+    engine's memory report), `size_vram` the part of it on accelerators (0 on CPU, so
+    `ollama ps` says "100% CPU"), `context_length` the window; it never expires."""
+    hub = hub_of(request)
+    if not hub.ready or hub.model is None or hub.engine is None:
+        return {"models": []}  # nothing is loaded yet
+    m, report = hub.model, hub.engine.memory()
+    on_device = sum(report.per_device.values()) if jax.default_backend() != "cpu" else 0
+    loaded = datetime.fromtimestamp(hub.started, UTC) + timedelta(seconds=hub.load_seconds)
+    entry = {
+        "name": m.path.stem,
+        "model": m.name,
+        "size": report.params_bytes + report.cache_bytes,
+        "digest": "",
+        "details": _details(hub),
+        "expires_at": (loaded + _FOREVER).isoformat().replace("+00:00", "Z"),
+        "size_vram": on_device,
+        "context_length": m.max_len,
+    }
+    return {"models": [entry]}
+
+
 def _plain(value: Any) -> Any:
     """GGUF metadata values as JSON (numpy scalars to Python; long arrays elided)."""
     if hasattr(value, "item") and not isinstance(value, list | tuple):
@@ -370,6 +400,6 @@ async def queue_status(request: Request) -> dict[str, Any]:
 
 router = Router(
     path="/",
-    route_handlers=[generate, chat_ollama, chat, tags, show, version, queue_status],
+    route_handlers=[generate, chat_ollama, chat, tags, ps, show, version, queue_status],
     exception_handlers={ApiError: render_error},
 )

@@ -1,4 +1,4 @@
-"""The OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models.
+"""The OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models (and one model).
 
 Streams are SSE (`data: <json>` then `data: [DONE]`); errors are
 `{"error": {"message", "type", "param", "code"}}`; usage reports cached prompt tokens in
@@ -11,11 +11,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 
 from serve.bodies import StrictBody, required
 from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
@@ -32,9 +33,11 @@ from serve.state import Hub, hub_of
 from serve.streaming import DONE_SENTINEL, sse_response
 from serve.translation import Intent, Prepared, Reply, Sampling, complete, prepare, run_to_end
 from serve.translation.options import openai_format, openai_think, stop_of
+from serve.translation.prompt import check_model
 
 _TYPES = {
     ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.UNAUTHENTICATED: "invalid_request_error",  # with code invalid_api_key, as OpenAI
     ErrorKind.NOT_FOUND: "not_found_error",
     ErrorKind.INVALID_RESPONSE: "invalid_response_error",
     ErrorKind.UNAVAILABLE: "unavailable_error",
@@ -43,7 +46,8 @@ _TYPES = {
 
 def render_error(_: Request, exc: ApiError) -> Response:
     """OpenAI's error shape, with `type` named from the error's kind as Ollama's /v1 does."""
-    err = {"message": exc.message, "type": _error_type(exc.kind), "param": exc.param, "code": None}
+    code = "invalid_api_key" if exc.kind is ErrorKind.UNAUTHENTICATED else None
+    err = {"message": exc.message, "type": _error_type(exc.kind), "param": exc.param, "code": code}
     return Response({"error": err}, status_code=exc.status)
 
 
@@ -320,19 +324,30 @@ async def completions(request: Request, data: JSONBody[CompletionBody | None] = 
     return await _respond(hub, prep.request, body, chat=False)
 
 
+def _model_entry(path: Path) -> dict[str, Any]:
+    return {"id": path.stem, "object": "model", "created": int(path.stat().st_mtime),
+            "owned_by": "local"}  # fmt: skip
+
+
 @get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
     hub = hub_of(request)
     if hub.model is None:
         return {"object": "list", "data": []}
-    path = hub.model.path
-    entry = {"id": path.stem, "object": "model", "created": int(path.stat().st_mtime),
-             "owned_by": "local"}  # fmt: skip
-    return {"object": "list", "data": [entry]}
+    return {"object": "list", "data": [_model_entry(hub.model.path)]}
+
+
+@get("/v1/models/{model:str}")
+async def model(request: Request, model: FromPath[str]) -> dict[str, Any]:
+    """The hosted model under any name it answers to (its id is the file's stem); a 404 for
+    any other (a 503 while loading, when the names are not known yet)."""
+    hosted, _ = hub_of(request).live()
+    check_model(model, hosted)
+    return _model_entry(hosted.path)
 
 
 router = Router(
     path="/",
-    route_handlers=[chat_completions, completions, models],
+    route_handlers=[chat_completions, completions, models, model],
     exception_handlers={ApiError: render_error},
 )

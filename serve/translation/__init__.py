@@ -8,11 +8,12 @@ prepared `Reply`; they hold no more than their wire format.
 * `plan`: what the output must be (`Plan`) and the grammar constraint that enforces it.
 * `prompt`: model names, the chat template with its BOS rule, raw prompts, splicing.
 * `reply`: the output parser's view of one answer, and its check against the plan.
-* `prepare`: the chain above, `Intent` -> `Prepared` (engine request, reply, prompt).
+* `prepare`: the chain above, `Intent` -> `Prepared` (engine request, reply, prompt);
+  `render`, its first half (plan and prompt: counting input tokens).
 """
 
 from serve.translation.intent import Intent, OutputSpec, Sampling
-from serve.translation.prepare import Prepared, prepare
+from serve.translation.prepare import Prepared, prepare, render
 from serve.translation.reply import Reply, complete, run_to_end
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "Sampling",
     "complete",
     "prepare",
+    "render",
     "run_to_end",
 ]

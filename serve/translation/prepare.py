@@ -82,9 +82,10 @@ def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
                        extra=intent.template_kwargs, history=intent.history)  # fmt: skip
 
 
-async def prepare(hub: Hub, intent: Intent) -> Prepared:
-    """The engine request for `intent`, checked, with its constraint and reply parser."""
-    model, engine = hub.live()
+def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
+    """The first half of `prepare`: the model check, the plan and the prompt, with nothing
+    built or queued (what counting a request's input tokens needs)."""
+    model, _ = hub.live()
     if intent.model is not None:
         check_model(intent.model, model)
     if intent.images:
@@ -92,7 +93,13 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
-    prompt = _prompt(model, intent, plan)
+    return plan, _prompt(model, intent, plan)
+
+
+async def prepare(hub: Hub, intent: Intent) -> Prepared:
+    """The engine request for `intent`, checked, with its constraint and reply parser."""
+    model, engine = hub.live()
+    plan, prompt = render(hub, intent)
     if intent.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     s = hub.settings
