@@ -171,6 +171,7 @@ def mamba2():
 
 LAYERS = ["deltanet", "mamba2"]
 T = 150  # > two chunks of either layer
+CUT = 70  # where a prefix ends
 
 
 @pytest.fixture(params=LAYERS)
@@ -190,38 +191,38 @@ def test_prefill_matches_transformers(case):
     assert rel_err(out, hf_forward(hf, x)) < TOL
 
 
+def prefix(layer, params, x, rows: int = 2):
+    """The first CUT tokens of x [2, >= CUT, D] from fresh states (a shape shared by the
+    tests, so compiled once)."""
+    step = step_of([0] * rows, [CUT] * rows, CUT)
+    return run(layer, params, jnp.asarray(x[:, :CUT]), layer.new_state(1, rows), step)
+
+
 def test_prefix_then_rest_continues_the_state(case):
     """A prefix, then the rest from the state it returned (prefix reuse), equals one
     prefill."""
     hf, layer, params = case
     x = inputs(2, T, seed=1)
-    cut, rest = 70, T - 70
-    state = layer.new_state(1, 2)
-    a, state = run(layer, params, jnp.asarray(x[:, :cut]), state, step_of([0, 0], [cut] * 2, cut))
-    b, _ = run(layer, params, jnp.asarray(x[:, cut:]), state, step_of([cut] * 2, [rest] * 2, rest))
+    a, state = prefix(layer, params, x)
+    rest = T - CUT
+    b, _ = run(layer, params, jnp.asarray(x[:, CUT:]), state, step_of([CUT] * 2, [rest] * 2, rest))
     assert rel_err(np.concatenate([a, b], axis=1), hf_forward(hf, x)) < TOL
 
 
 def test_decode_steps_continue_the_prefill(case):
-    """Prefill, then single decode steps over the cache rows, equal one prefill; a row that
-    idles (count 0) keeps its state and takes its next token on a later step."""
+    """Prefill, then single decode steps over the cache rows up to T, equal one prefill; a
+    row that idles (count 0, fed noise) keeps its state and takes its next token later."""
     hf, layer, params = case
     x = inputs(2, T, seed=2)
     ref = hf_forward(hf, x)
-    start = T - 6
-    out, state = run(
-        layer,
-        params,
-        jnp.asarray(x[:, :start]),
-        layer.new_state(1, 2),
-        step_of([0, 0], [start] * 2, start),
-    )
+    out, state = prefix(layer, params, x)
     outs = [[out[0]], [out[1]]]
-    pos = [start, start]
+    pos = [CUT, CUT]
     rng = np.random.default_rng(3)
-    for i in range(9):
+    i = 0
+    while pos != [T, T]:
         active = [pos[0] < T, pos[1] < T and i % 3 != 1]  # row 1 idles every third step
-        tok = rng.standard_normal((2, 1, D)).astype(np.float32)  # an idle row's: noise
+        tok = rng.standard_normal((2, 1, D)).astype(np.float32)
         for r in range(2):
             if active[r]:
                 tok[r] = x[r, pos[r] : pos[r] + 1]
@@ -230,47 +231,52 @@ def test_decode_steps_continue_the_prefill(case):
             if active[r]:
                 outs[r].append(np.asarray(o[r]))
                 pos[r] += 1
-    assert pos == [T, T]
+        i += 1
     for r in range(2):
         assert rel_err(np.concatenate(outs[r], axis=0), ref[r]) < TOL
 
 
 def test_padded_batch_rows_match_their_own_runs(case):
-    """One prefill of rows with different lengths, right-padded to one T and written to
-    chosen cache rows (one of them past the cache: dropped): each row's outputs equal its
-    own unpadded sequence's, and its state equals what its own run leaves (padding never
-    enters it)."""
+    """One prefill of rows with different lengths, right-padded to T and written to chosen
+    cache rows that hold earlier sequences (one batch row past the cache: dropped): each
+    row's outputs equal transformers' on its own unpadded sequence, and so does one decode
+    step from the states they left (afresh, and padding never entered them); the cache row
+    nobody wrote keeps what it held."""
     hf, layer, params = case
     lengths = [T, 37, 65, 1]
-    rows = [2, 0, 5, 1]  # cache of 4 rows: row 5 is batch padding
-    x = inputs(4, T, seed=4)
-    state = layer.new_state(1, 4)
-    out, state = run(layer, params, jnp.asarray(x), state, step_of([0] * 4, lengths, T, rows))
+    rows = [2, 0, 5, 1]  # a cache of 4 rows: 5 is batch padding
+    x = inputs(4, T + 1, seed=4)
+    # Leftovers of earlier sequences in every row: a step from position 0 starts afresh.
+    rng = np.random.default_rng(5)
+    state = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), layer.new_state(1, 4)
+    )
+    before = state
+    out, state = run(
+        layer, params, jnp.asarray(x[:, :T]), state, step_of([0] * 4, lengths, T, rows)
+    )
+    tok, pos, active = np.zeros((4, 1, D), np.float32), [0] * 4, [False] * 4
     for r, n in enumerate(lengths):
-        if rows[r] >= 4:
-            continue
-        assert rel_err(out[r, :n], hf_forward(hf, x[r : r + 1, :n])[0]) < TOL
-        _, alone = run(
-            layer,
-            params,
-            jnp.asarray(x[r : r + 1, :n]),
-            layer.new_state(1, 1),
-            step_of([0], [n], n),
-        )
-        for got, want in ((state.conv, alone.conv), (state.ssm, alone.ssm)):
-            assert rel_err(got[0, rows[r]], want[0, 0]) < TOL
-    assert not np.asarray(state.ssm[0, 3]).any()  # no batch row wrote cache row 3
+        if rows[r] < 4:
+            assert rel_err(out[r, :n], hf_forward(hf, x[r : r + 1, :n])[0]) < TOL
+            tok[rows[r]], pos[rows[r]], active[rows[r]] = x[r, n : n + 1], n, True
+    nxt, state = run(layer, params, jnp.asarray(tok), state, step_of(pos, active, 1))
+    for r, n in enumerate(lengths):
+        if rows[r] < 4:
+            assert rel_err(nxt[rows[r], 0], hf_forward(hf, x[r : r + 1, : n + 1])[0, -1]) < TOL
+    for got, was in zip(jax.tree.leaves(state), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(got[0, 3], was[0, 3])  # nobody wrote row 3
 
 
 def test_chunked_equals_token_by_token(case):
-    """Our chunked form equals our recurrent form (outputs and final state), from a
-    nonzero state, over a length that is not a multiple of the chunk."""
+    """Our chunked form equals our token-by-token one (outputs and final state), from a
+    nonzero state, over lengths that are not multiples of the chunk."""
     _, layer, params = case
-    x = jnp.asarray(inputs(2, T, seed=5))
-    _, state = run(layer, params, x[:, :20], layer.new_state(1, 2), step_of([0, 0], [20, 20], 20))
-    step = step_of([20, 20], [T - 20, T - 50], T - 20)
-    a, sa = run(layer, params, x[:, 20:], state, step, False)
-    b, sb = run(layer, params, x[:, 20:], state, step, True)
-    assert rel_err(a[0], b[0]) < TOL and rel_err(a[1, : T - 50], b[1, : T - 50]) < TOL
+    x = inputs(2, T, seed=5)
+    _, state = prefix(layer, params, x)
+    step = step_of([CUT] * 2, [T - CUT, T - CUT - 30], T - CUT)
+    a, sa = run(layer, params, jnp.asarray(x[:, CUT:]), state, step, False)
+    b, sb = run(layer, params, jnp.asarray(x[:, CUT:]), state, step, True)
+    assert rel_err(a[0], b[0]) < TOL and rel_err(a[1, :-30], b[1, :-30]) < TOL
     assert rel_err(sa.ssm, sb.ssm) < TOL
     np.testing.assert_array_equal(sa.conv, sb.conv)
