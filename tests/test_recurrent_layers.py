@@ -11,6 +11,7 @@ chunked and token-by-token forms must agree as well.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -20,6 +21,7 @@ import pytest
 import torch
 from conftest import rel_err
 
+from tsjax.cache.recurrent import RecurrentState
 from tsjax.cache.state import Step
 from tsjax.layers.deltanet import GatedDeltaNet
 from tsjax.layers.mamba2 import Mamba2
@@ -62,9 +64,10 @@ def step_of(starts, counts, t: int, rows=None) -> Step:
 
 
 @partial(jax.jit, static_argnums=(0, 5))
-def run(layer, params, x, state, step, recurrent=None):
-    """One call of `layer` on state's layer 0."""
-    return layer.apply({"params": params}, x, state, 0, step, recurrent)
+def run(layer, params, x, state, step, recurrent=None, index=0):
+    """One call of `layer` on its state (`index`: its layer in a stacked state, traced as
+    in a scanned segment)."""
+    return layer.apply({"params": params}, x, state, index, step, recurrent)
 
 
 def hf_forward(module, x: np.ndarray) -> np.ndarray:
@@ -187,7 +190,9 @@ def test_prefill_matches_transformers(case):
     """One prefill of T tokens (2 rows, fresh states) equals transformers' layer."""
     hf, layer, params = case
     x = inputs(2, T)
-    out, _ = run(layer, params, jnp.asarray(x), layer.new_state(1, 2), step_of([0, 0], [T, T], T))
+    out, _ = run(
+        layer, params, jnp.asarray(x), layer.new_state(None, 2), step_of([0, 0], [T, T], T)
+    )
     assert rel_err(out, hf_forward(hf, x)) < TOL
 
 
@@ -195,7 +200,7 @@ def prefix(layer, params, x, rows: int = 2):
     """The first CUT tokens of x [2, >= CUT, D] from fresh states (a shape shared by the
     tests, so compiled once)."""
     step = step_of([0] * rows, [CUT] * rows, CUT)
-    return run(layer, params, jnp.asarray(x[:, :CUT]), layer.new_state(1, rows), step)
+    return run(layer, params, jnp.asarray(x[:, :CUT]), layer.new_state(None, rows), step)
 
 
 def test_prefix_then_rest_continues_the_state(case):
@@ -210,12 +215,15 @@ def test_prefix_then_rest_continues_the_state(case):
 
 
 def test_decode_steps_continue_the_prefill(case):
-    """Prefill, then single decode steps over the cache rows up to T, equal one prefill; a
-    row that idles (count 0, fed noise) keeps its state and takes its next token later."""
+    """Prefill, then single decode steps over the cache rows up to T (on a stacked state),
+    equal one prefill; a row that idles (count 0, fed noise) keeps its state and takes its
+    next token later; the state's other layers are untouched."""
     hf, layer, params = case
     x = inputs(2, T, seed=2)
     ref = hf_forward(hf, x)
-    out, state = prefix(layer, params, x)
+    out, unstacked = prefix(layer, params, x)
+    # Decode on a stacked state (a scanned segment of 3 layers), this layer's at index 1.
+    state = jax.tree.map(lambda a: jnp.stack([a + 1, a, a - 1]), unstacked)
     outs = [[out[0]], [out[1]]]
     pos = [CUT, CUT]
     rng = np.random.default_rng(3)
@@ -226,12 +234,15 @@ def test_decode_steps_continue_the_prefill(case):
         for r in range(2):
             if active[r]:
                 tok[r] = x[r, pos[r] : pos[r] + 1]
-        o, state = run(layer, params, jnp.asarray(tok), state, step_of(pos, active, 1))
+        o, state = run(layer, params, jnp.asarray(tok), state, step_of(pos, active, 1), None, 1)
         for r in range(2):
             if active[r]:
                 outs[r].append(np.asarray(o[r]))
                 pos[r] += 1
         i += 1
+    for got, was in zip(jax.tree.leaves(state), jax.tree.leaves(unstacked), strict=True):
+        np.testing.assert_array_equal(got[0], was + 1)  # the other layers' untouched
+        np.testing.assert_array_equal(got[2], was - 1)
     for r in range(2):
         assert rel_err(np.concatenate(outs[r], axis=0), ref[r]) < TOL
 
@@ -249,7 +260,7 @@ def test_padded_batch_rows_match_their_own_runs(case):
     # Leftovers of earlier sequences in every row: a step from position 0 starts afresh.
     rng = np.random.default_rng(5)
     state = jax.tree.map(
-        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), layer.new_state(1, 4)
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), layer.new_state(None, 4)
     )
     before = state
     out, state = run(
@@ -265,7 +276,7 @@ def test_padded_batch_rows_match_their_own_runs(case):
         if rows[r] < 4:
             assert rel_err(nxt[rows[r], 0], hf_forward(hf, x[r : r + 1, : n + 1])[0, -1]) < TOL
     for got, was in zip(jax.tree.leaves(state), jax.tree.leaves(before), strict=True):
-        np.testing.assert_array_equal(got[0, 3], was[0, 3])  # nobody wrote row 3
+        np.testing.assert_array_equal(got[3], was[3])  # nobody wrote row 3
 
 
 def test_chunked_equals_token_by_token(case):
@@ -280,3 +291,33 @@ def test_chunked_equals_token_by_token(case):
     assert rel_err(a[0], b[0]) < TOL and rel_err(a[1, :-30], b[1, :-30]) < TOL
     assert rel_err(sa.ssm, sb.ssm) < TOL
     np.testing.assert_array_equal(sa.conv, sb.conv)
+
+
+@pytest.mark.parametrize("layers", [None, 2])
+def test_state_rows_swap_checkpoint_restore(layers):
+    """The cache's row operations on a recurrent state (stacked or not): a swap exchanges
+    rows (their checkpoints with them), a checkpoint saves chosen rows, a restore brings
+    them back; padding rows (index >= B) change nothing."""
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+        RecurrentState.create(layers, 4, 6, 4, (2, 3, 5)),
+    )
+    ax = 0 if layers is None else 1
+
+    def rows(a, order):
+        return np.take(np.asarray(a), order, axis=ax)
+
+    swapped = state.swap(jnp.asarray([0, 3, 9]), jnp.asarray([3, 0, 9]))
+    for got, was in zip(jax.tree.leaves(swapped), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(got, rows(was, [3, 1, 2, 0]))
+    saved = state.checkpoint(jnp.asarray([1, 2, 7]), jnp.asarray([True, False, True]))
+    np.testing.assert_array_equal(saved.conv, state.conv)
+    np.testing.assert_array_equal(rows(saved.saved_ssm, [1]), rows(state.ssm, [1]))
+    np.testing.assert_array_equal(
+        rows(saved.saved_ssm, [0, 2, 3]), rows(state.saved_ssm, [0, 2, 3])
+    )
+    moved = replace(saved, conv=saved.conv * 2, ssm=saved.ssm * 2)  # the rows go on
+    back = moved.restore(jnp.asarray([1, 3]), jnp.asarray([True, False]))
+    np.testing.assert_array_equal(rows(back.conv, [1]), rows(state.conv, [1]))
+    np.testing.assert_array_equal(rows(back.ssm, [0, 2, 3]), rows(moved.ssm, [0, 2, 3]))

@@ -63,15 +63,18 @@ def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def delta_rule_step(q, k, v, g, beta, s):
+def delta_rule_step(q, k, v, decay, beta, s):
     """One token of the gated delta rule for every row and head. q, k: [B, H, Dk] (q already
-    scaled); v: [B, H, Dv]; g, beta: [B, H]; s: [B, H, Dk, Dv]. Returns (o [B, H, Dv], s).
+    scaled); v: [B, H, Dv]; decay (exp(g)), beta: [B, H]; s: [B, H, Dk, Dv]. Returns
+    (o [B, H, Dv], s).
 
-    o = s'^T q is computed from the old s (decay (s^T q) + (q.k) delta), so one pass over s
-    reads both products and a second writes s'."""
-    decay = jnp.exp(g)[..., None]  # [B, H, 1]
-    ks = jnp.einsum("bhk,bhkv->bhv", k, s)
-    qs = jnp.einsum("bhk,bhkv->bhv", q, s)
+    o = s'^T q is computed from the old s (decay (s^T q) + (q.k) delta), so one product
+    reads s for both q and k, and one pass updates it in place."""
+    decay = decay[..., None]  # [B, H, 1]
+    # Both reads in one product, rows last ("ibhv" out is 5x slower on XLA:CPU), so the
+    # update depends on all of it and runs in place after it.
+    qks = jnp.einsum("bhik,bhkv->bhiv", jnp.stack([q, k], axis=2), s)
+    qs, ks = qks[:, :, 0], qks[:, :, 1]
     delta = beta[..., None] * (v - decay * ks)
     s = s * decay[..., None] + k[..., :, None] * delta[..., None, :]
     o = decay * qs + jnp.sum(q * k, axis=-1, keepdims=True) * delta
@@ -88,7 +91,7 @@ def recurrent_delta_rule(q, k, v, g, beta, s):
         o, s = delta_rule_step(*xs, s)
         return s, o
 
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta))
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, jnp.exp(g), beta))
     s, o = jax.lax.scan(body, s, xs)
     return jnp.moveaxis(o, 0, 1), s
 
@@ -187,8 +190,9 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> int:
         return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
 
-    def new_state(self, layers: int, rows: int) -> RecurrentState:
-        """A zeroed state of `layers` such layers for `rows` cache rows."""
+    def new_state(self, layers: int | None, rows: int) -> RecurrentState:
+        """A zeroed state of `layers` such layers (None: one unrolled layer, no layer axis)
+        for `rows` cache rows."""
         shape = (self.v_heads, self.k_dim, self.v_dim)
         return RecurrentState.create(layers, rows, self.conv_channels, self.conv_kernel, shape)
 
@@ -212,7 +216,7 @@ class GatedDeltaNet(nn.Module):
         alpha = linear(hv, "alpha")(x).astype(f32)
         dt_bias = self.param("dt_bias", nn.initializers.ones, (hv,), self.dtype).astype(f32)
         a = self.param("a", nn.initializers.constant(-1.0), (hv,), self.dtype).astype(f32)
-        window, s = state.read(step, layer)
+        window, s, carry = state.read(step, layer)
         conv = CausalConv1d(self.conv_kernel, False, self.dtype, name="conv1d")
         qkv, window = conv(qkv, window, step.counts)
         qkv = qkv.astype(f32)
@@ -225,11 +229,13 @@ class GatedDeltaNet(nn.Module):
         g = jnp.where(real, a * jax.nn.softplus(alpha + dt_bias), 0.0)
         beta = jnp.where(real, beta, 0.0)
         if t == 1 and recurrent is not False:  # decode: one step, no loop
-            o, s = delta_rule_step(q[:, 0] * dk**-0.5, k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s)
+            decay = jnp.exp(g[:, 0]) * carry[:, None]
+            o, s = delta_rule_step(q[:, 0] * dk**-0.5, k[:, 0], v[:, 0], decay, beta[:, 0], s)
             o = o[:, None]
         elif recurrent:
-            o, s = recurrent_delta_rule(q, k, v, g, beta, s)
+            o, s = recurrent_delta_rule(q, k, v, g, beta, s * carry[:, None, None, None])
         else:
+            s = s * carry[:, None, None, None]
             o, s = chunked_delta_rule(q, k, v, g, beta, s, self.chunk)
         o = GatedRMSNorm(self.norm_eps, self.dtype, name="norm")(o, z).astype(x.dtype)
         out = linear(d, "out")(o.reshape(b, t, hv * dv))

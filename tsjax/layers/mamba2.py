@@ -58,17 +58,19 @@ from tsjax.stack import Param
 CHUNK = 128  # transformers' NemotronHConfig.chunk_size default
 
 
-def ssd_step(x, dt, a, b, c, s):
-    """One token for every row and head. x: [B, H, P]; dt: [B, H] (after softplus); a: [H];
-    b, c: [B, G, N]; s: [B, H, P, N]. Returns (y [B, H, P] without the D skip, s)."""
-    n_b, h, p = x.shape
-    g, n = b.shape[1:]
-    s = s.reshape(n_b, g, h // g, p, n)
-    decay = jnp.exp(dt * a).reshape(n_b, g, h // g, 1, 1)
-    xdt = (x * dt[..., None]).reshape(n_b, g, h // g, p)
-    s = s * decay + xdt[..., None] * b[:, :, None, None, :]
-    y = jnp.einsum("bgrpn,bgn->bgrp", s, c)
-    return y.reshape(n_b, h, p), s.reshape(n_b, h, p, n)
+def ssd_step(x, dt, decay, b, c, s):
+    """One token for every row and head. x: [B, H, P]; dt: [B, H] (after softplus); decay:
+    [B, H] (exp(dt A)); b, c: [B, G, N]; s: [B, H, P, N]. Returns (y [B, H, P] without the
+    D skip, s).
+
+    s keeps its shape throughout (B and C are repeated to the heads instead), so XLA:CPU
+    updates it in place; y reads the new s (reading the old one would let the update run
+    first and copy s to keep it)."""
+    r = x.shape[1] // b.shape[1]
+    b, c = jnp.repeat(b, r, axis=1), jnp.repeat(c, r, axis=1)  # [B, H, N], head h: group h // r
+    xdt = x * dt[..., None]
+    s = s * decay[..., None, None] + xdt[..., None] * b[:, :, None, :]
+    return jnp.einsum("bhpn,bhn->bhp", s, c), s
 
 
 def recurrent_ssd(x, dt, a, b, c, s):
@@ -77,7 +79,7 @@ def recurrent_ssd(x, dt, a, b, c, s):
 
     def body(s, xs):
         x, dt, b, c = xs
-        y, s = ssd_step(x, dt, a, b, c, s)
+        y, s = ssd_step(x, dt, jnp.exp(dt * a), b, c, s)
         return s, y
 
     s, y = jax.lax.scan(body, s, tuple(jnp.moveaxis(v, 1, 0) for v in (x, dt, b, c)))
@@ -181,8 +183,9 @@ class Mamba2(nn.Module):
     def conv_channels(self) -> int:
         return self.inner + 2 * self.n_groups * self.state_size
 
-    def new_state(self, layers: int, rows: int) -> RecurrentState:
-        """A zeroed state of `layers` such layers for `rows` cache rows."""
+    def new_state(self, layers: int | None, rows: int) -> RecurrentState:
+        """A zeroed state of `layers` such layers (None: one unrolled layer, no layer axis)
+        for `rows` cache rows."""
         shape = (self.n_heads, self.head_dim, self.state_size)
         return RecurrentState.create(layers, rows, self.conv_channels, self.conv_kernel, shape)
 
@@ -205,7 +208,7 @@ class Mamba2(nn.Module):
         dt_bias = self.param("dt_bias", nn.initializers.ones, (h,), self.dtype).astype(f32)
         a = self.param("a", nn.initializers.constant(-1.0), (h, 1), self.dtype).astype(f32)
         d_skip = self.param("d", nn.initializers.ones, (h, 1), self.dtype).astype(f32)
-        window, s = state.read(step, layer)
+        window, s, carry = state.read(step, layer)
         conv = CausalConv1d(self.conv_kernel, self.conv_bias, self.dtype, name="conv1d")
         xbc, window = conv(xbc, window, step.counts)
         xbc = xbc.astype(f32)
@@ -216,12 +219,13 @@ class Mamba2(nn.Module):
         real = jnp.arange(t, dtype=jnp.int32)[None, :, None] < step.counts[:, None, None]
         dt = jnp.where(real, jax.nn.softplus(dt.astype(f32) + dt_bias), 0.0)
         if t == 1 and recurrent is not False:  # decode: one step, no loop
-            y, s = ssd_step(xs[:, 0], dt[:, 0], a[:, 0], b[:, 0], c[:, 0], s)
+            decay = jnp.exp(dt[:, 0] * a[:, 0]) * carry[:, None]
+            y, s = ssd_step(xs[:, 0], dt[:, 0], decay, b[:, 0], c[:, 0], s)
             y = y[:, None]
         elif recurrent:
-            y, s = recurrent_ssd(xs, dt, a[:, 0], b, c, s)
+            y, s = recurrent_ssd(xs, dt, a[:, 0], b, c, s * carry[:, None, None, None])
         else:
-            y, s = chunked_ssd(xs, dt, a[:, 0], b, c, s, self.chunk)
+            y, s = chunked_ssd(xs, dt, a[:, 0], b, c, s * carry[:, None, None, None], self.chunk)
         y = (y + xs * d_skip).reshape(bsz, t, e)
         y = GroupedGatedRMSNorm(g, self.norm_eps, self.dtype, name="norm")(y, z).astype(x.dtype)
         return linear(d, "out")(y), state.write(window, s, step, layer)
