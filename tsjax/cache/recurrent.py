@@ -24,12 +24,16 @@ token is left as it was, a batch row past the cache's rows writes nothing).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from tsjax.cache.state import Named, Step
+from tsjax.stack import Segment
+
+if TYPE_CHECKING:  # tsjax.models imports tsjax.cache (a real import would be a cycle)
+    from tsjax.models.config import ModelConfig
 
 #: Logical axes: heads over `tp`, rows over `dp`. The convolution's channels are q/k/v (or
 #: x/B/C) fused, so a contiguous split of them is not a split by heads: left whole.
@@ -156,3 +160,26 @@ class RecurrentState:
         conv = named((*lead, *CONV_AXES), self.conv.shape)
         ssm = named((*lead, *SSM_AXES), self.ssm.shape)
         return RecurrentState(conv, ssm, conv, ssm)
+
+
+def deltanet_state(cfg: ModelConfig, seg: Segment, layout, rows: int, max_len: int, dtype):
+    """A Gated DeltaNet segment's zeroed state from `cfg.ssm` (`tsjax.models.config.SSMConfig`):
+    conv channels 2*Hk*Dk + Hv*Dv, ssm [Hv, Dk, Dv]; float32 whatever `dtype` (`layout` and
+    `max_len` are attention's). The same shapes as `GatedDeltaNet.new_state`."""
+    s = cfg.ssm
+    hv, dk = s.time_step_rank, s.state_size
+    channels = 2 * s.group_count * dk + s.inner_size
+    layers = seg.count if seg.stacked else None
+    return RecurrentState.create(
+        layers, rows, channels, s.conv_kernel, (hv, dk, s.inner_size // hv)
+    )
+
+
+def mamba2_state(cfg: ModelConfig, seg: Segment, layout, rows: int, max_len: int, dtype):
+    """A Mamba2 segment's zeroed state from `cfg.ssm`: conv channels E + 2*G*N, ssm [H, P, N]
+    (P = E/H); float32. The same shapes as `Mamba2.new_state`."""
+    s = cfg.ssm
+    h, n = s.time_step_rank, s.state_size
+    channels = s.inner_size + 2 * s.group_count * n
+    layers = seg.count if seg.stacked else None
+    return RecurrentState.create(layers, rows, channels, s.conv_kernel, (h, s.inner_size // h, n))

@@ -43,7 +43,7 @@ Hv*Dv = `ssm.inner_size`, K = `ssm.conv_kernel`, eps = `attention.layer_norm_rms
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -54,6 +54,9 @@ from tsjax.cache.state import Step
 from tsjax.layers.causal_conv import CausalConv1d
 from tsjax.layers.linear import Linear
 from tsjax.stack import Param
+
+if TYPE_CHECKING:  # the layers import nothing of tsjax.models
+    from tsjax.models.config import SSMConfig
 
 CHUNK = 64
 
@@ -185,6 +188,21 @@ class GatedDeltaNet(nn.Module):
     chunk: int = CHUNK
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
+
+    @classmethod
+    def from_ssm(cls, ssm: SSMConfig, norm_eps: float, **kw) -> GatedDeltaNet:
+        """The layer of a model's `ModelConfig.ssm` (GGUF `{arch}.ssm.*`); `kw`: the other
+        fields (chunk, dtype, quant, name)."""
+        hv = ssm.time_step_rank
+        return cls(
+            k_heads=ssm.group_count,
+            v_heads=hv,
+            k_dim=ssm.state_size,
+            v_dim=ssm.inner_size // hv,
+            conv_kernel=ssm.conv_kernel,
+            norm_eps=norm_eps,
+            **kw,
+        )
 
     @property
     def conv_channels(self) -> int:

@@ -43,7 +43,7 @@ clamp (the default limit (0, inf) is no clamp).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -54,6 +54,9 @@ from tsjax.cache.state import Step
 from tsjax.layers.causal_conv import CausalConv1d
 from tsjax.layers.linear import Linear
 from tsjax.stack import Param
+
+if TYPE_CHECKING:  # the layers import nothing of tsjax.models
+    from tsjax.models.config import SSMConfig
 
 CHUNK = 128  # transformers' NemotronHConfig.chunk_size default
 
@@ -112,8 +115,10 @@ def chunked_ssd(x, dt, a, b, c, s, chunk: int = CHUNK):
     cb = jnp.einsum("bzign,bzjgn->bzgij", c, b)
     y = jnp.einsum("bzgrij,bzjgrp->bzigrp", cb[:, :, :, None] * decay, xdt)
     last = acs[:, :, -1:]  # [B, nc, 1, G, R]
-    b_decay = jnp.exp(last - acs)[..., None] * b[:, :, :, :, None, :]  # [B, nc, c, G, R, N]
-    contrib = jnp.einsum("bzlgrn,bzlgrp->bzgrpn", b_decay, xdt)  # [B, nc, G, R, P, N]
+    # The decay to the chunk's end scales x (a head's own), so B stays per group: one
+    # [R*P, c] @ [c, N] product per group and chunk.
+    x_end = xdt * jnp.exp(last - acs)[..., None]
+    contrib = jnp.einsum("bzlgn,bzlgrp->bzgrpn", b, x_end)  # [B, nc, G, R, P, N]
 
     def body(s, xs):  # the state at each chunk's start
         contrib, last = xs
@@ -174,6 +179,21 @@ class Mamba2(nn.Module):
     conv_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     quant: str | None = None
+
+    @classmethod
+    def from_ssm(cls, ssm: SSMConfig, norm_eps: float, **kw) -> Mamba2:
+        """The layer of a model's `ModelConfig.ssm` (GGUF `{arch}.ssm.*`); `kw`: the other
+        fields (chunk, conv_bias, dtype, quant, name)."""
+        h = ssm.time_step_rank
+        return cls(
+            n_heads=h,
+            head_dim=ssm.inner_size // h,
+            n_groups=ssm.group_count,
+            state_size=ssm.state_size,
+            conv_kernel=ssm.conv_kernel,
+            norm_eps=norm_eps,
+            **kw,
+        )
 
     @property
     def inner(self) -> int:

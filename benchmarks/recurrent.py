@@ -1,9 +1,9 @@
 """The recurrent layers' prefill and decode on this backend: chunked against token-by-token.
 
-    python -m serve.bench_recurrent [--tokens 512] [--rows 16] [--layer deltanet|mamba2|both]
+    python -m benchmarks.recurrent [--tokens 512] [--rows 16] [--layer deltanet|mamba2|both]
 
-Times one layer (random weights and inputs, float32), best of `--runs` calls of one jitted
-program, shaped like a small real model:
+Times one layer (random weights and inputs, float32), the best of `--rounds` calls of each
+jitted program (alternating), shaped like a small real model:
 - Gated DeltaNet as in Qwen3.5-0.8B (D 1024, 16 key and 16 value heads of 128, conv 4);
 - Mamba2 with transformers' NemotronHConfig defaults (D 4096, 128 heads of 64, 8 groups,
   state 128, conv 4, chunk 128).
@@ -20,19 +20,22 @@ import argparse
 import time
 
 
-def _best(fn, *args, runs: int) -> str:
-    """Best wall time and best process CPU time (all threads) of `runs` calls: on a shared
-    machine the CPU time moves less with the other processes' load."""
+def _alternate(cases: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each case (name -> a call returning arrays) once per round, the cases alternating so
+    that the other processes' load falls on all alike; the best wall and best process CPU
+    time (all threads: on a shared machine it moves less with the load) of each, in ms."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    wall = cpu = float("inf")
-    for _ in range(runs):
-        t, c = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall = min(wall, time.perf_counter() - t)
-        cpu = min(cpu, time.process_time() - c)
-    return f"{wall * 1e3:8.2f} ms ({cpu * 1e3:8.2f} ms CPU)"
+    for call in cases.values():
+        jax.block_until_ready(call())
+    best = {name: (float("inf"), float("inf")) for name in cases}
+    for _ in range(rounds):
+        for name, call in cases.items():
+            t, c = time.perf_counter(), time.process_time()
+            jax.block_until_ready(call())
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            best[name] = (min(best[name][0], wall * 1e3), min(best[name][1], cpu * 1e3))
+    return best
 
 
 def _layer(name: str, chunk: int | None):
@@ -82,7 +85,7 @@ def _core(name: str, layer, t: int):
     )
 
 
-def bench(name: str, tokens: int, rows: int, runs: int, chunk: int | None) -> None:
+def bench(name: str, tokens: int, rows: int, rounds: int, chunk: int | None) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -96,42 +99,53 @@ def bench(name: str, tokens: int, rows: int, runs: int, chunk: int | None) -> No
 
     x = jax.random.normal(jax.random.key(0), (1, tokens, d))
     params = jax.jit(layer.init)(
-        jax.random.key(0), x[:, :1], layer.new_state(1, 1), 0, step(1, 1, 0)
+        jax.random.key(0), x[:, :1], layer.new_state(None, 1), 0, step(1, 1, 0)
     )["params"]
-    fwd = jax.jit(
-        lambda p, x, s, st, rec: layer.apply({"params": p}, x, s, 0, st, rec), static_argnums=4
-    )
-    pre = step(1, tokens, 0)
-    fresh = layer.new_state(1, 1)
-    chunked = _best(fwd, params, x, fresh, pre, False, runs=runs)
-    naive = _best(fwd, params, x, fresh, pre, True, runs=runs)
+
+    def apply(p, x, s, st, rec):
+        return layer.apply({"params": p}, x, s, 0, st, rec)
+
+    fwd = jax.jit(apply, static_argnums=4)
+    dec = jax.jit(apply, static_argnums=4, donate_argnums=2)  # the steps donate the cache
+    pre, fresh = step(1, tokens, 0), layer.new_state(None, 1)
     core_c, core_n, args = _core(name, layer, tokens)
-    core_chunked = _best(core_c, *args, runs=runs)
-    core_naive = _best(core_n, *args, runs=runs)
-    state = jax.tree.map(
-        lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype) * 0.1,
-        layer.new_state(1, rows),
-    )
     xd = jax.random.normal(jax.random.key(3), (rows, 1, d))
-    dec = _best(fwd, params, xd, state, step(rows, 1, 7), None, runs=runs)
-    print(f"{name} ({type(layer).__name__}, D {d}, chunk {layer.chunk}):")
-    print(f"  prefill {tokens} tokens, layer:      chunked {chunked}  token by token {naive}")
-    print(f"  prefill {tokens} tokens, recurrence: chunked {core_chunked}  token by token ", end="")
-    print(core_naive)
-    print(f"  decode step, {rows} rows, layer: {dec}")
+    live = [
+        jax.tree.map(
+            lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype) * 0.1,
+            layer.new_state(None, rows),
+        )
+    ]
+
+    def decode():
+        out, live[0] = dec(params, xd, live[0], step(rows, 1, 7), None)
+        return out
+
+    cases = {
+        "layer chunked": lambda: fwd(params, x, fresh, pre, False),
+        "layer token by token": lambda: fwd(params, x, fresh, pre, True),
+        "recurrence chunked": lambda: core_c(*args),
+        "recurrence token by token": lambda: core_n(*args),
+        "decode": decode,
+    }
+    best = _alternate(cases, rounds)
+    print(f"{name} ({type(layer).__name__}, D {d}, chunk {layer.chunk}), best of {rounds}:")
+    for case, (wall, cpu) in best.items():
+        what = f"decode step, {rows} rows" if case == "decode" else f"prefill {tokens}, {case}"
+        print(f"  {what:40s} {wall:9.2f} ms  ({cpu:9.2f} ms CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.bench_recurrent", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recurrent", description=__doc__)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--rows", type=int, default=16)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--chunk", type=int, default=None, help="override the layer's chunk size")
     p.add_argument("--layer", choices=["deltanet", "mamba2", "both"], default="both")
     args = p.parse_args(argv)
     names = ["deltanet", "mamba2"] if args.layer == "both" else [args.layer]
     for name in names:
-        bench(name, args.tokens, args.rows, args.runs, args.chunk)
+        bench(name, args.tokens, args.rows, args.rounds, args.chunk)
     return 0
 
 
