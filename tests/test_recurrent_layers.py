@@ -130,7 +130,13 @@ def test_params_are_the_gguf_tensors(case):
 
 
 def test_states_of_a_config(case):
-    """`STATES` makes the layer's state from a model's `ssm` sizes, stacked or not."""
+    """`STATES` makes the layer's state from a model's `ssm` sizes, stacked or not; the
+    sharding rules split its heads and the head-indexed params over tp, its rows over dp,
+    and leave the fused projection and conv whole."""
+    from jax.sharding import PartitionSpec as P
+
+    from tsjax.sharding import logical_to_spec, ssm_sizes
+
     c = case
     cfg = SimpleNamespace(ssm=c.ssm)
     for seg, layers in ((Segment(c.kind, 0, 3, True), 3), (Segment(c.kind, 2, 1, False), None)):
@@ -139,6 +145,16 @@ def test_states_of_a_config(case):
         assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(
             lambda a: (a.shape, a.dtype), want
         )
+
+    class FakeMesh:
+        shape = {"dp": 2, "tp": 2}
+
+    sizes = {"batch": ROWS, **ssm_sizes(c.ssm)}  # the factory's: 4 heads, 2 groups
+    specs = state.shardings(lambda axes, shape: logical_to_spec(axes, FakeMesh(), sizes))
+    assert (specs.conv, specs.ssm) == (P("dp"), P("dp", "tp"))
+    axes = {p.gguf: logical_to_spec(p.axes, FakeMesh(), sizes) for p in type(c.layer).PARAMS}
+    assert axes["ssm_out.weight"] == P(None, "tp") and axes["ssm_a"] == P("tp")
+    assert axes["ssm_conv1d.weight"] == P()
 
 
 def test_padded_batch_matches_transformers(case):
