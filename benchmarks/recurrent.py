@@ -11,7 +11,9 @@ jitted program (alternating), shaped like a small real model:
 For each: a prefill of `--tokens` tokens in one row, chunked (what prefill runs) and token
 by token (a `lax.scan` of the decode recurrence), the whole layer and its recurrence alone
 (the projections are the same in both forms); and a decode step of `--rows` rows from a
-nonzero state.
+nonzero state, donated as the engine's steps donate the cache. Prints the best wall time and
+the best process CPU time (all threads) of each; BENCHMARKS.md ("Recurrent layers") quotes
+them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ a chunk the delta rule's corrections are one unit-lower-triangular solve (the "U
 transform"), so a chunk costs a few [64, 64] and [64, D] matrix products, and only the chunks
 (T/64 of them) are sequential. Decode (T = 1) is the one-step recurrence. A row's padding
 tokens get beta = 0 and g = 0, which leaves its state exactly as its last real token left it.
+On XLA:CPU the token-by-token form (`recurrent=True`) costs less CPU than the chunked one at
+real models' sizes (BENCHMARKS.md, "Recurrent layers"); the chunked form is for accelerators.
 
 Parameters follow the GGUF layout (llama.cpp's converter), so the loader copies each tensor:
 

@@ -16,6 +16,8 @@ passage of the state from chunk to chunk is sequential (T/c steps), and the outp
 each chunk's starting state is one batched product afterwards. Decode (T = 1) is the one-step
 recurrence. A row's padding tokens get dt = 0, which leaves its state exactly as its last
 real token left it.
+On XLA:CPU the token-by-token form (`recurrent=True`) costs less CPU than the chunked one at
+real models' sizes (BENCHMARKS.md, "Recurrent layers"); the chunked form is for accelerators.
 
 Parameters follow the GGUF layout (llama.cpp's converter, `Mamba2Model.modify_tensors`), so
 the loader copies each tensor (E = H*P, the inner size):
