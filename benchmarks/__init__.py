@@ -4,8 +4,10 @@
 llama.cpp on the same file); `decode`, `kernels` and `profile` time the compiled decode step and
 the XLA:CPU kernel forms behind the CPU layout; `accuracy` measures how far bf16 and int8 weights
 move the logits; `grammar` the cost of constrained decoding; `moe` the MoE layer's dispatch and
-expert formats; `vision_encode` Gemma 3's image encoder; `validation` request-body decoding
-(msgspec against pydantic); `request_path` (not a timing) the modules one chat request passes
-through. BENCHMARKS.md and the README quote their figures with the commands that produced them.
+expert formats; `recurrent` the recurrent layers (Gated DeltaNet, Mamba2): chunked prefill
+against token by token, and their decode step; `vision_encode` Gemma 3's image encoder;
+`validation` request-body decoding (msgspec against pydantic); `request_path` (not a timing) the
+modules one chat request passes through. BENCHMARKS.md and the README quote their figures with
+the commands that produced them.
 Nothing in `tsjax` or `serve` imports this package.
 """

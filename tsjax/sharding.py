@@ -13,6 +13,10 @@ Mesh axes:
   o/down, one all-reduce after each). KV heads are split too when there are at least as many of
   them as `tp` devices (and they divide evenly); otherwise each device keeps all KV heads, which
   is what grouped-query attention with few KV heads needs.
+  The recurrent layers (`tsjax.layers.deltanet`, `tsjax.layers.mamba2`) split their heads
+  (`ssm_heads`: gate, beta/alpha/dt, output projection and the recurrent state; Mamba2's norm
+  groups, `ssm_groups`, are whole sets of heads); their fused input projections and
+  convolutions (`ssm_channels`: q/k/v or z/x/B/C/dt side by side) stay whole on every device.
 - `dp` (data parallel): the cache rows (decode slots) and the sampler state are split, so each
   group of devices holds and decodes a share of the rows; weights are replicated across `dp`.
 
@@ -41,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsjax.cache import Cache, StackedKV
 from tsjax.models import ModelConfig
+from tsjax.models.config import SSMConfig
 from tsjax.models.decoder import PARAM_TABLE
 from tsjax.sampling import SamplerState
 from tsjax.stack import LogicalAxes
@@ -60,6 +65,9 @@ DEFAULT_RULES: dict[str, str | None] = {
     "ffw": "tp",
     "vocab": "tp",
     "layers": None,
+    "ssm_heads": "tp",
+    "ssm_groups": "tp",
+    "ssm_channels": None,
 }
 
 CACHE_KV_AXES: LogicalAxes = StackedKV.AXES  # [L, B, K, S, H]
@@ -203,7 +211,14 @@ def logical_sizes(cfg: ModelConfig, rows: int, max_len: int) -> dict[str, int]:
         "ffw": cfg.ffn_dim,
         "vocab": cfg.vocab_size,
         "layers": cfg.n_layers,
+        **({} if cfg.ssm is None else ssm_sizes(cfg.ssm)),
     }
+
+
+def ssm_sizes(ssm: SSMConfig) -> dict[str, int]:
+    """The recurrent layers' logical sizes: heads (DeltaNet's value heads, Mamba2's heads) and
+    Mamba2's groups, in whole units."""
+    return {"ssm_heads": ssm.time_step_rank, "ssm_groups": ssm.group_count}
 
 
 def logical_to_spec(

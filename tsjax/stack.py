@@ -36,6 +36,12 @@ LogicalAxes = tuple[str | None, ...]
 #: (`tsjax.models.decoder.DecoderLayer`).
 ATTENTION = "attention"
 
+#: The recurrent kinds: a Gated DeltaNet layer (`tsjax.layers.deltanet`, Qwen 3.5) and a Mamba2
+#: layer (`tsjax.layers.mamba2`, Nemotron-H), each keeping a `tsjax.cache.recurrent` state. A
+#: family registers the block that runs each (`tsjax.models.decoder.BLOCKS`).
+DELTANET = "deltanet"
+MAMBA2 = "mamba2"
+
 #: Leaves the narrow formats make in place of a Linear's float `weight` (see module docstring).
 NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale")
 

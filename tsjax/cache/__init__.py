@@ -2,9 +2,10 @@
 
 Each layer kind has its own state type behind one interface (`tsjax.cache.state`): attention
 keeps keys and values (`KVState`: write the step's new tokens, attend over them), a recurrent
-layer would keep a convolution window and a recurrent state per row. Every state swaps rows,
-and checkpoints and restores them (a no-op for keys and values, which rewind by their row's
-length alone). `Cache` holds one state per segment of the layer loop and the rows' lengths.
+layer (Gated DeltaNet, Mamba2) a convolution window and a recurrent state per row
+(`RecurrentState`, `tsjax.cache.recurrent`). Every state swaps rows, and checkpoints and
+restores them (a no-op for keys and values, which rewind by their row's length alone). `Cache`
+holds one state per segment of the layer loop and the rows' lengths.
 
 Attention has two layouts with the same operations, picked with the layer loop:
 
@@ -35,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 
 from tsjax.cache.blocked import BlockedKV
+from tsjax.cache.recurrent import RecurrentState, deltanet_state, mamba2_state
 from tsjax.cache.stacked import StackedKV
 from tsjax.cache.state import Cache, KVLayout, KVState, LayerState, Step
-from tsjax.stack import ATTENTION, Segment
+from tsjax.stack import ATTENTION, DELTANET, MAMBA2, Segment
 
 if TYPE_CHECKING:  # tsjax.models imports this package (a real import would be a cycle)
     from tsjax.models.config import ModelConfig
@@ -56,7 +58,11 @@ def kv_state(
 
 
 #: Layer kind -> its state's constructor (cfg, segment, layout, rows, max_len, dtype).
-STATES: dict[str, Callable[..., Any]] = {ATTENTION: kv_state}
+STATES: dict[str, Callable[..., Any]] = {
+    ATTENTION: kv_state,
+    DELTANET: deltanet_state,
+    MAMBA2: mamba2_state,
+}
 
 
 def create_cache(
@@ -79,6 +85,7 @@ __all__ = [
     "KVLayout",
     "KVState",
     "LayerState",
+    "RecurrentState",
     "StackedKV",
     "Step",
     "create_cache",

@@ -9,6 +9,35 @@ from tsjax.stack import ATTENTION
 
 
 @dataclass(frozen=True)
+class SSMConfig:
+    """The recurrent layers' sizes, GGUF's `{arch}.ssm.*` keys. Gated DeltaNet (`qwen35`) and
+    Mamba2 (`nemotron_h`) share the keys with different meanings:
+
+    | key            | Gated DeltaNet            | Mamba2                  |
+    |----------------|---------------------------|-------------------------|
+    | conv_kernel    | K, the conv's taps        | K                       |
+    | state_size     | Dk, key head dim          | N, state size           |
+    | group_count    | Hk, key heads             | G, groups of B and C    |
+    | time_step_rank | Hv, value heads           | H, heads                |
+    | inner_size     | Hv * Dv                   | E = H * P (P head dim)  |
+    """
+
+    conv_kernel: int
+    state_size: int
+    group_count: int
+    time_step_rank: int
+    inner_size: int
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> SSMConfig | None:
+        """The file's `{arch}.ssm.*` sizes; None for a model without recurrent layers."""
+        arch = g.architecture
+        if g.meta(f"{arch}.ssm.inner_size", None) is None:
+            return None
+        return cls(**{f: int(g.meta(f"{arch}.ssm.{f}")) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # GGUF general.architecture
     family: str  # registry family that runs it
@@ -38,6 +67,8 @@ class ModelConfig:
     permuted_qk: bool = False  # llama.cpp stores Llama q/k rows interleaved for its RoPE
     # What each layer is (`tsjax.models.decoder.BLOCKS`); () = attention everywhere.
     layer_kinds: tuple[str, ...] = ()
+    # The recurrent layers' sizes (`tsjax.layers.deltanet`, `tsjax.layers.mamba2`).
+    ssm: SSMConfig | None = None
 
     def __post_init__(self):
         if not self.layer_kinds:
