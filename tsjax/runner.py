@@ -23,6 +23,7 @@ import numpy as np
 from tsjax.sampling import SamplingParams
 from tsjax.shapes import StepShapes
 from tsjax.sharding import bytes_per_device
+from tsjax.spans import EmbedSpan
 from tsjax.steps import PendingTokens, Steps
 
 
@@ -60,6 +61,7 @@ class Runner(Protocol):
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
         """Compile every step shape (`Steps.warmup`), then `reset`. Returns seconds."""
         ...
@@ -75,8 +77,10 @@ class Runner(Protocol):
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
+        spans: list[list[EmbedSpan]] | None = None,
     ) -> np.ndarray:
-        """Prefill prompts into rows (`Steps.prefill`); returns each one's first token [n]."""
+        """Prefill prompts into rows (`Steps.prefill`; `spans`: each prompt's embedded spans,
+        host arrays); returns each one's first token [n]."""
         ...
 
     def decode(
@@ -129,8 +133,9 @@ class LocalRunner:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        secs = self.steps.warmup(self.params, decode_steps, max_prompt, batches)
+        secs = self.steps.warmup(self.params, decode_steps, max_prompt, batches, span_lens)
         self.reset()
         return secs
 
@@ -145,6 +150,7 @@ class LocalRunner:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
+        spans: list[list[EmbedSpan]] | None = None,
     ) -> np.ndarray:
         self._feed = None  # rows start afresh: the next decode takes host tokens
         first, _ = self._step(
@@ -158,6 +164,7 @@ class LocalRunner:
             masks=masks,
             restore=restore,
             checkpoint=checkpoint,
+            spans=spans,
         )
         return first
 

@@ -23,6 +23,7 @@ from tsjax.models.decoder import unroll_layers_default
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.shapes import StepShapes, bucket_for, steps_bucket
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, constrain_inputs, put, put_tree
+from tsjax.spans import EmbedSpan, SpanInputs, span_inputs
 
 
 def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
@@ -170,6 +171,7 @@ class Steps:
         masks,
         restore,
         checkpoint,
+        spans: SpanInputs | None = None,
         *,
         attn_len: int,
     ):
@@ -178,8 +180,9 @@ class Steps:
         are padding), and `new_sampler` (b rows) replaces those rows' sampling state. Rows
         with `restore` first resume from their saved state, rows with `checkpoint` save
         theirs after (`tsjax.cache.LayerState`: states that rewind by length alone ignore
-        both). Samples each row's first token. Returns (tokens [b], logits [b, V], cache,
-        sampler)."""
+        both). `spans`: embeddings in place of some tokens (`tsjax.spans`; None, the text
+        path, compiles apart). Samples each row's first token. Returns (tokens [b], logits
+        [b, V], cache, sampler)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
@@ -192,6 +195,7 @@ class Steps:
             jnp.maximum(lengths - 1, 0),
             attn_len,
             counts,
+            spans,
         )
         cache = cache.checkpoint(rows, checkpoint)
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
@@ -269,8 +273,9 @@ class Steps:
 
         return cache.swap(src, dst), jax.tree.map(move, sampler)
 
-    def _forward(self, params, cache: Cache, tokens, starts, *, attn_len: int):
-        """All-position logits without keeping the cache: for tests and scoring."""
+    def _forward(self, params, cache: Cache, tokens, starts, spans=None, *, attn_len: int):
+        """All-position logits without keeping the cache: for tests and scoring (`spans`:
+        `tsjax.spans.SpanInputs` or None)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         logits, _ = self.model.apply(
@@ -281,6 +286,8 @@ class Steps:
             jnp.arange(tokens.shape[0], dtype=jnp.int32),
             None,
             attn_len,
+            None,
+            spans,
         )
         return logits
 
@@ -296,9 +303,12 @@ class Steps:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets) and
-        decode for each attention bucket and each `decode_steps` count. Returns seconds."""
+        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets),
+        the prefill with embedded spans for the buckets of `span_lens` (prompt lengths; one
+        row), and decode for each attention bucket and each `decode_steps` count. Returns
+        seconds."""
         t0 = time.perf_counter()
         cache, sampler = self.new_cache(), self.new_sampler()
         greedy = SamplingParams.greedy()
@@ -311,6 +321,13 @@ class Steps:
                 _, _, cache, sampler = self.prefill(
                     params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
                 )
+        span_buckets = {bucket_for(n, self.shapes.prefill_lens) for n in span_lens}
+        for t in sorted(span_buckets):
+            n = min(t, self.shapes.max_len - 1)
+            dummy = EmbedSpan(0, np.zeros((1, self.cfg.dim), np.float32), "0", True)
+            _, _, cache, sampler = self.prefill(
+                params, cache, sampler, [[0] * n], [0], [greedy], spans=[[dummy]]
+            )
         # one compiled program per step-count bucket: run each with its largest count
         counts = {steps_bucket(n): n for n in sorted(decode_steps)}.values()
         for b in self.shapes.decode_batches:
@@ -341,12 +358,14 @@ class Steps:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
+        spans: list[list[EmbedSpan]] | None = None,
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
         the prompts). `restore` / `checkpoint` (default none): rows that resume from their
-        saved state / save it after (see `_prefill`). Returns (first tokens [n] numpy, logits
-        [n, V], cache, sampler)."""
+        saved state / save it after (see `_prefill`). `spans[i]`: prompt i's embedded spans,
+        their starts relative to the prompt's first token (`tsjax.spans`; none: text only).
+        Returns (first tokens [n] numpy, logits [n, V], cache, sampler)."""
         n = len(prompts)
         starts = starts or [0] * n
         b = bucket_for(n, self.shapes.prefill_batches)
@@ -365,6 +384,11 @@ class Steps:
         if self.plan is not None:
             new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
+        inputs = None
+        if spans is not None and any(spans):
+            padded = list(spans) + [[]] * (b - n)
+            host = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
+            inputs = SpanInputs(*(self._put(a) for a in host))
         first, logits, cache, sampler = self.prefill_fn(
             params,
             cache,
@@ -377,6 +401,7 @@ class Steps:
             self._put(self._mask_rows(masks, np.arange(n), b)),
             self._put(_flags(restore, b)),
             self._put(_flags(checkpoint, b)),
+            inputs,
             attn_len=attn_len,
         )
         return np.asarray(first[:n]), logits[:n], cache, sampler

@@ -45,6 +45,8 @@ from tsjax.generation import PromptTooLongError
 from tsjax.grammar import mask_words
 from tsjax.model import Model
 from tsjax.runner import MemoryReport, Runner
+from tsjax.shapes import bucket_for
+from tsjax.spans import check_spans, chunk_end, spans_in, text_ids
 from tsjax.textstream import TextStream
 
 if TYPE_CHECKING:
@@ -134,12 +136,29 @@ class Engine:
     # -- lifecycle --------------------------------------------------------------------------
 
     def warmup(self) -> float:
-        """Compile every step shape the loop uses, before taking traffic."""
+        """Compile every step shape the loop uses, before taking traffic (with a projector,
+        the prefill of a chunk holding an image too: see `span_lens`)."""
         secs = self.runner.warmup(
-            decode_steps=tuple(sorted({1, self.decode_steps})), max_prompt=self.prefill_chunk
+            decode_steps=tuple(sorted({1, self.decode_steps})),
+            max_prompt=self.prefill_chunk,
+            span_lens=self.span_lens(),
         )
         self.warm = True
         return secs
+
+    def span_lens(self) -> tuple[int, ...]:
+        """The prompt lengths whose token buckets a prefill chunk with an image may take:
+        from one image's span to the chunk size (`tsjax.spans.chunk_end` may run a span
+        whole past the chunk size). None without a projector."""
+        proj = self.model.projector
+        if proj is None:
+            return ()
+        lens = self.runner.shapes.prefill_lens
+        lo, hi = proj.tokens_per_image, max(self.prefill_chunk, proj.tokens_per_image)
+        if lo >= self.model.max_len:
+            return ()
+        picked = [b for b in lens if lo <= b <= bucket_for(min(hi, lens[-1]), lens)]
+        return tuple(sorted({lo, *picked}))
 
     def start(self) -> None:
         if self._thread is not None:
@@ -166,6 +185,7 @@ class Engine:
             raise PromptTooLongError(len(req.prompt_ids), self.model.max_len)
         if req.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}")
+        check_spans(req.spans, len(req.prompt_ids), self.model.config.dim)
         req.sampling.validate()
 
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
@@ -315,21 +335,24 @@ class Engine:
         start = reuse
         first = None
         while start < len(prompt):
-            chunk = prompt[start : start + self.prefill_chunk]
+            # a chunk never cuts an image: its positions attend to each other
+            end = chunk_end(start, self.prefill_chunk, len(prompt), req.spans)
+            spans = spans_in(req.spans, start, end)
             first = self.runner.prefill(
-                [chunk],
+                [prompt[start:end]],
                 [row.index],
                 [req.sampling],
                 starts=[start],
-                histories=[prompt[: start + len(chunk)]],
+                histories=[text_ids(prompt, req.spans, end) if req.spans else prompt[:end]],
                 masks=self._masks([live]),
+                spans=[spans] if spans else None,
             )
-            start += len(chunk)
+            start = end
         now = time.perf_counter()
         stats.prefill_seconds = now - t0
         stats.first_token_seconds = now - submitted
         live.decode_start = now
-        row.tokens = list(prompt)
+        row.tokens = list(req.cache_ids)
         self._live[row.index] = live
         self._consume(live, [int(first[0])])
 
@@ -448,7 +471,7 @@ class Engine:
         stats.completion_tokens = len(live.text.tokens)
         stats.decode_seconds = time.perf_counter() - live.decode_start
         # The row holds the prompt plus every sampled token that was fed back.
-        cached = list(live.req.prompt_ids) + live.sampled[: live.fed]
+        cached = list(live.req.cache_ids) + live.sampled[: live.fed]
         with self._cv:
             self.scheduler.release(live.row, cached)
             self.total_processed += 1

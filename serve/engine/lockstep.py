@@ -50,6 +50,7 @@ import numpy as np
 from tsjax.runner import MemoryReport, Runner
 from tsjax.sampling import SamplingParams
 from tsjax.shapes import StepShapes
+from tsjax.spans import EmbedSpan
 from tsjax.steps import PendingTokens
 
 log = logging.getLogger("tsjax.lockstep")
@@ -142,8 +143,9 @@ class StepChannel:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        return self._call(Op.WARMUP, "warmup", decode_steps, max_prompt, batches)
+        return self._call(Op.WARMUP, "warmup", decode_steps, max_prompt, batches, span_lens)
 
     def prefill(
         self,
@@ -156,7 +158,10 @@ class StepChannel:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
+        spans: list[list[EmbedSpan]] | None = None,
     ) -> np.ndarray:
+        # spans carry host (numpy) embeddings: they pickle with the command, and every
+        # follower splices the same ones
         return self._call(
             Op.PREFILL,
             "prefill",
@@ -169,6 +174,7 @@ class StepChannel:
             masks,
             restore,
             checkpoint,
+            spans,
         )
 
     def decode(

@@ -82,16 +82,19 @@ class Scheduler:
         limit = self.bucket(len(self.rows) - len(free) + 1)
         low = [r for r in free if r.index < limit] or free
         best, reuse = min(low, key=lambda r: r.last_used), 0
+        # Rows remember an image's positions by a pseudo id of its digest (`cache_ids`).
+        prompt = req.cache_ids
         if req.reuse_prefix and self.rewinds:
             for row in sorted(free, key=lambda r: r.last_used):
-                n = common_prefix(row.tokens, req.prompt_ids)
+                n = common_prefix(row.tokens, prompt)
                 if n > reuse:
                     best, reuse = row, n
-        # At least one prompt token must be prefilled to produce the next-token logits.
-        reuse = min(reuse, len(req.prompt_ids) - 1)
+        # At least one prompt token must be prefilled to produce the next-token logits, and
+        # an image is prefilled whole or not at all (its positions attend to each other).
+        reuse = req.reusable(min(reuse, len(prompt) - 1))
         self._clock += 1
         best.request, best.last_used = req, self._clock
-        best.tokens = list(req.prompt_ids[:reuse])
+        best.tokens = list(prompt[:reuse])
         return req, best, reuse
 
     def bucket(self, n: int) -> int:

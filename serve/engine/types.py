@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from tsjax.sampling import SamplingParams
+from tsjax.spans import EmbedSpan, cache_ids, reuse_limit
 
 _ids = itertools.count(1)
 
@@ -22,7 +23,7 @@ class FinishReason(StrEnum):
 
 @dataclass
 class GenerationRequest:
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # an embedded span's positions hold placeholder ids
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -32,6 +33,18 @@ class GenerationRequest:
     constraint: Any = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.time)
+    # Prompt positions fed embeddings in place of tokens (images; `tsjax.spans`), sorted.
+    spans: tuple[EmbedSpan, ...] = ()
+
+    @property
+    def cache_ids(self) -> list[int]:
+        """The prompt as cache rows remember it: each span's positions hold a pseudo id of
+        its content's digest, so a row matches through an image only if it is the same."""
+        return cache_ids(self.prompt_ids, self.spans) if self.spans else self.prompt_ids
+
+    def reusable(self, n: int) -> int:
+        """A cached prefix of n tokens cut back so that it never ends inside a span."""
+        return reuse_limit(n, self.spans)
 
 
 class EventKind(StrEnum):

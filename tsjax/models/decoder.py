@@ -28,6 +28,7 @@ from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import rope_lookup
 from tsjax.models.config import ModelConfig
+from tsjax.spans import SpanInputs
 from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 
 
@@ -142,16 +143,23 @@ class Decoder(nn.Module):
         logit_index: jax.Array | None,
         attn_len: int,
         counts: jax.Array | None = None,
+        spans: SpanInputs | None = None,
     ) -> tuple[jax.Array, Cache]:
         """tokens, positions: [B, T]; rows: [B] cache rows (None: the cache rows [0, B));
         logit_index: [B] which of the T positions to project to logits (None: all); counts:
-        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T).
+        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T); spans:
+        embeddings that replace some positions' token embeddings, and how far each query
+        sees (`tsjax.spans`; None: text only, causal).
         Returns (logits [B, V] or [B, T, V], cache with the step's tokens written)."""
         c = self.cfg
         embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
+        key_end = None
+        if spans is not None:  # an encoder's output goes in as it is: never scaled
+            x = jnp.where(spans.mask[..., None], spans.embeds.astype(x.dtype), x)
+            key_end = spans.key_end
         # The rotation tables of each distinct (base, scale), looked up once for every layer
         # (positions stay below attn_len).
         layer_bases = list(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True))
@@ -161,7 +169,7 @@ class Decoder(nn.Module):
         rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
         if counts is None:
             counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-        step = cache.step(positions, rows, counts, attn_len)
+        step = cache.step(positions, rows, counts, attn_len, key_end)
         states = []
         for seg, state in zip(self.plan(), cache.layers, strict=True):
             x, state = self._segment(seg, x, state, step, rope, base_of)

@@ -1,0 +1,91 @@
+"""Images in a prompt: where they go in the rendered text, and their positions in the tokens.
+
+The chat template renders `IMAGE_MARK` where an image goes (an OpenAI image part, in its
+place among the text parts; Ollama's `images`, before the message's text, as Ollama and the
+reference server put them). `image_prompt` then tokenizes the text between the marks one
+piece at a time, as llama.cpp's mtmd does, and puts each image's wrapped span in place of its
+mark: the family's begin string (Gemma 3: `<start_of_image>`), `tokens_per_image` positions
+that the image's embeddings fill, the end string (`<end_of_image>`; no "\\n\\n" around it:
+llama.cpp's layout, not transformers' processor's). The span positions hold `FILLER` as
+their token id: the embeddings replace whatever the id would embed.
+
+    text = model.template.render(messages, image_placeholder=IMAGE_MARK)
+    ids, starts = image_prompt(model.tokenizer, text, proj.config, add_bos=None)
+    spans = image_spans(proj, [proj.prepare(b) for b in images], starts)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tsjax.spans import EmbedSpan
+from tsjax.vision.config import VisionConfig
+from tsjax.vision.preprocess import PreparedImage
+
+if TYPE_CHECKING:
+    from tsjax.tokenizer import Tokenizer
+    from tsjax.vision.projector import Projector
+
+#: Where an image goes in rendered prompt text: private-use characters that no tokenizer
+#: merges with their neighbours (the text is split at them before tokenizing).
+IMAGE_MARK = "\ue000image\ue001"
+#: The token id at an image's positions (any valid id: the embeddings replace it).
+FILLER = 0
+
+
+class NoProjectorError(ValueError):
+    """Images for a model loaded without a projector."""
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"model {model} cannot take images: no multimodal projector is loaded (start the"
+            " server with --mmproj <mmproj.gguf>, or load it with mmproj=...)"
+        )
+
+
+class ImageCountError(ValueError):
+    """The rendered prompt does not hold one mark per image (a template that drops messages,
+    or the mark typed into the text)."""
+
+
+def image_prompt(
+    tokenizer: Tokenizer, text: str, cfg: VisionConfig, *, add_bos: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """Rendered text with one `IMAGE_MARK` per image -> (token ids with each image's span
+    in place of its mark, the prompt index where each image's embeddings start)."""
+    pieces = text.split(IMAGE_MARK)
+    ids: list[int] = []
+    starts: list[int] = []
+    begin = tokenizer.encode(cfg.image_begin, add_bos=False) if cfg.image_begin else []
+    end = tokenizer.encode(cfg.image_end, add_bos=False) if cfg.image_end else []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids += begin
+            starts.append(len(ids))
+            ids += [FILLER] * cfg.tokens_per_image
+            ids += end
+        if piece or i == 0:
+            ids += tokenizer.encode(piece, add_bos=add_bos if i == 0 else False)
+    return ids, starts
+
+
+def count_marks(text: str) -> int:
+    return text.count(IMAGE_MARK)
+
+
+def image_spans(
+    projector: Projector, images: Sequence[PreparedImage], starts: Sequence[int]
+) -> list[EmbedSpan]:
+    """Encode the images (each distinct one once) and place them at `starts` (one start per
+    image, in prompt order, as `image_prompt` returns them)."""
+    if len(images) != len(starts):
+        raise ImageCountError(
+            f"the prompt has {len(starts)} image place(s) for {len(images)} image(s)"
+        )
+    embeds = projector.embed(images)
+    bidirectional = projector.config.bidirectional
+    return [
+        EmbedSpan(s, e, img.digest, bidirectional)
+        for s, e, img in zip(starts, embeds, images, strict=True)
+    ]
