@@ -332,5 +332,72 @@ def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
     np.savez(dst, *out)
 
 
+def mtmd_prompt(
+    mmproj: Path, text_gguf: Path, text: str, image: np.ndarray, out: Path
+) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's mtmd on one prompt: `text` with one `<__media__>` marker (special tokens
+    parsed, nothing added) and an RGB uint8 image [H, W, 3]. Returns (the token sequence
+    llama.cpp runs, -1 at the image's positions; the last position's logits [V])."""
+    src = out.with_suffix(".in.npz")
+    np.savez(src, image=image, text=np.frombuffer(text.encode(), np.uint8))
+    proc = subprocess.run(
+        [sys.executable, __file__, "mtmd-prompt", str(mmproj), str(text_gguf), str(src), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode < 0:
+        raise MtmdCrashed(f"llama.cpp died with signal {-proc.returncode}: {proc.stderr[-500:]}")
+    if proc.returncode:
+        raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
+    with np.load(out) as z:
+        return z["seq"].tolist(), z["logits"]
+
+
+def _mtmd_prompt_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    # float32 keys and values, one batch for the whole prompt (an image is never split)
+    llm = llama_cpp.Llama(
+        model_path=text_gguf, n_ctx=256, n_batch=256, n_ubatch=256, type_k=0, type_v=0,
+        flash_attn=False, verbose=False, n_threads=2,
+    )  # fmt: skip
+    cp = M.mtmd_context_params_default()
+    cp.use_gpu, cp.print_timings, cp.n_threads, cp.warmup = False, False, 2, False
+    cp.flash_attn_type = 0
+    ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, cp)
+    assert ctx, "mtmd_init_from_file failed"
+    with np.load(src) as z:
+        img, text = z["image"], z["text"].tobytes()
+    h, w, _ = img.shape
+    buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
+    bitmap = M.mtmd_bitmap_init(w, h, buf)
+    inp = M.mtmd_input_text(text, len(text), False, True)
+    chunks = M.mtmd_input_chunks_init()
+    bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1) == 0
+    seq: list[int] = []
+    for i in range(M.mtmd_input_chunks_size(chunks)):
+        chunk = M.mtmd_input_chunks_get(chunks, i)
+        if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t()
+            toks = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            seq += [int(toks[j]) for j in range(n.value)]
+        else:
+            seq += [-1] * M.mtmd_input_chunk_get_n_tokens(chunk)
+    past = llama_cpp.llama_pos(0)
+    rc = M.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 256, True, ctypes.byref(past))
+    assert rc == 0, rc
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+    logits = np.ctypeslib.as_array(
+        llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)
+    ).copy()
+    np.savez(dst, seq=np.asarray(seq, np.int64), logits=logits)
+
+
 if __name__ == "__main__" and sys.argv[1] == "mtmd":
     _mtmd_main(*sys.argv[2:6])
+if __name__ == "__main__" and sys.argv[1] == "mtmd-prompt":
+    _mtmd_prompt_main(*sys.argv[2:6])

@@ -46,6 +46,7 @@ class ImageEncoder:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
+        self._closed = False  # stopped: no more images taken
 
     def start(self) -> None:
         if self._thread is None:
@@ -55,7 +56,7 @@ class ImageEncoder:
 
     def stop(self) -> None:
         with self._cv:
-            self._running = False
+            self._running, self._closed = False, True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
@@ -67,11 +68,12 @@ class ImageEncoder:
             self._queue.clear()
 
     def submit(self, images: Sequence[PreparedImage]) -> list[Future[np.ndarray]]:
-        """One future per image; equal digests share one (encoded once)."""
+        """One future per image; equal digests share one (encoded once). Images submitted
+        before `start` wait for it."""
         out = []
         with self._cv:
-            if not self._running:
-                raise RuntimeError("the image encoder is not running")
+            if self._closed:
+                raise RuntimeError("the image encoder is stopped (server shutting down)")
             for img in images:
                 fut = self._pending.get(img.digest)
                 if fut is None:
