@@ -22,6 +22,7 @@ from litestar.static_files import create_static_files_router
 
 from serve import access, metrics
 from serve.engine import Engine
+from serve.engine.encoder import ImageEncoder
 from serve.engine.lockstep import StepChannel
 from serve.errors import ApiError
 from serve.protocols import anthropic, ollama, openai, responses, webui
@@ -36,7 +37,8 @@ def load_model(s: Settings) -> Model:
     """The model as `s` asks for it (every process of a multi-process server loads alike)."""
     from tsjax.model import load
 
-    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh, quant=s.quant)
+    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh,
+                quant=s.quant, mmproj=s.mmproj)  # fmt: skip
 
 
 def _load(hub: Hub, channel: StepChannel | None) -> None:
@@ -59,6 +61,14 @@ def _warm(hub: Hub) -> None:
     assert engine is not None
     if not engine.warm:
         hub.compile_seconds = engine.warmup()
+    proj = engine.model.projector
+    if proj is not None and hub.encoder is None:
+        # compile only: running a full SigLIP image would cost ~a minute on a 2-core CPU
+        secs = proj.warmup()
+        hub.compile_seconds += secs
+        log.info("projector %s compiled in %.1fs", proj.name, secs)
+        hub.encoder = ImageEncoder(proj)
+        hub.encoder.start()
     engine.start()
     hub.ready = True
 
@@ -73,7 +83,8 @@ def _startup_line(hub: Hub) -> str:
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     return (
         f"tsjax serving {m.name} ({m.config.architecture}, {s.quant or 'float32'} weights,"
-        f" {s.rows} rows x {m.max_len} ctx)"
+        f" {s.rows} rows x {m.max_len} ctx"
+        f"{f', images via {m.projector.name}' if m.projector else ''})"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
         f" -> http://{host}:{s.port}"
     )
@@ -113,6 +124,8 @@ def _lifespan(hub: Hub, channel: StepChannel | None):
             yield
         finally:
             task.cancel()
+            if hub.encoder is not None:
+                hub.encoder.stop()
             if hub.engine is not None:
                 hub.engine.stop()  # joins the loop thread: at most one dispatch
             if channel is not None:

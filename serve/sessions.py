@@ -29,7 +29,7 @@ class TrackedMessage:
     """One message of the last turn; `raw` holds an assistant answer's generated token ids."""
 
     role: str
-    content: str
+    content: str | list[Any]  # a list: text and image parts (`serve.translation.intent`)
     raw: list[int] | None = None
 
 

@@ -27,6 +27,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     starts from (the reference server's built-in defaults, not its docs)."""
 
     model: str | None = None  # catalog name or .gguf path; None = the catalog default
+    # A multimodal projector (llama.cpp's mmproj GGUF) for image input: a bare file name is
+    # looked for beside the model; None or "none" = text only.
+    mmproj: str | None = None
     host: str = "0.0.0.0"
     port: int = 5000
     rows: int = 8  # decode slots: requests decoded together in one batch
@@ -157,6 +160,7 @@ def load_settings(
 
 _FLAGS: list[tuple[str, type, str]] = [
     ("model", str, "catalog name or path to a .gguf file"),
+    ("mmproj", str, "multimodal projector GGUF for images (a bare name: beside the model)"),
     ("host", str, "listen address (default 0.0.0.0)"),
     ("port", int, "listen port (default 5000)"),
     ("rows", int, "decode slots: concurrent requests per batch (default 8)"),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from litestar import Request
 
 from serve.engine import Engine
+from serve.engine.encoder import ImageEncoder
 from serve.errors import ApiError
 from serve.outputs import OutputFormat, select_format
 from serve.settings import Settings
@@ -31,6 +32,7 @@ class Hub:
     settings: Settings
     model: Model | None = None
     engine: Engine | None = None
+    encoder: ImageEncoder | None = None  # with a projector: images -> embeddings
     ready: bool = False
     error: str = ""  # why loading failed, if it did
     load_seconds: float = 0.0

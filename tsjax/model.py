@@ -68,30 +68,45 @@ class Model:
         in the messages is tokenized as text (`ChatTemplate.tokenize`)."""
         return self.template.tokenize(self.tokenizer, messages, **kwargs)[0]
 
-    def tokenize_prompt(self, text: str) -> tuple[list[int], list[int]]:
+    def tokenize_prompt(
+        self, text: str, controls: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Rendered prompt text -> (token ids, where each image's embeddings start), one
-        image per `tsjax.vision.prompt.IMAGE_MARK` in the text (`image_prompt`). Text without
-        marks tokenizes as `render_chat` does; marks without a projector are a
-        `NoProjectorError`."""
+        image per `tsjax.vision.prompt.IMAGE_MARK` in the text (`image_prompt`). `controls`:
+        the template's own control tokens (`ChatTemplate.render_marked`), the only text
+        parsed as control tokens; None parses them anywhere (a raw prompt). BOS as
+        `render_chat` adds it. Marks without a projector are a `NoProjectorError`."""
         from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, image_prompt
 
         add_bos = None if not self.template.bos_in_template else False
         if IMAGE_MARK not in text:
-            return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True), []
+            if controls is None:
+                return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True), []
+            return self.tokenizer.encode_marked(text, controls, add_bos=add_bos), []
         if self.projector is None:
             raise NoProjectorError(self.name)
-        return image_prompt(self.tokenizer, text, self.projector.config, add_bos=add_bos)
+        return image_prompt(
+            self.tokenizer,
+            text,
+            self.projector.config,
+            controls=controls,
+            add_bos=add_bos,
+            add_eos=None,
+        )
 
     def chat_prompt(
         self, messages: list[dict], images: Sequence[ImageSource] = (), **kwargs: Any
     ) -> Prompt:
         """Messages through the chat template with `images` (bytes, paths or PIL images, in
         the order of the image parts, `{"type": "image"}`, of the messages) encoded into
-        the prompt. `kwargs` go to the template (`ChatTemplate.render`)."""
+        the prompt; control-token text in the messages stays text (`ChatTemplate.tokenize`).
+        `kwargs` go to the template (`ChatTemplate.render`)."""
         from tsjax.vision.prompt import IMAGE_MARK, ImageCountError, image_spans
 
-        text = self.template.render(messages, image_placeholder=IMAGE_MARK, **kwargs)
-        ids, starts = self.tokenize_prompt(text)
+        text, controls = self.template.render_marked(
+            messages, self.tokenizer.control_texts, image_placeholder=IMAGE_MARK, **kwargs
+        )
+        ids, starts = self.tokenize_prompt(text, controls)
         if len(starts) != len(images):
             raise ImageCountError(
                 f"the messages have {len(starts)} image part(s) for {len(images)} image(s)"

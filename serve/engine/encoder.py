@@ -21,10 +21,12 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tsjax.vision import PreparedImage, Projector
+if TYPE_CHECKING:
+    from tsjax.vision import PreparedImage, Projector
 
 log = logging.getLogger("tsjax.encoder")
 

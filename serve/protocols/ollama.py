@@ -24,6 +24,8 @@ from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCall, T
 from serve.state import Hub, hub_of
 from serve.streaming import ndjson_response
 from serve.translation import Intent, Reply, Sampling, complete, prepare
+from serve.translation.images import from_base64, with_images
+from serve.translation.intent import ImageInput
 from serve.translation.options import ollama_format, stop_of, think_of
 from serve.translation.prompt import check_model
 
@@ -64,7 +66,7 @@ class GenerateBody(msgspec.Struct):
     think: bool | str | None = None
     format: str | dict[str, Any] | None = None
     options: Options | None = None
-    images: list[str] | None = None  # base64 images (refused: no model here has vision)
+    images: list[str] | None = None  # base64 images (need a server started with --mmproj)
 
 
 class Message(msgspec.Struct, omit_defaults=True):
@@ -220,16 +222,22 @@ async def _respond(
     return Response(body | _metrics(final.stats, final.finish_reason, began))
 
 
+def _images(images: list[str] | None, where: str) -> list[ImageInput]:
+    """Base64 images; empty strings are skipped, as the reference server does."""
+    return [from_base64(b, f"{where}[{i}]") for i, b in enumerate(images or []) if b]
+
+
 def _generate_intent(body: GenerateBody) -> Intent:
-    """A prompt through the chat template (with `system`), or as given with `raw`. Never
-    reuses a cached prefix, so each call stands alone."""
+    """A prompt through the chat template (with `system`), or as given with `raw`; images
+    before the prompt's text. Never reuses a cached prefix, so each call stands alone."""
     prompt = body.prompt or ""
+    images = _images(body.images, "images")
     if body.raw:
-        return _intent(body, prompt=prompt, images=body.images or [], reuse_prefix=False)
-    messages = [{"role": "user", "content": prompt}]
+        return _intent(body, prompt=prompt, images=images, reuse_prefix=False)
+    messages = [{"role": "user", "content": with_images(prompt, images)}]
     if body.system:
         messages.insert(0, {"role": "system", "content": body.system})
-    return _intent(body, messages=messages, images=body.images or [], reuse_prefix=False)
+    return _intent(body, messages=messages, reuse_prefix=False)
 
 
 @post("/api/generate", status_code=200, dto=StrictBody[GenerateBody], return_dto=None)
@@ -246,19 +254,21 @@ async def ollama_chat(request: Request, body: ChatBody) -> Response:
     """Multi-turn chat; reuses the KV cache of an earlier turn with the same prefix."""
     began = time.perf_counter()
     hub = hub_of(request)
-    messages = [_message_dict(m) for m in body.messages]
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     intent = _intent(body, messages=messages, tools=body.tools, tool_choice=body.tool_choice)
     prep = await prepare(hub, intent)
     return await _respond(hub, prep.request, body.model, "message", body.stream, began,
                           prep.reply)  # fmt: skip
 
 
-def _message_dict(m: Message) -> dict[str, Any]:
+def _message_dict(m: Message, i: int) -> dict[str, Any]:
     """A message for the template: Ollama names a tool result's tool `tool_name`; templates
-    read `name`."""
+    read `name`. Its `images` go before its text, as Ollama places them."""
     msg = msgspec.structs.asdict(m)
     if msg.get("tool_name") and not msg.get("name"):
         msg["name"] = msg["tool_name"]
+    images = _images(msg.pop("images", None), f"messages[{i}].images")
+    msg["content"] = with_images(msg.get("content"), images)
     return msg
 
 
@@ -374,7 +384,7 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
     params = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
               "repeat_penalty": s.repeat_penalty, "num_ctx": model.max_len}  # fmt: skip
     info = {k: _plain(v) for k, v in model.metadata.items() if k != "tokenizer.chat_template"}
-    return {
+    out = {
         "modelfile": "",
         "parameters": "\n".join(f"{k} {v}" for k, v in params.items()),
         "template": model.template.source,
@@ -383,6 +393,15 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
         "capabilities": ["completion"],
         "modified_at": _modified(hub),
     }
+    proj = model.projector
+    if proj is not None:  # as Ollama: "vision", and the projector file's keys
+        out["capabilities"].append("vision")
+        out["projector_info"] = {k: _plain(v) for k, v in proj.metadata.items()} | {
+            "file": proj.name,
+            "size": proj.path.stat().st_size,
+            "tokens_per_image": proj.tokens_per_image,
+        }
+    return out
 
 
 @get("/api/version")

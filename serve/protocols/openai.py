@@ -32,6 +32,7 @@ from serve.outputs import (
 from serve.state import Hub, hub_of
 from serve.streaming import DONE_SENTINEL, sse_response
 from serve.translation import Intent, Prepared, Reply, Sampling, complete, prepare, run_to_end
+from serve.translation.images import content_part
 from serve.translation.options import openai_format, openai_think, stop_of
 from serve.translation.prompt import check_model
 
@@ -281,6 +282,15 @@ async def _chat_respond(hub: Hub, prep: Prepared, body: ChatBody) -> Response:
     return Response(shape.envelope([choice], chunk=False) | {"usage": _usage(final.stats)})
 
 
+def _message_in(m: ChatMessage, i: int) -> dict[str, Any]:
+    """A message for the template, its image parts decoded (data URLs) in their places."""
+    msg = msgspec.structs.asdict(m)
+    if isinstance(m.content, list):
+        msg["content"] = [content_part(p, f"messages[{i}].content[{j}]")
+                          for j, p in enumerate(m.content)]  # fmt: skip
+    return msg
+
+
 def _chat_intent(body: ChatBody) -> Intent:
     """The chat request in neutral terms. Extra template variables: `chat_template_kwargs`,
     and `reasoning_effort` for templates that read it."""
@@ -292,7 +302,7 @@ def _chat_intent(body: ChatBody) -> Intent:
     return _intent(
         body,
         limit,
-        messages=[msgspec.structs.asdict(m) for m in body.messages],
+        messages=[_message_in(m, i) for i, m in enumerate(body.messages)],
         tools=body.tools,
         tool_choice=body.tool_choice,
         think=openai_think(body.think, body.reasoning_effort, body.chat_template_kwargs),

@@ -1,7 +1,8 @@
 """`prepare`: one `Intent` -> a checked engine request, its plan and its reply parser. The chain
 every API style runs, written once: the model is live and the one asked for, the plan (tools,
 tool choice, thinking, response format), the prompt (generic tool prompt, chat template, BOS,
-splicing), the request checks (sampling values, window, max tokens) and the grammar constraint.
+splicing, image places), the request checks (sampling values, window, max tokens), the images'
+embeddings and the grammar constraint.
 
 Everything a request can get wrong is an `ApiError` raised here, before anything is queued.
 """
@@ -14,9 +15,10 @@ from serve.engine import Engine, GenerationRequest
 from serve.errors import ApiError
 from serve.settings import Settings
 from serve.state import Hub
-from serve.translation.intent import Intent, Sampling
+from serve.translation.images import embedded_spans, no_projector, prepare_images
+from serve.translation.intent import Intent, Sampling, message_images
 from serve.translation.plan import Plan, constrain, plan_of
-from serve.translation.prompt import Prompt, chat_prompt, check_model, raw_prompt, reject_images
+from serve.translation.prompt import Prompt, chat_prompt, check_model, raw_prompt
 from serve.translation.reply import Reply
 from serve.translation.tools import normalize_tools, tool_choice_of, with_generic_tools
 from tsjax.generation import PromptTooLongError
@@ -51,6 +53,7 @@ def make_request(
     stop: tuple[str, ...],
     *,
     reuse_prefix: bool,
+    images: int = 0,
 ) -> GenerationRequest:
     """A checked engine request: bad sampling values or a prompt over the window are 400s
     here, before anything is queued or streamed. max_tokens <= 0 means "until the window is
@@ -63,8 +66,14 @@ def make_request(
     try:
         engine.check(req)
     except PromptTooLongError as e:
+        proj = engine.model.projector
+        images = (
+            f" (each image takes {proj.tokens_per_image + 2} tokens: send fewer images)"
+            if images and proj is not None
+            else ""
+        )
         raise ApiError(
-            400, f"{e}: shorten the conversation or start a new one", param="messages"
+            400, f"{e}{images}: shorten the conversation or start a new one", param="messages"
         ) from e
     except ValueError as e:
         raise ApiError(400, str(e)) from e
@@ -74,7 +83,8 @@ def make_request(
 def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
     if intent.messages is None:
         text = intent.prompt or ""
-        return Prompt(raw_prompt(model, text), text, [])
+        ids, starts = raw_prompt(model, text, len(intent.images))
+        return Prompt(ids, text, [], starts)
     if not intent.messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     shown = with_generic_tools(intent.messages, plan.template_tools, model.template.source)
@@ -88,8 +98,11 @@ def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     model, _ = hub.live()
     if intent.model is not None:
         check_model(intent.model, model)
-    if intent.images:
-        reject_images(model, "images")
+    images = intent.images if intent.messages is None else message_images(intent.messages)
+    if images and model.projector is None:
+        raise ApiError(400, no_projector(model), param="images" if intent.messages is None
+                       else "messages")  # fmt: skip
+    prepared = await prepare_images(model, images)  # a bad image: a 400 before anything else
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
@@ -107,7 +120,9 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
     stop = tuple(s.stop) if intent.stop is None else intent.stop
     req = make_request(engine, prompt.ids, sampling, max_tokens, stop,
-                       reuse_prefix=intent.reuse_prefix)  # fmt: skip
+                       reuse_prefix=intent.reuse_prefix, images=len(images))  # fmt: skip
+    # encoded last: a request refused for anything else costs no encoder time
+    req.spans = await embedded_spans(hub, prepared, prompt.image_starts)
     plan = await constrain(hub, plan, prompt.text)
     req.constraint = plan.constraint
     return Prepared(req, Reply(hub, plan, prompt.text), plan, prompt, model)

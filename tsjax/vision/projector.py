@@ -71,6 +71,7 @@ class Projector:
     load_seconds: float = 0.0
     buckets: tuple[int, ...] = IMAGE_BUCKETS
     limits: ImageLimits = field(default_factory=ImageLimits)
+    metadata: dict = field(default_factory=dict)  # the file's keys (Ollama's projector_info)
 
     def __post_init__(self):
         self._forward = jax.jit(
@@ -188,6 +189,7 @@ def load_projector(
         time.perf_counter() - t0,
         tuple(sorted(buckets or default_buckets())),
         limits or ImageLimits(),
+        dict(g.metadata),
     )
 
 

@@ -9,8 +9,10 @@ that the image's embeddings fill, the end string (`<end_of_image>`; no "\\n\\n" 
 llama.cpp's layout, not transformers' processor's). The span positions hold `FILLER` as
 their token id: the embeddings replace whatever the id would embed.
 
-    text = model.template.render(messages, image_placeholder=IMAGE_MARK)
-    ids, starts = image_prompt(model.tokenizer, text, proj.config, add_bos=None)
+    text, controls = model.template.render_marked(
+        messages, model.tokenizer.control_texts, image_placeholder=IMAGE_MARK
+    )
+    ids, starts = image_prompt(model.tokenizer, text, proj.config, controls=controls)
     spans = image_spans(proj, [proj.prepare(b) for b in images], starts)
 """
 
@@ -50,23 +52,46 @@ class ImageCountError(ValueError):
 
 
 def image_prompt(
-    tokenizer: Tokenizer, text: str, cfg: VisionConfig, *, add_bos: bool | None = None
+    tokenizer: Tokenizer,
+    text: str,
+    cfg: VisionConfig,
+    *,
+    controls: Sequence[tuple[int, int]] | None = None,
+    add_bos: bool | None = None,
+    add_eos: bool | None = False,
 ) -> tuple[list[int], list[int]]:
     """Rendered text with one `IMAGE_MARK` per image -> (token ids with each image's span
-    in place of its mark, the prompt index where each image's embeddings start)."""
-    pieces = text.split(IMAGE_MARK)
+    in place of its mark, the index in them where each image's embeddings start).
+
+    `controls`: the character spans of the control tokens the chat template wrote
+    (`ChatTemplate.render_marked`; only those become control ids, `Tokenizer.encode_marked`);
+    None parses control-token text anywhere (a raw prompt). BOS can only start the first
+    piece, EOS only end the last (None: the file's flag)."""
+    marks = [i for i in range(len(text)) if text.startswith(IMAGE_MARK, i)]
+    bounds = [0, *(m + len(IMAGE_MARK) for m in marks)]
+    ends = [*marks, len(text)]
+    begin = (
+        tokenizer.encode(cfg.image_begin, add_bos=False, add_eos=False) if cfg.image_begin else []
+    )
+    end = tokenizer.encode(cfg.image_end, add_bos=False, add_eos=False) if cfg.image_end else []
     ids: list[int] = []
     starts: list[int] = []
-    begin = tokenizer.encode(cfg.image_begin, add_bos=False) if cfg.image_begin else []
-    end = tokenizer.encode(cfg.image_end, add_bos=False) if cfg.image_end else []
-    for i, piece in enumerate(pieces):
+    for i, (a, b) in enumerate(zip(bounds, ends, strict=True)):
         if i:
             ids += begin
             starts.append(len(ids))
             ids += [FILLER] * cfg.tokens_per_image
             ids += end
-        if piece or i == 0:
-            ids += tokenizer.encode(piece, add_bos=add_bos if i == 0 else False)
+        first, last = i == 0, i == len(marks)
+        if not (text[a:b] or first or last):
+            continue
+        bos = add_bos if first else False
+        eos = add_eos if last else False
+        if controls is None:
+            ids += tokenizer.encode(text[a:b], add_bos=bos, add_eos=eos, parse_special=True)
+        else:
+            inside = [(x - a, y - a) for x, y in controls if a <= x and y <= b]
+            ids += tokenizer.encode_marked(text[a:b], inside, add_bos=bos, add_eos=eos)
     return ids, starts
 
 
