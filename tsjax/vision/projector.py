@@ -178,6 +178,10 @@ def load_projector(
 
         device_put = VisionShardingPlan(mesh, cfg).device_put
     if dtype is None:
+        # TODO(narrow weights): the tower runs float32 on CPU (~64 s for a full SigLIP-So400m
+        # image on 2 cores, compute-bound); the text model's narrow formats (`--quant`,
+        # tsjax.quantize: int8 kernels with per-channel scales) would suit its matmuls too,
+        # once measured against these embeddings' tolerance.
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     module = family.module(cfg, dtype)
     params = load_params(g, cfg, module, family.tensors(g, cfg), device_put)
