@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import threading
 import time
@@ -133,9 +134,9 @@ def ttft(proj: Projector, model_name: str, jpeg: bytes, repeat: int) -> None:
         for i in range(repeat):
             t0 = time.perf_counter()
             img = proj.prepare(jpeg)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             (emb,) = proj.embed([img])
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             span = EmbedSpan(starts[0], emb, img.digest, True)
             req = GenerationRequest(ids, greedy, 2, reuse_prefix=False, spans=(span,))
             to_token = first_token(req)
@@ -144,7 +145,9 @@ def ttft(proj: Projector, model_name: str, jpeg: bytes, repeat: int) -> None:
             print(
                 f"ttft {i + 1}: {t1 - t0 + t2 - t1 + to_token:.2f} s = preprocess"
                 f" {(t1 - t0) * 1e3:.0f} ms + encode {t2 - t1:.2f} s + prefill to first token"
-                f" {to_token:.2f} s ({len(ids)} tokens; text-only prompt as long: {plain:.2f} s)"
+                f" {to_token:.2f} s ({len(ids)} tokens; text-only prompt as long: {plain:.2f} s);"
+                f" the encode took {c2 - c1:.0f} CPU s (this process, every thread), load"
+                f" average {os.getloadavg()[0]:.1f}"
             )
     finally:
         engine.stop()

@@ -24,7 +24,7 @@ from tsjax.generation import PromptTooLongError, generate
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
 from tsjax.spans import EmbedSpan, SpanInputs, span_inputs
-from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError
+from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, inline_images
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def test_layout_and_logits_match_llama_cpp(tiny_vision, model, tmp_path):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install '.[bench]')")
     msgs = _chat("describe the picture", "<img>", "in a few words")
-    text = model.template.render(msgs, image_placeholder=IMAGE_MARK)
+    text = model.template.render(inline_images(msgs))
     try:
         seq, ref = mtmd_prompt(
             tiny_vision.mmproj,

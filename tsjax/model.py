@@ -101,10 +101,10 @@ class Model:
         the order of the image parts, `{"type": "image"}`, of the messages) encoded into
         the prompt; control-token text in the messages stays text (`ChatTemplate.tokenize`).
         `kwargs` go to the template (`ChatTemplate.render`)."""
-        from tsjax.vision.prompt import IMAGE_MARK, ImageCountError, image_spans
+        from tsjax.vision.prompt import ImageCountError, image_spans, inline_images
 
         text, controls = self.template.render_marked(
-            messages, self.tokenizer.control_texts, image_placeholder=IMAGE_MARK, **kwargs
+            inline_images(messages), self.tokenizer.control_texts, **kwargs
         )
         ids, starts = self.tokenize_prompt(text, controls)
         if len(starts) != len(images):

@@ -22,7 +22,7 @@ from serve.translation.images import no_projector
 from serve.translation.intent import message_images
 from tsjax.chat_template import TemplateError
 from tsjax.model import Model
-from tsjax.vision.prompt import IMAGE_MARK, image_prompt
+from tsjax.vision.prompt import IMAGE_MARK, image_prompt, inline_images
 
 
 def model_names(model: Model) -> set[str]:
@@ -136,20 +136,21 @@ def chat_prompt(
         raise ApiError(400, no_projector(model), param="messages")
     kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
     kwargs["enable_thinking"] = think
+    # matched with their images (equal images compare equal), rendered with marks
     raws = _matched_raw(messages, history or [])
+    inlined = inline_images(messages)  # image parts -> IMAGE_MARK in the content text
     shown = [
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
-        for i, m in enumerate(messages)
+        for i, m in enumerate(inlined)
     ]
     controls = model.tokenizer.control_texts
-    kwargs["image_placeholder"] = IMAGE_MARK
     try:
         text, spans = model.template.render_marked(shown, controls, tools=tools or None, **kwargs)
         parts = _PLACEHOLDER_RE.split(text)
         if len(parts) != 2 * len(raws) + 1:  # the template dropped or repeated an answer
             raws = {}
             text, spans = model.template.render_marked(
-                messages, controls, tools=tools or None, **kwargs
+                inlined, controls, tools=tools or None, **kwargs
             )
             parts = [text]
     except TemplateError as e:

@@ -1,16 +1,17 @@
 """Images in a prompt: where they go in the rendered text, and their positions in the tokens.
 
-The chat template renders `IMAGE_MARK` where an image goes (an OpenAI image part, in its
-place among the text parts; Ollama's `images`, before the message's text, as Ollama and the
-reference server put them). `image_prompt` then tokenizes the text between the marks one
-piece at a time, as llama.cpp's mtmd does, and puts each image's wrapped span in place of its
-mark: the family's begin string (Gemma 3: `<start_of_image>`), `tokens_per_image` positions
-that the image's embeddings fill, the end string (`<end_of_image>`; no "\\n\\n" around it:
-llama.cpp's layout, not transformers' processor's). The span positions hold `FILLER` as
+The chat template renders `IMAGE_MARK` where an image goes (`inline_images`: an OpenAI image
+part in its place among the text parts; Ollama's `images` before the message's text, as
+Ollama and the reference server put them; no separator around an image). `image_prompt`
+then tokenizes the text between the marks one piece at a time, as llama.cpp's mtmd does, and
+puts each image's wrapped span in place of its mark: the family's begin string (Gemma 3:
+`<start_of_image>`), `tokens_per_image` positions that the image's embeddings fill, the end
+string (`<end_of_image>`; no "\\n\\n" around it: llama.cpp's layout, not transformers'
+processor's). The span positions hold `FILLER` as
 their token id: the embeddings replace whatever the id would embed.
 
     text, controls = model.template.render_marked(
-        messages, model.tokenizer.control_texts, image_placeholder=IMAGE_MARK
+        inline_images(messages), model.tokenizer.control_texts
     )
     ids, starts = image_prompt(model.tokenizer, text, proj.config, controls=controls)
     spans = image_spans(proj, [proj.prepare(b) for b in images], starts)
@@ -18,8 +19,8 @@ their token id: the embeddings replace whatever the id would embed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tsjax.spans import EmbedSpan
 from tsjax.vision.config import VisionConfig
@@ -49,6 +50,41 @@ class NoProjectorError(ValueError):
 class ImageCountError(ValueError):
     """The rendered prompt does not hold one mark per image (a template that drops messages,
     or the mark typed into the text)."""
+
+
+_IMAGE_PARTS = frozenset({"image", "image_url", "input_image"})
+
+
+def inline_images(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages whose content-part lists hold images, with that content made one string:
+    `IMAGE_MARK` for each image part and the text parts' text, consecutive text parts joined
+    by a newline (as `ChatTemplate` joins them) and nothing between an image and its
+    neighbours, as Ollama (`[img-0]` + text), the reference server (`<start_of_image>` +
+    text) and Gemma 3's own template over llama.cpp's parts (no separator) lay them out.
+    Other messages are returned as they are."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, list) or not any(_is_image(p) for p in content):
+            out.append(dict(m))
+            continue
+        text, prev_text = "", False
+        for part in content:
+            if _is_image(part):
+                text += IMAGE_MARK
+                prev_text = False
+            else:
+                piece = part if isinstance(part, str) else part.get("text")
+                if not isinstance(piece, str):
+                    raise ValueError(f"a content part of type {part.get('type')!r} has no text")
+                text += ("\n" if prev_text else "") + piece
+                prev_text = True
+        out.append({**m, "content": text})
+    return out
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS
 
 
 def image_prompt(
