@@ -131,6 +131,56 @@ def test_openai_and_ollama_see_the_same_picture(server, name, oai, oll):
     assert g.prompt_eval_count == want and g.response == o.message.content
 
 
+def test_responses_and_anthropic_see_the_same_picture(server, name, oai):
+    """The Responses API's input_image part and an Anthropic base64 image block give the same
+    prompt (token count with the image's positions) and greedy answer as OpenAI chat."""
+    anthropic = pytest.importorskip("anthropic")
+    hub = server[1]
+    want = _expected_tokens(hub, "Describe it.", [RED])
+    url = f"data:image/png;base64,{RED64}"
+    text = {"type": "text", "text": "Describe it."}
+    text_in = {"type": "input_text", "text": "Describe it."}
+
+    def block(data):
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": data},
+        }
+
+    chat = oai.chat.completions.create(
+        model=name,
+        messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, text]}
+        ],
+        max_tokens=6,
+        temperature=0,
+    )
+    r = oai.responses.create(
+        model=name,
+        input=[{"role": "user", "content": [{"type": "input_image", "image_url": url}, text_in]}],
+        max_output_tokens=6,
+        temperature=0,
+    )
+    assert r.usage.input_tokens == want
+    assert r.output_text == chat.choices[0].message.content
+    client = anthropic.Anthropic(base_url=server[0], api_key="x", max_retries=0)
+    m = client.messages.create(
+        model=name,
+        max_tokens=6,
+        extra_body={"temperature": 0},  # (this SDK's create() no longer spells it)
+        messages=[{"role": "user", "content": [block(RED64), text]}],
+    )
+    assert m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == want
+    assert "".join(b.text for b in m.content if b.type == "text") == r.output_text
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(
+            model=name,
+            max_tokens=2,
+            messages=[{"role": "user", "content": [block("bm90IGFuIGltYWdl")]}],
+        )
+    assert "image" in str(e.value)
+
+
 def test_follow_up_reuses_the_cache_through_the_picture(server, name):
     """(Raw HTTP: the ollama client drops the cache-hit fields, which are the reference's.)"""
     url, hub, _ = server

@@ -43,6 +43,7 @@ from serve.outputs import (
 from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
+from serve.translation.images import content_part
 
 # Anthropic's error types and the statuses its API sends them with (an unavailable model is
 # Anthropic's `overloaded_error`, status 529, which its clients retry).
@@ -115,7 +116,7 @@ def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
         url = src["url"]
     else:
         raise ApiError(400, "an image block needs a base64 or url source", f"{param}.source")
-    return {"type": "image_url", "image_url": {"url": url}}
+    return content_part({"type": "image_url", "image_url": {"url": url}}, param)
 
 
 def _part(block: dict[str, Any], param: str) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from serve.outputs import (
 from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
+from serve.translation.images import content_part
 from serve.translation.options import openai_think
 from serve.translation.tools import normalize_tools
 
@@ -120,7 +121,7 @@ def _part(part: Any, param: str) -> dict[str, Any]:
             raise ApiError(400, "input_image needs image_url (a data: or http URL); file_id "
                            "refers to stored files, which this server does not keep",
                            param)  # fmt: skip
-        return {"type": "image_url", "image_url": {"url": url, "detail": part.get("detail")}}
+        return content_part({"type": "image_url", "image_url": {"url": url}}, param)
     raise ApiError(400, f"content part type {kind!r} is not supported (input_text, output_text, "
                    f"input_image are)", f"{param}.type")  # fmt: skip
 

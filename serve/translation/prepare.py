@@ -102,7 +102,6 @@ def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     if images and model.projector is None:
         raise ApiError(400, no_projector(model), param="images" if intent.messages is None
                        else "messages")  # fmt: skip
-    prepared = await prepare_images(model, images)  # a bad image: a 400 before anything else
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
@@ -112,6 +111,9 @@ def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
 async def prepare(hub: Hub, intent: Intent) -> Prepared:
     """The engine request for `intent`, checked, with its constraint and reply parser."""
     model, engine = hub.live()
+    images = intent.images if intent.messages is None else message_images(intent.messages)
+    # a bad image is a 400 before anything else (render refuses images without a projector)
+    prepared = await prepare_images(model, images) if model.projector is not None else []
     plan, prompt = render(hub, intent)
     if intent.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
