@@ -90,7 +90,7 @@ def stream(
         histories=[text_ids(prompt_ids, spans)],
         masks=mask(),
         spans=[list(spans)] if spans else None,
-    )
+    ).get()[0]
     res.prefill_seconds = time.perf_counter() - t0
     pending = [int(first[0])]
     fed = 0  # sampled tokens written back into the cache
