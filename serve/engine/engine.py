@@ -464,10 +464,7 @@ class Engine:
         prompt for reuse)."""
         t0 = time.perf_counter()
         _, pooled, scored = self._prefill(req, row.index, 0, len(req.prompt_ids))
-        embedding = None
-        if pooled is not None:
-            mean = pooled / len(req.prompt_ids)
-            embedding = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+        embedding = None if pooled is None else (pooled / len(req.prompt_ids)).astype(np.float32)
         took = time.perf_counter() - t0
         stats = Stats(len(req.prompt_ids), queue_seconds=queued, prefill_seconds=took)
         with self._cv:

@@ -108,4 +108,5 @@ class TokenEvent:
     # `prompt_logprobs`: one entry per prompt token, None for the first (nothing precedes
     # it); on the answer's first TOKEN event, or on DONE for a prefill-only request.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
-    embedding: np.ndarray | None = None  # `embed`: [D] float32, L2-normalized (on DONE)
+    # `embed` (on DONE): [D] float32, the mean of the prompt's final-normed last-layer states
+    embedding: np.ndarray | None = None

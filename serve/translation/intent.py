@@ -91,7 +91,10 @@ class Intent(msgspec.Struct, kw_only=True):
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     max_tokens: int | None = None  # None: the server's default; 0 or less: until the window is full
     stop: tuple[str, ...] | None = None  # None: the server's default stop strings
-    n: int = 1  # answers per request (one is served)
+    n: int = 1  # answers to the prompt (one prefill shared; `choices[i]`)
+    logprobs: bool = False  # report each generated token's log-probabilities
+    top_logprobs: int = 0  # with them, this many most likely alternatives (0-20)
+    prompt_logprobs: bool = False  # report the prompt's too (a text completion's `echo`)
     # Tools as sent (`{"type":"function","function":{...}}` or the flat `{"name",...}` form)
     # and the choice ("auto", "none", "required", a name or `{"function":{"name"}}`):
     # checked and normalized by `prepare`.

@@ -28,14 +28,20 @@ from tsjax.sampling import SamplingParams
 
 @dataclass
 class Prepared:
-    """A request ready for the engine: what to submit, how to read its output, and the prompt
-    it was made from (ids, text, and the turns a stateful API records)."""
+    """A request ready for the engine: what to submit, how to read its output (one `Reply`
+    per answer), and the prompt it was made from (ids, text, and the turns a stateful API
+    records)."""
 
     request: GenerationRequest
-    reply: Reply
+    replies: list[Reply]
     plan: Plan
     prompt: Prompt
     model: Model
+
+    @property
+    def reply(self) -> Reply:
+        """The first answer's reply (the only one unless `n` > 1)."""
+        return self.replies[0]
 
 
 def sampling_params(settings: Settings, given: Sampling) -> SamplingParams:
@@ -54,15 +60,23 @@ def make_request(
     *,
     reuse_prefix: bool,
     images: int = 0,
+    n: int = 1,
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
 ) -> GenerationRequest:
-    """A checked engine request: bad sampling values or a prompt over the window are 400s
-    here, before anything is queued or streamed. max_tokens <= 0 means "until the window is
-    full" (Ollama's -1)."""
+    """A checked engine request: bad sampling values, a prompt over the window or more
+    answers than rows are 400s here, before anything is queued or streamed. max_tokens <= 0
+    means "until the window is full" (Ollama's -1), except with `prompt_logprobs`, where 0
+    scores the prompt without generating."""
     room = engine.model.max_len - len(prompt_ids)
-    budget = room if max_tokens <= 0 else max_tokens
+    budget = room if max_tokens < 0 or (max_tokens == 0 and not prompt_logprobs) else max_tokens
+    if not 1 <= n <= engine.rows:
+        raise ApiError(400, f"n must be between 1 and {engine.rows} (the answers this server "
+                       f"decodes at once), got {n}", param="n")  # fmt: skip
     req = GenerationRequest(
-        prompt_ids, sampling, max_tokens=max(budget, 1), stop=stop, reuse_prefix=reuse_prefix
-    )
+        prompt_ids, sampling, max_tokens=max(budget, 0 if prompt_logprobs else 1), stop=stop,
+        reuse_prefix=reuse_prefix, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
     try:
         engine.check(req)
     except PromptTooLongError as e:
@@ -115,16 +129,18 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     # a bad image is a 400 before anything else (render refuses images without a projector)
     prepared = await prepare_images(model, images) if model.projector is not None else []
     plan, prompt = render(hub, intent)
-    if intent.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
     s = hub.settings
     sampling = sampling_params(s, intent.sampling)
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
     stop = tuple(s.stop) if intent.stop is None else intent.stop
-    req = make_request(engine, prompt.ids, sampling, max_tokens, stop,
-                       reuse_prefix=intent.reuse_prefix, images=len(images))  # fmt: skip
+    req = make_request(
+        engine, prompt.ids, sampling, max_tokens, stop, reuse_prefix=intent.reuse_prefix,
+        images=len(images), n=intent.n, logprobs=intent.logprobs,
+        prompt_logprobs=intent.prompt_logprobs,
+    )  # fmt: skip
     # encoded last: a request refused for anything else costs no encoder time
     req.spans = await embedded_spans(hub, prepared, prompt.image_starts)
     plan = await constrain(hub, plan, prompt.text)
     req.constraint = plan.constraint
-    return Prepared(req, Reply(hub, plan, prompt.text), plan, prompt, model)
+    replies = [Reply(hub, plan, prompt.text) for _ in range(intent.n)]
+    return Prepared(req, replies, plan, prompt, model)
