@@ -474,3 +474,21 @@ def test_no_compiles_when_requests_vary_logprobs_and_n(engine):
     ]
     run(engine, reqs)
     assert steps.compiled_count() == before, "a logprobs / n / embedding request recompiled"
+
+
+def test_embedding_inputs_truncate_or_refuse():
+    """An embedding input past the window is cut to it (Ollama's `truncate`, the default) or
+    refused with a 400 naming the input; ids outside the vocabulary and empty inputs too."""
+    from types import SimpleNamespace
+
+    from serve.errors import ApiError
+    from serve.translation.embedding import input_ids
+
+    tok = SimpleNamespace(encode=lambda text, parse_special=True: [ord(c) % 50 for c in text])
+    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=50), max_len=8)
+    assert input_ids(model, "abcdefghijk", True, "input") == input_ids(model, "abcdefgh", True, "x")
+    assert input_ids(model, [1, 2, 3], False, "input") == [1, 2, 3]
+    for item, truncate in (("abcdefghijk", False), ([], True), ([1, 50], True), ("", True)):
+        with pytest.raises(ApiError) as e:
+            input_ids(model, item, truncate, "input[1]")
+        assert e.value.status == 400 and e.value.param == "input[1]"
