@@ -360,6 +360,8 @@ def test_anthropic_thinking_flag(ant):
             messages=[{"role": "user", "content": "Hi"}],
         )
         assert [b.type for b in m.content] == ["text"]
+
+
 # -- log-probabilities, n answers, embeddings --------------------------------------------------
 
 
