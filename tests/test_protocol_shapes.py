@@ -79,7 +79,7 @@ def fake(pieces: list[str], tools: bool = False, **kw) -> tuple[Hub, Prepared]:
     plan = Plan(think=True, tools=normalize_tools(TOOLS) if tools else [])
     req = GenerationRequest([1] * 12)
     prompt = Prompt([1] * 12, "", [])
-    return hub, Prepared(req, Reply(hub, plan, ""), plan, prompt, FakeModel())  # type: ignore[arg-type]
+    return hub, Prepared(req, [Reply(hub, plan, "")], plan, prompt, FakeModel())  # type: ignore[arg-type]
 
 
 def collect(source) -> list[Any]:
