@@ -33,11 +33,12 @@ _KIND_OF_STATUS = {
 
 class ApiError(Exception):
     """An HTTP error: status, message, the offending field if any, and its kind (by default
-    the one its status implies)."""
+    the one its status implies; other 4xx statuses are invalid requests)."""
 
     def __init__(
         self, status: int, message: str, param: str | None = None, kind: ErrorKind | None = None
     ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or _KIND_OF_STATUS.get(status, ErrorKind.INTERNAL)
+        default = ErrorKind.INVALID_REQUEST if 400 <= status < 500 else ErrorKind.INTERNAL
+        self.kind = kind or _KIND_OF_STATUS.get(status, default)

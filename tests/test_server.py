@@ -63,7 +63,7 @@ def running_server() -> str:
         thread.join(timeout=30)
 
     atexit.register(stop)
-    _server["url"] = url
+    _server["url"], _server["server"] = url, server
     return url
 
 

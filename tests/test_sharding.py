@@ -472,7 +472,7 @@ def _single_process_serve(path: Path) -> list[dict]:
     flags = dict(zip(SERVE_FLAGS[0::2], SERVE_FLAGS[1::2], strict=True))
     over = {k.lstrip("-").replace("-", "_"): int(v) for k, v in flags.items()}
     settings = load_settings(None, dict(model=str(path), **over))
-    with TestClient(create_app(settings), timeout=120) as client:
+    with TestClient(create_app(settings), timeout=120, base_url="http://127.0.0.1") as client:
         deadline = time.time() + 300
         while client.get("/health").status_code != 200:
             assert time.time() < deadline, client.get("/health").text

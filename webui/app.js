@@ -227,7 +227,11 @@ async function uploadFile(file) {
   try {
     const form = new FormData();
     form.append("file", file, file.name);
-    const res = await apiFetch("/api/upload", { method: "POST", body: form });
+    // The server takes uploads only with this header (or an API key): a page on another
+    // site cannot send it without a CORS preflight, so it cannot write files here.
+    const res = await apiFetch("/api/upload", {
+      method: "POST", body: form, headers: { "X-TSJAX-UI": "1" },
+    });
     const data = await res.json().catch(() => ({}));
     if (!res.ok || !data.ok) throw new Error(data.error || `HTTP ${res.status}`);
     Object.assign(att, data, { status: "ready" });

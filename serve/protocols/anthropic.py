@@ -485,7 +485,7 @@ async def create_message(request: Request, data: JSONBody[MessagesBody | None] =
 @post("/v1/messages/count_tokens", status_code=200, dto=StrictBody[CountBody], return_dto=None)
 async def count_tokens(request: Request, data: JSONBody[CountBody | None] = None) -> dict:
     """The prompt's token count (system, messages, tools, thinking as they render)."""
-    _, prompt = render(hub_of(request), _intent(required(data)))
+    _, prompt = await render(hub_of(request), _intent(required(data)))
     return {"input_tokens": len(prompt.ids)}
 
 

@@ -333,7 +333,7 @@ async def chat(request: Request) -> Response:
     raw = await request.body()
     try:
         has_model = msgspec.json.decode(raw, type=_Probe).model is not msgspec.UNSET
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         has_model = True  # let the Ollama parser produce the precise 400
     webui = getattr(request.app.state, "webui_chat", None)
     if not has_model and webui is not None:

@@ -49,6 +49,7 @@ from serve.translation.images import content_part
 from serve.translation.logprobs import entries, token_text, top_count
 from serve.translation.options import openai_format, openai_think, stop_of
 from serve.translation.prompt import check_model
+from serve.translation.reply import generation_failed
 from tsjax.logprobs import TokenLogprob
 from tsjax.tokenizer import Tokenizer
 
@@ -463,7 +464,7 @@ async def _completion_respond(hub: Hub, prep: Prepared, body: CompletionBody) ->
     answers = await run_answers(hub.engine, prep.request)  # type: ignore[arg-type]
     for a in answers:
         if a.final.kind is EventKind.ERROR:
-            raise ApiError(500, a.final.error or "generation failed")
+            raise generation_failed(hub, a.final)
     choices = [_completion_choice(prep, body, a) for a in answers]
     usage = _usage([a.final.stats for a in answers])
     return Response(shape.envelope(choices, chunk=False) | {"usage": usage})

@@ -502,7 +502,7 @@ async def create_response(request: Request, data: JSONBody[ResponsesBody | None]
       return_dto=None)  # fmt: skip
 async def input_tokens(request: Request, data: JSONBody[ResponsesBody | None] = None) -> dict:
     """How many tokens the request's input (instructions, items, tools) takes as a prompt."""
-    _, prompt = render(hub_of(request), _intent(required(data)))
+    _, prompt = await render(hub_of(request), _intent(required(data)))
     return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
 

@@ -74,6 +74,7 @@ class OutputSpec:
     schema: dict[str, Any] | None = None  # None: any JSON object
     strict: bool = False
     name: str = ""
+    param: str = "format"  # the request field it came from, for errors
 
 
 class Intent(msgspec.Struct, kw_only=True):

@@ -5,6 +5,7 @@ splicing, image places), the request checks (sampling values, window, max tokens
 embeddings and the grammar constraint.
 
 Everything a request can get wrong is an `ApiError` raised here, before anything is queued.
+The prompt is rendered and tokenized in the hub's prepare pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def make_request(
 
 
 def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
+    """The prompt's ids and text (blocking: `prepare` runs it in the prepare pool). A prompt
+    too long for the window by its length alone is refused before it is tokenized."""
     if intent.messages is None:
         text = intent.prompt or ""
         ids, starts = raw_prompt(model, text, len(intent.images))
@@ -106,7 +109,7 @@ def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
                        extra=intent.template_kwargs, history=intent.history)  # fmt: skip
 
 
-def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
+async def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     """The first half of `prepare`: the model check, the plan and the prompt, with nothing
     built or queued (what counting a request's input tokens needs)."""
     model, _ = hub.live()
@@ -119,7 +122,9 @@ def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
-    return plan, _prompt(model, intent, plan)
+    # Rendering and tokenizing a long prompt takes seconds: off the event loop, which keeps
+    # serving every other request meanwhile.
+    return plan, await hub.offload(_prompt, model, intent, plan)
 
 
 async def prepare(hub: Hub, intent: Intent) -> Prepared:
@@ -128,7 +133,7 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     images = intent.images if intent.messages is None else message_images(intent.messages)
     # a bad image is a 400 before anything else (render refuses images without a projector)
     prepared = await prepare_images(model, images) if model.projector is not None else []
-    plan, prompt = render(hub, intent)
+    plan, prompt = await render(hub, intent)
     s = hub.settings
     sampling = sampling_params(s, intent.sampling)
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens

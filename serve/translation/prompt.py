@@ -51,6 +51,28 @@ def check_model(requested: str, model: Model) -> None:
         )
 
 
+def max_prompt_chars(model: Model, tokens: int) -> int:
+    """The most characters `tokens` tokens can stand for: no token is longer than the
+    vocabulary's longest piece (in bytes, and a character is at least one byte), plus a
+    margin for a SentencePiece space prefix."""
+    return tokens * model.tokenizer.max_piece_bytes + 64
+
+
+def check_length(model: Model, text: str, param: str) -> None:
+    """A 400 for a prompt that cannot fit the context window whatever its tokens, decided
+    from its length before tokenizing it (which costs about 4 s a megabyte)."""
+    limit = max_prompt_chars(model, model.max_len)
+    if len(text) > limit:
+        raise ApiError(
+            400,
+            f"the prompt is {len(text)} characters long, more than a {model.max_len}-token "
+            f"context window can hold ({limit} characters at most, at "
+            f"{model.tokenizer.max_piece_bytes} per token); shorten it or start a new "
+            "conversation",
+            param=param,
+        )
+
+
 def encode(
     model: Model,
     text: str,
@@ -79,6 +101,7 @@ def raw_prompt(model: Model, text: str, images: int = 0) -> tuple[list[int], lis
     `images` image spans before it. Returns (ids, where each image's span starts)."""
     if images and model.projector is None:
         raise ApiError(400, no_projector(model), param="images")
+    check_length(model, text, "prompt")
     return model.tokenize_prompt(IMAGE_MARK * images + text)
 
 
@@ -162,6 +185,7 @@ def chat_prompt(
             f" {n_images} image(s)",
             param="messages",
         )
+    check_length(model, text, "messages")
     ids: list[int] = []
     starts: list[int] = []
     pos = 0  # where parts[j] starts in text

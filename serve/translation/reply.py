@@ -78,7 +78,7 @@ class Reply:
             return None
         try:
             value = json.loads(self.content)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             return f"the answer is not valid JSON: {e}{cut}"
         if plan.output.schema is None:
             return None if isinstance(value, dict) else "the answer is not a JSON object"
@@ -112,7 +112,7 @@ async def complete_all(hub: Hub, req: GenerationRequest, replies: list[Reply]) -
     for answer, reply in zip(answers, replies, strict=True):
         final = answer.final
         if final.kind is EventKind.ERROR:
-            raise ApiError(500, final.error or "generation failed")
+            raise generation_failed(hub, final)
         reply.parse(answer.text)
         problem = reply.problem(final.finish_reason is FinishReason.LENGTH)
         if problem:
@@ -138,6 +138,11 @@ async def run_answers(engine: Engine, req: GenerationRequest) -> list[Answer]:
     return answers
 
 
+def generation_failed(hub: Hub, final: TokenEvent) -> ApiError:
+    """A failed generation: a 503 when the server ended it to shut down, else a 500."""
+    return ApiError(503 if hub.draining else 500, final.error or "generation failed")
+
+
 async def run_to_end(engine: Engine, req: GenerationRequest) -> tuple[str, TokenEvent]:
     """Generate without streaming: the whole text and the final (DONE or ERROR) event."""
     answer = (await run_answers(engine, req))[0]
@@ -149,7 +154,10 @@ def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
     import jsonschema
 
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    err = jsonschema.exceptions.best_match(cls(schema).iter_errors(value))
+    try:
+        err = jsonschema.exceptions.best_match(cls(schema).iter_errors(value))
+    except RecursionError:  # a recursive schema ($ref) over a very deep value
+        return "the value is nested too deeply to validate"
     if err is None:
         return None
     where = "/".join(str(p) for p in err.absolute_path) or "(root)"

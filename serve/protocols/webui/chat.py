@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,7 +30,7 @@ from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCallEnd
 from serve.protocols.webui.errors import render_error
 from serve.protocols.webui.sessions import TurnOptions, sessions_of
-from serve.protocols.webui.uploads import inside, upload_dir
+from serve.protocols.webui.uploads import uploads_of
 from serve.sessions import Session, TrackedMessage, Upload
 from serve.state import Hub, hub_of
 from serve.streaming import sse_response
@@ -39,6 +38,7 @@ from serve.translation import Intent, Reply, Sampling, prepare
 from serve.translation.images import with_images
 from serve.translation.intent import ImageInput
 from serve.translation.options import ollama_format, openai_format, stop_of
+from serve.uploads import UploadStore
 
 # -- request bodies ---------------------------------------------------------------------------
 
@@ -69,15 +69,18 @@ class ChatBody(TurnOptions, kw_only=True):
 # -- /api/chat --------------------------------------------------------------------------------
 
 
-def _user_media(body: ChatBody, root: Path, sees: bool) -> int:
-    """Check every media path names an upload; return how many the model will not see: audio,
-    and images (video frames among them) for a model without a projector (ignored, as the
+def _user_media(body: ChatBody, store: UploadStore, session: Session, sees: bool) -> int:
+    """Check every media path names an upload (the session holds it from now on, so it does
+    not expire under the conversation); return how many the model will not see: audio, and
+    images (video frames among them) for a model without a projector (ignored, as the
     reference does without one). `sees`: the model takes images."""
     count = 0
     for m in body.messages:
         for path in (m.imagePaths or []) + (m.audioPaths or []) + (m.textFilePaths or []):
-            if inside(path, root) is None:
+            found = store.inside(path)
+            if found is None:
                 raise ApiError(400, f"media path '{path}' is not a file uploaded to this server")
+            session.held.add(found)
         images = m.imagePaths or []
         count += len(m.audioPaths or []) + (0 if sees else len(images))
     return count
@@ -223,11 +226,11 @@ async def chat_turn(request: Request, body: ChatBody) -> Response:
         session.reset()
     model, _ = hub.live()  # a 503 before the session's pending uploads are taken
     sees = model.projector is not None
-    root = upload_dir(hub)
-    ignored = _user_media(body, root, sees)
-    messages = [_message(m, i, root, sees) for i, m in enumerate(body.messages)]
+    uploads = uploads_of(request)
+    ignored = _user_media(body, uploads, session, sees)
+    messages = [_message(m, i, uploads, sees) for i, m in enumerate(body.messages)]
     listed = {p for m in body.messages for p in (m.textFilePaths or []) + (m.imagePaths or [])}
-    listed = {str(inside(p, root) or p) for p in listed}
+    listed = {str(uploads.inside(p) or p) for p in listed}
     ignored += _attach_pending(messages, session.take_pending(), listed, sees)
     prep = await prepare(hub, _intent(body, session, messages))
     turns = prep.prompt.turns
@@ -254,13 +257,13 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
     )
 
 
-def _message(m: WebMessage, i: int, root: Path, sees: bool) -> dict[str, Any]:
+def _message(m: WebMessage, i: int, uploads: UploadStore, sees: bool) -> dict[str, Any]:
     """Role and content (a model that sees gets the message's images, a video's frames among
     them, before its text, as the reference places them); an assistant turn's tool calls too,
     so a tool loop renders."""
     content: Any = m.content or ""
     if sees and m.imagePaths:
-        images = [ImageInput(path=str(inside(p, root)), where=f"messages[{i}].imagePaths[{j}]")
+        images = [ImageInput(path=str(uploads.inside(p)), where=f"messages[{i}].imagePaths[{j}]")
                   for j, p in enumerate(m.imagePaths)]  # fmt: skip
         content = with_images(content, images)
     msg: dict[str, Any] = {"role": m.role, "content": content}
