@@ -14,6 +14,7 @@ from enum import StrEnum
 class ErrorKind(StrEnum):
     INVALID_REQUEST = "invalid_request"  # 400: the request cannot be served as sent
     UNAUTHENTICATED = "unauthenticated"  # 401: no API key, or not one of the server's
+    FORBIDDEN = "forbidden"  # 403: a host or a caller this server does not serve
     NOT_FOUND = "not_found"  # 404: a model, session or file that is not here
     TOO_LARGE = "too_large"  # 413: a body or upload over the configured limit
     INVALID_RESPONSE = "invalid_response"  # 422: the answer breaks what the request asked
@@ -24,6 +25,7 @@ class ErrorKind(StrEnum):
 _KIND_OF_STATUS = {
     400: ErrorKind.INVALID_REQUEST,
     401: ErrorKind.UNAUTHENTICATED,
+    403: ErrorKind.FORBIDDEN,
     404: ErrorKind.NOT_FOUND,
     413: ErrorKind.TOO_LARGE,
     422: ErrorKind.INVALID_RESPONSE,

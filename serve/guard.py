@@ -15,7 +15,8 @@ The threats, and why each check answers one (README, "Security"):
   keeps working (415 otherwise).
 * Cross-site uploads: a multipart form from any page would write files. `POST /api/upload`
   needs the `X-TSJAX-UI` header (a custom header, which a page on another site can only send
-  after a CORS preflight the server does not grant) or an API key (403).
+  after a CORS preflight, which only `cors_origins` pass), 403 otherwise; with API keys set,
+  the key guard asks every upload for a key instead.
 * Size: JSON bodies are cut off at `max_body_bytes` while they stream in, uploads at
   `max_upload_bytes` (413); a JSON body's nesting and element count are checked before it is
   decoded (`serve.bodies.check_shape`; in a worker thread when large), since decoding holds
@@ -33,7 +34,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from serve.access import key_allowed, presented_key
 from serve.bodies import check_shape
 from serve.errors import ApiError
 from serve.settings import Settings
@@ -79,13 +79,6 @@ def host_allowed(settings: Settings, header: str | None) -> bool:
     if is_loopback(name) or name in allowed:
         return True
     return any(a.startswith(".") and (name.endswith(a) or name == a[1:]) for a in allowed)
-
-
-def api_key_given(settings: Settings, headers: dict[str, str]) -> bool:
-    """Whether the request presents one of the configured API keys (serve/access.py)."""
-    given = presented_key(headers)
-    keys = [k.encode() for k in settings.api_key]
-    return given is not None and bool(keys) and key_allowed(given, keys)
 
 
 def _media(content_type: str | None) -> str:
@@ -216,7 +209,8 @@ async def _admit(settings: Settings, scope: Any, receive: Any) -> Any:
         return receive
     handler = scope.get("route_handler")
     if handler is not None and handler.opt.get(UPLOAD):
-        if not headers.get(UI_HEADER) and not api_key_given(settings, headers):
+        # with keys set, the key guard (serve/access.py) asks every upload for a valid key
+        if not settings.api_key and not headers.get(UI_HEADER):
             raise ApiError(403, "uploads need the Web UI's X-TSJAX-UI header or an API key "
                            "(Authorization: Bearer <key>)")  # fmt: skip
         limit = settings.max_upload_bytes + UPLOAD_OVERHEAD

@@ -24,7 +24,8 @@ NO_MODEL = "/nonexistent/no-such-model.gguf"
 
 
 def _client(**settings) -> TestClient:
-    return TestClient(create_app(Settings(model=NO_MODEL, **settings)))
+    # a Host the server answers while bound to loopback (its default)
+    return TestClient(create_app(Settings(model=NO_MODEL, **settings)), base_url="http://127.0.0.1")
 
 
 @pytest.fixture(scope="module")

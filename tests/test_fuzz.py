@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_app import UI, tiny_client, tiny_model
 
-from serve.protocols import ollama, openai
+from serve.protocols import anthropic, ollama, openai, responses
 from serve.protocols.webui import chat as webui_chat
 from serve.protocols.webui import models as webui_models
 from serve.protocols.webui import sessions as webui_sessions
@@ -39,6 +39,10 @@ ENDPOINTS: dict[str, list[type]] = {
     "/api/webui/chat": [webui_chat.ChatBody],
     "/api/sessions": [webui_sessions.TurnOptions],
     "/api/models/load": [webui_models.LoadBody],
+    "/v1/responses": [responses.ResponsesBody],
+    "/v1/responses/input_tokens": [responses.ResponsesBody],
+    "/v1/messages": [anthropic.MessagesBody],
+    "/v1/messages/count_tokens": [anthropic.CountBody],
 }
 
 HUGE = [2**63, -(2**63) - 1, 10**30, 1e308, -1e308, 5e-324, 2**53 + 1]
@@ -134,13 +138,19 @@ def body_of(draw: Any, structs: list[type], model: str) -> bytes:
     return msgspec.json.encode(body) if kind != "deep" else json.dumps(body).encode()
 
 
+# the last event of a typed SSE stream (Responses, Anthropic Messages)
+ENDINGS = {"response.completed", "response.incomplete", "response.failed", "message_stop", "error"}
+
+
 def check_answer(path: str, r: Any) -> None:
     """Below 500; JSON in the endpoint's shape for errors; well-framed streams."""
     assert r.status_code < 500, (path, r.status_code, r.text[:500])
     ctype = r.headers.get("content-type", "")
     if r.status_code >= 400:
         body = r.json()
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/messages"):
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        elif path.startswith("/v1/"):
             assert set(body["error"]) == {"message", "type", "param", "code"}, body
         elif path == "/api/models/load":
             assert body["ok"] is False and isinstance(body["error"], str), body
@@ -151,9 +161,11 @@ def check_answer(path: str, r: Any) -> None:
         lines = [json.loads(line) for line in r.text.splitlines() if line.strip()]
         assert lines[-1]["done"] is True, lines[-1]
     elif ctype.startswith("text/event-stream"):
-        frames = [b[6:] for b in r.text.split("\n\n") if b.startswith("data: ")]
-        parsed = [f if f == "[DONE]" else json.loads(f) for f in frames]
-        assert parsed and (parsed[-1] == "[DONE]" or parsed[-1].get("done") is True), parsed[-1]
+        data = [line[6:] for block in r.text.split("\n\n") for line in block.split("\n")
+                if line.startswith("data: ")]  # fmt: skip
+        parsed = [f if f == "[DONE]" else json.loads(f) for f in data]
+        last = parsed[-1] if parsed else None
+        assert last == "[DONE]" or last.get("done") is True or last.get("type") in ENDINGS, last
     else:
         assert isinstance(r.json(), dict)
 

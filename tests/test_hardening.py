@@ -29,6 +29,10 @@ JSON_ENDPOINTS = [
     "/api/webui/chat",
     "/api/sessions",
     "/api/models/load",
+    "/v1/responses",
+    "/v1/responses/input_tokens",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
 ]
 
 
@@ -36,6 +40,9 @@ def error_of(path: str, r) -> str:
     """The error message of a response, asserting the shape of the path's API."""
     assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        return body["error"]["message"]
     if path.startswith("/v1/"):
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
         return body["error"]["message"]
@@ -105,16 +112,24 @@ def test_deep_schemas_are_400_naming_the_field(client, name):
          "tools[0].function.parameters"),
         ("/api/generate", {"format": schema, "prompt": "hi"}, "format"),
         ("/api/webui/chat", {"format": schema, "model": None}, "format"),
+        ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x",
+         "schema": schema}}}, "text.format.schema"),
+        ("/v1/messages", {"max_tokens": 10, "output_config": {"format": {"type": "json_schema",
+         "schema": schema}}}, "output_config.format.schema"),
+        ("/v1/messages", {"max_tokens": 10, "tools": [{"name": "f", "input_schema": schema}]},
+         "tools[0].function.parameters"),
     ]  # fmt: skip
     for path, extra, param in cases:
         body = {"model": name, "messages": msgs, "stream": False} | extra
+        if path == "/v1/responses":
+            body = {"model": name, "input": "hi"} | extra
         if path == "/api/webui/chat":
             body = {"messages": msgs} | {k: v for k, v in extra.items() if v is not None}
         r = client.post(path, json=body)
         assert r.status_code == 400, (path, r.text)
         message = error_of(path, r)
         assert "nests" in message and param in message, message
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/") and not path.startswith("/v1/messages"):
             assert r.json()["error"]["param"] == param
 
 
@@ -133,12 +148,14 @@ def test_deep_tool_call_arguments_are_no_500(client, name):
 def test_framework_errors_in_each_api_shape(client):
     cases = [
         ("GET", "/v1/chat/completions", 405),
-        ("POST", "/v1/nope", 405),
+        ("POST", "/v1/nope", 404),
         ("GET", "/v1/nope", 404),
         ("DELETE", "/api/generate", 405),
         ("GET", "/api/sessions/abc", 405),
         ("POST", "/api/models", 405),
         ("GET", "/no/such/file.js", 404),
+        ("GET", "/v1/messages", 405),
+        ("PUT", "/v1/messages/nope", 404),
     ]
     for method, path, status in cases:
         r = client.request(method, path)
@@ -250,7 +267,9 @@ def test_tokenizing_runs_off_the_event_loop(client, name, monkeypatch):
 # -- posture: Host, content types, the upload credential -----------------------------------
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/generate", "/api/models/load"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/api/generate", "/api/models/load", "/v1/messages"]
+)
 def test_a_foreign_host_is_refused_while_bound_to_loopback(client, path):
     r = client.post(path, json={}, headers={"Host": "evil.example:5000"})
     assert r.status_code == 403 and "DNS rebinding" in error_of(path, r)
@@ -303,12 +322,15 @@ def test_json_content_types(client, name):
 
 def test_uploads_need_the_ui_header_or_an_api_key(model, tmp_path):
     files = {"file": ("a.txt", b"hello")}
-    with tiny_client(model, api_key=["sekrit"], upload_dir=str(tmp_path / "u")) as c:
+    with tiny_client(model, upload_dir=str(tmp_path / "u")) as c:
         r = c.post("/api/upload", files=files)
         assert r.status_code == 403 and "X-TSJAX-UI" in error_of("/api/upload", r)
-        r = c.post("/api/upload", files=files, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 403
-        for headers in (UI, {"Authorization": "Bearer sekrit"}, {"x-api-key": "sekrit"}):
+        r = c.post("/api/upload", files=files, headers=UI)
+        assert r.status_code == 200 and r.json()["ok"], r.text
+    with tiny_client(model, api_key=["sekrit"], upload_dir=str(tmp_path / "u")) as c:
+        for headers in ({}, UI, {"Authorization": "Bearer wrong"}):  # the key guard's 401
+            assert c.post("/api/upload", files=files, headers=headers).status_code == 401
+        for headers in ({"Authorization": "Bearer sekrit"}, {"x-api-key": "sekrit"}):
             r = c.post("/api/upload", files=files, headers=headers)
             assert r.status_code == 200 and r.json()["ok"], (headers, r.text)
 

@@ -56,6 +56,7 @@ from tsjax.tokenizer import Tokenizer
 _TYPES = {
     ErrorKind.INVALID_REQUEST: "invalid_request_error",
     ErrorKind.UNAUTHENTICATED: "invalid_request_error",  # with code invalid_api_key, as OpenAI
+    ErrorKind.FORBIDDEN: "permission_error",
     ErrorKind.NOT_FOUND: "not_found_error",
     ErrorKind.INVALID_RESPONSE: "invalid_response_error",
     ErrorKind.UNAVAILABLE: "unavailable_error",

@@ -45,6 +45,7 @@ from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
 from serve.translation.images import content_part
 from serve.translation.options import openai_think
+from serve.translation.reply import generation_failed
 from serve.translation.tools import normalize_tools
 
 
@@ -97,13 +98,15 @@ def _text_format(fmt: dict[str, Any] | None) -> OutputSpec | None:
     if fmt is None or fmt.get("type", "text") == "text":
         return None
     if fmt["type"] == "json_object":
-        return OutputSpec()
+        return OutputSpec(param="text.format")
     if fmt["type"] != "json_schema":
         raise ApiError(400, f"text.format.type must be text, json_object or json_schema; got "
                        f"{fmt['type']!r}", "text.format.type")  # fmt: skip
     if not isinstance(fmt.get("schema"), dict):
         raise ApiError(400, "text.format.schema must be a JSON schema object", "text.format.schema")
-    return OutputSpec(fmt["schema"], strict=fmt.get("strict") is True, name=fmt.get("name", ""))
+    name = fmt.get("name") if isinstance(fmt.get("name"), str) else ""
+    strict = fmt.get("strict") is True
+    return OutputSpec(fmt["schema"], strict=strict, name=name, param="text.format.schema")
 
 
 def _part(part: Any, param: str) -> dict[str, Any]:
@@ -476,7 +479,7 @@ async def _whole(hub: Hub, shape: _Shape) -> dict[str, Any]:
     (one cut off by max_output_tokens is `incomplete`, as OpenAI answers)."""
     text, final = await run_to_end(hub.engine, shape.prep.request)  # type: ignore[arg-type]
     if final.kind is EventKind.ERROR:
-        raise ApiError(500, final.error or "generation failed")
+        raise generation_failed(hub, final)
     reply, items = shape.prep.reply, _Items()
     for e in reply.push(text) + reply.finish():
         items.feed(e)
