@@ -202,8 +202,8 @@ async def _admit(settings: Settings, scope: Any, receive: Any) -> Any:
     """Check one request; returns the `receive` the handler should use (or raises)."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     if not host_allowed(settings, headers.get("host")):
-        raise ApiError(403, f"Host '{headers.get('host')}' is not served here: this server is "
-                       "bound to loopback and answers only localhost names (a guard against DNS "
+        raise ApiError(403, f"Host '{headers.get('host')}' is not served here: only localhost "
+                       "names, loopback addresses and allowed_hosts are (a guard against DNS "
                        "rebinding); add the name to allowed_hosts to serve it")  # fmt: skip
     if scope["method"] not in _BODY_METHODS:
         return receive
