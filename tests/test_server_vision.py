@@ -209,7 +209,8 @@ def test_follow_up_reuses_the_cache_through_the_picture(server, name):
 
 def test_web_ui_upload_and_stream(server):
     url, hub, _ = server
-    with httpx.Client(base_url=url, timeout=120) as client:
+    # uploads need the Web UI's header (README "Security")
+    with httpx.Client(base_url=url, timeout=120, headers={"X-TSJAX-UI": "1"}) as client:
         up = client.post("/api/upload", files={"file": ("cat.png", RED, "image/png")}).json()
         assert up["mediaType"] == "image"
         body = {
