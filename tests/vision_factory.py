@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from converter import converter_root
 
-LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors llama.cpp 0c1e570 (converter, gguf-py, mtmd)
 TEXT_DIM = 64
 TEXT = dict(
     hidden_size=TEXT_DIM,
@@ -80,33 +80,12 @@ class TinyVision:
     text_gguf: Path
 
 
-def llama_cpp_source() -> Path:
-    """llama.cpp's tree from the llama-cpp-python sdist, downloaded once into the cache."""
-    root = Path(os.environ.get("TSJAX_HOME", Path.home() / ".cache" / "tsjax")) / "llama.cpp-src"
-    tree = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (tree / "convert_hf_to_gguf.py").is_file():
-        return tree
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps"]
-            + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)],
-            check=True,
-        )
-    import tarfile
-
-    with tarfile.open(sdist) as tar:
-        tar.extractall(root, filter="data")
-    return tree
-
-
 def build_tiny_gemma3_vision(out: Path, seed: int = 0) -> TinyVision:
     """Write the HF checkpoint and convert it; returns the paths."""
     out = Path(out)
     hf_dir = out / "hf"
     _write_hf(hf_dir, seed)
-    tree = llama_cpp_source()
+    tree = converter_root()  # the pinned, checksummed llama.cpp tree (tests/converter.py)
     mmproj, mmproj16 = out / "mmproj-tiny-f32.gguf", out / "mmproj-tiny-f16.gguf"
     text = out / "tiny-gemma3-f32.gguf"
     runs = [[str(hf_dir), "--outtype", "f32", "--outfile", str(text)]] + [
