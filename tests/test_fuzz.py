@@ -43,6 +43,9 @@ ENDPOINTS: dict[str, list[type]] = {
     "/v1/responses/input_tokens": [responses.ResponsesBody],
     "/v1/messages": [anthropic.MessagesBody],
     "/v1/messages/count_tokens": [anthropic.CountBody],
+    "/v1/embeddings": [openai.EmbeddingBody],
+    "/api/embed": [ollama.EmbedBody],
+    "/api/embeddings": [ollama.EmbeddingsBody],
 }
 
 HUGE = [2**63, -(2**63) - 1, 10**30, 1e308, -1e308, 5e-324, 2**53 + 1]
@@ -186,6 +189,18 @@ FUZZ = settings(
     derandomize=True,  # the same bodies every run: a failure reproduces
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+def test_every_post_endpoint_is_fuzzed(fuzzed):
+    """A new POST route cannot slip past the fuzzer: every one the app serves is listed here
+    (uploads have their own test below)."""
+    client, _ = fuzzed
+    served = {
+        route.path
+        for route in client.app.routes
+        if "POST" in getattr(route, "methods", ()) and "{" not in route.path
+    }
+    assert served - {"/api/upload"} <= set(ENDPOINTS), served - set(ENDPOINTS)
 
 
 @pytest.mark.parametrize("path", sorted(ENDPOINTS))

@@ -33,6 +33,9 @@ JSON_ENDPOINTS = [
     "/v1/responses/input_tokens",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/v1/embeddings",
+    "/api/embed",
+    "/api/embeddings",
 ]
 
 

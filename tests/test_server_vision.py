@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
+from live_server import LiveServer, free_port
 from PIL import Image
 from test_webui_api import sse
 
@@ -42,14 +40,10 @@ BLUE64 = base64.b64encode(BLUE).decode()
 def server(tiny_vision, tmp_path_factory):
     """(base URL, hub, compiled step shapes once warm) of a warm server; stopped after the
     module."""
-    import uvicorn
-
     from serve.app import create_app
     from serve.settings import Settings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = Settings(
         model=str(tiny_vision.text_gguf),
         mmproj=tiny_vision.mmproj.name,
@@ -61,26 +55,11 @@ def server(tiny_vision, tmp_path_factory):
         upload_dir=str(tmp_path_factory.mktemp("uploads")),
     )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            r = httpx.get(url + "/health", timeout=5)
-            if r.status_code == 200:
-                break
-            assert r.json()["status"] == "loading", r.text
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise TimeoutError("server did not become healthy")
+    server = LiveServer(app, port)
+    url = server.start(timeout=600)
     hub = app.state.hub
     yield url, hub, hub.model.steps.compiled_count()
-    server.should_exit = True
-    thread.join(timeout=30)
+    server.stop()
 
 
 @pytest.fixture(scope="module")

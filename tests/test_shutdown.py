@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import real_model_path
+from live_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,8 @@ STREAMS = [  # (path, body)
 # one stream per cache row: none waits in the queue (the OpenAI styles send nothing there)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(grace: float, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     tsjax = Path(sys.executable).with_name("tsjax")
     command = [str(tsjax)] if tsjax.exists() else [sys.executable, "-m", "serve"]
     flags = ["--model", str(real_model_path("smollm2-135m")), "--port", str(port),

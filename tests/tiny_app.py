@@ -12,9 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf_factory import write_tiny_gguf
 
 from serve.engine import Engine, EventKind, FinishReason, GenerationRequest, Stats, TokenEvent
+from tsjax.logprobs import TokenLogprob
 from tsjax.model import load
 from tsjax.shapes import StepShapes
 
@@ -39,14 +41,38 @@ class StubEngine(Engine):
         pass
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Every answer of `req` (n of them, by index); token log-probabilities (log 1/2,
+        one alternative) when asked; for a prefill-only request, the prompt's entries and a
+        unit embedding derived from its ids."""
         self.check(req)
+        entry = TokenLogprob(1, -0.6931, ((1, -0.6931), (2, -0.6931)))
+        prompt_lps = None
+        if req.prompt_logprobs:
+            prompt_lps = (None,) + (entry,) * (len(req.prompt_ids) - 1)
+        if req.prefill_only:
+            embedding = None
+            if req.embed:
+                v = np.cos(np.arange(self.model.config.dim) + sum(req.prompt_ids))
+                embedding = (v / np.linalg.norm(v)).astype(np.float32)
+            stats = Stats(prompt_tokens=len(req.prompt_ids))
+            for i in range(req.n):
+                yield TokenEvent(
+                    EventKind.DONE, finish_reason=FinishReason.LENGTH, stats=stats, index=i,
+                    prompt_logprobs=prompt_lps, embedding=embedding,
+                )  # fmt: skip
+            return
         sent = self.pieces[: req.max_tokens]
-        for piece in sent:
-            await asyncio.sleep(0)
-            yield TokenEvent(EventKind.TOKEN, text=piece, token_ids=(1,))
-        reason = FinishReason.LENGTH if len(sent) < len(self.pieces) else FinishReason.STOP
-        stats = Stats(prompt_tokens=len(req.prompt_ids), completion_tokens=len(sent))
-        yield TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats)
+        for i in range(req.n):
+            for j, piece in enumerate(sent):
+                await asyncio.sleep(0)
+                yield TokenEvent(
+                    EventKind.TOKEN, text=piece, token_ids=(1,), index=i,
+                    logprobs=(entry,) if req.logprobs else (),
+                    prompt_logprobs=prompt_lps if j == 0 else None,
+                )  # fmt: skip
+            reason = FinishReason.LENGTH if len(sent) < len(self.pieces) else FinishReason.STOP
+            stats = Stats(prompt_tokens=len(req.prompt_ids), completion_tokens=len(sent))
+            yield TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats, index=i)
 
 
 def tiny_model(directory: Path, max_len: int = 256) -> Any:
