@@ -33,8 +33,7 @@ def running_server() -> str:
     settings = Settings(model=str(path), host="127.0.0.1", port=port, rows=4, max_len=1024)
     server = LiveServer(create_app(settings), port)
     url = server.start(timeout=300)
-    stop = server.stop
-    atexit.register(stop)
+    atexit.register(server.stop)
     _server["url"], _server["server"] = url, server
     return url
 
