@@ -267,7 +267,7 @@ def test_soak_64_streams_with_random_hang_ups_leave_nothing_behind():
     from test_server import _server, running_server
 
     base = running_server()
-    loop = _server["server"].servers[0].get_loop()
+    loop = _server["server"].server.servers[0].get_loop()  # LiveServer -> uvicorn
 
     def tasks() -> int:
         async def count() -> int:
