@@ -8,6 +8,8 @@ STAMP = $(VENV)/.installed
 DEFAULT_MODEL = smollm2-135m
 MODELS = smollm2-135m gemma3-270m
 PORT ?= 5000
+# loopback only; `make serve HOST=0.0.0.0` exposes the server (README, "Security")
+HOST ?= 127.0.0.1
 
 .PHONY: venv models converter browser serve test lint llama-cpp bench clean distclean
 
@@ -45,7 +47,7 @@ browser:
 
 serve: venv
 	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
-	$(BIN)/tsjax serve --port $(PORT)
+	$(BIN)/tsjax serve --host $(HOST) --port $(PORT)
 
 test: venv models converter browser
 	$(BIN)/python -m pytest -q

@@ -6,8 +6,9 @@ the XLA:CPU kernel forms behind the CPU layout; `accuracy` measures how far bf16
 move the logits; `grammar` the cost of constrained decoding; `moe` the MoE layer's dispatch and
 expert formats; `recurrent` the recurrent layers (Gated DeltaNet, Mamba2): chunked prefill
 against token by token, and their decode step; `vision_encode` Gemma 3's image encoder;
-`validation` request-body decoding (msgspec against pydantic); `request_path` (not a timing) the
-modules one chat request passes through. BENCHMARKS.md and the README quote their figures with
-the commands that produced them.
+`validation` request-body decoding (msgspec against pydantic); `event_loop` how a large request
+holds up `/health` and grows the server's memory; `request_path` (not a timing) the modules one
+chat request passes through. BENCHMARKS.md and the README quote their figures with the commands
+that produced them.
 Nothing in `tsjax` or `serve` imports this package.
 """

@@ -2,14 +2,17 @@
 
     python -m benchmarks.decode [--model smollm2-135m] [--rows 16] [--live 16]
                                 [--max-len 2048] [--positions 100,200,1000] [--steps 4]
-                                 [--quant int8] [--sampling greedy|default]
+                                 [--quant int8] [--sampling greedy|default] [--logprobs]
+                                 [--repeat 3]
 
 Runs the compiled decode step directly (no engine; greedy, or the server's default sampling
 top-k 40 / top-p 0.9 / temperature 0.8 with `--sampling default`) for 1 and `--live` (default:
-all `--rows` cache rows) live rows at
-cache positions whose attention bucket differs, and prints ms per step (best of 3 dispatches
-after 2 warm-up ones) and tok/s. Comparing buckets at a fixed row count shows how much of the
-step is attention over the cache rather than the weights.
+all `--rows` cache rows) live rows at cache positions whose attention bucket differs, and
+prints ms per step (best of `--repeat` dispatches after 2 warm-up ones) and tok/s. Comparing
+buckets at a fixed row count shows how much of the step is attention over the cache rather than
+the weights. `--logprobs` also times the same step with every row asking for its tokens' log-
+probabilities (the chosen token's and the top 20, `tsjax.logprobs`), alternating dispatches
+with and without, to see what they cost.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
     p.add_argument("--sampling", choices=["greedy", "default"], default="greedy")
+    p.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="also time every row reporting log-probabilities, alternating with not",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="timed dispatches (best is shown)")
     args = p.parse_args(argv)
 
     import jax
@@ -44,37 +53,48 @@ def main(argv: list[str] | None = None) -> int:
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
     steps, n = model.steps, args.steps
-    cache, sampler = steps.new_cache(), steps.new_sampler()
-    if args.sampling == "default":
-        sampler = host_sampler_state(
-            [SamplingParams(seed=i) for i in range(args.rows)], [[]] * args.rows
-        )
-        if steps.plan is not None:
-            sampler = put_tree(sampler, steps.plan.sampler())
+    params = [SamplingParams(seed=i) for i in range(args.rows)]
+    if args.sampling == "greedy":
+        params = [SamplingParams.greedy()] * args.rows
+
+    def sampler_state(logprobs: bool):
+        kw = {"logprobs": [True] * args.rows} if logprobs else {}  # main's has no such field
+        state = host_sampler_state(params, [[]] * args.rows, **kw)
+        return state if steps.plan is None else put_tree(state, steps.plan.sampler())
+
+    # the same compiled program runs both: only the per-row flag differs
+    samplers = [sampler_state(False)] + ([sampler_state(True)] if args.logprobs else [])
+    cache = steps.new_cache()
     print(
         f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch,"
-        f" {args.quant or 'float32'} weights, {args.sampling} sampling"
+        f" {args.quant or 'float32'} weights, {args.sampling} sampling, best of {args.repeat}"
     )
-    print("| live rows | attention bucket | ms/step | tok/s |\n|---|---|---|---|")
+    if args.logprobs:
+        print("| live rows | attention bucket | ms/step | with logprobs | tok/s |")
+        print("|---|---|---|---|---|")
+    else:
+        print("| live rows | attention bucket | ms/step | tok/s |\n|---|---|---|---|")
     for pos in (int(x) for x in args.positions.split(",")):
         if pos + n > args.max_len:
             continue
         for live in sorted({1, args.live or args.rows}):
             rows = list(range(live))
-            times = []
-            for i in range(5):
-                # every row holds `pos` tokens, as after a prompt of that length
-                cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, pos))
-                jax.block_until_ready(cache.lengths)
-                t = time.perf_counter()
-                _, _, cache, sampler = steps.decode(
-                    model.params, cache, sampler, rows, [0] * live, pos, n
-                )
-                if i >= 2:
-                    times.append((time.perf_counter() - t) / n)
-            dt = min(times)
+            times: list[list[float]] = [[] for _ in samplers]
+            for i in range(2 + args.repeat):
+                for k in range(len(samplers)):  # alternate: contention hits both alike
+                    # every row holds `pos` tokens, as after a prompt of that length
+                    cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, pos))
+                    jax.block_until_ready(cache.lengths)
+                    t = time.perf_counter()
+                    _, _, cache, samplers[k] = steps.decode(
+                        model.params, cache, samplers[k], rows, [0] * live, pos, n
+                    )
+                    if i >= 2:  # the first two warm up
+                        times[k].append((time.perf_counter() - t) / n)
+            dt = [min(ts) for ts in times]
             bucket = steps.attn_len_for(pos + n)
-            print(f"| {live} | {bucket} | {dt * 1e3:.1f} | {live / dt:.1f} |", flush=True)
+            cols = " | ".join(f"{d * 1e3:.1f}" for d in dt)
+            print(f"| {live} | {bucket} | {cols} | {live / dt[0]:.1f} |", flush=True)
     return 0
 
 

@@ -8,13 +8,21 @@ JPEG, the first call (compile + run) and the steady-state encode time.
     python benchmarks/vision_encode.py                 # the full tower
     python benchmarks/vision_encode.py --layers 3      # quicker, for comparing variants
     python benchmarks/vision_encode.py --compare-attention   # one layer's attention, A/B
+    python benchmarks/vision_encode.py --ttft gemma3-270m    # + time to first token
+
+`--ttft MODEL` hosts the random tower as MODEL's projector (its text width) and times a chat
+prompt with one 896x896 image through the engine, as the server runs it: preprocessing, the
+encoder, then the prefill of the prompt with the image's 256 positions (one compiled chunk) to
+the first token; a text-only prompt of the same length beside it for the prefill's share.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +82,77 @@ def compare_attention(rounds: int = 3) -> None:
             print(f"  {name}: {time.perf_counter() - t0:.2f} s")
 
 
+def ttft(proj: Projector, model_name: str, jpeg: bytes, repeat: int) -> None:
+    """Time to first token of a one-image chat prompt through the engine (see the docstring)."""
+    from serve.engine import Engine, EventKind, GenerationRequest
+    from tsjax.model import load
+    from tsjax.sampling import SamplingParams
+    from tsjax.spans import EmbedSpan
+
+    model = load(model_name, max_len=1024, progress=False)
+    if model.config.dim != proj.config.text_dim:
+        raise SystemExit(f"--text-dim must be {model.config.dim} for {model.name}")
+    model.projector = proj
+    t0 = time.perf_counter()
+    secs = proj.warmup()
+    print(f"projector warm-up (compile only): {secs:.1f} s")
+    engine = Engine(model, prefill_chunk=512)
+    t0 = time.perf_counter()
+    engine.warmup()
+    print(f"engine warm-up (text and image prefill buckets {engine.span_lens()}):"
+          f" {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    engine.start()
+    messages = [{"role": "user", "content": [{"type": "image"},
+                 {"type": "text", "text": "Describe this picture in one sentence."}]}]  # fmt: skip
+    greedy = SamplingParams.greedy()
+
+    def first_token(req: GenerationRequest) -> float:
+        """Seconds from submission to the first token event."""
+        done = threading.Event()
+        out: dict = {}
+
+        def sink(ev):
+            if ev.kind is EventKind.TOKEN and "t" not in out:
+                out["t"] = time.perf_counter()
+            if ev.kind in (EventKind.DONE, EventKind.ERROR):
+                out["ev"] = ev
+                done.set()
+
+        t = time.perf_counter()
+        engine.submit(req, sink)
+        done.wait()
+        assert out["ev"].kind is EventKind.DONE, out["ev"].error
+        return out["t"] - t
+
+    from tsjax.vision.prompt import IMAGE_MARK
+
+    text, controls = model.template.render_marked(
+        messages, model.tokenizer.control_texts, image_placeholder=IMAGE_MARK
+    )
+    ids, starts = model.tokenize_prompt(text, controls)
+    try:
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            img = proj.prepare(jpeg)
+            t1, c1 = time.perf_counter(), time.process_time()
+            (emb,) = proj.embed([img])
+            t2, c2 = time.perf_counter(), time.process_time()
+            span = EmbedSpan(starts[0], emb, img.digest, True)
+            req = GenerationRequest(ids, greedy, 2, reuse_prefix=False, spans=(span,))
+            to_token = first_token(req)
+            plain = first_token(GenerationRequest([2] + [107] * (len(ids) - 1), greedy, 2,
+                                                  reuse_prefix=False))  # fmt: skip
+            print(
+                f"ttft {i + 1}: {t1 - t0 + t2 - t1 + to_token:.2f} s = preprocess"
+                f" {(t1 - t0) * 1e3:.0f} ms + encode {t2 - t1:.2f} s + prefill to first token"
+                f" {to_token:.2f} s ({len(ids)} tokens; text-only prompt as long: {plain:.2f} s);"
+                f" the encode took {c2 - c1:.0f} CPU s (this process, every thread), load"
+                f" average {os.getloadavg()[0]:.1f}"
+            )
+    finally:
+        engine.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=27)
@@ -81,6 +160,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--compare-attention", action="store_true")
+    ap.add_argument("--ttft", metavar="MODEL", default=None,
+                    help="also time a one-image prompt to its first token on MODEL")  # fmt: skip
     args = ap.parse_args()
     if args.compare_attention:
         return compare_attention()
@@ -108,6 +189,8 @@ def main() -> None:
         img = proj.prepare(jpeg)
         times.append(time.perf_counter() - t0)
     print(f"preprocess 2048x1536 JPEG -> 896x896: {statistics.median(times) * 1e3:.0f} ms")
+    if args.ttft:
+        return ttft(proj, args.ttft, jpeg, args.repeat)
 
     pixels = img.pixels[None]
     t0 = time.perf_counter()

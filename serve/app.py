@@ -3,30 +3,42 @@ owns the engine (load the model, compile, start; stop on shutdown).
 
 Loading runs in the background so the listener is up at once: `/health` answers 503 until
 the engine is warm, which is what load balancers and the tests poll for.
+
+Every request passes `serve.requestlog` (its id, the log line of an error answer) and the
+request guard (`serve.guard`: host, content type, upload credential, body limits). Every error,
+the framework's own included (404, 405, 413, validation, an unexpected exception's 500), is
+answered in the error shape of the API the path belongs to: the matched route's own renderer,
+else by path (`/v1/messages` Anthropic, `/v1/` OpenAI, `/api/sessions` and `/api/models` the
+Web UI's `{"ok": false}`, anything else `{"error": "..."}`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import jax
 from litestar import Litestar, Request, Response, get, route
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.static_files import create_static_files_router
 
-from serve import access, metrics
+from serve import access, guard, metrics, requestlog
 from serve.engine import Engine
+from serve.engine.encoder import ImageEncoder
 from serve.engine.lockstep import StepChannel
 from serve.errors import ApiError
 from serve.protocols import anthropic, ollama, openai, responses, webui
+from serve.protocols.webui.errors import render_ok_error
 from serve.settings import Settings
 from serve.state import Hub, hub_of
+from serve.uploads import UploadStore
 from tsjax.model import Model
 
 log = logging.getLogger("tsjax.serve")
@@ -36,7 +48,8 @@ def load_model(s: Settings) -> Model:
     """The model as `s` asks for it (every process of a multi-process server loads alike)."""
     from tsjax.model import load
 
-    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh, quant=s.quant)
+    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh,
+                quant=s.quant, mmproj=s.mmproj)  # fmt: skip
 
 
 def _load(hub: Hub, channel: StepChannel | None) -> None:
@@ -59,6 +72,14 @@ def _warm(hub: Hub) -> None:
     assert engine is not None
     if not engine.warm:
         hub.compile_seconds = engine.warmup()
+    proj = engine.model.projector
+    if proj is not None and hub.encoder is None:
+        # compile only: running a full SigLIP image would cost ~a minute on a 2-core CPU
+        secs = proj.warmup()
+        hub.compile_seconds += secs
+        log.info("projector %s compiled in %.1fs", proj.name, secs)
+        hub.encoder = ImageEncoder(proj)
+        hub.encoder.start()
     engine.start()
     hub.ready = True
 
@@ -71,9 +92,11 @@ def _startup_line(hub: Hub) -> str:
     if jax.process_count() > 1:
         where += f" in {jax.process_count()} processes"
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
+    host = f"[{host}]" if ":" in host else host
     return (
         f"tsjax serving {m.name} ({m.config.architecture}, {s.quant or 'float32'} weights,"
-        f" {s.rows} rows x {m.max_len} ctx)"
+        f" {s.rows} rows x {m.max_len} ctx"
+        f"{f', images via {m.projector.name}' if m.projector else ''})"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
         f" -> http://{host}:{s.port}"
     )
@@ -92,27 +115,79 @@ def _mesh_report(hub: Hub) -> list[str]:
     return [mesh_summary(steps.plan.mesh), *steps.plan.describe(), *device_report(steps.mesh, held)]
 
 
+async def _in_daemon_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` in a daemon thread: loading and compiling cannot be interrupted, and a
+    server told to stop meanwhile should exit rather than wait for them (a worker of
+    `asyncio.to_thread` would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(error: BaseException | None, value: Any) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            value, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, error, value)
+        except RuntimeError:  # the loop is gone: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=run, name="tsjax-load", daemon=True).start()
+    return await done
+
+
 async def _bring_up(hub: Hub, channel: StepChannel | None) -> None:
     try:
         if hub.engine is None:
-            await asyncio.to_thread(_load, hub, channel)
-        await asyncio.to_thread(_warm, hub)
+            await _in_daemon_thread(_load, hub, channel)
+        await _in_daemon_thread(_warm, hub)
         log.info(_startup_line(hub))
         for line in _mesh_report(hub):
             log.info(line)
+        s = hub.settings
+        if not guard.is_loopback(s.host) and not s.api_key:
+            log.warning("listening on %s with no API key: anyone who can reach port %d can "
+                        "use the model (README, \"Security\")", s.host, s.port)  # fmt: skip
     except Exception as e:  # keep serving /health with the reason instead of dying silently
         log.exception("model failed to load")
         hub.error = f"model failed to load: {e}"
+
+
+async def _sweep_uploads(store: UploadStore) -> None:
+    """Delete expired uploads now and then every few minutes (a quarter of the TTL, at most
+    five minutes), for as long as the app runs."""
+    interval = min(max(store.ttl / 4, 1.0), 300.0)
+    while True:
+        try:
+            removed = await asyncio.to_thread(store.sweep)
+            if removed:
+                log.info("deleted %d expired upload(s) from %s", removed, store.root)
+        except OSError:
+            log.exception("sweeping the upload directory failed")
+        await asyncio.sleep(interval)
 
 
 def _lifespan(hub: Hub, channel: StepChannel | None):
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         task = asyncio.create_task(_bring_up(hub, channel))
+        sweeper = asyncio.create_task(_sweep_uploads(app.state.uploads))
         try:
             yield
         finally:
             task.cancel()
+            if hub.encoder is not None:
+                hub.encoder.stop()
+            sweeper.cancel()
+            hub.close()
             if hub.engine is not None:
                 hub.engine.stop()  # joins the loop thread: at most one dispatch
             if channel is not None:
@@ -151,21 +226,67 @@ async def no_route(request: Request) -> None:
     raise ApiError(404, f"no endpoint {request.method} {request.url.path}")
 
 
-def _render_api_error(request: Request, exc: ApiError) -> Response:
-    """Errors no API router rendered (unknown paths, a missing key on /schema, the Responses
-    router, which has no renderer of its own): in the shape of the API the path belongs to."""
-    path = request.url.path
-    if path.startswith("/v1/messages"):
-        return anthropic.render_error(request, exc)
-    if path.startswith("/v1/"):
-        return openai.render_error(request, exc)
-    return ollama.render_error(request, exc)  # {"error": "..."}: /api/* and the rest
+_BY_PREFIX = [
+    ("/v1/messages", anthropic.render_error),
+    ("/v1/", openai.render_error),
+    ("/api/sessions", render_ok_error),
+    ("/api/models", render_ok_error),
+]
 
 
-def _render_not_found(request: Request, exc: NotFoundException) -> Response:
-    """Litestar's 404 (no route, no such Web UI file) as JSON in the path's API shape."""
-    return _render_api_error(request, ApiError(404, f"no endpoint {request.method} "
-                                               f"{request.url.path}"))  # fmt: skip
+def _renderer(request: Request) -> Any:
+    """The ApiError renderer of the request's route, else of the API its path belongs to
+    (unknown paths, a missing key on /schema, the Responses router, which has none)."""
+    handler = request.scope.get("route_handler")
+    if handler is not None:
+        found = handler.resolve_exception_handlers().get(ApiError)
+        if found is not None and found is not render_error:
+            return found
+    path = request.scope.get("path", "")
+    return next((r for prefix, r in _BY_PREFIX if path.startswith(prefix)), ollama.render_error)
+
+
+def as_api_error(request: Request, exc: Exception) -> ApiError:
+    """Any exception as the ApiError to answer with. Unexpected ones are logged with their
+    traceback and answered 500 with the request id (the log has the details)."""
+    if isinstance(exc, ApiError):
+        return exc
+    method, path = request.scope.get("method", ""), request.scope.get("path", "")
+    if isinstance(exc, NotFoundException):  # no route, no such Web UI file
+        return ApiError(404, f"no endpoint {method} {path}")
+    if isinstance(exc, MethodNotAllowedException):
+        return ApiError(405, f"{method} is not allowed on {path}")
+    if isinstance(exc, HTTPException):
+        extra = f" ({exc.extra})" if getattr(exc, "extra", None) else ""
+        return ApiError(exc.status_code, f"{exc.detail}{extra}")
+    rid = requestlog.REQUEST_ID.get()
+    log.error("request_id=%s %s %s failed", rid, method, path, exc_info=exc)
+    if isinstance(exc, RecursionError):  # a nested input no check caught: the input's fault
+        return ApiError(400, "the request is nested too deeply to process")
+    return ApiError(500, f"internal server error (request id {rid}; the server log has it)")
+
+
+def render_error(request: Request, exc: Exception) -> Response:
+    """Every error the routes do not render themselves (the framework's, unexpected ones),
+    in the shape of the API the request was for."""
+    return _renderer(request)(request, as_api_error(request, exc))
+
+
+async def _reject(scope: Any, receive: Any, send: Any, err: ApiError) -> None:
+    """Answer a request the guard refused, in its route's error shape."""
+    request: Request = Request(scope, receive, send)
+    response = _renderer(request)(request, err)
+    await response.to_asgi_response(app=None, request=request)(scope, receive, send)
+
+
+class App(Litestar):
+    """Litestar, with every HTTP request given an id and its error answers logged."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        await requestlog.serve(super().__call__, scope, receive, send)
 
 
 def create_app(
@@ -181,7 +302,9 @@ def create_app(
     if key_guard is not None:
         log.info("API keys required (%d set) on every route but /health%s", len(settings.api_key),
                  "" if settings.metrics_auth else " and /metrics")  # fmt: skip
-    return Litestar(
+    # the guard enforces the precise limits; Litestar's own only backs it up
+    backstop = max(settings.max_body_bytes, settings.max_upload_bytes) + 2 * guard.UPLOAD_OVERHEAD
+    return App(
         route_handlers=[
             health,
             webui_files,
@@ -194,10 +317,11 @@ def create_app(
             metrics.router,
         ],
         state=State({"hub": hub, "metrics": app_metrics, **webui.state(settings)}),
-        middleware=[app_metrics.middleware],
+        middleware=[app_metrics.middleware, guard.middleware(settings, _reject)],
         lifespan=[_lifespan(hub, channel)],
-        exception_handlers={ApiError: _render_api_error, NotFoundException: _render_not_found},
+        exception_handlers=dict.fromkeys([ApiError, HTTPException, Exception], render_error),
         guards=[key_guard] if key_guard else [],
         cors_config=access.cors(settings),
-        request_max_body_size=settings.max_upload_bytes,
+        request_max_body_size=backstop,
+        logging_config=None,  # logging is the process's (tsjax serve: request ids in the format)
     )

@@ -1,17 +1,60 @@
 """`tsjax serve` (and `python -m serve`): load the model, compile, and serve HTTP until
 interrupted. Registered with the `tsjax` command through the `tsjax.commands` entry point; the
 flags and the settings they fill are serve/settings.py's, the app is serve/app.py's.
+
+Shutdown (SIGTERM or SIGINT): the listener closes at once and idle connections with it; running
+requests get `shutdown_grace_s` to finish, then the engine stops, which ends each of them with
+its API's error frame (OpenAI: an `error` event, then `[DONE]`; Ollama: a last line with
+`done_reason: "error"`; Web UI: `done` with `error`; a request not yet streaming: a 503), and
+the process exits. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+from typing import Any
 
 from serve.settings import Settings, add_serve_args, settings_from_args
 from tsjax.cli import Command
 
 log = logging.getLogger("tsjax.serve")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def graceful_server(config: Any, hub: Any) -> Any:
+    """A uvicorn server whose shutdown ends running streams after the hub's grace period, and
+    which a second signal stops at once."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # the second signal: do not wait for anything
+                log.warning("second signal: exiting now")
+                os._exit(128 + sig)
+            log.info("shutting down: running requests get %.0f s", hub.settings.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            hub.draining = True
+            loop = asyncio.get_running_loop()
+            ending = loop.call_later(hub.settings.shutdown_grace_s, _end_streams, hub)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ending.cancel()
+
+    return Server(config)
+
+
+def _end_streams(hub: Any) -> None:
+    """The grace period is over: stop the engine (in a thread: it joins the loop thread),
+    which fails every running and queued request with "server shutting down"."""
+    if hub.engine is not None:
+        log.warning("grace period over: ending the requests still running")
+        asyncio.get_running_loop().run_in_executor(None, hub.engine.stop)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -20,13 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serve.app import create_app
+    from serve.requestlog import install_log_ids
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    install_log_ids()
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
     channel = None
     if settings.distributed or settings.coordinator_address:
         from tsjax.sharding import initialize_distributed
@@ -47,8 +88,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             channel = StepChannel()
     app = create_app(settings, channel=channel)
+    # uvicorn's own bound on the wait: a few seconds past the grace, for streams that do not
+    # end when the engine stops (a client that stopped reading)
+    wait = int(settings.shutdown_grace_s) + 5
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=wait)  # fmt: skip
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        graceful_server(config, app.state.hub).run()
     finally:
         if channel is not None:
             channel.close()  # no-op if the app's shutdown already released the followers

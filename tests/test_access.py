@@ -5,14 +5,12 @@ as JSON 404s in the shape of the API their path belongs to."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from litestar.testing import TestClient
+from live_server import LiveServer
 
 from serve.access import key_allowed, presented_key
 from serve.app import create_app
@@ -24,7 +22,8 @@ NO_MODEL = "/nonexistent/no-such-model.gguf"
 
 
 def _client(**settings) -> TestClient:
-    return TestClient(create_app(Settings(model=NO_MODEL, **settings)))
+    # a Host the server answers while bound to loopback (its default)
+    return TestClient(create_app(Settings(model=NO_MODEL, **settings)), base_url="http://127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -175,27 +174,10 @@ def test_unknown_routes_are_json_404s_in_the_path_s_shape(unkeyed):
 
 @pytest.fixture(scope="module")
 def keyed_url():
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(Settings(model=NO_MODEL, api_key=KEYS))
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health").json()["status"] == "error":  # the load failed: done
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    server = LiveServer(create_app(Settings(model=NO_MODEL, api_key=KEYS)))
+    # the load fails (no model): the server is up once /health says so
+    yield server.start(timeout=60, ready=lambda r: r.json()["status"] == "error")
+    server.stop(timeout=10)
 
 
 def test_official_clients_see_their_authentication_errors(keyed_url):

@@ -49,7 +49,9 @@ def nomodel():
     from serve.settings import Settings
 
     logging.getLogger("tsjax.serve").setLevel(logging.CRITICAL)  # the load failure is expected
-    with TestClient(create_app(Settings(model="/nonexistent/no-such-model.gguf"))) as c:
+    with TestClient(
+        create_app(Settings(model="/nonexistent/no-such-model.gguf")), base_url="http://127.0.0.1"
+    ) as c:  # a Host the loopback server serves
         deadline = time.time() + 30
         while c.get("/health").json()["status"] == "loading" and time.time() < deadline:
             time.sleep(0.05)

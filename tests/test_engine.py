@@ -326,3 +326,169 @@ def test_scheduler_reuses_prefixes_only_where_the_cache_rewinds():
         s.release(row, [1, 2, 3, 4, 5])
         s.enqueue(GenerationRequest([1, 2, 3, 4, 5, 6], SamplingParams.greedy(), 4))
         assert s.admit()[2] == want
+
+
+# -- log-probabilities, n answers, prompt scoring, embeddings -------------------------------
+
+
+def _log_softmax(x):
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_the_raw_log_softmax_of_each_step(engine):
+    """Through the engine (prefill's first token, then decode dispatches of several steps):
+    each generated token's log-probability and its top 20 are the log-softmax of the
+    model's logits for the sequence so far, whatever the temperature and filters (raw, not
+    the sampling distribution); the prompt's come with the first event."""
+    import numpy as np
+    from conftest import all_logits
+
+    prompt = [1, 5, 9, 42, 17, 3, 8]
+    sp = SamplingParams(temperature=1.3, top_k=5, top_p=0.8, seed=3)
+    req = GenerationRequest(prompt, sp, 9, reuse_prefix=False, logprobs=True, prompt_logprobs=True)
+    (events,) = run(engine, [req])
+    got = [e for ev in events for e in ev.logprobs]
+    tokens = [e.token for e in got]
+    assert tokens == [t for ev in events for t in ev.token_ids][: len(tokens)]
+    assert len(got) == events[-1].stats.completion_tokens
+    ref = _log_softmax(all_logits(engine.model, prompt + tokens))
+    for j, e in enumerate(got):
+        row = ref[len(prompt) - 1 + j]
+        assert abs(e.logprob - row[e.token]) < 1e-4
+        ids = [i for i, _ in e.top]
+        assert ids == list(np.argsort(-row, kind="stable")[:20])
+        assert np.allclose([v for _, v in e.top], row[ids], atol=1e-4)
+        assert all(a >= b for (_, a), (_, b) in zip(e.top, e.top[1:], strict=False))
+    scored = events[0].prompt_logprobs
+    assert scored[0] is None and len(scored) == len(prompt)
+    for t in range(1, len(prompt)):
+        assert scored[t].token == prompt[t]
+        assert abs(scored[t].logprob - ref[t - 1][prompt[t]]) < 1e-4
+
+
+def test_n_answers_share_one_prefill_and_have_their_own_seeds(engine):
+    """n answers: the prompt is prefilled once (all but its last token, then copied), each
+    answer samples with seed + i (answer i of a repeat is answer i again; the answers
+    differ), and each answer's events carry its index and its own stats."""
+    prompt = [7, 3, 11, 13, 2, 5, 19, 23]
+    sp = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=11)
+    before = engine.prefill_tokens
+    (events,) = run(engine, [GenerationRequest(prompt, sp, 12, reuse_prefix=False, n=3)])
+    assert engine.prefill_tokens - before == len(prompt) - 1
+    done = [ev for ev in events if ev.kind is EventKind.DONE]
+    assert sorted(ev.index for ev in done) == [0, 1, 2]
+    texts = [[t for ev in events if ev.index == i for t in ev.token_ids] for i in range(3)]
+    assert len({tuple(t) for t in texts}) == 3, texts
+    (again,) = run(engine, [GenerationRequest(prompt, sp, 12, reuse_prefix=False, n=3)])
+    assert texts == [[t for ev in again if ev.index == i for t in ev.token_ids] for i in range(3)]
+    # answer 1 of seed 11 is answer 0 of seed 12
+    one = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=12)
+    (single,) = run(engine, [GenerationRequest(prompt, one, 12, reuse_prefix=False)])
+    assert [t for ev in single for t in ev.token_ids] == texts[1]
+    assert all(ev.stats.prompt_tokens == len(prompt) for ev in done)
+
+
+def test_n_answers_greedy_equal_one_answer(engine):
+    """Greedy answers of a shared prefill are the single answer, each one: the copied rows
+    hold the same keys and values as the prefilled one."""
+    prompt = [4, 8, 15, 16, 23, 42]
+    greedy = SamplingParams.greedy()
+    (one,) = run(engine, [GenerationRequest(prompt, greedy, 10, reuse_prefix=False)])
+    (three,) = run(engine, [GenerationRequest(prompt, greedy, 10, reuse_prefix=False, n=3)])
+    want = text_of(one)
+    assert [
+        "".join(ev.text for ev in three if ev.index == i and ev.kind is EventKind.TOKEN)
+        for i in range(3)
+    ] == [want] * 3
+
+
+def test_abort_of_an_n_request_ends_every_answer(engine):
+    async def main():
+        req = GenerationRequest([4, 4, 4, 9], SamplingParams(temperature=1.0, seed=1), 100, n=3)
+        agen = engine.generate(req)
+        async for ev in agen:
+            if ev.kind is EventKind.TOKEN:
+                break
+        await agen.aclose()
+        for _ in range(200):
+            if engine.status()["active_requests"] == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_n_beyond_the_rows_is_refused_and_queues_otherwise(engine):
+    with pytest.raises(ValueError, match="n must be between 1 and 16"):
+        engine.check(GenerationRequest([1, 2], SamplingParams.greedy(), 4, n=17))
+    # more answers than rows are free: the request waits for them, then runs
+    reqs = [GenerationRequest([2, 3, 5, i], SamplingParams.greedy(), 6, reuse_prefix=False,
+                              n=6) for i in range(4)]  # fmt: skip
+    results = run(engine, reqs)
+    for events in results:
+        assert sorted(ev.index for ev in events if ev.kind is EventKind.DONE) == list(range(6))
+
+
+def test_prefill_only_requests_score_and_embed_the_prompt(engine):
+    """max_tokens 0 with prompt_logprobs scores the prompt without generating; `embed`
+    gives the mean of the final-normed states; neither reuses nor generates."""
+    import numpy as np
+    from conftest import all_logits
+
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]
+    (scored,) = run(engine, [GenerationRequest(prompt, SamplingParams.greedy(), 0,
+                                               prompt_logprobs=True)])  # fmt: skip
+    (done,) = scored
+    assert done.kind is EventKind.DONE and done.stats.completion_tokens == 0
+    ref = _log_softmax(all_logits(engine.model, prompt))
+    got = [e.logprob for e in done.prompt_logprobs[1:]]
+    assert np.allclose(got, [ref[t - 1][prompt[t]] for t in range(1, len(prompt))], atol=1e-4)
+    (embedded,) = run(engine, [GenerationRequest(prompt, SamplingParams.greedy(), 0,
+                                                 embed=True)])  # fmt: skip
+    vec = embedded[-1].embedding
+    assert vec.shape == (engine.model.config.dim,) and np.isfinite(vec).all()
+    # a prompt longer than the prefill chunk (32) pools over its chunks alike
+    (long,) = run(engine, [GenerationRequest(prompt * 3, SamplingParams.greedy(), 0,
+                                             embed=True)])  # fmt: skip
+    assert long[-1].embedding.shape == vec.shape and not np.allclose(long[-1].embedding, vec)
+
+
+def test_no_compiles_when_requests_vary_logprobs_and_n(engine):
+    """After warm-up, logprobs on or off, prompt scoring, n answers and embeddings (prompts
+    inside the warmed prefill buckets) compile nothing new: they are array data."""
+    steps = engine.model.steps
+    run(engine, [GenerationRequest([1, 2, 3], SamplingParams.greedy(), 2)])  # settle
+    before = steps.compiled_count()
+    reqs = [
+        GenerationRequest([5, 6, 7, 8], SamplingParams(seed=1), 6, logprobs=True),
+        GenerationRequest([5, 6, 7, 9], SamplingParams(seed=2), 5, n=4, logprobs=True),
+        GenerationRequest([9, 9, 8], SamplingParams.greedy(), 3, n=2, prompt_logprobs=True),
+        GenerationRequest([1, 2, 3, 4, 5], SamplingParams.greedy(), 0, prompt_logprobs=True),
+        GenerationRequest([1, 2, 3, 4, 5, 6], SamplingParams.greedy(), 0, embed=True),
+        GenerationRequest([4, 3, 2], SamplingParams.greedy(), 7),
+    ]
+    run(engine, reqs)
+    assert steps.compiled_count() == before, "a logprobs / n / embedding request recompiled"
+
+
+def test_embedding_inputs_truncate_or_refuse():
+    """An embedding input past the window is cut to it (Ollama's `truncate`, the default) or
+    refused with a 400 naming the input; ids outside the vocabulary and empty inputs too."""
+    from types import SimpleNamespace
+
+    from serve.errors import ApiError
+    from serve.translation.embedding import input_ids
+
+    tok = SimpleNamespace(encode=lambda text, parse_special=True: [ord(c) % 50 for c in text])
+    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=50), max_len=8)
+    assert input_ids(model, "abcdefghijk", True, "input") == input_ids(model, "abcdefgh", True, "x")
+    assert input_ids(model, [1, 2, 3], False, "input") == [1, 2, 3]
+    for item, truncate in (("abcdefghijk", False), ([], True), ([1, 50], True), ("", True)):
+        with pytest.raises(ApiError) as e:
+            input_ids(model, item, truncate, "input[1]")
+        assert e.value.status == 400 and e.value.param == "input[1]"

@@ -471,7 +471,7 @@ def test_server_prompt_with_spliced_answers(chatml_tok: Tokenizer) -> None:
     from serve.translation.prompt import chat_prompt
 
     template = ChatTemplate.builtin("chatml")
-    model = SimpleNamespace(template=template, tokenizer=chatml_tok)
+    model = SimpleNamespace(template=template, tokenizer=chatml_tok, max_len=4096)  # its window
     answer = chatml_tok.encode("Hi there", add_bos=False)
     history = [TrackedMessage("user", "Hi"), TrackedMessage("assistant", "Hi there", answer)]
     for content, forged in ((" Nothing to see here", False), (PAYLOADS["chatml"], True)):

@@ -120,10 +120,10 @@ def test_no_import_circles_in_the_server():
 # its own group or from a lower layer. Adapters never import each other; translation never
 # imports an adapter; the engine and the output parsers know nothing of HTTP.
 SERVER_LAYERS = [
-    ["serve.settings", "serve.errors", "serve.sessions", "serve.streaming"],
+    ["serve.settings", "serve.errors", "serve.sessions", "serve.streaming", "serve.requestlog"],
     ["serve.engine", "serve.outputs"],
-    ["serve.state", "serve.bodies", "serve.access"],
-    ["serve.translation"],
+    ["serve.state", "serve.bodies", "serve.access", "serve.uploads"],
+    ["serve.translation", "serve.guard"],
     [
         "serve.protocols.ollama",
         "serve.protocols.openai",

@@ -81,7 +81,7 @@ class FakeSteps:
         self.calls.append(("new_sampler",))
         return self._new()
 
-    def warmup(self, params, decode_steps=(1,), max_prompt=None, batches=(1,)):
+    def warmup(self, params, decode_steps=(1,), max_prompt=None, batches=(1,), span_lens=()):
         self._collective()
         self.calls.append(("warmup", params, decode_steps, max_prompt))
         return 0.5

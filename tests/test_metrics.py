@@ -32,7 +32,9 @@ def test_metrics_without_a_model():
     from serve.app import create_app
     from serve.settings import Settings
 
-    with TestClient(create_app(Settings(model="/nonexistent/none.gguf"))) as c:
+    with TestClient(
+        create_app(Settings(model="/nonexistent/none.gguf")), base_url="http://127.0.0.1"
+    ) as c:  # a Host the loopback server serves
         deadline = time.time() + 30
         while c.get("/health").status_code == 503 and time.time() < deadline:
             if c.get("/health").json()["status"] == "error":

@@ -79,7 +79,7 @@ def fake(pieces: list[str], tools: bool = False, **kw) -> tuple[Hub, Prepared]:
     plan = Plan(think=True, tools=normalize_tools(TOOLS) if tools else [])
     req = GenerationRequest([1] * 12)
     prompt = Prompt([1] * 12, "", [])
-    return hub, Prepared(req, Reply(hub, plan, ""), plan, prompt, FakeModel())  # type: ignore[arg-type]
+    return hub, Prepared(req, [Reply(hub, plan, "")], plan, prompt, FakeModel())  # type: ignore[arg-type]
 
 
 def collect(source) -> list[Any]:
@@ -244,10 +244,9 @@ def test_responses_input_items_as_messages():
         "tool",
         "assistant",
     ]
-    assert msgs[2]["content"][1] == {
-        "type": "image_url",
-        "image_url": {"url": image, "detail": None},
-    }
+    # the image decoded into the neutral part every adapter hands the prompt
+    part = msgs[2]["content"][1]
+    assert part["type"] == "image" and part["image"].data == base64.b64decode("AAAA")
     calls = msgs[3]["tool_calls"]
     assert [c["id"] for c in calls] == ["call_1", "call_2"]
     assert msgs[3]["reasoning_content"] == "Need weather."
@@ -420,10 +419,8 @@ def test_anthropic_blocks_as_messages():
     msgs = anthropic_api._messages(body)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "user"]
     assert msgs[0]["content"] == "Be brief.\nBe kind."
-    assert msgs[1]["content"][1] == {
-        "type": "image_url",
-        "image_url": {"url": f"data:image/png;base64,{png}"},
-    }
+    part = msgs[1]["content"][1]
+    assert part["type"] == "image" and part["image"].data == base64.b64decode(png)
     assert msgs[2] == {
         "role": "assistant",
         "content": "Checking.",

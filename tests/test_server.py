@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import atexit
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from conftest import real_model_path
+from live_server import LiveServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -21,49 +20,21 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _server: dict = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def running_server() -> str:
     """Start the app once per process and return its base URL once /health says it is warm.
     Compiling takes ~40 s on 2 cores, so both server test modules share one server."""
     if "url" in _server:
         return _server["url"]
-    import uvicorn
-
     from serve.app import create_app
     from serve.settings import Settings
 
     path = real_model_path("smollm2-135m")
-    port = _free_port()
+    port = free_port()
     settings = Settings(model=str(path), host="127.0.0.1", port=port, rows=4, max_len=1024)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            r = httpx.get(url + "/health", timeout=5)
-            if r.status_code == 200:
-                break
-            assert r.status_code == 503, r.text  # loading: 503, never a crash
-            assert r.json()["status"] == "loading", r.text
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise TimeoutError("server did not become healthy")
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-    atexit.register(stop)
-    _server["url"] = url
+    server = LiveServer(create_app(settings), port)
+    url = server.start(timeout=300)
+    atexit.register(server.stop)
+    _server["url"], _server["server"] = url, server
     return url
 
 

@@ -70,8 +70,8 @@ def test_openai_models_and_completions(oai):
 def test_openai_errors_are_typed(oai):
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-4", messages=MSGS, max_tokens=4)
-    with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=4, n=3)
+    with pytest.raises(openai.BadRequestError) as e:  # more answers than the server's 4 rows
+        oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=4, n=5)
     assert e.value.body["param"] == "n"
 
 
@@ -360,3 +360,152 @@ def test_anthropic_thinking_flag(ant):
             messages=[{"role": "user", "content": "Hi"}],
         )
         assert [b.type for b in m.content] == ["text"]
+
+
+# -- log-probabilities, n answers, embeddings --------------------------------------------------
+
+
+def _joined(entries) -> str:
+    """The text of tokens from their bytes (a character split over tokens joins whole)."""
+    return b"".join(bytes(e.bytes) for e in entries).decode("utf-8")
+
+
+def _check_top(entries, n):
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == n
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True) and e.logprob <= values[0] + 1e-6
+        assert all(_joined([t]) == t.token for t in e.top_logprobs if "\ufffd" not in t.token)
+
+
+def test_openai_chat_logprobs(oai):
+    r = oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=8, temperature=0,
+                                    logprobs=True, top_logprobs=3)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert _joined(content) == r.choices[0].message.content
+    _check_top(content, 3)
+    # greedy: each chosen token is its position's most likely one
+    assert all(e.token == e.top_logprobs[0].token for e in content)
+    plain = oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, logprobs=True,
+                                    top_logprobs=21)  # fmt: skip
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_openai_chat_stream_logprobs(oai):
+    stream = oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=10,
+                                         temperature=0, stream=True, logprobs=True,
+                                         top_logprobs=2)  # fmt: skip
+    chunks = [c for c in stream if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert text and _joined(entries) == text
+    _check_top(entries, 2)
+
+
+def test_openai_completion_echo_logprobs(oai):
+    prompt = "The capital of France is"
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                               logprobs=2, echo=True)  # fmt: skip
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == choice.text
+    starts = zip(lp.tokens, lp.text_offset, strict=True)
+    assert all(choice.text[o:].startswith(t) for t, o in starts)
+    assert all(len(d) in (2, 3) for d in lp.top_logprobs[1:])  # top 2, and the chosen one
+    assert r.usage.completion_tokens == len(lp.tokens) - r.usage.prompt_tokens
+    # scoring alone: max_tokens 0 echoes the prompt with its log-probabilities
+    scored = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                    logprobs=0)  # fmt: skip
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1 : len(scored.choices[0].logprobs.tokens)], abs=1e-4
+    )
+
+
+def test_ollama_logprobs(oll):
+    opts = {"num_predict": 6, "temperature": 0}
+    r = oll.generate(model=MODEL, prompt="Why is the sky blue?", options=opts, logprobs=True,
+                     top_logprobs=2)  # fmt: skip
+    assert r.logprobs and "".join(e.token for e in r.logprobs) == r.response
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in r.logprobs)
+    parts = list(oll.chat(model=MODEL, messages=MSGS, options=opts, stream=True, logprobs=True))
+    entries = [e for p in parts for e in (p.logprobs or [])]
+    assert "".join(e.token for e in entries) == "".join(p.message.content for p in parts)
+    assert all(not e.top_logprobs for e in entries)  # top_logprobs 0: the chosen token only
+
+
+def test_openai_n_answers(oai):
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=12, temperature=1.0, top_p=1.0)
+    r = oai.chat.completions.create(n=3, seed=7, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1, texts  # seeds 7, 8, 9
+    assert oai.chat.completions.create(n=3, seed=7, **kw).choices[2].message.content == texts[2]
+    one = oai.chat.completions.create(n=1, seed=7, **kw)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stream = oai.chat.completions.create(n=2, seed=7, stream=True,
+                                         stream_options={"include_usage": True}, **kw)  # fmt: skip
+    chunks = list(stream)
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks
+                        if c.choices and c.choices[0].index == i) for i in range(2)]  # fmt: skip
+    assert streamed == texts[:2]
+    finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(f.index for f in finishes) == [0, 1]
+    text = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, n=2,
+                                  seed=3, temperature=1.0)  # fmt: skip
+    assert [c.index for c in text.choices] == [0, 1]
+
+
+def test_openai_embeddings_match_transformers(oai):
+    """The API's vector is transformers' last hidden state (final norm applied) of the same
+    GGUF, mean-pooled over the tokens and L2-normalized, to 1e-4."""
+    import numpy as np
+    from conftest import hf_reference, real_model_path
+
+    from tsjax.tokenizer import Tokenizer
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Embeddings of a causal LM"]
+    r = oai.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
+    floats = oai.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in r.data] == [0, 1]
+    path = real_model_path("smollm2-135m")
+    ref, tok = hf_reference(path), Tokenizer.from_file(path)
+    total = 0
+    for text, d, f in zip(texts, r.data, floats.data, strict=True):
+        ids = tok.encode(text)  # the server's ids (a raw prompt); the model is compared
+        with ref.torch.no_grad():
+            out = ref.model(ref.torch.tensor([ids]), output_hidden_states=True)
+        mean = out.hidden_states[-1][0].numpy().mean(0)
+        want = mean / np.linalg.norm(mean)
+        got = np.asarray(d.embedding, np.float64)
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+        assert np.allclose(f.embedding, got, atol=1e-6)
+        total += len(ids)
+    assert r.usage.prompt_tokens == total == r.usage.total_tokens
+    one = oai.embeddings.create(model=MODEL, input=[1, 2, 3, 4])  # token ids
+    assert len(one.data) == 1 and len(one.data[0].embedding) == 576
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model=MODEL, input="x", dimensions=64)
+    assert e.value.body["param"] == "dimensions"
+
+
+def test_ollama_embed(oll):
+    import numpy as np
+
+    r = oll.embed(model=MODEL, input=["hello world", "goodbye"])
+    assert len(r.embeddings) == 2 and r.prompt_eval_count > 0 and r.total_duration > 0
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in r.embeddings)
+    legacy = oll.embeddings(model=MODEL, prompt="hello world")
+    raw = np.asarray(legacy.embedding)  # not normalized, as Ollama's older endpoint
+    assert np.allclose(raw / np.linalg.norm(raw), r.embeddings[0], atol=1e-5)
+    long = "word " * 2000  # past the 1024-token window (truncation: tests/test_engine.py)
+    with pytest.raises(ollama.ResponseError) as e:
+        oll.embed(model=MODEL, input=long, truncate=False)
+    assert e.value.status_code == 400

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import all_logits  # noqa: E402
 from gguf_factory import write_tiny_gguf  # noqa: E402
+from live_server import free_port  # noqa: E402
 
 # family -> tiny-spec overrides (heads chosen for tp=4; see the module docstring)
 FAMILIES: dict[str, dict] = {
@@ -383,14 +383,8 @@ def _distributed_worker(coordinator: str, process_id: int, path: str, out: str) 
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_jax_distributed(tiny_files, single_device, tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     path = str(tiny_files["llama"])
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
     procs = [_spawn(["distributed", coordinator, str(i), path, str(outs[i])], 2) for i in range(2)]
@@ -472,7 +466,7 @@ def _single_process_serve(path: Path) -> list[dict]:
     flags = dict(zip(SERVE_FLAGS[0::2], SERVE_FLAGS[1::2], strict=True))
     over = {k.lstrip("-").replace("-", "_"): int(v) for k, v in flags.items()}
     settings = load_settings(None, dict(model=str(path), **over))
-    with TestClient(create_app(settings), timeout=120) as client:
+    with TestClient(create_app(settings), timeout=120, base_url="http://127.0.0.1") as client:
         deadline = time.time() + 300
         while client.get("/health").status_code != 200:
             assert time.time() < deadline, client.get("/health").text
@@ -503,7 +497,7 @@ def test_serve_two_processes(tiny_files):
     """`tsjax serve` as a two-process jax.distributed job (2 CPU devices each, dp=2,tp=2 over
     all 4): process 0 serves HTTP and the follower runs every step in lockstep. Concurrent
     greedy requests give the single-process answers, and SIGTERM to process 0 ends both."""
-    coordinator, port = f"127.0.0.1:{_free_port()}", _free_port()
+    coordinator, port = f"127.0.0.1:{free_port()}", free_port()
     path = str(tiny_files["llama"])
     t0 = time.perf_counter()
     procs = [

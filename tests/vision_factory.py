@@ -1,17 +1,20 @@
-"""A tiny random Gemma 3 vision model, converted by llama.cpp's own converter, and the two
-references its image embeddings are checked against.
+"""A tiny random Gemma 3 vision model, converted by llama.cpp's own converter, and the
+references it is checked against.
 
-    tiny = build_tiny_gemma3_vision(tmp_path)     # HF checkpoint + mmproj GGUFs (+ text GGUF)
+    tiny = build_tiny_gemma3_vision(tmp_path)     # HF checkpoint, text GGUF, mmproj GGUFs
     hf_image_features(tiny.hf_dir, pixels)        # transformers: [n, tokens, text D]
+    hf_multimodal_logits(tiny.hf_dir, ids, image_mask, pixels)   # the whole model's logits
     mtmd_image_embeddings(tiny.mmproj, tiny.text_gguf, [rgb_uint8, ...])   # llama.cpp's mtmd
 
-The route is the one `shared/recipes/gemma3` tried: transformers builds a random
-Gemma3ForConditionalGeneration (SigLIP 2 layers, 56 px images of 7 px patches = 8 x 8, pooled
-2 x 2 into 16 tokens; norms and the projection randomised, non-trivial image mean/std), its
-vision tower is saved under the hub's `vision_tower.vision_model.*` names, and llama.cpp's
-`convert_hf_to_gguf.py --mmproj` writes the projector (f32 and f16). The converter comes from
-the llama-cpp-python source distribution (`pip download`, cached under ~/.cache/tsjax). mtmd
-needs a text model of the projector's width: `gguf_factory` writes one.
+The route is the one `shared/recipes/gemma3` tried: a tiny SentencePiece tokenizer with
+Gemma's special tokens (`<start_of_image>` and friends user-defined, as in the real repos),
+then transformers builds a random Gemma3ForConditionalGeneration (text: 6 layers, so five
+sliding-window layers and one global, window 24; vision: SigLIP 2 layers, 56 px images of
+7 px patches = 8 x 8, pooled 2 x 2 into 16 tokens; norms and the projection randomised,
+non-trivial image mean/std), its vision tower is saved under the hub's
+`vision_tower.vision_model.*` names, and llama.cpp's `convert_hf_to_gguf.py` writes the text
+model (f32) and, with `--mmproj`, the projector (f32 and f16). The converter comes from the
+llama-cpp-python source distribution (`pip download`, cached under ~/.cache/tsjax).
 
 mtmd runs in a subprocess (this file as a script): a llama.cpp build for another CPU dies
 with SIGILL, which must not take pytest with it.
@@ -27,9 +30,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from converter import converter_root
 
-LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors llama.cpp 0c1e570 (converter, gguf-py, mtmd)
 TEXT_DIM = 64
+TEXT = dict(
+    hidden_size=TEXT_DIM,
+    intermediate_size=128,
+    num_hidden_layers=6,  # llama.cpp makes every 6th Gemma 3 layer global (no pattern in GGUF)
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    query_pre_attn_scalar=32,  # llama.cpp scales queries by 1/sqrt(head_dim) (not in GGUF)
+    sliding_window=24,  # past an image span (16): llama.cpp and transformers mask it alike
+    max_position_embeddings=512,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+)
+SPECIAL = [
+    "<mask>",
+    "[multimodal]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
 VISION = dict(
     hidden_size=32,
     intermediate_size=48,
@@ -53,35 +80,15 @@ class TinyVision:
     text_gguf: Path
 
 
-def llama_cpp_source() -> Path:
-    """llama.cpp's tree from the llama-cpp-python sdist, downloaded once into the cache."""
-    root = Path(os.environ.get("TSJAX_HOME", Path.home() / ".cache" / "tsjax")) / "llama.cpp-src"
-    tree = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (tree / "convert_hf_to_gguf.py").is_file():
-        return tree
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.is_file():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps"]
-            + [f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)],
-            check=True,
-        )
-    import tarfile
-
-    with tarfile.open(sdist) as tar:
-        tar.extractall(root, filter="data")
-    return tree
-
-
 def build_tiny_gemma3_vision(out: Path, seed: int = 0) -> TinyVision:
     """Write the HF checkpoint and convert it; returns the paths."""
     out = Path(out)
     hf_dir = out / "hf"
     _write_hf(hf_dir, seed)
-    tree = llama_cpp_source()
+    tree = converter_root()  # the pinned, checksummed llama.cpp tree (tests/converter.py)
     mmproj, mmproj16 = out / "mmproj-tiny-f32.gguf", out / "mmproj-tiny-f16.gguf"
-    runs = [
+    text = out / "tiny-gemma3-f32.gguf"
+    runs = [[str(hf_dir), "--outtype", "f32", "--outfile", str(text)]] + [
         [str(hf_dir), "--mmproj", "--outtype", t, "--outfile", str(p)]
         for t, p in (("f32", mmproj), ("f16", mmproj16))
     ]
@@ -96,10 +103,46 @@ def build_tiny_gemma3_vision(out: Path, seed: int = 0) -> TinyVision:
     proc = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}")
-    from gguf_factory import write_tiny_gguf
-
-    text = write_tiny_gguf(out / "text-gemma3.gguf", "gemma3", hidden_size=TEXT_DIM)
     return TinyVision(hf_dir, mmproj, mmproj16, text)
+
+
+_WORDS = (
+    "the a of to and in is it you that he was for on are with as I his they be at one have"
+    " this from or had by hot word but what some we can out other were all there when up use"
+    " your how said an each she which do their time if will way about many then them write"
+    " would like so these her long make thing see him two has look more day could go come did"
+    " number sound no most people my over know water than call first who may down side been"
+    " now find any new work part take get place made live where after back little only round"
+    " man year came show every good me give our under name very through just form picture"
+).split()
+
+
+def _write_tokenizer(hf_dir: Path, seed: int) -> dict[str, int]:
+    """A tiny SentencePiece BPE model with Gemma's ids (pad 0, eos 1, bos 2, unk 3) and its
+    special tokens user-defined; `added_tokens.json` makes the converter type them so (as the
+    real repos do), so that `<start_of_image>` is one token for llama.cpp and for tsjax."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    corpus = hf_dir / "corpus.txt"
+    lines = (" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(2000))
+    corpus.write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(hf_dir / "spm"), vocab_size=400, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=SPECIAL, byte_fallback=True,
+        add_dummy_prefix=False, split_by_whitespace=False, normalization_rule_name="identity",
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    (hf_dir / "spm.model").rename(hf_dir / "tokenizer.model")
+    for name in ("spm.vocab", "corpus.txt"):
+        (hf_dir / name).unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
+    ids = {t: sp.piece_to_id(t) for t in SPECIAL}
+    (hf_dir / "added_tokens.json").write_text(json.dumps(ids, indent=1))
+    return {"vocab": sp.vocab_size(), **ids}
 
 
 def _write_hf(hf_dir: Path, seed: int) -> None:
@@ -112,17 +155,15 @@ def _write_hf(hf_dir: Path, seed: int) -> None:
         SiglipVisionConfig,
     )
 
-    text = Gemma3TextConfig(
-        vocab_size=64, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
-    )  # fmt: skip
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    tok = _write_tokenizer(hf_dir, seed)
     cfg = Gemma3Config(
-        text_config=text,
+        text_config=Gemma3TextConfig(vocab_size=tok["vocab"], **TEXT),
         vision_config=SiglipVisionConfig(**VISION),
         mm_tokens_per_image=TOKENS_PER_IMAGE,
-        boi_token_index=60,
-        eoi_token_index=61,
-        image_token_index=62,
+        boi_token_index=tok["<start_of_image>"],
+        eoi_token_index=tok["<end_of_image>"],
+        image_token_index=tok["<image_soft_token>"],
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(cfg).float().eval()
@@ -164,19 +205,51 @@ def hf_image_features(hf_dir: Path, pixels: np.ndarray) -> np.ndarray:
     """transformers' Gemma 3 vision tower + projector on pixels [n, S, S, 3] (normalized,
     channels last) -> [n, tokens, text D] float32."""
     import torch
-    from transformers import Gemma3ForConditionalGeneration
 
-    key = str(hf_dir)
-    if key not in _hf_models:
-        m = Gemma3ForConditionalGeneration.from_pretrained(key, dtype=torch.float32).eval()
-        _hf_models[key] = m
-    model = _hf_models[key]
+    model = _hf_image_model(hf_dir)
     pv = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
     with torch.no_grad():
         f = model.model.get_image_features(pixel_values=pv)
     f = getattr(f, "pooler_output", f)
     f = f[0] if isinstance(f, tuple | list) and len(f) == 1 else f
     return np.asarray(f, np.float32).reshape(len(pixels), -1, TEXT_DIM)
+
+
+def hf_multimodal_logits(
+    hf_dir: Path, ids: list[int], image_starts: list[int], pixels: np.ndarray
+) -> np.ndarray:
+    """transformers' Gemma3ForConditionalGeneration on one prompt: `ids` with the images'
+    positions (TOKENS_PER_IMAGE from each start) set to its image token and marked as image
+    tokens (token_type_ids 1: bidirectional among themselves), pixels [n, S, S, 3]
+    normalized. Returns all-position logits [T, V] float32."""
+    import torch
+
+    _hf_image_model(hf_dir)
+    model = _hf_models[str(hf_dir)]
+    ids = list(ids)
+    types = [0] * len(ids)
+    for s in image_starts:
+        ids[s : s + TOKENS_PER_IMAGE] = [model.config.image_token_id] * TOKENS_PER_IMAGE
+        types[s : s + TOKENS_PER_IMAGE] = [1] * TOKENS_PER_IMAGE
+    pv = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pv,
+            token_type_ids=torch.tensor([types]),
+        )
+    return out.logits[0].float().numpy()
+
+
+def _hf_image_model(hf_dir: Path):
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    key = str(hf_dir)
+    if key not in _hf_models:
+        m = Gemma3ForConditionalGeneration.from_pretrained(key, dtype=torch.float32).eval()
+        _hf_models[key] = m
+    return _hf_models[key]
 
 
 class MtmdCrashed(RuntimeError):
@@ -238,5 +311,72 @@ def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
     np.savez(dst, *out)
 
 
+def mtmd_prompt(
+    mmproj: Path, text_gguf: Path, text: str, image: np.ndarray, out: Path
+) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's mtmd on one prompt: `text` with one `<__media__>` marker (special tokens
+    parsed, nothing added) and an RGB uint8 image [H, W, 3]. Returns (the token sequence
+    llama.cpp runs, -1 at the image's positions; the last position's logits [V])."""
+    src = out.with_suffix(".in.npz")
+    np.savez(src, image=image, text=np.frombuffer(text.encode(), np.uint8))
+    proc = subprocess.run(
+        [sys.executable, __file__, "mtmd-prompt", str(mmproj), str(text_gguf), str(src), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode < 0:
+        raise MtmdCrashed(f"llama.cpp died with signal {-proc.returncode}: {proc.stderr[-500:]}")
+    if proc.returncode:
+        raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
+    with np.load(out) as z:
+        return z["seq"].tolist(), z["logits"]
+
+
+def _mtmd_prompt_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    # float32 keys and values, one batch for the whole prompt (an image is never split)
+    llm = llama_cpp.Llama(
+        model_path=text_gguf, n_ctx=256, n_batch=256, n_ubatch=256, type_k=0, type_v=0,
+        flash_attn=False, verbose=False, n_threads=2,
+    )  # fmt: skip
+    cp = M.mtmd_context_params_default()
+    cp.use_gpu, cp.print_timings, cp.n_threads, cp.warmup = False, False, 2, False
+    cp.flash_attn_type = 0
+    ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, cp)
+    assert ctx, "mtmd_init_from_file failed"
+    with np.load(src) as z:
+        img, text = z["image"], z["text"].tobytes()
+    h, w, _ = img.shape
+    buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
+    bitmap = M.mtmd_bitmap_init(w, h, buf)
+    inp = M.mtmd_input_text(text, len(text), False, True)
+    chunks = M.mtmd_input_chunks_init()
+    bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1) == 0
+    seq: list[int] = []
+    for i in range(M.mtmd_input_chunks_size(chunks)):
+        chunk = M.mtmd_input_chunks_get(chunks, i)
+        if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t()
+            toks = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            seq += [int(toks[j]) for j in range(n.value)]
+        else:
+            seq += [-1] * M.mtmd_input_chunk_get_n_tokens(chunk)
+    past = llama_cpp.llama_pos(0)
+    rc = M.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 256, True, ctypes.byref(past))
+    assert rc == 0, rc
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+    logits = np.ctypeslib.as_array(
+        llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)
+    ).copy()
+    np.savez(dst, seq=np.asarray(seq, np.int64), logits=logits)
+
+
 if __name__ == "__main__" and sys.argv[1] == "mtmd":
     _mtmd_main(*sys.argv[2:6])
+if __name__ == "__main__" and sys.argv[1] == "mtmd-prompt":
+    _mtmd_prompt_main(*sys.argv[2:6])

@@ -2,8 +2,10 @@
 
 The public surface (imported lazily, so `tsjax pull` starts without loading JAX):
 
-    load(model, *, max_len=None, rows=1) -> Model     a catalog name or a .gguf path
+    load(model, *, max_len=None, rows=1, mmproj=None) -> Model   a catalog name or a .gguf path
     Model                                              config, params, tokenizer, template, steps
+    Prompt, EmbedSpan                                  prompt ids with image embeddings spliced in
+                                                       (Model.chat_prompt(messages, images))
     generate(model, prompt_ids, ...) -> Generation     run to the end
     stream(model, prompt_ids, ...) -> Iterator[str]    text as it is decoded
     SamplingParams                                     temperature, top-k/p, min-p, penalties, seed
@@ -24,6 +26,8 @@ _EXPORTS = {
     "Generation": "tsjax.generation",
     "PromptTooLongError": "tsjax.generation",
     "SamplingParams": "tsjax.sampling",
+    "Prompt": "tsjax.spans",
+    "EmbedSpan": "tsjax.spans",
     "Tokenizer": "tsjax.tokenizer",
     "ChatTemplate": "tsjax.chat_template",
     "GGUFFile": "tsjax.gguf",

@@ -353,7 +353,7 @@ def _arguments(arguments: Any) -> Any:
             return {}
         try:
             parsed = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return arguments  # a model's malformed call replayed: keep it as the model wrote it
         return parsed if isinstance(parsed, dict) else arguments
     if isinstance(arguments, Mapping):

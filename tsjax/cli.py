@@ -24,6 +24,19 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", "-m", default=None, help="catalog name or path to a .gguf file")
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as-is (no template)")
     p.add_argument("--system", default=None, help="system prompt (chat mode)")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image to show the model, before the prompt text (repeatable; needs --mmproj)",
+    )
+    p.add_argument(
+        "--mmproj",
+        default=None,
+        help="multimodal projector GGUF (llama.cpp's mmproj file; a bare name is looked for"
+        " beside the model)",
+    )
     p.add_argument("--temperature", "-t", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -74,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         mesh=args.mesh,
         quant=args.quant,
+        mmproj=args.mmproj,
     )
     t_load = time.perf_counter() - t0
     if args.stats and model.steps.mesh is not None and jax.process_index() == 0:
@@ -82,13 +96,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         held = bytes_per_device(model.params)
         print(mesh_summary(model.steps.mesh), file=sys.stderr)
         print("\n".join(device_report(model.steps.mesh, held)), file=sys.stderr)
+    if args.raw and args.image:
+        print("error: --image needs the chat template (drop --raw)", file=sys.stderr)
+        return 2
     if args.raw:
         ids = model.tokenizer.encode(args.prompt, parse_special=True)
     else:
-        messages = [{"role": "user", "content": args.prompt}]
+        # images before the text, as Ollama and the reference server place them
+        parts = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
+        messages = [{"role": "user", "content": parts if args.image else args.prompt}]
         if args.system:
             messages.insert(0, {"role": "system", "content": args.system})
-        ids = model.render_chat(messages)
+        ids = model.chat_prompt(messages, args.image) if args.image else model.render_chat(messages)
     sampling = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,

@@ -12,6 +12,7 @@ import numpy as np
 from tsjax.grammar import Constraint, mask_words
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
+from tsjax.spans import EmbedSpan, Prompt, check_spans, text_ids
 from tsjax.textstream import TextStream
 
 
@@ -42,7 +43,7 @@ class Generation:
 
 def stream(
     model: Model,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | Prompt,
     sampling: SamplingParams | None = None,
     max_tokens: int = 256,
     stop: tuple[str, ...] | list[str] = (),
@@ -53,7 +54,12 @@ def stream(
     """Yield text pieces as they are decoded. Fills `result` (tokens, finish reason,
     timings) as it goes. Stops at an end-of-generation token, a stop string (never emitted),
     `max_tokens`, or the end of the cache. With a `constraint` (tsjax.grammar), every token
-    is one the grammar allows (one decode step per dispatch, to refresh the mask)."""
+    is one the grammar allows (one decode step per dispatch, to refresh the mask).
+    A `Prompt` (`Model.chat_prompt`) brings its images' embeddings along."""
+    spans: tuple[EmbedSpan, ...] = ()
+    if isinstance(prompt_ids, Prompt):
+        prompt_ids, spans = prompt_ids.ids, prompt_ids.spans
+        check_spans(spans, len(prompt_ids), model.config.dim)
     sampling = (sampling or SamplingParams()).validate()
     res = result if result is not None else Generation()
     limit = model.max_len
@@ -77,7 +83,14 @@ def stream(
         constraint.fill(out[0])
         return out
 
-    first = runner.prefill([prompt_ids], [0], [sampling], masks=mask())
+    first = runner.prefill(
+        [prompt_ids],
+        [0],
+        [sampling],
+        histories=[text_ids(prompt_ids, spans)],
+        masks=mask(),
+        spans=[list(spans)] if spans else None,
+    ).get()[0]
     res.prefill_seconds = time.perf_counter() - t0
     pending = [int(first[0])]
     fed = 0  # sampled tokens written back into the cache
@@ -102,7 +115,7 @@ def stream(
     res.tokens, res.text, res.finish_reason = text.tokens, text.text, text.finish_reason
 
 
-def generate(model: Model, prompt_ids: list[int], **kwargs) -> Generation:
+def generate(model: Model, prompt_ids: list[int] | Prompt, **kwargs) -> Generation:
     """Run `stream` to the end and return the whole result."""
     res = Generation()
     for _ in stream(model, prompt_ids, result=res, **kwargs):

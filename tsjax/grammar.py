@@ -33,10 +33,22 @@ _UNMATCHABLE = b"\xff"  # never part of UTF-8 text
 class Constraint:
     """One request's grammar state: which tokens may come next, and what has been accepted."""
 
-    def __init__(self, matcher, vocab_size: int, description: str):
+    def __init__(self, matcher, vocab_size: int, description: str, compiled=None):
         self._matcher = matcher
+        self._compiled = compiled
         self.vocab_size = vocab_size
         self.description = description
+
+    def fork(self) -> Constraint:
+        """A new constraint for the same grammar, at its start (another answer to the same
+        request: the engine's `n`)."""
+        import xgrammar as xgr
+
+        if self._compiled is None:
+            raise ValueError("this constraint was made without its compiled grammar")
+        return Constraint(
+            xgr.GrammarMatcher(self._compiled), self.vocab_size, self.description, self._compiled
+        )
 
     def fill(self, out: np.ndarray) -> None:
         """Write the allowed-token bitmask for the next token into `out` ([W] int32)."""
@@ -99,7 +111,7 @@ class GrammarFactory:
     def _constraint(self, compiled, description: str) -> Constraint:
         import xgrammar as xgr
 
-        return Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, description)
+        return Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, description, compiled)
 
     def json_schema(self, schema: dict[str, Any] | str, *, strict: bool = True) -> Constraint:
         """Output must be JSON valid under `schema` (JSON Schema). `strict` forbids

@@ -1,12 +1,15 @@
 """A loaded model: config, params on device, tokenizer, chat template and compiled steps
-(`Model.runner()` runs them with a cache of its own)."""
+(`Model.runner()` runs them with a cache of its own), and optionally a multimodal projector
+(`mmproj`) that turns images into embeddings the prompt takes in place of tokens."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +22,13 @@ from tsjax.loader import LoadStats, load_params
 from tsjax.models import ModelConfig, config_from_gguf
 from tsjax.runner import LocalRunner
 from tsjax.shapes import StepShapes
+from tsjax.spans import Prompt
 from tsjax.steps import Steps
 from tsjax.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tsjax.vision import Projector
+    from tsjax.vision.preprocess import ImageSource
 
 log = logging.getLogger("tsjax")
 
@@ -40,6 +48,7 @@ class Model:
     steps: Steps
     metadata: dict
     load_stats: LoadStats
+    projector: Projector | None = None  # the mmproj's image encoder, if one was loaded
 
     @property
     def name(self) -> str:
@@ -59,6 +68,55 @@ class Model:
         in the messages is tokenized as text (`ChatTemplate.tokenize`)."""
         return self.template.tokenize(self.tokenizer, messages, **kwargs)[0]
 
+    def tokenize_prompt(
+        self, text: str, controls: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Rendered prompt text -> (token ids, where each image's embeddings start), one
+        image per `tsjax.vision.prompt.IMAGE_MARK` in the text (`image_prompt`). `controls`:
+        the template's own control tokens (`ChatTemplate.render_marked`), the only text
+        parsed as control tokens; None parses them anywhere (a raw prompt). BOS as
+        `render_chat` adds it. Marks without a projector are a `NoProjectorError`."""
+        from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, image_prompt
+
+        add_bos = None if not self.template.bos_in_template else False
+        if IMAGE_MARK not in text:
+            if controls is None:
+                return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True), []
+            return self.tokenizer.encode_marked(text, controls, add_bos=add_bos), []
+        if self.projector is None:
+            raise NoProjectorError(self.name)
+        return image_prompt(
+            self.tokenizer,
+            text,
+            self.projector.config,
+            controls=controls,
+            add_bos=add_bos,
+            add_eos=None,
+        )
+
+    def chat_prompt(
+        self, messages: list[dict], images: Sequence[ImageSource] = (), **kwargs: Any
+    ) -> Prompt:
+        """Messages through the chat template with `images` (bytes, paths or PIL images, in
+        the order of the image parts, `{"type": "image"}`, of the messages) encoded into
+        the prompt; control-token text in the messages stays text (`ChatTemplate.tokenize`).
+        `kwargs` go to the template (`ChatTemplate.render`)."""
+        from tsjax.vision.prompt import ImageCountError, image_spans, inline_images
+
+        text, controls = self.template.render_marked(
+            inline_images(messages), self.tokenizer.control_texts, **kwargs
+        )
+        ids, starts = self.tokenize_prompt(text, controls)
+        if len(starts) != len(images):
+            raise ImageCountError(
+                f"the messages have {len(starts)} image part(s) for {len(images)} image(s)"
+            )
+        if not images:
+            return Prompt(ids)
+        assert self.projector is not None  # tokenize_prompt found marks
+        prepared = [self.projector.prepare(x) for x in images]
+        return Prompt(ids, tuple(image_spans(self.projector, prepared, starts)))
+
 
 def load(
     model: str | Path | None = None,
@@ -71,9 +129,12 @@ def load(
     mesh: Mesh | str | None = None,
     unrolled: bool | None = None,
     quant: str | None = None,
+    mmproj: str | Path | None = None,
 ) -> Model:
     """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
-    context length, at most 4096); `rows` is the number of decode slots.
+    context length, at most 4096); `rows` is the number of decode slots. `mmproj`: a
+    multimodal projector GGUF (llama.cpp's mmproj file) for image input; a bare file name is
+    looked for beside the model, "none" means none.
 
     `mesh` (a `jax.sharding.Mesh`, or a spec such as "tp=4" / "dp=2,tp=2" over every device)
     shards params, cache and steps over several devices; each weight goes straight from the
@@ -120,4 +181,41 @@ def load(
         jax.devices()[0].platform if mesh is None else f"{mesh.devices.size} devices",
     )
     metadata = {k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")}
-    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats)
+    projector = None
+    if mmproj_path(mmproj, path) is not None:
+        projector = load_model_projector(mmproj_path(mmproj, path), cfg.dim, mesh)
+    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats, projector)
+
+
+def mmproj_path(mmproj: str | Path | None, model_path: Path) -> Path | None:
+    """Where the projector file is: a bare file name beside the model (as the reference
+    server resolves it), any other path as given; None for None, "" or "none"."""
+    if mmproj is None or str(mmproj).strip().lower() in ("", "none"):
+        return None
+    p = Path(mmproj).expanduser()
+    if p.name == str(mmproj) and not p.is_absolute():
+        return model_path.parent / p
+    return p
+
+
+def load_model_projector(path: Path, text_dim: int, mesh: Mesh | None = None) -> Projector:
+    """The projector at `path`, checked to project into a text model of width `text_dim`,
+    its params sharded over `mesh` by the vision rules. Not over a mesh that spans several
+    processes: every process would have to encode in step, and only the first one serves
+    HTTP; there it stays on this process's first device."""
+    from tsjax.vision import load_projector
+
+    if not path.is_file():
+        raise FileNotFoundError(f"mmproj file not found: {path}")
+    if mesh is not None and jax.process_count() > 1:
+        mesh = None
+    proj = load_projector(path, mesh=mesh)
+    proj.check_text_dim(text_dim)
+    log.info(
+        "loaded projector %s (%s, %d tokens an image) in %.1fs",
+        path.name,
+        proj.config.projector_type,
+        proj.tokens_per_image,
+        proj.load_seconds,
+    )
+    return proj

@@ -1,12 +1,12 @@
 """The runner: the compiled steps with the state they run on, behind one typed seam.
 
 `Runner` is what the engine (and `tsjax.generation`) drive: prefill prompts into rows, decode
-rows, exchange rows, start over. `LocalRunner` runs the steps in this process and owns, as
-values, the params, the cache, the sampler state and the in-flight device feed (the tokens
+rows, exchange or copy rows, start over. `LocalRunner` runs the steps in this process and owns,
+as values, the params, the cache, the sampler state and the in-flight device feed (the tokens
 the last decode sampled, which the next one may take without them leaving the device). Several
 processes: `serve.engine.lockstep.StepChannel` implements the same `Runner` by publishing each
-call to the followers before running it on its own `LocalRunner`, and each follower replays
-the calls on its own.
+call to the followers before running it on its own `LocalRunner`, and each follower replays the
+calls on its own.
 
 State is an argument of the compiled steps and stays one here: every call hands the runner's
 cache and sampler state to a step (which donates them) and keeps what it returns.
@@ -23,6 +23,7 @@ import numpy as np
 from tsjax.sampling import SamplingParams
 from tsjax.shapes import StepShapes
 from tsjax.sharding import bytes_per_device
+from tsjax.spans import EmbedSpan
 from tsjax.steps import PendingTokens, Steps
 
 
@@ -60,6 +61,7 @@ class Runner(Protocol):
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
         """Compile every step shape (`Steps.warmup`), then `reset`. Returns seconds."""
         ...
@@ -75,8 +77,13 @@ class Runner(Protocol):
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
-    ) -> np.ndarray:
-        """Prefill prompts into rows (`Steps.prefill`); returns each one's first token [n]."""
+        spans: list[list[EmbedSpan]] | None = None,
+        logprobs: list[bool] | None = None,
+        next_tokens: list[int | None] | None = None,
+    ) -> PendingTokens:
+        """Prefill prompts into rows (`Steps.prefill`; `spans`: each prompt's embedded spans,
+        host arrays) and return at once: `get()` gives each one's first token ([1, n]); the
+        log-probabilities and pooled states come with it."""
         ...
 
     def decode(
@@ -94,6 +101,19 @@ class Runner(Protocol):
 
     def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
         """Exchange rows (`Steps.swap_rows`)."""
+        ...
+
+    def copy_rows(
+        self,
+        src: list[int],
+        dst: list[int],
+        lengths: list[int],
+        sampling: list[SamplingParams],
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        logprobs: list[bool] | None = None,
+    ) -> None:
+        """Copy rows with fresh sampling states (`Steps.copy_rows`)."""
         ...
 
     def memory(self) -> MemoryReport:
@@ -129,8 +149,9 @@ class LocalRunner:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        secs = self.steps.warmup(self.params, decode_steps, max_prompt, batches)
+        secs = self.steps.warmup(self.params, decode_steps, max_prompt, batches, span_lens)
         self.reset()
         return secs
 
@@ -145,7 +166,10 @@ class LocalRunner:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
-    ) -> np.ndarray:
+        spans: list[list[EmbedSpan]] | None = None,
+        logprobs: list[bool] | None = None,
+        next_tokens: list[int | None] | None = None,
+    ) -> PendingTokens:
         self._feed = None  # rows start afresh: the next decode takes host tokens
         first, _ = self._step(
             self.steps.prefill,
@@ -158,6 +182,10 @@ class LocalRunner:
             masks=masks,
             restore=restore,
             checkpoint=checkpoint,
+            spans=spans,
+            logprobs=logprobs,
+            next_tokens=next_tokens,
+            wait=False,
         )
         return first
 
@@ -184,6 +212,19 @@ class LocalRunner:
     def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
         self._feed = None  # rows moved: the next decode takes host tokens
         self._step(self.steps.swap_rows, pairs)
+
+    def copy_rows(
+        self,
+        src: list[int],
+        dst: list[int],
+        lengths: list[int],
+        sampling: list[SamplingParams],
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        logprobs: list[bool] | None = None,
+    ) -> None:
+        self._feed = None  # rows changed: the next decode takes host tokens
+        self._step(self.steps.copy_rows, src, dst, lengths, sampling, histories, seeds, logprobs)
 
     def memory(self) -> MemoryReport:
         """From the arrays' shapes and shardings only, so it is safe while a step holds the

@@ -70,6 +70,7 @@ class SamplerState:
     keys: jax.Array  # u32 [B, 2] raw PRNG key data
     history: jax.Array  # i32 [B, HISTORY] ring of recent tokens, -1 = empty
     history_pos: jax.Array  # i32 [B] next write position in the ring
+    logprobs: jax.Array  # bool [B] report this row's log-probabilities (`tsjax.logprobs`)
 
     @classmethod
     def create(cls, rows: int) -> SamplerState:
@@ -77,9 +78,13 @@ class SamplerState:
 
 
 def host_sampler_state(
-    params: list[SamplingParams], histories: list[list[int]], seeds: list[int] | None = None
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    seeds: list[int] | None = None,
+    logprobs: list[bool] | None = None,
 ) -> SamplerState:
-    """Build the arrays for several rows at once (numpy, then one transfer)."""
+    """Build the arrays for several rows at once (numpy, then one transfer). `seeds` override
+    the params' own (-1: random); `logprobs`: rows whose steps report log-probabilities."""
     b = len(params)
     cols = {f.name: np.array([getattr(p, f.name) for p in params]) for f in fields(SamplingParams)}
     seeds = seeds if seeds is not None else [_seed(p.seed) for p in params]
@@ -103,6 +108,7 @@ def host_sampler_state(
         keys=jnp.asarray(keys, jnp.uint32),
         history=jnp.asarray(hist),
         history_pos=jnp.asarray(pos),
+        logprobs=jnp.asarray(np.zeros((b,), bool) if logprobs is None else np.asarray(logprobs)),
     )
 
 

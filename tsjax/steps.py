@@ -18,11 +18,13 @@ from jax.sharding import Mesh
 
 from tsjax.cache import Cache, KVLayout
 from tsjax.grammar import mask_words
+from tsjax.logprobs import Logprobs, of, of_positions
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.shapes import StepShapes, bucket_for, steps_bucket
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, constrain_inputs, put, put_tree
+from tsjax.spans import EmbedSpan, SpanInputs, span_inputs
 
 
 def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
@@ -43,18 +45,46 @@ def fit_rows(x: jax.Array, n: int) -> jax.Array:
 
 @dataclass
 class PendingTokens:
-    """The tokens of a decode dispatch that may still be running: `get()` waits for them and
-    returns [n_steps, rows] numpy (the dispatch's rows in the order they were given). `next`
-    holds, on the device, what the next step would be fed: a decode given this object as
-    its tokens continues from there without the tokens leaving the device."""
+    """The tokens of a decode dispatch (or a prefill's first tokens, one step) that may still
+    be running: `get()` waits for them and returns [n_steps, rows] numpy (the dispatch's rows
+    in the order they were given). `next` holds, on the device, what the next step would be
+    fed: a decode given this object as its tokens continues from there without the tokens
+    leaving the device. The step's other outputs stay on the device until asked for: the
+    log-probabilities of the tokens (rows that asked; `tsjax.logprobs`) and, from a prefill,
+    each row's sum of final-normed states over its tokens (`pooled`, for embeddings) and its
+    prompt positions' log-probabilities (`prompt`, rows that asked)."""
 
     out: jax.Array  # [max_steps, b]
     n_steps: int
     where: np.ndarray  # [rows] the dispatch's rows
     next: jax.Array  # [b] each row's last sampled token
+    logprobs: Logprobs | None = None  # [max_steps, b] chosen, [max_steps, b, TOP] top
+    pooled: jax.Array | None = None  # [b, D] prefill only
+    prompt: Logprobs | None = None  # [b, T] (+ [TOP]) prefill only
 
     def get(self) -> np.ndarray:
         return np.asarray(self.out)[: self.n_steps, self.where]
+
+    def token_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sampled tokens' (chosen [n_steps, rows], top ids and top log-probabilities
+        [n_steps, rows, TOP]); zeros for rows that did not ask."""
+        assert self.logprobs is not None
+        return tuple(np.asarray(a)[: self.n_steps, self.where] for a in _fields(self.logprobs))
+
+    def pooled_sums(self) -> np.ndarray:
+        """[rows, D] float32: each prefilled row's final-normed states summed over its tokens."""
+        assert self.pooled is not None
+        return np.asarray(self.pooled)[self.where]
+
+    def prompt_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per prefilled position t of each row: the log-probability of the token after it
+        (chosen [rows, T]) and the best tokens there ([rows, T, TOP] ids and values)."""
+        assert self.prompt is not None
+        return tuple(np.asarray(a)[self.where] for a in _fields(self.prompt))
+
+
+def _fields(lp: Logprobs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return lp.chosen, lp.top_ids, lp.top
 
 
 class Steps:
@@ -94,7 +124,9 @@ class Steps:
                 mesh, cfg, shapes.rows, shapes.max_len, dict(rules or DEFAULT_RULES)
             )
         prefill, decode, forward = self._prefill, self._decode, self._forward
-        sh: dict[str, dict] = {"prefill": {}, "decode": {}, "forward": {}, "cache": {}, "swap": {}}
+        sh: dict[str, dict] = {
+            k: {} for k in ("prefill", "decode", "forward", "cache", "swap", "copy")
+        }
         if self.plan is not None:
             sh, (prefill, decode, forward) = self._sharded(prefill, decode, forward)
         self.prefill_fn = jax.jit(
@@ -109,6 +141,7 @@ class Steps:
         self.forward_fn = jax.jit(forward, static_argnames=("attn_len",), **sh["forward"])
         self._create_cache = jax.jit(self._zero_cache, **sh["cache"])
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
+        self.copy_fn = jax.jit(self._copy, donate_argnums=(0, 1), **sh["copy"])
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -123,11 +156,14 @@ class Steps:
         c = self.plan.cache(jax.eval_shape(self._zero_cache))
         s, r = self.plan.sampler(), self.plan.replicated()
         jit_kw = {
-            "prefill": dict(out_shardings=(r, r, c, s)),  # first tokens, logits, cache, sampler
-            "decode": dict(out_shardings=(r, r, r, c, s)),  # tokens, next, logits, cache, sampler
+            # first tokens, logits, cache, sampler, (logprobs, pooled states, prompt logprobs)
+            "prefill": dict(out_shardings=(r, r, c, s, r)),
+            # tokens, next, logits, logprobs, cache, sampler
+            "decode": dict(out_shardings=(r, r, r, r, c, s)),
             "forward": dict(out_shardings=r),
             "cache": dict(out_shardings=c),
             "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
+            "copy": dict(in_shardings=(c, s, r, r, r, r), out_shardings=(c, s)),
         }
         pinned = [(p, c, s), (p, c, s), (p, c)]
         return jit_kw, [constrain_inputs(f, ss) for f, ss in zip(fns, pinned, strict=True)]
@@ -170,20 +206,26 @@ class Steps:
         masks,
         restore,
         checkpoint,
+        targets,
+        scored,
+        spans: SpanInputs | None = None,
         *,
         attn_len: int,
     ):
-        """tokens: [b, T]; rows, starts, lengths, restore, checkpoint: [b]. Row r's tokens go
-        to positions starts[r] .. starts[r] + lengths[r] - 1 of cache row rows[r] (rows >= B
-        are padding), and `new_sampler` (b rows) replaces those rows' sampling state. Rows
-        with `restore` first resume from their saved state, rows with `checkpoint` save
-        theirs after (`tsjax.cache.LayerState`: states that rewind by length alone ignore
-        both). Samples each row's first token. Returns (tokens [b], logits [b, V], cache,
-        sampler)."""
-        t = tokens.shape[1]
+        """tokens, targets: [b, T]; rows, starts, lengths, restore, checkpoint, scored: [b].
+        Row r's tokens go to positions starts[r] .. starts[r] + lengths[r] - 1 of cache row
+        rows[r] (rows >= B are padding), and `new_sampler` (b rows) replaces those rows'
+        sampling state. Rows with `restore` first resume from their saved state, rows with
+        `checkpoint` save theirs after (`tsjax.cache.LayerState`: states that rewind by length
+        alone ignore both). `spans`: embeddings in place of some tokens (`tsjax.spans`; None,
+        the text path, compiles apart). Samples each row's first token. Returns (tokens [b],
+        logits [b, V], cache, sampler, (the first tokens' log-probabilities (rows whose
+        sampler state asks), each row's final-normed states summed over its tokens [b, D], and
+        for `scored` rows each position's log-probability of `targets`, the token after it))."""
+        b, t = tokens.shape
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
-        logits, cache = self.model.apply(
+        logits, cache, hidden = self.model.apply(
             {"params": params},
             tokens,
             positions,
@@ -192,12 +234,26 @@ class Steps:
             jnp.maximum(lengths - 1, 0),
             attn_len,
             counts,
+            spans,
+            hidden=True,
         )
         cache = cache.checkpoint(rows, checkpoint)
         new_lengths = cache.lengths.at[rows].set(starts + lengths, mode="drop")
-        first, new_sampler = sample(logits, new_sampler, masks)
-        sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, new_sampler)
-        return first, logits, replace(cache, lengths=new_lengths), sampler
+        first, sampled = sample(logits, new_sampler, masks)
+        sampler = jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), sampler, sampled)
+        real = jnp.arange(t)[None, :] < counts[:, None]
+        pooled = jnp.sum(jnp.where(real[..., None], hidden.astype(jnp.float32), 0), axis=1)
+        lp = jax.lax.cond(
+            jnp.any(new_sampler.logprobs),
+            lambda: of(logits, first),
+            lambda: Logprobs.zeros((b,)),
+        )
+        prompt = jax.lax.cond(
+            jnp.any(scored),
+            lambda: of_positions(lambda x: self.model.project(params, x), hidden, targets),
+            lambda: Logprobs.zeros((b, t)),
+        )
+        return first, logits, replace(cache, lengths=new_lengths), sampler, (lp, pooled, prompt)
 
     def _decode_logits(self, params, cache: Cache, tokens, active, attn_len: int):
         """One token for each of the cache rows [0, b). tokens, active: [b]. Positions are
@@ -241,22 +297,25 @@ class Steps:
         [b, V], cache, sampler)."""
         b = tokens.shape[0]
         sub = jax.tree.map(lambda a: fit_rows(a, b), sampler)
+        report = jnp.any(sub.logprobs & active)  # some row asks for log-probabilities
 
         def step(i, carry):
-            cache, sub, tokens, _, out = carry
+            cache, sub, tokens, _, out, lps = carry
             logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
             tokens, sub = sample(logits, sub, masks)
+            lps = jax.lax.cond(report, lambda: lps.at_set(i, of(logits, tokens)), lambda: lps)
             # carried as [V, b], the output projection's own layout: no copy per step
-            return cache, sub, tokens, logits.T, out.at[i].set(tokens)
+            return cache, sub, tokens, logits.T, out.at[i].set(tokens), lps
 
         init_logits = jnp.zeros((self.cfg.vocab_size, b), jnp.float32)
         out = jnp.zeros((max_steps, b), jnp.int32)
-        cache, sub, tokens, logits_t, out = jax.lax.fori_loop(
-            0, n_steps, step, (cache, sub, tokens, init_logits, out)
+        lps = Logprobs.zeros((max_steps, b))
+        cache, sub, tokens, logits_t, out, lps = jax.lax.fori_loop(
+            0, n_steps, step, (cache, sub, tokens, init_logits, out, lps)
         )
         logits = logits_t.T
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
-        return out, tokens, logits, cache, sampler
+        return out, tokens, logits, lps, cache, sampler
 
     def _swap(self, cache: Cache, sampler: SamplerState, a, b):
         """Exchange cache rows a[i] <-> b[i] (every layer's state, lengths, sampling state).
@@ -269,8 +328,20 @@ class Steps:
 
         return cache.swap(src, dst), jax.tree.map(move, sampler)
 
+    def _copy(self, cache: Cache, sampler: SamplerState, new_sampler, src, dst, lengths):
+        """Row dst[i] takes a copy of row src[i]'s state (every layer's; src rows keep theirs)
+        and holds lengths[i] tokens of it (its first ones: a shorter length rewinds), and
+        `new_sampler`'s row i as its sampling state. Indices dst >= B are padding."""
+        cache = cache.swap(src, dst)
+        cache = replace(cache, lengths=cache.lengths.at[dst].set(lengths, mode="drop"))
+        return cache, jax.tree.map(lambda a, n: a.at[dst].set(n, mode="drop"), sampler, new_sampler)
+
     def _forward(self, params, cache: Cache, tokens, starts, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring."""
+
+    def _forward(self, params, cache: Cache, tokens, starts, spans=None, *, attn_len: int):
+        """All-position logits without keeping the cache: for tests and scoring (`spans`:
+        `tsjax.spans.SpanInputs` or None)."""
         t = tokens.shape[1]
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         logits, _ = self.model.apply(
@@ -281,6 +352,8 @@ class Steps:
             jnp.arange(tokens.shape[0], dtype=jnp.int32),
             None,
             attn_len,
+            None,
+            spans,
         )
         return logits
 
@@ -288,7 +361,8 @@ class Steps:
 
     def compiled_count(self) -> int:
         """How many shapes the steps have compiled so far (tests assert it stays put)."""
-        return sum(f._cache_size() for f in (self.prefill_fn, self.decode_fn))
+        fns = (self.prefill_fn, self.decode_fn, self.swap_fn, self.copy_fn)
+        return sum(f._cache_size() for f in fns)
 
     def warmup(
         self,
@@ -296,9 +370,12 @@ class Steps:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets) and
-        decode for each attention bucket and each `decode_steps` count. Returns seconds."""
+        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets),
+        the prefill with embedded spans for the buckets of `span_lens` (prompt lengths; one
+        row), and decode for each attention bucket and each `decode_steps` count. Returns
+        seconds."""
         t0 = time.perf_counter()
         cache, sampler = self.new_cache(), self.new_sampler()
         greedy = SamplingParams.greedy()
@@ -311,6 +388,13 @@ class Steps:
                 _, _, cache, sampler = self.prefill(
                     params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
                 )
+        span_buckets = {bucket_for(n, self.shapes.prefill_lens) for n in span_lens}
+        for t in sorted(span_buckets):
+            n = min(t, self.shapes.max_len - 1)
+            dummy = EmbedSpan(0, np.zeros((1, self.cfg.dim), np.float32), "0", True)
+            _, _, cache, sampler = self.prefill(
+                params, cache, sampler, [[0] * n], [0], [greedy], spans=[[dummy]]
+            )
         # one compiled program per step-count bucket: run each with its largest count
         counts = {steps_bucket(n): n for n in sorted(decode_steps)}.values()
         for b in self.shapes.decode_batches:
@@ -321,6 +405,7 @@ class Steps:
                         params, cache, sampler, list(range(b)), [0] * b, pos, n
                     )
         _, _, cache, sampler = self.swap_rows(params, cache, sampler, [(0, 0)])  # compile it
+        _, _, cache, sampler = self.copy_rows(params, cache, sampler, [0], [0], [0], [greedy])
         jax.block_until_ready(cache)
         return time.perf_counter() - t0
 
@@ -341,12 +426,24 @@ class Steps:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
+        spans: list[list[EmbedSpan]] | None = None,
+        logprobs: list[bool] | None = None,
+        next_tokens: list[int | None] | None = None,
+        wait: bool = True,
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
         the prompts). `restore` / `checkpoint` (default none): rows that resume from their
-        saved state / save it after (see `_prefill`). Returns (first tokens [n] numpy, logits
-        [n, V], cache, sampler)."""
+        saved state / save it after (see `_prefill`). `spans[i]`: prompt i's embedded spans,
+        their starts relative to the prompt's first token (`tsjax.spans`; none: text only).
+        `logprobs` (default none): rows whose sampled tokens get log-probabilities, from this
+        prefill's first token on. `next_tokens` (default none): rows whose prompt positions
+        get log-probabilities, each with the token that follows its part of the prompt (-1
+        where none does: its last position's entry is then meaningless; None: the row gets
+        none). Returns (first tokens [n] numpy, logits [n, V], cache, sampler); `wait=False`
+        returns at once with a one-step `PendingTokens` (which also holds the
+        log-probabilities and the pooled states) in place of the tokens and None for the
+        logits."""
         n = len(prompts)
         starts = starts or [0] * n
         b = bucket_for(n, self.shapes.prefill_batches)
@@ -355,17 +452,28 @@ class Steps:
         row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
         st = np.zeros((b,), np.int32)
         ln = np.ones((b,), np.int32)
+        targets = np.zeros((b, t), np.int32)
+        scored = _flags(None if next_tokens is None else [x is not None for x in next_tokens], b)
         for i, (p, r, s) in enumerate(zip(prompts, rows, starts, strict=True)):
             tok[i, : len(p)] = p
             row_arr[i], st[i], ln[i] = r, s, len(p)
+            if scored[i]:
+                targets[i, : len(p) - 1] = p[1:]
+                targets[i, len(p) - 1] = max(next_tokens[i], 0)  # type: ignore[index]
         pad = [SamplingParams.greedy()] * (b - n)
         hist = list(histories or prompts) + [[]] * (b - n)
         seeds = None if seeds is None else list(seeds) + [0] * (b - n)
-        new_sampler = host_sampler_state(list(sampling) + pad, hist, seeds)
+        flags = list(_flags(logprobs, b))
+        new_sampler = host_sampler_state(list(sampling) + pad, hist, seeds, flags)
         if self.plan is not None:
             new_sampler = put_tree(new_sampler, self.plan.replicated())
         attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
-        first, logits, cache, sampler = self.prefill_fn(
+        inputs = None
+        if spans is not None and any(spans):
+            padded = list(spans) + [[]] * (b - n)
+            host = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
+            inputs = SpanInputs(*(self._put(a) for a in host))
+        first, logits, cache, sampler, (lp, pooled, prompt) = self.prefill_fn(
             params,
             cache,
             sampler,
@@ -377,8 +485,17 @@ class Steps:
             self._put(self._mask_rows(masks, np.arange(n), b)),
             self._put(_flags(restore, b)),
             self._put(_flags(checkpoint, b)),
+            self._put(targets),
+            self._put(scored),
+            inputs,
             attn_len=attn_len,
         )
+        if not wait:
+            pending = PendingTokens(
+                first[None], 1, np.arange(n), first, jax.tree.map(lambda a: a[None], lp),
+                pooled, prompt,
+            )  # fmt: skip
+            return pending, None, cache, sampler
         return np.asarray(first[:n]), logits[:n], cache, sampler
 
     def _mask_rows(self, masks: np.ndarray | None, where: np.ndarray, b: int) -> np.ndarray:
@@ -426,7 +543,7 @@ class Steps:
             tok = np.zeros((b,), np.int32)
             tok[where] = tokens
             fed = self._put(tok)
-        out, nxt, logits, cache, sampler = self.decode_fn(
+        out, nxt, logits, lps, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
@@ -437,7 +554,7 @@ class Steps:
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
-        pending = PendingTokens(out, n_steps, where, nxt)
+        pending = PendingTokens(out, n_steps, where, nxt, lps)
         if not wait:
             return pending, None, cache, sampler
         return pending.get(), logits[self._put(where)], cache, sampler
@@ -460,4 +577,47 @@ class Steps:
             a[: len(chunk)] = [x for x, _ in chunk]
             b[: len(chunk)] = [y for _, y in chunk]
             cache, sampler = self.swap_fn(cache, sampler, self._put(a), self._put(b))
+        return None, None, cache, sampler
+
+    def copy_rows(
+        self,
+        params,
+        cache,
+        sampler,
+        src: list[int],
+        dst: list[int],
+        lengths: list[int],
+        sampling: list[SamplingParams],
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        logprobs: list[bool] | None = None,
+    ):
+        """Row dst[i] becomes a copy of row src[i] (every layer's state; src rows keep theirs)
+        holding its first lengths[i] tokens, with a fresh sampling state from sampling[i]
+        (`histories`, `seeds`, `logprobs` as in `prefill`; default histories empty). dst may
+        name a row of src (its sampling state is replaced, its cache kept). Several answers
+        to one prompt share its prefill this way (the engine's `n`). At most `shapes.rows`
+        rows, in one dispatch of one compiled shape. `params` is unused. Returns (None, None,
+        cache, sampler)."""
+        del params
+        rows, n = self.shapes.rows, len(dst)
+        if n > rows:
+            raise ValueError(f"copy_rows copies at most {rows} rows, got {n}")
+        pad = rows - n
+        src_arr = np.asarray(list(src) + [0] * pad, np.int32)
+        dst_arr = np.asarray(list(dst) + [rows] * pad, np.int32)  # padding: dropped
+        len_arr = np.asarray(list(lengths) + [0] * pad, np.int32)
+        hist = list(histories or [[]] * n) + [[]] * pad
+        seeds = None if seeds is None else list(seeds) + [0] * pad
+        new_sampler = host_sampler_state(
+            list(sampling) + [SamplingParams.greedy()] * pad,
+            hist,
+            seeds,
+            list(_flags(logprobs, rows)),
+        )
+        if self.plan is not None:
+            new_sampler = put_tree(new_sampler, self.plan.replicated())
+        cache, sampler = self.copy_fn(
+            cache, sampler, new_sampler, self._put(src_arr), self._put(dst_arr), self._put(len_arr)
+        )
         return None, None, cache, sampler

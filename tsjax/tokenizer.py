@@ -475,6 +475,12 @@ class Tokenizer:
         """The bytes a token stands for; a control token gives its own text."""
         return self._pieces[token_id]
 
+    @cached_property
+    def max_piece_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n characters is at least
+        n / max_piece_bytes tokens, a bound servers check before tokenizing a long text."""
+        return max(map(len, self._pieces), default=1)
+
     # ---- encode / decode ---------------------------------------------------------------------
 
     def encode(
@@ -492,7 +498,7 @@ class Tokenizer:
         """
         with self._lock:
             self._backend.encode_special_tokens = not parse_special
-            ids = self._backend.encode(text, add_special_tokens=False).ids
+            ids = self._backend_encode(text).ids
         if (self.add_bos if add_bos is None else add_bos) and self._bos_id is not None:
             ids.insert(0, self._bos_id)
         if (self.add_eos if add_eos is None else add_eos) and self._eos_id is not None:
@@ -525,7 +531,7 @@ class Tokenizer:
             end = b
         with self._lock:
             self._backend.encode_special_tokens = False
-            encoding = self._backend.encode(text, add_special_tokens=False)
+            encoding = self._backend_encode(text)
             ids = encoding.ids
             where = np.flatnonzero(self._control_lut[np.asarray(ids, dtype=np.int64)])
             if [encoding.token_to_chars(int(i)) for i in where] != spans:
@@ -535,6 +541,12 @@ class Tokenizer:
         if (self.add_eos if add_eos is None else add_eos) and self._eos_id is not None:
             ids.append(self._eos_id)
         return ids
+
+    def _backend_encode(self, text: str) -> Any:
+        """The backend's encoding of `text` (no added specials). Through `encode_batch`, which
+        releases the GIL while it works (`encode` does not): a long text tokenized in a worker
+        thread leaves the other threads running. The caller holds the lock."""
+        return self._backend.encode_batch([text], add_special_tokens=False)[0]
 
     def _encode_between(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
         """The control ids at `spans`, and every piece between them encoded with special
@@ -549,7 +561,7 @@ class Tokenizer:
                 if start > pos:
                     if self._pre_rest is not None:
                         backend.pre_tokenizer = self._pre_first if pos == 0 else self._pre_rest
-                    ids += backend.encode(text[pos:start], add_special_tokens=False).ids
+                    ids += self._backend_encode(text[pos:start]).ids
                 if end > start:
                     ids.append(self._controls[text[start:end]])
                 pos = end

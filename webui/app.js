@@ -227,7 +227,11 @@ async function uploadFile(file) {
   try {
     const form = new FormData();
     form.append("file", file, file.name);
-    const res = await apiFetch("/api/upload", { method: "POST", body: form });
+    // The server takes uploads only with this header (or an API key): a page on another
+    // site cannot send it without a CORS preflight, so it cannot write files here.
+    const res = await apiFetch("/api/upload", {
+      method: "POST", body: form, headers: { "X-TSJAX-UI": "1" },
+    });
     const data = await res.json().catch(() => ({}));
     if (!res.ok || !data.ok) throw new Error(data.error || `HTTP ${res.status}`);
     Object.assign(att, data, { status: "ready" });
@@ -399,9 +403,17 @@ function renderMessage(m, index) {
     paintAssistant(m);
     if (last && !busy && m.toolCalls?.length) article.append(toolResultForm(m));
   } else {
-    if (m.attachments?.length) {
+    // Pictures the model was shown appear as pictures; other files as chips.
+    const shown = (m.attachments ?? []).filter((a) => a.mediaType === "image" && a.path);
+    const others = (m.attachments ?? []).filter((a) => !shown.includes(a));
+    if (shown.length) {
+      article.append(el("div", { class: "pictures", "aria-label": "Images" },
+        ...shown.map((a) => el("a", { href: `/uploads/${basename(a.path)}`, target: "_blank", rel: "noopener", title: a.fileName },
+          el("img", { src: `/uploads/${basename(a.path)}`, alt: a.fileName, class: "picture", loading: "lazy" })))));
+    }
+    if (others.length) {
       article.append(el("ul", { class: "chips", "aria-label": "Attachments" },
-        ...m.attachments.map((a) => chip(a))));
+        ...others.map((a) => chip(a))));
     }
     article.append(el("div", { class: "content plain", text: m.text }));
   }

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,8 +43,11 @@ from serve.engine.types import (
 )
 from tsjax.generation import PromptTooLongError
 from tsjax.grammar import mask_words
+from tsjax.logprobs import TokenLogprob, host_entries
 from tsjax.model import Model
 from tsjax.runner import MemoryReport, Runner
+from tsjax.shapes import bucket_for
+from tsjax.spans import check_spans, chunk_end, spans_in, text_ids
 from tsjax.textstream import TextStream
 
 if TYPE_CHECKING:
@@ -69,7 +72,10 @@ class _Dispatch:
 
 @dataclass
 class _Live:
-    """Host-side state of one request in a cache row."""
+    """Host-side state of one answer to a request, in a cache row. The row holds its first
+    `base` tokens of prompt + sampled, then one more per token fed back (`fed`): `base` is
+    the prompt, or for the answers of an n-answer request the prompt but its last token,
+    which their first decode feeds (each samples its own first token there)."""
 
     req: GenerationRequest
     sink: Sink
@@ -77,23 +83,37 @@ class _Live:
     text: TextStream
     stats: Stats
     submitted: float
+    base: int
+    index: int = 0  # which of the request's answers
+    constraint: Any = None  # this answer's grammar state (`GenerationRequest.constraint`)
     sampled: list[int] = field(default_factory=list)  # every sampled token, in order
-    fed: int = 0  # sampled tokens written back into the cache
+    fed: int = 0  # tokens fed back into the cache since `base`
     decode_start: float = 0.0
+    prompt_logprobs: tuple | None = None  # sent with the first event
 
     @property
     def constrained(self) -> bool:
-        return self.req.constraint is not None
+        return self.constraint is not None
 
     @property
     def grammar_pending(self) -> bool:
         """A constraint still deciding this row's next tokens."""
         return self.constrained and not self.text.finish_reason
 
+    @property
+    def next_token(self) -> int:
+        """The token the next decode feeds this row."""
+        return self.sampled[-1] if self.sampled else self.req.prompt_ids[self.base]
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens the cache row holds."""
+        return (list(self.req.cache_ids) + self.sampled)[: self.base + self.fed]
+
     def mask_row(self, out: np.ndarray) -> None:
         """This row's allowed-token bitmask for the next token (all bits set if free)."""
-        if self.constrained and not self.req.constraint.finished:
-            self.req.constraint.fill(out)
+        if self.constrained and not self.constraint.finished:
+            self.constraint.fill(out)
         else:
             out[:] = -1
 
@@ -128,18 +148,37 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.total_processed = 0
+        self.prefills = 0  # prefill dispatches run, and the prompt tokens they computed
+        self.prefill_tokens = 0
         self.warm = False
         self._observers: list[Observer] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def warmup(self) -> float:
-        """Compile every step shape the loop uses, before taking traffic."""
+        """Compile every step shape the loop uses, before taking traffic (with a projector,
+        the prefill of a chunk holding an image too: see `span_lens`)."""
         secs = self.runner.warmup(
-            decode_steps=tuple(sorted({1, self.decode_steps})), max_prompt=self.prefill_chunk
+            decode_steps=tuple(sorted({1, self.decode_steps})),
+            max_prompt=self.prefill_chunk,
+            span_lens=self.span_lens(),
         )
         self.warm = True
         return secs
+
+    def span_lens(self) -> tuple[int, ...]:
+        """The prompt lengths whose token buckets a prefill chunk with an image may take:
+        from one image's span to the chunk size (`tsjax.spans.chunk_end` may run a span
+        whole past the chunk size). None without a projector."""
+        proj = self.model.projector
+        if proj is None:
+            return ()
+        lens = self.runner.shapes.prefill_lens
+        lo, hi = proj.tokens_per_image, max(self.prefill_chunk, proj.tokens_per_image)
+        if lo >= self.model.max_len:
+            return ()
+        picked = [b for b in lens if lo <= b <= bucket_for(min(hi, lens[-1]), lens)]
+        return tuple(sorted({lo, *picked}))
 
     def start(self) -> None:
         if self._thread is not None:
@@ -162,10 +201,20 @@ class Engine:
         """Reject what can never run, before queueing (the adapters map it to a 400)."""
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(req.prompt_ids) >= self.model.max_len:
+        # a prompt that generates needs room for a token after it; one prefilled alone not
+        room = 0 if req.prefill_only else 1
+        if len(req.prompt_ids) + room > self.model.max_len:
             raise PromptTooLongError(len(req.prompt_ids), self.model.max_len)
-        if req.max_tokens < 1:
+        if req.max_tokens < 0 or (req.max_tokens == 0 and not req.prompt_logprobs | req.embed):
             raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}")
+        check_spans(req.spans, len(req.prompt_ids), self.model.config.dim)
+        if not 1 <= req.n <= self.rows:
+            raise ValueError(
+                f"n must be between 1 and {self.rows} (the answers decoded at once: the"
+                f" server's rows), got {req.n}"
+            )
+        if req.embed and req.n != 1:
+            raise ValueError("an embedding request has one answer (n=1)")
         req.sampling.validate()
 
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
@@ -210,22 +259,21 @@ class Engine:
             self._cv.notify_all()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit and stream events until DONE or ERROR. Closing the iterator early (client
-        went away) aborts the request."""
+        """Submit and stream events until every answer's DONE or ERROR (`req.n` of them, each
+        with its `index`). Closing the iterator early (client went away) aborts the request,
+        every answer of it."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
-        finished = False
+        left = req.n
         try:
-            while True:
+            while left:
                 ev = await q.get()
                 if ev.kind in (EventKind.DONE, EventKind.ERROR):
-                    finished = True
+                    left -= 1
                 yield ev
-                if finished:
-                    return
         finally:
-            if not finished:
+            if left:
                 self.abort(req.id)
 
     def status(self) -> dict:
@@ -279,7 +327,9 @@ class Engine:
             req = self.scheduler.remove(req_id)
             if req is not None:
                 _, sink, _ = self._waiting.pop(req_id)
-                sink(TokenEvent(EventKind.DONE, finish_reason=FinishReason.ABORT, stats=Stats()))
+                for i in range(req.n):
+                    sink(TokenEvent(EventKind.DONE, finish_reason=FinishReason.ABORT,
+                                    stats=Stats(), index=i))  # fmt: skip
             for live in list(self._live.values()):
                 if live.req.id == req_id:
                     live.text.finish("abort")
@@ -297,41 +347,132 @@ class Engine:
                 )
 
     def _start(self, req: GenerationRequest, row: Row, reuse: int) -> None:
+        """Prefill an admitted request into its row and start its answers: one answer
+        samples its first token in the prefill; n answers share a prefill of the prompt but
+        its last token, copied to their rows, and each samples its first token in the next
+        decode; a prefill-only request (embedding, prompt scoring) is done at once."""
         _, sink, submitted = self._waiting.pop(req.id)
         prompt = req.prompt_ids
-        stats = Stats(
-            prompt_tokens=len(prompt),
-            cached_tokens=reuse,
-            queue_seconds=time.perf_counter() - submitted,
-        )
-        text = TextStream(
+        queued = time.perf_counter() - submitted
+        if req.prefill_only:
+            self._prefill_only(req, row, sink, queued)
+            return
+        rows = [row] if req.n == 1 else [row, *self.scheduler.siblings(req, row)]
+        constraints = [req.constraint] * len(rows)
+        if req.constraint is not None and req.n > 1:
+            constraints = [req.constraint] + [req.constraint.fork() for _ in rows[1:]]
+        base = len(prompt) if req.n == 1 else len(prompt) - 1
+        lives = [
+            _Live(
+                req,
+                sink,
+                r,
+                self._text(req),
+                Stats(len(prompt), reuse, queue_seconds=queued),
+                submitted,
+                base,
+                index=i,
+                constraint=c,
+            )  # fmt: skip
+            for i, (r, c) in enumerate(zip(rows, constraints, strict=True))
+        ]
+        t0 = time.perf_counter()
+        masks = self._masks(lives[:1]) if req.n == 1 else None
+        pending, _, scored = self._prefill(req, row.index, reuse, base, masks)
+        if req.n > 1:
+            self._copy(req, rows)
+        now = time.perf_counter()
+        for live in lives:
+            live.stats.prefill_seconds = now - t0
+            live.decode_start = now
+            live.row.tokens = list(req.cache_ids)
+            live.prompt_logprobs = scored
+            self._live[live.row.index] = live
+        if req.n == 1:  # the prefill sampled the first token
+            assert pending is not None
+            lps = self._entries(pending, 0) if req.logprobs else None
+            self._consume(lives[0], [int(pending.get()[0, 0])], lps)
+
+    def _text(self, req: GenerationRequest) -> TextStream:
+        return TextStream(
             self.model.tokenizer,
             stop=req.stop,
             max_tokens=req.max_tokens,
-            room=self.model.max_len - len(prompt),
+            room=self.model.max_len - len(req.prompt_ids),
         )
-        live = _Live(req, sink, row, text, stats, submitted)
-        t0 = time.perf_counter()
-        start = reuse
-        first = None
-        while start < len(prompt):
-            chunk = prompt[start : start + self.prefill_chunk]
-            first = self.runner.prefill(
+
+    def _prefill(
+        self, req: GenerationRequest, row: int, start: int, end: int, masks=None
+    ) -> tuple[PendingTokens | None, np.ndarray | None, tuple | None]:
+        """Prefill prompt[start:end] into `row`, in chunks. Returns (the last chunk's output,
+        or None if nothing was left to prefill; for `embed` the final-normed states summed
+        over the prompt [D]; for `prompt_logprobs` one entry per prompt token, None first)."""
+        prompt, chunk_len = req.prompt_ids, self.prefill_chunk
+        pending, pooled, entries = None, None, [None]
+        while start < end:
+            # a chunk never cuts an image: its positions attend to each other
+            stop = chunk_end(start, chunk_len, end, req.spans)
+            chunk, spans = prompt[start:stop], spans_in(req.spans, start, stop)
+            after = prompt[stop] if stop < len(prompt) else -1  # the token after this chunk
+            pending = self.runner.prefill(
                 [chunk],
-                [row.index],
+                [row],
                 [req.sampling],
                 starts=[start],
-                histories=[prompt[: start + len(chunk)]],
-                masks=self._masks([live]),
+                histories=[text_ids(prompt, req.spans, stop) if req.spans else prompt[:stop]],
+                masks=masks,
+                spans=[spans] if spans else None,
+                logprobs=[req.logprobs],
+                next_tokens=[after] if req.prompt_logprobs else None,
             )
-            start += len(chunk)
-        now = time.perf_counter()
-        stats.prefill_seconds = now - t0
-        stats.first_token_seconds = now - submitted
-        live.decode_start = now
-        row.tokens = list(prompt)
-        self._live[row.index] = live
-        self._consume(live, [int(first[0])])
+            self.prefills += 1
+            self.prefill_tokens += len(chunk)
+            if req.embed:
+                part = pending.pooled_sums()[0]
+                pooled = part if pooled is None else pooled + part
+            if req.prompt_logprobs:
+                chosen, ids, top = (a[0] for a in pending.prompt_logprobs())
+                k = len(prompt[start + 1 : stop + 1])  # positions whose next token is known
+                entries += host_entries(chosen[:k], ids[:k], top[:k], prompt[start + 1 : stop + 1])
+            start = stop
+        scored = tuple(entries) if req.prompt_logprobs else None
+        return pending, pooled, scored
+
+    def _copy(self, req: GenerationRequest, rows: list[Row]) -> None:
+        """Give each of an n-answer request's rows the prompt its first row was prefilled
+        with (all but the last token) and its own sampling state: seeds seed + i, or
+        independent random ones without a seed."""
+        n, seed = len(rows), req.sampling.seed
+        seeds = None if seed < 0 else [(seed + i) & 0x7FFFFFFF for i in range(n)]
+        self.runner.copy_rows(
+            [rows[0].index] * n,
+            [r.index for r in rows],
+            [len(req.prompt_ids) - 1] * n,
+            [req.sampling] * n,
+            [
+                text_ids(req.prompt_ids, req.spans, len(req.prompt_ids))
+                if req.spans
+                else list(req.prompt_ids)
+            ]
+            * n,  # fmt: skip
+            seeds,
+            [req.logprobs] * n,
+        )
+
+    def _prefill_only(self, req: GenerationRequest, row: Row, sink: Sink, queued: float) -> None:
+        """An embedding or a scored prompt: prefill, answer, free the row (which keeps the
+        prompt for reuse)."""
+        t0 = time.perf_counter()
+        _, pooled, scored = self._prefill(req, row.index, 0, len(req.prompt_ids))
+        embedding = None if pooled is None else (pooled / len(req.prompt_ids)).astype(np.float32)
+        took = time.perf_counter() - t0
+        stats = Stats(len(req.prompt_ids), queue_seconds=queued, prefill_seconds=took)
+        with self._cv:
+            self.scheduler.release(row, list(req.cache_ids))
+            self.total_processed += 1
+        for i in range(req.n):
+            sink(TokenEvent(EventKind.DONE, finish_reason=FinishReason.LENGTH, stats=stats,
+                            index=i, prompt_logprobs=scored, embedding=embedding))  # fmt: skip
 
     def _compact(self) -> None:
         """Move live requests into the lowest rows (decode runs rows [0, b) for the smallest
@@ -355,12 +496,12 @@ class Engine:
         else:
             self._compact()
             rows = list(self._live.values())
-            waiting = bool(self.scheduler.queue) and bool(self.scheduler.free_rows())
+            waiting = self.scheduler.can_admit()
             left = min(x.text.max_tokens - len(x.text.tokens) for x in rows)
             # A grammar needs the mask recomputed after every token: one step per dispatch.
             grammar = any(x.grammar_pending for x in rows)
             n = 1 if waiting or grammar else max(1, min(self.decode_steps, left))
-            tokens = [x.sampled[-1] for x in rows]
+            tokens = [x.next_token for x in rows]
             current = self._dispatch(rows, n, tokens, self._masks(rows) if grammar else None)
         if self.pipeline and (n := self._next_steps(current)):
             self._inflight = self._dispatch(current.rows, n, None)
@@ -369,7 +510,7 @@ class Engine:
     def _dispatch(self, rows: list[_Live], n: int, tokens, masks=None) -> _Dispatch:
         """Send n decode steps for `rows`, fed `tokens` (None: the tokens the previous
         dispatch sampled, on the device). Returns at once."""
-        max_pos = max(len(x.req.prompt_ids) + x.fed for x in rows)
+        max_pos = max(x.base + x.fed for x in rows)
         pending = self.runner.decode([x.row.index for x in rows], tokens, max_pos, n, masks)
         for live in rows:
             live.fed += n  # written into the cache by this dispatch (read or not)
@@ -401,10 +542,21 @@ class Engine:
         """Read a dispatch's tokens (waiting for it) and hand them to its rows' requests;
         rows whose request finished since it was sent are skipped."""
         out = d.tokens.get()
+        asked = any(x.req.logprobs for x in d.rows)
+        lps = d.tokens.token_logprobs() if asked else None
         for i, live in enumerate(d.rows):
             if live.text.finish_reason or self._live.get(live.row.index) is not live:
                 continue
-            self._consume(live, [int(t) for t in out[:, i]])
+            entries = None
+            if lps is not None and live.req.logprobs:
+                entries = host_entries(lps[0][:, i], lps[1][:, i], lps[2][:, i], out[:, i])
+            self._consume(live, [int(t) for t in out[:, i]], entries)
+
+    @staticmethod
+    def _entries(pending: PendingTokens, i: int) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens `pending` sampled for its i-th row."""
+        chosen, ids, top = pending.token_logprobs()
+        return host_entries(chosen[:, i], ids[:, i], top[:, i], pending.get()[:, i])
 
     def _masks(self, rows: list[_Live]) -> np.ndarray | None:
         """[len(rows), W] bitmasks, or None when no row is constrained (the cheap path)."""
@@ -417,25 +569,37 @@ class Engine:
 
     def _advance_grammar(self, live: _Live, token: int) -> None:
         """Feed the constraint the token it allowed."""
-        c = live.req.constraint
+        c = live.constraint
         if token not in self.model.tokenizer.eog_ids and not c.finished:
             if not c.accept(token):
                 raise RuntimeError(f"grammar rejected token {token} it had allowed")
 
-    def _consume(self, live: _Live, tokens: list[int]) -> None:
-        """Turn sampled tokens into events; finish the request when its stream ends."""
+    def _consume(
+        self, live: _Live, tokens: list[int], lps: list[TokenLogprob] | None = None
+    ) -> None:
+        """Turn sampled tokens (and their log-probabilities, if asked) into events; finish
+        the answer when its stream ends. A token's log-probability is reported when the
+        token is part of the answer (not an end-of-generation token)."""
         try:
-            pieces = []
-            for t in tokens:
+            if not live.sampled:
+                live.stats.first_token_seconds = time.perf_counter() - live.submitted
+            pieces, kept = [], []
+            for j, t in enumerate(tokens):
                 live.sampled.append(t)
+                before = len(live.text.tokens)
                 pieces.append(live.text.push(t))
-                if live.req.constraint is not None:
+                if lps is not None and len(live.text.tokens) > before:
+                    kept.append(lps[j])
+                if live.constraint is not None:
                     self._advance_grammar(live, t)
                 if live.text.finish_reason:
                     break
             text = "".join(pieces)
-            if text or not live.text.finish_reason:
-                live.sink(TokenEvent(EventKind.TOKEN, text=text, token_ids=tuple(tokens)))
+            scored, live.prompt_logprobs = live.prompt_logprobs, None
+            if text or kept or scored is not None or not live.text.finish_reason:
+                live.sink(TokenEvent(EventKind.TOKEN, text=text, token_ids=tuple(tokens),
+                                     index=live.index, logprobs=tuple(kept),
+                                     prompt_logprobs=scored))  # fmt: skip
             if live.text.finish_reason:
                 self._finish(live, FinishReason(live.text.finish_reason))
         except Exception as e:  # one request's failure is its own
@@ -447,26 +611,27 @@ class Engine:
         stats = live.stats
         stats.completion_tokens = len(live.text.tokens)
         stats.decode_seconds = time.perf_counter() - live.decode_start
-        # The row holds the prompt plus every sampled token that was fed back.
-        cached = list(live.req.prompt_ids) + live.sampled[: live.fed]
         with self._cv:
-            self.scheduler.release(live.row, cached)
+            self.scheduler.release(live.row, live.cached)
             self.total_processed += 1
         if reason is FinishReason.ERROR:
-            live.sink(TokenEvent(EventKind.ERROR, error=error, stats=stats, finish_reason=reason))
+            live.sink(TokenEvent(EventKind.ERROR, error=error, stats=stats, finish_reason=reason,
+                                 index=live.index))  # fmt: skip
         else:
             stopped = live.text.stop_string
             live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats,
-                                 stop_sequence=stopped))  # fmt: skip
+                                 stop_sequence=stopped, index=live.index))  # fmt: skip
 
     def _fail_all(self, message: str) -> None:
         self._inflight = None  # the runner's state and feed are about to be replaced
         for live in list(self._live.values()):
             self._finish(live, FinishReason.ERROR, error=message)
         with self._cv:
-            for req_id, (_, sink, _) in list(self._waiting.items()):
+            for req_id, (req, sink, _) in list(self._waiting.items()):
                 self.scheduler.remove(req_id)
-                sink(TokenEvent(EventKind.ERROR, error=message, finish_reason=FinishReason.ERROR))
+                for i in range(req.n):
+                    sink(TokenEvent(EventKind.ERROR, error=message,
+                                    finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
             self._waiting.clear()
             for row in self.scheduler.rows:
                 row.tokens = []  # the cache may be gone: trust nothing in it

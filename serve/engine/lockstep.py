@@ -50,6 +50,7 @@ import numpy as np
 from tsjax.runner import MemoryReport, Runner
 from tsjax.sampling import SamplingParams
 from tsjax.shapes import StepShapes
+from tsjax.spans import EmbedSpan
 from tsjax.steps import PendingTokens
 
 log = logging.getLogger("tsjax.lockstep")
@@ -67,6 +68,7 @@ class Op(enum.IntEnum):
     DECODE = 4
     SWAP = 5
     SHUTDOWN = 6
+    COPY = 7
 
 
 def _client():
@@ -95,8 +97,8 @@ def _failed_key(process: int, seq: int) -> str:
 
 
 class StepChannel:
-    """A `Runner` for process 0: `reset`, `warmup`, `prefill`, `decode` and `swap_rows`
-    publish their host arguments to the followers, then run on the local runner it was
+    """A `Runner` for process 0: `reset`, `warmup`, `prefill`, `decode`, `swap_rows` and
+    `copy_rows` publish their host arguments to the followers, then run on the local runner it was
     attached to (`memory`, `shapes` and `rewinds` are the local runner's own)."""
 
     def __init__(self, client: Any = None, followers: int | None = None):
@@ -142,8 +144,9 @@ class StepChannel:
         decode_steps: tuple[int, ...] = (1,),
         max_prompt: int | None = None,
         batches: tuple[int, ...] = (1,),
+        span_lens: tuple[int, ...] = (),
     ) -> float:
-        return self._call(Op.WARMUP, "warmup", decode_steps, max_prompt, batches)
+        return self._call(Op.WARMUP, "warmup", decode_steps, max_prompt, batches, span_lens)
 
     def prefill(
         self,
@@ -156,7 +159,12 @@ class StepChannel:
         masks: np.ndarray | None = None,
         restore: list[bool] | None = None,
         checkpoint: list[bool] | None = None,
-    ) -> np.ndarray:
+        spans: list[list[EmbedSpan]] | None = None,
+        logprobs: list[bool] | None = None,
+        next_tokens: list[int | None] | None = None,
+    ) -> PendingTokens:
+        # spans carry host (numpy) embeddings: they pickle with the command, and every
+        # follower splices the same ones
         return self._call(
             Op.PREFILL,
             "prefill",
@@ -169,6 +177,9 @@ class StepChannel:
             masks,
             restore,
             checkpoint,
+            spans,
+            logprobs,
+            next_tokens,
         )
 
     def decode(
@@ -183,6 +194,18 @@ class StepChannel:
 
     def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
         self._call(Op.SWAP, "swap_rows", pairs)
+
+    def copy_rows(
+        self,
+        src: list[int],
+        dst: list[int],
+        lengths: list[int],
+        sampling: list[SamplingParams],
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        logprobs: list[bool] | None = None,
+    ) -> None:
+        self._call(Op.COPY, "copy_rows", src, dst, lengths, sampling, histories, seeds, logprobs)
 
     def close(self) -> None:
         """Tell the followers to exit (idempotent; later calls raise)."""
@@ -290,6 +313,7 @@ _METHODS = {
     Op.PREFILL: "prefill",
     Op.DECODE: "decode",
     Op.SWAP: "swap_rows",
+    Op.COPY: "copy_rows",
 }
 
 

@@ -2,10 +2,11 @@
 
 Each cache row remembers the tokens it holds. A new request takes the free row sharing the
 longest prefix with its prompt (a conversation's next turn finds its previous turn, answer
-included) and prefills only the rest. Misses take the least recently used free row among the
-lowest rows: decode runs on the cache rows [0, b) for the smallest bucket b holding every live
-row, so live requests are kept low (`compaction` says which rows to exchange when they are
-not).
+included) and prefills only the rest. A request for `n` answers waits until n rows are free and
+takes them together (its prompt is prefilled once, into the first, and copied). Misses take the
+least recently used free row among the lowest rows: decode runs on the cache rows [0, b) for
+the smallest bucket b holding every live row, so live requests are kept low (`compaction` says
+which rows to exchange when they are not).
 """
 
 from __future__ import annotations
@@ -71,28 +72,46 @@ class Scheduler:
     def active_rows(self) -> list[Row]:
         return [r for r in self.rows if r.request is not None]
 
+    def can_admit(self) -> bool:
+        """Whether the next request in line has the rows it needs free."""
+        return bool(self.queue) and len(self.free_rows()) >= max(self.queue[0].n, 1)
+
     def admit(self) -> tuple[GenerationRequest, Row, int] | None:
-        """Pop the next request and pick its row. Returns (request, row, reused tokens)."""
-        free = self.free_rows()
-        if not self.queue or not free:
+        """Pop the next request and pick its row (the one to prefill; `siblings` are the
+        others of an n-answer request). Returns (request, row, reused tokens). The queue is
+        FIFO: a request waiting for several rows holds back the ones behind it."""
+        if not self.can_admit():
             return None
+        free = self.free_rows()
         req = self.queue.popleft()
+        n = max(req.n, 1)
         # Without a prefix to reuse: the least recently used of the free rows below the bucket
-        # that the live rows plus this one need (so decode stays in that bucket).
-        limit = self.bucket(len(self.rows) - len(free) + 1)
+        # that the live rows plus these need (so decode stays in that bucket).
+        limit = self.bucket(len(self.rows) - len(free) + n)
         low = [r for r in free if r.index < limit] or free
         best, reuse = min(low, key=lambda r: r.last_used), 0
+        # Rows remember an image's positions by a pseudo id of its digest (`cache_ids`).
+        prompt = req.cache_ids
         if req.reuse_prefix and self.rewinds:
             for row in sorted(free, key=lambda r: r.last_used):
-                n = common_prefix(row.tokens, req.prompt_ids)
-                if n > reuse:
-                    best, reuse = row, n
-        # At least one prompt token must be prefilled to produce the next-token logits.
-        reuse = min(reuse, len(req.prompt_ids) - 1)
+                k = common_prefix(row.tokens, prompt)
+                if k > reuse:
+                    best, reuse = row, k
+        # At least one prompt token must be prefilled to produce the next-token logits, and
+        # an image is prefilled whole or not at all (its positions attend to each other).
+        reuse = req.reusable(min(reuse, len(prompt) - 1))
         self._clock += 1
         best.request, best.last_used = req, self._clock
-        best.tokens = list(req.prompt_ids[:reuse])
+        best.tokens = list(prompt[:reuse])
+        others = sorted((r for r in free if r is not best),
+                        key=lambda r: (r.index >= limit, r.last_used))  # fmt: skip
+        for row in others[: n - 1]:
+            row.request, row.last_used, row.tokens = req, self._clock, []
         return req, best, reuse
+
+    def siblings(self, req: GenerationRequest, row: Row) -> list[Row]:
+        """The other rows `admit` gave `req` besides `row` (n - 1 of them), lowest first."""
+        return [r for r in self.rows if r.request is req and r is not row]
 
     def bucket(self, n: int) -> int:
         """The smallest decode bucket of at least n rows (n <= the number of rows)."""

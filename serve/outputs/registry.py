@@ -112,7 +112,7 @@ class OutputParser:
     def _harmony_call(self, name: str, body: str, out: list[OutputEvent]) -> None:
         try:
             call = normalize_call(name, json.loads(body) if body.strip() else {})
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             call = None
         if call is None:
             self.tools.add_malformed(body, f"arguments for {name} are not a JSON object")

@@ -93,7 +93,7 @@ def normalize_call(name: Any, arguments: Any) -> tuple[str, dict[str, Any]] | No
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None
@@ -241,7 +241,7 @@ def _xml_value(text: str) -> Any:
     text = text.removeprefix("\n").removesuffix("\n")
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -265,7 +265,7 @@ class HermesParser(_TaggedParser):
             return calls if calls and not body[end:].strip() else None
         try:
             obj = json.loads(body)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
         call = call_from_object(obj)
         if call is None and isinstance(obj, dict) and "arguments" not in obj:
@@ -343,7 +343,7 @@ class MistralParser(ToolCallParser):
                 return False
             try:
                 calls = calls_from_json(json.loads(s[:end]))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 calls = None
             if calls is None:
                 self.add_malformed(_MISTRAL + s[:end], "not a list of calls")
@@ -382,7 +382,7 @@ class MistralParser(ToolCallParser):
             return False
         try:
             call = normalize_call(name, json.loads(rest[:end]))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             call = None
         if call is None:
             self.add_malformed(head + rest[:end], "arguments are not a JSON object")
@@ -464,7 +464,7 @@ class JsonCallParser(ToolCallParser):
         raw = self.buf[: len(self.buf) - len(s) + end]
         try:
             calls = calls_from_json(json.loads(s[:end]))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             calls = None
         if calls is None:
             if self.tagged:

@@ -43,12 +43,15 @@ from serve.outputs import (
 from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
+from serve.translation.images import content_part
+from serve.translation.reply import generation_failed
 
 # Anthropic's error types and the statuses its API sends them with (an unavailable model is
 # Anthropic's `overloaded_error`, status 529, which its clients retry).
 _ERRORS = {
     ErrorKind.INVALID_REQUEST: ("invalid_request_error", 400),
     ErrorKind.UNAUTHENTICATED: ("authentication_error", 401),
+    ErrorKind.FORBIDDEN: ("permission_error", 403),
     ErrorKind.NOT_FOUND: ("not_found_error", 404),
     ErrorKind.TOO_LARGE: ("request_too_large", 413),
     ErrorKind.UNAVAILABLE: ("overloaded_error", 529),
@@ -61,8 +64,9 @@ def _error(kind: ErrorKind, message: str) -> dict[str, Any]:
 
 
 def render_error(_: Request, exc: ApiError) -> Response:
-    """Anthropic's error shape; the status is Anthropic's for the kind where it has one."""
-    status = _ERRORS[exc.kind][1] if exc.kind in _ERRORS else exc.status
+    """Anthropic's error shape; an unavailable model is Anthropic's 529, every other status is
+    kept (a 415 or 405 stays what it is, typed as an invalid request)."""
+    status = _ERRORS[exc.kind][1] if exc.kind is ErrorKind.UNAVAILABLE else exc.status
     return Response(_error(exc.kind, exc.message), status_code=status)
 
 
@@ -115,7 +119,7 @@ def _image(block: dict[str, Any], param: str) -> dict[str, Any]:
         url = src["url"]
     else:
         raise ApiError(400, "an image block needs a base64 or url source", f"{param}.source")
-    return {"type": "image_url", "image_url": {"url": url}}
+    return content_part({"type": "image_url", "image_url": {"url": url}}, param)
 
 
 def _part(block: dict[str, Any], param: str) -> dict[str, Any]:
@@ -276,7 +280,7 @@ def _output(config: OutputConfig | None) -> OutputSpec | None:
     if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
         raise ApiError(400, 'output_config.format must be {"type": "json_schema", "schema": '
                        '{...}}', "output_config.format")  # fmt: skip
-    return OutputSpec(fmt["schema"], strict=True)
+    return OutputSpec(fmt["schema"], strict=True, param="output_config.format.schema")
 
 
 def _intent(body: CountBody) -> Intent:
@@ -462,7 +466,7 @@ async def _whole(hub: Hub, shape: _Shape) -> dict[str, Any]:
     is a 422."""
     text, final = await run_to_end(hub.engine, shape.prep.request)  # type: ignore[arg-type]
     if final.kind is EventKind.ERROR:
-        raise ApiError(500, final.error or "generation failed")
+        raise generation_failed(hub, final)
     reply, blocks = shape.prep.reply, _Blocks()
     for e in reply.push(text) + reply.finish():
         blocks.feed(e)
@@ -484,7 +488,7 @@ async def create_message(request: Request, data: JSONBody[MessagesBody | None] =
 @post("/v1/messages/count_tokens", status_code=200, dto=StrictBody[CountBody], return_dto=None)
 async def count_tokens(request: Request, data: JSONBody[CountBody | None] = None) -> dict:
     """The prompt's token count (system, messages, tools, thinking as they render)."""
-    _, prompt = render(hub_of(request), _intent(required(data)))
+    _, prompt = await render(hub_of(request), _intent(required(data)))
     return {"input_tokens": len(prompt.ids)}
 
 

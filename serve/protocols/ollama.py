@@ -1,7 +1,10 @@
 """The Ollama dialect: /api/generate, /api/chat/ollama (and /api/chat with a `model`),
-/api/tags, /api/ps, /api/show, plus the /api/version and /api/queue/status utilities.
+/api/embed (and the older /api/embeddings), /api/tags, /api/ps, /api/show, plus the /api/version
+and /api/queue/status utilities.
 
-Streams are NDJSON; durations are integer nanoseconds; errors are `{"error": "..."}`.
+Streams are NDJSON; durations are integer nanoseconds; errors are `{"error": "..."}`. With
+`logprobs`, each line carries the log-probabilities of the tokens behind its text
+(`logprobs: [{token, logprob, bytes, top_logprobs}]`), the final object all of them.
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import JSONBody
 
 from serve.bodies import StrictBody, decode_body, required
-from serve.engine import EventKind, FinishReason, GenerationRequest, Stats
+from serve.engine import EventKind, FinishReason, Stats
 from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCall, ToolCallEnd
 from serve.state import Hub, hub_of
 from serve.streaming import ndjson_response
-from serve.translation import Intent, Reply, Sampling, complete, prepare
+from serve.translation import Intent, Prepared, Sampling, complete_all, prepare
+from serve.translation.embedding import embed as embed_inputs
+from serve.translation.embedding import normalized
+from serve.translation.images import from_base64, with_images
+from serve.translation.intent import ImageInput
+from serve.translation.logprobs import entries, top_count
 from serve.translation.options import ollama_format, stop_of, think_of
 from serve.translation.prompt import check_model
+from tsjax.logprobs import TokenLogprob
 
 VERSION = "0.1.0"
 
@@ -64,7 +73,9 @@ class GenerateBody(msgspec.Struct):
     think: bool | str | None = None
     format: str | dict[str, Any] | None = None
     options: Options | None = None
-    images: list[str] | None = None  # base64 images (refused: no model here has vision)
+    images: list[str] | None = None  # base64 images (need a server started with --mmproj)
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 class Message(msgspec.Struct, omit_defaults=True):
@@ -87,6 +98,24 @@ class ChatBody(msgspec.Struct):
     tool_choice: str | dict[str, Any] | None = None  # OpenAI's field, honoured here too
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema
     options: Options | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class EmbedBody(msgspec.Struct):
+    model: str
+    input: str | list[str] = ""
+    truncate: bool = True
+    dimensions: int | None = None
+    options: Options | None = None  # accepted; pooling needs no sampling options
+    keep_alive: str | int | float | None = None  # accepted; the model stays loaded
+
+
+class EmbeddingsBody(msgspec.Struct):
+    model: str
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
 
 
 class ShowBody(msgspec.Struct):
@@ -100,12 +129,15 @@ def _now() -> str:
 
 
 def _intent(body: GenerateBody | ChatBody, **given: Any) -> Intent:
-    """Fields both endpoints share: the model, the options, thinking, the format."""
+    """Fields both endpoints share: the model, the options, thinking, the format,
+    log-probabilities (`top_logprobs` alternatives, 0-20, reported with `logprobs`)."""
     o = body.options or Options()
     sampling = Sampling(**{f: getattr(o, f) for f in Sampling.__struct_fields__})
+    top = top_count(body.top_logprobs, "top_logprobs")
     return Intent(model=body.model, sampling=sampling, max_tokens=o.num_predict,
                   stop=stop_of(o.stop), think=think_of(body.think),
-                  output=ollama_format(body.format), stream=body.stream, **given)  # fmt: skip
+                  output=ollama_format(body.format), stream=body.stream,
+                  logprobs=body.logprobs, top_logprobs=top, **given)  # fmt: skip
 
 
 def _metrics(stats: Stats | None, reason: FinishReason | None, began: float) -> dict[str, Any]:
@@ -156,14 +188,32 @@ def _empty(body_key: str) -> Any:
     return "" if body_key == "response" else {"role": "assistant", "content": ""}
 
 
+class _Logprobs:
+    """The answer's token log-probabilities not yet sent (each line carries those of the
+    tokens behind its text; text held back by a stop string or the parser comes later)."""
+
+    def __init__(self, prep: Prepared, intent: Intent):
+        self.tok, self.top, self.asked = prep.model.tokenizer, intent.top_logprobs, intent.logprobs
+        self.pending: list[TokenLogprob] = []
+
+    def take(self) -> dict[str, Any]:
+        if not self.asked or not self.pending:
+            return {}
+        out, self.pending = entries(self.tok, self.pending, self.top), []
+        return {"logprobs": out}
+
+
 async def _stream(
-    hub: Hub, req: GenerationRequest, requested: str, body_key: str, began: float, reply: Reply
+    hub: Hub, prep: Prepared, intent: Intent, body_key: str, began: float
 ) -> AsyncIterator[dict[str, Any]]:
     """NDJSON objects for one request. `body_key` is "response" (generate) or "message"."""
+    requested, reply = intent.model or "", prep.reply
     model = hub.model.name if hub.model else requested
-    async with aclosing(hub.engine.generate(req)) as evs:  # type: ignore[union-attr]
+    held = _Logprobs(prep, intent)
+    async with aclosing(hub.engine.generate(prep.request)) as evs:  # type: ignore[union-attr]
         async for ev in evs:
             base = {"model": model, "created_at": _now()}
+            held.pending.extend(ev.logprobs)
             if ev.kind is EventKind.QUEUED:
                 yield {
                     **base,
@@ -176,17 +226,17 @@ async def _stream(
             elif ev.kind is EventKind.TOKEN:
                 for e in reply.push(ev.text):
                     if (part := _part(e, body_key)) is not None:
-                        yield {**base, **part, "done": False}
+                        yield {**base, **part, "done": False, **held.take()}
             elif ev.kind is EventKind.DONE:
                 for e in reply.finish():
                     if (part := _part(e, body_key)) is not None:
-                        yield {**base, **part, "done": False}
+                        yield {**base, **part, "done": False, **held.take()}
                 problem = reply.problem(ev.finish_reason is FinishReason.LENGTH)
                 if problem:  # a cut-off structured answer: the lines were already sent
                     yield {**base, body_key: _empty(body_key), "done": True,
                            "done_reason": "error", "error": problem}  # fmt: skip
                 else:
-                    yield {**base, body_key: _empty(body_key),
+                    yield {**base, body_key: _empty(body_key), **held.take(),
                            **_metrics(ev.stats, ev.finish_reason, began)}  # fmt: skip
             elif ev.kind is EventKind.ERROR:
                 yield {**base, body_key: _empty(body_key), "done": True, "done_reason": "error",
@@ -194,17 +244,12 @@ async def _stream(
 
 
 async def _respond(
-    hub: Hub,
-    req: GenerationRequest,
-    requested: str,
-    body_key: str,
-    stream: bool,
-    began: float,
-    reply: Reply,
+    hub: Hub, prep: Prepared, intent: Intent, body_key: str, began: float
 ) -> Response:
-    if stream:
-        return ndjson_response(_stream(hub, req, requested, body_key, began, reply))
-    final = await complete(hub, req, reply)
+    if intent.stream:
+        return ndjson_response(_stream(hub, prep, intent, body_key, began))
+    (answer,) = await complete_all(hub, prep.request, prep.replies)
+    reply, final = prep.reply, answer.final
     body: dict[str, Any] = {"model": hub.model.name, "created_at": _now()}  # type: ignore[union-attr]
     if body_key == "response":
         body["response"] = reply.content
@@ -217,19 +262,27 @@ async def _respond(
         if reply.calls:
             msg["tool_calls"] = [_call(c) for c in reply.calls]
         body["message"] = msg
+    if intent.logprobs:
+        body["logprobs"] = entries(prep.model.tokenizer, answer.logprobs, intent.top_logprobs)
     return Response(body | _metrics(final.stats, final.finish_reason, began))
 
 
+def _images(images: list[str] | None, where: str) -> list[ImageInput]:
+    """Base64 images; empty strings are skipped, as the reference server does."""
+    return [from_base64(b, f"{where}[{i}]") for i, b in enumerate(images or []) if b]
+
+
 def _generate_intent(body: GenerateBody) -> Intent:
-    """A prompt through the chat template (with `system`), or as given with `raw`. Never
-    reuses a cached prefix, so each call stands alone."""
+    """A prompt through the chat template (with `system`), or as given with `raw`; images
+    before the prompt's text. Never reuses a cached prefix, so each call stands alone."""
     prompt = body.prompt or ""
+    images = _images(body.images, "images")
     if body.raw:
-        return _intent(body, prompt=prompt, images=body.images or [], reuse_prefix=False)
-    messages = [{"role": "user", "content": prompt}]
+        return _intent(body, prompt=prompt, images=images, reuse_prefix=False)
+    messages = [{"role": "user", "content": with_images(prompt, images)}]
     if body.system:
         messages.insert(0, {"role": "system", "content": body.system})
-    return _intent(body, messages=messages, images=body.images or [], reuse_prefix=False)
+    return _intent(body, messages=messages, reuse_prefix=False)
 
 
 @post("/api/generate", status_code=200, dto=StrictBody[GenerateBody], return_dto=None)
@@ -237,28 +290,29 @@ async def generate(request: Request, data: JSONBody[GenerateBody | None] = None)
     """One-shot completion."""
     began = time.perf_counter()
     hub, body = hub_of(request), required(data)
-    prep = await prepare(hub, _generate_intent(body))
-    return await _respond(hub, prep.request, body.model, "response", body.stream, began,
-                          prep.reply)  # fmt: skip
+    intent = _generate_intent(body)
+    prep = await prepare(hub, intent)
+    return await _respond(hub, prep, intent, "response", began)
 
 
 async def ollama_chat(request: Request, body: ChatBody) -> Response:
     """Multi-turn chat; reuses the KV cache of an earlier turn with the same prefix."""
     began = time.perf_counter()
     hub = hub_of(request)
-    messages = [_message_dict(m) for m in body.messages]
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     intent = _intent(body, messages=messages, tools=body.tools, tool_choice=body.tool_choice)
     prep = await prepare(hub, intent)
-    return await _respond(hub, prep.request, body.model, "message", body.stream, began,
-                          prep.reply)  # fmt: skip
+    return await _respond(hub, prep, intent, "message", began)
 
 
-def _message_dict(m: Message) -> dict[str, Any]:
+def _message_dict(m: Message, i: int) -> dict[str, Any]:
     """A message for the template: Ollama names a tool result's tool `tool_name`; templates
-    read `name`."""
+    read `name`. Its `images` go before its text, as Ollama places them."""
     msg = msgspec.structs.asdict(m)
     if msg.get("tool_name") and not msg.get("name"):
         msg["name"] = msg["tool_name"]
+    images = _images(msg.pop("images", None), f"messages[{i}].images")
+    msg["content"] = with_images(msg.get("content"), images)
     return msg
 
 
@@ -279,7 +333,7 @@ async def chat(request: Request) -> Response:
     raw = await request.body()
     try:
         has_model = msgspec.json.decode(raw, type=_Probe).model is not msgspec.UNSET
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         has_model = True  # let the Ollama parser produce the precise 400
     webui = getattr(request.app.state, "webui_chat", None)
     if not has_model and webui is not None:
@@ -374,7 +428,7 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
     params = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
               "repeat_penalty": s.repeat_penalty, "num_ctx": model.max_len}  # fmt: skip
     info = {k: _plain(v) for k, v in model.metadata.items() if k != "tokenizer.chat_template"}
-    return {
+    out = {
         "modelfile": "",
         "parameters": "\n".join(f"{k} {v}" for k, v in params.items()),
         "template": model.template.source,
@@ -383,6 +437,55 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
         "capabilities": ["completion"],
         "modified_at": _modified(hub),
     }
+    proj = model.projector
+    if proj is not None:  # as Ollama: "vision", and the projector file's keys
+        out["capabilities"].append("vision")
+        out["projector_info"] = {k: _plain(v) for k, v in proj.metadata.items()} | {
+            "file": proj.name,
+            "size": proj.path.stat().st_size,
+            "tokens_per_image": proj.tokens_per_image,
+        }
+    return out
+
+
+@post("/api/embed", status_code=200, dto=StrictBody[EmbedBody], return_dto=None)
+async def embed(request: Request, data: JSONBody[EmbedBody | None] = None) -> dict[str, Any]:
+    """L2-normalized mean-pooled embeddings, one per input; `truncate` (default true) cuts an
+    input to the context window, false makes a longer one a 400. No input: no embeddings
+    (what Ollama answers to load a model)."""
+    began = time.perf_counter()
+    hub, body = hub_of(request), required(data)
+    items = [body.input] if isinstance(body.input, str) else list(body.input)
+    items = [x for x in items if x]  # Ollama skips empty strings
+    if not items:
+        model, _ = hub.live()
+        check_model(body.model, model)
+        return {"model": body.model, "embeddings": []}
+    got = await embed_inputs(hub, body.model, items, truncate=body.truncate,
+                             dimensions=body.dimensions)  # fmt: skip
+    return {
+        "model": body.model,
+        "embeddings": [normalized(v).astype(float).tolist() for v in got.vectors],
+        "total_duration": ns(time.perf_counter() - began),
+        "load_duration": 0,  # the model stays loaded: no per-request load
+        "prompt_eval_count": got.prompt_tokens,
+    }
+
+
+@post("/api/embeddings", status_code=200, dto=StrictBody[EmbeddingsBody], return_dto=None)
+async def embeddings(
+    request: Request, data: JSONBody[EmbeddingsBody | None] = None
+) -> dict[str, Any]:
+    """The older single-prompt form: `{"embedding": [...]}`, the mean-pooled vector as
+    Ollama's returns it (not normalized); an empty prompt gives an empty vector. A prompt
+    longer than the window is cut to it."""
+    hub, body = hub_of(request), required(data)
+    if not body.prompt:
+        model, _ = hub.live()
+        check_model(body.model, model)
+        return {"embedding": []}
+    got = await embed_inputs(hub, body.model, [body.prompt], truncate=True, param="prompt")
+    return {"embedding": got.vectors[0].astype(float).tolist()}
 
 
 @get("/api/version")
@@ -400,6 +503,17 @@ async def queue_status(request: Request) -> dict[str, Any]:
 
 router = Router(
     path="/",
-    route_handlers=[generate, chat_ollama, chat, tags, ps, show, version, queue_status],
+    route_handlers=[
+        generate,
+        chat_ollama,
+        chat,
+        embed,
+        embeddings,
+        tags,
+        ps,
+        show,
+        version,
+        queue_status,
+    ],
     exception_handlers={ApiError: render_error},
 )

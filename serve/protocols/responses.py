@@ -43,7 +43,9 @@ from serve.outputs import (
 from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
+from serve.translation.images import content_part
 from serve.translation.options import openai_think
+from serve.translation.reply import generation_failed
 from serve.translation.tools import normalize_tools
 
 
@@ -96,13 +98,15 @@ def _text_format(fmt: dict[str, Any] | None) -> OutputSpec | None:
     if fmt is None or fmt.get("type", "text") == "text":
         return None
     if fmt["type"] == "json_object":
-        return OutputSpec()
+        return OutputSpec(param="text.format")
     if fmt["type"] != "json_schema":
         raise ApiError(400, f"text.format.type must be text, json_object or json_schema; got "
                        f"{fmt['type']!r}", "text.format.type")  # fmt: skip
     if not isinstance(fmt.get("schema"), dict):
         raise ApiError(400, "text.format.schema must be a JSON schema object", "text.format.schema")
-    return OutputSpec(fmt["schema"], strict=fmt.get("strict") is True, name=fmt.get("name", ""))
+    name = fmt.get("name") if isinstance(fmt.get("name"), str) else ""
+    strict = fmt.get("strict") is True
+    return OutputSpec(fmt["schema"], strict=strict, name=name, param="text.format.schema")
 
 
 def _part(part: Any, param: str) -> dict[str, Any]:
@@ -120,7 +124,7 @@ def _part(part: Any, param: str) -> dict[str, Any]:
             raise ApiError(400, "input_image needs image_url (a data: or http URL); file_id "
                            "refers to stored files, which this server does not keep",
                            param)  # fmt: skip
-        return {"type": "image_url", "image_url": {"url": url, "detail": part.get("detail")}}
+        return content_part({"type": "image_url", "image_url": {"url": url}}, param)
     raise ApiError(400, f"content part type {kind!r} is not supported (input_text, output_text, "
                    f"input_image are)", f"{param}.type")  # fmt: skip
 
@@ -475,7 +479,7 @@ async def _whole(hub: Hub, shape: _Shape) -> dict[str, Any]:
     (one cut off by max_output_tokens is `incomplete`, as OpenAI answers)."""
     text, final = await run_to_end(hub.engine, shape.prep.request)  # type: ignore[arg-type]
     if final.kind is EventKind.ERROR:
-        raise ApiError(500, final.error or "generation failed")
+        raise generation_failed(hub, final)
     reply, items = shape.prep.reply, _Items()
     for e in reply.push(text) + reply.finish():
         items.feed(e)
@@ -501,7 +505,7 @@ async def create_response(request: Request, data: JSONBody[ResponsesBody | None]
       return_dto=None)  # fmt: skip
 async def input_tokens(request: Request, data: JSONBody[ResponsesBody | None] = None) -> dict:
     """How many tokens the request's input (instructions, items, tools) takes as a prompt."""
-    _, prompt = render(hub_of(request), _intent(required(data)))
+    _, prompt = await render(hub_of(request), _intent(required(data)))
     return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
 

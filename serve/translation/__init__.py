@@ -14,16 +14,19 @@ prepared `Reply`; they hold no more than their wire format.
 
 from serve.translation.intent import Intent, OutputSpec, Sampling
 from serve.translation.prepare import Prepared, prepare, render
-from serve.translation.reply import Reply, complete, run_to_end
+from serve.translation.reply import Answer, Reply, complete, complete_all, run_answers, run_to_end
 
 __all__ = [
+    "Answer",
     "Intent",
     "OutputSpec",
     "Prepared",
     "Reply",
     "Sampling",
     "complete",
+    "complete_all",
     "prepare",
     "render",
+    "run_answers",
     "run_to_end",
 ]

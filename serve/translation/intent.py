@@ -30,6 +30,43 @@ class Sampling(msgspec.Struct, kw_only=True):
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """An image a request carries, not yet decoded: its bytes, or a file of this server's
+    (a Web UI upload). `where` names the request field, for errors about it.
+
+    In `Intent.messages` an image is a content part `{"type": "image", "image": ImageInput}`
+    in its place among the message's text parts: adapters put Ollama's and the Web UI's
+    per-message images before the text (as Ollama and the reference server do) and OpenAI's
+    image parts where the client put them. Equal images compare equal (a conversation's
+    earlier turns match the recorded history)."""
+
+    data: bytes | None = None
+    path: str | None = None
+    where: str = "images"
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def image_part(image: ImageInput) -> dict[str, Any]:
+    return {"type": "image", "image": image}
+
+
+def message_images(messages: list[dict[str, Any]]) -> list[ImageInput]:
+    """The images of `messages`, in prompt order (as the chat template meets them)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            out += [p["image"] for p in content if isinstance(p, dict) and p.get("type") == "image"]
+    return out
+
+
 @dataclass
 class OutputSpec:
     """A structured-output request: any JSON object, or JSON valid under `schema`."""
@@ -37,6 +74,7 @@ class OutputSpec:
     schema: dict[str, Any] | None = None  # None: any JSON object
     strict: bool = False
     name: str = ""
+    param: str = "format"  # the request field it came from, for errors
 
 
 class Intent(msgspec.Struct, kw_only=True):
@@ -54,7 +92,10 @@ class Intent(msgspec.Struct, kw_only=True):
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     max_tokens: int | None = None  # None: the server's default; 0 or less: until the window is full
     stop: tuple[str, ...] | None = None  # None: the server's default stop strings
-    n: int = 1  # answers per request (one is served)
+    n: int = 1  # answers to the prompt (one prefill shared; `choices[i]`)
+    logprobs: bool = False  # report each generated token's log-probabilities
+    top_logprobs: int = 0  # with them, this many most likely alternatives (0-20)
+    prompt_logprobs: bool = False  # report the prompt's too (a text completion's `echo`)
     # Tools as sent (`{"type":"function","function":{...}}` or the flat `{"name",...}` form)
     # and the choice ("auto", "none", "required", a name or `{"function":{"name"}}`):
     # checked and normalized by `prepare`.
@@ -63,7 +104,9 @@ class Intent(msgspec.Struct, kw_only=True):
     output: OutputSpec | None = None  # a response format: JSON, or JSON under a schema
     think: bool | None = None  # None: the chat template's own default
     template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # more template vars
-    images: list[str] = msgspec.field(default_factory=list)  # beside the prompt, not in a turn
+    # Images of a raw `prompt` (placed before its text); a conversation's images are content
+    # parts of its messages (see `ImageInput`).
+    images: list[ImageInput] = msgspec.field(default_factory=list)
     # The conversation as this server last generated it (raw answer ids): answers found again
     # in `messages` are spliced in as those ids, so the prompt starts with the cached tokens.
     history: list[TrackedMessage] = msgspec.field(default_factory=list)

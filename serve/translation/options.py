@@ -54,7 +54,7 @@ def openai_format(rf: Any) -> OutputSpec | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return OutputSpec()
+        return OutputSpec(param=param)
     if kind != "json_schema":
         raise ApiError(400, f"response_format.type must be text, json_object or json_schema; "
                        f"got {kind!r}", "response_format.type")  # fmt: skip
@@ -66,7 +66,10 @@ def openai_format(rf: Any) -> OutputSpec | None:
     if not isinstance(schema, dict):
         raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
                        "response_format.json_schema.schema")  # fmt: skip
-    return OutputSpec(schema, strict=wrapper.get("strict") is True, name=wrapper.get("name", ""))
+    name = wrapper.get("name", "")
+    return OutputSpec(schema, strict=wrapper.get("strict") is True,
+                      name=name if isinstance(name, str) else "",
+                      param="response_format.json_schema.schema")  # fmt: skip
 
 
 def ollama_format(fmt: Any) -> OutputSpec | None:

@@ -29,6 +29,32 @@ from serve.outputs.grammars import UnsupportedFormat, answer_format, call_object
 from serve.state import Hub
 from serve.translation.intent import OutputSpec
 
+# Objects and arrays inside one another in a JSON schema. Checking a schema against its
+# metaschema recurses about five Python frames a level: 200 levels exhausted the recursion
+# limit (a 500); real schemas rarely go past 10.
+MAX_SCHEMA_DEPTH = 64
+
+
+def nesting(value: Any) -> int:
+    """How many objects and arrays `value` nests inside one another (iterative: any depth)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def check_schema_depth(schema: Any, param: str) -> None:
+    """A 400 naming `param` for a schema nested deeper than MAX_SCHEMA_DEPTH."""
+    depth = nesting(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ApiError(400, f"the JSON schema in {param} nests {depth} levels deep; at most "
+                       f"{MAX_SCHEMA_DEPTH} are accepted", param)  # fmt: skip
+
 
 @dataclass
 class Plan:
@@ -67,7 +93,12 @@ def plan_of(
     output: OutputSpec | None,
 ) -> Plan:
     """The request's plan, before any grammar is built. `tool_choice: "none"` hides the tools
-    from the template and turns tool parsing off."""
+    from the template and turns tool parsing off. Every schema (the response format's, each
+    tool's parameters) is bounded in depth here, for every API style."""
+    if output is not None and output.schema is not None:
+        check_schema_depth(output.schema, output.param)
+    for i, tool in enumerate(tools):
+        check_schema_depth(tool["function"]["parameters"], f"tools[{i}].function.parameters")
     if output is not None and choice not in ("auto", "none"):
         why = "the answer would have to be both a call and the format"
         raise ApiError(400, f"a response format cannot be combined with a forced tool_choice: "
@@ -129,7 +160,7 @@ async def constrain(hub: Hub, plan: Plan, prompt_text: str = "") -> Plan:
                        f"cannot be enforced ({e}); use tool_choice \"auto\" without a "
                        f"response format", "tool_choice") from e  # fmt: skip
     except (GrammarError, ValueError) as e:
-        param = "tools" if plan.forced else "format"
+        param = "tools" if plan.forced or plan.output is None else plan.output.param
         raise ApiError(400, f"invalid {'tool parameters' if plan.forced else 'schema'}: {e}",
                        param) from e  # fmt: skip
     return plan

@@ -1,9 +1,11 @@
 """`prepare`: one `Intent` -> a checked engine request, its plan and its reply parser. The chain
 every API style runs, written once: the model is live and the one asked for, the plan (tools,
 tool choice, thinking, response format), the prompt (generic tool prompt, chat template, BOS,
-splicing), the request checks (sampling values, window, max tokens) and the grammar constraint.
+splicing, image places), the request checks (sampling values, window, max tokens), the images'
+embeddings and the grammar constraint.
 
 Everything a request can get wrong is an `ApiError` raised here, before anything is queued.
+The prompt is rendered and tokenized in the hub's prepare pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from serve.engine import Engine, GenerationRequest
 from serve.errors import ApiError
 from serve.settings import Settings
 from serve.state import Hub
-from serve.translation.intent import Intent, Sampling
+from serve.translation.images import embedded_spans, no_projector, prepare_images
+from serve.translation.intent import Intent, Sampling, message_images
 from serve.translation.plan import Plan, constrain, plan_of
-from serve.translation.prompt import Prompt, chat_prompt, check_model, raw_prompt, reject_images
+from serve.translation.prompt import Prompt, chat_prompt, check_model, raw_prompt
 from serve.translation.reply import Reply
 from serve.translation.tools import normalize_tools, tool_choice_of, with_generic_tools
 from tsjax.generation import PromptTooLongError
@@ -26,14 +29,20 @@ from tsjax.sampling import SamplingParams
 
 @dataclass
 class Prepared:
-    """A request ready for the engine: what to submit, how to read its output, and the prompt
-    it was made from (ids, text, and the turns a stateful API records)."""
+    """A request ready for the engine: what to submit, how to read its output (one `Reply`
+    per answer), and the prompt it was made from (ids, text, and the turns a stateful API
+    records)."""
 
     request: GenerationRequest
-    reply: Reply
+    replies: list[Reply]
     plan: Plan
     prompt: Prompt
     model: Model
+
+    @property
+    def reply(self) -> Reply:
+        """The first answer's reply (the only one unless `n` > 1)."""
+        return self.replies[0]
 
 
 def sampling_params(settings: Settings, given: Sampling) -> SamplingParams:
@@ -51,20 +60,35 @@ def make_request(
     stop: tuple[str, ...],
     *,
     reuse_prefix: bool,
+    images: int = 0,
+    n: int = 1,
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
 ) -> GenerationRequest:
-    """A checked engine request: bad sampling values or a prompt over the window are 400s
-    here, before anything is queued or streamed. max_tokens <= 0 means "until the window is
-    full" (Ollama's -1)."""
+    """A checked engine request: bad sampling values, a prompt over the window or more
+    answers than rows are 400s here, before anything is queued or streamed. max_tokens <= 0
+    means "until the window is full" (Ollama's -1), except with `prompt_logprobs`, where 0
+    scores the prompt without generating."""
     room = engine.model.max_len - len(prompt_ids)
-    budget = room if max_tokens <= 0 else max_tokens
+    budget = room if max_tokens < 0 or (max_tokens == 0 and not prompt_logprobs) else max_tokens
+    if not 1 <= n <= engine.rows:
+        raise ApiError(400, f"n must be between 1 and {engine.rows} (the answers this server "
+                       f"decodes at once), got {n}", param="n")  # fmt: skip
     req = GenerationRequest(
-        prompt_ids, sampling, max_tokens=max(budget, 1), stop=stop, reuse_prefix=reuse_prefix
-    )
+        prompt_ids, sampling, max_tokens=max(budget, 0 if prompt_logprobs else 1), stop=stop,
+        reuse_prefix=reuse_prefix, n=n, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+    )  # fmt: skip
     try:
         engine.check(req)
     except PromptTooLongError as e:
+        proj = engine.model.projector
+        images = (
+            f" (each image takes {proj.tokens_per_image + 2} tokens: send fewer images)"
+            if images and proj is not None
+            else ""
+        )
         raise ApiError(
-            400, f"{e}: shorten the conversation or start a new one", param="messages"
+            400, f"{e}{images}: shorten the conversation or start a new one", param="messages"
         ) from e
     except ValueError as e:
         raise ApiError(400, str(e)) from e
@@ -72,9 +96,12 @@ def make_request(
 
 
 def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
+    """The prompt's ids and text (blocking: `prepare` runs it in the prepare pool). A prompt
+    too long for the window by its length alone is refused before it is tokenized."""
     if intent.messages is None:
         text = intent.prompt or ""
-        return Prompt(raw_prompt(model, text), text, [])
+        ids, starts = raw_prompt(model, text, len(intent.images))
+        return Prompt(ids, text, [], starts)
     if not intent.messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     shown = with_generic_tools(intent.messages, plan.template_tools, model.template.source)
@@ -82,32 +109,43 @@ def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
                        extra=intent.template_kwargs, history=intent.history)  # fmt: skip
 
 
-def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
+async def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     """The first half of `prepare`: the model check, the plan and the prompt, with nothing
     built or queued (what counting a request's input tokens needs)."""
     model, _ = hub.live()
     if intent.model is not None:
         check_model(intent.model, model)
-    if intent.images:
-        reject_images(model, "images")
+    images = intent.images if intent.messages is None else message_images(intent.messages)
+    if images and model.projector is None:
+        raise ApiError(400, no_projector(model), param="images" if intent.messages is None
+                       else "messages")  # fmt: skip
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
-    return plan, _prompt(model, intent, plan)
+    # Rendering and tokenizing a long prompt takes seconds: off the event loop, which keeps
+    # serving every other request meanwhile.
+    return plan, await hub.offload(_prompt, model, intent, plan)
 
 
 async def prepare(hub: Hub, intent: Intent) -> Prepared:
     """The engine request for `intent`, checked, with its constraint and reply parser."""
     model, engine = hub.live()
-    plan, prompt = render(hub, intent)
-    if intent.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    images = intent.images if intent.messages is None else message_images(intent.messages)
+    # a bad image is a 400 before anything else (render refuses images without a projector)
+    prepared = await prepare_images(model, images) if model.projector is not None else []
+    plan, prompt = await render(hub, intent)
     s = hub.settings
     sampling = sampling_params(s, intent.sampling)
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
     stop = tuple(s.stop) if intent.stop is None else intent.stop
-    req = make_request(engine, prompt.ids, sampling, max_tokens, stop,
-                       reuse_prefix=intent.reuse_prefix)  # fmt: skip
+    req = make_request(
+        engine, prompt.ids, sampling, max_tokens, stop, reuse_prefix=intent.reuse_prefix,
+        images=len(images), n=intent.n, logprobs=intent.logprobs,
+        prompt_logprobs=intent.prompt_logprobs,
+    )  # fmt: skip
+    # encoded last: a request refused for anything else costs no encoder time
+    req.spans = await embedded_spans(hub, prepared, prompt.image_starts)
     plan = await constrain(hub, plan, prompt.text)
     req.constraint = plan.constraint
-    return Prepared(req, Reply(hub, plan, prompt.text), plan, prompt, model)
+    replies = [Reply(hub, plan, prompt.text) for _ in range(intent.n)]
+    return Prepared(req, replies, plan, prompt, model)

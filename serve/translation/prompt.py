@@ -1,6 +1,7 @@
 """Prompt token ids for a request, written once: the model-name check, the chat template with
-its BOS rule, raw prompts, the refusal of images, and the splicing of answers this server
-generated earlier (their exact token ids instead of their re-tokenized text).
+its BOS rule, raw prompts, the places of images (each a span of positions its embeddings will
+fill: `tsjax.vision.prompt`), and the splicing of answers this server generated earlier
+(their exact token ids instead of their re-tokenized text).
 
 Splicing: an assistant turn the server generated comes back from the client as text, often
 edited or without its reasoning block, and re-tokenizing it rarely gives the ids still sitting
@@ -12,13 +13,16 @@ in the token ids gets the recorded raw ids, so prefix reuse covers the whole pre
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve.errors import ApiError
 from serve.sessions import TrackedMessage
+from serve.translation.images import no_projector
+from serve.translation.intent import message_images
 from tsjax.chat_template import TemplateError
 from tsjax.model import Model
+from tsjax.vision.prompt import IMAGE_MARK, image_prompt, inline_images
 
 
 def model_names(model: Model) -> set[str]:
@@ -47,28 +51,26 @@ def check_model(requested: str, model: Model) -> None:
         )
 
 
-IMAGE_PART_TYPES = {"image_url", "image", "input_image"}
+def max_prompt_chars(model: Model, tokens: int) -> int:
+    """The most characters `tokens` tokens can stand for: no token is longer than the
+    vocabulary's longest piece (in bytes, and a character is at least one byte), plus a
+    margin for a SentencePiece space prefix."""
+    return tokens * model.tokenizer.max_piece_bytes + 64
 
 
-def _has_image(message: dict[str, Any]) -> bool:
-    """Ollama's per-message `images`, or an OpenAI content part carrying an image."""
-    if message.get("images"):
-        return True
-    content = message.get("content")
-    return isinstance(content, list) and any(
-        isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content
-    )
-
-
-def reject_images(model: Model, param: str) -> None:
-    """The hosted families are text-only (no vision encoder is loaded), so an image cannot be
-    used: say so instead of silently answering without it."""
-    raise ApiError(
-        400,
-        f"model {model.name} ({model.config.architecture}) cannot take image input: "
-        "it has no vision encoder; send text only",
-        param=param,
-    )
+def check_length(model: Model, text: str, param: str) -> None:
+    """A 400 for a prompt that cannot fit the context window whatever its tokens, decided
+    from its length before tokenizing it (which costs about 4 s a megabyte)."""
+    limit = max_prompt_chars(model, model.max_len)
+    if len(text) > limit:
+        raise ApiError(
+            400,
+            f"the prompt is {len(text)} characters long, more than a {model.max_len}-token "
+            f"context window can hold ({limit} characters at most, at "
+            f"{model.tokenizer.max_piece_bytes} per token); shorten it or start a new "
+            "conversation",
+            param=param,
+        )
 
 
 def encode(
@@ -78,30 +80,47 @@ def encode(
     *,
     first: bool = True,
     last: bool = True,
-) -> list[int]:
+) -> tuple[list[int], list[int]]:
     """Token ids of rendered template text, control tokens parsed only at `specials` (the ones
-    the template wrote: control-token text from the request stays text). The BOS rule: a
-    template that writes BOS itself gets none added, else the file's flag decides; only the
-    `first` piece of a prompt can start with BOS, only the `last` can end with the file's EOS."""
+    the template wrote: control-token text from the request stays text), and where each
+    image's span starts in them (one span per `IMAGE_MARK`, `tsjax.vision.prompt`). The BOS
+    rule: a template that writes BOS itself gets none added, else the file's flag decides;
+    only the `first` piece of a prompt can start with BOS, only the `last` can end with the
+    file's EOS."""
     add_bos = (None if not model.template.bos_in_template else False) if first else False
     add_eos = None if last else False
-    return model.tokenizer.encode_marked(text, specials, add_bos=add_bos, add_eos=add_eos)
+    if IMAGE_MARK in text:
+        assert model.projector is not None  # `chat_prompt` refused images without one
+        return image_prompt(model.tokenizer, text, model.projector.config, controls=specials,
+                            add_bos=add_bos, add_eos=add_eos)  # fmt: skip
+    return model.tokenizer.encode_marked(text, specials, add_bos=add_bos, add_eos=add_eos), []
 
 
-def raw_prompt(model: Model, text: str) -> list[int]:
-    """A prompt sent as text, not messages: tokenized as given (the file's BOS flag)."""
-    return model.tokenizer.encode(text, parse_special=True)
+def raw_prompt(model: Model, text: str, images: int = 0) -> tuple[list[int], list[int]]:
+    """A prompt sent as text, not messages: tokenized as given (the file's BOS flag), with
+    `images` image spans before it. Returns (ids, where each image's span starts)."""
+    if images and model.projector is None:
+        raise ApiError(400, no_projector(model), param="images")
+    check_length(model, text, "prompt")
+    return model.tokenize_prompt(IMAGE_MARK * images + text)
+
+
+def has_images(messages: list[dict[str, Any]]) -> bool:
+    return bool(message_images(messages))
 
 
 @dataclass
 class Prompt:
     ids: list[int]
     # The rendered text (the output parser reads its end: a prompt that opened `<think>` means
-    # the answer starts inside the reasoning block; spliced answers appear decoded).
+    # the answer starts inside the reasoning block; spliced answers appear decoded, images as
+    # the family's begin and end strings).
     text: str
     # The messages as rendered, with the raw ids of every spliced answer: what a stateful API
     # records to splice the next turn.
     turns: list[TrackedMessage]
+    # Where each image's span starts in `ids`, in the order of the messages' images.
+    image_starts: list[int] = field(default_factory=list)
 
 
 _PLACEHOLDER = "\ue000R{:04d}\ue000"
@@ -132,16 +151,20 @@ def chat_prompt(
     history: list[TrackedMessage] | None = None,
 ) -> Prompt:
     """Messages through the model's chat template, with the answers of `history` spliced in
-    as their raw ids. A conversation the template rejects is a 400. `extra` are more template
-    variables (`chat_template_kwargs`)."""
-    if any(_has_image(m) for m in messages):
-        reject_images(model, "messages")
+    as their raw ids and each image part's place made a span of image positions. A
+    conversation the template rejects is a 400, and so are images for a model without a
+    projector. `extra` are more template variables (`chat_template_kwargs`)."""
+    n_images = len(message_images(messages))
+    if n_images and model.projector is None:
+        raise ApiError(400, no_projector(model), param="messages")
     kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
     kwargs["enable_thinking"] = think
+    # matched with their images (equal images compare equal), rendered with marks
     raws = _matched_raw(messages, history or [])
+    inlined = inline_images(messages)  # image parts -> IMAGE_MARK in the content text
     shown = [
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
-        for i, m in enumerate(messages)
+        for i, m in enumerate(inlined)
     ]
     controls = model.tokenizer.control_texts
     try:
@@ -150,12 +173,21 @@ def chat_prompt(
         if len(parts) != 2 * len(raws) + 1:  # the template dropped or repeated an answer
             raws = {}
             text, spans = model.template.render_marked(
-                messages, controls, tools=tools or None, **kwargs
+                inlined, controls, tools=tools or None, **kwargs
             )
             parts = [text]
     except TemplateError as e:
         raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from e
+    if text.count(IMAGE_MARK) != n_images:  # a template that drops a message, or a typed mark
+        raise ApiError(
+            400,
+            f"the chat template placed {text.count(IMAGE_MARK)} of the conversation's"
+            f" {n_images} image(s)",
+            param="messages",
+        )
+    check_length(model, text, "messages")
     ids: list[int] = []
+    starts: list[int] = []
     pos = 0  # where parts[j] starts in text
     for j, part in enumerate(parts):
         if j % 2:
@@ -165,8 +197,18 @@ def chat_prompt(
             continue
         if j == 0 or part:
             inside = [(a - pos, b - pos) for a, b in spans if pos <= a and b <= pos + len(part)]
-            ids.extend(encode(model, part, inside, first=j == 0, last=j == len(parts) - 1))
+            got, where = encode(model, part, inside, first=j == 0, last=j == len(parts) - 1)
+            starts += [len(ids) + w for w in where]
+            ids.extend(got)
         pos += len(part)
     turns = [TrackedMessage(m.get("role", ""), m.get("content") or "", raws.get(i))
              for i, m in enumerate(messages)]  # fmt: skip
-    return Prompt(ids, "".join(parts), turns)
+    return Prompt(ids, shown_text(model, "".join(parts)), turns, starts)
+
+
+def shown_text(model: Model, text: str) -> str:
+    """Rendered text with each image mark spelled as the family wraps an image."""
+    if IMAGE_MARK not in text or model.projector is None:
+        return text
+    cfg = model.projector.config
+    return text.replace(IMAGE_MARK, (cfg.image_begin or "") + (cfg.image_end or ""))

@@ -109,6 +109,6 @@ def _call_json(call: Any) -> dict[str, Any]:
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     return {"name": fn.get("name", "") if isinstance(fn, dict) else "", "arguments": args}

@@ -109,7 +109,7 @@ class BlockedKV:
         keys = read_rows(self.k, step.row_index, step.attn_len, keys=True)
         values = read_rows(self.v, step.row_index, step.attn_len, keys=False)
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        return attend(q, keys, values, step.positions, window, scale, softcap, sinks)
+        return attend(q, keys, values, step.positions, window, scale, softcap, sinks, step.key_end)
 
     def swap(self, src: jax.Array, dst: jax.Array) -> BlockedKV:
         """Each moved row read whole from its blocks and scattered into its new place."""

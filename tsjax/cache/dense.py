@@ -2,6 +2,9 @@
 blocked layout's prefill and scoring (which gather their few rows into contiguous arrays).
 
 Key j is visible to a query at position p when j <= p and (window == 0 or p - j < window).
+Inside a bidirectional span of embeddings (`tsjax.spans`) the query's `key_end` replaces
+p + 1 as the end of what it sees, and the window still applies to keys before it, as
+llama.cpp masks Gemma 3's images (non-causal, sliding window kept).
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ def attend(
     scale: float,
     softcap: float | None,
     sinks: jax.Array | None = None,
+    key_end: jax.Array | None = None,
 ) -> jax.Array:
     """q: [B, T, N, H]; k, v: [B, K, S, H]; q_pos: [B, T]; window: scalar (0 = global);
-    sinks: [N] per-head sink logits (gpt-oss), or None. Returns [B, T, N*H]."""
+    sinks: [N] per-head sink logits (gpt-oss), or None; key_end: [B, T] the end of the keys
+    each query sees (None: causal). Returns [B, T, N*H]."""
     b, t, n, h = q.shape
     kv = k.shape[1]
     g = n // kv
     q = q.reshape(b, t, kv, g, h)
-    if t == 1 and b >= FUSED_DECODE_MIN_ROWS:
+    if t == 1 and b >= FUSED_DECODE_MIN_ROWS and key_end is None:
         return _attend_one(q[:, 0], k, v, q_pos[:, 0], window, scale, softcap, sinks)
     scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    seen = visible(q_pos, k.shape[2], window)  # [B, T, S]
+    seen = visible(q_pos, k.shape[2], window, key_end=key_end)  # [B, T, S]
     scores = jnp.where(seen[:, None, None, :, :], scores, NEG_INF)
     sink = None if sinks is None else sinks.reshape(kv, g)[None, :, :, None]
     probs = softmax_with_sink(scores, sink).astype(v.dtype)
@@ -72,8 +77,12 @@ def _attend_one(q, k, v, pos, window, scale, softcap, sinks=None):
     return out.reshape(b, 1, kv * g * h).astype(v.dtype)
 
 
-def visible(q_pos: jax.Array, kv_len: int, window, start: int = 0) -> jax.Array:
+def visible(
+    q_pos: jax.Array, kv_len: int, window, start: int = 0, key_end: jax.Array | None = None
+) -> jax.Array:
     """[..., S] mask of the keys at positions start .. start + S - 1 a query at q_pos [...]
-    sees (causal, optional sliding window)."""
-    delta = q_pos[..., None] - (start + jnp.arange(kv_len, dtype=jnp.int32))
-    return (delta >= 0) & ((window <= 0) | (delta < window))
+    sees (causal, or below key_end [...]; optional sliding window)."""
+    keys = start + jnp.arange(kv_len, dtype=jnp.int32)
+    delta = q_pos[..., None] - keys
+    seen = delta >= 0 if key_end is None else keys < key_end[..., None]
+    return seen & ((window <= 0) | (delta < window))

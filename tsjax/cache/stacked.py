@@ -51,7 +51,7 @@ class StackedKV:
             keys = jnp.take(layer_k[:, :, :attn_len], step.row_index, axis=0, mode="clip")
             values = jnp.take(layer_v[:, :, :attn_len], step.row_index, axis=0, mode="clip")
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-        return attend(q, keys, values, step.positions, window, scale, softcap, sinks)
+        return attend(q, keys, values, step.positions, window, scale, softcap, sinks, step.key_end)
 
     def swap(self, src: jax.Array, dst: jax.Array) -> StackedKV:
         def move(x):

@@ -38,13 +38,17 @@ class Step:
     rows [0, B)), counts [B] (how many of a row's T tokens are real: a prefill row's prompt
     length, 1 or 0 for a decode row, active or idle; the rest is padding that no state may
     keep), and the static bucket `attn_len` of positions attention reads. `prepared` holds
-    what the states made once for every layer (`LayerState.prepare`)."""
+    what the states made once for every layer (`LayerState.prepare`). `key_end` [B, T] (None:
+    causal) is the exclusive end of the key positions each query sees, past its own
+    position inside a bidirectional span of embeddings (`tsjax.spans`); a span lies whole
+    inside one step, so every key it opens is one the step writes."""
 
     positions: jax.Array
     rows: jax.Array | None
     counts: jax.Array
     prepared: dict[str, Any] = field(default_factory=dict)
     attn_len: int = field(default=0, metadata=dict(static=True))
+    key_end: jax.Array | None = None
 
     @property
     def decode(self) -> bool:
@@ -112,8 +116,9 @@ class KVState(LayerState, Protocol):
         sinks: jax.Array | None = None,
     ) -> jax.Array:
         """Queries [B, T, N, H] at the step's positions over this layer's first `attn_len`
-        cache positions of their rows (causal, optional sliding window; `sinks` [N]: a sink
-        logit per head, `tsjax.cache.dense.softmax_with_sink`). -> [B, T, N*H]."""
+        cache positions of their rows (causal or up to `step.key_end`, optional sliding
+        window; `sinks` [N]: a sink logit per head, `tsjax.cache.dense.softmax_with_sink`).
+        -> [B, T, N*H]."""
         ...
 
 
@@ -141,10 +146,15 @@ class Cache:
         return all(type(s).REWINDS for s in self.layers)
 
     def step(
-        self, positions: jax.Array, rows: jax.Array | None, counts: jax.Array, attn_len: int
+        self,
+        positions: jax.Array,
+        rows: jax.Array | None,
+        counts: jax.Array,
+        attn_len: int,
+        key_end: jax.Array | None = None,
     ) -> Step:
         """The step's `Step`, each state's per-step preparation made once."""
-        step = Step(positions, rows, counts, {}, attn_len)
+        step = Step(positions, rows, counts, {}, attn_len, key_end)
         for s in self.layers:
             s.prepare(step)
         return step

@@ -28,6 +28,7 @@ from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import rope_lookup
 from tsjax.models.config import ModelConfig
+from tsjax.spans import SpanInputs
 from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 
 
@@ -142,16 +143,26 @@ class Decoder(nn.Module):
         logit_index: jax.Array | None,
         attn_len: int,
         counts: jax.Array | None = None,
-    ) -> tuple[jax.Array, Cache]:
+        spans: SpanInputs | None = None,
+        hidden: bool = False,
+    ) -> tuple[jax.Array, Cache] | tuple[jax.Array, Cache, jax.Array]:
         """tokens, positions: [B, T]; rows: [B] cache rows (None: the cache rows [0, B));
         logit_index: [B] which of the T positions to project to logits (None: all); counts:
-        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T).
-        Returns (logits [B, V] or [B, T, V], cache with the step's tokens written)."""
+        [B] how many of each row's tokens are real (`tsjax.cache.Step`; None: all T); spans:
+        embeddings that replace some positions' token embeddings, and how far each query
+        sees (`tsjax.spans`; None: text only, causal).
+        Returns (logits [B, V] or [B, T, V], cache with the step's tokens written), and with
+        `hidden` (static) also every position's final-normed state [B, T, D] (embeddings,
+        prompt log-probabilities: `project` maps it to logits)."""
         c = self.cfg
         embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
+        key_end = None
+        if spans is not None:  # an encoder's output goes in as it is: never scaled
+            x = jnp.where(spans.mask[..., None], spans.embeds.astype(x.dtype), x)
+            key_end = spans.key_end
         # The rotation tables of each distinct (base, scale), looked up once for every layer
         # (positions stay below attn_len).
         layer_bases = list(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True))
@@ -161,12 +172,12 @@ class Decoder(nn.Module):
         rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
         if counts is None:
             counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-        step = cache.step(positions, rows, counts, attn_len)
+        step = cache.step(positions, rows, counts, attn_len, key_end)
         states = []
         for seg, state in zip(self.plan(), cache.layers, strict=True):
             x, state = self._segment(seg, x, state, step, rope, base_of)
             states.append(state)
-        return self._head(embed, x, logit_index, cache.with_layers(states))
+        return self._head(embed, x, logit_index, cache.with_layers(states), hidden)
 
     def _segment(self, seg: Segment, x, state, step: Step, rope, base_of) -> tuple[Any, Any]:
         """Run one segment's layers over its state."""
@@ -202,18 +213,40 @@ class Decoder(nn.Module):
         layout = KVLayout() if layout is None else layout
         return create_cache(self.cfg, self.plan(), layout, rows, max_len, self.dtype)
 
-    def _head(self, embed, x, logit_index, cache):
+    def _head(self, embed, x, logit_index, cache, hidden: bool = False):
         c = self.cfg
+        final_norm = RMSNorm(c.norm_eps, self.dtype, name="final_norm")
+        normed = None
+        if hidden:  # the norm is per position: norming first changes no logit
+            x = normed = final_norm(x)
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
-        x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
+        if not hidden:
+            x = final_norm(x)
         if c.tied_embeddings and self.quant is None:
             # what a quantized model's separate lm_head would see (calibration reads it)
             self.sow("intermediates", "lm_head_input_amax", input_amax(x))
             logits = embed.attend(x)
         else:  # bf16 / int8: a tied embedding gets a copy in that format as the projection
             logits = Linear(c.vocab_size, False, self.dtype, self.quant, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
-        if c.final_softcap:
-            logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
-        return logits, cache
+        logits = _softcap(c, logits.astype(jnp.float32))
+        return (logits, cache) if not hidden else (logits, cache, normed)
+
+    def project(self, params, x: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) of final-normed states x [..., D]: the output projection
+        of `__call__`'s head, outside it (a function of `params`, callable inside a step)."""
+        c = self.cfg
+        if c.tied_embeddings and self.quant is None:
+            table = Embed(c.vocab_size, c.dim, self.dtype, parent=None)
+            logits = table.apply({"params": params["embed"]}, x, method=Embed.attend)
+        else:
+            head = Linear(c.vocab_size, False, self.dtype, self.quant, parent=None)
+            logits = head.apply({"params": params["lm_head"]}, x)
+        return _softcap(c, logits.astype(jnp.float32))
+
+
+def _softcap(c: ModelConfig, logits: jax.Array) -> jax.Array:
+    """Gemma 2's final logit soft-capping (a no-op for models without it)."""
+    if c.final_softcap:
+        return jnp.tanh(logits / c.final_softcap) * c.final_softcap
+    return logits

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.vision import gemma3
@@ -70,6 +71,7 @@ class Projector:
     load_seconds: float = 0.0
     buckets: tuple[int, ...] = IMAGE_BUCKETS
     limits: ImageLimits = field(default_factory=ImageLimits)
+    metadata: dict = field(default_factory=dict)  # the file's keys (Ollama's projector_info)
 
     def __post_init__(self):
         self._forward = jax.jit(
@@ -115,11 +117,34 @@ class Projector:
         """Prepare and encode images in one batch: [n, tokens_per_image, text D]."""
         return self.encode(np.stack([self.prepare(s).pixels for s in sources]))
 
-    def warmup(self, buckets: Sequence[int] | None = None) -> None:
-        """Compile the encoder for each image-count bucket ahead of the first request."""
+    def embed(self, images: Sequence[PreparedImage]) -> list[np.ndarray]:
+        """Each image's embeddings [tokens_per_image, text D] as host arrays, each distinct
+        image (by digest) encoded once, all of them in one batch."""
+        unique: dict[str, PreparedImage] = {}
+        for img in images:
+            unique.setdefault(img.digest, img)
+        if not unique:
+            return []
+        out = np.asarray(self.encode(np.stack([img.pixels for img in unique.values()])))
+        by_digest = dict(zip(unique, out, strict=True))
+        return [by_digest[img.digest] for img in images]
+
+    def warmup(self, buckets: Sequence[int] | None = None, run: bool = False) -> float:
+        """Compile the encoder for each image-count bucket ahead of the first request, without
+        running it (a later call finds the program compiled: jit's cache is shared with
+        `lower().compile()`). A full SigLIP-So400m image takes about a minute on a 2-core CPU
+        in float32, so running one at start-up would cost that much again. `run`: also run
+        a zero batch per bucket. Returns seconds."""
+        t0 = time.perf_counter()
         s = self.config.image_size
         for b in buckets or self.buckets:
-            jax.block_until_ready(self._forward(self.params, np.zeros((b, s, s, 3), np.float32)))
+            spec = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
+            self._forward.lower(self.params, spec).compile()
+            if run:
+                jax.block_until_ready(
+                    self._forward(self.params, np.zeros((b, s, s, 3), np.float32))
+                )
+        return time.perf_counter() - t0
 
     def check_text_dim(self, text_dim: int) -> None:
         """A GGUFError when the projector's output does not fit the text model's D."""
@@ -137,16 +162,26 @@ def load_projector(
     device_put: DevicePut | None = None,
     buckets: tuple[int, ...] | None = None,
     limits: ImageLimits | None = None,
+    mesh: Mesh | None = None,
 ) -> Projector:
     """Read an mmproj GGUF: config from its `clip.*` keys, params from its `v.*` / `mm.*`
     tensors. dtype: the params' (default float32 on CPU, bfloat16 on accelerators);
     device_put(path, array): place each leaf (e.g. a `VisionShardingPlan.device_put`);
-    buckets: the image counts compiled (default `default_buckets()`)."""
+    mesh: shard the params over it by the vision rules (`tsjax.vision.sharding`; instead of
+    device_put); buckets: the image counts compiled (default `default_buckets()`)."""
     t0 = time.perf_counter()
     g = GGUFFile(path)
     family = projector_family(g)
     cfg = family.config(g)
+    if mesh is not None:
+        from tsjax.vision.sharding import VisionShardingPlan
+
+        device_put = VisionShardingPlan(mesh, cfg).device_put
     if dtype is None:
+        # TODO(narrow weights): the tower runs float32 on CPU (~64 s for a full SigLIP-So400m
+        # image on 2 cores, compute-bound); the text model's narrow formats (`--quant`,
+        # tsjax.quantize: int8 kernels with per-channel scales) would suit its matmuls too,
+        # once measured against these embeddings' tolerance.
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     module = family.module(cfg, dtype)
     params = load_params(g, cfg, module, family.tensors(g, cfg), device_put)
@@ -158,6 +193,7 @@ def load_projector(
         time.perf_counter() - t0,
         tuple(sorted(buckets or default_buckets())),
         limits or ImageLimits(),
+        dict(g.metadata),
     )
 
 

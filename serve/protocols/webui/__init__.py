@@ -16,6 +16,7 @@ from litestar import Router
 from serve.protocols.webui import chat, models, sessions, uploads
 from serve.sessions import SessionStore
 from serve.settings import Settings
+from serve.uploads import UploadStore
 
 router = Router(
     path="/", route_handlers=[chat.router, sessions.router, models.router, uploads.router]
@@ -23,6 +24,9 @@ router = Router(
 
 
 def state(settings: Settings) -> dict[str, Any]:
-    """What create_app puts in app.state for this adapter: the session store, and the chat
-    handler Ollama's `/api/chat` hands bodies without `model` to."""
-    return {"sessions": SessionStore.from_settings(settings), "webui_chat": chat.webui_chat}
+    """What create_app puts in app.state for this adapter: the session store, the upload
+    directory (created private, or refused: ValueError), and the chat handler Ollama's
+    `/api/chat` hands bodies without `model` to."""
+    sessions = SessionStore.from_settings(settings)
+    uploads = UploadStore.from_settings(settings, held=sessions.held)
+    return {"sessions": sessions, "uploads": uploads, "webui_chat": chat.webui_chat}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,12 +30,15 @@ from serve.errors import ApiError
 from serve.outputs import ContentDelta, OutputEvent, ReasoningDelta, ToolCallEnd
 from serve.protocols.webui.errors import render_error
 from serve.protocols.webui.sessions import TurnOptions, sessions_of
-from serve.protocols.webui.uploads import inside, upload_dir
+from serve.protocols.webui.uploads import uploads_of
 from serve.sessions import Session, TrackedMessage, Upload
 from serve.state import Hub, hub_of
 from serve.streaming import sse_response
 from serve.translation import Intent, Reply, Sampling, prepare
+from serve.translation.images import with_images
+from serve.translation.intent import ImageInput
 from serve.translation.options import ollama_format, openai_format, stop_of
+from serve.uploads import UploadStore
 
 # -- request bodies ---------------------------------------------------------------------------
 
@@ -67,33 +69,61 @@ class ChatBody(TurnOptions, kw_only=True):
 # -- /api/chat --------------------------------------------------------------------------------
 
 
-def _user_media(body: ChatBody, root: Path) -> int:
-    """Check every media path names an upload; return how many the model will not see
-    (text-only models ignore media, as the reference does without a projector)."""
+def _user_media(body: ChatBody, store: UploadStore, session: Session, sees: bool) -> int:
+    """Check every media path names an upload (the session holds it from now on, so it does
+    not expire under the conversation); return how many the model will not see: audio, and
+    images (video frames among them) for a model without a projector (ignored, as the
+    reference does without one). `sees`: the model takes images."""
     count = 0
     for m in body.messages:
         for path in (m.imagePaths or []) + (m.audioPaths or []) + (m.textFilePaths or []):
-            if inside(path, root) is None:
+            found = store.inside(path)
+            if found is None:
                 raise ApiError(400, f"media path '{path}' is not a file uploaded to this server")
-        count += len(m.imagePaths or []) + len(m.audioPaths or [])
+            session.held.add(found)
+        images = m.imagePaths or []
+        count += len(m.audioPaths or []) + (0 if sees else len(images))
     return count
 
 
-def _attach_pending(messages: list[dict[str, Any]], pending: list[Upload], listed: set[str]) -> int:
+def _attach_pending(
+    messages: list[dict[str, Any]], pending: list[Upload], listed: set[str], sees: bool
+) -> int:
     """Inline pending text uploads at the front of the last user message, as the UI does
-    itself; returns the number of pending media files the model cannot see."""
-    texts, media = [], 0
+    itself, and (for a model that sees) pending images not listed in a message before its
+    text; returns the number of pending media files the model cannot see."""
+    texts, images, media = [], [], 0
     for up in pending:
         if up.media_type == "text" and str(up.path) not in listed:
             body = up.path.read_text("utf-8", errors="replace")
             texts.append(f"[File: {up.file_name}]\n{body}\n[End of file]")
+        elif up.media_type == "image" and sees:
+            if str(up.path) not in listed:
+                images.append(ImageInput(path=str(up.path), where=f"upload {up.file_name}"))
         elif up.media_type != "text":
             media += 1
     users = [m for m in messages if m["role"] == "user"]
     if texts and users:
-        typed = users[-1]["content"]
-        users[-1]["content"] = "\n\n".join(texts) + (f"\n\n{typed}" if typed else "")
+        typed = _text_of(users[-1]["content"])
+        joined = "\n\n".join(texts) + (f"\n\n{typed}" if typed else "")
+        users[-1]["content"] = _with_text(users[-1]["content"], joined)
+    if images and users:
+        users[-1]["content"] = with_images(users[-1]["content"], images)
     return media
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if p.get("type") == "text")
+
+
+def _with_text(content: Any, text: str) -> Any:
+    """Content with its text replaced by `text` (its images kept before it)."""
+    if isinstance(content, str):
+        return text
+    images = [p for p in content if p.get("type") != "text"]
+    return images + [{"type": "text", "text": text}]
 
 
 def _done(
@@ -194,11 +224,14 @@ async def chat_turn(request: Request, body: ChatBody) -> Response:
         raise ApiError(404, f"Session '{body.sessionId}' not found or has been disposed.")
     if body.newChat:
         session.reset()
-    hub.live()  # a 503 before the session's pending uploads are taken
-    ignored = _user_media(body, upload_dir(hub))
-    messages = [_message(m) for m in body.messages]
-    listed = {p for m in body.messages for p in (m.textFilePaths or [])}
-    ignored += _attach_pending(messages, session.take_pending(), listed)
+    model, _ = hub.live()  # a 503 before the session's pending uploads are taken
+    sees = model.projector is not None
+    uploads = uploads_of(request)
+    ignored = _user_media(body, uploads, session, sees)
+    messages = [_message(m, i, uploads, sees) for i, m in enumerate(body.messages)]
+    listed = {p for m in body.messages for p in (m.textFilePaths or []) + (m.imagePaths or [])}
+    listed = {str(uploads.inside(p) or p) for p in listed}
+    ignored += _attach_pending(messages, session.take_pending(), listed, sees)
     prep = await prepare(hub, _intent(body, session, messages))
     turns = prep.prompt.turns
     return sse_response(_turn(hub, prep.request, session, prep.reply, turns, ignored))
@@ -224,9 +257,16 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
     )
 
 
-def _message(m: WebMessage) -> dict[str, Any]:
-    """Role and content; an assistant turn's tool calls too, so a tool loop renders."""
-    msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+def _message(m: WebMessage, i: int, uploads: UploadStore, sees: bool) -> dict[str, Any]:
+    """Role and content (a model that sees gets the message's images, a video's frames among
+    them, before its text, as the reference places them); an assistant turn's tool calls too,
+    so a tool loop renders."""
+    content: Any = m.content or ""
+    if sees and m.imagePaths:
+        images = [ImageInput(path=str(uploads.inside(p)), where=f"messages[{i}].imagePaths[{j}]")
+                  for j, p in enumerate(m.imagePaths)]  # fmt: skip
+        content = with_images(content, images)
+    msg: dict[str, Any] = {"role": m.role, "content": content}
     if m.tool_calls:
         msg["tool_calls"] = m.tool_calls
     return msg

@@ -37,12 +37,13 @@ async def list_models(request: Request) -> dict[str, Any]:
     """The model panel: the one hosted model, its architecture and the backend it runs on."""
     hub = hub_of(request)
     m = hub.model
+    proj = m.projector if m else None
     backend = _backend()
     return {
         "models": [m.name] if m else [],
-        "mmProjModels": [],
+        "mmProjModels": [proj.name] if proj else [],
         "loaded": m.name if m and hub.ready else None,
-        "loadedMmProj": None,
+        "loadedMmProj": proj.name if proj and hub.ready else None,
         "loadedBackend": backend if hub.ready else None,
         "defaultBackend": backend,
         "supportedBackends": [
@@ -50,7 +51,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         ],
         "architecture": m.config.architecture if m else None,
         "hostedModelPath": str(m.path.resolve()) if m else None,
-        "hostedMmProjPath": None,
+        "hostedMmProjPath": str(proj.path.resolve()) if proj else None,
         "defaultMaxTokens": m.max_len if m else hub.settings.max_len,
         "contextLength": m.max_len if m else None,
         "status": "ready" if hub.ready else ("error" if hub.error else "loading"),
@@ -84,15 +85,29 @@ async def load_model(request: Request, data: JSONBody[LoadBody | None] = None) -
         check_model(body.model, model)  # type: ignore[arg-type]
     except ApiError as e:  # a model not hosted here is the reference's 400, not a 404
         raise ApiError(400, e.message, e.param) from e
-    mmproj = (body.mmproj or "").strip()
-    if mmproj and mmproj.lower() != "none":
-        raise ApiError(
-            400,
-            "This server was started without a multimodal projector; tsjax serves text-only "
-            "models. Omit mmproj.",
-        )
-    return {"ok": True, "model": model.name, "loadedMmProj": None,
+    _check_mmproj(body.mmproj, model.projector)
+    proj = model.projector
+    return {"ok": True, "model": model.name, "loadedMmProj": proj.name if proj else None,
             "architecture": model.config.architecture, "reloaded": False}  # fmt: skip
+
+
+def _check_mmproj(requested: str | None, proj) -> None:
+    """The reference's three refusals; omitting mmproj is always fine. A projector is named
+    by its file name or its path."""
+    name = (requested or "").strip()
+    if not name:
+        return
+    if name.lower() == "none":
+        if proj is not None:
+            raise ApiError(400, f"This server was started with mmproj '{proj.name}'. Restart"
+                           " tsjax serve without --mmproj to host no projector.")  # fmt: skip
+        return
+    if proj is None:
+        raise ApiError(400, "This server was started without --mmproj. Restart tsjax serve with"
+                       " --mmproj <path.gguf> to host a projector.")  # fmt: skip
+    if name not in (proj.name, str(proj.path), str(proj.path.resolve())):
+        raise ApiError(400, f"mmproj '{name}' is not hosted by this server. Restart tsjax serve"
+                       " with --mmproj <path.gguf> to change it.")  # fmt: skip
 
 
 router = Router(
