@@ -484,9 +484,20 @@ def test_embedding_inputs_truncate_or_refuse():
     from serve.errors import ApiError
     from serve.translation.embedding import input_ids
 
-    tok = SimpleNamespace(encode=lambda text, parse_special=True: [ord(c) % 50 for c in text])
-    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=50), max_len=8)
+    model = SimpleNamespace(
+        tokenizer=SimpleNamespace(max_piece_bytes=1),
+        tokenize_prompt=lambda text: ([ord(c) % 50 for c in text], []),
+        config=SimpleNamespace(vocab_size=50),
+        max_len=8,
+        projector=None,
+    )
     assert input_ids(model, "abcdefghijk", True, "input") == input_ids(model, "abcdefgh", True, "x")
+    # far past any window: cut in characters before tokenizing, or refused by its length
+    long = "abcdefgh" * 10_000
+    assert input_ids(model, long, True, "input") == input_ids(model, "abcdefgh", True, "x")
+    with pytest.raises(ApiError) as e:
+        input_ids(model, long, False, "input")
+    assert e.value.status == 400 and "characters" in str(e.value)
     assert input_ids(model, [1, 2, 3], False, "input") == [1, 2, 3]
     for item, truncate in (("abcdefghijk", False), ([], True), ([1, 50], True), ("", True)):
         with pytest.raises(ApiError) as e:

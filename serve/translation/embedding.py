@@ -20,8 +20,8 @@ import numpy as np
 from serve.engine import EventKind, GenerationRequest
 from serve.errors import ApiError
 from serve.state import Hub
-from serve.translation.prompt import check_model, raw_prompt
-from serve.translation.reply import run_answers
+from serve.translation.prompt import check_model, max_prompt_chars, raw_prompt
+from serve.translation.reply import generation_failed, run_answers
 from tsjax.generation import PromptTooLongError
 from tsjax.model import Model
 from tsjax.sampling import SamplingParams
@@ -45,8 +45,12 @@ def normalized(v: np.ndarray) -> np.ndarray:
 def input_ids(model: Model, item: str | list[int], truncate: bool, param: str) -> list[int]:
     """Token ids of one input: text as a raw prompt (the file's BOS rule, special tokens
     parsed), ids checked against the vocabulary. Longer than the window: cut to it with
-    `truncate`, else a 400."""
-    ids = raw_prompt(model, item) if isinstance(item, str) else list(item)
+    `truncate`, else a 400. Text too long for any window is cut (`truncate`) or refused by
+    its length in characters before it is tokenized: its first `max_len` tokens lie within
+    `max_prompt_chars` characters, so the cut never changes them."""
+    if isinstance(item, str) and truncate:
+        item = item[: max_prompt_chars(model, model.max_len)]
+    ids = raw_prompt(model, item)[0] if isinstance(item, str) else list(item)
     if not ids:
         raise ApiError(400, f"{param} must not be empty", param=param)
     vocab = model.config.vocab_size
@@ -80,7 +84,9 @@ async def embed(
                        param="dimensions")  # fmt: skip
     reqs = []
     for i, item in enumerate(items):
-        ids = input_ids(model, item, truncate, param if len(items) == 1 else f"{param}[{i}]")
+        where = param if len(items) == 1 else f"{param}[{i}]"
+        # tokenizing a long text takes seconds: in the prepare pool, off the event loop
+        ids = await hub.offload(input_ids, model, item, truncate, where)
         req = GenerationRequest(ids, SamplingParams.greedy(), 0, embed=True)
         try:
             engine.check(req)
@@ -92,7 +98,7 @@ async def embed(
     for (answer,) in answers:
         final = answer.final
         if final.kind is EventKind.ERROR or final.embedding is None:
-            raise ApiError(500, final.error or "embedding failed")
+            raise generation_failed(hub, final)
         vectors.append(final.embedding)
     tokens = sum(len(r.prompt_ids) for r in reqs)
     return Embedded(vectors, tokens, time.perf_counter() - began)

@@ -102,6 +102,9 @@ def raw_prompt(model: Model, text: str, images: int = 0) -> tuple[list[int], lis
     if images and model.projector is None:
         raise ApiError(400, no_projector(model), param="images")
     check_length(model, text, "prompt")
+    if IMAGE_MARK in text:  # typed, not placed: it would open an image span with no image
+        raise ApiError(400, "the prompt contains the reserved image mark "
+                       f"{IMAGE_MARK!r}", param="prompt")  # fmt: skip
     return model.tokenize_prompt(IMAGE_MARK * images + text)
 
 
