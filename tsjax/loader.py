@@ -85,13 +85,12 @@ def load_params(
     for place in places:
         leaf = _get(shapes, place.path)
         if not place.stacked:
-            w = _convert(g, place.tensors[0], cfg, np_dtype, leaf.shape, place.part)
-            store(place.path, w)
+            store(place.path, _convert(g, place.tensors[0], cfg, np_dtype, leaf.shape))
             bar.update(1)
             continue
         stacked = np.empty(leaf.shape, np_dtype)
         for i, name in enumerate(place.tensors):
-            stacked[i] = _convert(g, name, cfg, np_dtype, leaf.shape[1:], place.part)
+            stacked[i] = _convert(g, name, cfg, np_dtype, leaf.shape[1:])
             bar.update(1)
         store(place.path, stacked)
         del stacked
@@ -106,15 +105,11 @@ def _present(model: Decoder, shapes) -> list[Placement]:
     return [p for p in PARAM_TABLE.placements(model.plan()) if _get(shapes, p.path) is not None]
 
 
-def _convert(g, name, cfg, np_dtype, want_shape, part=None) -> np.ndarray:
+def _convert(g, name, cfg, np_dtype, want_shape) -> np.ndarray:
     w = g.tensor(name, np.float32)
     if cfg.permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
         w = unpermute_qk(w, heads)
-    if part is not None:  # one of n equal slices of the output axis (`tsjax.stack.Param`)
-        i, n = part
-        rows = w.shape[-2] // n
-        w = w[..., i * rows : (i + 1) * rows, :]
     if w.shape != tuple(want_shape):
         raise GGUFError(
             f"{g.path.name}: tensor {name} has shape {w.shape}, model expects {tuple(want_shape)}"

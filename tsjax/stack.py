@@ -49,15 +49,11 @@ NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale")
 @dataclass(frozen=True)
 class Param:
     """One parameter: GGUF's tensor name (a layer's without its `blk.<i>.` prefix), its path
-    under the layer's (or the model's) params, and the logical axes of the array as loaded.
-    `part` (i, n): the parameter is the i-th of n equal slices of the tensor along its
-    output axis (numpy's second to last), for tensors GGUF fuses (Gemma 4's
-    `ffn_gate_up_exps`: the experts' gate rows, then their up rows)."""
+    under the layer's (or the model's) params, and the logical axes of the array as loaded."""
 
     gguf: str
     path: tuple[str, ...]
     axes: LogicalAxes
-    part: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +117,6 @@ class Placement:
     axes: LogicalAxes
     tensors: tuple[str, ...]
     stacked: bool
-    part: tuple[int, int] | None = None  # see `Param.part`
 
 
 class ParamTable:
@@ -139,12 +134,12 @@ class ParamTable:
     def placements(self, segments: Sequence[Segment]) -> list[Placement]:
         """Every parameter a model of these segments may have (a family's config decides
         which it does: biases, extra norms, a separate output projection)."""
-        out = [Placement(p.path, p.axes, (p.gguf,), False, p.part) for p in self.head]
+        out = [Placement(p.path, p.axes, (p.gguf,), False) for p in self.head]
         for seg in segments:
             for p in self.kind_params(seg.kind):
                 names = tuple(f"blk.{i}.{p.gguf}" for i in seg.layers)
                 axes = ("layers", *p.axes) if seg.stacked else p.axes
-                out.append(Placement((seg.name, *p.path), axes, names, seg.stacked, p.part))
+                out.append(Placement((seg.name, *p.path), axes, names, seg.stacked))
         return out
 
     def axes(self, path: Sequence[str]) -> LogicalAxes:

@@ -153,6 +153,7 @@ def _moe(g: GGUFFile, eps: float) -> MoESpec | None:
         norm_eps=eps,
         expert_scale=True,
         activation="gelu_tanh",
+        fused_gate_up=True,
     )
 
 
@@ -193,10 +194,7 @@ class Gemma4Layer(nn.Module):
         Param("ffn_gate_inp.weight", ("moe", "router", "weight"), _MOE[("router", "weight")]),
         Param("ffn_gate_inp.scale", ("moe", "router", "input_scale"), ("embed",)),
         Param("ffn_down_exps.scale", ("moe", "expert_scale"), _MOE[("expert_scale",)]),
-        Param(
-            "ffn_gate_up_exps.weight", ("moe", "gate", "weight"), _MOE[("gate", "weight")], (0, 2)
-        ),
-        Param("ffn_gate_up_exps.weight", ("moe", "up", "weight"), _MOE[("up", "weight")], (1, 2)),
+        Param("ffn_gate_up_exps.weight", ("moe", "gate_up", "weight"), _MOE[("gate_up", "weight")]),
         Param("ffn_down_exps.weight", ("moe", "down", "weight"), _MOE[("down", "weight")]),
     )
 
