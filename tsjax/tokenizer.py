@@ -249,6 +249,7 @@ class Tokenizer:
         self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
         self._eog_ids = frozenset(eog_ids)
         self._special_ids = frozenset(np.flatnonzero(token_types == CONTROL).tolist())
+        self._user_defined_ids = frozenset(np.flatnonzero(token_types == USER_DEFINED).tolist())
         # The control tokens the backend matches in text with parse_special: text -> id.
         self._controls = {
             t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
@@ -509,6 +510,12 @@ class Tokenizer:
         """Control tokens (bos, eos, turn markers): parsed from text only with parse_special,
         dropped by decode's `skip_special`."""
         return self._special_ids
+
+    @property
+    def user_defined_ids(self) -> frozenset[int]:
+        """Tokens a converter added as text (Gemma 4's `<|tool_call>`, `<|channel>`, `<|"|>`;
+        Qwen's `<tool_call>`): always matched in text, kept by decode."""
+        return self._user_defined_ids
 
     @cached_property
     def control_texts(self) -> frozenset[str]:
