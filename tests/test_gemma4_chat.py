@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 import pytest
 from hf_factory import build
-from test_server import running_server
+from test_server import _server, running_server
 
 from serve.outputs import select_format
 from tsjax.chat_template import ChatTemplate
@@ -138,13 +138,15 @@ def _parse(tok, tmpl, prompt_text: str, ids: list[int]):
 
 
 @pytest.fixture(scope="module")
-def server(gemma4) -> tuple[str, str]:
-    m = gemma4[0]
-    path = m.gguf["f32"]
+def server(gemma4):
+    """(base URL, model name) of a server on the tiny dense model, stopped after this module."""
+    path = gemma4[0].gguf["f32"]
     # few compiled programs: prompts up to 128 tokens a chunk, one decode step a dispatch, and
     # attention buckets up to the 250-token conversation with tools and a call
     settings = dict(rows=1, max_len=320, prefill_chunk=128, decode_steps=1)
-    return running_server(path, **settings), path.name
+    yield running_server(path, **settings), path.name
+    _server.pop(f"url:{path}")
+    _server.pop(f"server:{path}").stop()
 
 
 def test_thinking_switch_through_each_api(gemma4, server):
