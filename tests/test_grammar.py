@@ -161,10 +161,11 @@ def _fmt(name: str):
     return select_format(*FORMATS[name])
 
 
-def _answer(g, fmt, *, tools=TOOLS, output=None, think=False, prompt=""):
+def _answer(g, fmt, *, tools=TOOLS, output=None, think=False, prompt="", single=False):
     from serve.outputs.grammars import answer_format
 
-    tree = answer_format(g, fmt, tools=tools, output=output, think=think, prompt_text=prompt)
+    tree = answer_format(g, fmt, tools=tools, output=output, think=think, prompt_text=prompt,
+                         single_call=single)  # fmt: skip
     return g.structural(tree)
 
 
@@ -266,6 +267,29 @@ def test_reasoning_block_is_optional_but_never_a_way_out(marked, name, block):
         _check_calls(_parsed(fmt, walk(marked, c, 4, prefix=block)), [n for n, _ in TOOLS])
     c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=False)
     assert not c.accept(marked.tokenizer.encode(block, add_bos=False)[0])  # thinking off
+    # the template closed an empty block (its way of switching thinking off): none follows
+    empty = {"hermes": "<think>\n\n</think>\n\n", "gemma4": "<|channel>thought\n<channel|>",
+             "magistral": "[THINK][/THINK]"}[name]  # fmt: skip
+    c = _answer(marked, fmt, tools=[], output=(ANSWER, True), think=None, prompt="A:" + empty)
+    assert not c.accept(marked.tokenizer.encode(block, add_bos=False)[0])
+
+
+@pytest.mark.parametrize(
+    "name, call, again",
+    [
+        ("hermes", '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+         "\n<tool_call>"),
+        ("gemma4", '<|tool_call>call:add{"a": 1, "b": 2}<tool_call|>', "<|tool_call>"),
+    ],
+)  # fmt: skip
+def test_a_named_function_is_called_once(marked, name, call, again):
+    """tool_choice naming a function asks for one call to it; "required" allows several."""
+    tok = marked.tokenizer
+    for single in (True, False):
+        c = _answer(marked, _fmt(name), tools=[TOOLS[1]], single=single)
+        for t in tok.encode(call, add_bos=False):
+            assert c.accept(t), tok.decode([t])
+        assert c.accept(tok.encode(again, add_bos=False)[0]) != single
 
 
 def test_prompt_that_opened_the_block_must_close_it(marked):

@@ -8,6 +8,8 @@ import atexit
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,21 +22,24 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _server: dict = {}
 
 
-def running_server() -> str:
-    """Start the app once per process and return its base URL once /health says it is warm.
-    Compiling takes ~40 s on 2 cores, so both server test modules share one server."""
-    if "url" in _server:
-        return _server["url"]
+def running_server(path: Path | None = None, **settings: Any) -> str:
+    """Start the app once per process and model (default: the real SmolLM2) and return its
+    base URL once /health says it is warm. Compiling takes ~40 s on 2 cores, so both server
+    test modules share one server. `settings`: more `Settings` fields (first start only)."""
+    key = "url" if path is None else f"url:{path}"
+    if key in _server:
+        return _server[key]
     from serve.app import create_app
     from serve.settings import Settings
 
-    path = real_model_path("smollm2-135m")
+    path = path or real_model_path("smollm2-135m")
     port = free_port()
-    settings = Settings(model=str(path), host="127.0.0.1", port=port, rows=4, max_len=1024)
-    server = LiveServer(create_app(settings), port)
+    kw: dict[str, Any] = {"rows": 4, "max_len": 1024, **settings}
+    settings_ = Settings(model=str(path), host="127.0.0.1", port=port, **kw)
+    server = LiveServer(create_app(settings_), port)
     url = server.start(timeout=300)
     atexit.register(server.stop)
-    _server["url"], _server["server"] = url, server
+    _server[key], _server["server" if key == "url" else f"server:{path}"] = url, server
     return url
 
 

@@ -146,11 +146,14 @@ class GrammarFactory:
         return self._constraint(compiled, "structural")
 
     def marker(self, text: str) -> dict[str, Any]:
-        """A structural-tag element for a format's marker: the control token when `text` is
-        exactly one (`<|tool_call>`, `[TOOL_CALLS]`, `<|channel|>`), else the text itself."""
+        """A structural-tag element for a format's marker: the token when `text` is exactly one
+        control or user-defined token (`[TOOL_CALLS]`, `<|channel|>`; Gemma 4's `<|tool_call>`),
+        else the text itself. One token is how the model writes it and how the text tokenizes:
+        the same text spelled in smaller pieces is not allowed."""
         tok = self.tokenizer
         i = tok.id_of(text)
-        if i is not None and i in tok.special_ids and i not in tok.eog_ids:
+        marks = tok.special_ids | tok.user_defined_ids
+        if i is not None and i in marks and i not in tok.eog_ids:
             return {"type": "token", "token": int(i)}
         return {"type": "const_string", "value": text}
 

@@ -200,15 +200,18 @@ def device_report(mesh: Mesh | None = None, held: Mapping[int, int] | None = Non
 
 def logical_sizes(cfg: ModelConfig, rows: int, max_len: int) -> dict[str, int]:
     """How many indivisible units each logical axis has: heads count in heads (a head is never
-    split across devices), every other axis in elements."""
+    split across devices), every other axis in elements. Where layers differ (Gemma 4's KV
+    heads and MLP widths), the units all of them divide into: an axis is split the same way
+    in every layer or in none."""
+    layers = range(cfg.n_layers)
     return {
         "batch": rows,
         "seq": max_len,
         "embed": cfg.dim,
         "q_heads": cfg.n_heads,
-        "kv_heads": cfg.n_kv_heads,
+        "kv_heads": math.gcd(*(cfg.kv_heads_at(i) for i in layers)),
         "head_dim": cfg.head_dim,
-        "ffw": cfg.ffn_dim,
+        "ffw": math.gcd(*(cfg.ffn_dim_at(i) for i in layers)),
         "vocab": cfg.vocab_size,
         "layers": cfg.n_layers,
         **({} if cfg.ssm is None else ssm_sizes(cfg.ssm)),

@@ -1,7 +1,7 @@
 """Tokenizers rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
 
 A GGUF carries no `tokenizer.json`, only the vocabulary, merges or scores, token types and flags,
-under llama.cpp's key names. Both vocabulary kinds served here are rebuilt as a `tokenizers` BPE
+under llama.cpp's key names. Every vocabulary kind served here is rebuilt as a `tokenizers` BPE
 model, so encoding runs in Rust:
 
 * `gpt2` (byte-level BPE: SmolLM, Llama 3, Qwen...): the file's merges, plus the split regexes
@@ -9,6 +9,8 @@ model, so encoding runs in Rust:
 * `llama` (SentencePiece BPE: Llama 2, Mistral, Gemma...): there are no merges in the file, so they
   are derived from the vocabulary, best-scoring result first, which is what SentencePiece's
   score-driven bigram merging does. Spaces become `▁`; unknown bytes fall back to `<0xNN>` tokens.
+* `gemma4` (Gemma 4: BPE over SentencePiece-style pieces): the file's merges, spaces as `▁`,
+  `<0xNN>` byte fallback, the text split only at newlines (llama.cpp's `gemma4` pre-type).
 
 Control tokens (type 3) and user-defined tokens (type 4) are matched whole in the text before
 the BPE sees it. Ids match Hugging Face transformers loading the same GGUF (the tests check this),
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import AddedToken, Regex, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ EOG_TEXTS = frozenset(
     {
         "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
         "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
-        "<end_of_utterance>", "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>", "<｜end▁of▁sentence｜>", "<turn|>", "<|tool_response>",
     }
 )  # fmt: skip
 
@@ -247,6 +249,7 @@ class Tokenizer:
         self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
         self._eog_ids = frozenset(eog_ids)
         self._special_ids = frozenset(np.flatnonzero(token_types == CONTROL).tolist())
+        self._user_defined_ids = frozenset(np.flatnonzero(token_types == USER_DEFINED).tolist())
         # The control tokens the backend matches in text with parse_special: text -> id.
         self._controls = {
             t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
@@ -288,7 +291,11 @@ class Tokenizer:
             return cls._byte_level(metadata)
         if kind == "llama":
             return cls._sentencepiece(metadata)
-        raise ValueError(f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama are)")
+        if kind == "gemma4":
+            return cls._spm_bpe(metadata)
+        raise ValueError(
+            f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama, gemma4 are)"
+        )
 
     @classmethod
     def _byte_level(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -387,6 +394,49 @@ class Tokenizer:
         return cls._finish(metadata, backend, vocab, tokens, types, pieces, True, add_prefix)
 
     @classmethod
+    def _spm_bpe(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """`gemma4`: BPE with the file's merges over SentencePiece-style pieces (spaces spelled
+        "▁", `<0xNN>` byte fallback), as llama.cpp runs it: spaces become "▁" and the text is
+        split only into runs of newlines and runs of anything else; a run of newlines that is
+        a token of its own is taken whole (llama.cpp's Gemma 4 fix, ggml-org/llama.cpp#21343),
+        which `ignore_merges` does, and so does any other whole run in the vocabulary."""
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = _token_types(metadata, len(tokens))
+        vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
+        pieces = []
+        for token, kind in zip(tokens, types.tolist(), strict=True):
+            byte = _BYTE_TOKEN.fullmatch(token) if kind == BYTE else None
+            if byte:
+                pieces.append(bytes([int(byte.group(1), 16)]))
+            elif kind == CONTROL:
+                pieces.append(token.encode())
+            else:
+                pieces.append(token.replace("▁", " ").encode())
+        merges = []
+        for line in metadata.get("tokenizer.ggml.merges") or ():
+            cut = line.find(" ", 1)
+            left, right = line[:cut], line[cut + 1 :]
+            if cut > 0 and left in vocab and right in vocab:
+                merges.append((left, right))
+        unk = _meta_id(metadata, "unknown_token_id", len(tokens))
+        backend = _Backend(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                unk_token=tokens[unk] if unk is not None else None,
+                fuse_unk=True,
+                byte_fallback=True,
+                ignore_merges=True,
+            )
+        )
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
+        # llama.cpp adds the BOS whatever the file says (it warns when the flag is off)
+        metadata = {**metadata, "tokenizer.ggml.add_bos_token": True}
+        return cls._finish(metadata, backend, vocab, tokens, types, pieces, True, False)
+
+    @classmethod
     def _finish(
         cls,
         metadata: dict[str, Any],
@@ -460,6 +510,12 @@ class Tokenizer:
         """Control tokens (bos, eos, turn markers): parsed from text only with parse_special,
         dropped by decode's `skip_special`."""
         return self._special_ids
+
+    @property
+    def user_defined_ids(self) -> frozenset[int]:
+        """Tokens a converter added as text (Gemma 4's `<|tool_call>`, `<|channel>`, `<|"|>`;
+        Qwen's `<tool_call>`): always matched in text, kept by decode."""
+        return self._user_defined_ids
 
     @cached_property
     def control_texts(self) -> frozenset[str]:

@@ -173,10 +173,14 @@ def syntax_of(g: GrammarFactory, fmt: OutputFormat) -> CallSyntax:
 
 
 def calls_element(
-    g: GrammarFactory, fmt: OutputFormat, tools: list[tuple[str, dict[str, Any]]]
+    g: GrammarFactory,
+    fmt: OutputFormat,
+    tools: list[tuple[str, dict[str, Any]]],
+    single: bool = False,
 ) -> Element:
-    """One or more calls (one where the format allows only one), each to one of `tools`
-    ((name, parameters schema) pairs) with arguments valid under its parameters."""
+    """One or more calls (one where the format allows only one, or `single`: the request
+    named the function to call), each to one of `tools` ((name, parameters schema) pairs)
+    with arguments valid under its parameters."""
     from tsjax.grammar import json_element
 
     syntax = syntax_of(g, fmt)
@@ -187,7 +191,8 @@ def calls_element(
     call = one_of([syntax.call(g.marker, json, n, p) for n, p in tools])
     if syntax.sep is None:
         return call
-    calls = seq(call, star(seq(text(syntax.sep) if syntax.sep else None, call)))
+    more = star(seq(text(syntax.sep) if syntax.sep else None, call))
+    calls = call if single else seq(call, more)
     if syntax.group is None:
         return calls
     head, close = syntax.group
@@ -221,6 +226,15 @@ THINKING: dict[str, ThinkSyntax] = {
 }
 
 
+def _closes_empty_block(prompt_text: str, syntax: ThinkSyntax) -> bool:
+    """Whether the prompt ends with an empty block: the template switching thinking off (Gemma
+    4's default, Qwen 3's enable_thinking=false), so no second block may follow."""
+    head, close = prompt_text.rstrip(), "".join(syntax.close)
+    return head.endswith(close) and head[: -len(close)].rstrip().endswith(
+        "".join(syntax.open).rstrip()
+    )
+
+
 def reasoning_element(
     g: GrammarFactory, fmt: OutputFormat, think: bool | None, prompt_text: str
 ) -> Element | None:
@@ -232,6 +246,8 @@ def reasoning_element(
         return None
     inside = bool(prompt_text) and prompt_text.rstrip().endswith(syntax.open[0])
     if think is False and not inside:
+        return None
+    if _closes_empty_block(prompt_text, syntax):
         return None
     tok = g.tokenizer
     if any(tok.id_of(m) in tok.eog_ids for m in syntax.close if tok.id_of(m) is not None):
@@ -260,16 +276,17 @@ def answer_format(
     output: tuple[dict[str, Any] | None, bool] | None,
     think: bool | None,
     prompt_text: str = "",
+    single_call: bool = False,
 ) -> Element:
     """The structural tag an answer must match: an optional reasoning block, then a call to
     one of `tools` or, when `output` ((schema or None for any object, strict)) is given, JSON
     content valid under it; both given is the union that `tool_choice: "auto"` with a
-    response format asks for."""
+    response format asks for. `single_call`: one call only (a named function was forced)."""
     from tsjax.grammar import json_element
 
     branches = []
     if tools:
-        branches.append(calls_element(g, fmt, tools))
+        branches.append(calls_element(g, fmt, tools, single_call))
     if output is not None:
         schema, strict = output
         body = json_element(schema or {"type": "object"}, strict=strict and schema is not None)

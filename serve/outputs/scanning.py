@@ -116,8 +116,8 @@ class GemmaArgsReader:
             if end < 0:
                 raise ValueError("unterminated string")
             return t[i + len(_QUOTE) : end], end + len(_QUOTE)
-        if i < len(t) and t[i] == '"':
-            return json.JSONDecoder().raw_decode(t, i)
+        if i < len(t) and t[i] == '"':  # control characters taken as they come (strict=False)
+            return json.JSONDecoder(strict=False).raw_decode(t, i)
         if i < len(t) and t[i] == "{":
             return self._object(i + 1)
         if i < len(t) and t[i] == "[":

@@ -139,8 +139,9 @@ def _build_constraint(hub: Hub, plan: Plan, fmt: OutputFormat, prompt_text: str)
             raise ValueError(f"tool parameters: {e}") from e
     output = None if plan.output is None else (plan.output.schema, plan.output.strict)
     grammars = hub.grammars()
+    single = plan.forced and plan.choice != "required"  # a named function: one call to it
     tree = answer_format(grammars, fmt, tools=tools, output=output, think=plan.think,
-                         prompt_text=prompt_text)  # fmt: skip
+                         prompt_text=prompt_text, single_call=single)  # fmt: skip
     return grammars.structural(tree)
 
 

@@ -3,7 +3,8 @@
 Each layer kind has its own state type behind one interface (`tsjax.cache.state`): attention
 keeps keys and values (`KVState`: write the step's new tokens, attend over them), a recurrent
 layer (Gated DeltaNet, Mamba2) a convolution window and a recurrent state per row
-(`RecurrentState`, `tsjax.cache.recurrent`). Every state swaps rows, and checkpoints and
+(`RecurrentState`, `tsjax.cache.recurrent`); a layer that reads another layer's keys and
+values keeps nothing (`SharedKV`, `tsjax.cache.shared`). Every state swaps rows, and checkpoints and
 restores them (a no-op for keys and values, which rewind by their row's length alone). `Cache`
 holds one state per segment of the layer loop and the rows' lengths.
 
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from tsjax.cache.blocked import BlockedKV
 from tsjax.cache.recurrent import RecurrentState, deltanet_state, mamba2_state
+from tsjax.cache.shared import SharedKV
 from tsjax.cache.stacked import StackedKV
 from tsjax.cache.state import Cache, KVLayout, KVState, LayerState, Step
 from tsjax.stack import ATTENTION, DELTANET, MAMBA2, Segment
@@ -48,8 +50,10 @@ if TYPE_CHECKING:  # tsjax.models imports this package (a real import would be a
 def kv_state(
     cfg: ModelConfig, seg: Segment, layout: KVLayout, rows: int, max_len: int, dtype
 ) -> StackedKV | BlockedKV:
-    """An attention segment's zeroed keys and values in `layout`."""
-    kv, h = cfg.n_kv_heads, cfg.head_dim
+    """An attention segment's zeroed keys and values in `layout` (its layers' KV heads and
+    head size, which every layer of a segment shares)."""
+    kv, h = cfg.kv_heads_at(seg.first), cfg.head_dim_at(seg.first)
+    assert all((cfg.kv_heads_at(i), cfg.head_dim_at(i)) == (kv, h) for i in seg.layers), seg
     if layout.blocks is None:
         return StackedKV.create(seg.count, rows, kv, max_len, h, dtype)
     assert not seg.stacked, "the blocked layout is per layer (an unrolled layer loop)"
@@ -73,8 +77,14 @@ def create_cache(
     max_len: int,
     dtype=jnp.float32,
 ) -> Cache:
-    """A zeroed cache: one state per segment, every row empty."""
-    layers = tuple(STATES[s.kind](cfg, s, layout, rows, max_len, dtype) for s in segments)
+    """A zeroed cache: one state per segment, every row empty. A segment whose layers read
+    another layer's keys and values (`ModelConfig.kv_source`) holds a `SharedKV`."""
+    layers = tuple(
+        SharedKV(cfg.kv_source(s.first))
+        if cfg.kv_source(s.first) != s.first
+        else STATES[s.kind](cfg, s, layout, rows, max_len, dtype)
+        for s in segments
+    )
     return Cache(layers, jnp.zeros((rows,), jnp.int32))
 
 
@@ -86,6 +96,7 @@ __all__ = [
     "KVState",
     "LayerState",
     "RecurrentState",
+    "SharedKV",
     "StackedKV",
     "Step",
     "create_cache",

@@ -15,8 +15,8 @@ contiguous run `sizes[e]` long. Two ways to run the experts over their runs, bot
   scanned layer's weights, see `tsjax.models.decoder.unroll_layers_default`), so every tile
   pays a copy of its expert's weights, and `tile_rows` sizes tiles to make few of them.
 
-Expert weights keep GGUF's layout, [E, out, in], in one of four formats (a dict per
-projection):
+Expert weights keep GGUF's layout, [E, out, in] (gate and up as one [E, 2F, in] matrix
+where the file fuses them, Gemma 4), in one of four formats (a dict per projection):
 
 - float32 (`weight`);
 - bfloat16, stored as its bits (`weight` uint16): XLA:CPU converts a bfloat16 array that a
@@ -117,6 +117,16 @@ def _mm(x: Array, w: Array) -> Array:
     return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())))
 
 
+def gate_and_up(p: Mapping[str, Matrix], proj: Callable[[str, Array], Array], x: Array):
+    """(gate or None, up) of rows x through `proj`: one product for a fused "gate_up" matrix
+    [E, 2F, in] (Gemma 4's GGUF layout, the gate's rows first), else one each."""
+    if "gate_up" in p:
+        y = proj("gate_up", x)
+        f = y.shape[-1] // 2
+        return y[..., :f], y[..., f:]
+    return (proj("gate", x) if "gate" in p else None), proj("up", x)
+
+
 def expert_ffn(x: Array, e: Array, p: Mapping[str, Matrix], act: Callable[..., Array]) -> Array:
     """Expert e on rows x [t, in] -> [t, out]: down(act(gate(x) + b, up(x) + b)) + b, with the
     gate and the biases where `p` has them."""
@@ -126,8 +136,7 @@ def expert_ffn(x: Array, e: Array, p: Mapping[str, Matrix], act: Callable[..., A
         bias = p.get(name + "_bias")
         return y if bias is None else y + bias[e].astype(y.dtype)
 
-    gate = proj("gate", x) if "gate" in p else None
-    return proj("down", act(gate, proj("up", x)))
+    return proj("down", act(*gate_and_up(p, proj, x)))
 
 
 def tile_rows(n_rows: int, n_experts: int) -> int:
@@ -219,8 +228,7 @@ def ragged_ffn(
         bias = p.get(name + "_bias")
         return y if bias is None else y + bias[row_e].astype(y.dtype)
 
-    gate = proj("gate", xs) if "gate" in p else None
-    out = proj("down", act(gate, proj("up", xs)))
+    out = proj("down", act(*gate_and_up(p, proj, xs)))
     if not local:
         return out
     return _keep_rows(jnp.roll(out, shift, axis=0), ends, sizes, lo, e_local)

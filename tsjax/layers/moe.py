@@ -13,8 +13,8 @@ it, as llama.cpp's `build_moe_ffn` and transformers' modeling files do it:
   scores, renormalised, times a routed scale; relu^2 experts without a gate, optionally on
   a latent projection of x; a relu^2 shared expert.
 - gemma4 (MoE): softmax scores of the router's own normed input (rms_norm(x) * scale /
-  sqrt(D)); top-k, renormalised, times a learned scale per expert; GeGLU experts; the
-  family's dense MLP runs beside it.
+  sqrt(D)); top-k, renormalised, times a learned scale per expert; GeGLU experts whose gate
+  and up are one matrix (one product a tile); the family's dense MLP runs beside it.
 
 The token -> expert dispatch sorts the (token, choice) pairs by expert, runs the experts as
 grouped matmuls over their contiguous rows (`tsjax.layers.experts`: ragged GEMMs on GPU/TPU,
@@ -66,6 +66,7 @@ class MoESpec:
     router_norm: bool = False  # gemma4: the router sees rms_norm(x) * scale / sqrt(D)
     norm_eps: float = 1e-6
     expert_scale: bool = False  # gemma4: a learned multiplier per expert on its output
+    fused_gate_up: bool = False  # gemma4: gate and up one matrix [E, 2F, D] ("gate_up")
     activation: str = "silu"  # "silu", "gelu_tanh", "relu2" (no gate) or "swiglu_oai"
     expert_bias: bool = False  # gpt-oss: biases on the experts' gate, up and down
     swiglu_alpha: float = 1.702
@@ -107,6 +108,7 @@ MOE_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("expert_scale",): (None,),
     ("gate", "weight"): ("experts", "expert_ffw", "embed"),
     ("up", "weight"): ("experts", "expert_ffw", "embed"),
+    ("gate_up", "weight"): ("experts", "expert_ffw", "embed"),
     ("down", "weight"): ("experts", "embed", "expert_ffw"),
     ("gate_bias",): ("experts", "expert_ffw"),
     ("up_bias",): ("experts", "expert_ffw"),
@@ -118,7 +120,7 @@ MOE_PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
     ("latent_down", "kernel"): ("embed", None),
     ("latent_up", "kernel"): (None, "embed"),
 }
-_EXPERT_MATRICES = ("gate", "up", "down")
+_EXPERT_MATRICES = ("gate", "up", "gate_up", "down")
 
 
 def moe_param_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
@@ -343,10 +345,13 @@ class MoE(nn.Module):
         return y.reshape(*lead, dim)
 
     def _expert_params(self, d: int) -> dict:
-        """The routed experts' params: "gate", "up", "down" (+ "_bias" for gpt-oss)."""
+        """The routed experts' params: "gate", "up", "down" (+ "_bias" for gpt-oss), or
+        "gate_up" and "down" (`MoESpec.fused_gate_up`)."""
         s, e, f = self.spec, self.spec.n_experts, self.spec.ffn_dim
         shapes = {"up": (e, f, d), "down": (e, d, f)}
-        if s.gated:
+        if s.fused_gate_up:
+            shapes = {"gate_up": (e, 2 * f, d), "down": (e, d, f)}
+        elif s.gated:
             shapes = {"gate": (e, f, d), **shapes}
         p = {
             name: ExpertMatrix(shape, self.quant, self.dtype, name=name)()

@@ -43,6 +43,19 @@ def rope_frequencies(theta: float, head_dim: int) -> np.ndarray:
     return np.float32(1.0) / np.power(np.float32(theta), exponent)
 
 
+def layer_frequencies(
+    theta: float, head_dim: int, factors: tuple[float, ...] | None, width: int
+) -> np.ndarray:
+    """A layer's inverse frequencies [width] float32: theta ** (-2i / H) for i < H/2, each
+    divided by llama.cpp's `rope_freqs` factor where given (Gemma 4's global layers: 1 for the
+    pairs that rotate, 1e30 for those that pass through, as transformers' "proportional"
+    RoPE, which zeroes them), then zeros up to `width` (never read: `rotate` reads H/2)."""
+    inv = rope_frequencies(theta, head_dim)
+    if factors:
+        inv = (inv / np.asarray(factors[: head_dim // 2], np.float32)).astype(np.float32)
+    return np.pad(inv, (0, width - inv.shape[0]))
+
+
 def rope_lookup_freqs(
     positions: jax.Array,
     inv_freq: np.ndarray,
@@ -126,9 +139,12 @@ def attention_temperature(positions: jax.Array, beta: float, original_positions:
 
 
 def rotate(x: jax.Array, tables: RopeTables) -> jax.Array:
-    """x: [B, T, N, H] rotated by `rope_lookup` tables of its positions."""
+    """x: [B, T, N, H] rotated by `rope_lookup` tables of its positions. Tables wider than
+    H/2 (made for the widest head of a model whose layers differ, Gemma 4) are read up to
+    H/2."""
     cos, sin = tables
     half = x.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., :half], xf[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.models import gemma, llama, qwen2, qwen3
+from tsjax.models import gemma, gemma4, llama, qwen2, qwen3
 from tsjax.models.config import ModelConfig
 from tsjax.models.decoder import Decoder
 
@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma": gemma,
     "gemma2": gemma,
     "gemma3": gemma,
+    "gemma4": gemma4,
 }
 
 

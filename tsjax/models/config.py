@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsjax.gguf import GGUFFile
+from tsjax.layers.moe import MoESpec
 from tsjax.stack import ATTENTION
 
 
@@ -69,22 +70,75 @@ class ModelConfig:
     layer_kinds: tuple[str, ...] = ()
     # The recurrent layers' sizes (`tsjax.layers.deltanet`, `tsjax.layers.mamba2`).
     ssm: SSMConfig | None = None
+    moe: MoESpec | None = None  # the experts of a mixture-of-experts family
+    # Sizes by layer where layers differ (Gemma 4: sliding and global layers have their own
+    # head size and KV heads, KV-shared layers a wider MLP); () = the model-wide value.
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    layer_ffn_dims: tuple[int, ...] = ()
+    # Layer i attends over layer kv_sources[i]'s keys and values (Gemma 4's KV sharing: the
+    # last layers compute no keys or values of their own); () = each layer its own.
+    kv_sources: tuple[int, ...] = ()
+    # llama.cpp's `rope_freqs` [H/2]: the rotary frequencies of the layers flagged in
+    # `layer_rope_factored` are divided by these (Gemma 4's partial rotation of global layers).
+    rope_freq_factors: tuple[float, ...] = ()
+    layer_rope_factored: tuple[bool, ...] = ()
+    per_layer_input_dim: int = 0  # Gemma 4 E models: per-layer token inputs of this size
+    v_norm: bool = False  # Gemma 4: values RMS-normed (without a weight) like the keys
 
     def __post_init__(self):
         if not self.layer_kinds:
             object.__setattr__(self, "layer_kinds", (ATTENTION,) * self.n_layers)
         assert len(self.layer_kinds) == self.n_layers, self.layer_kinds
+        for name in ("layer_head_dims", "layer_kv_heads", "layer_ffn_dims", "kv_sources"):
+            assert len(getattr(self, name)) in (0, self.n_layers), name
 
     @property
     def attn_scale(self) -> float:
         return self.query_scale or self.head_dim**-0.5
 
+    def head_dim_at(self, layer: int) -> int:
+        return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_at(self, layer: int) -> int:
+        return self.layer_kv_heads[layer] if self.layer_kv_heads else self.n_kv_heads
+
+    def ffn_dim_at(self, layer: int) -> int:
+        return self.layer_ffn_dims[layer] if self.layer_ffn_dims else self.ffn_dim
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends over (itself unless shared)."""
+        return self.kv_sources[layer] if self.kv_sources else layer
+
+    def rope_key(self, layer: int) -> tuple[float, float, int, bool]:
+        """What `layer`'s rotation tables depend on: (base, linear scale, head size, whether
+        `rope_freq_factors` divide its frequencies)."""
+        factored = bool(self.layer_rope_factored and self.layer_rope_factored[layer])
+        return (
+            self.layer_rope_thetas[layer],
+            self.layer_rope_scales[layer],
+            self.head_dim_at(layer),
+            factored,
+        )
+
+
+def per_layer(value) -> tuple[int, ...]:
+    """A GGUF size that is an int or an int per layer -> the per-layer tuple, or () for one
+    value shared by every layer."""
+    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else ()
+
 
 def base_config_kwargs(g: GGUFFile, family: str) -> dict:
-    """Fields every family reads the same way from `{arch}.*` keys."""
+    """Fields every family reads the same way from `{arch}.*` keys. `head_count_kv` and
+    `feed_forward_length` may be arrays, one value per layer (llama.cpp's per-layer keys):
+    then `layer_kv_heads` / `layer_ffn_dims` hold them and the model-wide value is the
+    largest."""
     arch = g.architecture
     n_heads = int(g.meta(f"{arch}.attention.head_count"))
-    n_kv = g.meta(f"{arch}.attention.head_count_kv", n_heads)
+    layer_kv = per_layer(g.meta(f"{arch}.attention.head_count_kv", n_heads))
+    n_kv = max(layer_kv) if layer_kv else g.meta(f"{arch}.attention.head_count_kv", n_heads)
+    layer_ffn = per_layer(g.meta(f"{arch}.feed_forward_length"))
+    ffn = max(layer_ffn) if layer_ffn else g.meta(f"{arch}.feed_forward_length")
     dim = int(g.meta(f"{arch}.embedding_length"))
     head_dim = int(g.meta(f"{arch}.attention.key_length", dim // n_heads))
     n_layers = int(g.meta(f"{arch}.block_count"))
@@ -104,7 +158,7 @@ def base_config_kwargs(g: GGUFFile, family: str) -> dict:
         n_heads=n_heads,
         n_kv_heads=int(n_kv),
         head_dim=head_dim,
-        ffn_dim=int(g.meta(f"{arch}.feed_forward_length")),
+        ffn_dim=int(ffn),
         norm_eps=float(g.meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         context_length=int(g.meta(f"{arch}.context_length", 2048)),
         rope_theta=theta,
@@ -112,4 +166,6 @@ def base_config_kwargs(g: GGUFFile, family: str) -> dict:
         layer_rope_thetas=(theta,) * n_layers,
         layer_rope_scales=(scale,) * n_layers,
         tied_embeddings=not g.has_tensor("output.weight"),
+        layer_kv_heads=layer_kv,
+        layer_ffn_dims=layer_ffn,
     )

@@ -14,29 +14,42 @@ sharding rules read through `PARAM_TABLE`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import Cache, KVLayout, KVState, Step, create_cache
+from tsjax.cache import Cache, KVLayout, KVState, SharedKV, Step, create_cache
 from tsjax.layers.attention import Attention
-from tsjax.layers.embed import Embed
+from tsjax.layers.embed import Embed, PerLayerInputs
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import rope_lookup
+from tsjax.layers.rope import layer_frequencies, rope_lookup_freqs
 from tsjax.models.config import ModelConfig
 from tsjax.spans import SpanInputs
 from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
+
+
+class LayerData(NamedTuple):
+    """What differs from layer to layer of a segment, handed to each layer (scanned along
+    with its params in a stacked segment): `index` into the segment's stacked state (into the
+    source layer's, for a layer reading another layer's keys and values), the attention
+    `window`, `base` (which of the step's rotation tables the layer uses), and the layer's
+    per-layer `inputs` [B, T, P] (Gemma 4 E models; None for the others)."""
+
+    index: Any
+    window: Any
+    base: Any
+    inputs: Any = None
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms.
 
     Every layer kind's module takes (cfg, dtype, quant) and is called as
-    `((x, state), step, (layer, window, base), rope) -> ((x, state), None)`."""
+    `((x, state), step, LayerData, rope) -> ((x, state), None)`."""
 
     #: Every parameter this layer may have (the config decides biases and extra norms).
     #: q/k/v weights are [N*H, D] with heads major, so splitting whole heads is splitting
@@ -65,12 +78,12 @@ class DecoderLayer(nn.Module):
     quant: str | None = None
 
     @nn.compact
-    def __call__(self, carry: tuple[jax.Array, KVState], step: Step, layer_data, rope):
-        """carry: (x [B, T, D], this segment's attention state); layer_data: (index into a
-        stacked state, attention window, index of the layer's rotary base); rope: every
-        base's rotation tables for this step, stacked ([bases, B, T, 1, H/2])."""
+    def __call__(self, carry: tuple[jax.Array, KVState], step: Step, data: LayerData, rope):
+        """carry: (x [B, T, D], this segment's attention state); data: the layer's
+        `LayerData`; rope: every base's rotation tables for this step, stacked ([bases, B, T,
+        1, W], W at least H/2)."""
         x, state = carry
-        layer, window, base = layer_data
+        layer, window, base = data.index, data.window, data.base
         c = self.cfg
         rope = (rope[0][base], rope[1][base])
         attn = Attention(
@@ -116,15 +129,27 @@ BLOCKS: dict[str, type[nn.Module]] = {ATTENTION: DecoderLayer}
 
 #: The model-wide parameters: the embedding (also the tied output projection), the final norm
 #: and a separate output projection (GGUF `output.weight`; bf16 / int8 give a tied embedding
-#: one in their format).
+#: one in their format); Gemma 4 E models' per-layer input embedding, projection and norm
+#: (`tsjax.layers.embed.PerLayerInputs`).
 HEAD_PARAMS: tuple[Param, ...] = (
     Param("token_embd.weight", ("embed", "embedding"), ("vocab", "embed")),
     Param("output_norm.weight", ("final_norm", "scale"), ("embed",)),
     Param("output.weight", ("lm_head", "weight"), ("vocab", "embed")),
+    Param("per_layer_token_embd.weight", ("per_layer", "embed", "embedding"), ("vocab", None)),
+    Param("per_layer_model_proj.weight", ("per_layer", "proj", "weight"), (None, "embed")),
+    Param("per_layer_proj_norm.weight", ("per_layer", "norm", "scale"), (None,)),
 )
 
 #: Every parameter of every model (see `tsjax.stack.ParamTable`).
 PARAM_TABLE = ParamTable(HEAD_PARAMS, BLOCKS)
+
+
+def _locate(plan: tuple[Segment, ...], layer: int) -> tuple[int, int]:
+    """(index of the segment holding `layer` in `plan`, the layer's index in that segment)."""
+    for j, seg in enumerate(plan):
+        if layer in seg.layers:
+            return j, layer - seg.first
+    raise ValueError(f"no segment holds layer {layer}")
 
 
 class Decoder(nn.Module):
@@ -163,29 +188,64 @@ class Decoder(nn.Module):
         if spans is not None:  # an encoder's output goes in as it is: never scaled
             x = jnp.where(spans.mask[..., None], spans.embeds.astype(x.dtype), x)
             key_end = spans.key_end
-        # The rotation tables of each distinct (base, scale), looked up once for every layer
-        # (positions stay below attn_len).
-        layer_bases = list(zip(c.layer_rope_thetas, c.layer_rope_scales, strict=True))
-        bases = sorted(set(layer_bases))
-        base_of = [bases.index(b) for b in layer_bases]
-        tables = [rope_lookup(positions, t, s, c.head_dim, attn_len) for t, s in bases]
-        rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
+        inputs = None
+        if c.per_layer_input_dim:
+            inputs = PerLayerInputs(
+                c.vocab_size,
+                c.n_layers,
+                c.per_layer_input_dim,
+                c.norm_eps,
+                self.dtype,
+                self.quant,
+                name="per_layer",
+            )(tokens, x)  # [L, B, T, P]
+        rope, base_of = self._rope(positions, attn_len)
         if counts is None:
             counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
         step = cache.step(positions, rows, counts, attn_len, key_end)
-        states = []
-        for seg, state in zip(self.plan(), cache.layers, strict=True):
-            x, state = self._segment(seg, x, state, step, rope, base_of)
+        plan = self.plan()
+        states: list[Any] = []
+        for seg, state in zip(plan, cache.layers, strict=True):
+            if isinstance(state, SharedKV):  # reads the keys and values of an earlier layer
+                j, index = _locate(plan, state.source)
+                x, _ = self._segment(seg, x, states[j], step, rope, base_of, inputs, index)
+            else:
+                x, state = self._segment(seg, x, state, step, rope, base_of, inputs)
             states.append(state)
         return self._head(embed, x, logit_index, cache.with_layers(states), hidden)
 
-    def _segment(self, seg: Segment, x, state, step: Step, rope, base_of) -> tuple[Any, Any]:
-        """Run one segment's layers over its state."""
+    def _rope(self, positions: jax.Array, attn_len: int) -> tuple[tuple[Any, Any], list[int]]:
+        """The rotation tables of each distinct `ModelConfig.rope_key` among the layers,
+        looked up once for every layer (positions stay below attn_len), stacked [bases, B, T,
+        1, W] with W the widest head's H/2; and each layer's index into them."""
+        c = self.cfg
+        keys = [c.rope_key(i) for i in range(c.n_layers)]
+        bases = sorted(set(keys))
+        width = max(h for _, _, h, _ in bases) // 2
+        tables = []
+        for theta, scale, h, factored in bases:
+            factors = c.rope_freq_factors if factored else None
+            freqs = layer_frequencies(theta, h, factors, width)
+            tables.append(rope_lookup_freqs(positions, freqs, attn_len, scale))
+        rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
+        return rope, [bases.index(k) for k in keys]
+
+    def _segment(
+        self, seg: Segment, x, state, step: Step, rope, base_of, inputs, read: int | None = None
+    ) -> tuple[Any, Any]:
+        """Run one segment's layers over its state; with `read`, over the state of the
+        segment holding the layer they read (`read`: that layer's index in it)."""
         c, block = self.cfg, BLOCKS[seg.kind]
         if not seg.stacked:
             i = seg.first  # static window and base: the mask's window test folds away
+            data = LayerData(
+                0 if read is None else read,
+                c.layer_windows[i],
+                base_of[i],
+                None if inputs is None else inputs[i],
+            )
             (x, state), _ = block(c, self.dtype, self.quant, name=seg.name)(
-                (x, state), step, (0, c.layer_windows[i], base_of[i]), rope
+                (x, state), step, data, rope
             )
             return x, state
         layers = nn.scan(
@@ -196,12 +256,16 @@ class Decoder(nn.Module):
             length=seg.count,
         )(c, self.dtype, self.quant, name=seg.name)
         span = slice(seg.first, seg.first + seg.count)
-        layer_data = (
-            jnp.arange(seg.count, dtype=jnp.int32),
+        index = jnp.arange(seg.count, dtype=jnp.int32)
+        if read is not None:
+            index = jnp.full((seg.count,), read, jnp.int32)
+        data = LayerData(
+            index,
             jnp.asarray(c.layer_windows[span], jnp.int32),
             jnp.asarray(base_of[span], jnp.int32),
+            None if inputs is None else inputs[span],
         )
-        (x, state), _ = layers((x, state), step, layer_data, rope)
+        (x, state), _ = layers((x, state), step, data, rope)
         return x, state
 
     def plan(self) -> tuple[Segment, ...]:
@@ -214,6 +278,7 @@ class Decoder(nn.Module):
         return create_cache(self.cfg, self.plan(), layout, rows, max_len, self.dtype)
 
     def _head(self, embed, x, logit_index, cache, hidden: bool = False):
+        """Final norm, output projection (tied or not), soft-cap."""
         c = self.cfg
         final_norm = RMSNorm(c.norm_eps, self.dtype, name="final_norm")
         normed = None
