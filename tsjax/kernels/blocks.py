@@ -1,0 +1,96 @@
+"""Block-quantized weights: values in blocks of 32 along the input axis, as GGUF stores them,
+and the arithmetic on them in plain XLA (accelerators, and the reference for the CPU kernels).
+
+Two layouts (W is a Linear's weight [N, K], output features first, as in GGUF):
+- q8: `q` int8 [N, K], `d` float16 [K/32, N]; w = d q. GGUF's Q8_0, unpacked.
+- q4: `qs` uint8 [N, K/2], `d` and `m` float16 [K/32, N]; w = d q + m with q in 0..15, byte j
+  of a block holding its element j (low nibble) and j+16 (high nibble). GGUF's Q4_1 (and Q4_0,
+  and every 32-value sub-block of Q4_K, are this form).
+Scales are stored block-major ([K/32, N]) so that the CPU kernels load eight channels' scales as
+one vector.
+
+The conversions take the float tensor (what `tsjax.loader` reads, one tensor at a time) and are
+exact where the file's own blocks are of that form: Q8_0 into q8, Q4_0 and Q4_1 (quantized by
+llama.cpp's reference quantizer, whose blocks reach both ends of 0..15) into q4. Anything else is
+quantized afresh into the block form (q8: an error of at most 1/254 of each block's largest
+magnitude).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QK = 32  # values per block
+
+
+def _blocks(w: np.ndarray) -> np.ndarray:
+    n, k = w.shape
+    if k % QK:
+        raise ValueError(f"input size {k} is not a multiple of {QK}")
+    return np.asarray(w, np.float32).reshape(n, k // QK, QK)
+
+
+def q8_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float [N, K] -> (q int8 [N, K], d float16 [K/32, N]), symmetric per block of 32."""
+    wb = _blocks(w)
+    d = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
+    d32 = d.astype(np.float32)[..., None]
+    q = np.round(np.divide(wb, d32, out=np.zeros_like(wb), where=d32 > 0))
+    return np.clip(q, -127, 127).astype(np.int8).reshape(w.shape), np.ascontiguousarray(d.T)
+
+
+def q4_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float [N, K] -> (qs uint8 [N, K/2], d float16 [K/32, N], m float16 [K/32, N]): each
+    block spans its own minimum to maximum in 16 steps."""
+    wb = _blocks(w)
+    lo, hi = wb.min(-1), wb.max(-1)
+    m = lo.astype(np.float16)
+    d = ((hi - m.astype(np.float32)) / 15.0).astype(np.float16)
+    d32, m32 = d.astype(np.float32)[..., None], m.astype(np.float32)[..., None]
+    q = np.round(np.divide(wb - m32, d32, out=np.zeros_like(wb), where=d32 > 0))
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    qs = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
+    return qs.reshape(w.shape[0], -1), np.ascontiguousarray(d.T), np.ascontiguousarray(m.T)
+
+
+def q8_dequantize(q: jax.Array, d: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """(q [N, K], d [K/32, N]) -> W [N, K] in `dtype`."""
+    n, k = q.shape
+    w = q.reshape(n, k // QK, QK).astype(dtype) * d.T.astype(dtype)[..., None]
+    return w.reshape(n, k)
+
+
+def q4_values(qs: jax.Array) -> jax.Array:
+    """uint8 [N, K/2] -> the 4-bit values [N, K] (uint8 0..15), in element order."""
+    n, half = qs.shape
+    b = qs.reshape(n, half // (QK // 2), QK // 2)
+    return jnp.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, 2 * half)
+
+
+def q4_dequantize(qs: jax.Array, d: jax.Array, m: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """(qs [N, K/2], d, m [K/32, N]) -> W [N, K] in `dtype`."""
+    q = q4_values(qs)
+    n, k = q.shape
+    w = q.reshape(n, k // QK, QK).astype(dtype) * d.T.astype(dtype)[..., None]
+    return (w + m.T.astype(dtype)[..., None]).reshape(n, k)
+
+
+def quantize_activations(x: jax.Array) -> jax.Array:
+    """x [..., K] float -> x rounded as the CPU kernels see it: int8 with one scale per block of
+    32 (amax / 127), multiplied back out (float32)."""
+    shape = x.shape
+    xb = x.astype(jnp.float32).reshape(*shape[:-1], shape[-1] // QK, QK)
+    s = jnp.max(jnp.abs(xb), axis=-1, keepdims=True) / 127.0
+    q = jnp.round(jnp.where(s > 0, xb / jnp.where(s > 0, s, 1.0), 0.0))
+    return (q * s).reshape(shape)
+
+
+def reference_matmul(x: jax.Array, w: jax.Array, quantized_inputs: bool) -> jax.Array:
+    """x [..., K] @ w [N, K]^T -> [..., N] float32 with float32 accumulation; with
+    `quantized_inputs` x is first rounded as the CPU kernels round it."""
+    if quantized_inputs:
+        x = quantize_activations(x)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
