@@ -100,6 +100,15 @@ class GGUFFile:
                 ) from e
         return np.asarray(arr, dtype=dtype).reshape(t.shape)
 
+    def raw(self, name: str) -> np.ndarray:
+        """One tensor's own bytes as stored, uint8 [rows, bytes per row] (a memory-mapped
+        view: rows are the outermost numpy axes flattened)."""
+        t = self._get(name)
+        raw = self._mm[t.offset : t.offset + t.n_bytes]
+        if len(raw) != t.n_bytes:
+            raise GGUFError(f"{self.path} is truncated inside tensor {name}")
+        return raw.reshape(int(np.prod(t.shape[:-1], dtype=np.int64)), -1)
+
     def total_tensor_bytes(self) -> int:
         return sum(t.n_bytes for t in self._tensors.values())
 

@@ -165,6 +165,10 @@ def load(
         from tsjax.quantize import bf16_params
 
         params = bf16_params(params, cfg.tied_embeddings)
+    elif quant in ("q8", "q4"):
+        from tsjax.quantize import block_params
+
+        params = block_params(params, g, float_model, quant)
     if quant is not None:
         stats.bytes_params = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     template = ChatTemplate.from_metadata(

@@ -94,3 +94,62 @@ def reference_matmul(x: jax.Array, w: jax.Array, quantized_inputs: bool) -> jax.
         x = quantize_activations(x)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+# GGUF tensor types whose blocks are q4 blocks exactly (`q4_from_gguf`).
+FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def _halves(raw: np.ndarray, at: int) -> np.ndarray:
+    return raw[..., at : at + 2].copy().view(np.float16)[..., 0]
+
+
+def q4_from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]):
+    """A GGUF tensor's own bytes (uint8, `qtype` in FOUR_BIT_TYPES, numpy `shape` [N, K]) ->
+    (qs uint8 [N, K/2], d float16 [K/32, N], m float16 [K/32, N]), the same values: exact for
+    Q4_0 and Q4_1; Q4_K's sub-block scale and offset (d * 6-bit, dmin * 6-bit) are rounded to
+    float16 (2^-11 relative)."""
+    n, k = shape
+    if qtype in ("Q4_0", "Q4_1"):
+        size = 18 if qtype == "Q4_0" else 20
+        b = raw.reshape(n, k // QK, size)
+        d = _halves(b, 0)
+        m = (-8 * d.astype(np.float32)).astype(np.float16) if qtype == "Q4_0" else _halves(b, 2)
+        qs = b[..., size - 16 :].reshape(n, k // 2)
+        return np.ascontiguousarray(qs), np.ascontiguousarray(d.T), np.ascontiguousarray(m.T)
+    if qtype != "Q4_K":
+        raise ValueError(f"{qtype} is not a 4-bit block type")
+    b = raw.reshape(n, k // 256, 144)
+    d, dmin = _halves(b, 0).astype(np.float32), _halves(b, 2).astype(np.float32)
+    s = b[..., 4:16].astype(np.uint8)  # 8 six-bit scales and 8 six-bit offsets, packed
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], -1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    q = b[..., 16:].reshape(n, k // 256, 4, 32)  # 32 bytes per pair of sub-blocks
+    vals = np.stack([q & 0x0F, q >> 4], axis=3).reshape(n, k // QK, QK)  # sub-blocks in order
+    qs = vals[..., : QK // 2] | (vals[..., QK // 2 :] << 4)
+    sub_d = (d[..., None] * sc).reshape(n, k // QK).astype(np.float16)
+    sub_m = (-dmin[..., None] * mn).reshape(n, k // QK).astype(np.float16)
+    return qs.reshape(n, k // 2), np.ascontiguousarray(sub_d.T), np.ascontiguousarray(sub_m.T)
+
+
+def block_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
+    """x [..., K] @ W^T for W in blocks (`w`: {"q", "d"} for q8, {"qs", "d", "m"} for q4)
+    -> [..., N] in x's dtype.
+
+    On CPU: the `blockdot` kernels (activations quantized per block of 32 inside), or where they
+    cannot be built the same arithmetic in XLA (the weights dequantized on every call: slow).
+    Elsewhere: weight-only, the weights dequantized to x's dtype (bfloat16 on accelerators)
+    inside the step, where XLA can fuse it into the matmul; float32 accumulation."""
+    four = "qs" in w
+    if jax.default_backend() == "cpu":
+        from tsjax.kernels import blockdot
+
+        if blockdot.available():
+            y = blockdot.q4_matmul(x, w["qs"], w["d"], w["m"]) if four else None
+            y = blockdot.q8_matmul(x, w["q"], w["d"]) if y is None else y
+            return y.astype(x.dtype)
+        wf = q4_dequantize(w["qs"], w["d"], w["m"]) if four else q8_dequantize(w["q"], w["d"])
+        return reference_matmul(x, wf, quantized_inputs=True).astype(x.dtype)
+    dt = x.dtype
+    wf = q4_dequantize(w["qs"], w["d"], w["m"], dt) if four else q8_dequantize(w["q"], w["d"], dt)
+    return reference_matmul(x, wf, quantized_inputs=False).astype(dt)
