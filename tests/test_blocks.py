@@ -23,17 +23,13 @@ from tsjax.sampling import SamplingParams
 PROMPT = [1, 5, 9, 42, 17, 3, 99, 23, 64, 7, 11, 80, 31, 2, 55, 90, 14, 6]
 
 
-def _kernels():
-    if not blockdot.available():
-        pytest.skip("no C++ compiler: the block-quantized CPU kernels cannot be built")
-
-
 @pytest.mark.parametrize("m,k,n", [(1, 64, 10), (3, 576, 192), (5, 1536, 577), (33, 96, 8)])
 def test_kernels_match_xla(m, k, n):
     """Both formats, 1-33 rows (every row-tile size), channel counts that are and are not
-    multiples of the 8-channel tile: the kernel equals the same block arithmetic in XLA (int8
-    activations per block of 32, exact int32 block sums) up to float32 summation order."""
-    _kernels()
+    multiples of the 8-channel tile: the CPU kernel equals the same block arithmetic in XLA
+    (int8 activations per block of 32, exact int32 block sums) up to float32 summation order,
+    and rounds no coarser than that. The accelerators' weight-only form (bfloat16 inputs, no
+    activation rounding) stays near the float product."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -41,13 +37,24 @@ def test_kernels_match_xla(m, k, n):
     for fmt in ("q8", "q4"):
         b = {key: jnp.asarray(v) for key, v in tensor_blocks(w, "Q4_1", None, fmt == "q4").items()}
         deq = blocks.q4_dequantize(b["qs"], b["d"], b["m"]) if fmt == "q4" else None
-        deq = blocks.q8_dequantize(b["q"], b["d"]) if deq is None else deq
-        want = np.asarray(blocks.reference_matmul(jnp.asarray(x), deq, quantized_inputs=True))
-        got = np.asarray(jax.jit(blocks.block_matmul)(jnp.asarray(x), b))
-        assert got.shape == (m, n)
-        assert rel_err(got, want) < 1e-5, fmt
-        # and the rounding is as coarse as it should be: per-block int8, not per row
-        assert rel_err(got, x @ np.asarray(deq).T) < 0.02, fmt
+        deq = np.asarray(blocks.q8_dequantize(b["q"], b["d"]) if deq is None else deq)
+        exact = x @ deq.T
+        want = np.asarray(blocks.xla_block_matmul(jnp.asarray(x), b, quantize_inputs=True))
+        assert rel_err(want, exact) < 0.02, fmt
+        weight_only = blocks.xla_block_matmul(jnp.asarray(x, jnp.bfloat16), b, False)
+        assert weight_only.dtype == jnp.bfloat16 and rel_err(weight_only, exact) < 0.02, fmt
+        if blockdot.available():  # else block_matmul is xla_block_matmul (tested above)
+            got = np.asarray(jax.jit(blocks.block_matmul)(jnp.asarray(x), b))
+            assert got.shape == (m, n)
+            assert rel_err(got, want) < 1e-5, fmt
+
+
+def test_kernels_build_where_a_compiler_is():
+    """Wherever a C++ compiler is found, the kernels build, load and report their ISA."""
+    if blockdot._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    assert blockdot.available()
+    assert blockdot.isa() in ("avx512-vnni", "avx-vnni", "avx2", "portable")
 
 
 def test_q4_from_gguf_is_the_files_values(tmp_path):

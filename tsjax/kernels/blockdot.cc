@@ -439,19 +439,23 @@ struct Job {
   }
 };
 
-void parallel_channels(ffi::ThreadPool& pool, int64_t M, int64_t N,
+// Calls below this much work (weight bytes streamed + multiply-adds / 8) run on the calling
+// thread alone: handing a chunk to the pool costs ~8 us, what a 256 KB read takes.
+constexpr int64_t kParallelWork = 256 * 1024;
+
+void parallel_channels(ffi::ThreadPool& pool, int64_t work, int64_t N,
                        std::function<void(int64_t, int64_t)> chunk_fn) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // ~4 chunks a thread (balance), at least 8 channels.
+  const int64_t threads = work < kParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1) return chunk_fn(0, N);
+  // ~4 chunks a thread (balance), whole 8-channel tiles.
   int64_t size = std::max<int64_t>(8, (N + 4 * threads - 1) / (4 * threads));
-  size = (size + 7) / 8 * 8;  // whole 8-channel tiles
+  size = (size + 7) / 8 * 8;
   auto job = std::make_shared<Job>();
   job->n_chunks = (N + size - 1) / size;
   job->work = [=](int64_t c) { chunk_fn(c * size, std::min(N, (c + 1) * size)); };
   for (int64_t t = 1; t < std::min(threads, job->n_chunks); ++t) pool.Schedule([job] { job->run(); });
   job->run();
   while (job->done.load(std::memory_order_acquire) < job->n_chunks) std::this_thread::yield();
-  (void)M;
 }
 
 ffi::Error check_shapes(int64_t K, int64_t N, int64_t w_cols, int64_t w_per_k,
@@ -475,7 +479,7 @@ ffi::Error Q8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int8_t* wp = w.typed_data();
   const uint16_t* sp = ws.typed_data();
   float* yp = y->typed_data();
-  parallel_channels(pool, M, N, [=](int64_t n0, int64_t n1) {
+  parallel_channels(pool, N * K + M * N * K / 8, N, [=](int64_t n0, int64_t n1) {
     q8_chunk(M, n0, n1, a, wp, sp, yp, N);
   });
   return ffi::Error::Success();
@@ -495,7 +499,7 @@ ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const uint8_t* qp = qs.typed_data();
   const uint16_t *dp = d.typed_data(), *mp = m.typed_data();
   float* yp = y->typed_data();
-  parallel_channels(pool, M, N, [=](int64_t n0, int64_t n1) {
+  parallel_channels(pool, N * K / 2 + M * N * K / 8, N, [=](int64_t n0, int64_t n1) {
     q4_chunk(M, n0, n1, a, qp, dp, mp, yp, N);
   });
   return ffi::Error::Success();

@@ -137,19 +137,27 @@ def block_matmul(x: jax.Array, w: dict[str, jax.Array]) -> jax.Array:
     -> [..., N] in x's dtype.
 
     On CPU: the `blockdot` kernels (activations quantized per block of 32 inside), or where they
-    cannot be built the same arithmetic in XLA (the weights dequantized on every call: slow).
-    Elsewhere: weight-only, the weights dequantized to x's dtype (bfloat16 on accelerators)
-    inside the step, where XLA can fuse it into the matmul; float32 accumulation."""
-    four = "qs" in w
-    if jax.default_backend() == "cpu":
-        from tsjax.kernels import blockdot
+    cannot be built the same arithmetic in XLA (`xla_block_matmul`, the weights dequantized on
+    every call: several times slower). Elsewhere: weight-only, `xla_block_matmul` with x as it
+    comes (bfloat16 on accelerators)."""
+    if jax.default_backend() != "cpu":
+        return xla_block_matmul(x, w, quantize_inputs=False)
+    from tsjax.kernels import blockdot
 
-        if blockdot.available():
-            y = blockdot.q4_matmul(x, w["qs"], w["d"], w["m"]) if four else None
-            y = blockdot.q8_matmul(x, w["q"], w["d"]) if y is None else y
-            return y.astype(x.dtype)
-        wf = q4_dequantize(w["qs"], w["d"], w["m"]) if four else q8_dequantize(w["q"], w["d"])
-        return reference_matmul(x, wf, quantized_inputs=True).astype(x.dtype)
+    if not blockdot.available():
+        return xla_block_matmul(x, w, quantize_inputs=True)
+    if "qs" in w:
+        return blockdot.q4_matmul(x, w["qs"], w["d"], w["m"]).astype(x.dtype)
+    return blockdot.q8_matmul(x, w["q"], w["d"]).astype(x.dtype)
+
+
+def xla_block_matmul(x: jax.Array, w: dict[str, jax.Array], quantize_inputs: bool) -> jax.Array:
+    """`block_matmul` in plain XLA: the weights dequantized to x's dtype inside the step (on an
+    accelerator XLA can fuse that into the matmul), float32 accumulation; with
+    `quantize_inputs` x is first rounded as the CPU kernels round it."""
     dt = x.dtype
-    wf = q4_dequantize(w["qs"], w["d"], w["m"], dt) if four else q8_dequantize(w["q"], w["d"], dt)
-    return reference_matmul(x, wf, quantized_inputs=False).astype(dt)
+    if "qs" in w:
+        wf = q4_dequantize(w["qs"], w["d"], w["m"], dt)
+    else:
+        wf = q8_dequantize(w["q"], w["d"], dt)
+    return reference_matmul(x, wf, quantized_inputs=quantize_inputs).astype(dt)
