@@ -1,7 +1,7 @@
 """How far each weight format moves the next-token distribution from float32, on both real
-models (issue 16's decision table; the method of `serve.bench_accuracy`).
+models (issue 16's decision table; the method of `benchmarks.accuracy`).
 
-    python benchmarks/format_accuracy.py [--models smollm2-135m,gemma3-270m] [--tokens 256]
+    python -m benchmarks.format_accuracy [--models smollm2-135m,gemma3-270m] [--tokens 256]
                                          [--quants bf16,int8,q8,q4] [--text FILE]
 
 For each model: this repository's README (not the int8 calibration text), its first
@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from serve.bench_accuracy import README, _logits, compare
+from benchmarks.accuracy import README, _logits, compare
 
 
 def main(argv: list[str] | None = None) -> int:

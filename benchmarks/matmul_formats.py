@@ -2,14 +2,14 @@
 and the 49152 x 576 output projection), in one jitted program, for each candidate narrow
 weight format and row count (issue 16).
 
-    python benchmarks/matmul_formats.py [--modes f32,bf16,int8_row,...] [--rows 1,2,4,16,32]
+    python -m benchmarks.matmul_formats [--modes f32,bf16,int8_row,...] [--rows 1,2,4,16,32]
                                         [--reps 5] [--inner 5]
 
 The layers are chained (each feeds the next through a residual and a norm) so that nothing is
 hoisted or dropped. Each repetition runs every (mode, rows) once, interleaved, and times the best
 of `--inner` calls; the figure printed is the best over `--reps` repetitions (this machine is
 shared and noisy), with the median beside it. Weights are random: timing only (accuracy on real
-models: `benchmarks/format_accuracy.py`).
+models: `python -m benchmarks.format_accuracy`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ import numpy as np
 from tsjax.kernels import blockdot, blocks
 
 L, D, F, KV, V = 30, 576, 1536, 192, 49152
-SHAPES = {"q": (D, D), "k": (KV, D), "v": (KV, D), "o": (D, D), "g": (F, D), "u": (F, D), "d": (D, F)}
+SHAPES = {
+    "q": (D, D),
+    "k": (KV, D),
+    "v": (KV, D),
+    "o": (D, D),
+    "g": (F, D),
+    "u": (F, D),
+    "d": (D, F),
+}
 
 
 def _pad_rows(x: jax.Array, least: int) -> jax.Array:
@@ -97,7 +105,9 @@ def int8_block_prep(block):
         wb = w.reshape(n, k // block, block)
         s = np.abs(wb).max(2, keepdims=True) / 127.0
         s = np.where(s > 0, s, 1.0)
-        return jnp.asarray(np.round(wb / s).astype(np.int8)), jnp.asarray(s[..., 0].astype(np.float32))
+        return jnp.asarray(np.round(wb / s).astype(np.int8)), jnp.asarray(
+            s[..., 0].astype(np.float32)
+        )
 
     return prep
 
@@ -205,7 +215,7 @@ def main(argv=None) -> int:
                     step(xs[r], packed).block_until_ready()
                     best = min(best, time.perf_counter() - t)
                 res[(m, r)].append(best * 1e3)
-    print(f"| mode | MB held | " + " | ".join(f"{r} rows ms" for r in rows) + " |")
+    print("| mode | MB held | " + " | ".join(f"{r} rows ms" for r in rows) + " |")
     print("|---|---|" + "---|" * len(rows))
     for m in modes:
         cells = [f"{min(res[m, r]):.1f} ({statistics.median(res[m, r]):.1f})" for r in rows]

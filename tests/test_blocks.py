@@ -81,7 +81,7 @@ def test_q4_from_gguf_is_the_files_values(tmp_path):
     # un-permutes the floats
     name = "blk.0.attn_q.weight"
     raw = np.asarray(_raw_rows(g, name, cfg))
-    qs, d, m = blocks.q4_from_gguf(raw, "Q4_0", (raw.shape[0], cfg.hidden_size))
+    qs, d, m = blocks.q4_from_gguf(raw, "Q4_0", (raw.shape[0], cfg.dim))
     back = np.asarray(blocks.q4_dequantize(jnp.asarray(qs), jnp.asarray(d), jnp.asarray(m)))
     np.testing.assert_array_equal(back, unpermute_qk(g.tensor(name), cfg.n_heads))
 
