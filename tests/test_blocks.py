@@ -4,6 +4,8 @@ against their float logits, and the real default model's accuracy against float3
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,58 @@ def test_kernels_build_where_a_compiler_is():
         pytest.skip("no C++ compiler here")
     assert blockdot.available()
     assert blockdot.isa() in ("avx512-vnni", "avx-vnni", "avx2", "portable")
+
+
+def _blocks_and_input(four: bool, dtype=jnp.float32):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 96)).astype(np.float32)
+    b = {k: jnp.asarray(v) for k, v in tensor_blocks(w, "Q4_1", None, four).items()}
+    return b, jnp.asarray(rng.standard_normal((3, 96)), dtype)
+
+
+def test_failed_or_missing_compiler_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+    """No C++ compiler, or one that fails: no library (and no stray file in the cache), a
+    warning that says why, and `block_matmul` runs the same block arithmetic in XLA: the
+    program has no custom call."""
+    monkeypatch.setenv("TSJAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(blockdot, "_compiler", lambda: None)
+    with caplog.at_level("WARNING", "tsjax"):
+        assert blockdot._library.__wrapped__() is None
+    assert "no C++ compiler" in caplog.text
+    monkeypatch.setattr(blockdot, "_compiler", lambda: shutil.which("false"))
+    with caplog.at_level("WARNING", "tsjax"):
+        assert blockdot._library.__wrapped__() is None
+    assert "building the block-quantized CPU matmuls failed" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(blockdot, "available", lambda: False)
+    for four in (False, True):
+        b, x = _blocks_and_input(four)
+        program = jax.jit(blocks.block_matmul).lower(x, b).as_text()
+        assert "custom_call" not in program and "tsjax_" not in program
+        want = blocks.xla_block_matmul(x, b, quantize_inputs=True)
+        assert rel_err(jax.jit(blocks.block_matmul)(x, b), want) < 1e-6
+
+
+def test_cpu_uses_the_kernels_and_other_backends_never(monkeypatch):
+    """On CPU (kernels built) the program calls them; on any other backend the weights are
+    dequantized in XLA to x's dtype (bfloat16 there) and the kernels are not even looked
+    up."""
+    if blockdot.available():
+        b, x = _blocks_and_input(True)
+        assert "tsjax_q4_matmul" in jax.jit(blocks.block_matmul).lower(x, b).as_text()
+
+    def no_kernels():
+        raise AssertionError("the CPU kernels were looked up off CPU")
+
+    monkeypatch.setattr(blockdot, "_library", no_kernels)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for four in (False, True):
+        b, x = _blocks_and_input(four, jnp.bfloat16)
+        program = jax.jit(blocks.block_matmul).lower(x, b).as_text()
+        assert "custom_call" not in program
+        y = jax.jit(blocks.block_matmul)(x, b)
+        assert y.dtype == jnp.bfloat16
+        assert rel_err(y, blocks.xla_block_matmul(x, b, quantize_inputs=False)) < 1e-6
 
 
 def test_q4_from_gguf_is_the_files_values(tmp_path):
@@ -146,3 +200,44 @@ def test_real_model_q4_accuracy(smollm_path):
     print(f"q4 vs float32: mean KL {kl:.4f}, top-1 agreement {agree:.3f}")
     assert kl < 0.008
     assert agree > 0.93
+
+
+def test_engine_and_cli_run_block_formats(tmp_path, capsys):
+    """q4 on a Q4_1 file (SmolLM2's mix: 4-bit layers) served: concurrent greedy requests
+    through the engine give the tokens each gets alone from the library (the kernels compute
+    every row on its own), and `tsjax generate --quant q4` prints the library's text."""
+    import asyncio
+
+    from serve.engine import Engine, EventKind, GenerationRequest
+    from tsjax.cli import main
+    from tsjax.shapes import StepShapes
+
+    path = write_tiny_gguf(tmp_path / "q41.gguf", "llama", quant="Q4_1")
+    shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
+    model = load(path, progress=False, shapes=shapes, quant="q4")
+    assert model.params["layers_0"]["mlp"]["up"]["qs"].dtype == jnp.uint8
+    prompts = [[1, 5, 9, 42, 17, 3], [2, 7, 1], [3, 14, 15, 92, 65]]
+    alone = [generate(model, p, sampling=SamplingParams.greedy(), max_tokens=8) for p in prompts]
+    eng = Engine(model, decode_steps=4, prefill_chunk=32)
+    eng.start()
+    try:
+
+        async def one(p):
+            req = GenerationRequest(p, SamplingParams.greedy(), 8, reuse_prefix=False)
+            return [ev async for ev in eng.generate(req)]
+
+        async def all_of():
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        results = asyncio.run(all_of())
+    finally:
+        eng.stop()
+    for events, want in zip(results, alone, strict=True):
+        assert "".join(ev.text for ev in events if ev.kind is EventKind.TOKEN) == want.text
+    prompt = "hello world"
+    args = ["generate", prompt, "-m", str(path), "--raw", "--quant", "q4", "-n", "6"]
+    assert main([*args, "--max-len", "64"]) == 0
+    same = load(path, max_len=64, progress=False, quant="q4")
+    ids = same.tokenizer.encode(prompt, parse_special=True)
+    want = generate(same, ids, sampling=SamplingParams.greedy(), max_tokens=6)
+    assert capsys.readouterr().out == want.text + "\n"

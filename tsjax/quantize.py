@@ -25,7 +25,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from tsjax.gguf import GGUFFile
-from tsjax.kernels.blocks import FOUR_BIT_TYPES, q4_blocks, q4_from_gguf, q8_blocks
+from tsjax.kernels.blocks import FOUR_BIT_TYPES, QK, q4_blocks, q4_from_gguf, q8_blocks
 from tsjax.loader import unpermute_qk
 from tsjax.models.decoder import PARAM_TABLE, Decoder
 
@@ -157,6 +157,8 @@ def block_params(params, g: GGUFFile, model: Decoder, quant: str):
         flat[("lm_head", "weight")] = flat[("embed", "embedding")]
         tensors[("lm_head", "weight")] = ("token_embd.weight",)
     for path in [p for p in flat if p[-1] == "weight" and p in tensors]:
+        if flat[path].shape[-1] % QK:  # no whole blocks: the Linear keeps its float weight
+            continue
         w = np.asarray(flat.pop(path))
         names = tensors[path]
         four = quant == "q4" and {g.info(t).qtype for t in names} <= set(FOUR_BIT_TYPES)

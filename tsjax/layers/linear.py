@@ -21,7 +21,8 @@ With `quant="q8"` or `"q4"` the weight stays in blocks of 32 values along its in
 GGUF stores it (`tsjax.kernels.blocks`): int8 values and a float16 scale per block (`q`, `d`),
 or, for the tensors the file holds in 4 bits, 4-bit values with a float16 scale and offset per
 block (`qs`, `d`, `m`; only with "q4"). Which one a Linear holds is read from its params, so
-one model mixes them as its file does. On CPU the product runs in `tsjax.kernels.blockdot`
+one model mixes them as its file does (an input size that is not a multiple of 32 keeps its
+float weight). On CPU the product runs in `tsjax.kernels.blockdot`
 (activations quantized to int8 per block of 32 inside, as llama.cpp does), on accelerators as
 bfloat16 x the weights dequantized inside the step.
 """
@@ -99,7 +100,7 @@ class Linear(nn.Module):
         [features, ...] with `features_first_out`."""
         in_axis = 0 if features_first_in else -1
         shape = (x.shape[in_axis], self.features)
-        if self.quant in BLOCK_QUANTS:
+        if self.quant in BLOCK_QUANTS and shape[0] % QK == 0:
             y = block_matmul(jnp.moveaxis(x, in_axis, -1), self._blocks(shape[0]))
             y = jnp.moveaxis(y, -1, 0) if features_first_out else y
         elif self.quant == "int8":
