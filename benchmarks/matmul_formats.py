@@ -8,14 +8,16 @@ weight format and row count (issue 16).
 The layers are chained (each feeds the next through a residual and a norm) so that nothing is
 hoisted or dropped. Each repetition runs every (mode, rows) once, interleaved, and times the best
 of `--inner` calls; the figure printed is the best over `--reps` repetitions (this machine is
-shared and noisy), with the median beside it. Weights are random: timing only (accuracy on real
-models: `python -m benchmarks.format_accuracy`).
+shared and noisy), with the median beside it, and how many threads were busy (process CPU
+time over wall time). Weights are random: timing only (accuracy on real models:
+`python -m benchmarks.format_accuracy`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -205,21 +207,31 @@ def main(argv=None) -> int:
         nbytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(packed))
         built[m] = (step, packed, nbytes)
     res = {(m, r): [] for m in modes for r in rows}
+    busy = {(m, r): [0.0, 0.0] for m in modes for r in rows}  # process CPU s, wall s
     for _ in range(a.reps):
         for m in modes:
             step, packed, _ = built[m]
             for r in rows:
                 best = float("inf")
+                c0, w0 = time.process_time(), time.perf_counter()
                 for _ in range(a.inner):
                     t = time.perf_counter()
                     step(xs[r], packed).block_until_ready()
                     best = min(best, time.perf_counter() - t)
+                busy[m, r][0] += time.process_time() - c0
+                busy[m, r][1] += time.perf_counter() - w0
                 res[(m, r)].append(best * 1e3)
     print("| mode | MB held | " + " | ".join(f"{r} rows ms" for r in rows) + " |")
     print("|---|---|" + "---|" * len(rows))
     for m in modes:
         cells = [f"{min(res[m, r]):.1f} ({statistics.median(res[m, r]):.1f})" for r in rows]
         print(f"| {m} | {built[m][2] / 1e6:.0f} | " + " | ".join(cells) + " |")
+    print(f"\nthreads busy (process CPU time / wall time; {os.cpu_count()} CPUs):")
+    print("| mode | " + " | ".join(f"{r} rows" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for m in modes:
+        cells = [f"{busy[m, r][0] / busy[m, r][1]:.2f}" for r in rows]
+        print(f"| {m} | " + " | ".join(cells) + " |")
     for m in modes:
         for r in rows:
             print(json.dumps({"mode": m, "rows": r, "min_ms": round(min(res[m, r]), 2),

@@ -4,6 +4,8 @@ against their float logits, and the real default model's accuracy against float3
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import shutil
 
 import jax
@@ -57,6 +59,39 @@ def test_kernels_build_where_a_compiler_is():
         pytest.skip("no C++ compiler here")
     assert blockdot.available()
     assert blockdot.isa() in ("avx512-vnni", "avx-vnni", "avx2", "portable")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_portable_build_computes_the_same(tmp_path):
+    """The kernels built without AVX2 (the portable C++ path other CPUs take) give the block
+    arithmetic's result too: this CPU runs both builds."""
+    cxx = blockdot._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    lib = ctypes.CDLL(str(blockdot.build(cxx, tmp_path, march="x86-64")))
+    lib.tsjax_blockdot_isa.restype = ctypes.c_char_p
+    assert lib.tsjax_blockdot_isa() == b"portable"
+    for target, symbol in blockdot.TARGETS.items():
+        handler = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(f"{target}_portable", handler, "cpu")
+    for four in (False, True):
+        b, x = _blocks_and_input(four)
+        name = "tsjax_q4_matmul_portable" if four else "tsjax_q8_matmul_portable"
+        call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], 40), jnp.float32))
+        weights = (b["qs"], b["d"], b["m"]) if four else (b["q"], b["d"])
+        got = jax.jit(call)(x, *weights)
+        assert rel_err(got, blocks.xla_block_matmul(x, b, quantize_inputs=True)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["sapphirerapids", "alderlake"])
+def test_vnni_builds_compile(tmp_path, march):
+    """The AVX512-VNNI and AVX-VNNI paths, which this AMD CPU cannot run, at least compile
+    (each is only ever built for, and loaded on, a CPU whose flags have it)."""
+    cxx = blockdot._compiler()
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86 C++ compiler")
+    assert blockdot.build(cxx, tmp_path, march=march).exists()
 
 
 def _blocks_and_input(four: bool, dtype=jnp.float32):
@@ -158,7 +193,13 @@ def test_tiny_block_models_follow_float(tmp_path, arch, unrolled):
     assert layer["attn"]["q"]["qs"].dtype == jnp.uint8  # Q4_K in the file: 4-bit blocks
     assert layer["attn"]["q"]["d"].dtype == jnp.float16
     assert layer["attn"]["o"]["q"].dtype == jnp.int8  # Q5_0 in the file: int8 blocks
-    assert narrow.params["lm_head"]["qs"].dtype == jnp.uint8  # token_embd / output: Q4_K
+    # token_embd (and output): Q4_K. The table is held in blocks only, and a tied output
+    # projection runs on them: no float copy of it anywhere
+    assert narrow.params["embed"]["qs"].dtype == jnp.uint8
+    assert "embedding" not in narrow.params["embed"]
+    assert ("lm_head" in narrow.params) == (arch == "qwen3")
+    if arch == "qwen3":
+        assert narrow.params["lm_head"]["qs"].dtype == jnp.uint8
     assert "weight" not in layer["mlp"]["up"]
     assert min(narrow.steps.shapes.decode_batches) == 1
     assert rel_err(runs["q4"][0], runs[None][0]) < 0.05

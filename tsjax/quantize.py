@@ -148,26 +148,30 @@ def tensor_blocks(
 
 def block_params(params, g: GGUFFile, model: Decoder, quant: str):
     """Float params of `model` (read from `g`) -> the `--quant q8` / `q4` model's: every Linear
-    `weight` [..., out, in] becomes its blocks (`tensor_blocks`; "q4" keeps the file's 4-bit
-    tensors in 4 bits), and a tied embedding gets a block copy as `lm_head` (the lookup table
-    stays float). A stacked [L, ...] weight is 4-bit only if every layer's tensor is."""
+    `weight` [..., out, in] and the embedding table become their blocks (`tensor_blocks`; "q4"
+    keeps the file's 4-bit tensors in 4 bits); a tied output projection runs on the table's
+    blocks. A weight whose input size is not a multiple of 32 stays float (a tied table then
+    gets a float `lm_head` copy, as bf16 does). A stacked [L, ...] weight is 4-bit only if
+    every layer's tensor is."""
     flat = dict(flatten_dict(params))
     tensors = {p.path: p.tensors for p in PARAM_TABLE.placements(model.plan())}
-    if ("lm_head", "weight") not in flat:
-        flat[("lm_head", "weight")] = flat[("embed", "embedding")]
-        tensors[("lm_head", "weight")] = ("token_embd.weight",)
-    for path in [p for p in flat if p[-1] == "weight" and p in tensors]:
+    table = ("embed", "embedding")
+    if ("lm_head", "weight") not in flat and flat[table].shape[-1] % QK:
+        flat[("lm_head", "weight")] = flat[table]
+        tensors[("lm_head", "weight")] = tensors[table]
+    for path in [p for p in flat if (p[-1] == "weight" or p == table) and p in tensors]:
         if flat[path].shape[-1] % QK:  # no whole blocks: the Linear keeps its float weight
             continue
         w = np.asarray(flat.pop(path))
-        names = tensors[path]
+        names, lead = tensors[path], w.shape[:-2]
         four = quant == "q4" and {g.info(t).qtype for t in names} <= set(FOUR_BIT_TYPES)
         parts = [
             tensor_blocks(wi, g.info(t).qtype, _raw_rows(g, t, model.cfg) if four else None, four)
             for wi, t in zip(w.reshape(-1, *w.shape[-2:]), names, strict=True)
         ]
+        del w
         for key in parts[0]:
-            leaf = np.stack([p[key] for p in parts]).reshape(*w.shape[:-2], *parts[0][key].shape)
+            leaf = np.stack([p[key] for p in parts]).reshape(*lead, *parts[0][key].shape)
             flat[(*path[:-1], key)] = jax.device_put(leaf)
     return unflatten_dict(flat)
 

@@ -160,7 +160,9 @@ class ParamTable:
         share). KeyError for a parameter nobody declared."""
         path = tuple(path)
         if path and path[-1] in NARROW_LEAVES:
-            return narrow_axes(self.axes((*path[:-1], "weight")), path[-1])
+            # a Linear's weight, or the embedding table the block formats hold in blocks too
+            base = "embedding" if tuple(path[:-1]) == ("embed",) else "weight"
+            return narrow_axes(self.axes((*path[:-1], base)), path[-1])
         if path and (_UNROLLED.fullmatch(path[0]) or _STACKED.fullmatch(path[0])):
             found = {p.axes for k in self.kinds for p in self.kind_params(k) if p.path == path[1:]}
             if len(found) == 1:

@@ -54,15 +54,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TSJAX_KERNEL_CACHE", Path.home() / ".cache/tsjax/kernels"))
 
 
-def build(cxx: str, out_dir: Path) -> Path:
-    """Compile `blockdot.cc` with `cxx` into `out_dir` (if not there yet); the library's path."""
+def build(cxx: str, out_dir: Path, march: str = "native") -> Path:
+    """Compile `blockdot.cc` with `cxx` for `-march=<march>` into `out_dir` (if not there yet);
+    the library's path. Tests build other instruction sets than this CPU's ("x86-64": the
+    portable C++ path, "sapphirerapids": AVX512-VNNI) to check that they compile and, where
+    this CPU runs them, that they compute the same."""
     import jaxlib
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         b"\0".join(
             s.encode() if isinstance(s, str) else s
-            for s in (SOURCE.read_bytes(), version, jaxlib.__version__, _cpu_flags())
+            for s in (SOURCE.read_bytes(), version, jaxlib.__version__, _cpu_flags(), march)
         )
     ).hexdigest()[:16]
     lib = out_dir / f"libblockdot-{key}.so"
@@ -71,7 +74,7 @@ def build(cxx: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE)]
+    cmd = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE)]
     cmd += ["-I", jax.ffi.include_dir(), "-o", tmp]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
