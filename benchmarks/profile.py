@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         what = names.get(name)
         if what is None and re.fullmatch(r"(dot|convolution)[.\d]*", name):
             what = "dot (unfused)"
+        if what is None and re.fullmatch(r"custom-call[.\d]*", name):
+            what = "block matmul (custom call)"  # --quant q8 / q4: tsjax.kernels.blockdot
         if what is not None:
             by[what] += ns
             ops[what] += counts[name]
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def group(what: str) -> str:
     """matmuls (the weights' dots, 2-d outputs), attention dots (4-d outputs) or other."""
+    if what == "block matmul (custom call)":
+        return "matmuls"
     if what.endswith("dot") or what == "dot (unfused)":
         return "attention dots" if what.count(",") >= 3 else "matmuls"
     return "other"
