@@ -33,7 +33,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated request counts")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", type=int, default=16, help="rows decoding")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--position", type=int, default=200)
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
     # before jax is imported: XLA:CPU emits one trace event per executed op with this

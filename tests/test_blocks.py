@@ -18,10 +18,9 @@ from gguf_factory import write_tiny_gguf
 from tsjax.generation import generate
 from tsjax.gguf import GGUFFile
 from tsjax.kernels import blockdot, blocks
-from tsjax.loader import unpermute_qk
+from tsjax.loader import raw_rows, unpermute_qk
 from tsjax.model import load
 from tsjax.models import config_from_gguf
-from tsjax.quantize import _raw_rows, tensor_blocks
 from tsjax.sampling import SamplingParams
 
 PROMPT = [1, 5, 9, 42, 17, 3, 99, 23, 64, 7, 11, 80, 31, 2, 55, 90, 14, 6]
@@ -39,7 +38,10 @@ def test_kernels_match_xla(m, k, n):
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[:, 3] *= 30.0  # an outlier channel: only its own block's scale should feel it
     for fmt in ("q8", "q4"):
-        b = {key: jnp.asarray(v) for key, v in tensor_blocks(w, "Q4_1", None, fmt == "q4").items()}
+        b = {
+            key: jnp.asarray(v)
+            for key, v in blocks.tensor_blocks(w, "Q4_1", None, fmt == "q4").items()
+        }
         deq = blocks.q4_dequantize(b["qs"], b["d"], b["m"]) if fmt == "q4" else None
         deq = np.asarray(blocks.q8_dequantize(b["q"], b["d"]) if deq is None else deq)
         exact = x @ deq.T
@@ -68,7 +70,7 @@ def test_portable_build_computes_the_same(tmp_path):
     cxx = blockdot._compiler()
     if cxx is None:
         pytest.skip("no C++ compiler here")
-    lib = ctypes.CDLL(str(blockdot.build(cxx, tmp_path, march="x86-64")))
+    lib = ctypes.CDLL(str(blockdot.build(cxx, tmp_path, march="x86-64")[0]))
     lib.tsjax_blockdot_isa.restype = ctypes.c_char_p
     assert lib.tsjax_blockdot_isa() == b"portable"
     for target, symbol in blockdot.TARGETS.items():
@@ -91,14 +93,20 @@ def test_vnni_builds_compile(tmp_path, march):
     cxx = blockdot._compiler()
     if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("needs an x86 C++ compiler")
-    assert blockdot.build(cxx, tmp_path, march=march).exists()
+    assert blockdot.build(cxx, tmp_path, march=march)[0].exists()
 
 
 def _blocks_and_input(four: bool, dtype=jnp.float32):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((40, 96)).astype(np.float32)
-    b = {k: jnp.asarray(v) for k, v in tensor_blocks(w, "Q4_1", None, four).items()}
+    b = {k: jnp.asarray(v) for k, v in blocks.tensor_blocks(w, "Q4_1", None, four).items()}
     return b, jnp.asarray(rng.standard_normal((3, 96)), dtype)
+
+
+def _fresh_jit():
+    """`block_matmul` jitted anew: JAX's trace cache would otherwise hand a later test the
+    program traced under another test's monkeypatched backend or kernels."""
+    return jax.jit(lambda x, b: blocks.block_matmul(x, b))
 
 
 def test_failed_or_missing_compiler_falls_back_to_xla(monkeypatch, tmp_path, caplog):
@@ -118,10 +126,10 @@ def test_failed_or_missing_compiler_falls_back_to_xla(monkeypatch, tmp_path, cap
     monkeypatch.setattr(blockdot, "available", lambda: False)
     for four in (False, True):
         b, x = _blocks_and_input(four)
-        program = jax.jit(blocks.block_matmul).lower(x, b).as_text()
+        program = _fresh_jit().lower(x, b).as_text()
         assert "custom_call" not in program and "tsjax_" not in program
         want = blocks.xla_block_matmul(x, b, quantize_inputs=True)
-        assert rel_err(jax.jit(blocks.block_matmul)(x, b), want) < 1e-6
+        assert rel_err(_fresh_jit()(x, b), want) < 1e-6
 
 
 def test_cpu_uses_the_kernels_and_other_backends_never(monkeypatch):
@@ -130,7 +138,7 @@ def test_cpu_uses_the_kernels_and_other_backends_never(monkeypatch):
     up."""
     if blockdot.available():
         b, x = _blocks_and_input(True)
-        assert "tsjax_q4_matmul" in jax.jit(blocks.block_matmul).lower(x, b).as_text()
+        assert "tsjax_q4_matmul" in _fresh_jit().lower(x, b).as_text()
 
     def no_kernels():
         raise AssertionError("the CPU kernels were looked up off CPU")
@@ -139,9 +147,9 @@ def test_cpu_uses_the_kernels_and_other_backends_never(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for four in (False, True):
         b, x = _blocks_and_input(four, jnp.bfloat16)
-        program = jax.jit(blocks.block_matmul).lower(x, b).as_text()
+        program = _fresh_jit().lower(x, b).as_text()
         assert "custom_call" not in program
-        y = jax.jit(blocks.block_matmul)(x, b)
+        y = _fresh_jit()(x, b)
         assert y.dtype == jnp.bfloat16
         assert rel_err(y, blocks.xla_block_matmul(x, b, quantize_inputs=False)) < 1e-6
 
@@ -169,7 +177,7 @@ def test_q4_from_gguf_is_the_files_values(tmp_path):
     # the model's row order: llama's q rows are un-permuted in the raw blocks as the loader
     # un-permutes the floats
     name = "blk.0.attn_q.weight"
-    raw = np.asarray(_raw_rows(g, name, cfg))
+    raw = np.asarray(raw_rows(g, name, cfg))
     qs, d, m = blocks.q4_from_gguf(raw, "Q4_0", (raw.shape[0], cfg.dim))
     back = np.asarray(blocks.q4_dequantize(jnp.asarray(qs), jnp.asarray(d), jnp.asarray(m)))
     np.testing.assert_array_equal(back, unpermute_qk(g.tensor(name), cfg.n_heads))

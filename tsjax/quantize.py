@@ -1,6 +1,6 @@
 """Narrower weights for XLA:CPU's faster matmuls: bfloat16 (`bf16_params`), int8 (W8A8,
-SmoothQuant-style: most of this module), and the GGUF-style blocks of `--quant q8` / `q4`
-(`block_params`, `tensor_blocks`).
+SmoothQuant-style: most of this module). The GGUF-style blocks of `--quant q8` / `q4` are made
+as the loader reads each tensor (`tsjax.loader`, `tsjax.kernels.blocks.tensor_blocks`).
 
 XLA:CPU runs int8 x int8 -> int32 matmuls about twice as fast as float32 ones from 4 rows on,
 which is what batched decode is made of. Both sides must be int8: the weights once, here, with
@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tsjax.gguf import GGUFFile
-from tsjax.kernels.blocks import FOUR_BIT_TYPES, QK, q4_blocks, q4_from_gguf, q8_blocks
-from tsjax.loader import unpermute_qk
-from tsjax.models.decoder import PARAM_TABLE, Decoder
+from tsjax.models.decoder import Decoder
 
 ALPHA = 0.5  # how much of the activation range moves into the weights
 
@@ -129,58 +125,3 @@ def bf16_params(params, tied_embeddings: bool):
     return unflatten_dict(
         {k: v.astype(jnp.bfloat16) if k[-1] == "weight" else v for k, v in flat.items()}
     )
-
-
-def tensor_blocks(
-    w: np.ndarray, qtype: str, raw: np.ndarray | None, four_bit: bool
-) -> dict[str, np.ndarray]:
-    """One Linear weight [N, K] (float, as the loader reads it) -> its blocks: 4-bit
-    {"qs", "d", "m"} when `four_bit` and the file holds it in a 4-bit type (from the file's
-    own bytes `raw` when given: exact; else from the float values, exact for llama.cpp's
-    reference Q4_0/Q4_1), else int8 {"q", "d"} (exact for Q8_0). Pure: the loader can call it
-    per tensor."""
-    if four_bit and qtype in FOUR_BIT_TYPES:
-        qs, d, m = q4_from_gguf(raw, qtype, w.shape) if raw is not None else q4_blocks(w)
-        return {"qs": qs, "d": d, "m": m}
-    q, d = q8_blocks(w)
-    return {"q": q, "d": d}
-
-
-def block_params(params, g: GGUFFile, model: Decoder, quant: str):
-    """Float params of `model` (read from `g`) -> the `--quant q8` / `q4` model's: every Linear
-    `weight` [..., out, in] and the embedding table become their blocks (`tensor_blocks`; "q4"
-    keeps the file's 4-bit tensors in 4 bits); a tied output projection runs on the table's
-    blocks. A weight whose input size is not a multiple of 32 stays float (a tied table then
-    gets a float `lm_head` copy, as bf16 does). A stacked [L, ...] weight is 4-bit only if
-    every layer's tensor is."""
-    flat = dict(flatten_dict(params))
-    tensors = {p.path: p.tensors for p in PARAM_TABLE.placements(model.plan())}
-    table = ("embed", "embedding")
-    if ("lm_head", "weight") not in flat and flat[table].shape[-1] % QK:
-        flat[("lm_head", "weight")] = flat[table]
-        tensors[("lm_head", "weight")] = tensors[table]
-    for path in [p for p in flat if (p[-1] == "weight" or p == table) and p in tensors]:
-        if flat[path].shape[-1] % QK:  # no whole blocks: the Linear keeps its float weight
-            continue
-        w = np.asarray(flat.pop(path))
-        names, lead = tensors[path], w.shape[:-2]
-        four = quant == "q4" and {g.info(t).qtype for t in names} <= set(FOUR_BIT_TYPES)
-        parts = [
-            tensor_blocks(wi, g.info(t).qtype, _raw_rows(g, t, model.cfg) if four else None, four)
-            for wi, t in zip(w.reshape(-1, *w.shape[-2:]), names, strict=True)
-        ]
-        del w
-        for key in parts[0]:
-            leaf = np.stack([p[key] for p in parts]).reshape(*lead, *parts[0][key].shape)
-            flat[(*path[:-1], key)] = jax.device_put(leaf)
-    return unflatten_dict(flat)
-
-
-def _raw_rows(g: GGUFFile, name: str, cfg) -> np.ndarray:
-    """A tensor's own bytes [rows, bytes per row], its rows in the order the model uses
-    (llama.cpp's q/k interleaving undone, as `tsjax.loader` does for the float tensor)."""
-    raw = g.raw(name)
-    if cfg.permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
-        raw = raw[unpermute_qk(np.arange(raw.shape[0])[:, None], heads)[:, 0]]
-    return raw

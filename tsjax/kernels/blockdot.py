@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -54,11 +55,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TSJAX_KERNEL_CACHE", Path.home() / ".cache/tsjax/kernels"))
 
 
-def build(cxx: str, out_dir: Path, march: str = "native") -> Path:
+def build(cxx: str, out_dir: Path, march: str = "native") -> tuple[Path, bool]:
     """Compile `blockdot.cc` with `cxx` for `-march=<march>` into `out_dir` (if not there yet);
-    the library's path. Tests build other instruction sets than this CPU's ("x86-64": the
-    portable C++ path, "sapphirerapids": AVX512-VNNI) to check that they compile and, where
-    this CPU runs them, that they compute the same."""
+    the library's path and whether it was compiled now. Tests build other instruction sets
+    than this CPU's ("x86-64": the portable C++ path, "sapphirerapids": AVX512-VNNI) to check
+    that they compile and, where this CPU runs them, that they compute the same."""
     import jaxlib
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
@@ -70,7 +71,7 @@ def build(cxx: str, out_dir: Path, march: str = "native") -> Path:
     ).hexdigest()[:16]
     lib = out_dir / f"libblockdot-{key}.so"
     if lib.exists():
-        return lib
+        return lib, False
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
@@ -82,7 +83,16 @@ def build(cxx: str, out_dir: Path, march: str = "native") -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return lib
+    return lib, True
+
+
+_BUILD_SECONDS: list[float] = []  # compile time spent by this process (empty: cache hit)
+
+
+def build_seconds() -> float | None:
+    """Seconds this process spent compiling the kernels (None: found in the cache, or not
+    built): what a first start on a fresh machine pays once."""
+    return _BUILD_SECONDS[0] if _BUILD_SECONDS else None
 
 
 @functools.cache
@@ -94,7 +104,12 @@ def _library() -> ctypes.CDLL | None:
         log.warning("no C++ compiler found: the block-quantized CPU matmuls are unavailable")
         return None
     try:
-        lib = ctypes.CDLL(str(build(cxx, cache_dir())))
+        t0 = time.perf_counter()
+        path, built = build(cxx, cache_dir())
+        if built:
+            _BUILD_SECONDS.append(time.perf_counter() - t0)
+            log.info("built the block-quantized CPU matmuls in %.1fs: %s", _BUILD_SECONDS[0], path)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("building the block-quantized CPU matmuls failed: %s", detail[-2000:])

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsjax.quants import FOUR_BIT_TYPES
+
 QK = 32  # values per block
 
 
@@ -96,10 +98,6 @@ def reference_matmul(x: jax.Array, w: jax.Array, quantized_inputs: bool) -> jax.
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
-# GGUF tensor types whose blocks are q4 blocks exactly (`q4_from_gguf`).
-FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-
-
 def _halves(raw: np.ndarray, at: int) -> np.ndarray:
     return raw[..., at : at + 2].copy().view(np.float16)[..., 0]
 
@@ -161,3 +159,31 @@ def xla_block_matmul(x: jax.Array, w: dict[str, jax.Array], quantize_inputs: boo
     else:
         wf = q8_dequantize(w["q"], w["d"], dt)
     return reference_matmul(x, wf, quantized_inputs=quantize_inputs).astype(dt)
+
+
+def q8_from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's own bytes (uint8, numpy `shape` [N, K]) -> (q int8 [N, K], d float16
+    [K/32, N]): the same values, without a float copy."""
+    n, k = shape
+    b = raw.reshape(n, k // QK, 34)
+    q = b[..., 2:].copy().view(np.int8).reshape(n, k)
+    return q, np.ascontiguousarray(_halves(b, 0).T)
+
+
+def tensor_blocks(
+    w: np.ndarray | None, qtype: str, raw: np.ndarray | None, four_bit: bool, shape=None
+) -> dict[str, np.ndarray]:
+    """One Linear weight [N, K] -> its blocks: 4-bit {"qs", "d", "m"} when `four_bit` and the
+    file holds it in a 4-bit type, else int8 {"q", "d"}. From the file's own bytes `raw` where
+    given and the type allows (4-bit types, Q8_0: exact, no float copy; `shape` [N, K] then
+    stands for `w`), else from the float values `w` (exact for Q8_0 and llama.cpp's reference
+    Q4_0/Q4_1). Pure: the loader calls it per tensor."""
+    shape = tuple(w.shape) if w is not None else tuple(shape)
+    if four_bit and qtype in FOUR_BIT_TYPES:
+        qs, d, m = q4_from_gguf(raw, qtype, shape) if raw is not None else q4_blocks(w)
+        return {"qs": qs, "d": d, "m": m}
+    if qtype == "Q8_0" and raw is not None:
+        q, d = q8_from_gguf(raw, shape)
+    else:
+        q, d = q8_blocks(w)
+    return {"q": q, "d": d}
