@@ -224,31 +224,53 @@ def _kl_and_agreement(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]
     return kl, float(np.mean(ref.argmax(-1) == other.argmax(-1)))
 
 
+PROSE = (
+    "Rivers shape the land they cross. Over thousands of years a river cuts its valley, "
+    "carries sand and silt downstream, and builds plains and deltas where it slows. "
+    "People have always settled along rivers, for water, for food and for travel; the "
+    "first cities grew on the banks of the Tigris, the Euphrates, the Nile and the Indus. "
+    "Today rivers still carry goods, turn turbines and water fields, but dams and "
+    "pollution have changed many of them beyond recognition. Restoring a river means "
+    "more than cleaning its water: it means giving it room to flood, to move and to "
+    "feed the wetlands around it, so that fish can migrate and birds can nest again. "
+    "In the mountains the same water freezes into glaciers, which grind the rock beneath "
+    "them into fine flour; when they melt in summer the rivers below turn milky and cold, "
+    "and the villages that depend on them watch the snow line climb a little higher each year."
+)
+
+
 @pytest.mark.slow
-def test_real_model_q4_accuracy(smollm_path):
-    """SmolLM2 (Q4_1 layers, Q8_0 output projection) on 256 tokens of English prose against
-    its float32 logits: q4 keeps the file's own blocks, so only the int8 activation blocks
-    move the distribution, as in llama.cpp (README's text: mean KL 0.0041, top-1 96.5%;
-    llama.cpp 0.004, 97%). Here: mean KL under 0.008, top-1 agreement 93%+."""
-    text = (
-        "Rivers shape the land they cross. Over thousands of years a river cuts its valley, "
-        "carries sand and silt downstream, and builds plains and deltas where it slows. "
-        "People have always settled along rivers, for water, for food and for travel; the "
-        "first cities grew on the banks of the Tigris, the Euphrates, the Nile and the Indus. "
-        "Today rivers still carry goods, turn turbines and water fields, but dams and "
-        "pollution have changed many of them beyond recognition. Restoring a river means "
-        "more than cleaning its water: it means giving it room to flood, to move and to "
-        "feed the wetlands around it, so that fish can migrate and birds can nest again."
-    )
-    logits = {}
-    for quant in (None, "q4"):
-        model = load(smollm_path, max_len=512, progress=False, quant=quant)
-        ids = model.tokenizer.encode(text)[:256]
-        logits[quant] = all_logits(model, ids)
-    kl, agree = _kl_and_agreement(logits[None], logits["q4"])
-    print(f"q4 vs float32: mean KL {kl:.4f}, top-1 agreement {agree:.3f}")
-    assert kl < 0.008
-    assert agree > 0.93
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_default_format_accuracy(name):
+    """The default weight format of both real models (SmolLM2: Q4_1 layers, Q8_0 output
+    projection; Gemma 3: Q4_K and Q6_K) on English prose against their float32 logits: "auto"
+    picks q4 on CPU, the file's own 4-bit blocks, so only the int8 activation blocks (and the
+    int8 blocks of Q6_K/Q8_0 tensors) move the distribution, as in llama.cpp, whose own logits
+    on the same file and tokens are the bar (issue 16: no worse than its Q4_1 x Q8; measured:
+    README, "Weight formats"). Bounds: mean KL at most 1.25x llama.cpp's (+0.001) and under
+    0.01, top-1 agreement at most 2 points below llama.cpp's and at least 93%."""
+    from conftest import loaded_model
+
+    ref_model = loaded_model(name, max_len=512)
+    ids = ref_model.tokenizer.encode(PROSE)[:256]
+    ref = np.asarray(all_logits(ref_model, ids))
+    model = load(ref_model.path, max_len=512, progress=False)
+    assert blockdot.available() and model.quant == "q4", model.quant
+    kl, agree = _kl_and_agreement(ref, np.asarray(all_logits(model, ids)))
+    del model
+    print(f"{name}: default ({len(ids)} tokens) vs float32: mean KL {kl:.4f}, top-1 {agree:.3f}")
+    assert kl < 0.01 and agree >= 0.93
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return
+    llm = Llama(model_path=str(ref_model.path), n_ctx=512, logits_all=True, verbose=False)
+    llm.eval(ids)
+    lkl, lagree = _kl_and_agreement(ref, np.array(llm.scores[: len(ids)]))
+    del llm
+    print(f"{name}: llama.cpp vs float32: mean KL {lkl:.4f}, top-1 {lagree:.3f}")
+    assert kl <= 1.25 * lkl + 0.001
+    assert agree >= lagree - 0.02
 
 
 def test_engine_and_cli_run_block_formats(tmp_path, capsys):

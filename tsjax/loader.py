@@ -155,7 +155,8 @@ def block_leaves(
         else:
             raw, w = None, _convert(g, name, cfg, np.float32, (n, k))
         part = tensor_blocks(w, qtype, raw, four, shape=(n, k))
-        del w
+        del w, raw
+        g.release(name)
         done(1)
         if not place.stacked:
             return part
@@ -190,7 +191,9 @@ def _convert(g, name, cfg, np_dtype, want_shape) -> np.ndarray:
         raise GGUFError(
             f"{g.path.name}: tensor {name} has shape {w.shape}, model expects {tuple(want_shape)}"
         )
-    return np.ascontiguousarray(w, dtype=np_dtype)
+    out = np.ascontiguousarray(w, dtype=np_dtype)
+    g.release(name)  # read: its file pages need not stay resident (`GGUFFile.release`)
+    return out
 
 
 def _cast(a: np.ndarray, dtype) -> np.ndarray:
