@@ -9,7 +9,9 @@ then a greedy generation of `--tokens` tokens (compiles one prefill and one deco
 Printed per run, from /proc/self/status: the peak resident size during the load (VmHWM right
 after it: the narrow params plus one tensor is the goal, never a float copy of the model),
 resident after the load and after generating, split into anonymous memory and file pages
-(the GGUF stays memory-mapped), next to the file size, the params held and the KV cache.
+(the GGUF stays memory-mapped) and after glibc's `malloc_trim(0)` (what the server does after
+warm-up: freed compile-time memory handed back), next to the file size, the params held and
+the KV cache.
 `--shaped DIR` first writes llama-architecture files of random Q8_0 and Q4_K blocks shaped
 like a 1.5-2B model into DIR (`tests/gguf_factory.write_shaped_gguf`, kept for reruns) and
 measures those; the goal there is resident <= 1.3 x (file + KV cache).
@@ -56,6 +58,7 @@ def child(path: str, quant: str, max_len: int, tokens: int) -> dict:
     ids = model.tokenizer.encode("The river carried sand and silt down to the sea")
     generate(model, ids, sampling=SamplingParams.greedy(), max_tokens=tokens)
     served = _status()
+    trimmed = _status() if _malloc_trim() else served
     return {
         "file": Path(path).name,
         "format": model.quant,
@@ -71,7 +74,19 @@ def child(path: str, quant: str, max_len: int, tokens: int) -> dict:
         "served_anon_MB": served["RssAnon"],
         "served_file_pages_MB": served["RssFile"],
         "peak_MB": served["VmHWM"],
+        "trimmed_MB": trimmed["VmRSS"],
     }
+
+
+def _malloc_trim() -> bool:
+    """Hand glibc's free arena memory back (what `tsjax serve` does after warm-up)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _run(path: str, quant: str, args) -> dict:
@@ -124,17 +139,22 @@ def main(argv: list[str] | None = None) -> int:
 
         path = str(resolve_model(args.model))
         runs = [(path, q) for q in args.quants.split(",")]
-    print("| file | format | file MB | params MB | KV cache MB | load peak MB | after load MB "
-          "(file pages) | after generating MB (anon / file pages) | peak MB | resident / "
-          "(file + cache) |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| file | format | file MB | params MB | KV cache MB | load peak MB | after load MB "
+        "(file pages) | after generating MB (anon / file pages) | peak MB | after malloc_trim "
+        "MB | resident / (file + cache), trimmed |"
+    )
+    print("|---" * 11 + "|")
     for path, quant in runs:
         r = _run(path, quant, args)
         ratio = r["served_MB"] / (r["file_MB"] + r["cache_MB"])
+        trimmed = r["trimmed_MB"] / (r["file_MB"] + r["cache_MB"])
         print(f"| {r['file']} | {r['format']} | {r['file_MB']:.0f} | {r['params_MB']:.0f} | "
               f"{r['cache_MB']:.0f} | {r['load_peak_MB']:.0f} | {r['loaded_MB']:.0f} "
               f"({r['loaded_file_pages_MB']:.0f}) | {r['served_MB']:.0f} "
               f"({r['served_anon_MB']:.0f} / {r['served_file_pages_MB']:.0f}) | "
-              f"{r['peak_MB']:.0f} | {ratio:.2f} |", flush=True)  # fmt: skip
+              f"{r['peak_MB']:.0f} | {r['trimmed_MB']:.0f} | {ratio:.2f}, {trimmed:.2f} |",
+              flush=True)  # fmt: skip
     return 0
 
 

@@ -26,6 +26,37 @@ from tsjax.sampling import SamplingParams
 PROMPT = [1, 5, 9, 42, 17, 3, 99, 23, 64, 7, 11, 80, 31, 2, 55, 90, 14, 6]
 
 
+def test_auto_chooses_the_format_by_backend_file_and_kernels():
+    """"auto" (the default of tsjax.load, `--quant` and the server setting): on CPU the file's
+    4-bit blocks where it has them, else int8 blocks; float32 where the kernels cannot be
+    built or over several CPU devices; weight-only int8 blocks on accelerators, without even
+    looking for the CPU kernels. Anything else is taken as asked; "f32" / None is float."""
+    from tsjax.quants import choose_quant
+
+    def never():
+        raise AssertionError("the CPU kernels were looked up off CPU")
+
+    q4_file, q8_file = {"Q4_1", "Q8_0", "F32"}, {"Q8_0", "Q6_K", "F16"}
+    cases = [
+        ("cpu", q4_file, lambda: True, 1, "q4"),
+        ("cpu", {"Q4_K", "Q6_K"}, lambda: True, 1, "q4"),
+        ("cpu", q8_file, lambda: True, 1, "q8"),
+        ("cpu", {"F32"}, lambda: True, 1, "q8"),
+        ("cpu", q4_file, lambda: False, 1, None),
+        ("cpu", q4_file, lambda: True, 4, None),
+        ("gpu", q4_file, never, 1, "q8"),
+        ("tpu", q8_file, never, 8, "q8"),
+    ]
+    for backend, types, kernels, devices, want in cases:
+        got, why = choose_quant("auto", backend, types, kernels, devices)
+        assert got == want, (backend, types, devices, got, why)
+        assert why.startswith("auto")
+    for asked, want in (("f32", None), (None, None), ("bf16", "bf16"), ("q4", "q4")):
+        assert choose_quant(asked, "gpu", q8_file, never) == (want, "asked for")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        choose_quant("q3", "cpu", q8_file, lambda: True)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 64, 10), (3, 576, 192), (5, 1536, 577), (33, 96, 8)])
 def test_kernels_match_xla(m, k, n):
     """Both formats, 1-33 rows (every row-tile size), channel counts that are and are not
