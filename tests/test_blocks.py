@@ -27,10 +27,10 @@ PROMPT = [1, 5, 9, 42, 17, 3, 99, 23, 64, 7, 11, 80, 31, 2, 55, 90, 14, 6]
 
 
 def test_auto_chooses_the_format_by_backend_file_and_kernels():
-    """"auto" (the default of tsjax.load, `--quant` and the server setting): on CPU the file's
-    4-bit blocks where it has them, else int8 blocks; float32 where the kernels cannot be
-    built or over several CPU devices; weight-only int8 blocks on accelerators, without even
-    looking for the CPU kernels. Anything else is taken as asked; "f32" / None is float."""
+    """The "auto" format (default of tsjax.load, `--quant` and the server setting): on CPU the
+    file's 4-bit blocks where it has them, else int8 blocks; float32 where the kernels cannot
+    be built or over several CPU devices; weight-only int8 blocks on accelerators, without
+    even looking for the CPU kernels. Anything else is taken as asked; "f32" / None is float."""
     from tsjax.quants import choose_quant
 
     def never():

@@ -202,9 +202,7 @@ def load(
     projector = None
     if mmproj_path(mmproj, path) is not None:
         projector = load_model_projector(mmproj_path(mmproj, path), cfg.dim, mesh)
-    return Model(
-        path, cfg, params, tokenizer, template, steps, metadata, stats, projector, reason
-    )
+    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats, projector, reason)
 
 
 def mmproj_path(mmproj: str | Path | None, model_path: Path) -> Path | None:
