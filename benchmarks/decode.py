@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--positions", default="100,200,1000")
     p.add_argument("--steps", type=int, default=4, help="decode steps per dispatch")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--sampling", choices=["greedy", "default"], default="greedy")
     p.add_argument(
         "--logprobs",

@@ -33,7 +33,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated request counts")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
@@ -89,6 +89,7 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
         "load_s": load_s,
         "compile_s": compile_s,
         "param_bytes": model.load_stats.bytes_params,
+        "format": model.quant,
         "rows": rows,
         "prompt_ids": prompt,
     }
@@ -416,6 +417,8 @@ def report(
     ratio tsjax / llama.cpp (prefill, single-stream decode, aggregate decode at each
     concurrency against llama.cpp's batched decode of as many sequences), then cold start."""
     floor = ours["param_bytes"] / bw
+    fmt = ours.get("format") or args.quant or "f32"
+    held = {"bf16": "bf16 (+ float32 embedding)", "int8": "int8 (+ float32 embedding)"}
     cmd = command if command is not None else bench_command(sys.argv)
     lines = [
         f"### {os.path.basename(path)} on {platform.machine()}, {os.cpu_count()} cores",
@@ -430,7 +433,7 @@ def report(
         lines.append(f"Load average at start: {' '.join(f'{x:.2f}' for x in load_avg)}.  ")
     lines += [
         f"Read bandwidth {bw / 1e9:.1f} GB/s;"
-        f" {f'{args.quant} (+ float32 embedding)' if args.quant else 'float32'} params"
+        f" {held.get(fmt, fmt)} params"
         f" {ours['param_bytes'] / 1e6:.0f} MB"
         f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
         f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
@@ -466,7 +469,7 @@ def report(
     )
     row("decode, 1 stream", ours["decode_1_tok_s"], ref and ref["decode_1_tok_s"])
     lines.append(
-        f"| decode 1 stream vs float32 floor | {ours['decode_1_tok_s'] * floor:.2f}"
+        f"| decode 1 stream vs its floor ({fmt}) | {ours['decode_1_tok_s'] * floor:.2f}"
         " of floor speed | | |"
     )
     batched = (ref or {}).get("batched", {})

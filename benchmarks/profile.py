@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live", type=int, default=16, help="rows decoding")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--position", type=int, default=200)
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
     # before jax is imported: XLA:CPU emits one trace event per executed op with this
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         what = names.get(name)
         if what is None and re.fullmatch(r"(dot|convolution)[.\d]*", name):
             what = "dot (unfused)"
+        if what is None and re.fullmatch(r"custom-call[.\d]*", name):
+            what = "block matmul (custom call)"  # --quant q8 / q4: tsjax.kernels.blockdot
         if what is not None:
             by[what] += ns
             ops[what] += counts[name]
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def group(what: str) -> str:
     """matmuls (the weights' dots, 2-d outputs), attention dots (4-d outputs) or other."""
+    if what == "block matmul (custom call)":
+        return "matmuls"
     if what.endswith("dot") or what == "dot (unfused)":
         return "attention dots" if what.count(",") >= 3 else "matmuls"
     return "other"

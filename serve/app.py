@@ -94,11 +94,22 @@ def _startup_line(hub: Hub) -> str:
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     host = f"[{host}]" if ":" in host else host
     return (
-        f"tsjax serving {m.name} ({m.config.architecture}, {s.quant or 'float32'} weights,"
+        f"tsjax serving {m.name} ({m.config.architecture}, {_weights(m)} weights,"
         f" {s.rows} rows x {m.max_len} ctx"
         f"{f', images via {m.projector.name}' if m.projector else ''})"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
         f" -> http://{host}:{s.port}"
+    )
+
+
+def _weights(m: Model) -> str:
+    """The weight format and, when the CPU kernels were built by this process, what that cost
+    (a fresh machine builds them once; later starts find them in the cache)."""
+    from tsjax.kernels import blockdot
+
+    built = blockdot.build_seconds()
+    return m.quant + (
+        f", kernels built in {built:.1f}s" if built and m.quant in ("q8", "q4") else ""
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from tsjax.quants import QUANT_HELP, QUANTS
+from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
 DEFAULT_CONFIG = Path("configs/server.toml")
 ENV_PREFIX = "TSJAX_"
@@ -36,8 +36,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 5000
     rows: int = 8  # decode slots: requests decoded together in one batch
     max_len: int = 2048  # context window (KV cache length per slot)
-    # "bf16" / "int8" weights (tsjax.quants): faster batched decode on CPU, less exact
-    quant: str | None = None
+    # weight format (tsjax.quants): "auto" chooses per platform and file, "f32" (or None) the
+    # exact float weights, else "bf16", "int8", "q8" or "q4"
+    quant: str | None = "auto"
     decode_steps: int = 4  # decode steps per dispatch when nobody is waiting
     prefill_chunk: int = 512
     max_tokens: int = 200  # default num_predict / max_tokens for the API surfaces
@@ -96,7 +97,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ("shutdown_grace_s", self.shutdown_grace_s >= 0),
             ("session_ttl_seconds", self.session_ttl_seconds > 0),
             ("max_sessions", self.max_sessions >= 1),
-            ("quant", self.quant in QUANTS),
+            ("quant", self.quant is None or self.quant in QUANT_CHOICES),
         ]
         for name, ok in checks:
             if not ok:

@@ -43,9 +43,11 @@ _loaded: dict = {}
 
 
 def loaded_model(name: str, **kwargs):
-    """One tsjax Model per (name, settings) for the whole session."""
+    """One tsjax Model per (name, settings) for the whole session; the exact float32 weights
+    unless `quant` says otherwise (the references are float32)."""
     from tsjax.model import load
 
+    kwargs.setdefault("quant", "f32")
     key = (name, tuple(sorted(kwargs.items())))
     if key not in _loaded:
         _loaded[key] = load(real_model_path(name), progress=False, **kwargs)

@@ -805,3 +805,57 @@ def reference_greedy(
         logits = reference_logits(path, ids, llama_cpp_semantics=llama_cpp_semantics)
         ids.append(int(np.argmax(logits[-1])))
     return ids[len(token_ids) :]
+
+
+def write_shaped_gguf(path: str | Path, quant: str, *, seed: int = 0, **overrides: Any) -> Path:
+    """Write a llama-architecture GGUF of any size (e.g. shaped like a 1.5-2B model) whose
+    matrices are random blocks of `quant` ("Q8_0" or "Q4_K") written directly as bytes, tensor
+    by tensor: no float copy of the model is ever made, so multi-GB files take seconds. Norms
+    are float32 ones; the tokenizer is the tiny one (`overrides` are `TinySpec` fields; the
+    vocabulary stays under ~960 tokens). Values are not a trained model's, only its shapes,
+    types and magnitudes (weights within about +-0.05): for memory and speed measurements."""
+    import gguf
+
+    if quant not in ("Q8_0", "Q4_K"):
+        raise ValueError(f"write_shaped_gguf writes Q8_0 or Q4_K, not {quant!r}")
+    spec = tiny_spec("llama", **overrides)
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), spec.gguf_arch)
+    w.add_name(f"shaped-llama-{quant.lower()}")
+    _add_metadata(w, spec)
+    w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[quant]]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(w, tiny_vocab(spec))
+    d, f, v = spec.hidden_size, spec.ffn_size, spec.vocab_size
+    kv = spec.n_kv_heads * spec.head_dim
+    q = spec.n_heads * spec.head_dim
+    mats = {"token_embd.weight": (v, d), "output.weight": (v, d)}
+    layer_mats = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+                  "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}  # fmt: skip
+    for i in range(spec.n_layers):
+        for name, shape in layer_mats.items():
+            mats[f"blk.{i}.{name}.weight"] = shape
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(d, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for name, (rows, cols) in mats.items():
+        data = _random_blocks(rng, rows, cols, quant)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=_qtype(quant))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _random_blocks(rng: np.random.Generator, rows: int, cols: int, quant: str) -> np.ndarray:
+    """uint8 [rows, bytes per row] of random `quant` blocks with small float16 scales."""
+    if quant == "Q8_0":
+        b = rng.integers(0, 256, (rows, cols // 32, 34), dtype=np.uint8)
+        b[..., :2] = np.full((rows, cols // 32, 1), 3e-4, np.float16).view(np.uint8)
+    else:  # Q4_K: d, dmin, 12 bytes of 6-bit scales and offsets, 128 bytes of nibbles
+        b = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+        b[..., :4] = np.full((rows, cols // 256, 2), [1e-4, 8e-4], np.float16).view(np.uint8)
+    return b.reshape(rows, -1)

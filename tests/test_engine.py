@@ -25,6 +25,7 @@ def engine(tmp_path_factory):
         path,
         progress=False,
         shapes=StepShapes.default(rows=ROWS, max_len=128, min_prefill=16, min_attn=32),
+        quant="f32",
     )
     eng = Engine(model, decode_steps=4, prefill_chunk=32)
     eng.warmup()

@@ -51,6 +51,7 @@ _models: dict = {}
 
 
 def model_of(m: TinyModel, file: str = "f32", **kw):
+    kw.setdefault("quant", "f32")  # compared with transformers' float32 logits
     key = (m.name, file, tuple(sorted(kw.items())))
     if key not in _models:
         _models[key] = load(m.gguf[file], progress=False, shapes=SHAPES, **kw)
@@ -225,7 +226,7 @@ def _tp_case(model) -> dict:
 def _tp_worker(files: dict[str, str]) -> None:
     out = {}
     for name, path in files.items():
-        m = load(Path(path), progress=False, shapes=SHAPES, mesh="tp=2")
+        m = load(Path(path), progress=False, shapes=SHAPES, mesh="tp=2", quant="f32")
         res = _tp_case(m)
         last = m.params[f"layers_{m.config.n_layers - 1}"]
         spec = lambda x: str(x.sharding.spec)  # noqa: E731

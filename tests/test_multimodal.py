@@ -48,7 +48,12 @@ def _images(*arrays) -> list[Image.Image]:
 def model(tiny_vision):
     # a bare mmproj file name resolves beside the model
     return load(
-        tiny_vision.text_gguf, mmproj=tiny_vision.mmproj.name, max_len=128, rows=2, progress=False
+        tiny_vision.text_gguf,
+        mmproj=tiny_vision.mmproj.name,
+        max_len=128,
+        rows=2,
+        progress=False,
+        quant="f32",  # compared with transformers' float32 logits
     )
 
 
@@ -85,7 +90,7 @@ def test_logits_match_transformers(tiny_vision, model):
     assert rel_err(_forward(model, prompt), ref) < 1e-3
     assert rel_err(_forward(model, prompt, causal=True), ref) > 1e-2
     # the stacked cache layout (accelerators' scanned layers), through the prefill step
-    stacked = load(tiny_vision.text_gguf, max_len=128, unrolled=False, progress=False)
+    stacked = load(tiny_vision.text_gguf, max_len=128, unrolled=False, progress=False, quant="f32")
     _, logits, _, _ = stacked.steps.prefill(
         stacked.params,
         stacked.steps.new_cache(),

@@ -46,7 +46,7 @@ def files(tmp_path_factory):
 )
 def test_all_position_logits_match(files, case):
     path = files[case]
-    model = load(path, max_len=64, progress=False)
+    model = load(path, max_len=64, progress=False, quant="f32")
     ids = [t % model.config.vocab_size for t in PROMPT]
     ours = all_logits(model, ids)
     ref = reference_logits(path, ids)
@@ -61,7 +61,7 @@ def test_layer_layouts_agree(files, case):
     (CPU's) compute the same logits, through prefill and multi-step decode."""
     runs = []
     for unrolled in (False, True):
-        model = load(files[case], max_len=64, progress=False, unrolled=unrolled)
+        model = load(files[case], max_len=64, progress=False, unrolled=unrolled, quant="f32")
         assert ("layers" in model.params) != unrolled
         ids = [t % model.config.vocab_size for t in PROMPT]
         res = generate(
@@ -75,7 +75,7 @@ def test_layer_layouts_agree(files, case):
 @pytest.mark.parametrize("case", [0, 2, 3, 4, 5], ids=lambda i: CASES[i][0])
 def test_greedy_tokens_match(files, case):
     path = files[case]
-    model = load(path, max_len=64, progress=False)
+    model = load(path, max_len=64, progress=False, quant="f32")
     ids = [t % model.config.vocab_size for t in PROMPT[:6]]
     res = generate(
         model, ids, sampling=SamplingParams.greedy(), max_tokens=16, steps_per_dispatch=4

@@ -30,6 +30,13 @@ def test_file_then_environment_then_flags(tmp_path):
     assert (s.rows, s.port, s.max_len, s.quant) == (4, 8000, 512, "int8")
 
 
+def test_weight_format_defaults_to_auto():
+    """The default weight format is chosen per platform and file ("auto"); "f32" asks for the
+    exact float weights."""
+    assert load_settings(None, environ={}).quant == "auto"
+    assert load_settings(None, environ={"TSJAX_QUANT": "f32"}).quant == "f32"
+
+
 @pytest.mark.parametrize(
     "env,name",
     [

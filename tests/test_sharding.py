@@ -67,7 +67,7 @@ def run_case(path: Path, mesh) -> tuple[dict, object]:
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
 
-    m = load(path, progress=False, shapes=_shapes(), mesh=mesh)
+    m = load(path, progress=False, shapes=_shapes(), mesh=mesh, quant="f32")
     st = m.steps
     ids = PROMPTS[0]
     logits = st.forward_fn(
@@ -244,7 +244,7 @@ def _swap_worker(path: str) -> None:
             split_span=8,
             skip_min_rows=1,
         )
-        m = load(Path(path), progress=False, shapes=shapes, mesh=mesh)
+        m = load(Path(path), progress=False, shapes=shapes, mesh=mesh, quant="f32")
         s = m.steps
         assert s.blocks == ((4, 8), (16, 24, 32, 48, 64))
         cache, sampler = s.new_cache(), s.new_sampler()
@@ -316,7 +316,7 @@ def _engine_worker(path: str, out: str) -> None:
     from tsjax.shapes import StepShapes
 
     shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
-    model = load(Path(path), progress=False, shapes=shapes, mesh="dp=2,tp=2")
+    model = load(Path(path), progress=False, shapes=shapes, mesh="dp=2,tp=2", quant="f32")
     eng = Engine(model, decode_steps=4, prefill_chunk=16)
     eng.start()
 
@@ -354,7 +354,7 @@ def test_engine_on_four_devices(tiny_files, tmp_path):
     out = tmp_path / "engine.json"
     proc = _spawn(["engine", str(tiny_files["llama"]), str(out)], 4)
     shapes = StepShapes.default(rows=4, max_len=64, min_prefill=16, min_attn=32)
-    model = load(tiny_files["llama"], progress=False, shapes=shapes)
+    model = load(tiny_files["llama"], progress=False, shapes=shapes, quant="f32")
     want = [
         generate(model, list(p), sampling=SamplingParams.greedy(), max_tokens=N_TOKENS)
         for p in ENGINE_PROMPTS
@@ -465,7 +465,7 @@ def _single_process_serve(path: Path) -> list[dict]:
 
     flags = dict(zip(SERVE_FLAGS[0::2], SERVE_FLAGS[1::2], strict=True))
     over = {k.lstrip("-").replace("-", "_"): int(v) for k, v in flags.items()}
-    settings = load_settings(None, dict(model=str(path), **over))
+    settings = load_settings(None, dict(model=str(path), quant="f32", **over))
     with TestClient(create_app(settings), timeout=120, base_url="http://127.0.0.1") as client:
         deadline = time.time() + 300
         while client.get("/health").status_code != 200:
@@ -489,6 +489,7 @@ def _serve_argv(coordinator: str, process_id: int, path: str, port: int) -> list
         "--process-id": str(process_id),
         "--host": "127.0.0.1",
         "--port": str(port),
+        "--quant": "f32",
     }
     return ["serve", *(x for kv in flags.items() for x in kv), *SERVE_FLAGS]
 

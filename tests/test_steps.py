@@ -28,6 +28,7 @@ def tiny_gemma3(tmp_path_factory):
         shapes=replace(
             StepShapes.default(rows=4, max_len=64, min_prefill=8, min_attn=16), split_span=8
         ),
+        quant="f32",
     )
 
 
@@ -41,7 +42,7 @@ def tiny_gemma3_skipping(tmp_path_factory):
         split_span=8,
         skip_min_rows=1,
     )
-    model = load(path, progress=False, shapes=shapes)
+    model = load(path, progress=False, shapes=shapes, quant="f32")
     model.steps.warmup(model.params, decode_steps=(1,), max_prompt=32, batches=(1, 2))
     return model
 
@@ -186,6 +187,7 @@ def test_no_recompilation_after_warmup(tmp_path):
         path,
         progress=False,
         shapes=StepShapes.default(rows=4, max_len=128, min_prefill=16, min_attn=32),
+        quant="f32",
     )
     steps = model.steps
     steps.warmup(model.params, decode_steps=(1, 4))
@@ -239,7 +241,7 @@ def test_swap_rows_moves_keys_values_lengths_and_sampling(tmp_path):
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     # row blocks of 4 (the server's are 16+)
     shapes = StepShapes.default(8, 64, min_prefill=8, min_attn=16, min_row_block=4)
-    model = load(path, progress=False, shapes=shapes)
+    model = load(path, progress=False, shapes=shapes, quant="f32")
     steps = model.steps
     assert steps.blocks == ((4, 8), (16, 32, 64))
     a, b = list(range(3, 55)), list(range(40, 58))  # 52 and 18 tokens: past the 1st block

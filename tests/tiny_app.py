@@ -78,7 +78,7 @@ class StubEngine(Engine):
 def tiny_model(directory: Path, max_len: int = 256) -> Any:
     path = write_tiny_gguf(directory / "tiny.gguf", "llama")
     shapes = StepShapes.default(rows=2, max_len=max_len, min_prefill=16, min_attn=32)
-    return load(path, progress=False, shapes=shapes)
+    return load(path, progress=False, shapes=shapes, quant="f32")
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (context window)")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default=None, help=QUANT_HELP)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument(
         "--mesh", default=None, help="shard over devices: tp=4, dp=2,tp=2, tp=-1 (all devices)"

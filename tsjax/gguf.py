@@ -1,12 +1,14 @@
 """GGUF files: metadata as plain Python values, tensors dequantized one at a time.
 
 The file is memory-mapped; nothing is read until a tensor is asked for, so a loader that
-converts tensor by tensor never holds more than one extra tensor in host memory. The `gguf`
-package supplies the quantization tables and dequantizers.
+converts tensor by tensor never holds more than one extra tensor in host memory, and once it
+is done with a tensor `release` drops its file pages from the process's resident memory (the
+page cache keeps them). The `gguf` package supplies the quantization tables and dequantizers.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,9 @@ class GGUFFile:
         if not self.path.is_file():
             raise GGUFError(f"model file not found: {self.path}")
         try:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with self.path.open("rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = np.frombuffer(self._map, np.uint8)
         except (OSError, ValueError) as e:
             raise GGUFError(f"cannot read {self.path}: {e}") from e
         if bytes(self._mm[:4]) != GGUF_MAGIC:
@@ -99,6 +103,30 @@ class GGUFFile:
                     "which the installed gguf package cannot dequantize"
                 ) from e
         return np.asarray(arr, dtype=dtype).reshape(t.shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        """One tensor's own bytes as stored, uint8 [rows, bytes per row] (a memory-mapped
+        view: rows are the outermost numpy axes flattened)."""
+        t = self._get(name)
+        raw = self._mm[t.offset : t.offset + t.n_bytes]
+        if len(raw) != t.n_bytes:
+            raise GGUFError(f"{self.path} is truncated inside tensor {name}")
+        return raw.reshape(int(np.prod(t.shape[:-1], dtype=np.int64)), -1)
+
+    def release(self, name: str | None = None) -> None:
+        """Drop the file pages of tensor `name` (every tensor's: None) from this process's
+        resident memory. The mapping stays valid: a later read faults them back in from the
+        page cache. Without it a loaded model would keep the whole file resident beside its
+        params (what was read stays mapped)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = 0, len(self._map)
+        if name is not None:
+            t = self._get(name)
+            start, end = t.offset, t.offset + t.n_bytes
+        start -= start % mmap.PAGESIZE  # madvise takes whole pages
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def total_tensor_bytes(self) -> int:
         return sum(t.n_bytes for t in self._tensors.values())

@@ -20,6 +20,7 @@ from tsjax.chat_template import ChatTemplate, special_tokens_from_metadata
 from tsjax.gguf import GGUFFile
 from tsjax.loader import LoadStats, load_params
 from tsjax.models import ModelConfig, config_from_gguf
+from tsjax.quants import BLOCK_QUANTS, choose_quant, quant_name
 from tsjax.runner import LocalRunner
 from tsjax.shapes import StepShapes
 from tsjax.spans import Prompt
@@ -49,6 +50,13 @@ class Model:
     metadata: dict
     load_stats: LoadStats
     projector: Projector | None = None  # the mmproj's image encoder, if one was loaded
+    quant_reason: str = "asked for"  # why this weight format (`tsjax.quants.choose_quant`)
+
+    @property
+    def quant(self) -> str:
+        """The weight format the params are in: "f32" (the model dtype's float weights), "bf16",
+        "int8", "q8" or "q4" (`tsjax.quants`)."""
+        return quant_name(self.steps.model.quant)
 
     @property
     def name(self) -> str:
@@ -128,7 +136,7 @@ def load(
     shapes: StepShapes | None = None,
     mesh: Mesh | str | None = None,
     unrolled: bool | None = None,
-    quant: str | None = None,
+    quant: str | None = "auto",
     mmproj: str | Path | None = None,
 ) -> Model:
     """Load a catalog name or a .gguf path. `max_len` caps the cache (default: the model's
@@ -138,7 +146,10 @@ def load(
 
     `mesh` (a `jax.sharding.Mesh`, or a spec such as "tp=4" / "dp=2,tp=2" over every device)
     shards params, cache and steps over several devices; each weight goes straight from the
-    host into its shards. None keeps everything on the default device."""
+    host into its shards. None keeps everything on the default device.
+
+    `quant`: the weight format (`tsjax.quants`): "auto" (default) chooses per platform and
+    file (`choose_quant`; `Model.quant` says which), "f32" or None the exact float weights."""
     path = resolve_model(model)
     enable_compilation_cache()
     t0 = time.perf_counter()
@@ -149,12 +160,17 @@ def load(
         from tsjax.sharding import make_mesh
 
         mesh = make_mesh(mesh)
+    n_devices = 1 if mesh is None else mesh.devices.size
+    quant, reason = choose_quant(
+        quant, jax.default_backend(), _weight_types(g), _kernels, n_devices
+    )
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
     steps = Steps(cfg, shapes, dtype, mesh=mesh, unrolled=unrolled, quant=quant)
     put = steps.plan.device_put if steps.plan is not None else None
     float_model = steps.model.clone(quant=None)
-    params, stats = load_params(g, float_model, progress=progress, device_put=put)
+    narrow = steps.model if quant in BLOCK_QUANTS else None
+    params, stats = load_params(g, float_model, progress=progress, device_put=put, narrow=narrow)
     tokenizer = Tokenizer.from_gguf(g.metadata)
     if quant == "int8":
         from tsjax.quantize import CALIBRATION_TEXT, calibrate, quantize_params
@@ -172,19 +188,21 @@ def load(
     )
     stats.seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%s, %d layers) in %.1fs: %.0f MB params on %s",
+        "loaded %s (%s, %d layers) in %.1fs: %.0f MB params (%s weights, %s) on %s",
         path.name,
         cfg.architecture,
         cfg.n_layers,
         stats.seconds,
         stats.bytes_params / 1e6,
+        quant_name(quant),
+        reason,
         jax.devices()[0].platform if mesh is None else f"{mesh.devices.size} devices",
     )
     metadata = {k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")}
     projector = None
     if mmproj_path(mmproj, path) is not None:
         projector = load_model_projector(mmproj_path(mmproj, path), cfg.dim, mesh)
-    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats, projector)
+    return Model(path, cfg, params, tokenizer, template, steps, metadata, stats, projector, reason)
 
 
 def mmproj_path(mmproj: str | Path | None, model_path: Path) -> Path | None:
@@ -219,3 +237,14 @@ def load_model_projector(path: Path, text_dim: int, mesh: Mesh | None = None) ->
         proj.load_seconds,
     )
     return proj
+
+
+def _weight_types(g: GGUFFile) -> set[str]:
+    """The GGUF types of the file's matrices (what "auto" chooses a format from)."""
+    return {g.info(n).qtype for n in g.tensor_names() if len(g.info(n).shape) >= 2}
+
+
+def _kernels() -> bool:
+    from tsjax.kernels import blockdot
+
+    return blockdot.available()

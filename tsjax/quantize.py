@@ -1,5 +1,6 @@
-"""Narrower weights for XLA:CPU's faster matmuls: bfloat16 (`bf16_params`) and int8 (W8A8,
-SmoothQuant-style: the rest of this module).
+"""Narrower weights for XLA:CPU's faster matmuls: bfloat16 (`bf16_params`), int8 (W8A8,
+SmoothQuant-style: most of this module). The GGUF-style blocks of `--quant q8` / `q4` are made
+as the loader reads each tensor (`tsjax.loader`, `tsjax.kernels.blocks.tensor_blocks`).
 
 XLA:CPU runs int8 x int8 -> int32 matmuls about twice as fast as float32 ones from 4 rows on,
 which is what batched decode is made of. Both sides must be int8: the weights once, here, with

@@ -36,7 +36,8 @@ SKIP_MIN_ROWS = 8
 #: narrower batches are padded there (rows past the cache's compute and are dropped).
 #: Measured: a 4-row int8 step beats a 1-row float32 one. Other backends have fast narrow
 #: matrix-vector kernels: no padding.
-MIN_DECODE_ROWS: dict[str | None, int] = {None: 1, "bf16": 2, "int8": 4}
+#: The block formats' CPU kernels (`tsjax.kernels.blockdot`) run one row at memory speed.
+MIN_DECODE_ROWS: dict[str | None, int] = {None: 1, "bf16": 2, "int8": 4, "q8": 1, "q4": 1}
 
 #: (row bounds, position bounds) of the blocked cache layout; each bound is a block's end.
 BlockBounds = tuple[tuple[int, ...], tuple[int, ...]]

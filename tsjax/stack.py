@@ -15,7 +15,8 @@ path in the params tree, and the logical axes of the array as loaded (a float Li
 (`ParamTable.placements`), the sharding rules read the axes (`ParamTable.axes`), and a test
 checks that every parameter a model creates has exactly one entry. The narrow formats' leaves
 (`tsjax.quantize`: an int8 `kernel` [in, out] with `kernel_scale` [out] and `input_scale`
-[in]) take their axes from the float weight they replace, so they need no entries.
+[in]; the block formats' `q`/`qs` with `d`/`m`) take their axes from the float weight they
+replace, so they need no entries.
 
 A Flax declaration alone could not carry this: the params come from GGUF files, not from an
 initializer, so their tensor names need a table anyway; the narrow formats make new leaves
@@ -42,8 +43,10 @@ ATTENTION = "attention"
 DELTANET = "deltanet"
 MAMBA2 = "mamba2"
 
-#: Leaves the narrow formats make in place of a Linear's float `weight` (see module docstring).
-NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale")
+#: Leaves the narrow formats make in place of a Linear's float `weight` (see module docstring):
+#: int8's, and the block formats' (`tsjax.kernels.blocks`: values `q` [..., out, in] or `qs`
+#: [..., out, in/2], block scales `d` and offsets `m` [..., in/32, out]).
+NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale", "q", "qs", "d", "m")
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,19 @@ def layer_plan(kinds: Sequence[str], unrolled: bool) -> tuple[Segment, ...]:
 
 def narrow_axes(weight_axes: LogicalAxes, leaf: str) -> LogicalAxes:
     """Axes of a narrow-format leaf from those of the float weight [..., out, in] it
-    replaces: `kernel` [..., in, out], `kernel_scale` [..., out], `input_scale` [..., in]."""
+    replaces: `kernel` [..., in, out], `kernel_scale` [..., out], `input_scale` [..., in];
+    `q` / `qs` as the weight, `d` / `m` [..., in blocks, out]."""
     *lead, out, inp = weight_axes
-    return {"kernel": (*lead, inp, out), "kernel_scale": (*lead, out), "input_scale": (*lead, inp)}[
-        leaf
-    ]
+    by_leaf = {
+        "kernel": (*lead, inp, out),
+        "kernel_scale": (*lead, out),
+        "input_scale": (*lead, inp),
+        "q": weight_axes,
+        "qs": weight_axes,
+        "d": (*lead, inp, out),
+        "m": (*lead, inp, out),
+    }
+    return by_leaf[leaf]
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,9 @@ class ParamTable:
         share). KeyError for a parameter nobody declared."""
         path = tuple(path)
         if path and path[-1] in NARROW_LEAVES:
-            return narrow_axes(self.axes((*path[:-1], "weight")), path[-1])
+            # a Linear's weight, or the embedding table the block formats hold in blocks too
+            base = "embedding" if tuple(path[:-1]) == ("embed",) else "weight"
+            return narrow_axes(self.axes((*path[:-1], base)), path[-1])
         if path and (_UNROLLED.fullmatch(path[0]) or _STACKED.fullmatch(path[0])):
             found = {p.axes for k in self.kinds for p in self.kind_params(k) if p.path == path[1:]}
             if len(found) == 1:

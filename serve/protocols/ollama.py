@@ -357,6 +357,8 @@ def _details(hub: Hub) -> dict[str, Any]:
         "families": [arch],
         "parameter_size": str(meta.get("general.size_label", "")),
         "quantization_level": model.path.stem.rsplit(".", 1)[-1],  # type: ignore[union-attr]
+        # what the weights are held and multiplied in (tsjax.quants; the file's own type above)
+        "weight_format": model.quant,  # type: ignore[union-attr]
     }
 
 

@@ -16,6 +16,15 @@ smoothing) and quantized to int8 on the fly (symmetric, one scale per row), so t
 int8 x int8 -> int32: on XLA:CPU about twice the float32 rate from 4 rows (XNNPACK's int8
 kernels). The float path records each input channel's largest magnitude when asked (the
 "intermediates" collection), which is what calibration reads.
+
+With `quant="q8"` or `"q4"` the weight stays in blocks of 32 values along its input axis, as
+GGUF stores it (`tsjax.kernels.blocks`): int8 values and a float16 scale per block (`q`, `d`),
+or, for the tensors the file holds in 4 bits, 4-bit values with a float16 scale and offset per
+block (`qs`, `d`, `m`; only with "q4"). Which one a Linear holds is read from its params, so
+one model mixes them as its file does (an input size that is not a multiple of 32 keeps its
+float weight). On CPU the product runs in `tsjax.kernels.blockdot`
+(activations quantized to int8 per block of 32 inside, as llama.cpp does), on accelerators as
+bfloat16 x the weights dequantized inside the step.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tsjax.kernels.blocks import QK, block_matmul
+from tsjax.quants import BLOCK_QUANTS
 
 
 def weight_dtype(quant: str | None, dtype) -> jnp.dtype:
@@ -88,7 +100,10 @@ class Linear(nn.Module):
         [features, ...] with `features_first_out`."""
         in_axis = 0 if features_first_in else -1
         shape = (x.shape[in_axis], self.features)
-        if self.quant == "int8":
+        if self.quant in BLOCK_QUANTS and shape[0] % QK == 0:
+            y = block_matmul(jnp.moveaxis(x, in_axis, -1), self._blocks(shape[0]))
+            y = jnp.moveaxis(y, -1, 0) if features_first_out else y
+        elif self.quant == "int8":
             assert not (features_first_in or features_first_out), "int8 takes rows first"
             kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
             scale = self.param("kernel_scale", nn.initializers.ones, shape[1:], jnp.float32)
@@ -106,3 +121,18 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
             y = y + (bias.reshape((-1,) + (1,) * (y.ndim - 1)) if features_first_out else bias)
         return y
+
+    def _blocks(self, k: int) -> dict[str, jax.Array]:
+        """This Linear's block-quantized weight: 4-bit blocks if its params hold them, else
+        int8 blocks (what a fresh init declares)."""
+        n, g = self.features, k // QK
+        if self.has_variable("params", "qs"):
+            return {
+                "qs": self.param("qs", nn.initializers.zeros, (n, k // 2), jnp.uint8),
+                "d": self.param("d", nn.initializers.ones, (g, n), jnp.float16),
+                "m": self.param("m", nn.initializers.zeros, (g, n), jnp.float16),
+            }
+        return {
+            "q": self.param("q", nn.initializers.zeros, (n, k), jnp.int8),
+            "d": self.param("d", nn.initializers.ones, (g, n), jnp.float16),
+        }

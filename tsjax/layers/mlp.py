@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from tsjax.layers.linear import Linear
+from tsjax.quants import BLOCK_QUANTS
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -28,8 +29,9 @@ class GatedMLP(nn.Module):
         act = ACTIVATIONS[self.activation]
         # Float weights: gate and up leave their outputs features first ([F, B, T], the
         # matmuls' own layout) and down takes them so; rows first, XLA:CPU transposed both
-        # into the activation and back out of it.
-        ff = self.quant != "int8"
+        # into the activation and back out of it. int8 and the block formats' kernels take
+        # rows first.
+        ff = self.quant not in ("int8", *BLOCK_QUANTS)
         gate = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="gate")
         up = Linear(self.ffn_dim, dtype=self.dtype, quant=self.quant, name="up")
         down = Linear(x.shape[-1], dtype=self.dtype, quant=self.quant, name="down")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tsjax.cache import Cache, KVLayout, KVState, SharedKV, Step, create_cache
+from tsjax.kernels.blocks import QK
 from tsjax.layers.attention import Attention
 from tsjax.layers.embed import Embed, PerLayerInputs
 from tsjax.layers.linear import Linear, input_amax
@@ -28,6 +29,7 @@ from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import layer_frequencies, rope_lookup_freqs
 from tsjax.models.config import ModelConfig
+from tsjax.quants import BLOCK_QUANTS
 from tsjax.spans import SpanInputs
 from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
 
@@ -180,7 +182,7 @@ class Decoder(nn.Module):
         `hidden` (static) also every position's final-normed state [B, T, D] (embeddings,
         prompt log-probabilities: `project` maps it to logits)."""
         c = self.cfg
-        embed = Embed(c.vocab_size, c.dim, self.dtype, name="embed")
+        embed = Embed(c.vocab_size, c.dim, self.dtype, self._embed_quant(), name="embed")
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale is not None:
             x = x * jnp.asarray(c.embed_scale, x.dtype)
@@ -277,6 +279,12 @@ class Decoder(nn.Module):
         layout = KVLayout() if layout is None else layout
         return create_cache(self.cfg, self.plan(), layout, rows, max_len, self.dtype)
 
+    def _embed_quant(self) -> str | None:
+        """The block format the embedding table is held in (`tsjax.layers.embed`), or None:
+        float (bf16 and int8 keep the table float; a tied one gets a projection copy)."""
+        blocks = self.quant in BLOCK_QUANTS and self.cfg.dim % QK == 0
+        return self.quant if blocks else None
+
     def _head(self, embed, x, logit_index, cache, hidden: bool = False):
         """Final norm, output projection (tied or not), soft-cap."""
         c = self.cfg
@@ -292,6 +300,8 @@ class Decoder(nn.Module):
             # what a quantized model's separate lm_head would see (calibration reads it)
             self.sow("intermediates", "lm_head_input_amax", input_amax(x))
             logits = embed.attend(x)
+        elif c.tied_embeddings and self._embed_quant() is not None:
+            logits = embed.attend(x)  # the table's own blocks
         else:  # bf16 / int8: a tied embedding gets a copy in that format as the projection
             logits = Linear(c.vocab_size, False, self.dtype, self.quant, name="lm_head")(x)
         logits = _softcap(c, logits.astype(jnp.float32))
@@ -301,8 +311,9 @@ class Decoder(nn.Module):
         """Logits [..., V] (float32) of final-normed states x [..., D]: the output projection
         of `__call__`'s head, outside it (a function of `params`, callable inside a step)."""
         c = self.cfg
-        if c.tied_embeddings and self.quant is None:
-            table = Embed(c.vocab_size, c.dim, self.dtype, parent=None)
+        if c.tied_embeddings and (self.quant is None or self._embed_quant() is not None):
+            # float: the table itself; block formats: the table's own blocks
+            table = Embed(c.vocab_size, c.dim, self.dtype, self._embed_quant(), parent=None)
             logits = table.apply({"params": params["embed"]}, x, method=Embed.attend)
         else:
             head = Linear(c.vocab_size, False, self.dtype, self.quant, parent=None)

@@ -50,6 +50,8 @@ async def list_models(request: Request) -> dict[str, Any]:
             {"value": backend, "label": _LABELS.get(jax.default_backend(), backend)}
         ],
         "architecture": m.config.architecture if m else None,
+        "weightFormat": m.quant if m else None,  # tsjax.quants: "q4", "q8", "f32", ...
+        "weightFormatReason": m.quant_reason if m else None,
         "hostedModelPath": str(m.path.resolve()) if m else None,
         "hostedMmProjPath": str(proj.path.resolve()) if proj else None,
         "defaultMaxTokens": m.max_len if m else hub.settings.max_len,
