@@ -7,9 +7,9 @@ cache, so its operations (functional, each returning the updated state) run in p
 
 What each state offers (`LayerState`): exchange rows (`swap`), save a row's state into one of
 its checkpoint slots and bring it back (`checkpoint` / `restore`), its per-step preparation
-(`prepare`: made once for every layer that shares it), and its shardings. Attention states add `write` (a step's new keys and
-values) and `attend` (`KVState`). Another kind of state (a recurrent one) adds its own reads
-and updates, which its own layer module calls.
+(`prepare`: made once for every layer that shares it), and its shardings. Attention states
+add `write` (a step's new keys and values) and `attend` (`KVState`). Another kind of state
+(a recurrent one) adds its own reads and updates, which its own layer module calls.
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ class NemotronMamba2Layer(nn.Module):
         x, state = carry
         c = self.cfg
         assert c.ssm is not None
-        mixer = Mamba2.from_ssm(c.ssm, c.norm_eps, dtype=self.dtype, quant=self.quant, name="mamba2")
+        mixer = Mamba2.from_ssm(
+            c.ssm, c.norm_eps, dtype=self.dtype, quant=self.quant, name="mamba2"
+        )
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         h, state = mixer(h, state, layer_data[0], step, recurrent_prefill())
         return (x + h, state), None
