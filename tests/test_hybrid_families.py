@@ -121,3 +121,46 @@ def test_chat_resume_points_are_where_the_next_turns_branch_off(name):
         return next(i for i, (a, b) in enumerate(zip(ids, prompt.ids, strict=False)) if a != b)
 
     assert user < shared(edited) < gen <= shared(after)
+
+
+# (family, what opens an assistant turn, what ends it) in the factory's real templates
+TURNS = [
+    ("qwen35", "<|im_start|>assistant\n", "<|im_end|>"),
+    ("nemotron_h", "<SPECIAL_11>Assistant\n", "\n<SPECIAL_12>"),
+    ("nemotron_h_moe", "<|im_start|>assistant\n", "<|im_end|>"),
+]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+        "metric": {"type": "boolean"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object",
+     "properties": {}}}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "opens", "ends"), TURNS, ids=[t[0] for t in TURNS])
+def test_tool_calls_as_the_real_template_writes_them_parse_back(name, opens, ends):
+    """An assistant turn with tool calls, rendered by the family's own chat template, reads
+    back through the output format chosen for that template as the same calls (a string
+    that looks like a number stays a string; a boolean survives the template's spelling)."""
+    from serve.outputs import select_format
+    from serve.translation.prompt import chat_prompt
+
+    _, model = _load(name, rows=1)
+    calls = [("get_weather", {"city": "0042", "days": 3, "metric": False}), ("now", {})]
+    chat = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "user", "content": "Thanks."},
+    ]  # fmt: skip
+    text = chat_prompt(model, chat, tools=TOOLS).text
+    start = text.index(opens, text.index("Weather?")) + len(opens)
+    turn = text[start : text.index(ends, start)]
+    fmt = select_format(model.config.architecture, model.template.source)
+    assert fmt.tools_name == {"nemotron_h": "nemotron"}.get(name, "qwen-xml")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    parsed = fmt.parser(text[:start], schemas=schemas).parse(turn)
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == calls, turn
+    assert not parsed.content.strip() and not parsed.malformed
