@@ -164,3 +164,15 @@ def test_tool_calls_as_the_real_template_writes_them_parse_back(name, opens, end
     parsed = fmt.parser(text[:start], schemas=schemas).parse(turn)
     assert [(c.name, c.arguments) for c in parsed.tool_calls] == calls, turn
     assert not parsed.content.strip() and not parsed.malformed
+
+
+def test_nemotron_h_thinking_switch():
+    """Nemotron-H Nano v2's template switches thinking by `/think` / `/no_think` in a message,
+    not `enable_thinking`: the request's switch reaches it that way, unseen in the text."""
+    from serve.translation.prompt import chat_prompt
+
+    _, model = _load("nemotron_h", rows=1)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    on, off, default = (chat_prompt(model, chat, think=t).text for t in (True, False, None))
+    assert off.endswith("Assistant\n<think></think>") and "/no_think" not in off
+    assert on == default and on.endswith("Assistant\n<think>\n")

@@ -181,6 +181,7 @@ def chat_prompt(
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
         for i, m in enumerate(inlined)
     ]
+    shown = _thinking_switch(shown, think, model.template.source)
     controls = model.tokenizer.control_texts
     try:
         text, spans = model.template.render_marked(shown, controls, tools=tools or None, **kwargs)
@@ -230,6 +231,25 @@ def shown_text(model: Model, text: str) -> str:
         return text
     cfg = model.projector.config
     return text.replace(IMAGE_MARK, (cfg.image_begin or "") + (cfg.image_end or ""))
+
+
+# the template reads the `enable_thinking` variable (not a namespace field of that name)
+_READS_ENABLE_THINKING = re.compile(r"(?<![\w.])enable_thinking\b(?!\s*=[^=])")
+
+
+def _thinking_switch(messages: list[dict[str, Any]], think: bool | None, source: str):
+    """`messages` with thinking switched the way a template without `enable_thinking` reads
+    it: Nemotron-H Nano v2's takes the last `/think` or `/no_think` in a user or system
+    message (and removes it from the text it renders), so the last such message gets one."""
+    if think is None or "/no_think" not in source or _READS_ENABLE_THINKING.search(source):
+        return messages
+    last = max((i for i, m in enumerate(messages) if m.get("role") in ("user", "system")
+                and isinstance(m.get("content"), str)), default=None)  # fmt: skip
+    if last is None:
+        return messages
+    switched = dict(messages[last])
+    switched["content"] += " /think" if think else " /no_think"
+    return [*messages[:last], switched, *messages[last + 1 :]]
 
 
 def _resume_points(model: Model, shown, text: str, spans, ids, tools, kwargs) -> tuple[int, ...]:
