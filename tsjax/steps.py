@@ -237,11 +237,12 @@ class Steps:
         rows[r] (rows >= B are padding), and `new_sampler` (b rows) replaces those rows'
         sampling state. A row first resumes from its checkpoint slot restore[r] and saves its
         state into slot checkpoint[r] after (-1: neither; `tsjax.cache.LayerState`: states
-        that rewind by length alone ignore both). `spans`: embeddings in place of some tokens (`tsjax.spans`; None,
-        the text path, compiles apart). Samples each row's first token. Returns (tokens [b],
-        logits [b, V], cache, sampler, (the first tokens' log-probabilities (rows whose
-        sampler state asks), each row's final-normed states summed over its tokens [b, D], and
-        for `scored` rows each position's log-probability of `targets`, the token after it))."""
+        that rewind by length alone ignore both). `spans`: embeddings in place of some tokens
+        (`tsjax.spans`; None, the text path, compiles apart). Samples each row's first token.
+        Returns (tokens [b], logits [b, V], cache, sampler, (the first tokens'
+        log-probabilities (rows whose sampler state asks), each row's final-normed states
+        summed over its tokens [b, D], and for `scored` rows each position's log-probability
+        of `targets`, the token after it))."""
         b, t = tokens.shape
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
@@ -459,8 +460,9 @@ class Steps:
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
         the prompts). `restore` / `checkpoint` (default none): per prompt, the checkpoint
-        slot its row resumes from / saves into after (-1: none; see `_prefill`). `spans[i]`: prompt i's embedded spans,
-        their starts relative to the prompt's first token (`tsjax.spans`; none: text only).
+        slot its row resumes from / saves into after (-1: none; see `_prefill`). `spans[i]`:
+        prompt i's embedded spans, their starts relative to the prompt's first token
+        (`tsjax.spans`; none: text only).
         `logprobs` (default none): rows whose sampled tokens get log-probabilities, from this
         prefill's first token on. `next_tokens` (default none): rows whose prompt positions
         get log-probabilities, each with the token that follows its part of the prompt (-1
