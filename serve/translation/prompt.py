@@ -281,7 +281,7 @@ def _resume_points(model: Model, shown, text: str, spans, ids, tools, kwargs) ->
         if _PLACEHOLDER_RE.search(text, n):  # spliced raw ids: not the text's tokens
             continue
         inside = [(a - n, b - n) for a, b in spans if a >= n]
-        tail = encode(model, text[n:], inside, first=False, last=True)
+        tail, _ = encode(model, text[n:], inside, first=False, last=True)
         if tail and len(tail) < len(ids) and ids[-len(tail) :] == tail:
             points.add(len(ids) - len(tail))
     return tuple(sorted(points))
