@@ -252,7 +252,7 @@ def _hybrid_worker(files: dict[str, str]) -> None:
     for name, path in files.items():
         out[name] = {}
         for spec in ("tp=2", "dp=2,tp=2"):
-            res, m = run_case(Path(path), make_mesh(spec, jax.devices()[:MESHES[spec]]))
+            res, m = run_case(Path(path), make_mesh(spec, jax.devices()[: MESHES[spec]]))
             mixer = m.params["layers_0"][HYBRID[name]]
             heads = mixer["alpha" if name == "qwen35" else "dt_bias"]
             state = next(x for x in m.steps.new_cache().layers if isinstance(x, RecurrentState))
