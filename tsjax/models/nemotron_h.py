@@ -145,7 +145,7 @@ class NemotronAttentionLayer(nn.Module):
     def __call__(self, carry, step, layer_data, rope):
         x, state = carry
         c = self.cfg
-        layer, window, _ = layer_data
+        layer, window = layer_data.index, layer_data.window
         attn = Attention(
             n_heads=c.n_heads,
             n_kv_heads=c.n_kv_heads,

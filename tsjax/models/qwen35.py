@@ -159,7 +159,7 @@ class Qwen35AttentionLayer(nn.Module):
     def __call__(self, carry, step, layer_data, rope):
         x, state = carry
         c = self.cfg
-        layer, window, base = layer_data
+        layer, window, base = layer_data.index, layer_data.window, layer_data.base
         attn = Attention(
             n_heads=c.n_heads,
             n_kv_heads=c.n_kv_heads,
