@@ -112,12 +112,12 @@ class TokenCount:
 
         return TokenCount(move(self.seen), move(self.saved))
 
-    def checkpoint(self, rows, which) -> TokenCount:
-        keep = jnp.where(which, self.seen[:, rows], self.saved[:, rows])
+    def checkpoint(self, rows, slots) -> TokenCount:  # one slot (0) per row
+        keep = jnp.where(slots >= 0, self.seen[:, rows], self.saved[:, rows])
         return replace(self, saved=self.saved.at[:, rows].set(keep, mode="drop"))
 
-    def restore(self, rows, which) -> TokenCount:
-        back = jnp.where(which, self.saved[:, rows], self.seen[:, rows])
+    def restore(self, rows, slots) -> TokenCount:
+        back = jnp.where(slots >= 0, self.saved[:, rows], self.seen[:, rows])
         return replace(self, seen=self.seen.at[:, rows].set(back, mode="drop"))
 
     def shardings(self, named) -> TokenCount:
@@ -194,11 +194,11 @@ def test_steps_carry_a_state_of_another_kind(tmp_path, counting_kind, unrolled):
     # more (14), then resumes from what it saved for the next 1 (12)
     one = greedy[:1]
     _, _, cache, sampler = steps.prefill(
-        params, cache, sampler, [[7, 7]], [3], one, starts=[9], checkpoint=[True]
+        params, cache, sampler, [[7, 7]], [3], one, starts=[9], checkpoint=[0]
     )
     _, _, cache, sampler = steps.prefill(params, cache, sampler, [[8] * 3], [3], one, starts=[11])
     assert seen(cache) == [[0, 0, 6, 14]] * 2
     _, _, cache, sampler = steps.prefill(
-        params, cache, sampler, [[9]], [3], one, starts=[11], restore=[True]
+        params, cache, sampler, [[9]], [3], one, starts=[11], restore=[0]
     )
     assert seen(cache) == [[0, 0, 6, 12]] * 2

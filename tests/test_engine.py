@@ -504,3 +504,30 @@ def test_embedding_inputs_truncate_or_refuse():
         with pytest.raises(ApiError) as e:
             input_ids(model, item, truncate, "input[1]")
         assert e.value.status == 400 and e.value.param == "input[1]"
+
+
+def test_scheduler_resumes_a_recurrent_row_only_from_its_saved_states():
+    """A cache that cannot rewind: a row resumes from its own state (where the last request
+    stopped, if exactly known) or from a checkpoint slot, the longest one inside the shared
+    prefix; a shared prefix with neither at its end is not a hit."""
+    greedy = SamplingParams.greedy()
+    s = Scheduler(2, (1, 2), rewinds=False, checkpoints=2)
+
+    def admit(prompt, **kw):
+        s.enqueue(GenerationRequest(prompt, greedy, 4, **kw))
+        _, row, reuse = s.admit()
+        return row, reuse
+
+    row, reuse = admit(list(range(10)), checkpoints=(4, 10))
+    assert reuse == 0 and s.plan_checkpoints(row, [4, 10], 0) == {4: 0, 10: 1}
+    s.release(row, list(range(13)), live=13)
+    row, reuse = admit(list(range(16)))  # continues the answer: the row's own state
+    assert (row.index, reuse, row.resume) == (0, 13, -1)
+    assert s.plan_checkpoints(row, [16], reuse) == {16: 0}  # the shortest prefix gives way
+    s.release(row, list(range(16)) + [99], live=0)  # ended inexactly: no own state
+    row, reuse = admit(list(range(14)) + [50])  # the longest saved state inside the prefix
+    assert (row.index, reuse, row.resume) == (0, 10, 1)
+    assert row.saved == [0, 10]  # the state at 16 is past the shared prefix: gone
+    s.release(row, list(range(14)) + [50], live=0)
+    row, reuse = admit(list(range(9)) + [60])  # 9 tokens shared, no state saved there
+    assert reuse == 0

@@ -138,6 +138,8 @@ ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLeng
 FORMATS = {
     "json": ("llama", ""),
     "hermes": ("qwen3", "<tool_call>"),
+    "qwen-xml": ("qwen35", "<tool_call><function=<parameter="),
+    "nemotron": ("nemotron_h", "<TOOLCALL>["),
     "llama3": ("llama", "<|start_header_id|>"),
     "gemma4": ("gemma4", "<|tool_call>"),
     "mistral": ("mistral3", "[TOOL_CALLS]{{ name }}[ARGS]"),
@@ -221,7 +223,9 @@ def test_forced_calls_in_each_format_parse_and_validate(marked, name):
         _check_calls(parsed, ["add"])
 
 
-@pytest.mark.parametrize("name", ["json", "hermes", "gemma4", "mistral", "harmony", "llama3"])
+@pytest.mark.parametrize(
+    "name", ["json", "hermes", "qwen-xml", "nemotron", "gemma4", "mistral", "harmony", "llama3"]
+)
 def test_union_is_a_valid_call_or_valid_content(marked, name):
     fmt = _fmt(name)
     for seed in range(6):
@@ -335,3 +339,9 @@ def test_text_without_marker():
         for s in ("", "plain", "a</thinkb", "aa" + marker[:-1], "x" + marker, marker + "y"):
             m = xgr.testing._is_grammar_accept_string(g, s)
             assert m == (marker not in s), (marker, s)
+    markers = ("</parameter>", "</tool_call>", "aab")
+    g = xgr.Grammar.from_ebnf(text_without(*markers)["grammar"])
+    for s in ("", "</para</tool_cal", "x</tool_call>", "</parameter>y", "</p</parameter>", "aaab",
+              "</</t", "a<b>", "</tool_call"):  # fmt: skip
+        m = xgr.testing._is_grammar_accept_string(g, s)
+        assert m == (not any(x in s for x in markers)), s

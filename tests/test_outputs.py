@@ -49,6 +49,8 @@ HARMONY_TMPL = "<|start|>assistant<|channel|>final<|message|>"
 MISTRAL_TMPL = "[AVAILABLE_TOOLS] [TOOL_CALLS] [ARGS]"
 MAGISTRAL_TMPL = MISTRAL_TMPL + " [THINK]"
 LLAMA3_TMPL = "<|start_header_id|>assistant<|end_header_id|> <|python_tag|>"
+QWEN_XML_TMPL = QWEN_TMPL + " <function= <parameter="
+NEMOTRON_TMPL = "<SPECIAL_11>Assistant\n<think>\n <TOOLCALL>["
 
 
 @dataclass
@@ -149,6 +151,25 @@ CASES = [
         "</function>\n</tool_call>",
         reasoning="hmm",
         calls=[WEATHER, TIME],
+    ),
+    Case(
+        "nemotron_h-toolcall-list",
+        "nemotron_h",
+        NEMOTRON_TMPL,
+        "Checking both.\n</think>\n<TOOLCALL>[" + W + ', {"name": "get_time", "arguments": '
+        '"{\\"tz\\": \\"Europe/Paris\\"}"}]</TOOLCALL>',
+        reasoning="Checking both.",
+        calls=[WEATHER, TIME],
+        prompt="<SPECIAL_11>Assistant\n<think>\n",
+    ),
+    Case(
+        "nemotron_h-call-opens-inside-think",
+        "nemotron_h",
+        NEMOTRON_TMPL,
+        "I will call it.\n<TOOLCALL>[" + W + "]</TOOLCALL>",
+        reasoning="I will call it.",
+        calls=[WEATHER],
+        prompt="<think>\n",
     ),
     Case(
         "gemma4-thought-and-calls",
@@ -403,7 +424,9 @@ def test_passthrough_is_exact() -> None:
     [
         ("qwen3", QWEN_TMPL, "think", "hermes"),
         ("qwen35", "", "think", "hermes"),
+        ("qwen35", QWEN_XML_TMPL, "think", "qwen-xml"),
         ("nemotron_h", "", "think", "hermes"),
+        ("nemotron_h", NEMOTRON_TMPL, "think", "nemotron"),
         ("gemma4", "", "gemma4", "gemma4"),
         ("llama", GEMMA4_TMPL, "gemma4", "gemma4"),
         ("gptoss", "", "harmony", "harmony"),
@@ -425,3 +448,20 @@ def test_mistral_call_form_follows_the_template() -> None:
     assert select_format("llama", MAGISTRAL_TMPL).call_form == "args"
     assert select_format("llama", "{{ '[TOOL_CALLS] [' + calls + ']' }}").call_form == "list"
     assert select_format("mistral3", "").call_form == ""  # the vocabulary decides
+
+
+def test_xml_values_read_by_their_declared_types() -> None:
+    """Qwen's XML arguments are untyped text: a parameter the tool declares a string stays the
+    text (`"42"`, `"true"`), a boolean written the template's way (`True`, Jinja's `string`
+    filter) is a boolean, and undeclared values read as JSON where they parse."""
+    schemas = {"f": {"type": "object", "properties": {
+        "code": {"type": "string"}, "flag": {"type": "boolean"}, "pick": {"enum": ["1", "2"]},
+        "n": {"type": "integer"}}}}  # fmt: skip
+    parser = select_format("qwen35", QWEN_XML_TMPL).parser(schemas=schemas)
+    body = "".join(
+        f"<parameter={k}>\n{v}\n</parameter>\n"
+        for k, v in [("code", "42"), ("flag", "True"), ("pick", "1"), ("n", "7"), ("x", "[1]")]
+    )
+    parsed = parser.parse(f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>")
+    args = {"code": "42", "flag": True, "pick": "1", "n": 7, "x": [1]}
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", args)]

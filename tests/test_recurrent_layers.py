@@ -141,7 +141,7 @@ def test_states_of_a_config(case):
     cfg = SimpleNamespace(ssm=c.ssm)
     for seg, layers in ((Segment(c.kind, 0, 3, True), 3), (Segment(c.kind, 2, 1, False), None)):
         state = STATES[c.kind](cfg, seg, KVLayout(), ROWS, 512, jnp.bfloat16)
-        want = c.layer.new_state(layers, ROWS)
+        want = c.layer.new_state(layers, ROWS, KVLayout().checkpoints)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(
             lambda a: (a.shape, a.dtype), want
         )
@@ -259,7 +259,7 @@ def test_state_rows_swap_checkpoint_restore(layers):
     rng = np.random.default_rng(0)
     state = jax.tree.map(
         lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
-        RecurrentState.create(layers, 4, 6, 4, (2, 3, 5)),
+        RecurrentState.create(layers, 4, 6, 4, (2, 3, 5), slots=2),
     )
     ax = 0 if layers is None else 1
 
@@ -269,13 +269,17 @@ def test_state_rows_swap_checkpoint_restore(layers):
     swapped = state.swap(jnp.asarray([0, 3, 9]), jnp.asarray([3, 0, 9]))
     for got, was in zip(jax.tree.leaves(swapped), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(got, rows(was, [3, 1, 2, 0]))
-    saved = state.checkpoint(jnp.asarray([1, 2, 7]), jnp.asarray([True, False, True]))
+    # row 1 into slot 1 of 2, row 2 not (slot -1), row 7 is padding
+    saved = state.checkpoint(jnp.asarray([1, 2, 7]), jnp.asarray([1, -1, 0]))
     np.testing.assert_array_equal(saved.conv, state.conv)
-    np.testing.assert_array_equal(rows(saved.saved_ssm, [1]), rows(state.ssm, [1]))
+    slot = (slice(None),) * (ax + 1) + (1,)
+    np.testing.assert_array_equal(rows(saved.saved_ssm[slot], [1]), rows(state.ssm, [1]))
     np.testing.assert_array_equal(
         rows(saved.saved_ssm, [0, 2, 3]), rows(state.saved_ssm, [0, 2, 3])
     )
+    kept = (slice(None),) * (ax + 1) + (0,)
+    np.testing.assert_array_equal(saved.saved_ssm[kept], state.saved_ssm[kept])
     moved = replace(saved, conv=saved.conv * 2, ssm=saved.ssm * 2)  # the rows go on
-    back = moved.restore(jnp.asarray([1, 3]), jnp.asarray([True, False]))
+    back = moved.restore(jnp.asarray([1, 3]), jnp.asarray([1, -1]))
     np.testing.assert_array_equal(rows(back.conv, [1]), rows(state.conv, [1]))
     np.testing.assert_array_equal(rows(back.ssm, [0, 2, 3]), rows(moved.ssm, [0, 2, 3]))

@@ -216,6 +216,54 @@ def _families_worker(files: dict[str, str], out: str) -> None:
     Path(out).write_text(json.dumps(results))
 
 
+# -- the hybrid recurrent families (Qwen 3.5, Nemotron-H) -------------------------------------
+
+HYBRID = {"qwen35": "deltanet", "nemotron_h": "mamba2"}  # factory model -> its recurrent mixer
+
+
+def test_hybrid_families_match_single_device():
+    """Gated DeltaNet and Mamba2 hybrids (the factory's tiny qwen35 and nemotron_h: recurrent,
+    attention and FFN layers in one stack) under tp=2 and dp=2,tp=2: the recurrent heads and
+    states split over tp, the states' rows over dp; logits and greedy tokens (two prompts
+    prefilled together into rows 3 and 0, then decoded) as on one device."""
+    from hf_factory import build
+
+    files = {n: str(build(n).gguf["f32"]) for n in HYBRID}
+    proc = _spawn(["hybrid", json.dumps(files)], 4)
+    refs = {n: run_case(Path(f), None)[0] for n, f in files.items()}
+    rc, stdout, stderr = _finish(proc, 600)
+    assert rc == 0, f"multi-device worker failed ({rc}):\n{stdout}\n{stderr[-4000:]}"
+    got = json.loads(stdout.strip().splitlines()[-1])
+    for name, ref in refs.items():
+        for spec, res in got[name].items():
+            assert _rel_err(res["logits"], ref["logits"]) < 1e-5, (name, spec)
+            assert res["tokens"] == ref["tokens"], (name, spec)
+            assert "tp" in res["mixer_spec"] and "tp" in res["state_spec"], (name, spec, res)
+            assert ("dp" in res["state_spec"]) == ("dp" in spec), (name, spec, res)
+
+
+def _hybrid_worker(files: dict[str, str]) -> None:
+    import jax
+
+    from tsjax.cache.recurrent import RecurrentState
+    from tsjax.sharding import make_mesh
+
+    out: dict = {}
+    for name, path in files.items():
+        out[name] = {}
+        for spec in ("tp=2", "dp=2,tp=2"):
+            res, m = run_case(Path(path), make_mesh(spec, jax.devices()[: MESHES[spec]]))
+            mixer = m.params["layers_0"][HYBRID[name]]
+            heads = mixer["alpha" if name == "qwen35" else "dt_bias"]
+            state = next(x for x in m.steps.new_cache().layers if isinstance(x, RecurrentState))
+            res.update(
+                mixer_spec=str(jax.tree.leaves(heads)[0].sharding.spec),
+                state_spec=str(state.ssm.sharding.spec),
+            )
+            out[name][spec] = res
+    print(json.dumps(out))
+
+
 # -- swapping cache rows on a mesh ------------------------------------------------------------
 
 
@@ -585,6 +633,8 @@ def main(argv: list[str]) -> None:
         _families_worker(json.loads(args[0]), args[1])
     elif kind == "engine":
         _engine_worker(*args)
+    elif kind == "hybrid":
+        _hybrid_worker(json.loads(args[0]))
     elif kind == "swap":
         _swap_worker(args[0])
     elif kind == "narrow":

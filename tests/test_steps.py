@@ -56,12 +56,18 @@ def check_prefill_then_decode(model, prompt, n_decode, steps_per_dispatch, row=N
     )
     seq = list(prompt) + [int(first[0])]
     got = [np.asarray(logits[0])]
-    while len(got) < n_decode + 1:
+    eog = model.tokenizer.eog_ids
+    while len(got) < n_decode + 1 and seq[-1] not in eog:
         out, last, cache, sampler = steps.decode(
             model.params, cache, sampler, [row], [seq[-1]], len(seq) - 1, steps_per_dispatch
         )
-        seq += [int(t) for t in out[:, 0]]
-        got.append(np.asarray(last[0]))
+        new = [int(t) for t in out[:, 0]]
+        # a row that samples an end-of-generation token halts there (`Steps._decode`): the
+        # dispatch's later tokens and its last logits are not the sequence's
+        stop = next((i + 1 for i, t in enumerate(new) if t in eog), None)
+        seq += new[:stop]
+        if stop is None:
+            got.append(np.asarray(last[0]))
     assert int(cache.lengths[row]) == len(seq) - 1
     ref = all_logits(model, seq[:-1])
     # got[0] is the logits after the prompt; got[k] after `steps_per_dispatch` more tokens.

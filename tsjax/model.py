@@ -155,6 +155,11 @@ def load(
     t0 = time.perf_counter()
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
+    if quant is not None and cfg.moe is not None:
+        raise ValueError(
+            f"quant={quant!r} is not available for a mixture-of-experts model "
+            f"({cfg.architecture}) yet: its experts load in the model's float dtype only"
+        )
     dtype = dtype or default_dtype()
     if isinstance(mesh, str):
         from tsjax.sharding import make_mesh
@@ -166,12 +171,14 @@ def load(
     )
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
-    steps = Steps(cfg, shapes, dtype, mesh=mesh, unrolled=unrolled, quant=quant)
+    tokenizer = Tokenizer.from_gguf(g.metadata)
+    steps = Steps(
+        cfg, shapes, dtype, mesh=mesh, unrolled=unrolled, quant=quant, stop_ids=tokenizer.eog_ids
+    )
     put = steps.plan.device_put if steps.plan is not None else None
     float_model = steps.model.clone(quant=None)
     narrow = steps.model if quant in BLOCK_QUANTS else None
     params, stats = load_params(g, float_model, progress=progress, device_put=put, narrow=narrow)
-    tokenizer = Tokenizer.from_gguf(g.metadata)
     if quant == "int8":
         from tsjax.quantize import CALIBRATION_TEXT, calibrate, quantize_params
 

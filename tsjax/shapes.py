@@ -101,6 +101,10 @@ class StepShapes:
     split_span: int | None = 128
     min_row_block: int = MIN_ROW_BLOCK  # CPU layout: the fewest rows of a row block
     skip_min_rows: int = SKIP_MIN_ROWS  # CPU layout: row blocks this big skip unread spans
+    # Saved states per row for layers that cannot rewind (recurrent ones; `tsjax.cache`):
+    # where a conversation's next turn can resume. Each costs one more copy of every
+    # recurrent layer's per-row state; keys and values need none.
+    checkpoints: int = 2
 
     def __post_init__(self):
         if not self.decode_batches:
@@ -134,6 +138,7 @@ class StepShapes:
         min_prefill: int = 16,
         min_attn: int = 128,
         min_row_block: int = MIN_ROW_BLOCK,
+        checkpoints: int = 2,
     ) -> StepShapes:
         shapes = cls(
             rows=rows,
@@ -142,6 +147,7 @@ class StepShapes:
             prefill_batches=geometric_buckets(1, rows, 2),
             attn_lens=geometric_buckets(min(min_attn, max_len), max_len, 2),
             min_row_block=min_row_block,
+            checkpoints=checkpoints,
         )
         if max(block_sizes(shapes.cache_blocks()[0])) < shapes.skip_min_rows:
             shapes = replace(shapes, split_span=None)  # no row block would skip a half

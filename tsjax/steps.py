@@ -35,6 +35,14 @@ def _flags(flags: list[bool] | None, b: int) -> np.ndarray:
     return out
 
 
+def _slots(slots: list[int] | None, b: int) -> np.ndarray:
+    """[b] int32 checkpoint slots: `slots` then -1 (none) for the padding rows."""
+    out = np.full((b,), -1, np.int32)
+    if slots is not None:
+        out[: len(slots)] = slots
+    return out
+
+
 def fit_rows(x: jax.Array, n: int) -> jax.Array:
     """x's first n rows, zero rows appended if it has fewer (decode batches may pad past the
     cache's rows)."""
@@ -61,6 +69,8 @@ class PendingTokens:
     logprobs: Logprobs | None = None  # [max_steps, b] chosen, [max_steps, b, TOP] top
     pooled: jax.Array | None = None  # [b, D] prefill only
     prompt: Logprobs | None = None  # [b, T] (+ [TOP]) prefill only
+    # [b] rows that sampled a stop token: the next decode steps leave them be (None: none)
+    halted: jax.Array | None = None
 
     def get(self) -> np.ndarray:
         return np.asarray(self.out)[: self.n_steps, self.where]
@@ -93,7 +103,13 @@ class Steps:
     With a `mesh`, the steps are SPMD programs over it: params, cache and sampler state carry
     the shardings of `tsjax.sharding.ShardingPlan`, and every step names its in/out shardings,
     so a donated cache comes back with the layout it went in with and XLA reuses its buffers
-    in place. Without one, nothing here differs from a plain single-device jit."""
+    in place. Without one, nothing here differs from a plain single-device jit.
+
+    `stop_ids`: the tokens that end generation (the tokenizer's end-of-generation ids). A row
+    that samples one inside a multi-step decode dispatch stops advancing for the rest of it
+    (and for a dispatch that continues from it on the device): its cache then holds exactly
+    the answer, which a state that cannot rewind (a recurrent layer's) needs to be resumed
+    from by the next turn."""
 
     def __init__(
         self,
@@ -104,8 +120,10 @@ class Steps:
         rules: dict[str, str | None] | None = None,
         unrolled: bool | None = None,
         quant: str | None = None,
+        stop_ids: tuple[int, ...] = (),
     ):
         self.cfg = cfg
+        self.stop_ids = np.asarray(sorted(stop_ids), np.int32)
         # XLA:CPU's narrow matmuls are slow for one row: pad their decode there
         self.shapes = shapes = shapes.padded_decode(quant, jax.default_backend() == "cpu")
         self.dtype = dtype
@@ -114,9 +132,11 @@ class Steps:
         self.model = Decoder(cfg, dtype, self.unrolled, quant)
         # Attention's cache layout (see tsjax.cache): blocked where the layer loop is unrolled
         # (CPU), stacked where it is scanned.
-        self.layout = KVLayout()
+        self.layout = KVLayout(checkpoints=shapes.checkpoints)
         if self.unrolled:
-            self.layout = KVLayout(shapes.cache_blocks(), shapes.skip_min_rows)
+            self.layout = KVLayout(
+                shapes.cache_blocks(), shapes.skip_min_rows, checkpoints=shapes.checkpoints
+            )
         self.mesh = mesh
         self.plan = None
         if mesh is not None:
@@ -158,8 +178,8 @@ class Steps:
         jit_kw = {
             # first tokens, logits, cache, sampler, (logprobs, pooled states, prompt logprobs)
             "prefill": dict(out_shardings=(r, r, c, s, r)),
-            # tokens, next, logits, logprobs, cache, sampler
-            "decode": dict(out_shardings=(r, r, r, r, c, s)),
+            # tokens, next, halted, logits, logprobs, cache, sampler
+            "decode": dict(out_shardings=(r, r, r, r, r, c, s)),
             "forward": dict(out_shardings=r),
             "cache": dict(out_shardings=c),
             "swap": dict(in_shardings=(c, s, r, r), out_shardings=(c, s)),
@@ -215,13 +235,14 @@ class Steps:
         """tokens, targets: [b, T]; rows, starts, lengths, restore, checkpoint, scored: [b].
         Row r's tokens go to positions starts[r] .. starts[r] + lengths[r] - 1 of cache row
         rows[r] (rows >= B are padding), and `new_sampler` (b rows) replaces those rows'
-        sampling state. Rows with `restore` first resume from their saved state, rows with
-        `checkpoint` save theirs after (`tsjax.cache.LayerState`: states that rewind by length
-        alone ignore both). `spans`: embeddings in place of some tokens (`tsjax.spans`; None,
-        the text path, compiles apart). Samples each row's first token. Returns (tokens [b],
-        logits [b, V], cache, sampler, (the first tokens' log-probabilities (rows whose
-        sampler state asks), each row's final-normed states summed over its tokens [b, D], and
-        for `scored` rows each position's log-probability of `targets`, the token after it))."""
+        sampling state. A row first resumes from its checkpoint slot restore[r] and saves its
+        state into slot checkpoint[r] after (-1: neither; `tsjax.cache.LayerState`: states
+        that rewind by length alone ignore both). `spans`: embeddings in place of some tokens
+        (`tsjax.spans`; None, the text path, compiles apart). Samples each row's first token.
+        Returns (tokens [b], logits [b, V], cache, sampler, (the first tokens'
+        log-probabilities (rows whose sampler state asks), each row's final-normed states
+        summed over its tokens [b, D], and for `scored` rows each position's log-probability
+        of `targets`, the token after it))."""
         b, t = tokens.shape
         positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         counts = jnp.where(rows < cache.lengths.shape[0], lengths, 0)
@@ -258,7 +279,7 @@ class Steps:
     def _decode_logits(self, params, cache: Cache, tokens, active, attn_len: int):
         """One token for each of the cache rows [0, b). tokens, active: [b]. Positions are
         the row lengths; inactive rows compute but neither advance nor disturb their cached
-        tokens."""
+        state."""
         b = tokens.shape[0]
         lengths = fit_rows(cache.lengths, b)
         counts = active.astype(jnp.int32)
@@ -282,6 +303,7 @@ class Steps:
         sampler: SamplerState,
         tokens,
         active,
+        halted,
         masks,
         n_steps,
         *,
@@ -289,33 +311,37 @@ class Steps:
         max_steps: int,
     ):
         """`n_steps` (a traced scalar, at most `max_steps`) decode steps for the cache rows
-        [0, b) in one dispatch. tokens, active: [b]. Decoding only a bucket of rows keeps one
-        stream from paying for a full batch (the engine keeps live requests in the lowest
-        rows, see `swap_rows`); the step count being data, one compiled program serves 1 step
-        (someone is waiting) and several. Returns (tokens [max_steps, b], the first n_steps
-        rows filled; the tokens the next step would be fed [b]; logits of the last step
-        [b, V], cache, sampler)."""
+        [0, b) in one dispatch. tokens, active, halted: [b]. Decoding only a bucket of rows
+        keeps one stream from paying for a full batch (the engine keeps live requests in the
+        lowest rows, see `swap_rows`); the step count being data, one compiled program
+        serves 1 step (someone is waiting) and several. A row that is halted, or samples a
+        stop token (`stop_ids`), idles for the rest of the dispatch. Returns (tokens
+        [max_steps, b], the first n_steps rows filled; the tokens the next step would be fed
+        [b]; halted [b]; logits of the last step [b, V]; log-probabilities; cache, sampler)."""
         b = tokens.shape[0]
         sub = jax.tree.map(lambda a: fit_rows(a, b), sampler)
         report = jnp.any(sub.logprobs & active)  # some row asks for log-probabilities
+        stops = jnp.asarray(self.stop_ids)
 
         def step(i, carry):
-            cache, sub, tokens, _, out, lps = carry
-            logits, cache = self._decode_logits(params, cache, tokens, active, attn_len)
+            cache, sub, tokens, halted, _, out, lps = carry
+            going = active & ~halted
+            logits, cache = self._decode_logits(params, cache, tokens, going, attn_len)
             tokens, sub = sample(logits, sub, masks)
+            halted = halted | (going & jnp.isin(tokens, stops))
             lps = jax.lax.cond(report, lambda: lps.at_set(i, of(logits, tokens)), lambda: lps)
             # carried as [V, b], the output projection's own layout: no copy per step
-            return cache, sub, tokens, logits.T, out.at[i].set(tokens), lps
+            return cache, sub, tokens, halted, logits.T, out.at[i].set(tokens), lps
 
         init_logits = jnp.zeros((self.cfg.vocab_size, b), jnp.float32)
         out = jnp.zeros((max_steps, b), jnp.int32)
         lps = Logprobs.zeros((max_steps, b))
-        cache, sub, tokens, logits_t, out, lps = jax.lax.fori_loop(
-            0, n_steps, step, (cache, sub, tokens, init_logits, out, lps)
+        cache, sub, tokens, halted, logits_t, out, lps = jax.lax.fori_loop(
+            0, n_steps, step, (cache, sub, tokens, halted, init_logits, out, lps)
         )
         logits = logits_t.T
         sampler = jax.tree.map(lambda a, n: a.at[:b].set(n[: a.shape[0]]), sampler, sub)
-        return out, tokens, logits, lps, cache, sampler
+        return out, tokens, halted, logits, lps, cache, sampler
 
     def _swap(self, cache: Cache, sampler: SamplerState, a, b):
         """Exchange cache rows a[i] <-> b[i] (every layer's state, lengths, sampling state).
@@ -424,8 +450,8 @@ class Steps:
         histories: list[list[int]] | None = None,
         seeds: list[int] | None = None,
         masks: np.ndarray | None = None,
-        restore: list[bool] | None = None,
-        checkpoint: list[bool] | None = None,
+        restore: list[int] | None = None,
+        checkpoint: list[int] | None = None,
         spans: list[list[EmbedSpan]] | None = None,
         logprobs: list[bool] | None = None,
         next_tokens: list[int | None] | None = None,
@@ -433,9 +459,10 @@ class Steps:
     ):
         """Prefill several prompts (the suffixes after `starts`) into the given cache rows and
         sample each one's first token. `histories` seed the repeat-penalty window (default:
-        the prompts). `restore` / `checkpoint` (default none): rows that resume from their
-        saved state / save it after (see `_prefill`). `spans[i]`: prompt i's embedded spans,
-        their starts relative to the prompt's first token (`tsjax.spans`; none: text only).
+        the prompts). `restore` / `checkpoint` (default none): per prompt, the checkpoint
+        slot its row resumes from / saves into after (-1: none; see `_prefill`). `spans[i]`:
+        prompt i's embedded spans, their starts relative to the prompt's first token
+        (`tsjax.spans`; none: text only).
         `logprobs` (default none): rows whose sampled tokens get log-probabilities, from this
         prefill's first token on. `next_tokens` (default none): rows whose prompt positions
         get log-probabilities, each with the token that follows its part of the prompt (-1
@@ -483,8 +510,8 @@ class Steps:
             self._put(st),
             self._put(ln),
             self._put(self._mask_rows(masks, np.arange(n), b)),
-            self._put(_flags(restore, b)),
-            self._put(_flags(checkpoint, b)),
+            self._put(_slots(restore, b)),
+            self._put(_slots(checkpoint, b)),
             self._put(targets),
             self._put(scored),
             inputs,
@@ -536,25 +563,28 @@ class Steps:
         active = np.zeros((b,), bool)
         active[where] = True
         if isinstance(tokens, PendingTokens):
-            fed = tokens.next
+            fed, halted = tokens.next, tokens.halted
+            if halted is None:  # a prefill's first tokens: no row has halted
+                halted = self._put(np.zeros((b,), bool))
             if not np.array_equal(tokens.where, where):  # b follows rows
                 raise ValueError("device tokens continue the previous decode's rows only")
         else:
             tok = np.zeros((b,), np.int32)
             tok[where] = tokens
-            fed = self._put(tok)
-        out, nxt, logits, lps, cache, sampler = self.decode_fn(
+            fed, halted = self._put(tok), self._put(np.zeros((b,), bool))
+        out, nxt, halted, logits, lps, cache, sampler = self.decode_fn(
             params,
             cache,
             sampler,
             fed,
             self._put(active),
+            halted,
             self._put(self._mask_rows(masks, where, b)),
             self._put(np.int32(n_steps)),
             attn_len=attn_len,
             max_steps=steps_bucket(n_steps),
         )
-        pending = PendingTokens(out, n_steps, where, nxt, lps)
+        pending = PendingTokens(out, n_steps, where, nxt, lps, halted=halted)
         if not wait:
             return pending, None, cache, sampler
         return pending.get(), logits[self._put(where)], cache, sampler

@@ -140,7 +140,10 @@ class Engine:
         self.pipeline = pipeline
         self._inflight: _Dispatch | None = None  # a pipelined dispatch not yet read
         self.prefill_chunk = min(prefill_chunk, shapes.prefill_lens[-1])
-        self.scheduler = Scheduler(self.rows, shapes.decode_batches, self.runner.rewinds)
+        rewinds = self.runner.rewinds
+        self.scheduler = Scheduler(
+            self.rows, shapes.decode_batches, rewinds, 0 if rewinds else shapes.checkpoints
+        )
         self._live: dict[int, _Live] = {}  # row index -> live request
         self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
         self._aborts: set[str] = set()
@@ -196,6 +199,12 @@ class Engine:
             self._thread = None
 
     # -- the seam the API adapters use -----------------------------------------------------
+
+    @property
+    def rewinds(self) -> bool:
+        """Whether a cache row can resume from any prefix of what it holds (else only from
+        its saved states: `GenerationRequest.checkpoints` says where to save them)."""
+        return self.scheduler.rewinds
 
     def check(self, req: GenerationRequest) -> None:
         """Reject what can never run, before queueing (the adapters map it to a 400)."""
@@ -378,9 +387,14 @@ class Engine:
         ]
         t0 = time.perf_counter()
         masks = self._masks(lives[:1]) if req.n == 1 else None
-        pending, _, scored = self._prefill(req, row.index, reuse, base, masks)
+        with self._cv:
+            marks = self.scheduler.plan_checkpoints(row, self._marks(req, base), reuse)
+        restore = row.resume if reuse else -1
+        pending, _, scored = self._prefill(req, row.index, reuse, base, masks, restore, marks)
         if req.n > 1:
             self._copy(req, rows)
+            for sibling in rows[1:]:  # the copies carry the first row's checkpoints
+                sibling.saved = list(row.saved)
         now = time.perf_counter()
         for live in lives:
             live.stats.prefill_seconds = now - t0
@@ -401,17 +415,36 @@ class Engine:
             room=self.model.max_len - len(req.prompt_ids),
         )
 
+    def _marks(self, req: GenerationRequest, end: int) -> list[int]:
+        """Where a cache that cannot rewind saves `req`'s state: its `checkpoints` (default
+        the end of what is prefilled), up to `end` and never inside an image."""
+        if self.rewinds:
+            return []
+        marks = [p for p in (req.checkpoints or (end,)) if 0 < p <= end]
+        return [p for p in marks if req.reusable(p) == p]
+
     def _prefill(
-        self, req: GenerationRequest, row: int, start: int, end: int, masks=None
+        self,
+        req: GenerationRequest,
+        row: int,
+        start: int,
+        end: int,
+        masks=None,
+        restore: int = -1,
+        marks: dict[int, int] | None = None,
     ) -> tuple[PendingTokens | None, np.ndarray | None, tuple | None]:
-        """Prefill prompt[start:end] into `row`, in chunks. Returns (the last chunk's output,
-        or None if nothing was left to prefill; for `embed` the final-normed states summed
-        over the prompt [D]; for `prompt_logprobs` one entry per prompt token, None first)."""
+        """Prefill prompt[start:end] into `row`, in chunks: the first resumes from the
+        checkpoint slot `restore` (-1: the row's own state), and a chunk ends at each
+        position of `marks` ({position: slot}), saving the state there. Returns (the last
+        chunk's output, or None if nothing was left to prefill; for `embed` the final-normed
+        states summed over the prompt [D]; for `prompt_logprobs` one entry per prompt token,
+        None first)."""
         prompt, chunk_len = req.prompt_ids, self.prefill_chunk
-        pending, pooled, entries = None, None, [None]
+        pending, pooled, entries, marks = None, None, [None], marks or {}
         while start < end:
             # a chunk never cuts an image: its positions attend to each other
-            stop = chunk_end(start, chunk_len, end, req.spans)
+            limit = min([end, *(p for p in marks if p > start)])
+            stop = chunk_end(start, chunk_len, limit, req.spans)
             chunk, spans = prompt[start:stop], spans_in(req.spans, start, stop)
             after = prompt[stop] if stop < len(prompt) else -1  # the token after this chunk
             pending = self.runner.prefill(
@@ -424,7 +457,10 @@ class Engine:
                 spans=[spans] if spans else None,
                 logprobs=[req.logprobs],
                 next_tokens=[after] if req.prompt_logprobs else None,
+                restore=[restore],
+                checkpoint=[marks.get(stop, -1)],
             )
+            restore = -1
             self.prefills += 1
             self.prefill_tokens += len(chunk)
             if req.embed:
@@ -467,8 +503,8 @@ class Engine:
         embedding = None if pooled is None else (pooled / len(req.prompt_ids)).astype(np.float32)
         took = time.perf_counter() - t0
         stats = Stats(len(req.prompt_ids), queue_seconds=queued, prefill_seconds=took)
-        with self._cv:
-            self.scheduler.release(row, list(req.cache_ids))
+        with self._cv:  # prefilled whole, nothing fed after: the row's state is exact
+            self.scheduler.release(row, list(req.cache_ids), len(req.cache_ids))
             self.total_processed += 1
         for i in range(req.n):
             sink(TokenEvent(EventKind.DONE, finish_reason=FinishReason.LENGTH, stats=stats,
@@ -612,7 +648,7 @@ class Engine:
         stats.completion_tokens = len(live.text.tokens)
         stats.decode_seconds = time.perf_counter() - live.decode_start
         with self._cv:
-            self.scheduler.release(live.row, live.cached)
+            self.scheduler.release(live.row, *self._held(live))
             self.total_processed += 1
         if reason is FinishReason.ERROR:
             live.sink(TokenEvent(EventKind.ERROR, error=error, stats=stats, finish_reason=reason,
@@ -621,6 +657,22 @@ class Engine:
             stopped = live.text.stop_string
             live.sink(TokenEvent(EventKind.DONE, finish_reason=reason, stats=stats,
                                  stop_sequence=stopped, index=live.index))  # fmt: skip
+
+    def _held(self, live: _Live) -> tuple[list[int], int]:
+        """What a finished answer's row holds (`_Live.cached`), and how many of those tokens
+        its state holds exactly (0: unknown).
+
+        A row that sampled an end-of-generation token stopped on the device right there
+        (`tsjax.steps.Steps`), the token itself not fed: its state is exactly the prompt and
+        the answer before it. Any other end (a stop string, the token limit, an abort) may
+        have been overtaken by steps already on their way, which fed tokens the host never
+        read: such a row is exact only if every token it was fed is known."""
+        known = len(live.req.cache_ids) + len(live.sampled)
+        fed = live.fed
+        if live.sampled and live.sampled[-1] in self.model.tokenizer.eog_ids:
+            fed = min(fed, known - 1 - live.base)
+        held = (list(live.req.cache_ids) + live.sampled)[: live.base + fed]
+        return held, len(held) if live.base + fed <= known else 0
 
     def _fail_all(self, message: str) -> None:
         self._inflight = None  # the runner's state and feed are about to be replaced
@@ -633,6 +685,5 @@ class Engine:
                     sink(TokenEvent(EventKind.ERROR, error=message,
                                     finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
             self._waiting.clear()
-            for row in self.scheduler.rows:
-                row.tokens = []  # the cache may be gone: trust nothing in it
+            self.scheduler.forget()  # the cache may be gone: trust nothing in it
         self.runner.reset()

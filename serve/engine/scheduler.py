@@ -7,6 +7,14 @@ takes them together (its prompt is prefilled once, into the first, and copied). 
 least recently used free row among the lowest rows: decode runs on the cache rows [0, b) for
 the smallest bucket b holding every live row, so live requests are kept low (`compaction` says
 which rows to exchange when they are not).
+
+A cache whose state cannot rewind (a recurrent layer's: `tsjax.cache.LayerState.REWINDS`)
+resumes a row only from a state it holds exactly: the row's own state where it stopped
+(`Row.live`: the end of the previous answer) or one of its checkpoint slots (`Row.saved`:
+states saved during earlier prefills, at the positions each request asked for, e.g. where its
+last user message and its generation prompt start). A shared prefix with no such state at
+its end is not a hit: the row resumes from the longest one inside the prefix, or from
+nothing. `plan_checkpoints` gives each new request its slots.
 """
 
 from __future__ import annotations
@@ -35,16 +43,28 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # what the cache row holds, in order
     request: GenerationRequest | None = None
     last_used: int = 0
+    # A cache that cannot rewind: how many of `tokens` each checkpoint slot's saved state
+    # holds, and the row's own state (0: none); `resume`: the slot the admitted request
+    # restores (-1: none, it continues from the row's own state or starts afresh).
+    saved: list[int] = field(default_factory=list)
+    live: int = 0
+    resume: int = -1
 
 
 class Scheduler:
-    def __init__(self, rows: int, buckets: tuple[int, ...] | None = None, rewinds: bool = True):
+    def __init__(
+        self,
+        rows: int,
+        buckets: tuple[int, ...] | None = None,
+        rewinds: bool = True,
+        checkpoints: int = 0,
+    ):
         """`buckets`: the decode batch buckets (row counts a decode step runs); default one
         bucket of all rows. `rewinds`: whether a cache row can resume from any prefix of
-        what it holds (keys and values can; a recurrent layer's state cannot, and then no
-        prefix is reused: resuming from a saved state is the runner's `restore` /
-        `checkpoint`, for the scheduler to use once it tracks where rows saved theirs)."""
-        self.rows = [Row(i) for i in range(rows)]
+        what it holds (keys and values can; a recurrent layer's state cannot: it resumes
+        from its own state or from one of its `checkpoints` slots, see the module
+        docstring)."""
+        self.rows = [Row(i, saved=[0] * checkpoints) for i in range(rows)]
         self.rewinds = rewinds
         self.buckets = tuple(sorted({min(b, rows) for b in (buckets or ())} | {rows}))
         self.queue: deque[GenerationRequest] = deque()
@@ -89,25 +109,56 @@ class Scheduler:
         # that the live rows plus these need (so decode stays in that bucket).
         limit = self.bucket(len(self.rows) - len(free) + n)
         low = [r for r in free if r.index < limit] or free
-        best, reuse = min(low, key=lambda r: r.last_used), 0
+        best, reuse, slot = min(low, key=lambda r: r.last_used), 0, -1
         # Rows remember an image's positions by a pseudo id of its digest (`cache_ids`).
         prompt = req.cache_ids
-        if req.reuse_prefix and self.rewinds:
+        if req.reuse_prefix:
             for row in sorted(free, key=lambda r: r.last_used):
-                k = common_prefix(row.tokens, prompt)
+                k, s = self.resumable(row, req)
                 if k > reuse:
-                    best, reuse = row, k
-        # At least one prompt token must be prefilled to produce the next-token logits, and
-        # an image is prefilled whole or not at all (its positions attend to each other).
-        reuse = req.reusable(min(reuse, len(prompt) - 1))
+                    best, reuse, slot = row, k, s
         self._clock += 1
+        shared = common_prefix(best.tokens, prompt) if req.reuse_prefix else 0
+        # saved states past the shared prefix are of another sequence now
+        best.saved = [p if p <= shared else 0 for p in best.saved]
         best.request, best.last_used = req, self._clock
-        best.tokens = list(prompt[:reuse])
+        best.tokens, best.live, best.resume = list(prompt[:reuse]), 0, slot
         others = sorted((r for r in free if r is not best),
                         key=lambda r: (r.index >= limit, r.last_used))  # fmt: skip
         for row in others[: n - 1]:
             row.request, row.last_used, row.tokens = req, self._clock, []
+            row.saved, row.live, row.resume = [0] * len(row.saved), 0, -1
         return req, best, reuse
+
+    def resumable(self, row: Row, req: GenerationRequest) -> tuple[int, int]:
+        """How many of `req`'s prompt tokens `row` can serve, and the checkpoint slot to
+        restore for them (-1: none). At least one prompt token is left to prefill (for the
+        next token's logits), and an image is prefilled whole or not at all (its positions
+        attend to each other). A cache that rewinds serves the whole shared prefix; one that
+        does not, the longest prefix of it whose state the row holds exactly."""
+        prompt = req.cache_ids
+        n = req.reusable(min(common_prefix(row.tokens, prompt), len(prompt) - 1))
+        if self.rewinds:
+            return n, -1
+        best, slot = (row.live, -1) if 0 < row.live <= n else (0, -1)
+        for s, p in enumerate(row.saved):
+            if best < p <= n and req.reusable(p) == p:
+                best, slot = p, s
+        return (best if req.reusable(best) == best else 0), slot
+
+    def plan_checkpoints(self, row: Row, positions: list[int], start: int) -> dict[int, int]:
+        """Slots for the states `row`'s request saves at `positions` of its prompt (past the
+        reused `start`): {position: slot}. Free slots go first, then those holding the
+        shortest prefixes; the request's furthest positions win when slots are short (the
+        slot it restores from is read before anything is saved)."""
+        if self.rewinds or not row.saved:
+            return {}
+        want = sorted({p for p in positions if p > start})[-len(row.saved) :]
+        order = sorted(range(len(row.saved)), key=lambda s: row.saved[s])
+        plan = dict(zip(want, order, strict=False))
+        for p, s in plan.items():
+            row.saved[s] = p
+        return plan
 
     def siblings(self, req: GenerationRequest, row: Row) -> list[Row]:
         """The other rows `admit` gave `req` besides `row` (n - 1 of them), lowest first."""
@@ -137,8 +188,20 @@ class Scheduler:
         ra.tokens, rb.tokens = rb.tokens, ra.tokens
         ra.request, rb.request = rb.request, ra.request
         ra.last_used, rb.last_used = rb.last_used, ra.last_used
+        ra.saved, rb.saved = rb.saved, ra.saved
+        ra.live, rb.live = rb.live, ra.live
+        ra.resume, rb.resume = rb.resume, ra.resume
 
-    def release(self, row: Row, cached_tokens: list[int]) -> None:
-        """The request is finished; the row keeps `cached_tokens` for later reuse."""
+    def release(self, row: Row, cached_tokens: list[int], live: int = 0) -> None:
+        """The request is finished; the row keeps `cached_tokens` for later reuse. `live`:
+        how many of them the row's own state holds exactly (a cache that cannot rewind
+        resumes only there or from a checkpoint; 0: nowhere)."""
         self._clock += 1
         row.request, row.tokens, row.last_used = None, cached_tokens, self._clock
+        row.live = live
+
+    def forget(self) -> None:
+        """The cache was lost: no row holds anything."""
+        for row in self.rows:
+            row.tokens, row.live, row.resume = [], 0, -1
+            row.saved = [0] * len(row.saved)

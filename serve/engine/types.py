@@ -44,6 +44,10 @@ class GenerationRequest:
     logprobs: bool = False  # each sampled token's log-probabilities (`TokenEvent.logprobs`)
     prompt_logprobs: bool = False  # every prompt token's, after the first (no prefix reuse)
     embed: bool = False  # the prompt's pooled embedding (`TokenEvent.embedding`); no tokens
+    # Positions of the prompt where a later request may resume (a chat: where the last user
+    # message and the generation prompt start). A cache that cannot rewind saves its state
+    # there (`serve.engine.scheduler`); () saves it at the end of the prompt.
+    checkpoints: tuple[int, ...] = ()
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.time)
     # Prompt positions fed embeddings in place of tokens (images; `tsjax.spans`), sorted.

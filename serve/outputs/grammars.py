@@ -12,6 +12,11 @@ Per format (`OutputFormat.tools_name`), one call is:
 
 * `json`: `{"name": NAME, "arguments": {...}}` (templates without tool syntax; one call).
 * `hermes`: `<tool_call>\\n{"name": NAME, "arguments": {...}}\\n</tool_call>`, repeatable.
+* `qwen-xml` (Qwen 3.5, Qwen3-Coder, Nemotron 3): `<tool_call>\\n<function=NAME>\\n` then
+  `<parameter=KEY>\\nVALUE\\n</parameter>\\n` per argument in the schema's order (strings raw,
+  other values JSON), `</function>\\n</tool_call>`, repeatable.
+* `nemotron` (Nemotron-H Nano v2): `<TOOLCALL>[{"name": NAME, "arguments": {...}}, ...]
+  </TOOLCALL>`.
 * `llama3`: `{"name": NAME, "parameters": {...}}`, several separated by `; `.
 * `gemma4`: `<|tool_call>call:NAME{...}<tool_call|>`, repeatable. The arguments are written as
   JSON, which `Gemma4Parser` reads as well as Gemma's own `<|"|>` strings and bare keys; the
@@ -33,6 +38,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from serve.outputs.toolcalls import declares_string
 
 if TYPE_CHECKING:
     from serve.outputs.registry import OutputFormat
@@ -79,22 +86,25 @@ def _char(c: str) -> str:
     return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
 
 
-def text_without(marker: str) -> Element:
-    """Any text that does not contain `marker` (and no control token): one rule per length of
-    the marker's prefix matched so far, the automaton of a substring search. xgrammar's own
-    `any_text` with excludes lets control tokens through (0.2.8), so it is not used."""
-    n = len(marker)
+def text_without(*markers: str) -> Element:
+    """Any text that contains none of `markers` (and no control token): one rule per prefix
+    of a marker matched so far, the automaton of a substring search (Aho-Corasick for
+    several). xgrammar's own `any_text` with excludes lets control tokens through (0.2.8),
+    so it is not used."""
+    states = sorted({m[:k] for m in markers for k in range(len(m))}, key=len)
+    index = {p: i for i, p in enumerate(states)}
 
-    def step(k: int, c: str) -> int:  # the longest prefix of marker that ends marker[:k] + c
-        seen = marker[:k] + c
-        return next(j for j in range(min(len(seen), n), -1, -1) if seen.endswith(marker[:j]))
+    def step(seen: str) -> int | None:  # the state after `seen`; None: a marker completed
+        if any(seen.endswith(m) for m in markers):
+            return None
+        return index[next(seen[j:] for j in range(len(seen) + 1) if seen[j:] in index)]
 
-    chars = sorted(set(marker))
+    chars = sorted(set("".join(markers)))
     rules = []
-    for k in range(n):
+    for i, p in enumerate(states):
         alts = ['""', f"[^{''.join(_char(c) for c in chars)}] s0"]
-        alts += [f'"{_char(c)}" s{j}' for c in chars if (j := step(k, c)) < n]
-        rules.append(f"s{k} ::= " + " | ".join(alts))
+        alts += [f'"{_char(c)}" s{j}' for c in chars if (j := step(p + c)) is not None]
+        rules.append(f"s{i} ::= " + " | ".join(alts))
     return {"type": "grammar", "grammar": "root ::= s0\n" + "\n".join(rules)}
 
 
@@ -125,6 +135,46 @@ class CallSyntax:
 
 _HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
 
+_XML_ENDS = ("</parameter>", "</tool_call>")
+
+
+def xml_parameters(json: Json, parameters: dict[str, Any]) -> Element | None:
+    """A tool's arguments as Qwen's `<parameter=KEY>\\nVALUE\\n</parameter>\\n` list, valid
+    under its `parameters` schema: its properties in the schema's order, the required ones
+    present. A declared string is raw text (its enum, its length limits: then without `<`; a
+    pattern as a regex), anything else JSON under its schema (`json`). A schema without
+    properties takes any named parameters with raw values."""
+    props = parameters.get("properties")
+    if not isinstance(props, dict) or not props:
+        if parameters.get("additionalProperties") is False or isinstance(props, dict):
+            return None
+        name = {"type": "grammar", "grammar": "root ::= [a-zA-Z_] [a-zA-Z0-9_]*"}
+        free = seq(text("<parameter="), name, text(">\n"), text_without(*_XML_ENDS),
+                   text("\n</parameter>\n"))  # fmt: skip
+        return star(free)
+    required = set(parameters.get("required") or ())
+    parts = []
+    for key, sub in props.items():
+        one = seq(text(f"<parameter={key}>\n"), _xml_value(json, sub), text("\n</parameter>\n"))
+        parts.append(one if key in required else optional(one))
+    return seq(*parts)
+
+
+def _xml_value(json: Json, schema: Any) -> Element:
+    if not declares_string(schema):
+        return json(schema if isinstance(schema, dict) else {})
+    choices = schema.get("enum") or ([schema["const"]] if "const" in schema else None)
+    if choices:
+        return one_of([text(v) for v in choices])
+    if "pattern" in schema:
+        return {"type": "regex", "pattern": schema["pattern"].removeprefix("^").removesuffix("$")}
+    lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+    if lo or hi is not None:
+        count = f"{{{lo},{'' if hi is None else hi}}}"
+        return {"type": "grammar", "grammar": f"root ::= [^<]{count}"}
+    return text_without(*_XML_ENDS)
+
+
 SYNTAXES: dict[str, CallSyntax] = {
     "json": CallSyntax(lambda m, j, n, p: j(call_object(n, p))),
     "hermes": CallSyntax(
@@ -133,6 +183,23 @@ SYNTAXES: dict[str, CallSyntax] = {
         ),
         sep="\n",
         closers=("</tool_call>",),
+    ),
+    "qwen-xml": CallSyntax(
+        lambda m, j, n, p: seq(
+            m("<tool_call>"),
+            text(f"\n<function={n}>\n"),
+            xml_parameters(j, p),
+            text("</function>\n"),
+            m("</tool_call>"),
+        ),
+        sep="\n",
+        closers=_XML_ENDS,
+    ),
+    "nemotron": CallSyntax(
+        lambda m, j, n, p: j(call_object(n, p)),
+        sep=", ",
+        group=(("<TOOLCALL>", "["), "]</TOOLCALL>"),
+        closers=("</TOOLCALL>",),
     ),
     "llama3": CallSyntax(lambda m, j, n, p: j(call_object(n, p, "parameters")), sep="; "),
     "gemma4": CallSyntax(

@@ -27,6 +27,7 @@ from serve.outputs.toolcalls import (
     JsonCallParser,
     MalformedCall,
     MistralParser,
+    NemotronParser,
     ToolCall,
     ToolCallEnd,
     ToolCallParser,
@@ -138,12 +139,19 @@ class OutputFormat:
     call_form: str = ""
 
     def parser(
-        self, prompt_text: str = "", *, tools: bool = True, id_factory=new_call_id
+        self,
+        prompt_text: str = "",
+        *,
+        tools: bool = True,
+        id_factory=new_call_id,
+        schemas: dict[str, dict] | None = None,
     ) -> OutputParser:
         """A fresh parser for one response. `prompt_text`: the rendered prompt, whose end
         tells whether the output starts inside a reasoning block. `tools=False` (no tools in
-        the request) leaves the answer untouched apart from reasoning."""
+        the request) leaves the answer untouched apart from reasoning. `schemas`: the tools'
+        parameter schemas by name (read by formats whose values are untyped text)."""
         tool_parser = self.make_tools(id_factory) if tools else ToolCallParser(id_factory)
+        tool_parser.schemas = dict(schemas or {})
         return OutputParser(self.make_reasoning(prompt_text), tool_parser)
 
 
@@ -186,7 +194,11 @@ def select_format(architecture: str, template_source: str) -> OutputFormat:
         )
     think_arch = any(arch.startswith(a) for a in _THINK_ARCHS)
     thinks = "<think>" in tmpl or "</think>" in tmpl or think_arch
-    if "<tool_call>" in tmpl or think_arch:
+    if "<TOOLCALL>" in tmpl:
+        tools_name, make_tools = "nemotron", NemotronParser
+    elif "<function=" in tmpl and "<parameter=" in tmpl:  # Qwen 3.5, Qwen3-Coder, Nemotron 3
+        tools_name, make_tools = "qwen-xml", HermesParser
+    elif "<tool_call>" in tmpl or think_arch:
         tools_name, make_tools = "hermes", HermesParser
     elif "<|python_tag|>" in tmpl or "<|start_header_id|>" in tmpl:
         tools_name = "llama3"
@@ -195,7 +207,9 @@ def select_format(architecture: str, template_source: str) -> OutputFormat:
             return JsonCallParser(id_factory, tag="<|python_tag|>")
     else:
         tools_name, make_tools = "json", JsonCallParser
-    implicit = ("<tool_call>",) if tools_name == "hermes" else ()
+    # a call opened inside an unclosed reasoning block ends the block
+    implicit = {"hermes": ("<tool_call>",), "qwen-xml": ("<tool_call>",),
+                "nemotron": ("<TOOLCALL>",)}.get(tools_name, ())  # fmt: skip
     return OutputFormat(
         "think" if thinks else "none",
         tools_name,

@@ -5,6 +5,10 @@ Formats (what the model writes; see tests/test_outputs.py for the sources checke
 * `HermesParser`: Qwen / Hermes `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and
   the XML body Qwen 3.5 / Qwen3-Coder templates ask for:
   `<tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>`.
+  XML values are untyped text: a parameter the tool declares a string stays the text as
+  written, others read as JSON where they parse (`ToolCallParser.schemas`).
+* `NemotronParser`: Nemotron-H (Nano v2) `<TOOLCALL>[{"name": ..., "arguments": {...}}, ...]
+  </TOOLCALL>`.
 * `Gemma4Parser`: `<|tool_call>call:NAME{key:<|"|>text<|"|>,n:1}<tool_call|>`.
 * `MistralParser`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (tokenizers before
   v11) and `[TOOL_CALLS]NAME[ARGS]{...}` (v11+; `[CALL_ID]ID` before `[ARGS]` is skipped).
@@ -134,6 +138,9 @@ class ToolCallParser:
         self.id_factory = id_factory
         self.trim = Trimmer()
         self.events: list[ToolEvent] = []
+        # The request's tools' parameter schemas by name: formats that write argument values
+        # as untyped text read them by their declared types.
+        self.schemas: dict[str, dict[str, Any]] = {}
 
     def push(self, text: str) -> list[ToolEvent]:
         self.buf += text
@@ -235,14 +242,31 @@ _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
 
 
-def _xml_value(text: str) -> Any:
-    """A parameter value: the template puts it between newlines; JSON if it reads as JSON
-    (numbers, booleans, objects), else the string itself."""
+def _xml_value(text: str, schema: Any) -> Any:
+    """A parameter value: the template puts it between newlines and writes strings raw,
+    objects and lists as JSON, other values through Jinja's `string` filter. A parameter whose
+    `schema` declares a string is the text itself (`"42"` stays a string); others are JSON
+    where they read as JSON, else the text."""
     text = text.removeprefix("\n").removesuffix("\n")
+    if declares_string(schema):
+        return text
+    if isinstance(schema, dict) and schema.get("type") == "boolean" and text in ("True", "False"):
+        return text == "True"  # how the template writes a boolean (Jinja's `string` filter)
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         return text
+
+
+def declares_string(schema: Any) -> bool:
+    """A property schema whose values can only be strings (`type: string`, or an enum of
+    strings without a type)."""
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    if kind is None and isinstance(schema.get("enum"), list) and schema["enum"]:
+        return all(isinstance(v, str) for v in schema["enum"])
+    return kind == "string" or kind == ["string"]
 
 
 class HermesParser(_TaggedParser):
@@ -256,7 +280,11 @@ class HermesParser(_TaggedParser):
             for m in _XML_FUNCTION.finditer(body):
                 if body[end : m.start()].strip():
                     return None
-                args = {k.strip(): _xml_value(v) for k, v in _XML_PARAMETER.findall(m.group(2))}
+                props = self.schemas.get(m.group(1).strip(), {}).get("properties", {})
+                args = {
+                    k.strip(): _xml_value(v, props.get(k.strip()))
+                    for k, v in _XML_PARAMETER.findall(m.group(2))
+                }
                 call = normalize_call(m.group(1), args)
                 if call is None:
                     return None
@@ -271,6 +299,20 @@ class HermesParser(_TaggedParser):
         if call is None and isinstance(obj, dict) and "arguments" not in obj:
             call = normalize_call(obj.get("name"), {})  # `{"name": "now"}`: a call without args
         return None if call is None else [call]
+
+
+class NemotronParser(_TaggedParser):
+    """Nemotron-H's `<TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>` (its
+    template also writes arguments given as a string verbatim: decoded when JSON)."""
+
+    open_tag = "<TOOLCALL>"
+    close_tag = "</TOOLCALL>"
+
+    def _decode(self, body: str) -> list[tuple[str, dict[str, Any]]] | None:
+        try:
+            return calls_from_json(json.loads(body))
+        except json.JSONDecodeError:
+            return None
 
 
 class Gemma4Parser(_TaggedParser):

@@ -95,7 +95,7 @@ def make_request(
     return req
 
 
-def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
+def _prompt(model: Model, intent: Intent, plan: Plan, resume_points: bool = False) -> Prompt:
     """The prompt's ids and text (blocking: `prepare` runs it in the prepare pool). A prompt
     too long for the window by its length alone is refused before it is tokenized."""
     if intent.messages is None:
@@ -106,12 +106,14 @@ def _prompt(model: Model, intent: Intent, plan: Plan) -> Prompt:
         raise ApiError(400, "messages must not be empty", param="messages")
     shown = with_generic_tools(intent.messages, plan.template_tools, model.template.source)
     return chat_prompt(model, shown, tools=plan.template_tools, think=plan.think,
-                       extra=intent.template_kwargs, history=intent.history)  # fmt: skip
+                       extra=intent.template_kwargs, history=intent.history,
+                       resume_points=resume_points)  # fmt: skip
 
 
-async def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
+async def render(hub: Hub, intent: Intent, resume_points: bool = False) -> tuple[Plan, Prompt]:
     """The first half of `prepare`: the model check, the plan and the prompt, with nothing
-    built or queued (what counting a request's input tokens needs)."""
+    built or queued (what counting a request's input tokens needs). `resume_points`: find
+    where the prompt's state is worth saving (`Prompt.resume_points`)."""
     model, _ = hub.live()
     if intent.model is not None:
         check_model(intent.model, model)
@@ -124,7 +126,7 @@ async def render(hub: Hub, intent: Intent) -> tuple[Plan, Prompt]:
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
     # Rendering and tokenizing a long prompt takes seconds: off the event loop, which keeps
     # serving every other request meanwhile.
-    return plan, await hub.offload(_prompt, model, intent, plan)
+    return plan, await hub.offload(_prompt, model, intent, plan, resume_points)
 
 
 async def prepare(hub: Hub, intent: Intent) -> Prepared:
@@ -133,7 +135,8 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     images = intent.images if intent.messages is None else message_images(intent.messages)
     # a bad image is a 400 before anything else (render refuses images without a projector)
     prepared = await prepare_images(model, images) if model.projector is not None else []
-    plan, prompt = await render(hub, intent)
+    # a cache that cannot rewind resumes only where it saved its state: find where to
+    plan, prompt = await render(hub, intent, resume_points=not engine.rewinds)
     s = hub.settings
     sampling = sampling_params(s, intent.sampling)
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
@@ -145,6 +148,7 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     )  # fmt: skip
     # encoded last: a request refused for anything else costs no encoder time
     req.spans = await embedded_spans(hub, prepared, prompt.image_starts)
+    req.checkpoints = prompt.resume_points
     plan = await constrain(hub, plan, prompt.text)
     req.constraint = plan.constraint
     replies = [Reply(hub, plan, prompt.text) for _ in range(intent.n)]

@@ -8,6 +8,12 @@ edited or without its reasoning block, and re-tokenizing it rarely gives the ids
 in a cache row. Each such turn found again in the conversation (same roles and non-assistant
 contents as the recorded `history`) is rendered as a placeholder, and the placeholder's place
 in the token ids gets the recorded raw ids, so prefix reuse covers the whole previous turn.
+
+Resume points: a model whose cache cannot rewind (recurrent layers) resumes a later request
+only where it saved its state, so a chat prompt says where the next turn is likely to branch
+off: where its last user message starts (an edited or regenerated question) and where the
+generation prompt starts (the next turn, whatever the template makes of this answer: Qwen 3.5
+drops its reasoning, so the rendering differs right after `<|im_start|>assistant`).
 """
 
 from __future__ import annotations
@@ -124,6 +130,9 @@ class Prompt:
     turns: list[TrackedMessage]
     # Where each image's span starts in `ids`, in the order of the messages' images.
     image_starts: list[int] = field(default_factory=list)
+    # Token positions a later request may resume from (see the module docstring); () when
+    # not asked for or not found.
+    resume_points: tuple[int, ...] = ()
 
 
 _PLACEHOLDER = "\ue000R{:04d}\ue000"
@@ -152,11 +161,14 @@ def chat_prompt(
     think: bool | None = None,
     extra: dict[str, Any] | None = None,
     history: list[TrackedMessage] | None = None,
+    resume_points: bool = False,
 ) -> Prompt:
     """Messages through the model's chat template, with the answers of `history` spliced in
     as their raw ids and each image part's place made a span of image positions. A
     conversation the template rejects is a 400, and so are images for a model without a
-    projector. `extra` are more template variables (`chat_template_kwargs`)."""
+    projector. `extra` are more template variables (`chat_template_kwargs`).
+    `resume_points`: also find `Prompt.resume_points` (one more rendering, and the tokens of
+    its last two turns)."""
     n_images = len(message_images(messages))
     if n_images and model.projector is None:
         raise ApiError(400, no_projector(model), param="messages")
@@ -169,12 +181,13 @@ def chat_prompt(
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
         for i, m in enumerate(inlined)
     ]
+    shown = _thinking_switch(shown, think, model.template.source)
     controls = model.tokenizer.control_texts
     try:
         text, spans = model.template.render_marked(shown, controls, tools=tools or None, **kwargs)
         parts = _PLACEHOLDER_RE.split(text)
         if len(parts) != 2 * len(raws) + 1:  # the template dropped or repeated an answer
-            raws = {}
+            raws, shown = {}, inlined
             text, spans = model.template.render_marked(
                 inlined, controls, tools=tools or None, **kwargs
             )
@@ -206,7 +219,10 @@ def chat_prompt(
         pos += len(part)
     turns = [TrackedMessage(m.get("role", ""), m.get("content") or "", raws.get(i))
              for i, m in enumerate(messages)]  # fmt: skip
-    return Prompt(ids, shown_text(model, "".join(parts)), turns, starts)
+    points = ()
+    if resume_points:
+        points = _resume_points(model, shown, text, spans, ids, tools or None, kwargs)
+    return Prompt(ids, shown_text(model, "".join(parts)), turns, starts, points)
 
 
 def shown_text(model: Model, text: str) -> str:
@@ -215,3 +231,57 @@ def shown_text(model: Model, text: str) -> str:
         return text
     cfg = model.projector.config
     return text.replace(IMAGE_MARK, (cfg.image_begin or "") + (cfg.image_end or ""))
+
+
+# the template reads the `enable_thinking` variable (not a namespace field of that name)
+_READS_ENABLE_THINKING = re.compile(r"(?<![\w.])enable_thinking\b(?!\s*=[^=])")
+
+
+def _thinking_switch(messages: list[dict[str, Any]], think: bool | None, source: str):
+    """`messages` with thinking switched the way a template without `enable_thinking` reads
+    it: Nemotron-H Nano v2's takes the last `/think` or `/no_think` in a user or system
+    message (and removes it from the text it renders), so the last such message gets one."""
+    if think is None or "/no_think" not in source or _READS_ENABLE_THINKING.search(source):
+        return messages
+    last = max((i for i, m in enumerate(messages) if m.get("role") in ("user", "system")
+                and isinstance(m.get("content"), str)), default=None)  # fmt: skip
+    if last is None:
+        return messages
+    switched = dict(messages[last])
+    switched["content"] += " /think" if think else " /no_think"
+    return [*messages[:last], switched, *messages[last + 1 :]]
+
+
+def _resume_points(model: Model, shown, text: str, spans, ids, tools, kwargs) -> tuple[int, ...]:
+    """Token positions of `ids` where the generation prompt and the last user message start.
+
+    The generation prompt: the conversation rendered without one is a prefix of `text` (the
+    template is prefix-stable there). The last user message: the end of the last control token
+    the template wrote before its content (rendering the conversation only up to that message
+    would not do: templates render the turns before the last user message differently, e.g.
+    Qwen 3.5 drops their reasoning). A place counts only where it starts a token: the tokens
+    of the text from there are the end of `ids`. Saving a state elsewhere would be harmless
+    (a state is only ever resumed under an equal token prefix), merely useless."""
+    starts = set()
+    try:
+        head, _ = model.template.render_marked(
+            shown, model.tokenizer.control_texts, tools=tools, add_generation_prompt=False,
+            **kwargs,
+        )  # fmt: skip
+        if head and text.startswith(head):
+            starts.add(len(head))
+    except TemplateError:
+        pass
+    users = [m.get("content") for m in shown if m.get("role") == "user"]
+    if users and isinstance(users[-1], str) and users[-1]:
+        c = text.rfind(users[-1])
+        starts.add(max((b for _, b in spans if b <= c), default=0) if c >= 0 else 0)
+    points = set()
+    for n in starts - {0}:
+        if _PLACEHOLDER_RE.search(text, n):  # spliced raw ids: not the text's tokens
+            continue
+        inside = [(a - n, b - n) for a, b in spans if a >= n]
+        tail, _ = encode(model, text[n:], inside, first=False, last=True)
+        if tail and len(tail) < len(ids) and ids[-len(tail) :] == tail:
+            points.add(len(ids) - len(tail))
+    return tuple(sorted(points))

@@ -28,7 +28,10 @@ class Reply:
 
     def __init__(self, hub: Hub, plan: Plan, prompt_text: str) -> None:
         self.plan = plan
-        self.parser = hub.output_format().parser(prompt_text, tools=plan.parse_tools)
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in plan.tools}
+        self.parser = hub.output_format().parser(
+            prompt_text, tools=plan.parse_tools, schemas=schemas
+        )
         self.parsed = ParsedOutput()
 
     @property

@@ -40,7 +40,7 @@ from tsjax.cache.blocked import BlockedKV
 from tsjax.cache.recurrent import RecurrentState, deltanet_state, mamba2_state
 from tsjax.cache.shared import SharedKV
 from tsjax.cache.stacked import StackedKV
-from tsjax.cache.state import Cache, KVLayout, KVState, LayerState, Step
+from tsjax.cache.state import Cache, KVLayout, KVState, LayerState, NoState, Step
 from tsjax.stack import ATTENTION, DELTANET, MAMBA2, Segment
 
 if TYPE_CHECKING:  # tsjax.models imports this package (a real import would be a cycle)
@@ -59,6 +59,11 @@ def kv_state(
     assert not seg.stacked, "the blocked layout is per layer (an unrolled layer loop)"
     assert layout.blocks[0][-1] == rows and layout.blocks[1][-1] == max_len, layout.blocks
     return BlockedKV.create(layout.blocks, kv, h, dtype, layout.skip_min_rows)
+
+
+def no_state(cfg: ModelConfig, seg: Segment, layout: KVLayout, rows: int, max_len: int, dtype):
+    """The state of a layer kind that keeps nothing between steps (an MLP-only layer)."""
+    return NoState()
 
 
 #: Layer kind -> its state's constructor (cfg, segment, layout, rows, max_len, dtype).
@@ -95,10 +100,12 @@ __all__ = [
     "KVLayout",
     "KVState",
     "LayerState",
+    "NoState",
     "RecurrentState",
     "SharedKV",
     "StackedKV",
     "Step",
     "create_cache",
     "kv_state",
+    "no_state",
 ]

@@ -123,10 +123,10 @@ class BlockedKV:
 
         return BlockedKV(move(self.k, True), move(self.v, False), self.skip_min_rows)
 
-    def checkpoint(self, rows: jax.Array, which: jax.Array) -> BlockedKV:
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> BlockedKV:
         return self  # rewinding keys and values is setting the row's length
 
-    def restore(self, rows: jax.Array, which: jax.Array) -> BlockedKV:
+    def restore(self, rows: jax.Array, slots: jax.Array) -> BlockedKV:
         return self
 
     def shardings(self, named: Named) -> BlockedKV:

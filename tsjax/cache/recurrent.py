@@ -1,12 +1,15 @@
 """The state of a recurrent layer (Gated DeltaNet, Mamba2): per row, the short convolution's
-window and the recurrent state, plus one saved copy of both (the checkpoint a prompt suffix
-resumes from: a recurrent state cannot be rewound, `LayerState.REWINDS`).
+window and the recurrent state, plus saved copies of both in a few checkpoint slots (what a
+prompt suffix resumes from: a recurrent state cannot be rewound, `LayerState.REWINDS`; the
+engine decides where rows save theirs, `serve.engine.scheduler`).
 
 Shapes, with a stacked segment's leading layer axis L (none for an unrolled layer):
 
 - `conv` [L, B, C, K-1]: the last K-1 inputs of the convolution (`tsjax.layers.causal_conv`);
 - `ssm` [L, B, H, ...]: Gated DeltaNet [L, B, H, Dk, Dv] (value heads, key dim, value dim),
-  Mamba2 [L, B, H, P, N] (heads, head dim, state size), llama.cpp's and transformers' order.
+  Mamba2 [L, B, H, P, N] (heads, head dim, state size), llama.cpp's and transformers' order;
+- `saved_conv` [L, B, n, C, K-1], `saved_ssm` [L, B, n, H, ...]: the n checkpoint slots of
+  each row (`KVLayout.checkpoints`), which move with their row.
 
 An unrolled layer's state has no layer axis (not an axis of 1): XLA:CPU updates a buffer in
 place only when the step's arithmetic reads it as it lies, and a view through a unit axis is
@@ -39,6 +42,7 @@ if TYPE_CHECKING:  # tsjax.models imports tsjax.cache (a real import would be a 
 #: x/B/C) fused, so a contiguous split of them is not a split by heads: left whole.
 CONV_AXES = ("batch", "ssm_channels", None)
 SSM_AXES = ("batch", "ssm_heads", None, None)
+SLOT_AXIS = None  # the checkpoint slots of a row: never split
 
 
 @jax.tree_util.register_dataclass
@@ -55,16 +59,26 @@ class RecurrentState:
 
     @classmethod
     def create(
-        cls, layers: int | None, rows: int, channels: int, kernel: int, ssm_shape: tuple[int, ...]
+        cls,
+        layers: int | None,
+        rows: int,
+        channels: int,
+        kernel: int,
+        ssm_shape: tuple[int, ...],
+        slots: int = 1,
     ) -> RecurrentState:
         """Zeroed: conv [layers, rows, channels, kernel-1], ssm [layers, rows, *ssm_shape]
-        (`layers` None: one unrolled layer, no layer axis). Four buffers, not shared: the
-        steps donate each."""
+        and `slots` saved copies of each per row (`layers` None: one unrolled layer, no
+        layer axis). Four buffers, not shared: the steps donate each."""
         lead = () if layers is None else (layers,)
-        conv = (*lead, rows, channels, kernel - 1)
-        ssm = (*lead, rows, *ssm_shape)
+        conv = (channels, kernel - 1)
         z = jnp.float32
-        return cls(jnp.zeros(conv, z), jnp.zeros(ssm, z), jnp.zeros(conv, z), jnp.zeros(ssm, z))
+        return cls(
+            jnp.zeros((*lead, rows, *conv), z),
+            jnp.zeros((*lead, rows, *ssm_shape), z),
+            jnp.zeros((*lead, rows, slots, *conv), z),
+            jnp.zeros((*lead, rows, slots, *ssm_shape), z),
+        )
 
     @property
     def stacked(self) -> bool:
@@ -134,52 +148,72 @@ class RecurrentState:
             *(move(x) for x in (self.conv, self.ssm, self.saved_conv, self.saved_ssm))
         )
 
-    def checkpoint(self, rows: jax.Array, which: jax.Array) -> RecurrentState:
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> RecurrentState:
         return replace(
             self,
-            saved_conv=self._copy_rows(self.conv, self.saved_conv, rows, which),
-            saved_ssm=self._copy_rows(self.ssm, self.saved_ssm, rows, which),
+            saved_conv=self._save(self.conv, self.saved_conv, rows, slots),
+            saved_ssm=self._save(self.ssm, self.saved_ssm, rows, slots),
         )
 
-    def restore(self, rows: jax.Array, which: jax.Array) -> RecurrentState:
+    def restore(self, rows: jax.Array, slots: jax.Array) -> RecurrentState:
         return replace(
             self,
-            conv=self._copy_rows(self.saved_conv, self.conv, rows, which),
-            ssm=self._copy_rows(self.saved_ssm, self.ssm, rows, which),
+            conv=self._load(self.saved_conv, self.conv, rows, slots),
+            ssm=self._load(self.saved_ssm, self.ssm, rows, slots),
         )
 
-    def _copy_rows(self, src, dst, rows: jax.Array, which: jax.Array) -> jax.Array:
-        """dst with rows[i] replaced by src's where which[i] (rows past B: dropped)."""
+    def _save(self, live, saved, rows: jax.Array, slots: jax.Array) -> jax.Array:
+        """saved with [rows[i], slots[i]] replaced by live[rows[i]] (slot < 0 or a row past
+        B: dropped)."""
         ax = int(self.stacked)
-        rows = jnp.where(which, rows, dst.shape[ax])
-        index = (slice(None),) * ax + (rows,)
-        return dst.at[index].set(jnp.take(src, rows, axis=ax, mode="clip"), mode="drop")
+        if saved.shape[ax + 1] == 0:  # no slots kept
+            return saved
+        rows = jnp.where(slots >= 0, rows, live.shape[ax])
+        lead = (slice(None),) * ax
+        moved = jnp.take(live, rows, axis=ax, mode="clip")
+        return saved.at[(*lead, rows, jnp.maximum(slots, 0))].set(moved, mode="drop")
+
+    def _load(self, saved, live, rows: jax.Array, slots: jax.Array) -> jax.Array:
+        """live with rows[i] replaced by saved[rows[i], slots[i]] (slot < 0: kept)."""
+        ax = int(self.stacked)
+        if saved.shape[ax + 1] == 0:  # no slots kept
+            return live
+        lead = (slice(None),) * ax
+        got = saved[(*lead, jnp.minimum(rows, live.shape[ax] - 1), jnp.maximum(slots, 0))]
+        rows = jnp.where(slots >= 0, rows, live.shape[ax])
+        return live.at[(*lead, rows)].set(got, mode="drop")
 
     def shardings(self, named: Named) -> RecurrentState:
         lead = ("layers",) if self.stacked else ()
         conv = named((*lead, *CONV_AXES), self.conv.shape)
         ssm = named((*lead, *SSM_AXES), self.ssm.shape)
-        return RecurrentState(conv, ssm, conv, ssm)
+        row, *conv_rest = CONV_AXES
+        _, *ssm_rest = SSM_AXES
+        saved_conv = named((*lead, row, SLOT_AXIS, *conv_rest), self.saved_conv.shape)
+        saved_ssm = named((*lead, row, SLOT_AXIS, *ssm_rest), self.saved_ssm.shape)
+        return RecurrentState(conv, ssm, saved_conv, saved_ssm)
 
 
 def deltanet_state(cfg: ModelConfig, seg: Segment, layout, rows: int, max_len: int, dtype):
     """A Gated DeltaNet segment's zeroed state from `cfg.ssm` (`tsjax.models.config.SSMConfig`):
-    conv channels 2*Hk*Dk + Hv*Dv, ssm [Hv, Dk, Dv]; float32 whatever `dtype` (`layout` and
-    `max_len` are attention's). The same shapes as `GatedDeltaNet.new_state`."""
+    conv channels 2*Hk*Dk + Hv*Dv, ssm [Hv, Dk, Dv], `layout.checkpoints` slots per row;
+    float32 whatever `dtype` (`max_len` is attention's). The same shapes as
+    `GatedDeltaNet.new_state`."""
     s = cfg.ssm
     hv, dk = s.time_step_rank, s.state_size
     channels = 2 * s.group_count * dk + s.inner_size
     layers = seg.count if seg.stacked else None
-    return RecurrentState.create(
-        layers, rows, channels, s.conv_kernel, (hv, dk, s.inner_size // hv)
-    )
+    shape = (hv, dk, s.inner_size // hv)
+    return RecurrentState.create(layers, rows, channels, s.conv_kernel, shape, layout.checkpoints)
 
 
 def mamba2_state(cfg: ModelConfig, seg: Segment, layout, rows: int, max_len: int, dtype):
     """A Mamba2 segment's zeroed state from `cfg.ssm`: conv channels E + 2*G*N, ssm [H, P, N]
-    (P = E/H); float32. The same shapes as `Mamba2.new_state`."""
+    (P = E/H), `layout.checkpoints` slots per row; float32. The same shapes as
+    `Mamba2.new_state`."""
     s = cfg.ssm
     h, n = s.time_step_rank, s.state_size
     channels = s.inner_size + 2 * s.group_count * n
     layers = seg.count if seg.stacked else None
-    return RecurrentState.create(layers, rows, channels, s.conv_kernel, (h, s.inner_size // h, n))
+    shape = (h, s.inner_size // h, n)
+    return RecurrentState.create(layers, rows, channels, s.conv_kernel, shape, layout.checkpoints)

@@ -59,10 +59,10 @@ class StackedKV:
 
         return StackedKV(move(self.k), move(self.v))
 
-    def checkpoint(self, rows: jax.Array, which: jax.Array) -> StackedKV:
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> StackedKV:
         return self  # rewinding keys and values is setting the row's length
 
-    def restore(self, rows: jax.Array, which: jax.Array) -> StackedKV:
+    def restore(self, rows: jax.Array, slots: jax.Array) -> StackedKV:
         return self
 
     def shardings(self, named: Named) -> StackedKV:

@@ -5,11 +5,11 @@ the per-row bookkeeping (`lengths`). A state is a registered dataclass pytree wh
 have the row axis first (after a stacked segment's layer axis); the compiled steps donate the
 cache, so its operations (functional, each returning the updated state) run in place.
 
-What each state offers (`LayerState`): exchange rows (`swap`), save and bring back a row's
-state (`checkpoint` / `restore`), its per-step preparation (`prepare`: made once for every
-layer that shares it), and its shardings. Attention states add `write` (a step's new keys and
-values) and `attend` (`KVState`). Another kind of state (a recurrent one) adds its own reads
-and updates, which its own layer module calls.
+What each state offers (`LayerState`): exchange rows (`swap`), save a row's state into one of
+its checkpoint slots and bring it back (`checkpoint` / `restore`), its per-step preparation
+(`prepare`: made once for every layer that shares it), and its shardings. Attention states
+add `write` (a step's new keys and values) and `attend` (`KVState`). Another kind of state
+(a recurrent one) adds its own reads and updates, which its own layer module calls.
 """
 
 from __future__ import annotations
@@ -83,12 +83,13 @@ class LayerState(Protocol):
         exchanged row twice). Indices >= B are padding: read clipped, write nothing."""
         ...
 
-    def checkpoint(self, rows: jax.Array, which: jax.Array) -> Self:
-        """Save rows[b]'s state where which[b] (one saved state per row)."""
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> Self:
+        """Save rows[b]'s state into its checkpoint slot slots[b] ([b] each; a slot < 0, or
+        a row past the cache's, saves nothing). Each row has `KVLayout.checkpoints` slots."""
         ...
 
-    def restore(self, rows: jax.Array, which: jax.Array) -> Self:
-        """Bring back rows[b]'s saved state where which[b]."""
+    def restore(self, rows: jax.Array, slots: jax.Array) -> Self:
+        """Bring back rows[b]'s state saved in slot slots[b] (< 0: none)."""
         ...
 
     def shardings(self, named: Named) -> Self:
@@ -124,11 +125,37 @@ class KVState(LayerState, Protocol):
 
 @dataclass(frozen=True)
 class KVLayout:
-    """How attention states lay out keys and values: stacked `[L, B, K, S, H]`
-    (`blocks` None), or in blocks of rows and positions (CPU; `tsjax.cache.blocked`)."""
+    """How the states are laid out: attention's keys and values stacked `[L, B, K, S, H]`
+    (`blocks` None), or in blocks of rows and positions (CPU; `tsjax.cache.blocked`); and how
+    many checkpoint slots each row of a state that cannot rewind keeps (`checkpoints`)."""
 
     blocks: BlockBounds | None = None
     skip_min_rows: int = SKIP_MIN_ROWS
+    checkpoints: int = 2
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class NoState:
+    """The state of a layer that keeps nothing between steps (Nemotron-H's MLP and MoE
+    layers): no arrays, every operation a no-op."""
+
+    REWINDS: ClassVar[bool] = True
+
+    def prepare(self, step: Step) -> None:
+        pass
+
+    def swap(self, src: jax.Array, dst: jax.Array) -> NoState:
+        return self
+
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> NoState:
+        return self
+
+    def restore(self, rows: jax.Array, slots: jax.Array) -> NoState:
+        return self
+
+    def shardings(self, named: Named) -> NoState:
+        return self
 
 
 @jax.tree_util.register_dataclass
@@ -169,11 +196,13 @@ class Cache:
         )
         return Cache(tuple(s.swap(src, dst) for s in self.layers), lengths)
 
-    def checkpoint(self, rows: jax.Array, which: jax.Array) -> Cache:
-        return self.with_layers(s.checkpoint(rows, which) for s in self.layers)
+    def checkpoint(self, rows: jax.Array, slots: jax.Array) -> Cache:
+        """Save rows[b] into checkpoint slot slots[b] (< 0: none) in every state."""
+        return self.with_layers(s.checkpoint(rows, slots) for s in self.layers)
 
-    def restore(self, rows: jax.Array, which: jax.Array) -> Cache:
-        return self.with_layers(s.restore(rows, which) for s in self.layers)
+    def restore(self, rows: jax.Array, slots: jax.Array) -> Cache:
+        """Bring rows[b] back from checkpoint slot slots[b] (< 0: none) in every state."""
+        return self.with_layers(s.restore(rows, slots) for s in self.layers)
 
     def shardings(self, named: Named) -> Cache:
         """Shardings of this (or an abstract, `jax.eval_shape`) cache, same structure."""

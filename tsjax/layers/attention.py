@@ -5,6 +5,11 @@ layer's cache state takes the T new keys/values at each row's positions and the 
 attend over the first `attn_len` cache positions with a causal (and, per layer,
 sliding-window) mask. How the keys and values are laid out, and the kernels that read them,
 are the state's (`tsjax.cache`): this layer is the same for every layout.
+
+Two variants are options: partial or no RoPE (`rope_dim`: Qwen 3.5 rotates the first quarter
+of each head, Nemotron-H's attention has no positions at all), and Qwen 3.5's output gate
+(`output_gate`: the q projection gives each head [q | gate], and the attention output is
+multiplied by sigmoid(gate) before the output projection).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Attention(nn.Module):
     v_norm: bool = False
     v_from_k: bool = False
     kv_shared: bool = False
+    rope_dim: int | None = None  # rotated dims of each head: None all, 0 none, else the first
+    output_gate: bool = False  # Qwen 3.5: q rows per head [q | gate], out * sigmoid(gate)
 
     @nn.compact
     def __call__(
@@ -59,17 +66,23 @@ class Attention(nn.Module):
         `tsjax.layers.rope.rope_lookup` of the positions. Returns (out [B, T, D], state)."""
         b, t, d = x.shape
         n, h = self.n_heads, self.head_dim
-        q = Linear(n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x).reshape(b, t, n, h)
+        gated = 2 if self.output_gate else 1
+        q = Linear(gated * n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x)
+        q = q.reshape(b, t, n, gated * h)
+        q, gate = q[..., :h], q[..., h:]  # [B, T, N, H] each (gate empty when not gated)
         o_proj = Linear(d, False, self.dtype, self.quant, name="o")
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
-        q = rotate(q, rope)
+        q = self._rotate(q, rope)
         if not self.kv_shared:
             state = state.write(*self._keys_values(x, rope), step, layer)
         sinks = None
         if self.sinks:
             sinks = self.param("sinks", nn.initializers.zeros, (n,), jnp.float32)
         out = state.attend(q, step, layer, window, self.scale, self.softcap, sinks)
+        if self.output_gate:
+            g = jax.nn.sigmoid(gate.reshape(b, t, n * h).astype(jnp.float32))
+            out = (out.astype(jnp.float32) * g).astype(out.dtype)
         return o_proj(out), state
 
     def _keys_values(self, x: jax.Array, rope: RopeTables) -> tuple[jax.Array, jax.Array]:
@@ -86,4 +99,14 @@ class Attention(nn.Module):
             k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k)
         if self.v_norm:
             v = rms_norm(v, jnp.ones((h,), jnp.float32), self.norm_eps)
-        return rotate(k, rope), v
+        return self._rotate(k, rope), v
+
+    def _rotate(self, x: jax.Array, rope: RopeTables) -> jax.Array:
+        """RoPE on the first `rope_dim` dims of each head (tables of that width), NeoX pairing
+        among them; the other dims pass unrotated."""
+        r = self.head_dim if self.rope_dim is None else self.rope_dim
+        if r == 0:
+            return x
+        if r == self.head_dim:
+            return rotate(x, rope)
+        return jnp.concatenate([rotate(x[..., :r], rope), x[..., r:]], axis=-1)

@@ -210,11 +210,13 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> int:
         return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
 
-    def new_state(self, layers: int | None, rows: int) -> RecurrentState:
+    def new_state(self, layers: int | None, rows: int, slots: int = 1) -> RecurrentState:
         """A zeroed state of `layers` such layers (None: one unrolled layer, no layer axis)
-        for `rows` cache rows."""
+        for `rows` cache rows, with `slots` checkpoint slots each."""
         shape = (self.v_heads, self.k_dim, self.v_dim)
-        return RecurrentState.create(layers, rows, self.conv_channels, self.conv_kernel, shape)
+        return RecurrentState.create(
+            layers, rows, self.conv_channels, self.conv_kernel, shape, slots
+        )
 
     @nn.compact
     def __call__(

@@ -205,11 +205,13 @@ class Mamba2(nn.Module):
     def conv_channels(self) -> int:
         return self.inner + 2 * self.n_groups * self.state_size
 
-    def new_state(self, layers: int | None, rows: int) -> RecurrentState:
+    def new_state(self, layers: int | None, rows: int, slots: int = 1) -> RecurrentState:
         """A zeroed state of `layers` such layers (None: one unrolled layer, no layer axis)
-        for `rows` cache rows."""
+        for `rows` cache rows, with `slots` checkpoint slots each."""
         shape = (self.n_heads, self.head_dim, self.state_size)
-        return RecurrentState.create(layers, rows, self.conv_channels, self.conv_kernel, shape)
+        return RecurrentState.create(
+            layers, rows, self.conv_channels, self.conv_kernel, shape, slots
+        )
 
     @nn.compact
     def __call__(

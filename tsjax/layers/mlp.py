@@ -1,5 +1,6 @@
 """Feed-forward blocks: gated, down(act(gate(x)) * up(x)), for the decoders; plain,
-down(act(up(x))) with biases, for the vision encoders."""
+down(act(up(x))), with biases for the vision encoders and without for Nemotron-H's squared
+ReLU MLP."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     # CLIP's "quick GELU" (llama.cpp's default for projectors without clip.use_gelu)
     "gelu_quick": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # Nemotron-H's MLP (no gate)
 }
 
 
@@ -46,11 +48,13 @@ class MLP(nn.Module):
     activation: str = "gelu_tanh"
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
-        up = Linear(self.ffn_dim, self.use_bias, self.dtype, name="up")
-        down = Linear(x.shape[-1], self.use_bias, self.dtype, name="down")
-        # features first between the matmuls, as in GatedMLP
-        return down(act(up(x, features_first_out=True)), features_first_in=True)
+        up = Linear(self.ffn_dim, self.use_bias, self.dtype, self.quant, name="up")
+        down = Linear(x.shape[-1], self.use_bias, self.dtype, self.quant, name="down")
+        # features first between the matmuls, as in GatedMLP (float weights)
+        ff = self.quant != "int8"
+        return down(act(up(x, features_first_out=ff)), features_first_in=ff)

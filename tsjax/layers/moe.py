@@ -43,6 +43,7 @@ from tsjax.layers.experts import Q8_BLOCK, activation_fn, ragged_ffn, tile_rows,
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import rms_norm
 from tsjax.mxfp4 import BLOCK as MXFP4_BLOCK
+from tsjax.stack import Param
 
 # llama.cpp clamps the renormalising sum to float16's smallest normal number.
 MIN_WEIGHT_SUM = 6.103515625e-5
@@ -137,6 +138,36 @@ def moe_param_axes(path: tuple[str, ...]) -> tuple[str | None, ...]:
         kernel = MOE_PARAM_AXES[(*path[:-1], "kernel")]
         return {"weight": kernel[::-1], "kernel_scale": kernel[1:], "input_scale": kernel[:1]}[last]
     return MOE_PARAM_AXES[path]
+
+
+# GGUF's tensor names of the MoE block's params (llama.cpp's `LLM_TENSOR_FFN_*_EXPS`, `_SHEXP`,
+# `FFN_GATE_INP`, `FFN_EXP_PROBS_B`, `FFN_LATENT_*`), by their path under the block.
+GGUF_NAMES: dict[tuple[str, ...], str] = {
+    ("router", "weight"): "ffn_gate_inp.weight",
+    ("router", "bias"): "ffn_gate_inp.bias",
+    ("router", "selection_bias"): "exp_probs_b.bias",
+    ("gate", "weight"): "ffn_gate_exps.weight",
+    ("up", "weight"): "ffn_up_exps.weight",
+    ("down", "weight"): "ffn_down_exps.weight",
+    ("gate_bias",): "ffn_gate_exps.bias",
+    ("up_bias",): "ffn_up_exps.bias",
+    ("down_bias",): "ffn_down_exps.bias",
+    ("shared", "gate", "weight"): "ffn_gate_shexp.weight",
+    ("shared", "up", "weight"): "ffn_up_shexp.weight",
+    ("shared", "down", "weight"): "ffn_down_shexp.weight",
+    ("shared_gate", "weight"): "ffn_gate_inp_shexp.weight",
+    ("latent_down", "weight"): "ffn_latent_down.weight",
+    ("latent_up", "weight"): "ffn_latent_up.weight",
+}
+
+
+def moe_params(prefix: tuple[str, ...]) -> tuple[Param, ...]:
+    """The parameter table's entries (`tsjax.stack.Param`) of a MoE block whose params live
+    under `prefix` in its layer: every parameter GGUF names (`GGUF_NAMES`; a family's spec
+    decides which exist), with the axes of `moe_param_axes`."""
+    return tuple(
+        Param(name, (*prefix, *path), moe_param_axes(path)) for path, name in GGUF_NAMES.items()
+    )
 
 
 class Dispatch(NamedTuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.models import gemma, gemma4, llama, qwen2, qwen3
+from tsjax.models import gemma, gemma4, llama, nemotron_h, qwen2, qwen3, qwen35
 from tsjax.models.config import ModelConfig
 from tsjax.models.decoder import Decoder
 
@@ -18,6 +18,10 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma2": gemma,
     "gemma3": gemma,
     "gemma4": gemma4,
+    "qwen35": qwen35,
+    "qwen35moe": qwen35,
+    "nemotron_h": nemotron_h,
+    "nemotron_h_moe": nemotron_h,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tsjax.gguf import GGUFFile
 from tsjax.layers.moe import MoESpec
@@ -66,6 +67,10 @@ class ModelConfig:
     activation: str = "silu"
     tied_embeddings: bool = True
     permuted_qk: bool = False  # llama.cpp stores Llama q/k rows interleaved for its RoPE
+    # Rotary dimensions of each head: None = all of them; 0 = no RoPE (Nemotron-H); fewer
+    # than head_dim rotate the first ones only (Qwen 3.5's partial rotary).
+    rope_dim: int | None = None
+    moe: MoESpec | None = None  # the experts of a mixture-of-experts family
     # What each layer is (`tsjax.models.decoder.BLOCKS`); () = attention everywhere.
     layer_kinds: tuple[str, ...] = ()
     # The recurrent layers' sizes (`tsjax.layers.deltanet`, `tsjax.layers.mamba2`).
@@ -97,6 +102,11 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return self.query_scale or self.head_dim**-0.5
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each head RoPE rotates (0: none)."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
+
     def head_dim_at(self, layer: int) -> int:
         return self.layer_head_dims[layer] if self.layer_head_dims else self.head_dim
 
@@ -111,13 +121,15 @@ class ModelConfig:
         return self.kv_sources[layer] if self.kv_sources else layer
 
     def rope_key(self, layer: int) -> tuple[float, float, int, bool]:
-        """What `layer`'s rotation tables depend on: (base, linear scale, head size, whether
-        `rope_freq_factors` divide its frequencies)."""
+        """What `layer`'s rotation tables depend on: (base, linear scale, rotated size: the
+        head, or its first `rope_dim` dims (no RoPE: a table of 2 nobody reads, which XLA
+        drops), whether `rope_freq_factors` divide its frequencies)."""
         factored = bool(self.layer_rope_factored and self.layer_rope_factored[layer])
+        rotated = self.head_dim_at(layer) if self.rope_dim is None else (self.rope_dim or 2)
         return (
             self.layer_rope_thetas[layer],
             self.layer_rope_scales[layer],
-            self.head_dim_at(layer),
+            rotated,
             factored,
         )
 
@@ -128,17 +140,18 @@ def per_layer(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, list | tuple) else ()
 
 
-def base_config_kwargs(g: GGUFFile, family: str) -> dict:
+def base_config_kwargs(g: GGUFFile, family: str, ffn_default: Any = ...) -> dict:
     """Fields every family reads the same way from `{arch}.*` keys. `head_count_kv` and
     `feed_forward_length` may be arrays, one value per layer (llama.cpp's per-layer keys):
     then `layer_kv_heads` / `layer_ffn_dims` hold them and the model-wide value is the
-    largest."""
+    largest. `ffn_default`: the FFN size of a file without `feed_forward_length` (by default
+    that key is required)."""
     arch = g.architecture
-    n_heads = int(g.meta(f"{arch}.attention.head_count"))
+    n_heads = _widest(g.meta(f"{arch}.attention.head_count"))
     layer_kv = per_layer(g.meta(f"{arch}.attention.head_count_kv", n_heads))
     n_kv = max(layer_kv) if layer_kv else g.meta(f"{arch}.attention.head_count_kv", n_heads)
-    layer_ffn = per_layer(g.meta(f"{arch}.feed_forward_length"))
-    ffn = max(layer_ffn) if layer_ffn else g.meta(f"{arch}.feed_forward_length")
+    layer_ffn = per_layer(g.meta(f"{arch}.feed_forward_length", ffn_default))
+    ffn = max(layer_ffn) if layer_ffn else g.meta(f"{arch}.feed_forward_length", ffn_default)
     dim = int(g.meta(f"{arch}.embedding_length"))
     head_dim = int(g.meta(f"{arch}.attention.key_length", dim // n_heads))
     n_layers = int(g.meta(f"{arch}.block_count"))
@@ -169,3 +182,9 @@ def base_config_kwargs(g: GGUFFile, family: str) -> dict:
         layer_kv_heads=layer_kv,
         layer_ffn_dims=layer_ffn,
     )
+
+
+def _widest(value: Any) -> int:
+    """A size GGUF may give per layer (an array, 0 where a layer has none: Nemotron-H's head
+    counts and FFN sizes): the largest."""
+    return max(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
