@@ -33,7 +33,7 @@ def _load(name: str, rows: int = 2):
 
     m = build(name)
     shapes = StepShapes.default(rows=rows, max_len=128, min_prefill=16, min_attn=32)
-    return m, load(m.gguf["f32"], progress=False, shapes=shapes)
+    return m, load(m.gguf["f32"], progress=False, shapes=shapes, quant="f32")  # exact
 
 
 @pytest.mark.parametrize("name", ["qwen35", "qwen35moe", "nemotron_h", "nemotron_h_moe"])
