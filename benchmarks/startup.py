@@ -92,22 +92,26 @@ class Phases:
         reset_peak()
         self._sampler = PeakSampler(interval=0.02).start()
         self._t = time.perf_counter()
+        self._cpu = time.process_time()
 
     def end(self, name: str, **extra) -> dict:
         secs = time.perf_counter() - self._t
+        cpu = time.process_time() - self._cpu
         assert self._sampler is not None
         sampled = self._sampler.stop()
         st = status()
         row = {
             "phase": name,
             "seconds": secs,
+            "cpu_seconds": cpu,
             "rss_after": st["VmRSS"],
             "peak": max(st["VmHWM"], sampled),
             **extra,
         }
         self.rows.append(row)
         print(
-            f"[{name}] {secs:.1f}s, RSS {st['VmRSS'] / MB:.0f} MB, peak {row['peak'] / MB:.0f} MB",
+            f"[{name}] {secs:.1f}s ({cpu:.1f} CPU s), RSS {st['VmRSS'] / MB:.0f} MB,"
+            f" peak {row['peak'] / MB:.0f} MB",
             file=sys.stderr,
             flush=True,
         )
@@ -292,12 +296,12 @@ def per_shape(model, engine, args) -> list[dict]:
     for name, fn, fn_args, kw in jobs:
         gc.collect()
         r0, m0 = status()["VmRSS"], _in_use()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lowered = fn.lower(*fn_args, **kw)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         r1, m1 = status()["VmRSS"], _in_use()
         compiled = lowered.compile()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         mod_chars = len(lowered.as_text())
         del lowered
         gc.collect()
@@ -309,6 +313,8 @@ def per_shape(model, engine, args) -> list[dict]:
             "shape": name,
             "lower_s": t1 - t0,
             "compile_s": t2 - t1,
+            "lower_cpu": c1 - c0,
+            "compile_cpu": c2 - c1,
             "rss_lower": r1 - r0,
             "rss_compile": r2 - r1,
             "malloc_lower": m1 - m0,
@@ -322,7 +328,8 @@ def per_shape(model, engine, args) -> list[dict]:
         }
         out.append(row)
         print(
-            f"{name}: lower {row['lower_s']:.1f}s compile {row['compile_s']:.1f}s"
+            f"{name}: lower {row['lower_s']:.1f}s ({c1 - c0:.1f} CPU)"
+            f" compile {row['compile_s']:.1f}s ({c2 - c1:.1f} CPU)"
             f" RSS +{(r1 - r0) / MB:.0f} +{(r2 - r1) / MB:.0f} MB,"
             f" malloc +{(m1 - m0) / MB:.0f} +{(m2 - m1) / MB:.0f} MB,"
             f" code {row['code_bytes'] / MB:.1f} MB temp {row['temp_bytes'] / MB:.1f} MB"
@@ -420,17 +427,18 @@ def report(args, cache_dir, phases, events, model, engine, shapes_out) -> None:
         f"env: {json.dumps({k: v for k, v in env.items() if v})}",
         f"shapes: {model.steps.shapes}",
         "",
-        "| phase | seconds | RSS after MB | peak MB | notes |",
-        "|---|---|---|---|---|",
+        "| phase | seconds | CPU seconds | RSS after MB | peak MB | notes |",
+        "|---|---|---|---|---|---|",
     ]
     for r in phases.rows:
         notes = {
             k: (round(v, 1) if isinstance(v, float) else v)
             for k, v in r.items()
-            if k not in ("phase", "seconds", "rss_after", "peak")
+            if k not in ("phase", "seconds", "cpu_seconds", "rss_after", "peak")
         }
         lines.append(
-            f"| {r['phase']} | {r['seconds']:.1f} | {r['rss_after'] / MB:.0f} |"
+            f"| {r['phase']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} |"
+            f" {r['rss_after'] / MB:.0f} |"
             f" {r['peak'] / MB:.0f} | {notes or ''} |"
         )
     lines += ["", *events.table(), f"persistent-cache hits: {events.hits}", ""]
@@ -456,8 +464,9 @@ def report(args, cache_dir, phases, events, model, engine, shapes_out) -> None:
     if shapes_out:
         lines += [
             "",
-            "| shape | lower s | compile s | RSS MB lower + compile | malloc MB lower + compile"
-            " | code MB | temp MB | HLO ops | constants | StableHLO MB |",
+            "| shape | lower s (CPU) | compile s (CPU) | RSS MB lower + compile"
+            " | malloc MB lower + compile | code MB | temp MB | HLO ops | constants"
+            " | StableHLO MB |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in shapes_out:
@@ -468,7 +477,8 @@ def report(args, cache_dir, phases, events, model, engine, shapes_out) -> None:
                 )
                 continue
             lines.append(
-                f"| {r['shape']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} |"
+                f"| {r['shape']} | {r['lower_s']:.1f} ({r['lower_cpu']:.1f}) |"
+                f" {r['compile_s']:.1f} ({r['compile_cpu']:.1f}) |"
                 f" {r['rss_lower'] / MB:.0f} + {r['rss_compile'] / MB:.0f} |"
                 f" {r['malloc_lower'] / MB:.0f} + {r['malloc_compile'] / MB:.0f} |"
                 f" {r['code_bytes'] / MB:.2f} | {r['temp_bytes'] / MB:.1f} | {r['hlo_ops']} |"
