@@ -391,6 +391,7 @@ class DispatchTrace:
 
     def __init__(self):
         self.calls: list[tuple[float, str, tuple]] = []
+        self.compiles: list[tuple[str, float]] = []  # compiled (or cache-loaded) meanwhile
         self.enabled = False
 
     def wrap(self, steps, name: str, describe) -> None:
@@ -417,6 +418,10 @@ class DispatchTrace:
             ok = [x for x in g if x == x]
             mean = f"{statistics.mean(ok):.3f}" if ok else "-"
             out.append(f"| {name} | {desc} | {len(g)} | {mean} |")
+        if self.compiles:
+            secs = sum(x for _, x in self.compiles)
+            names = sorted({n for n, _ in self.compiles})
+            out.append(f"compiled while serving: {len(self.compiles)} ({secs:.1f}s): {names}")
         return out
 
 
@@ -425,9 +430,10 @@ def trace_dispatches(steps) -> DispatchTrace:
 
     trace = DispatchTrace()
 
-    def prefill(st, params, cache, sampler, prompts, rows, *a, **k):
+    def prefill(st, params, cache, sampler, prompts, rows, sampling, starts=None, *a, **k):
         t = bucket_for(max(len(p) for p in prompts), st.shapes.prefill_lens)
-        return f"{len(prompts)} prompt(s), T bucket {t}"
+        attn = st.attn_len_for(min(max(starts or [0]) + t, st.shapes.max_len))
+        return f"{len(prompts)} prompt(s), T bucket {t}, attn {attn}"
 
     def decode(st, params, cache, sampler, rows, tokens, max_pos, n_steps=1, *a, **k):
         b = bucket_for(max(rows) + 1, st.shapes.decode_batches)
@@ -438,6 +444,13 @@ def trace_dispatches(steps) -> DispatchTrace:
     def swap(st, params, cache, sampler, pairs):
         return f"{len(pairs)} pairs"
 
+    import jax
+
+    def on_compile(event: str, secs: float, **kw) -> None:
+        if trace.enabled and event == "/jax/core/compile/backend_compile_duration":
+            trace.compiles.append((kw.get("fun_name", "?"), secs))
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
     trace.wrap(steps, "prefill", prefill)
     trace.wrap(steps, "decode", decode)
     trace.wrap(steps, "swap_rows", swap)
