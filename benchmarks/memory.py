@@ -11,6 +11,7 @@ Nothing here imports JAX, so the served-path benchmark can watch a server from o
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import sys
 import threading
@@ -163,6 +164,8 @@ def malloc_state() -> dict[str, int] | None:
     """glibc's mallinfo2 over every arena: `in_use`, `free_held` (free inside arenas),
     `mmapped` (direct mmaps), `arena` (arena bytes). None where glibc lacks mallinfo2 or
     another allocator is preloaded (its figures would be glibc's, not what is used)."""
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return None  # jemalloc/tcmalloc: glibc's arenas are empty and say nothing
     try:
         libc = ctypes.CDLL("libc.so.6")
         fn = libc.mallinfo2
