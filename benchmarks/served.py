@@ -80,6 +80,7 @@ def summarize(results: list[Result], wall: float) -> dict:
         "ttft_p99": percentile(ttft, 0.99),
         "mean_tokens": tokens / len(results),
         "lines_per_request": statistics.mean(r.lines for r in results),
+        "prompt_tokens": statistics.mean(r.prompt_tokens for r in results),
     }
 
 
@@ -284,6 +285,7 @@ class Server:
     log: Path
     ready_s: float
     peak_startup: int
+    cpu_ready: float = 0.0  # CPU seconds (all threads) the server had used when ready
 
     def model_name(self) -> str:
         import httpx
@@ -328,7 +330,8 @@ def start_server(serve_args: list[str], timeout: float = 900.0) -> Server:
             pass
         time.sleep(0.2)
     ready = time.perf_counter() - t0
-    return Server(proc, url, log, ready, sampler.stop())
+    cpu = sum(secs for _, secs in thread_cpu(proc.pid).values())
+    return Server(proc, url, log, ready, sampler.stop(), cpu)
 
 
 def startup_line(log: Path) -> str:
@@ -487,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(serve_args)
             url, pid = server.url, server.proc.pid
             print(f"server pid {pid} ready in {server.ready_s:.1f}s", file=sys.stderr)
-            info = {"ready_s": server.ready_s, "rss_peak_startup": server.peak_startup}
+            info = {"ready_s": server.ready_s, "cpu_ready_s": server.cpu_ready,
+                    "rss_peak_startup": server.peak_startup}  # fmt: skip
             info["startup_line"] = startup_line(server.log)
         else:
             url, pid, info = args.url.rstrip("/"), args.pid, {}
@@ -573,3 +577,130 @@ def report(title: str, info: dict, rounds: list[dict]) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- `tsjax bench --http` ---------------------------------------------------------------------
+
+
+def bench_http(args: argparse.Namespace) -> int:
+    """`tsjax bench --http`: start `tsjax serve` with its defaults on the model (and
+    `--quant` if given), drive it with `--clients` concurrent streaming Ollama chat clients of
+    `--decode-tokens` tokens each over loopback, and alternate each round with llama.cpp's
+    batched decode of as many sequences on the same file (greedy, a prompt of the same
+    length; pure decode, the issue's reference). Prints a Markdown report: server ready time
+    and resident memory, then per round the served tok/s (wall from the first request to the
+    last answer, prefill and queueing included), TTFT p50/p99, llama.cpp's tok/s, the ratio."""
+    import httpx
+
+    from benchmarks.engine import bench_llama_cpp
+
+    serve_args = ["--model", args.model] + (["--quant", args.quant] if args.quant else [])
+    n, tokens = args.clients, args.decode_tokens
+    load_avg = os.getloadavg()
+    server = start_server(serve_args)
+    rows: list[tuple[dict, dict | None]] = []
+    ref, batched, close_ref = None, None, None
+    try:
+        url, pid = server.url, server.proc.pid
+        model = httpx.get(f"{url}/health", timeout=10).json()["model"]
+        info = {"ready_s": server.ready_s, "cpu_ready_s": server.cpu_ready,
+                "rss_peak_startup": server.peak_startup,
+                "startup_line": startup_line(server.log)}  # fmt: skip
+        first = asyncio.run(http_round(url, model, 1, tokens, 1000))  # one client alone
+        info["rss_ready"] = rss(pid)
+        # the first round of N reaches shapes the warm-up left to first use: they are served
+        # by bigger programs while their own compile in the background; measure once done
+        t = time.perf_counter()
+        info["first_round"] = asyncio.run(http_round(url, model, n, tokens, 2000))
+        info["compiles_s"] = wait_compiled(url) + (time.perf_counter() - t)
+        if not args.no_llama_cpp:
+            ids = prompt_ids(args.model, first)
+            if got := bench_llama_cpp(args, args.model, ids):
+                ref, batched, close_ref = got
+        sampler = PeakSampler(pid).start()
+        cpu0 = sum(s for _, s in thread_cpu(pid).values())
+        for r in range(max(1, args.repeats)):
+            ours = asyncio.run(http_round(url, model, n, tokens, 100 * r))
+            theirs = batched(n) if batched else None
+            rows.append((ours, theirs))
+            print(f"round {r}: {ours}", file=sys.stderr, flush=True)
+        info["server_cpu_ms_per_token"] = (
+            (sum(s for _, s in thread_cpu(pid).values()) - cpu0)
+            * 1e3 / sum(o["tokens"] for o, _ in rows)
+        )  # fmt: skip
+        info["rss_peak_load"] = sampler.stop()
+        info["rss_after"] = rss(pid)
+        info["single_client"] = first
+    finally:
+        if close_ref is not None:
+            close_ref()
+        server.stop()
+    print(http_report(args, info, rows, ref, load_avg))
+    return 0
+
+
+def wait_compiled(url: str, timeout: float = 900.0) -> float:
+    """Wait until the server compiles nothing (its `tsjax_compiling_programs` gauge is 0);
+    returns the seconds waited."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        busy = [x for x in text.splitlines() if x.startswith("tsjax_compiling_programs ")]
+        if not busy or float(busy[0].split()[1]) == 0:
+            break
+        time.sleep(1.0)
+    return time.perf_counter() - t0
+
+
+def prompt_ids(model: str, first: dict) -> list[int]:
+    """Token ids of a prompt as long as the served ones (their `prompt_eval_count`), for
+    llama.cpp's batched decode: the first client's prompt text, tokenized by tsjax and cut or
+    repeated to that length."""
+    from tsjax.gguf import GGUFFile
+    from tsjax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(GGUFFile(model).metadata)
+    ids = tok.encode(prompt(0))
+    want = max(1, int(first.get("prompt_tokens", len(ids))))
+    return (ids * (want // max(len(ids), 1) + 1))[:want]
+
+
+def http_report(args, info: dict, rows: list, ref: dict | None, load_avg) -> str:
+    out = [
+        f"## `tsjax bench --http`: {args.clients} concurrent clients x {args.decode_tokens}"
+        f" tokens on `tsjax serve` defaults{' --quant ' + args.quant if args.quant else ''}",
+        f"model {Path(args.model).name}; load average at start {load_avg[0]:.1f}",
+        f"- server ready in {info['ready_s']:.1f}s ({info['cpu_ready_s']:.1f} CPU s):"
+        f" {info['startup_line']}",
+        f"- server resident: peak during start-up {info['rss_peak_startup'] / MB:.0f} MB,"
+        f" after one request {info['rss_ready'] / MB:.0f} MB, peak under load"
+        f" {info['rss_peak_load'] / MB:.0f} MB, after {info['rss_after'] / MB:.0f} MB",
+        f"- server CPU per generated token: {info['server_cpu_ms_per_token']:.1f} ms (all threads)",
+        f"- one client alone: {info['single_client']['tok_s']:.1f} tok/s, TTFT"
+        f" {info['single_client']['ttft_p50']:.2f}s",
+        f"- first round of {args.clients} (shapes past the warm-up served by bigger programs"
+        f" while theirs compile): {info['first_round']['tok_s']:.1f} tok/s, TTFT p50"
+        f" {info['first_round']['ttft_p50']:.2f}s p99 {info['first_round']['ttft_p99']:.2f}s;"
+        f" its compiles done {info['compiles_s']:.0f}s after it started",
+    ]
+    if ref is not None:
+        out.append(f"- llama.cpp: llama-cpp-python {ref['version']}, {ref['threads']} threads,"
+                   " batched greedy decode of as many sequences (after their prefill)")  # fmt: skip
+    out += ["", "| round | served tok/s (wall incl. prefill) | TTFT p50 s | TTFT p99 s |"
+            " llama.cpp batched tok/s | ratio |", "|---|---|---|---|---|---|"]  # fmt: skip
+    ratios = []
+    for i, (o, t) in enumerate(rows):
+        theirs = t["aggregate_tok_s"] if t else None
+        ratio = o["tok_s"] / theirs if theirs else None
+        if ratio:
+            ratios.append(ratio)
+        out.append(f"| {i} | {o['tok_s']:.1f} | {o['ttft_p50']:.2f} | {o['ttft_p99']:.2f} |"
+                   f" {f'{theirs:.1f}' if theirs else '-'} |"
+                   f" {f'{ratio:.2f}x' if ratio else '-'} |")  # fmt: skip
+    med = statistics.median(o["tok_s"] for o, _ in rows)
+    line = f"median served {med:.1f} tok/s"
+    if ratios:
+        line += f"; median ratio {statistics.median(ratios):.2f}x llama.cpp"
+    return "\n".join([*out, "", line])
