@@ -477,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's pid")
     p.add_argument("--engine", action="store_true", help="engine in-process, no HTTP")
     p.add_argument("--profile", action="store_true", help="py-spy record the measured rounds")
+    p.add_argument(
+        "--startup", type=int, default=0, metavar="N",
+        help="only start the server N times in a row (the first may fill the compilation"
+        " cache): ready time, CPU seconds, resident memory, start-up line",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.startup:
+        return startups(args.startup, serve_args)
     head = f"{args.concurrency} clients x {args.tokens} tokens, serve flags {serve_args or '-'}"
     server, stop, trace = None, None, None
     if args.engine:
@@ -512,6 +519,22 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     report(title, info, rounds)
+    return 0
+
+
+def startups(n: int, serve_args: list[str]) -> int:
+    """Start `tsjax serve` n times in a row, each stopped once ready: a Markdown row each."""
+    print("| start | ready s | CPU s at ready | resident at ready MB | peak MB | start-up line |")
+    print("|---|---|---|---|---|---|")
+    for i in range(n):
+        server = start_server(serve_args)
+        try:
+            resident = rss(server.proc.pid)
+            line = startup_line(server.log)
+        finally:
+            server.stop()
+        print(f"| {i + 1} | {server.ready_s:.1f} | {server.cpu_ready:.1f} | {resident / MB:.0f}"
+              f" | {server.peak_startup / MB:.0f} | {line} |", flush=True)  # fmt: skip
     return 0
 
 
