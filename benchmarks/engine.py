@@ -25,6 +25,7 @@ import numpy as np
 
 from tsjax.cli import Command
 from tsjax.quants import QUANT_CHOICES, QUANT_HELP
+from tsjax.residency import peak_resident_bytes, release_free_memory, resident_bytes
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="the served path: start `tsjax serve` with its defaults and drive it with"
+        " --clients concurrent HTTP clients (llama.cpp batched decode alongside)",
+    )
+    p.add_argument("--clients", type=int, default=16, help="with --http: concurrent clients")
     p.add_argument(
         "--repeats",
         type=int,
@@ -83,9 +91,11 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
     load_s = time.perf_counter() - t0
     engine = Engine(model, decode_steps=args.decode_steps, prefill_chunk=512)
     compile_s = engine.warmup()
+    release_free_memory()  # as the server does after its warm-up
     engine.start()
     prompt = _prompt(model.tokenizer, args.prompt_tokens)
     out: dict = {
+        "rss_warm": resident_bytes(),
         "load_s": load_s,
         "compile_s": compile_s,
         "param_bytes": model.load_stats.bytes_params,
@@ -346,6 +356,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = str(resolve_model(args.model))
     args.model = path
+    if args.http:
+        from benchmarks.served import bench_http
+
+        return bench_http(args)
     load_avg = os.getloadavg()
     bw = read_bandwidth()
     conc = [int(x) for x in args.concurrency.split(",")]
@@ -364,6 +378,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 ours["load"][c]["round_ratios"] = [
                     a["aggregate_tok_s"] / b["aggregate_tok_s"] for a, b in rounds
                 ]
+        ours["rss_end"], ours["rss_peak"] = resident_bytes(), peak_resident_bytes()
     finally:
         close_ours()
         if close_ref is not None:
@@ -441,6 +456,13 @@ def report(
         " (its default: all cores); its aggregate is the decode after the last request's first"
         " token (all prompts prefilled) to the last token.  ",
     ]
+    if ours.get("rss_warm"):
+        lines.append(
+            f"tsjax resident memory (this process; llama.cpp's model too once loaded):"
+            f" {ours['rss_warm'] / 2**20:.0f} MiB after warm-up,"
+            f" {ours.get('rss_end', 0) / 2**20:.0f} MiB after the rounds,"
+            f" peak {ours.get('rss_peak', 0) / 2**20:.0f} MiB.  "
+        )
     if ref is not None:
         lines.append(
             f"llama.cpp: llama-cpp-python {ref['version']}, n_threads = n_threads_batch ="

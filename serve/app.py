@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import msgspec
 from litestar import Litestar, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
@@ -39,7 +40,15 @@ from serve.protocols.webui.errors import render_ok_error
 from serve.settings import Settings
 from serve.state import Hub, hub_of
 from serve.uploads import UploadStore
+from tsjax.capacity import (
+    RowsChoice,
+    choose_rows,
+    cpu_cores,
+    kv_bytes_per_row,
+    memory_available,
+)
 from tsjax.model import Model
+from tsjax.residency import peak_resident_bytes, release_free_memory, resident_bytes
 
 log = logging.getLogger("tsjax.serve")
 
@@ -48,8 +57,31 @@ def load_model(s: Settings) -> Model:
     """The model as `s` asks for it (every process of a multi-process server loads alike)."""
     from tsjax.model import load
 
-    return load(s.model, rows=s.rows, max_len=s.max_len, progress=False, mesh=s.mesh,
+    rows = s.rows or default_rows(s).rows
+    return load(s.model, rows=rows, max_len=s.max_len, progress=False, mesh=s.mesh,
                 quant=s.quant, mmproj=s.mmproj)  # fmt: skip
+
+
+def default_rows(s: Settings) -> RowsChoice:
+    """The rows `s` gets: --rows, or from the model's KV cache per row, the memory free now
+    and the cores (`tsjax.capacity`). Several processes (or devices) take a fixed 8: every
+    process must choose alike, whatever its machine has free."""
+    if s.rows:
+        return RowsChoice(s.rows, "--rows")
+    if s.mesh or s.distributed or s.coordinator_address:
+        return RowsChoice(8, "fixed for a mesh or several processes (--rows overrides)")
+    from tsjax.catalog import resolve_model
+    from tsjax.gguf import GGUFFile
+    from tsjax.model import default_dtype
+    from tsjax.models import config_from_gguf
+
+    cfg = config_from_gguf(GGUFFile(resolve_model(s.model)))
+    kv_row = kv_bytes_per_row(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, s.max_len,
+                              jax.numpy.dtype(default_dtype()).itemsize)  # fmt: skip
+    if jax.default_backend() == "cpu":
+        return choose_rows(kv_row, memory_available(), cpu_cores())
+    stats = jax.devices()[0].memory_stats() or {}
+    return choose_rows(kv_row, int(stats.get("bytes_limit", 0)), None)
 
 
 def _load(hub: Hub, channel: StepChannel | None) -> None:
@@ -58,9 +90,13 @@ def _load(hub: Hub, channel: StepChannel | None) -> None:
     followers."""
     s = hub.settings
     t0 = time.perf_counter()
-    model = load_model(s)
+    hub.rows_choice = default_rows(s)
+    model = load_model(msgspec.structs.replace(s, rows=hub.rows_choice.rows))
     hub.load_seconds = time.perf_counter() - t0
     hub.model = model
+    # one process, one device: compile what the first requests need, the rest on first use
+    # in the background (several processes must compile and pick the same shapes)
+    model.steps.lazy = channel is None and model.steps.plan is None
     runner = model.runner() if channel is None else channel.attach(model.runner())
     hub.engine = Engine(
         model, decode_steps=s.decode_steps, prefill_chunk=s.prefill_chunk, runner=runner
@@ -80,6 +116,7 @@ def _warm(hub: Hub) -> None:
         log.info("projector %s compiled in %.1fs", proj.name, secs)
         hub.encoder = ImageEncoder(proj)
         hub.encoder.start()
+    release_free_memory()  # what loading and compiling freed, held by the C allocator
     engine.start()
     hub.ready = True
 
@@ -93,12 +130,16 @@ def _startup_line(hub: Hub) -> str:
         where += f" in {jax.process_count()} processes"
     host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     host = f"[{host}]" if ":" in host else host
+    how = f" [rows {hub.rows_choice.reason}]" if hub.rows_choice else ""
+    programs = len(m.steps.programs.keys())
     return (
         f"tsjax serving {m.name} ({m.config.architecture}, {_weights(m)} weights,"
-        f" {s.rows} rows x {m.max_len} ctx"
+        f" {m.steps.shapes.rows} rows x {m.max_len} ctx"
         f"{f', images via {m.projector.name}' if m.projector else ''})"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
-        f" -> http://{host}:{s.port}"
+        f" ({programs} programs{', more on first use' if m.steps.lazy else ''}),"
+        f" resident {resident_bytes() / 2**20:.0f} MiB (peak {peak_resident_bytes() / 2**20:.0f})"
+        f" -> http://{host}:{s.port}{how}"
     )
 
 

@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from litestar import Request, Response, Router, get
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -49,6 +55,17 @@ class _EngineGauges(Collector):
             "tsjax_active_requests",
             "Requests holding a cache row (prefilling or decoding)",
             value=status.get("active_requests", 0),
+        )
+        programs = self.hub.model.steps.programs if self.hub.model else None
+        yield GaugeMetricFamily(
+            "tsjax_compiled_programs",
+            "Step programs compiled (one per shape of prefill, decode and swap)",
+            value=len(programs.keys()) if programs else 0,
+        )
+        yield GaugeMetricFamily(
+            "tsjax_compiling_programs",
+            "Step programs queued for or being compiled (first use of a shape)",
+            value=programs.pending() if programs else 0,
         )
         yield GaugeMetricFamily(
             "tsjax_model_ready",
@@ -94,6 +111,8 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         r.register(_EngineGauges(hub))
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc)
+        ProcessCollector(registry=r)
         self._instrumented: Any = None
 
     # -- hook 1: the engine --------------------------------------------------------------------

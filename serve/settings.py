@@ -34,7 +34,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # "Security"). While bound to loopback, only requests naming a local host are served.
     host: str = "127.0.0.1"
     port: int = 5000
-    rows: int = 8  # decode slots: requests decoded together in one batch
+    # decode slots: requests decoded together in one batch; None = chosen from the model and
+    # the machine at load (tsjax.capacity)
+    rows: int | None = None
     max_len: int = 2048  # context window (KV cache length per slot)
     # weight format (tsjax.quants): "auto" chooses per platform and file, "f32" (or None) the
     # exact float weights, else "bf16", "int8", "q8" or "q4"
@@ -84,7 +86,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Reject values that could only fail later, with the setting's name in the message."""
         checks = [
             ("port", 0 <= self.port < 65536),
-            ("rows", self.rows >= 1),
+            ("rows", self.rows is None or self.rows >= 1),
             ("max_len", self.max_len >= 16),
             ("decode_steps", self.decode_steps >= 1),
             ("prefill_chunk", self.prefill_chunk >= 1),
@@ -180,7 +182,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("mmproj", str, "multimodal projector GGUF for images (a bare name: beside the model)"),
     ("host", str, "listen address (default 127.0.0.1; 0.0.0.0 = every interface)"),
     ("port", int, "listen port (default 5000)"),
-    ("rows", int, "decode slots: concurrent requests per batch (default 8)"),
+    ("rows", int, "decode slots per batch (default: from KV per row, memory, cores)"),
     ("max_len", int, "context window in tokens (default 2048)"),
     ("quant", str, QUANT_HELP),
     ("decode_steps", int, "decode steps per dispatch (default 4)"),

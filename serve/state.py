@@ -44,6 +44,7 @@ class Hub:
     error: str = ""  # why loading failed, if it did
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
+    rows_choice: Any = None  # tsjax.capacity.RowsChoice: how the rows were chosen
     started: float = field(default_factory=time.time)
     draining: bool = False  # shutting down: no new generations
     _pool: ThreadPoolExecutor | None = None

@@ -95,6 +95,9 @@ def _ours() -> dict:
         "prefill_tok_s": 600.0,
         "decode_1_tok_s": 40.0,
         "load": load,
+        "rss_warm": 900 * 2**20,
+        "rss_end": 1000 * 2**20,
+        "rss_peak": 1200 * 2**20,
     }
 
 
@@ -120,6 +123,7 @@ def test_report_has_command_threads_version_and_a_ratio_per_concurrency():
     assert f"Command: `{cmd}`" in text
     assert "llama-cpp-python 0.3.36" in text and "n_threads_batch = 2" in text
     assert "Load average at start: 1.00 2.00 3.00" in text
+    assert "900 MiB after warm-up, 1000 MiB after the rounds, peak 1200 MiB" in text
     rows = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines() if r.startswith("| ")}
     assert rows["prefill (128 tokens)"].endswith("| 2.00x |")
     assert rows["decode, 1 stream"].endswith("| 0.32x |")

@@ -47,6 +47,7 @@ def test_metrics_without_a_model():
     assert total(m, "tsjax_http_requests_total", endpoint="/api/generate", status="503") == 1
     assert total(m, "tsjax_model_ready") == 0 and total(m, "tsjax_queue_depth") == 0
     assert total(m, "tsjax_prompt_tokens_total") == 0
+    assert total(m, "process_resident_memory_bytes") > 50 * 2**20  # Python and JAX at least
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ cache positions attention reads. Everything else a request can vary is array dat
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import jax
@@ -21,6 +22,8 @@ from tsjax.grammar import mask_words
 from tsjax.logprobs import Logprobs, of, of_positions
 from tsjax.models import Decoder, ModelConfig
 from tsjax.models.decoder import unroll_layers_default
+from tsjax.programs import Key, Programs
+from tsjax.residency import release_free_memory
 from tsjax.sampling import SamplerState, SamplingParams, host_sampler_state, sample
 from tsjax.shapes import StepShapes, bucket_for, steps_bucket
 from tsjax.sharding import DEFAULT_RULES, ShardingPlan, constrain_inputs, put, put_tree
@@ -162,6 +165,15 @@ class Steps:
         self._create_cache = jax.jit(self._zero_cache, **sh["cache"])
         self.swap_fn = jax.jit(self._swap, donate_argnums=(0, 1), **sh["swap"])
         self.copy_fn = jax.jit(self._copy, donate_argnums=(0, 1), **sh["copy"])
+        # The executables by shape (`tsjax.programs`). `lazy`: warm-up compiles only the
+        # shapes the first requests need (`first_keys`); a shape not compiled yet is served by
+        # a compiled one that covers it (more rows, tokens or positions: padding) while it
+        # compiles in the background, and compiled on the spot only when nothing covers it.
+        # Off by default (every shape up front, as tests and multi-process runs need: the
+        # processes of one job must pick the same shapes); the server turns it on.
+        self.lazy = False
+        self.programs = Programs(self._lower, release_free_memory)
+        self._specs: tuple | None = None  # abstract (params, cache, sampler)
 
     def _sharded(self, *fns):
         """Pin the layouts of a mesh run: inputs (params, cache[, sampler]) are constrained to
@@ -383,12 +395,99 @@ class Steps:
         )
         return logits
 
-    # -- host-side entry points -----------------------------------------------------------
+    # -- compiled programs ------------------------------------------------------------------
 
     def compiled_count(self) -> int:
-        """How many shapes the steps have compiled so far (tests assert it stays put)."""
-        fns = (self.prefill_fn, self.decode_fn, self.swap_fn, self.copy_fn)
-        return sum(f._cache_size() for f in fns)
+        """How many shapes the steps have compiled so far (tests assert it stays put): the
+        programs by shape, and the jitted prefill with embedded spans and row copy."""
+        return len(self.programs.keys()) + sum(
+            f._cache_size() for f in (self.prefill_fn, self.copy_fn)
+        )
+
+    def _remember(self, params) -> None:
+        """The abstract (params, cache, sampler) every program is lowered for, taken once:
+        shapes, dtypes and shardings only, so a background compile holds no buffers."""
+        if self._specs is not None:
+            return
+        cache = jax.eval_shape(self._zero_cache if self.plan is None else self._create_cache)
+        self._specs = (
+            jax.tree.map(_spec, params),
+            cache,
+            jax.tree.map(_spec, self.new_sampler()),
+        )
+
+    def _lower(self, key: Key) -> jax.stages.Lowered:
+        """Lower one program from abstract inputs (any thread; see `tsjax.programs`)."""
+        assert self._specs is not None, "a step or warmup must run first"
+        params, cache, sampler = self._specs
+        kind, *sizes = key
+        if kind == "prefill":
+            b, t, attn_len = sizes
+            host = self._prefill_inputs([[0]] * b, [self.shapes.rows] * b, [0] * b, b, t)
+            return self.prefill_fn.lower(params, cache, sampler, *host, None, attn_len=attn_len)
+        if kind == "decode":
+            b, attn_len, max_steps = sizes
+            host = self._decode_inputs(np.zeros((b,), np.int32), np.arange(1), b, None, 1)
+            return self.decode_fn.lower(
+                params, cache, sampler, *host, attn_len=attn_len, max_steps=max_steps
+            )
+        assert kind == "swap", key
+        pad = self._put(np.zeros((self.SWAP_PAIRS,), np.int32))
+        return self.swap_fn.lower(cache, sampler, pad, pad)
+
+    def _run(self, key: Key, *args):
+        exe = self.programs.get(key) or self.programs.compile(key)
+        return exe(*args)
+
+    def first_keys(
+        self, decode_steps: tuple[int, ...] = (1,), max_prompt: int | None = None
+    ) -> list[Key]:
+        """What `lazy` warm-up compiles: one-prompt prefill of short prompts (128 tokens) and
+        of the longest chunk, and decode of one row and of every row up to 512 positions:
+        every prefill and decode up to 512 positions has a cover, so none waits for a compile
+        (`later_keys` and longer contexts compile in the background, `_decode_key`)."""
+        sh = self.shapes
+        top = bucket_for(min(max_prompt or sh.max_len, sh.max_len), sh.prefill_lens)
+        short = bucket_for(min(128, top), sh.prefill_lens)
+        keys: list[Key] = [
+            ("prefill", 1, t, self.attn_len_for(min(t, sh.max_len))) for t in sorted({short, top})
+        ]
+        attn = self.attn_len_for(min(512, sh.max_len))
+        ms = steps_bucket(max(decode_steps))
+        for b in sorted({sh.decode_batches[0], sh.decode_batches[-1]}):
+            keys.append(("decode", b, attn, ms))
+        return keys
+
+    def later_keys(self, max_prompt: int | None = None) -> list[Key]:
+        """What `lazy` warm-up queues for the background once ready: the swap, and the
+        longest chunk's prefill at every position (a cover for any prefill after a reused
+        prefix; compiling it up front took as long as the rest together)."""
+        sh = self.shapes
+        top = bucket_for(min(max_prompt or sh.max_len, sh.max_len), sh.prefill_lens)
+        return [("swap",), ("prefill", 1, top, sh.attn_lens[-1])]
+
+    def all_keys(
+        self,
+        decode_steps: tuple[int, ...] = (1,),
+        max_prompt: int | None = None,
+        batches: tuple[int, ...] = (1,),
+    ) -> list[Key]:
+        """Every shape a fresh prompt of up to `max_prompt` tokens in a prefill of `batches`
+        prompts and any decode of up to max(`decode_steps`) steps reach, and the swap."""
+        sh = self.shapes
+        top = max_prompt or sh.max_len
+        keys: list[Key] = []
+        for b in batches:
+            for t in sh.prefill_lens:
+                if t > top:
+                    break
+                keys.append(("prefill", bucket_for(b, sh.prefill_batches), t,
+                             self.attn_len_for(min(t, sh.max_len))))  # fmt: skip
+        for b in sh.decode_batches:
+            for attn_len in sh.attn_lens:
+                for ms in sorted({steps_bucket(n) for n in decode_steps}):
+                    keys.append(("decode", b, attn_len, ms))
+        return [*keys, ("swap",)]
 
     def warmup(
         self,
@@ -398,45 +497,147 @@ class Steps:
         batches: tuple[int, ...] = (1,),
         span_lens: tuple[int, ...] = (),
     ) -> float:
-        """Compile prefill for each token bucket (fresh prompts, `batches` batch buckets),
-        the prefill with embedded spans for the buckets of `span_lens` (prompt lengths; one
-        row), and decode for each attention bucket and each `decode_steps` count. Returns
-        seconds."""
+        """Compile the programs requests will use, before any runs: every shape of
+        `all_keys`, or with `lazy` only `first_keys` (and `later_keys` in the background);
+        and the prefill with embedded spans for the buckets of `span_lens` (prompt lengths;
+        one row) and, unless `lazy`, the row copy. Returns seconds."""
         t0 = time.perf_counter()
-        cache, sampler = self.new_cache(), self.new_sampler()
-        greedy = SamplingParams.greedy()
-        top = max_prompt or self.shapes.max_len
-        for b in batches:
-            for t in self.shapes.prefill_lens:
-                if t > top:
-                    break
+        self._remember(params)
+        if self.lazy:
+            # two at a time: XLA compiles one program on one core, and tracing (which holds
+            # the GIL) of one overlaps the other's compile
+            with ThreadPoolExecutor(2, thread_name_prefix="tsjax-warmup") as pool:
+                keys = self.first_keys(decode_steps, max_prompt)
+                list(pool.map(lambda k: self.programs.compile(k, "ahead"), keys))
+            for key in self.later_keys(max_prompt):
+                self.programs.request(key)
+        else:
+            for key in self.all_keys(decode_steps, max_prompt, batches):
+                self.programs.compile(key, "ahead")
+        if span_lens or not self.lazy:  # jitted (not by shape): compiled by running them
+            cache, sampler = self.new_cache(), self.new_sampler()
+            greedy = SamplingParams.greedy()
+            for t in sorted({bucket_for(n, self.shapes.prefill_lens) for n in span_lens}):
                 n = min(t, self.shapes.max_len - 1)
+                dummy = EmbedSpan(0, np.zeros((1, self.cfg.dim), np.float32), "0", True)
                 _, _, cache, sampler = self.prefill(
-                    params, cache, sampler, [[0] * n] * b, list(range(b)), [greedy] * b
+                    params, cache, sampler, [[0] * n], [0], [greedy], spans=[[dummy]]
                 )
-        span_buckets = {bucket_for(n, self.shapes.prefill_lens) for n in span_lens}
-        for t in sorted(span_buckets):
-            n = min(t, self.shapes.max_len - 1)
-            dummy = EmbedSpan(0, np.zeros((1, self.cfg.dim), np.float32), "0", True)
-            _, _, cache, sampler = self.prefill(
-                params, cache, sampler, [[0] * n], [0], [greedy], spans=[[dummy]]
-            )
-        # one compiled program per step-count bucket: run each with its largest count
-        counts = {steps_bucket(n): n for n in sorted(decode_steps)}.values()
-        for b in self.shapes.decode_batches:
-            for attn_len in self.shapes.attn_lens:
-                for n in counts:
-                    pos = max(min(attn_len, self.shapes.max_len) - n, 0)
-                    _, _, cache, sampler = self.decode(
-                        params, cache, sampler, list(range(b)), [0] * b, pos, n
-                    )
-        _, _, cache, sampler = self.swap_rows(params, cache, sampler, [(0, 0)])  # compile it
-        _, _, cache, sampler = self.copy_rows(params, cache, sampler, [0], [0], [0], [greedy])
-        jax.block_until_ready(cache)
+            if not self.lazy:  # lazy: the row copy (n answers) compiles on first use
+                _, _, cache, sampler = self.copy_rows(
+                    params, cache, sampler, [0], [0], [0], [greedy]
+                )
+            jax.block_until_ready(cache)
+            del cache, sampler
+        release_free_memory()
         return time.perf_counter() - t0
+
+    def _cover(self, kind: str, fits) -> Key | None:
+        """The smallest compiled program of `kind` whose sizes pass `fits` (None: none)."""
+        fitting = [k for k in self.programs.keys() if k[0] == kind and fits(*k[1:])]
+        return min(fitting, key=lambda k: (k[1] * k[2], k[1:])) if fitting else None
+
+    def _prefill_key(self, b: int, t: int, top_start: int, reach: int) -> Key:
+        """The prefill program to run b prompts of up to t tokens (buckets) from positions up
+        to `top_start`, the last token at most at position `reach` - 1: the exact one if
+        compiled (or when not `lazy`), else a compiled one with as many rows and tokens or
+        more whose attention reaches `reach` (its padding tokens are neither written nor
+        read), the exact one then compiling in the background; else the exact one (compiled
+        now)."""
+        max_len = self.shapes.max_len
+        want = ("prefill", b, t, self.attn_len_for(min(top_start + t, max_len)))
+        if not self.lazy or want in self.programs:
+            return want
+        least = self.attn_len_for(min(reach, max_len))
+        cover = self._cover("prefill", lambda b2, t2, a2: b2 >= b and t2 >= t and a2 >= least)
+        if cover is None:
+            return want
+        self.programs.request(want)
+        return cover
+
+    def _decode_key(self, b: int, max_pos: int, n_steps: int, fed_rows: int | None) -> Key:
+        """The decode program for the cache rows [0, b) (a bucket) at up to `max_pos`
+        positions and n_steps steps; `fed_rows`: the row count of the device tokens it
+        continues from, which the program must take. Lazy: as `_prefill_key`, and once a
+        row is halfway through its attention bucket the next bucket compiles in the
+        background, so a growing answer rarely waits for one."""
+        sh = self.shapes
+        attn_len = self.attn_len_for(min(max_pos + n_steps, sh.max_len))
+        ms = steps_bucket(n_steps)
+        want = ("decode", b, attn_len, ms)
+        if not self.lazy:
+            return ("decode", fed_rows or b, attn_len, ms)
+        if 2 * (max_pos + n_steps) > attn_len and attn_len < sh.attn_lens[-1]:
+            nxt = bucket_for(attn_len + 1, sh.attn_lens)
+            if self._cover("decode", lambda b2, a2, m2: b2 >= b and a2 >= nxt) is None:
+                self.programs.request(("decode", b, nxt, ms))
+        if fed_rows is None and want in self.programs:
+            return want
+        need_b = fed_rows or b
+        cover = self._cover("decode", lambda b2, a2, m2: (b2 == need_b if fed_rows else b2 >= b)
+                            and a2 >= attn_len and m2 >= n_steps)  # fmt: skip
+        if cover is None:
+            return ("decode", need_b, attn_len, ms)
+        if cover != want:
+            self.programs.request(want)
+        return cover
+
+    # -- host-side entry points -----------------------------------------------------------
 
     def attn_len_for(self, n: int) -> int:
         return bucket_for(max(n, 1), self.shapes.attn_lens)
+
+    def _prefill_inputs(
+        self,
+        prompts: list[list[int]],
+        rows: list[int],
+        starts: list[int],
+        b: int,
+        t: int,
+        sampling: list[SamplingParams] | None = None,
+        histories: list[list[int]] | None = None,
+        seeds: list[int] | None = None,
+        masks: np.ndarray | None = None,
+        restore: list[int] | None = None,
+        checkpoint: list[int] | None = None,
+        logprobs: list[bool] | None = None,
+        next_tokens: list[int | None] | None = None,
+    ) -> tuple:
+        """The prefill program's inputs after (params, cache, sampler) and before the spans,
+        for b rows of t tokens (`prompts` first, padding after)."""
+        n = len(prompts)
+        tok = np.zeros((b, t), np.int32)
+        row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
+        st = np.zeros((b,), np.int32)
+        ln = np.ones((b,), np.int32)
+        targets = np.zeros((b, t), np.int32)
+        scored = _flags(None if next_tokens is None else [x is not None for x in next_tokens], b)
+        for i, (p, r, s) in enumerate(zip(prompts, rows, starts, strict=True)):
+            tok[i, : len(p)] = p
+            row_arr[i], st[i], ln[i] = r, s, len(p)
+            if scored[i]:
+                targets[i, : len(p) - 1] = p[1:]
+                targets[i, len(p) - 1] = max(next_tokens[i], 0)  # type: ignore[index]
+        sampling = list(sampling or [SamplingParams.greedy()] * n)
+        pad = [SamplingParams.greedy()] * (b - n)
+        hist = list(histories or prompts) + [[]] * (b - n)
+        seeds = None if seeds is None else list(seeds) + [0] * (b - n)
+        flags = list(_flags(logprobs, b))
+        new_sampler = host_sampler_state(sampling + pad, hist, seeds, flags)
+        if self.plan is not None:
+            new_sampler = put_tree(new_sampler, self.plan.replicated())
+        return (
+            new_sampler,
+            self._put(tok),
+            self._put(row_arr),
+            self._put(st),
+            self._put(ln),
+            self._put(self._mask_rows(masks, np.arange(n), b)),
+            self._put(_slots(restore, b)),
+            self._put(_slots(checkpoint, b)),
+            self._put(targets),
+            self._put(scored),
+        )
 
     def prefill(
         self,
@@ -471,52 +672,30 @@ class Steps:
         returns at once with a one-step `PendingTokens` (which also holds the
         log-probabilities and the pooled states) in place of the tokens and None for the
         logits."""
+        self._remember(params)
         n = len(prompts)
         starts = starts or [0] * n
         b = bucket_for(n, self.shapes.prefill_batches)
         t = bucket_for(max(len(p) for p in prompts), self.shapes.prefill_lens)
-        tok = np.zeros((b, t), np.int32)
-        row_arr = np.full((b,), self.shapes.rows, np.int32)  # padding rows are dropped
-        st = np.zeros((b,), np.int32)
-        ln = np.ones((b,), np.int32)
-        targets = np.zeros((b, t), np.int32)
-        scored = _flags(None if next_tokens is None else [x is not None for x in next_tokens], b)
-        for i, (p, r, s) in enumerate(zip(prompts, rows, starts, strict=True)):
-            tok[i, : len(p)] = p
-            row_arr[i], st[i], ln[i] = r, s, len(p)
-            if scored[i]:
-                targets[i, : len(p) - 1] = p[1:]
-                targets[i, len(p) - 1] = max(next_tokens[i], 0)  # type: ignore[index]
-        pad = [SamplingParams.greedy()] * (b - n)
-        hist = list(histories or prompts) + [[]] * (b - n)
-        seeds = None if seeds is None else list(seeds) + [0] * (b - n)
-        flags = list(_flags(logprobs, b))
-        new_sampler = host_sampler_state(list(sampling) + pad, hist, seeds, flags)
-        if self.plan is not None:
-            new_sampler = put_tree(new_sampler, self.plan.replicated())
-        attn_len = self.attn_len_for(min(int((st + t).max()), self.shapes.max_len))
-        inputs = None
-        if spans is not None and any(spans):
-            padded = list(spans) + [[]] * (b - n)
-            host = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
-            inputs = SpanInputs(*(self._put(a) for a in host))
-        first, logits, cache, sampler, (lp, pooled, prompt) = self.prefill_fn(
-            params,
-            cache,
-            sampler,
-            new_sampler,
-            self._put(tok),
-            self._put(row_arr),
-            self._put(st),
-            self._put(ln),
-            self._put(self._mask_rows(masks, np.arange(n), b)),
-            self._put(_slots(restore, b)),
-            self._put(_slots(checkpoint, b)),
-            self._put(targets),
-            self._put(scored),
-            inputs,
-            attn_len=attn_len,
-        )
+        with_spans = spans is not None and any(spans)
+        if with_spans:  # compiled apart, by jit (not a program by shape)
+            key = ("prefill", b, t, self.attn_len_for(min(max(starts) + t, self.shapes.max_len)))
+        else:
+            reach = max(s + len(p) for s, p in zip(starts, prompts, strict=True))
+            key = self._prefill_key(b, t, max(starts), reach)
+        _, b, t, attn_len = key
+        host = self._prefill_inputs(prompts, rows, starts, b, t, sampling, histories, seeds,
+                                    masks, restore, checkpoint, logprobs, next_tokens)  # fmt: skip
+        if with_spans:
+            padded = list(spans) + [[]] * (b - n)  # type: ignore[arg-type]
+            st = np.zeros((b,), np.int32)
+            st[:n] = starts
+            arrays = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
+            inputs = SpanInputs(*(self._put(a) for a in arrays))
+            out = self.prefill_fn(params, cache, sampler, *host, inputs, attn_len=attn_len)
+        else:
+            out = self._run(key, params, cache, sampler, *host, None)
+        first, logits, cache, sampler, (lp, pooled, prompt) = out
         if not wait:
             pending = PendingTokens(
                 first[None], 1, np.arange(n), first, jax.tree.map(lambda a: a[None], lp),
@@ -532,6 +711,26 @@ class Steps:
         if masks is not None:
             out[where] = masks
         return out
+
+    def _decode_inputs(
+        self, fed, where: np.ndarray, b: int, masks, n_steps: int, halted=None
+    ) -> tuple:
+        """The decode program's inputs after (params, cache, sampler) for the cache rows
+        [0, b), `where` active, fed `fed` ([b] numpy, or the device tokens of a decode) with
+        `halted` (the previous decode's device flags; None: no row has halted)."""
+        active = np.zeros((b,), bool)
+        active[where] = True
+        if isinstance(fed, np.ndarray):
+            fed = self._put(fed)
+        if halted is None:
+            halted = self._put(np.zeros((b,), bool))
+        return (
+            fed,
+            self._put(active),
+            halted,
+            self._put(self._mask_rows(masks, where, b)),
+            self._put(np.int32(n_steps)),
+        )
 
     def decode(
         self,
@@ -557,40 +756,32 @@ class Steps:
         no prefill or swap in between (`tsjax.runner.LocalRunner` keeps track). `wait=False`
         returns at once with a `PendingTokens` in place of the tokens (read them with
         `.get()`, which waits) and None for the logits."""
+        self._remember(params)
         b = bucket_for(max(rows) + 1, self.shapes.decode_batches)  # may pass the cache rows
-        attn_len = self.attn_len_for(min(max_pos + n_steps, self.shapes.max_len))
         where = np.asarray(rows)
-        active = np.zeros((b,), bool)
-        active[where] = True
         if isinstance(tokens, PendingTokens):
-            fed, halted = tokens.next, tokens.halted
-            if halted is None:  # a prefill's first tokens: no row has halted
-                halted = self._put(np.zeros((b,), bool))
             if not np.array_equal(tokens.where, where):  # b follows rows
                 raise ValueError("device tokens continue the previous decode's rows only")
+            fed, halted = tokens.next, tokens.halted  # None after a prefill: none halted
+            key = self._decode_key(b, max_pos, n_steps, int(fed.shape[0]))
         else:
-            tok = np.zeros((b,), np.int32)
-            tok[where] = tokens
-            fed, halted = self._put(tok), self._put(np.zeros((b,), bool))
-        out, nxt, halted, logits, lps, cache, sampler = self.decode_fn(
-            params,
-            cache,
-            sampler,
-            fed,
-            self._put(active),
-            halted,
-            self._put(self._mask_rows(masks, where, b)),
-            self._put(np.int32(n_steps)),
-            attn_len=attn_len,
-            max_steps=steps_bucket(n_steps),
-        )
+            key = self._decode_key(b, max_pos, n_steps, None)
+            fed = np.zeros((key[1],), np.int32)
+            fed[where] = tokens
+            halted = None
+        host = self._decode_inputs(fed, where, key[1], masks, n_steps, halted)
+        run = self._run(key, params, cache, sampler, *host)
+        out, nxt, halted, logits, lps, cache, sampler = run
         pending = PendingTokens(out, n_steps, where, nxt, lps, halted=halted)
         if not wait:
             return pending, None, cache, sampler
         return pending.get(), logits[self._put(where)], cache, sampler
 
-    #: Row pairs one `swap_rows` dispatch exchanges (more are done in several).
-    SWAP_PAIRS = 4
+    #: Row pairs one `swap_rows` dispatch exchanges (more are done in several). One: the
+    #: step reads the moved rows whole into a temporary (every layer's keys and values at
+    #: every position), 897 MB with 4 pairs for SmolLM2 at 2048 positions (XLA's
+    #: memory analysis, benchmarks/ISSUE16_FINDINGS.md), a quarter of it with one.
+    SWAP_PAIRS = 1
 
     def swap_rows(self, params, cache, sampler, pairs: list[tuple[int, int]]):
         """Exchange the contents of cache rows (keys, values, length, sampling state) for
@@ -599,14 +790,19 @@ class Steps:
         swapping (not copying) keeps what the free rows cached for prefix reuse. `params` is
         unused (the same signature as the other steps). Returns (None, None, cache,
         sampler)."""
-        del params
+        if params is not None:
+            self._remember(params)
         for i in range(0, len(pairs), self.SWAP_PAIRS):
             chunk = pairs[i : i + self.SWAP_PAIRS]
             a = np.full((self.SWAP_PAIRS,), self.shapes.rows, np.int32)  # padding: no-op
             b = a.copy()
             a[: len(chunk)] = [x for x, _ in chunk]
             b[: len(chunk)] = [y for _, y in chunk]
-            cache, sampler = self.swap_fn(cache, sampler, self._put(a), self._put(b))
+            a, b = self._put(a), self._put(b)
+            if self._specs is None:  # nothing to lower from yet (no params seen): plain jit
+                cache, sampler = self.swap_fn(cache, sampler, a, b)
+            else:
+                cache, sampler = self._run(("swap",), cache, sampler, a, b)
         return None, None, cache, sampler
 
     def copy_rows(
@@ -651,3 +847,10 @@ class Steps:
             cache, sampler, new_sampler, self._put(src_arr), self._put(dst_arr), self._put(len_arr)
         )
         return None, None, cache, sampler
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+    """An array's abstract value: shape, dtype, weak type and sharding, no buffer."""
+    aval = getattr(x, "aval", None)
+    weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=weak)

@@ -1,0 +1,74 @@
+"""Compiled programs on demand (`Steps.lazy`, as the server runs): warm-up compiles only the
+first shapes, every request shape is served at once by a compiled program that covers it
+while its own compiles in the background, and nothing recompiles once it has. Default rows
+from the model and the machine (`tsjax.capacity`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gguf_factory import write_tiny_gguf
+
+from serve.engine import Engine, EventKind, GenerationRequest
+from tsjax.capacity import choose_rows, kv_bytes_per_row
+from tsjax.model import load
+from tsjax.sampling import SamplingParams
+from tsjax.shapes import StepShapes
+
+
+def _serve(engine, prompts, max_tokens=12):
+    async def one(prompt):
+        req = GenerationRequest(prompt, SamplingParams.greedy(), max_tokens=max_tokens)
+        return [ev async for ev in engine.generate(req)]
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    runs = asyncio.run(main())
+    assert all(r[-1].kind is EventKind.DONE for r in runs)
+    return [[t for ev in r for t in ev.token_ids] for r in runs]
+
+
+def test_lazy_programs_cover_every_shape_then_compile_once(tmp_path):
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=4, max_len=128, min_prefill=16, min_attn=32)
+    model = load(path, progress=False, shapes=shapes)
+    steps = model.steps
+    steps.lazy = True
+    engine = Engine(model, decode_steps=4, prefill_chunk=32)
+    engine.warmup()
+    first = set(steps.first_keys((1, 4), 32))
+    assert first <= set(steps.programs.keys()) <= first | set(steps.later_keys(32))
+    assert len(first) == 3  # prefill of 32 tokens (short and longest), decode of 1 and 4 rows
+    assert steps.programs.idle(timeout=600)  # later_keys, queued at warm-up
+    engine.start()
+    try:
+        base = [7, 3, 11, 19, 23, 5]
+        # fresh prompts of several buckets, one longer than a prefill chunk, then prompts
+        # that extend earlier ones (prefill after a reused prefix)
+        prompts = [base[:3], base * 3, base * 9, list(range(40, 60))]
+        prompts += [base * 3 + [9, 9], base * 9 + list(range(30))]
+        before = _serve(engine, prompts)
+        assert not [h for h in steps.programs.history if h[1] == "demand"], "a request waited"
+        assert steps.programs.idle(timeout=600)
+        compiled = steps.programs.history
+        assert [h for h in compiled if h[1] == "background"], "nothing compiled in the background"
+        after = _serve(engine, prompts)  # mostly on their own programs now
+        assert after == before, "a covering program answered differently"
+        assert steps.programs.idle(timeout=600)
+        keys = [h[0] for h in steps.programs.history]
+        assert len(keys) == len(set(keys)), "a shape compiled twice"
+        assert not [h for h in steps.programs.history if h[1] == "demand"], "a request waited"
+    finally:
+        engine.stop()
+
+
+def test_default_rows_from_memory_and_cores():
+    smollm = kv_bytes_per_row(30, 3, 64, 2048, 4)
+    assert smollm == 94_371_840  # 2 x 30 layers x 3 KV heads x 64 x 4 bytes x 2048
+    assert choose_rows(smollm, 20 * 2**30, 2).rows == 16  # cores bound it: 8 per core
+    assert choose_rows(smollm, 20 * 2**30, 8).rows == 32  # memory: 54 rows fit, power of two
+    assert choose_rows(smollm, 2 * 2**30, 8).rows == 4
+    assert choose_rows(smollm, 2**20, 8).rows == 1  # never zero
+    assert choose_rows(2**20, 0, None).rows == 64  # nothing known: the cap
+    assert "cores" in choose_rows(smollm, 20 * 2**30, 2).reason

@@ -1,0 +1,156 @@
+"""The compiled programs of the steps, one per static shape, and when they are compiled: ahead
+(warm-up), on first use, or in a background thread while a bigger program that covers the
+shape serves in its place (`tsjax.steps.Steps` decides which shapes cover which).
+
+Why: every shape is its own XLA executable (the unrolled layer loop makes them big: 10-56k
+HLO instructions, 50-240 MB of host memory and 1-12 s to trace, lower and load each for
+SmolLM2, benchmarks/ISSUE16_FINDINGS.md). Compiling all of them before serving took minutes
+and gigabytes; compiling only what requests reach keeps both proportional to use.
+
+A key is a tuple (kind, *static sizes), e.g. ("decode", rows, attn_len, max_steps). `lower`
+turns a key into a `jax.stages.Lowered` from abstract inputs only (no buffers), so a
+background compile never touches the live cache. The background thread runs at a low
+CPU priority (`os.setpriority` on its own thread id, Linux), so on a small machine the steps
+being served keep the cores; what it still costs is the GIL while it traces and lowers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+log = logging.getLogger("tsjax.programs")
+
+Key = tuple[Any, ...]
+#: The background thread's nice value: well below the serving threads, not starved outright
+#: on a busy machine (19 got it next to no CPU beside other busy processes).
+NICE = 10
+#: Lowers one key from abstract inputs (called on whichever thread compiles it).
+Lower = Callable[[Key], "jax.stages.Lowered"]
+
+
+class Programs:
+    """Compiled executables by key: `get`, `compile` (now, on this thread) and `request`
+    (in the background, low priority). Thread-safe; a key is compiled once even when the
+    background thread and a caller want it at the same time."""
+
+    def __init__(self, lower: Lower, after_compile: Callable[[], None] | None = None):
+        self._lower = lower
+        self._after = after_compile  # e.g. give the compiler's freed memory back to the OS
+        self._done: dict[Key, Any] = {}
+        self._busy: dict[Key, threading.Event] = {}  # being compiled, by any thread
+        self._queue: deque[Key] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        #: (key, "ahead" | "demand" | "background", seconds) per compile, in order
+        self.history: list[tuple[Key, str, float]] = []
+
+    def __contains__(self, key: Key) -> bool:
+        with self._cv:
+            return key in self._done
+
+    def keys(self) -> list[Key]:
+        with self._cv:
+            return list(self._done)
+
+    def pending(self) -> int:
+        """Programs queued for or being compiled (on any thread)."""
+        with self._cv:
+            return len(self._queue) + len(self._busy)
+
+    def get(self, key: Key) -> Any | None:
+        with self._cv:
+            return self._done.get(key)
+
+    def compile(self, key: Key, why: str = "demand") -> Any:
+        """The executable for `key`, compiling it on this thread if nobody has (waiting for
+        the background thread if it is compiling the same key)."""
+        while True:
+            with self._cv:
+                if key in self._done:
+                    return self._done[key]
+                event = self._busy.get(key)
+                if event is None:
+                    event = self._busy[key] = threading.Event()
+                    break
+            event.wait()  # someone else compiles it; it may also have failed: look again
+        try:
+            t0 = time.perf_counter()
+            exe = self._lower(key).compile()
+            secs = time.perf_counter() - t0
+            with self._cv:
+                self._done[key] = exe
+                self.history.append((key, why, secs))
+            if why != "ahead":
+                log.info("compiled %s %s in %.1fs", why, key, secs)
+        finally:
+            with self._cv:
+                self._busy.pop(key, None)
+            event.set()
+        if self._after is not None:
+            self._after()
+        return exe
+
+    def request(self, key: Key) -> None:
+        """Compile `key` in the background (no-op if compiled, queued or being compiled)."""
+        with self._cv:
+            if self._closed or key in self._done or key in self._busy or key in self._queue:
+                return
+            self._queue.append(key)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="tsjax-compile", daemon=True
+                )
+                self._thread.start()
+                atexit.register(self.close)
+            self._cv.notify_all()
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or compiling in the background; False on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._busy:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(timeout=0.05 if left is None else min(left, 0.05))
+        return True
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the background thread after the compile it is in (queued keys are dropped):
+        an XLA compile still running at interpreter exit can crash it."""
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _work(self) -> None:
+        try:  # Linux: a thread's nice value is its own, and threads it starts inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                key = self._queue.popleft()
+            try:
+                self.compile(key, "background")
+            except Exception:  # the step that needs it compiles it on demand and raises there
+                log.exception("background compile of %s failed", key)
+            with self._cv:
+                self._cv.notify_all()
