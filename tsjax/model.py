@@ -155,11 +155,14 @@ def load(
     t0 = time.perf_counter()
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
-    if quant is not None and cfg.moe is not None:
+    moe_auto = cfg.moe is not None and quant == "auto"
+    if cfg.moe is not None and quant not in (None, "f32", "auto"):
         raise ValueError(
             f"quant={quant!r} is not available for a mixture-of-experts model "
             f"({cfg.architecture}) yet: its experts load in the model's float dtype only"
         )
+    if cfg.moe is not None:
+        quant = None  # the exact float weights: the only format experts load in here
     dtype = dtype or default_dtype()
     if isinstance(mesh, str):
         from tsjax.sharding import make_mesh
@@ -169,6 +172,8 @@ def load(
     quant, reason = choose_quant(
         quant, jax.default_backend(), _weight_types(g), _kernels, n_devices
     )
+    if moe_auto:
+        reason = "auto: float32 (a mixture-of-experts model: its experts load as float only)"
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
     tokenizer = Tokenizer.from_gguf(g.metadata)
