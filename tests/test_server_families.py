@@ -171,11 +171,6 @@ def test_reasoning_effort_reaches_the_template(tiny):
     assert "Reasoning: low" in rendered(anthropic_api._intent(body))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found here, not fixed yet: the server answers 422 'the model called get_w, which the "
-    "tool_choice does not allow' (the forced call's name reaches MistralParser cut short)",
-)
 def test_mistral_forced_tool_call(mistral):
     """Mistral 3's `[TOOL_CALLS]NAME[ARGS]{...}` forced by a named tool choice, read back by the
     OpenAI client. (A short system message: the template's default one and the tools would not
