@@ -320,6 +320,41 @@ def test_harmony_answers_in_the_final_channel(marked):
     jsonschema.validate(json.loads(_parsed(fmt, text).content), ANSWER)
 
 
+@pytest.fixture(scope="module")
+def harmony_vocab():
+    """`marked` with `<|return|>` too: a Harmony vocabulary, where `<|end|>` ends a message
+    and not the answer (`tsjax.tokenizer`, as llama.cpp), so it is no stop token."""
+    meta = dict(GGUFFile(real_model_path("smollm2-135m")).metadata)
+    extra = [*MARKERS, "<|return|>"]
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], *extra]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], *[3] * len(extra)]
+    return GrammarFactory(Tokenizer.from_gguf(meta))
+
+
+def test_harmony_analysis_then_the_constrained_answer(harmony_vocab):
+    """GPT-OSS reasons in an analysis message first (`<|end|><|start|>assistant` ends it),
+    then answers in the final channel (JSON) or calls a tool; the analysis is optional, and
+    thinking switched off leaves it out."""
+    g, fmt = harmony_vocab, _fmt("harmony")
+    tok = g.tokenizer
+    assert tok.id_of("<|end|>") not in tok.eog_ids
+    assert {tok.id_of("<|return|>"), tok.id_of("<|call|>")} <= tok.eog_ids
+    block = "<|channel|>analysis<|message|>First, the weather.<|end|><|start|>assistant"
+    for think in (None, True):
+        c = _answer(g, fmt, tools=[], output=(ANSWER, True), think=think)
+        parsed = _parsed(fmt, walk(g, c, 2, prefix=block))
+        assert parsed.reasoning == "First, the weather."
+        jsonschema.validate(json.loads(parsed.content), ANSWER)
+        c = _answer(g, fmt, tools=[], output=(ANSWER, True), think=think)
+        text = walk(g, c, 3, prefix="<|channel|>final<|message|>{")
+        jsonschema.validate(json.loads(_parsed(fmt, text).content), ANSWER)
+        c = _answer(g, fmt, think=think)  # a forced call after the analysis
+        _check_calls(_parsed(fmt, walk(g, c, 4, prefix=block)), [n for n, _ in TOOLS])
+    c = _answer(g, fmt, tools=[], output=(ANSWER, True), think=False)
+    assert c.accept(tok.id_of("<|channel|>"))
+    assert not c.accept(tok.encode("analysis", add_bos=False)[0])
+
+
 def test_markers_are_tokens_and_other_control_tokens_stay_out(marked):
     tok = marked.tokenizer
     assert marked.marker("<|tool_call>") == {"type": "token", "token": tok.id_of("<|tool_call>")}

@@ -280,8 +280,10 @@ def test_responses_text_format_and_effort():
     )
     intent = responses_api._intent(body)
     assert intent.output.schema == WEATHER and intent.output.strict and intent.think is True
+    assert intent.effort == "low"  # the template's `reasoning_effort`
     off = responses_api._intent(responses_body(reasoning=responses_api.ReasoningConfig("none")))
     assert off.think is False and responses_api._intent(responses_body()).think is None
+    assert off.effort is None
 
 
 # -- Anthropic Messages --------------------------------------------------------------------------
@@ -461,11 +463,15 @@ def test_anthropic_options_and_refusals():
     assert off.think is False and anthropic_api._intent(messages_body()).think is None
     schema = anthropic_api.OutputConfig(format={"type": "json_schema", "schema": WEATHER})
     assert anthropic_api._intent(messages_body(output_config=schema)).output.schema == WEATHER
+    effort = anthropic_api.OutputConfig(effort="max")
+    assert anthropic_api._intent(messages_body(output_config=effort)).effort == "high"
+    assert intent.effort is None
     for kw, param in (
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
         ({"tool_choice": {"type": "some"}}, "tool_choice"),
         ({"thinking": anthropic_api.ThinkingConfig("lots")}, "thinking.type"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"output_config": anthropic_api.OutputConfig(effort="huge")}, "output_config.effort"),
     ):
         with pytest.raises(ApiError) as e:
             anthropic_api._intent(messages_body(**kw))

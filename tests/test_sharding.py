@@ -264,6 +264,58 @@ def _hybrid_worker(files: dict[str, str]) -> None:
     print(json.dumps(out))
 
 
+# -- GPT-OSS (experts split over tp) and Mistral 3 ---------------------------------------------
+
+# family -> (file, meshes): GPT-OSS's 8 experts split 2 per device under tp=4 and 4 under
+# dp=2,tp=2 (rows split over dp too); Mistral 3's temperature by position on split rows.
+HF_CASES = {"gpt_oss": ("mxfp4", ("tp=4", "dp=2,tp=2")), "mistral3": ("f32", ("dp=2,tp=2",))}
+
+
+def test_moe_families_match_single_device(tmp_path):
+    """GPT-OSS with its experts split over `tp` (`tsjax.layers.moe.ExpertParallel`) and
+    Mistral 3 give the single-device logits (1e-5) and greedy tokens (identical)."""
+    from hf_factory import build_all
+
+    models = build_all(list(HF_CASES))
+    files = {n: str(models[n].gguf[f]) for n, (f, _) in HF_CASES.items()}
+    proc = _spawn(["hf", json.dumps(files), str(tmp_path / "hf.json")], 4)
+    refs = {n: run_case(Path(f), None)[0] for n, f in files.items()}
+    rc, stdout, stderr = _finish(proc, 900)
+    assert rc == 0, f"multi-device worker failed ({rc}):\n{stdout}\n{stderr[-4000:]}"
+    got = json.loads((tmp_path / "hf.json").read_text())
+    for name, (_, meshes) in HF_CASES.items():
+        for mesh in meshes:
+            res = got[name][mesh]
+            assert _rel_err(res["logits"], refs[name]["logits"]) < 1e-5, (name, mesh)
+            assert res["tokens"] == refs[name]["tokens"], (name, mesh)
+            assert res["max_param_bytes_per_device"] < res["param_bytes"]
+    for mesh in HF_CASES["gpt_oss"][1]:
+        assert "('tp'" in got["gpt_oss"][mesh]["expert_spec"]  # experts first axis split
+
+
+def _hf_worker(files: dict[str, str], out: str) -> None:
+    import jax
+
+    from tsjax.sharding import bytes_per_device, make_mesh
+
+    results: dict = {}
+    for name, path in files.items():
+        results[name] = {}
+        for spec in HF_CASES[name][1]:
+            t0 = time.perf_counter()
+            res, m = run_case(Path(path), make_mesh(spec, jax.devices()[:4]))
+            layer = m.params.get("layers") or m.params["layers_0"]
+            if "moe" in layer:
+                res["expert_spec"] = str(layer["moe"]["up"]["weight"].sharding.spec)
+            res.update(
+                param_bytes=int(sum(x.nbytes for x in jax.tree.leaves(m.params))),
+                max_param_bytes_per_device=max(bytes_per_device(m.params).values()),
+            )
+            results[name][spec] = res
+            print(f"{name} {spec}: {time.perf_counter() - t0:.1f}s", flush=True)
+    Path(out).write_text(json.dumps(results))
+
+
 # -- swapping cache rows on a mesh ------------------------------------------------------------
 
 
@@ -635,6 +687,8 @@ def main(argv: list[str]) -> None:
         _engine_worker(*args)
     elif kind == "hybrid":
         _hybrid_worker(json.loads(args[0]))
+    elif kind == "hf":
+        _hf_worker(json.loads(args[0]), args[1])
     elif kind == "swap":
         _swap_worker(args[0])
     elif kind == "narrow":

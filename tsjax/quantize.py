@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from tsjax.layers.experts import Q8_BLOCK, bf16_bits
 from tsjax.models.decoder import Decoder
 
 ALPHA = 0.5  # how much of the activation range moves into the weights
@@ -113,15 +114,68 @@ def _quantize(kernel, a, alpha):
     return q, scale, 1.0 / s
 
 
+def _expert_matrix(path: tuple[str, ...]) -> bool:
+    """A routed experts' projection [..., E, out, in] (`tsjax.layers.moe.ExpertMatrix`)."""
+    return (
+        len(path) >= 3
+        and path[-1] == "weight"
+        and path[-2] in ("gate", "up", "down")
+        and path[-3] == "moe"
+    )
+
+
+def _router(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[-2] == "router"
+
+
+@jax.jit
+def int8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Float expert weights [..., in] -> int8 [..., in] with a float32 scale per block of 32
+    ([..., in/32]), the MoE layer's "int8" expert format. A block takes the power-of-two
+    scale just above amax / 127 where that represents it exactly (every MXFP4 block: small
+    integers times a power of two, `tsjax.mxfp4.to_int8_blocks`), else amax / 127 (Q8_0's
+    own scale, so a Q8_0 file's blocks also come back exactly)."""
+    *lead, n = w.shape
+    b = w.reshape(*lead, n // Q8_BLOCK, Q8_BLOCK).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
+    linear = amax / 127.0
+    pow2 = jnp.exp2(jnp.ceil(jnp.log2(jnp.where(amax > 0, linear, 1.0))))
+    exact = jnp.all(jnp.round(b / pow2) * pow2 == b, axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, jnp.where(exact, pow2, linear), 1.0)
+    q = jnp.clip(jnp.round(b / scale), -127, 127).astype(jnp.int8)
+    return q.reshape(w.shape), scale[..., 0]
+
+
+def expert_params(params, quant: str):
+    """The routed experts' float matrices in the MoE layer's format for `quant`: "bf16" as
+    bfloat16 bits (uint16), "int8" as int8 blocks with `scales` (`int8_blocks`). Other
+    leaves are kept."""
+    flat = flatten_dict(params)
+    for path in [p for p in flat if _expert_matrix(p)]:
+        if quant == "bf16":
+            flat[path] = bf16_bits(flat[path])
+        elif quant == "int8":
+            flat[path], flat[(*path[:-1], "scales")] = int8_blocks(flat[path])
+    return unflatten_dict(flat)
+
+
 def bf16_params(params, tied_embeddings: bool):
     """Float params -> the bf16 model's: every Linear `weight` in bfloat16, and a tied
     embedding's bfloat16 copy as `lm_head` (the lookup table itself stays float: XLA:CPU has
     no bfloat16 gather, and its fallback converts the whole table to float32 on every step,
-    7 ms for SmolLM2's). Other leaves are kept. Casts run where each leaf lives (so a sharded
-    leaf stays sharded)."""
+    7 ms for SmolLM2's). A MoE's expert matrices become bfloat16 bits (`expert_params`); its
+    router stays float32 (a rounded router would choose other experts). Other leaves are
+    kept. Casts run where each leaf lives (so a sharded leaf stays sharded)."""
     flat = flatten_dict(params)
     if tied_embeddings and ("lm_head", "weight") not in flat:
         flat[("lm_head", "weight")] = flat[("embed", "embedding")]
-    return unflatten_dict(
-        {k: v.astype(jnp.bfloat16) if k[-1] == "weight" else v for k, v in flat.items()}
-    )
+    flat = {
+        k: v.astype(jnp.bfloat16) if k[-1] == "weight" and not _plain(k) else v
+        for k, v in flat.items()
+    }
+    return expert_params(unflatten_dict(flat), "bf16")
+
+
+def _plain(path: tuple[str, ...]) -> bool:
+    """A `weight` that is not a Linear's: the router's, or an expert matrix."""
+    return _router(path) or _expert_matrix(path)

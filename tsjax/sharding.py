@@ -44,6 +44,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsjax.cache import Cache, StackedKV
+from tsjax.layers.moe import MOE_RULES
 from tsjax.models import ModelConfig
 from tsjax.models.config import SSMConfig
 from tsjax.models.decoder import PARAM_TABLE
@@ -68,6 +69,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "ssm_heads": "tp",
     "ssm_groups": "tp",
     "ssm_channels": None,
+    **MOE_RULES,  # whole experts split over tp (expert parallelism), each expert unsplit
 }
 
 CACHE_KV_AXES: LogicalAxes = StackedKV.AXES  # [L, B, K, S, H]
@@ -215,6 +217,8 @@ def logical_sizes(cfg: ModelConfig, rows: int, max_len: int) -> dict[str, int]:
         "vocab": cfg.vocab_size,
         "layers": cfg.n_layers,
         **({} if cfg.ssm is None else ssm_sizes(cfg.ssm)),
+        "experts": cfg.moe.n_experts if cfg.moe else 0,
+        "expert_ffw": cfg.moe.ffn_dim if cfg.moe else 0,
     }
 
 
@@ -308,9 +312,10 @@ class ShardingPlan:
             f"  kv cache [L,B,K,S,H] {kv}; q_heads={self.cfg.n_heads}"
             f" kv_heads={self.cfg.n_kv_heads} ffw={self.cfg.ffn_dim} rows={self.rows}"
         ]
-        for path in (("attn", "q"), ("attn", "k"), ("mlp", "up")):
+        ffn = (("moe", "up"), "[experts,out,in]") if self.cfg.moe else (("mlp", "up"), "[out,in]")
+        for path, shape in [(("attn", "q"), "[out,in]"), (("attn", "k"), "[out,in]"), ffn]:
             full = ("layers", *path, "weight")
-            lines.append(f"  {'/'.join(full)} [out,in] {self.param(full).spec}")
+            lines.append(f"  {'/'.join(full)} {shape} {self.param(full).spec}")
         return lines
 
 

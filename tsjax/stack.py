@@ -45,8 +45,10 @@ MAMBA2 = "mamba2"
 
 #: Leaves the narrow formats make in place of a Linear's float `weight` (see module docstring):
 #: int8's, and the block formats' (`tsjax.kernels.blocks`: values `q` [..., out, in] or `qs`
-#: [..., out, in/2], block scales `d` and offsets `m` [..., in/32, out]).
-NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale", "q", "qs", "d", "m")
+#: [..., out, in/2], block scales `d` and offsets `m` [..., in/32, out]); and beside (or instead
+#: of) an expert matrix's `weight` (`tsjax.layers.experts`: int8 blocks' `scales`, MXFP4's
+#: `scales` and `nibbles`).
+NARROW_LEAVES = ("kernel", "kernel_scale", "input_scale", "q", "qs", "d", "m", "scales", "nibbles")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ def layer_plan(kinds: Sequence[str], unrolled: bool) -> tuple[Segment, ...]:
 def narrow_axes(weight_axes: LogicalAxes, leaf: str) -> LogicalAxes:
     """Axes of a narrow-format leaf from those of the float weight [..., out, in] it
     replaces: `kernel` [..., in, out], `kernel_scale` [..., out], `input_scale` [..., in];
-    `q` / `qs` as the weight, `d` / `m` [..., in blocks, out]."""
+    `q` / `qs` as the weight, `d` / `m` [..., in blocks, out]; an expert matrix's block
+    `scales` [..., out, in/32] and MXFP4 `nibbles` [..., out, in/32, 16] (a block is never
+    split: the input axis is never split for experts)."""
     *lead, out, inp = weight_axes
     by_leaf = {
         "kernel": (*lead, inp, out),
@@ -115,6 +119,8 @@ def narrow_axes(weight_axes: LogicalAxes, leaf: str) -> LogicalAxes:
         "qs": weight_axes,
         "d": (*lead, inp, out),
         "m": (*lead, inp, out),
+        "scales": weight_axes,
+        "nibbles": (*weight_axes, None),
     }
     return by_leaf[leaf]
 

@@ -52,6 +52,17 @@ EOG_TEXTS = frozenset(
     }
 )  # fmt: skip
 
+
+def _harmony_message_ends(tokens: list[str]) -> set[int]:
+    """In a Harmony vocabulary (GPT-OSS: `<|return|>` and `<|call|>` end the answer),
+    `<|end|>` ends one message, not the answer: the model goes on with `<|start|>assistant`
+    (its analysis message, then the final one), so it must not stop generation. llama.cpp
+    makes the same exception (llama-vocab.cpp); elsewhere (Phi 3) `<|end|>` ends the turn."""
+    if "<|return|>" in tokens and "<|call|>" in tokens:
+        return {i for i, t in enumerate(tokens) if t == "<|end|>"}
+    return set()
+
+
 # Split regexes per `tokenizer.ggml.pre`, applied in order (as llama.cpp's llama-vocab.cpp does),
 # written in the Oniguruma syntax `tokenizers` uses. Pieces a regex leaves unmatched stay pieces.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -468,6 +479,7 @@ class Tokenizer:
         ends = ("eos_token_id", "eot_token_id", "eom_token_id")
         eog = {i for key in ends if (i := _meta_id(metadata, key, n)) is not None}
         eog |= {i for i, token in enumerate(tokens) if token in EOG_TEXTS}
+        eog -= _harmony_message_ends(tokens)
         return cls(
             backend,
             tokens,

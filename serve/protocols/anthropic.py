@@ -44,6 +44,7 @@ from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
 from serve.translation.images import content_part
+from serve.translation.options import effort_of
 from serve.translation.reply import generation_failed
 
 # Anthropic's error types and the statuses its API sends them with (an unavailable model is
@@ -82,7 +83,7 @@ class ThinkingConfig(msgspec.Struct):
 
 class OutputConfig(msgspec.Struct):
     format: dict[str, Any] | None = None  # {"type": "json_schema", "schema": {...}}
-    effort: str | None = None  # accepted
+    effort: str | None = None  # the reasoning effort (`Intent.effort`)
 
 
 class CountBody(msgspec.Struct, kw_only=True):
@@ -273,6 +274,12 @@ def _think(thinking: ThinkingConfig | None) -> bool | None:
                    f"{thinking.type!r}", "thinking.type")  # fmt: skip
 
 
+def _effort(config: OutputConfig | None) -> str | None:
+    """`output_config.effort` ("low", "medium", "high", "max") for templates that read
+    `reasoning_effort` (GPT-OSS's Harmony prompt); the thinking switch stays `thinking`'s."""
+    return effort_of(config.effort if config else None, "output_config.effort")
+
+
 def _output(config: OutputConfig | None) -> OutputSpec | None:
     fmt = config.format if config else None
     if fmt is None:
@@ -284,9 +291,10 @@ def _output(config: OutputConfig | None) -> OutputSpec | None:
 
 
 def _intent(body: CountBody) -> Intent:
+    config = body.output_config
     intent = Intent(model=body.model, messages=_messages(body), tools=_tools(body.tools),
                     tool_choice=_tool_choice(body.tool_choice), think=_think(body.thinking),
-                    output=_output(body.output_config))  # fmt: skip
+                    effort=_effort(config), output=_output(config))  # fmt: skip
     if isinstance(body, MessagesBody):
         if body.max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {body.max_tokens}",

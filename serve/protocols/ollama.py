@@ -32,7 +32,7 @@ from serve.translation.embedding import normalized
 from serve.translation.images import from_base64, with_images
 from serve.translation.intent import ImageInput
 from serve.translation.logprobs import entries, top_count
-from serve.translation.options import ollama_format, stop_of, think_of
+from serve.translation.options import effort_of, ollama_format, stop_of, think_of
 from serve.translation.prompt import check_model
 from tsjax.logprobs import TokenLogprob
 
@@ -135,7 +135,7 @@ def _intent(body: GenerateBody | ChatBody, **given: Any) -> Intent:
     sampling = Sampling(**{f: getattr(o, f) for f in Sampling.__struct_fields__})
     top = top_count(body.top_logprobs, "top_logprobs")
     return Intent(model=body.model, sampling=sampling, max_tokens=o.num_predict,
-                  stop=stop_of(o.stop), think=think_of(body.think),
+                  stop=stop_of(o.stop), think=think_of(body.think), effort=effort_of(body.think),
                   output=ollama_format(body.format), stream=body.stream,
                   logprobs=body.logprobs, top_logprobs=top, **given)  # fmt: skip
 

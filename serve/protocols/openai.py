@@ -47,7 +47,7 @@ from serve.translation import (
 from serve.translation.embedding import embed, normalized
 from serve.translation.images import content_part
 from serve.translation.logprobs import entries, token_text, top_count
-from serve.translation.options import openai_format, openai_think, stop_of
+from serve.translation.options import effort_of, openai_format, openai_think, stop_of
 from serve.translation.prompt import check_model
 from serve.translation.reply import generation_failed
 from tsjax.logprobs import TokenLogprob
@@ -330,12 +330,10 @@ def _message_in(m: ChatMessage, i: int) -> dict[str, Any]:
 
 
 def _chat_intent(body: ChatBody) -> Intent:
-    """The chat request in neutral terms. Extra template variables: `chat_template_kwargs`,
-    and `reasoning_effort` for templates that read it."""
+    """The chat request in neutral terms. Extra template variables: `chat_template_kwargs`;
+    `reasoning_effort` reaches templates that read it (`Intent.effort`)."""
     extra = dict(body.chat_template_kwargs or {})
     extra.pop("enable_thinking", None)
-    if body.reasoning_effort and body.reasoning_effort.lower() != "none":
-        extra.setdefault("reasoning_effort", body.reasoning_effort)
     limit = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     top = top_count(body.top_logprobs, "top_logprobs")
     if top and not body.logprobs:
@@ -347,6 +345,7 @@ def _chat_intent(body: ChatBody) -> Intent:
         tools=body.tools,
         tool_choice=body.tool_choice,
         think=openai_think(body.think, body.reasoning_effort, body.chat_template_kwargs),
+        effort=effort_of(body.reasoning_effort, "reasoning_effort"),
         output=openai_format(body.response_format),
         template_kwargs=extra,
         logprobs=bool(body.logprobs),

@@ -44,7 +44,7 @@ from serve.state import Hub, hub_of
 from serve.streaming import typed_sse_response
 from serve.translation import Intent, OutputSpec, Prepared, Sampling, prepare, render, run_to_end
 from serve.translation.images import content_part
-from serve.translation.options import openai_think
+from serve.translation.options import effort_of, openai_think
 from serve.translation.reply import generation_failed
 from serve.translation.tools import normalize_tools
 
@@ -223,7 +223,6 @@ def _intent(body: ResponsesBody) -> Intent:
                         min_p=body.min_p, repeat_penalty=body.repetition_penalty,
                         presence_penalty=body.presence_penalty,
                         frequency_penalty=body.frequency_penalty, seed=body.seed)  # fmt: skip
-    extra = {"reasoning_effort": effort} if effort and effort.lower() != "none" else {}
     return Intent(
         model=body.model,
         messages=_messages(body),
@@ -233,7 +232,7 @@ def _intent(body: ResponsesBody) -> Intent:
         tool_choice=body.tool_choice,
         output=_text_format(body.text.format if body.text else None),
         think=openai_think(None, effort, None),
-        template_kwargs=extra,
+        effort=effort_of(effort, "reasoning.effort"),
         stream=body.stream,
     )
 

@@ -103,6 +103,9 @@ class Intent(msgspec.Struct, kw_only=True):
     tool_choice: Any = None
     output: OutputSpec | None = None  # a response format: JSON, or JSON under a schema
     think: bool | None = None  # None: the chat template's own default
+    # The reasoning effort ("low", "medium", "high"), given to the template as
+    # `reasoning_effort` (GPT-OSS's Harmony prompt reads it); None: the template's default.
+    effort: str | None = None
     template_kwargs: dict[str, Any] = msgspec.field(default_factory=dict)  # more template vars
     # Images of a raw `prompt` (placed before its text); a conversation's images are content
     # parts of its messages (see `ImageInput`).

@@ -15,17 +15,38 @@ from serve.translation.intent import OutputSpec
 
 
 def think_of(value: Any, param: str = "think") -> bool | None:
-    """Ollama's `think`: a boolean, or an effort level ("low", "medium", "high", "max"),
-    which means on. None leaves the template's own default."""
+    """Ollama's `think`: a boolean, or an effort level ("low", "medium", "high", "max", ...),
+    which means on (`effort_of` reads the level). None leaves the template's own default."""
     if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("low", "medium", "high", "max"):
+    if isinstance(value, str) and value.strip().lower() in _EFFORTS:
         return True
     if isinstance(value, str) and value.strip().lower() in ("none", "false", "off"):
         return False
     raise ApiError(
-        400, f"{param} must be a boolean or one of low, medium, high, max; got {value!r}", param
+        400, f"{param} must be a boolean or one of {', '.join(_EFFORTS)}; got {value!r}", param
     )
+
+
+# Effort levels the APIs spell -> what templates that read `reasoning_effort` take (GPT-OSS's
+# Harmony system message knows low, medium and high).
+_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
+            "max": "high"}  # fmt: skip
+
+
+def effort_of(value: Any, param: str = "think") -> str | None:
+    """The reasoning effort a thinking field asks for (Ollama's and the Web UI's `think`,
+    OpenAI's `reasoning_effort`): "low", "medium" or "high" for a level, None for a boolean,
+    "none" or nothing (the template's default). Checked by `think_of` / `openai_think`."""
+    if not isinstance(value, str):
+        return None
+    level = value.strip().lower()
+    if level in ("none", "false", "off"):
+        return None
+    if level not in _EFFORTS:
+        raise ApiError(400, f"{param} must be one of none, {', '.join(_EFFORTS)}; got {value!r}",
+                       param)  # fmt: skip
+    return _EFFORTS[level]
 
 
 def openai_think(

@@ -105,8 +105,11 @@ def _prompt(model: Model, intent: Intent, plan: Plan, resume_points: bool = Fals
     if not intent.messages:
         raise ApiError(400, "messages must not be empty", param="messages")
     shown = with_generic_tools(intent.messages, plan.template_tools, model.template.source)
+    extra = dict(intent.template_kwargs)
+    if intent.effort is not None:  # chat_template_kwargs may name it themselves
+        extra.setdefault("reasoning_effort", intent.effort)
     return chat_prompt(model, shown, tools=plan.template_tools, think=plan.think,
-                       extra=intent.template_kwargs, history=intent.history,
+                       extra=extra, history=intent.history,
                        resume_points=resume_points)  # fmt: skip
 
 

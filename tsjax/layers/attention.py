@@ -50,6 +50,7 @@ class Attention(nn.Module):
     kv_shared: bool = False
     rope_dim: int | None = None  # rotated dims of each head: None all, 0 none, else the first
     output_gate: bool = False  # Qwen 3.5: q rows per head [q | gate], out * sigmoid(gate)
+    o_bias: bool = False  # gpt-oss: a bias on the output projection
 
     @nn.compact
     def __call__(
@@ -60,20 +61,25 @@ class Attention(nn.Module):
         step: Step,
         window: jax.Array,
         rope: RopeTables,
+        q_scale: jax.Array | None = None,
     ) -> tuple[jax.Array, KVState]:
         """x: [B, T, D] at the step's positions; state: this layer's keys and values (`layer`
         indexes a stacked state's leading axis); rope: this layer's
-        `tsjax.layers.rope.rope_lookup` of the positions. Returns (out [B, T, D], state)."""
+        `tsjax.layers.rope.rope_lookup` of the positions; q_scale: [B, T, 1, 1] multiplies
+        the rotated queries (Mistral 3's `attention_temperature`). Returns (out [B, T, D],
+        state)."""
         b, t, d = x.shape
         n, h = self.n_heads, self.head_dim
         gated = 2 if self.output_gate else 1
         q = Linear(gated * n * h, self.qkv_bias, self.dtype, self.quant, name="q")(x)
         q = q.reshape(b, t, n, gated * h)
         q, gate = q[..., :h], q[..., h:]  # [B, T, N, H] each (gate empty when not gated)
-        o_proj = Linear(d, False, self.dtype, self.quant, name="o")
+        o_proj = Linear(d, self.o_bias, self.dtype, self.quant, name="o")
         if self.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
         q = self._rotate(q, rope)
+        if q_scale is not None:  # after RoPE, as Llama 4 / Mistral 3
+            q = (q.astype(jnp.float32) * q_scale).astype(q.dtype)
         if not self.kv_shared:
             state = state.write(*self._keys_values(x, rope), step, layer)
         sinks = None

@@ -18,6 +18,7 @@ its queries by position (`attention_temperature`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,31 @@ def yarn_attention_factor(
     if mscale and mscale_all_dim:
         return m(mscale) / m(mscale_all_dim)
     return m(1.0)
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """A model's YaRN scaling (GGUF `rope.scaling.*`, type "yarn"): its frequencies for a base
+    and head size (`yarn_frequencies`), and the magnitude of its cos/sin tables
+    (`yarn_attention_factor`, computed by the family from what its file says)."""
+
+    factor: float
+    original_positions: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    magnitude: float = 1.0
+
+    def frequencies(self, theta: float, head_dim: int) -> np.ndarray:
+        return yarn_frequencies(
+            theta,
+            head_dim,
+            self.factor,
+            self.original_positions,
+            self.beta_fast,
+            self.beta_slow,
+            self.truncate,
+        )
 
 
 def attention_temperature(positions: jax.Array, beta: float, original_positions: int) -> jax.Array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.models import gemma, gemma4, llama, nemotron_h, qwen2, qwen3, qwen35
+from tsjax.models import gemma, gemma4, gpt_oss, llama, mistral3, nemotron_h, qwen2, qwen3, qwen35
 from tsjax.models.config import ModelConfig
 from tsjax.models.decoder import Decoder
 
@@ -22,6 +22,8 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "qwen35moe": qwen35,
     "nemotron_h": nemotron_h,
     "nemotron_h_moe": nemotron_h,
+    "gpt-oss": gpt_oss,
+    "mistral3": mistral3,
 }
 
 

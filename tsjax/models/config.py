@@ -7,6 +7,7 @@ from typing import Any
 
 from tsjax.gguf import GGUFFile
 from tsjax.layers.moe import MoESpec
+from tsjax.layers.rope import Yarn, yarn_attention_factor
 from tsjax.stack import ATTENTION
 
 
@@ -70,7 +71,12 @@ class ModelConfig:
     # Rotary dimensions of each head: None = all of them; 0 = no RoPE (Nemotron-H); fewer
     # than head_dim rotate the first ones only (Qwen 3.5's partial rotary).
     rope_dim: int | None = None
-    moe: MoESpec | None = None  # the experts of a mixture-of-experts family
+    o_bias: bool = False  # gpt-oss: a bias on the attention output projection
+    attn_sinks: bool = False  # gpt-oss: a learned sink logit per query head
+    rope_yarn: Yarn | None = None  # YaRN frequencies and magnitude (gpt-oss, Mistral 3)
+    # Mistral 3 (Llama 4): queries scaled by 1 + beta ln(1 + floor(p / n0)) after RoPE, as
+    # (beta, n0); None: no scaling (`tsjax.layers.rope.attention_temperature`).
+    query_temperature: tuple[float, int] | None = None
     # What each layer is (`tsjax.models.decoder.BLOCKS`); () = attention everywhere.
     layer_kinds: tuple[str, ...] = ()
     # The recurrent layers' sizes (`tsjax.layers.deltanet`, `tsjax.layers.mamba2`).
@@ -138,6 +144,32 @@ def per_layer(value) -> tuple[int, ...]:
     """A GGUF size that is an int or an int per layer -> the per-layer tuple, or () for one
     value shared by every layer."""
     return tuple(int(v) for v in value) if isinstance(value, list | tuple) else ()
+
+
+def yarn_from_gguf(g: GGUFFile, truncate: bool = True) -> Yarn | None:
+    """The file's YaRN scaling (`{arch}.rope.scaling.*`), or None when it has none. The
+    magnitude is llama.cpp's: 0.1 ln(factor) + 1, or with `yarn_log_multiplier` (Mistral 3,
+    transformers' `mscale_all_dim`, beside an `mscale` of 1) the ratio of the two terms."""
+    arch = g.architecture
+    if g.meta(f"{arch}.rope.scaling.type", "none") != "yarn":
+        return None
+    key = f"{arch}.rope.scaling."
+    factor = float(g.meta(key + "factor"))
+    log_mul = g.meta(key + "yarn_log_multiplier", None)
+    magnitude = (
+        yarn_attention_factor(factor)
+        if log_mul is None
+        else yarn_attention_factor(factor, 1.0, float(log_mul))
+    )
+    magnitude *= float(g.meta(key + "attn_factor", 1.0))
+    return Yarn(
+        factor=factor,
+        original_positions=int(g.meta(key + "original_context_length")),
+        beta_fast=float(g.meta(key + "yarn_beta_fast", 32.0)),
+        beta_slow=float(g.meta(key + "yarn_beta_slow", 1.0)),
+        truncate=truncate,
+        magnitude=magnitude,
+    )
 
 
 def base_config_kwargs(g: GGUFFile, family: str, ffn_default: Any = ...) -> dict:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 from tsjax.cache import Cache, KVLayout, KVState, SharedKV, Step, create_cache
 from tsjax.kernels.blocks import QK
@@ -27,11 +29,64 @@ from tsjax.layers.embed import Embed, PerLayerInputs
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import layer_frequencies, rope_lookup_freqs
+from tsjax.layers.rope import attention_temperature, layer_frequencies, rope_lookup_freqs
 from tsjax.models.config import ModelConfig
 from tsjax.quants import BLOCK_QUANTS
 from tsjax.spans import SpanInputs
 from tsjax.stack import ATTENTION, Param, ParamTable, Segment, layer_plan
+
+#: The pre-attention norm and the attention block's parameters (the config decides biases,
+#: q/k norms and sinks). q/k/v weights are [N*H, D] with heads major, so splitting whole
+#: heads is splitting that axis into contiguous blocks; the axis is named for its heads.
+ATTENTION_PARAMS: tuple[Param, ...] = (
+    Param("attn_norm.weight", ("attn_norm", "scale"), ("embed",)),
+    Param("attn_q.weight", ("attn", "q", "weight"), ("q_heads", "embed")),
+    Param("attn_k.weight", ("attn", "k", "weight"), ("kv_heads", "embed")),
+    Param("attn_v.weight", ("attn", "v", "weight"), ("kv_heads", "embed")),
+    Param("attn_q.bias", ("attn", "q", "bias"), ("q_heads",)),
+    Param("attn_k.bias", ("attn", "k", "bias"), ("kv_heads",)),
+    Param("attn_v.bias", ("attn", "v", "bias"), ("kv_heads",)),
+    Param("attn_output.weight", ("attn", "o", "weight"), ("embed", "q_heads")),
+    Param("attn_output.bias", ("attn", "o", "bias"), ("embed",)),
+    Param("attn_q_norm.weight", ("attn", "q_norm", "scale"), ("head_dim",)),
+    Param("attn_k_norm.weight", ("attn", "k_norm", "scale"), ("head_dim",)),
+    Param("attn_sinks.weight", ("attn", "sinks"), ("q_heads",)),
+)
+
+#: What every layer's attention is given for one step (`Decoder._rope`): the rotation tables
+#: of every distinct `ModelConfig.rope_key`, stacked ([bases, B, T, 1, W] cos and sin, W the
+#: widest head's H/2), and the queries' scale by position ([B, T, 1, 1]; None for most
+#: families).
+LayerRope = tuple[jax.Array, jax.Array, jax.Array | None]
+
+
+def attention_block(cfg: ModelConfig, dtype, quant: str | None) -> Attention:
+    """The attention module every layer kind builds from the config (named "attn")."""
+    return Attention(
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        norm_eps=cfg.norm_eps,
+        qkv_bias=cfg.qkv_bias,
+        qk_norm=cfg.qk_norm,
+        scale=cfg.attn_scale,
+        softcap=cfg.attn_softcap,
+        dtype=dtype,
+        quant=quant,
+        sinks=cfg.attn_sinks,
+        o_bias=cfg.o_bias,
+        name="attn",
+    )
+
+
+def run_attention(cfg: ModelConfig, dtype, quant, x, state, step, data, rope: LayerRope):
+    """Pre-norm attention of one layer: (attention output [B, T, D], state). data: the
+    layer's `LayerData` (its index into a stacked state, window and RoPE base)."""
+    cos, sin, q_scale = rope
+    h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
+    return attention_block(cfg, dtype, quant)(
+        h, state, data.index, step, data.window, (cos[data.base], sin[data.base]), q_scale
+    )
 
 
 class LayerData(NamedTuple):
@@ -50,23 +105,14 @@ class LayerData(NamedTuple):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP; with `post_norms`, Gemma's sandwich norms.
 
-    Every layer kind's module takes (cfg, dtype, quant) and is called as
-    `((x, state), step, LayerData, rope) -> ((x, state), None)`."""
+    Every layer kind's module takes (cfg, dtype, quant), and `mesh` where it declares that
+    field (expert parallelism), and is called as
+    `((x, state), step, LayerData, rope) -> ((x, state), None)`, rope being the step's
+    `LayerRope`."""
 
     #: Every parameter this layer may have (the config decides biases and extra norms).
-    #: q/k/v weights are [N*H, D] with heads major, so splitting whole heads is splitting
-    #: that axis into contiguous blocks; the axis is named for its heads.
     PARAMS: ClassVar[tuple[Param, ...]] = (
-        Param("attn_norm.weight", ("attn_norm", "scale"), ("embed",)),
-        Param("attn_q.weight", ("attn", "q", "weight"), ("q_heads", "embed")),
-        Param("attn_k.weight", ("attn", "k", "weight"), ("kv_heads", "embed")),
-        Param("attn_v.weight", ("attn", "v", "weight"), ("kv_heads", "embed")),
-        Param("attn_q.bias", ("attn", "q", "bias"), ("q_heads",)),
-        Param("attn_k.bias", ("attn", "k", "bias"), ("kv_heads",)),
-        Param("attn_v.bias", ("attn", "v", "bias"), ("kv_heads",)),
-        Param("attn_output.weight", ("attn", "o", "weight"), ("embed", "q_heads")),
-        Param("attn_q_norm.weight", ("attn", "q_norm", "scale"), ("head_dim",)),
-        Param("attn_k_norm.weight", ("attn", "k_norm", "scale"), ("head_dim",)),
+        *ATTENTION_PARAMS,
         Param("post_attention_norm.weight", ("post_attn_norm", "scale"), ("embed",)),
         Param("ffn_norm.weight", ("ffn_norm", "scale"), ("embed",)),
         Param("ffn_gate.weight", ("mlp", "gate", "weight"), ("ffw", "embed")),
@@ -82,27 +128,10 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, KVState], step: Step, data: LayerData, rope):
         """carry: (x [B, T, D], this segment's attention state); data: the layer's
-        `LayerData`; rope: every base's rotation tables for this step, stacked ([bases, B, T,
-        1, W], W at least H/2)."""
+        `LayerData`; rope: the step's `LayerRope`."""
         x, state = carry
-        layer, window, base = data.index, data.window, data.base
         c = self.cfg
-        rope = (rope[0][base], rope[1][base])
-        attn = Attention(
-            n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim,
-            norm_eps=c.norm_eps,
-            qkv_bias=c.qkv_bias,
-            qk_norm=c.qk_norm,
-            scale=c.attn_scale,
-            softcap=c.attn_softcap,
-            dtype=self.dtype,
-            quant=self.quant,
-            name="attn",
-        )
-        h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
-        h, state = attn(h, state, layer, step, window, rope)
+        h, state = run_attention(c, self.dtype, self.quant, x, state, step, data, rope)
         if c.post_norms:
             h = RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(h)
         x = x + h
@@ -159,6 +188,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     unrolled: bool = False
     quant: str | None = None  # "bf16" / "int8" weights (see tsjax.layers.linear)
+    mesh: Mesh | None = None  # the steps' mesh, for layers that split work by hand (experts)
 
     @nn.compact
     def __call__(
@@ -216,20 +246,30 @@ class Decoder(nn.Module):
             states.append(state)
         return self._head(embed, x, logit_index, cache.with_layers(states), hidden)
 
-    def _rope(self, positions: jax.Array, attn_len: int) -> tuple[tuple[Any, Any], list[int]]:
-        """The rotation tables of each distinct `ModelConfig.rope_key` among the layers,
-        looked up once for every layer (positions stay below attn_len), stacked [bases, B, T,
-        1, W] with W the widest head's H/2; and each layer's index into them."""
+    def _rope(self, positions: jax.Array, attn_len: int) -> tuple[LayerRope, list[int]]:
+        """The step's `LayerRope`: the rotation tables of each distinct `ModelConfig.rope_key`
+        among the layers, looked up once for every layer (positions stay below attn_len),
+        stacked [bases, B, T, 1, W] with W the widest head's H/2 (YaRN's frequencies and
+        magnitude where the config has them), and Mistral 3's query scale; and each layer's
+        index into the tables."""
         c = self.cfg
         keys = [c.rope_key(i) for i in range(c.n_layers)]
         bases = sorted(set(keys))
         width = max(h for _, _, h, _ in bases) // 2
+        magnitude = c.rope_yarn.magnitude if c.rope_yarn else 1.0
         tables = []
         for theta, scale, h, factored in bases:
             factors = c.rope_freq_factors if factored else None
-            freqs = layer_frequencies(theta, h, factors, width)
-            tables.append(rope_lookup_freqs(positions, freqs, attn_len, scale))
-        rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]))
+            if c.rope_yarn is None:
+                freqs = layer_frequencies(theta, h, factors, width)
+            else:  # no family has both YaRN and frequency factors
+                assert factors is None, "YaRN with rope_freqs factors"
+                freqs = np.pad(c.rope_yarn.frequencies(theta, h), (0, width - h // 2))
+            tables.append(rope_lookup_freqs(positions, freqs, attn_len, scale, magnitude))
+        q_scale = None
+        if c.query_temperature is not None:
+            q_scale = attention_temperature(positions, *c.query_temperature)
+        rope = (jnp.stack([t[0] for t in tables]), jnp.stack([t[1] for t in tables]), q_scale)
         return rope, [bases.index(k) for k in keys]
 
     def _segment(
@@ -238,6 +278,7 @@ class Decoder(nn.Module):
         """Run one segment's layers over its state; with `read`, over the state of the
         segment holding the layer they read (`read`: that layer's index in it)."""
         c, block = self.cfg, BLOCKS[seg.kind]
+        kw = {"mesh": self.mesh} if "mesh" in block.__dataclass_fields__ else {}
         if not seg.stacked:
             i = seg.first  # static window and base: the mask's window test folds away
             data = LayerData(
@@ -246,7 +287,7 @@ class Decoder(nn.Module):
                 base_of[i],
                 None if inputs is None else inputs[i],
             )
-            (x, state), _ = block(c, self.dtype, self.quant, name=seg.name)(
+            (x, state), _ = block(c, self.dtype, self.quant, name=seg.name, **kw)(
                 (x, state), step, data, rope
             )
             return x, state
@@ -256,7 +297,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, 0, nn.broadcast),
             length=seg.count,
-        )(c, self.dtype, self.quant, name=seg.name)
+        )(c, self.dtype, self.quant, name=seg.name, **kw)
         span = slice(seg.first, seg.first + seg.count)
         index = jnp.arange(seg.count, dtype=jnp.int32)
         if read is not None:

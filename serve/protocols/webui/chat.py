@@ -252,6 +252,7 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
         tool_choice=body.tool_choice,
         output=ollama_format(body.format) or openai_format(body.response_format),
         think=opts.get("think"),
+        effort=opts.get("effort"),
         history=session.history,
         stream=True,
     )

@@ -13,6 +13,7 @@ from serve.bodies import decode_body
 from serve.errors import ApiError
 from serve.protocols.webui.errors import render_error, render_ok_error
 from serve.sessions import DEFAULT_ID, SessionStore, created_iso
+from serve.translation.options import effort_of, think_of
 
 
 class TurnOptions(msgspec.Struct):
@@ -20,7 +21,7 @@ class TurnOptions(msgspec.Struct):
     Both spellings are accepted; camelCase wins when both are given, as in the reference."""
 
     maxTokens: int | None = None  # noqa: N815
-    think: bool | None = None
+    think: bool | str | None = None  # or an effort level ("low", "medium", "high")
     temperature: float | None = None
     top_k: int | None = None
     topK: int | None = None  # noqa: N815
@@ -41,7 +42,8 @@ class TurnOptions(msgspec.Struct):
         """Given fields only, under the names of the neutral request (`Intent`, `Sampling`)."""
         pairs = {
             "max_tokens": self.maxTokens,
-            "think": self.think,
+            "think": think_of(self.think),
+            "effort": effort_of(self.think),
             "temperature": self.temperature,
             "top_k": _first(self.topK, self.top_k),
             "top_p": _first(self.topP, self.top_p),
