@@ -231,7 +231,7 @@ OPENAI_BAD = [
     ({"model": MODEL, "messages": [{"content": "x"}]}, "messages[0].role"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"},
      "max_tokens"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 1000}, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -1}, None),
 ]  # fmt: skip
 

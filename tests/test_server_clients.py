@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from test_server import MODEL, running_server
 
@@ -464,9 +465,10 @@ def test_openai_n_answers(oai):
     assert [c.index for c in text.choices] == [0, 1]
 
 
-def test_openai_embeddings_match_transformers(oai):
+def test_openai_embeddings_match_transformers(oai, base_url):
     """The API's vector is transformers' last hidden state (final norm applied) of the same
-    GGUF, mean-pooled over the tokens and L2-normalized, to 1e-4."""
+    GGUF, mean-pooled over the tokens and L2-normalized: to 1e-4 with float32 weights, and
+    within the narrow default's error (activations in int8 blocks) otherwise."""
     import numpy as np
     from conftest import hf_reference, real_model_path
 
@@ -478,6 +480,8 @@ def test_openai_embeddings_match_transformers(oai):
     assert [d.index for d in r.data] == [0, 1]
     path = real_model_path("smollm2-135m")
     ref, tok = hf_reference(path), Tokenizer.from_file(path)
+    shown = httpx.post(base_url + "/api/show", json={"model": MODEL}).json()
+    exact = shown["details"].get("weight_format") in (None, "f32", "float32")
     total = 0
     for text, d, f in zip(texts, r.data, floats.data, strict=True):
         ids = tok.encode(text)  # the server's ids (a raw prompt); the model is compared
@@ -486,7 +490,11 @@ def test_openai_embeddings_match_transformers(oai):
         mean = out.hidden_states[-1][0].numpy().mean(0)
         want = mean / np.linalg.norm(mean)
         got = np.asarray(d.embedding, np.float64)
-        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+        err = np.abs(got - want).max() / np.abs(want).max()
+        if exact:
+            assert err < 1e-4
+        else:  # q4 weights gave 1.9e-2 here (one run)
+            assert err < 5e-2 and float(got @ want) > 0.999, (err, float(got @ want))
         assert np.allclose(f.embedding, got, atol=1e-6)
         total += len(ids)
     assert r.usage.prompt_tokens == total == r.usage.total_tokens

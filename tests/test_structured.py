@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,9 +28,10 @@ from serve.protocols.webui import chat as webui_api
 from serve.sessions import SessionStore
 from serve.settings import Settings
 from serve.state import Hub
-from serve.translation import OutputSpec, Reply
+from serve.translation import Intent, OutputSpec, Prepared, Reply
 from serve.translation.options import openai_format, openai_think, think_of
 from serve.translation.plan import Plan, apply, call_schema, plan_of
+from serve.translation.prompt import Prompt
 from serve.translation.tools import normalize_tools, tool_choice_of, with_generic_tools
 
 QWEN_TEMPLATE = "{{ '<think>' }}{% if tools %}<tool_call>{% endif %}"  # a think + hermes format
@@ -74,14 +76,28 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def prepared(reply: Reply) -> Prepared:
+    """One request's `Prepared` around `reply` (the adapters' streaming functions take it)."""
+    model = SimpleNamespace(name="m", tokenizer=None)
+    return Prepared(GenerationRequest([1]), [reply], reply.plan, Prompt([1], "", []), model)
+
+
+def openai_chunks(hub: Hub, reply: Reply) -> list[Any]:
+    shape = openai_api._Shape(True, "m")
+    return run(collect(openai_api._chat_sse(hub, prepared(reply), shape, Intent(), False)))
+
+
+def ollama_lines(hub: Hub, reply: Reply, key: str = "message") -> list[Any]:
+    return run(collect(ollama_api._stream(hub, prepared(reply), Intent(model="m"), key, 0)))
+
+
 THINKING = ["<thi", "nk>Two plus", " two is four.</th", "ink>\n\nThe answer", " is 4."]
 
 
 def test_thinking_split_across_tokens_openai_stream_and_whole():
     hub = fake_hub(THINKING)
-    shape = openai_api._Shape(True, "m")
     reply = Reply(hub, Plan(think=True), "<|im_start|>assistant\n")
-    chunks = run(collect(openai_api._chat_sse(hub, GenerationRequest([1]), shape, reply, False)))
+    chunks = openai_chunks(hub, reply)
     deltas = [c["choices"][0]["delta"] for c in chunks if isinstance(c, dict) and c["choices"]]
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     assert reasoning == "".join(d.get("reasoning", "") for d in deltas) == "Two plus two is four."
@@ -98,13 +114,13 @@ def test_thinking_split_across_tokens_openai_stream_and_whole():
 def test_thinking_split_ollama_chat_generate_and_webui():
     hub = fake_hub(THINKING)
     reply = Reply(hub, Plan(think=True), "")
-    lines = run(collect(ollama_api._stream(hub, GenerationRequest([1]), "m", "message", 0, reply)))
+    lines = ollama_lines(hub, reply)
     msgs = [ln["message"] for ln in lines]
     assert "".join(m.get("thinking", "") for m in msgs) == "Two plus two is four."
     assert "".join(m["content"] for m in msgs) == "The answer is 4."
     assert lines[-1]["done"] and lines[-1]["done_reason"] == "stop"
     reply = Reply(hub, Plan(think=True), "")
-    gen = run(collect(ollama_api._stream(hub, GenerationRequest([1]), "m", "response", 0, reply)))
+    gen = ollama_lines(hub, reply, "response")
     assert "".join(ln.get("thinking", "") for ln in gen) == "Two plus two is four."
     assert "".join(ln["response"] for ln in gen) == "The answer is 4."
     session = SessionStore().get(None)
@@ -129,9 +145,7 @@ CALL = ['Sure.<tool_', 'call>\n{"name": "get_weather", "argu', 'ments": {"city":
 def test_streamed_tool_calls_in_each_dialect():
     hub = fake_hub(CALL)
     plan = Plan(tools=normalize_tools(TOOLS))
-    shape = openai_api._Shape(True, "m")
-    chunks = run(collect(openai_api._chat_sse(hub, GenerationRequest([1]), shape, Reply(hub, plan,
-                 ""), False)))  # fmt: skip
+    chunks = openai_chunks(hub, Reply(hub, plan, ""))
     deltas = [c["choices"][0]["delta"] for c in chunks if isinstance(c, dict) and c["choices"]]
     calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     assert calls[0]["index"] == 0 and calls[0]["type"] == "function"
@@ -142,8 +156,7 @@ def test_streamed_tool_calls_in_each_dialect():
     assert "".join(d.get("content") or "" for d in deltas) == "Sure."
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
-    lines = run(collect(ollama_api._stream(hub, GenerationRequest([1]), "m", "message", 0,
-                                           Reply(hub, plan, ""))))  # fmt: skip
+    lines = ollama_lines(hub, Reply(hub, plan, ""))
     tc = [c for ln in lines for c in ln["message"].get("tool_calls", [])]
     assert tc == [{"id": tc[0]["id"], "function": {"index": 0, "name": "get_weather",
                                                    "arguments": {"city": "Paris"}}}]  # fmt: skip
@@ -166,13 +179,10 @@ def test_no_tools_means_no_tool_parsing():
 def test_structured_answer_cut_off_reports_instead_of_passing():
     hub = fake_hub(['{"a": 1, "b"'], template="", arch="llama", reason=FinishReason.LENGTH)
     plan = Plan(output=OutputSpec({"type": "object"}))
-    shape = openai_api._Shape(True, "m")
-    chunks = run(collect(openai_api._chat_sse(hub, GenerationRequest([1]), shape,
-                                              Reply(hub, plan, ""), False)))  # fmt: skip
+    chunks = openai_chunks(hub, Reply(hub, plan, ""))
     err = [c for c in chunks if isinstance(c, dict) and "error" in c]
     assert err and "token limit" in err[0]["error"]["message"]
-    lines = run(collect(ollama_api._stream(hub, GenerationRequest([1]), "m", "message", 0,
-                                           Reply(hub, plan, ""))))  # fmt: skip
+    lines = ollama_lines(hub, Reply(hub, plan, ""))
     assert lines[-1]["done_reason"] == "error" and "not valid JSON" in lines[-1]["error"]
 
 
