@@ -679,7 +679,9 @@ class Steps:
         t = bucket_for(max(len(p) for p in prompts), self.shapes.prefill_lens)
         with_spans = spans is not None and any(spans)
         if with_spans:  # compiled apart, by jit (not a program by shape)
-            key = ("prefill", b, t, self.attn_len_for(min(max(starts) + t, self.shapes.max_len)))
+            # at the widest attention bucket: one program per token bucket serves a chunk with
+            # an image at any position (warmed at start), so no image request compiles
+            key = ("prefill", b, t, self.attn_len_for(self.shapes.max_len))
         else:
             reach = max(s + len(p) for s, p in zip(starts, prompts, strict=True))
             key = self._prefill_key(b, t, max(starts), reach)
