@@ -165,8 +165,9 @@ class ParamTable:
         layer's path is looked up among every kind's params (kinds must agree on a path they
         share). KeyError for a parameter nobody declared."""
         path = tuple(path)
-        if path and path[-1] in NARROW_LEAVES:
+        if path and path[-1] in NARROW_LEAVES and not self._declared(path):
             # a Linear's weight, or the embedding table the block formats hold in blocks too
+            # (a parameter declared under the same name, e.g. Mamba2's `d`, is itself)
             base = "embedding" if tuple(path[:-1]) == ("embed",) else "weight"
             return narrow_axes(self.axes((*path[:-1], base)), path[-1])
         if path and (_UNROLLED.fullmatch(path[0]) or _STACKED.fullmatch(path[0])):
@@ -179,3 +180,9 @@ class ParamTable:
                 if p.path == path:
                     return p.axes
         raise KeyError(f"no logical axes for parameter {'/'.join(path)}")
+
+    def _declared(self, path: tuple[str, ...]) -> bool:
+        """Whether some layer kind or the head declares `path` itself."""
+        if _UNROLLED.fullmatch(path[0]) or _STACKED.fullmatch(path[0]):
+            return any(p.path == path[1:] for k in self.kinds for p in self.kind_params(k))
+        return any(p.path == path for p in self.head)
