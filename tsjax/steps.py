@@ -374,9 +374,6 @@ class Steps:
         cache = replace(cache, lengths=cache.lengths.at[dst].set(lengths, mode="drop"))
         return cache, jax.tree.map(lambda a, n: a.at[dst].set(n, mode="drop"), sampler, new_sampler)
 
-    def _forward(self, params, cache: Cache, tokens, starts, *, attn_len: int):
-        """All-position logits without keeping the cache: for tests and scoring."""
-
     def _forward(self, params, cache: Cache, tokens, starts, spans=None, *, attn_len: int):
         """All-position logits without keeping the cache: for tests and scoring (`spans`:
         `tsjax.spans.SpanInputs` or None)."""
