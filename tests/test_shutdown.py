@@ -25,14 +25,16 @@ pytestmark = pytest.mark.slow
 
 LONG = "Count from 1 to 1000, one number per line, and never stop early."
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # a raw prompt the model keeps counting
-STREAMS = [  # (path, body)
+STREAMS = [  # (path, body); greedy: sampled answers to LONG may end after 40 tokens
     ("/v1/chat/completions", {"model": "smollm2-135m", "stream": True, "max_tokens": 900,
+                              "temperature": 0,
                               "messages": [{"role": "user", "content": LONG}]}),
     ("/api/generate", {"model": "smollm2-135m", "prompt": COUNTING, "raw": True,
-                       "options": {"num_predict": 900}}),
-    ("/api/webui/chat", {"maxTokens": 900, "messages": [{"role": "user", "content": LONG}]}),
+                       "options": {"num_predict": 900, "temperature": 0}}),
+    ("/api/webui/chat", {"maxTokens": 900, "temperature": 0,
+                         "messages": [{"role": "user", "content": LONG}]}),
     ("/api/chat", {"model": "smollm2-135m", "messages": [{"role": "user", "content": LONG}],
-                   "options": {"num_predict": 900}}),
+                   "options": {"num_predict": 900, "temperature": 0}}),
 ]  # fmt: skip
 # one stream per cache row: none waits in the queue (the OpenAI styles send nothing there)
 
@@ -117,7 +119,7 @@ def ending(path: str, frames: list) -> str | None:
 
 
 def test_sigterm_gives_streams_their_grace_then_their_final_frames(tmp_path):
-    grace = 4.0
+    grace = 2.0  # 900 greedy tokens take longer than this even on 4 rows
     proc, url = _serve(grace, tmp_path / "serve.log")
     try:
         clients = _start_streams(url)

@@ -396,7 +396,8 @@ class Steps:
 
     def compiled_count(self) -> int:
         """How many shapes the steps have compiled so far (tests assert it stays put): the
-        programs by shape, and the jitted prefill with embedded spans and row copy."""
+        programs by shape (the prefills with embedded spans among them), and whatever the
+        jitted prefill and row copy compiled when called directly."""
         return len(self.programs.keys()) + sum(
             f._cache_size() for f in (self.prefill_fn, self.copy_fn)
         )
@@ -418,10 +419,15 @@ class Steps:
         assert self._specs is not None, "a step or warmup must run first"
         params, cache, sampler = self._specs
         kind, *sizes = key
-        if kind == "prefill":
+        if kind in ("prefill", "span_prefill"):
             b, t, attn_len = sizes
             host = self._prefill_inputs([[0]] * b, [self.shapes.rows] * b, [0] * b, b, t)
-            return self.prefill_fn.lower(params, cache, sampler, *host, None, attn_len=attn_len)
+            spans = None
+            if kind == "span_prefill":
+                arrays = span_inputs([[]] * b, np.zeros((b,), np.int32), t, self.cfg.dim,
+                                     np.dtype(self.dtype))  # fmt: skip
+                spans = SpanInputs(*(_spec(self._put(a)) for a in arrays))
+            return self.prefill_fn.lower(params, cache, sampler, *host, spans, attn_len=attn_len)
         if kind == "decode":
             b, attn_len, max_steps = sizes
             host = self._decode_inputs(np.zeros((b,), np.int32), np.arange(1), b, None, 1)
@@ -500,34 +506,36 @@ class Steps:
         one row) and, unless `lazy`, the row copy. Returns seconds."""
         t0 = time.perf_counter()
         self._remember(params)
+        spans = self.span_keys(span_lens)
         if self.lazy:
             # two at a time: XLA compiles one program on one core, and tracing (which holds
             # the GIL) of one overlaps the other's compile
             with ThreadPoolExecutor(2, thread_name_prefix="tsjax-warmup") as pool:
-                keys = self.first_keys(decode_steps, max_prompt)
+                keys = self.first_keys(decode_steps, max_prompt) + spans
                 list(pool.map(lambda k: self.programs.compile(k, "ahead"), keys))
             for key in self.later_keys(max_prompt):
                 self.programs.request(key)
         else:
-            for key in self.all_keys(decode_steps, max_prompt, batches):
+            for key in self.all_keys(decode_steps, max_prompt, batches) + spans:
                 self.programs.compile(key, "ahead")
-        if span_lens or not self.lazy:  # jitted (not by shape): compiled by running them
+            # jitted (not by shape), compiled by running it; lazy: on first use (n answers)
             cache, sampler = self.new_cache(), self.new_sampler()
-            greedy = SamplingParams.greedy()
-            for t in sorted({bucket_for(n, self.shapes.prefill_lens) for n in span_lens}):
-                n = min(t, self.shapes.max_len - 1)
-                dummy = EmbedSpan(0, np.zeros((1, self.cfg.dim), np.float32), "0", True)
-                _, _, cache, sampler = self.prefill(
-                    params, cache, sampler, [[0] * n], [0], [greedy], spans=[[dummy]]
-                )
-            if not self.lazy:  # lazy: the row copy (n answers) compiles on first use
-                _, _, cache, sampler = self.copy_rows(
-                    params, cache, sampler, [0], [0], [0], [greedy]
-                )
+            _, _, cache, sampler = self.copy_rows(
+                params, cache, sampler, [0], [0], [0], [SamplingParams.greedy()]
+            )
             jax.block_until_ready(cache)
             del cache, sampler
         release_free_memory()
         return time.perf_counter() - t0
+
+    def span_keys(self, span_lens: tuple[int, ...] = ()) -> list[Key]:
+        """The one-row prefills with embedded spans for prompts of `span_lens` tokens: one
+        program per token bucket, at the widest attention bucket, so a chunk holding an
+        image at any position has one (`prefill`)."""
+        lens = self.shapes.prefill_lens
+        wide = self.attn_len_for(self.shapes.max_len)
+        buckets = sorted({bucket_for(n, lens) for n in span_lens})
+        return [("span_prefill", 1, t, wide) for t in buckets]
 
     def _cover(self, kind: str, fits) -> Key | None:
         """The smallest compiled program of `kind` whose sizes pass `fits` (None: none)."""
@@ -691,7 +699,8 @@ class Steps:
             st[:n] = starts
             arrays = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
             inputs = SpanInputs(*(self._put(a) for a in arrays))
-            out = self.prefill_fn(params, cache, sampler, *host, inputs, attn_len=attn_len)
+            out = self._run(("span_prefill", b, t, attn_len), params, cache, sampler, *host,
+                            inputs)  # fmt: skip
         else:
             out = self._run(key, params, cache, sampler, *host, None)
         first, logits, cache, sampler, (lp, pooled, prompt) = out
