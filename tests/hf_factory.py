@@ -32,6 +32,7 @@ builder rebuilds only itself, and a stale build of the same name is deleted.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -187,6 +188,18 @@ def build_all(names: list[str] | None = None) -> dict[str, TinyModel]:
     """
     fams = families()
     names = sorted(fams) if names is None else names
+    factory_root().mkdir(parents=True, exist_ok=True)
+    # one builder at a time across processes (pytest -n workers): the others wait, then load
+    with open(factory_root() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_missing(fams, names)
+    for name in names:
+        if name not in _built:
+            _built[name] = _load(factory_root() / f"{name}-{cache_key(fams[name])}")
+    return {name: _built[name] for name in names}
+
+
+def _build_missing(fams: dict[str, Family], names: list[str]) -> None:
     todo = {}
     for name in names:
         final = factory_root() / f"{name}-{cache_key(fams[name])}"
@@ -213,10 +226,6 @@ def build_all(names: list[str] | None = None) -> dict[str, TinyModel]:
         finally:
             for tmp in tmps.values():
                 shutil.rmtree(tmp, ignore_errors=True)
-    for name in names:
-        if name not in _built:
-            _built[name] = _load(factory_root() / f"{name}-{cache_key(fams[name])}")
-    return {name: _built[name] for name in names}
 
 
 def _checkpoint(fam: Family, out: Path) -> tuple[list[converter.ConvertJob], dict[str, Any]]:
