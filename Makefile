@@ -49,8 +49,14 @@ serve: venv
 	$(BIN)/tsjax pull $(DEFAULT_MODEL) >/dev/null
 	$(BIN)/tsjax serve --host $(HOST) --port $(PORT)
 
+# Test files run on TEST_WORKERS processes (pytest-xdist, one file per worker at a time so a
+# module's server or model is built once): the suite is mostly single-threaded tracing and XLA
+# compiles, so a second core halves it. Default: the cores, at most 4; TEST_WORKERS=0 runs one
+# process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: venv models converter browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .
