@@ -258,9 +258,9 @@ def _stream(base: str, i: int, hang_up_after: int | None) -> None:
 
 @pytest.mark.slow
 def test_soak_24_streams_with_random_hang_ups_leave_nothing_behind():
-    """24 concurrent streams (six times the cache rows) over the three styles, about half hanging up at a random point,
-    against the real server: afterwards no cache row is busy, nothing is queued, and the
-    server's event loop holds no more tasks than before."""
+    """24 concurrent streams (six times the cache rows) over the three styles, about half
+    hanging up at a random point, against the real server: afterwards no cache row is busy,
+    nothing is queued, and the server's event loop holds no more tasks than before."""
     import asyncio
 
     import httpx
