@@ -683,26 +683,24 @@ class Steps:
         b = bucket_for(n, self.shapes.prefill_batches)
         t = bucket_for(max(len(p) for p in prompts), self.shapes.prefill_lens)
         with_spans = spans is not None and any(spans)
-        if with_spans:  # compiled apart, by jit (not a program by shape)
+        if with_spans:  # a program of its own kind (never a cover for text prefills)
             # at the widest attention bucket: one program per token bucket serves a chunk with
             # an image at any position (warmed at start), so no image request compiles
-            key = ("prefill", b, t, self.attn_len_for(self.shapes.max_len))
+            key = ("span_prefill", b, t, self.attn_len_for(self.shapes.max_len))
         else:
             reach = max(s + len(p) for s, p in zip(starts, prompts, strict=True))
             key = self._prefill_key(b, t, max(starts), reach)
-        _, b, t, attn_len = key
+        _, b, t, _ = key
         host = self._prefill_inputs(prompts, rows, starts, b, t, sampling, histories, seeds,
                                     masks, restore, checkpoint, logprobs, next_tokens)  # fmt: skip
+        inputs = None
         if with_spans:
             padded = list(spans) + [[]] * (b - n)  # type: ignore[arg-type]
             st = np.zeros((b,), np.int32)
             st[:n] = starts
             arrays = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
             inputs = SpanInputs(*(self._put(a) for a in arrays))
-            out = self._run(("span_prefill", b, t, attn_len), params, cache, sampler, *host,
-                            inputs)  # fmt: skip
-        else:
-            out = self._run(key, params, cache, sampler, *host, None)
+        out = self._run(key, params, cache, sampler, *host, inputs)
         first, logits, cache, sampler, (lp, pooled, prompt) = out
         if not wait:
             pending = PendingTokens(
