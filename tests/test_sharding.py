@@ -1,7 +1,9 @@
-"""SPMD over several devices gives the single-device answers: every family's all-position
-logits (1e-5 relative) and greedy tokens (identical) under tp=2, tp=4 and dp=2,tp=2; the engine
-on a 4-device mesh; two `jax.distributed` processes on loopback; and `tsjax serve` as a
-two-process job (process 0 serves HTTP, process 1 follows its steps).
+"""SPMD over several devices gives the single-device answers: the all-position logits (1e-5
+relative) and greedy tokens (identical) of three dense families that cover the sharding cases
+(llama, qwen3, gemma3) under tp=2, tp=4 and dp=2,tp=2, and of the hybrid and MoE families on
+the meshes their tests name; the engine on a 4-device mesh; two `jax.distributed` processes on
+loopback; and `tsjax serve` as a two-process job (process 0 serves HTTP, process 1 follows its
+steps).
 
 The pytest process already has JAX on one CPU device, and the device count is fixed when JAX
 starts, so the multi-device runs happen in subprocesses that run this very file as a script
