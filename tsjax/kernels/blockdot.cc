@@ -9,8 +9,8 @@
 //
 // The activations are quantized inside the call to int8 with one float scale per block of 32
 // (as llama.cpp quantizes them for these weight types), the block products are exact int32
-// sums, and each block's sum is scaled once. Every weight block is loaded once for all M rows
-// (tiles of up to 4 rows x 8 output channels, or x 2 channels, in registers), and the output
+// sums, and each block's sum is scaled once. Each group of 8 (or 2) output channels is taken
+// once, its blocks staying in L1 while every tile of up to 4 rows runs against it, and the output
 // channels are split into chunks taken by the caller and XLA's intra-op thread pool. Compiled for the build machine
 // (-march=native): AVX512-VNNI / AVX-VNNI, AVX2, or portable C++ elsewhere.
 #include <algorithm>
@@ -73,21 +73,54 @@ struct Acts {
   void quantize(const float* x, int64_t m_, int64_t k_) {
     M = m_, K = k_, G = k_ / QK;
     q.resize(M * K), a.resize(M * K), s.resize(M * G), sum.resize(M * G);
-    for (int64_t b = 0; b < M * G; ++b) {
-      const float* xb = x + b * QK;
-      float amax = 0.f;
-      for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float d = amax / 127.f;
-      int32_t total = 0;
-      for (int64_t j = 0; j < QK; ++j) {
-        const int v = d > 0.f ? (int)std::nearbyint(xb[j] / d) : 0;
-        q[b * QK + j] = (int8_t)v;
-        a[b * QK + j] = (uint8_t)std::abs(v);
-        total += v;
-      }
-      s[b] = d;
-      sum[b] = d * (float)total;
+    for (int64_t b = 0; b < M * G; ++b) quantize_block(x + b * QK, b);
+  }
+
+  // One block: d = max|x| / 127, q = round-half-even(x / d), the rounding nearbyint does in
+  // the default mode (the AVX2 form divides too, so both builds give the same bits).
+  void quantize_block(const float* xb, int64_t b) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
     }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.f;
+    __m256i i32[4], total = _mm256_setzero_si256();
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; ++i) {
+      i32[i] = d > 0.f ? _mm256_cvtps_epi32(_mm256_div_ps(v[i], dv)) : _mm256_setzero_si256();
+      total = _mm256_add_epi32(total, i32[i]);
+    }
+    // int32 -> int8: the packs interleave 128-bit halves; 4-byte groups 0,4,1,5,.. restore order.
+    const __m256i q8 = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(q.data() + b * QK), q8);
+    _mm256_storeu_si256((__m256i*)(a.data() + b * QK), _mm256_abs_epi8(q8));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t4 = _mm_hadd_epi32(t4, t4);
+    t4 = _mm_hadd_epi32(t4, t4);
+    s[b] = d;
+    sum[b] = d * (float)_mm_cvtsi128_si32(t4);
+#else
+    float amax = 0.f;
+    for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f;
+    int32_t total = 0;
+    for (int64_t j = 0; j < QK; ++j) {
+      const int v = d > 0.f ? (int)std::nearbyint(xb[j] / d) : 0;
+      q[b * QK + j] = (int8_t)v;
+      a[b * QK + j] = (uint8_t)std::abs(v);
+      total += v;
+    }
+    s[b] = d;
+    sum[b] = d * (float)total;
+#endif
   }
 };
 
@@ -333,10 +366,10 @@ void q4_tile(const Acts& A, int64_t m0, const uint8_t* qs, const uint16_t* d, co
 // Runs tile<R, C>(m0, n0) over every (row tile, channel pair) of one chunk of channels.
 template <template <int, int> class T, class... Args>
 void run_chunk(int64_t M, int64_t n_begin, int64_t n_end, Args... args) {
-  for (int64_t m0 = 0; m0 < M; m0 += MR) {
-    const int64_t r = std::min<int64_t>(MR, M - m0);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
-      const bool pair = n0 + 1 < n_end;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+    const bool pair = n0 + 1 < n_end;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int64_t r = std::min<int64_t>(MR, M - m0);
 #define TSJAX_TILE(R)                                 \
   case R:                                             \
     if (pair)                                         \
@@ -385,9 +418,9 @@ void q8_chunk(int64_t M, int64_t n_begin, int64_t n_end, const Acts* A, const in
   // int16 -> int32 steps per 4 values outweigh the shared loads): 28 vs 24 GMAC/s a core, AVX2.
 #if defined(__AVX2__) && (defined(__AVXVNNI__) || defined(__AVX512VNNI__) && defined(__AVX512VL__))
   const int64_t n8 = n_begin + (n_end - n_begin) / 8 * 8;
-  for (int64_t m0 = 0; m0 < M; m0 += MR) {
-    const int64_t r = std::min<int64_t>(MR, M - m0);
-    for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {
+  for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {  // a channel group's blocks stay in L1
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {          // across all the row tiles
+      const int64_t r = std::min<int64_t>(MR, M - m0);
       switch (r) {
         case 1: q8_tile8<1>(*A, m0, w, d, n0, y, N); break;
         case 2: q8_tile8<2>(*A, m0, w, d, n0, y, N); break;
@@ -405,9 +438,9 @@ void q4_chunk(int64_t M, int64_t n_begin, int64_t n_end, const Acts* A, const ui
               const uint16_t* d, const uint16_t* mn, float* y, int64_t N) {
 #if defined(__AVX2__)
   const int64_t n8 = n_begin + (n_end - n_begin) / 8 * 8;
-  for (int64_t m0 = 0; m0 < M; m0 += MR) {
-    const int64_t r = std::min<int64_t>(MR, M - m0);
-    for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {
+  for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {  // a channel group's blocks stay in L1
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {          // across all the row tiles
+      const int64_t r = std::min<int64_t>(MR, M - m0);
       switch (r) {
         case 1: q4_tile8<1>(*A, m0, qs, d, mn, n0, y, N); break;
         case 2: q4_tile8<2>(*A, m0, qs, d, mn, n0, y, N); break;
