@@ -397,6 +397,9 @@ class Engine:
             self._copy(req, rows)
             for sibling in rows[1:]:  # the copies carry the first row's checkpoints
                 sibling.saved = list(row.saved)
+        # The prefill runs asynchronously: its time ends when its first token is on the host
+        # (ending it at the dispatch counted the prefill as decode time).
+        first = pending.get() if req.n == 1 and pending is not None else None
         now = time.perf_counter()
         for live in lives:
             live.stats.prefill_seconds = now - t0
@@ -407,7 +410,7 @@ class Engine:
         if req.n == 1:  # the prefill sampled the first token
             assert pending is not None
             lps = self._entries(pending, 0) if req.logprobs else None
-            self._consume(lives[0], [int(pending.get()[0, 0])], lps)
+            self._consume(lives[0], [int(first[0, 0])], lps)
 
     def _text(self, req: GenerationRequest) -> TextStream:
         return TextStream(
