@@ -61,6 +61,27 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best
 
 
+# The routed experts' matrices under a MoE block ("moe"): a token reads top_k of n_experts.
+_EXPERT_LEAVES = frozenset({"gate", "up", "down", "gate_up", "gate_bias", "up_bias", "down_bias"})
+
+
+def read_per_token(params, moe=None) -> int:
+    """Bytes of `params` one decode token reads: all of them, except that of a mixture of
+    experts' routed matrices only `top_k / n_experts` (`moe`: the family's `MoESpec`; the
+    router and any shared expert are read whole). The floor of a single stream is this over
+    the read bandwidth."""
+    import jax
+
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [getattr(k, "key", None) for k in path]
+        routed = moe is not None and any(
+            a == "moe" and b in _EXPERT_LEAVES for a, b in zip(keys, keys[1:], strict=False)
+        )
+        total += leaf.nbytes * (moe.top_k / moe.n_experts if routed else 1.0)
+    return int(total)
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -99,6 +120,7 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
         "load_s": load_s,
         "compile_s": compile_s,
         "param_bytes": model.load_stats.bytes_params,
+        "read_bytes": read_per_token(model.params, model.config.moe),
         "format": model.quant,
         "rows": rows,
         "prompt_ids": prompt,
@@ -431,7 +453,7 @@ def report(
     """The Markdown report: settings, then one row per metric with tsjax, llama.cpp and the
     ratio tsjax / llama.cpp (prefill, single-stream decode, aggregate decode at each
     concurrency against llama.cpp's batched decode of as many sequences), then cold start."""
-    floor = ours["param_bytes"] / bw
+    floor = ours.get("read_bytes", ours["param_bytes"]) / bw
     fmt = ours.get("format") or args.quant or "f32"
     held = {"bf16": "bf16 (+ float32 embedding)", "int8": "int8 (+ float32 embedding)"}
     cmd = command if command is not None else bench_command(sys.argv)
@@ -450,7 +472,12 @@ def report(
         f"Read bandwidth {bw / 1e9:.1f} GB/s;"
         f" {held.get(fmt, fmt)} params"
         f" {ours['param_bytes'] / 1e6:.0f} MB"
-        f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
+        + (
+            f", {ours['read_bytes'] / 1e6:.0f} MB of them read per token (top-k of the experts)"
+            if ours.get("read_bytes", ours["param_bytes"]) != ours["param_bytes"]
+            else ""
+        )
+        + f" -> single-stream decode floor {floor * 1e3:.1f} ms/token ({1 / floor:.1f} tok/s).  ",
         f"tsjax: load {ours['load_s']:.1f} s, compile (warm-up) {ours['compile_s']:.1f} s,"
         f" {ours['rows']} decode rows, {args.decode_steps} steps per dispatch, XLA CPU threads"
         " (its default: all cores); its aggregate is the decode after the last request's first"

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
 
-    from benchmarks.engine import read_bandwidth
+    from benchmarks.engine import read_bandwidth, read_per_token
     from tsjax.model import load
 
     quants = args.quants.split(",")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({med:.1f}) | 1.00x | | |")  # fmt: skip
             continue
         m = models[name]
-        floor = bw / m.load_stats.bytes_params
+        floor = bw / read_per_token(m.params, m.config.moe)
         mb = m.load_stats.bytes_params / 1e6
         print(f"| tsjax --quant {name} | {m.quant} | {mb:.0f} | {best:.1f} ({med:.1f}) | "
               f"{best / ref:.2f}x | {floor:.0f} | {best / floor:.2f} |")  # fmt: skip
