@@ -2,8 +2,9 @@
 Mistral 3 with its Pixtral projector (`--mmproj`, a bare name beside the model), driven with
 the official `openai` and `ollama` clients. Prompt token counts follow each image's own size
 (its rows, breaks and [IMG_END]), both APIs give the same greedy answer, the projector's limits
-are in `/api/show`, a too-long prompt names its images, and after warm-up no image size
-compiles anything (encoder token buckets and span prefills are all warm)."""
+are in `/api/show`, a too-long prompt names its images, Anthropic's count_tokens sizes the
+image, and after warm-up no image size compiles anything (encoder token buckets and span
+prefills are all warm)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,19 @@ def test_openai_and_ollama_see_the_same_picture(server):
     tall = oll.chat(model=name, messages=[SYSTEM, {**msg, "images": [TALL]}], options=opts)
     assert tall.prompt_eval_count == _expected_tokens(hub, "What is in this picture?", [TALL])
     assert tall.prompt_eval_count == want - 9 + 5 * 2 + 4
+
+
+def test_counting_endpoints_size_the_image(server):
+    """Anthropic's count_tokens renders without generating: it prepares the image too, since
+    its size decides the prompt's length."""
+    url, hub, _ = server
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": _b64(TALL)}}  # fmt: skip
+    msg = {"role": "user", "content": [block, {"type": "text", "text": "Hm?"}]}
+    body = {"model": hub.model.name, "system": SYSTEM["content"], "messages": [msg]}
+    r = httpx.post(url + "/v1/messages/count_tokens", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["input_tokens"] == _expected_tokens(hub, "Hm?", [TALL])
 
 
 def test_show_and_too_long(server):
