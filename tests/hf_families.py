@@ -456,6 +456,7 @@ def mistral3(hf: Path) -> dict[str, int]:
     vision = dict(
         model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, head_dim=16, image_size=128, patch_size=16, rope_theta=10000.0,
+        hidden_act="silu",  # as every released Mistral 3 / Pixtral (transformers' default: gelu)
     )  # fmt: skip
     cfg = Mistral3Config(
         text_config=text, vision_config=vision, image_token_index=ids["[IMG]"],

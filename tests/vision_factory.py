@@ -281,6 +281,7 @@ def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
     from llama_cpp import mtmd_cpp as M
 
     llm = llama_cpp.Llama(model_path=text_gguf, n_ctx=256, verbose=False, n_threads=2)
+    width = llm.n_embd()  # the text model's D (any projector family)
     cp = M.mtmd_context_params_default()
     cp.use_gpu, cp.print_timings, cp.n_threads, cp.warmup = False, False, 2, False
     cp.flash_attn_type = 0  # disabled: flash attention would round K/V to f16
@@ -303,8 +304,8 @@ def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
             if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 n = M.mtmd_input_chunk_get_n_tokens(chunk)
                 assert M.mtmd_encode_chunk(ctx, chunk) == 0
-                emb = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * TEXT_DIM,))
-                out.append(emb.reshape(n, TEXT_DIM).copy())
+                emb = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * width,))
+                out.append(emb.reshape(n, width).copy())
         M.mtmd_input_chunks_free(chunks)
         M.mtmd_bitmap_free(bitmap)
     M.mtmd_free(ctx)

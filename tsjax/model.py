@@ -77,13 +77,17 @@ class Model:
         return self.template.tokenize(self.tokenizer, messages, **kwargs)[0]
 
     def tokenize_prompt(
-        self, text: str, controls: Sequence[tuple[int, int]] | None = None
+        self,
+        text: str,
+        controls: Sequence[tuple[int, int]] | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Rendered prompt text -> (token ids, where each image's embeddings start), one
         image per `tsjax.vision.prompt.IMAGE_MARK` in the text (`image_prompt`). `controls`:
         the template's own control tokens (`ChatTemplate.render_marked`), the only text
-        parsed as control tokens; None parses them anywhere (a raw prompt). BOS as
-        `render_chat` adds it. Marks without a projector are a `NoProjectorError`."""
+        parsed as control tokens; None parses them anywhere (a raw prompt). `lengths`: each
+        image's positions (`PreparedImage.tokens`; needed by a dynamic-resolution projector).
+        BOS as `render_chat` adds it. Marks without a projector are a `NoProjectorError`."""
         from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, image_prompt
 
         add_bos = None if not self.template.bos_in_template else False
@@ -100,6 +104,7 @@ class Model:
             controls=controls,
             add_bos=add_bos,
             add_eos=None,
+            lengths=lengths,
         )
 
     def chat_prompt(
@@ -109,20 +114,28 @@ class Model:
         the order of the image parts, `{"type": "image"}`, of the messages) encoded into
         the prompt; control-token text in the messages stays text (`ChatTemplate.tokenize`).
         `kwargs` go to the template (`ChatTemplate.render`)."""
-        from tsjax.vision.prompt import ImageCountError, image_spans, inline_images
+        from tsjax.vision.prompt import (
+            ImageCountError,
+            NoProjectorError,
+            count_marks,
+            image_spans,
+            inline_images,
+        )
 
         text, controls = self.template.render_marked(
             inline_images(messages), self.tokenizer.control_texts, **kwargs
         )
-        ids, starts = self.tokenize_prompt(text, controls)
-        if len(starts) != len(images):
+        marks = count_marks(text)
+        if marks and self.projector is None:
+            raise NoProjectorError(self.name)
+        if marks != len(images):
             raise ImageCountError(
-                f"the messages have {len(starts)} image part(s) for {len(images)} image(s)"
+                f"the messages have {marks} image part(s) for {len(images)} image(s)"
             )
-        if not images:
-            return Prompt(ids)
-        assert self.projector is not None  # tokenize_prompt found marks
+        if not images or self.projector is None:
+            return Prompt(self.tokenize_prompt(text, controls)[0])
         prepared = [self.projector.prepare(x) for x in images]
+        ids, starts = self.tokenize_prompt(text, controls, [p.tokens for p in prepared])
         return Prompt(ids, tuple(image_spans(self.projector, prepared, starts)))
 
 
@@ -247,11 +260,13 @@ def load_model_projector(path: Path, text_dim: int, mesh: Mesh | None = None) ->
         mesh = None
     proj = load_projector(path, mesh=mesh)
     proj.check_text_dim(text_dim)
+    c = proj.config
+    per_image = f"{c.min_tokens}-{c.max_tokens}" if c.dynamic else str(c.tokens_per_image)
     log.info(
-        "loaded projector %s (%s, %d tokens an image) in %.1fs",
+        "loaded projector %s (%s, %s tokens an image) in %.1fs",
         path.name,
-        proj.config.projector_type,
-        proj.tokens_per_image,
+        c.projector_type,
+        per_image,
         proj.load_seconds,
     )
     return proj

@@ -86,7 +86,7 @@ class ImageEncoder:
         return out
 
     async def embed(self, images: Sequence[PreparedImage]) -> list[np.ndarray]:
-        """Each image's embeddings [tokens_per_image, D] (host arrays), in order."""
+        """Each image's embeddings [image.tokens, D] (host arrays), in order."""
         futures = self.submit(images)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
@@ -105,7 +105,7 @@ class ImageEncoder:
     def _encode(self, batch: list[tuple[str, np.ndarray]]) -> None:
         t0 = time.perf_counter()
         try:
-            out = np.asarray(self.projector.encode(np.stack([px for _, px in batch])))
+            out = self.projector.embed_pixels([px for _, px in batch])
             results: list[np.ndarray | BaseException] = list(out)
         except Exception as e:  # every image of the batch fails alike
             log.exception("image encoding failed")

@@ -177,9 +177,10 @@ class Engine:
         if proj is None:
             return ()
         lens = self.runner.shapes.prefill_lens
-        # a chunk that reaches an image runs it whole: up to the chunk size plus one span
-        span = proj.tokens_per_image + 2  # its begin and end markers too
-        lo, hi = proj.tokens_per_image, self.prefill_chunk + span
+        # a chunk that reaches an image runs it whole: up to the chunk size plus one span (the
+        # largest image's, for a projector whose image sizes vary)
+        span = proj.config.max_positions + 2  # its begin and end markers too
+        lo, hi = proj.config.min_positions, self.prefill_chunk + span
         if lo >= self.model.max_len:
             return ()
         picked = [b for b in lens if lo <= b <= bucket_for(min(hi, lens[-1]), lens)]

@@ -445,8 +445,15 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
         out["projector_info"] = {k: _plain(v) for k, v in proj.metadata.items()} | {
             "file": proj.name,
             "size": proj.path.stat().st_size,
-            "tokens_per_image": proj.tokens_per_image,
         }
+        c = proj.config
+        if c.dynamic:  # the image's own size decides; these bound it
+            out["projector_info"] |= {
+                "min_image_tokens": c.min_tokens,
+                "max_image_tokens": c.max_tokens,
+            }
+        else:
+            out["projector_info"]["tokens_per_image"] = c.tokens_per_image
     return out
 
 

@@ -60,7 +60,7 @@ def make_request(
     stop: tuple[str, ...],
     *,
     reuse_prefix: bool,
-    images: int = 0,
+    images: int | list[int] = 0,
     n: int = 1,
     logprobs: bool = False,
     prompt_logprobs: bool = False,
@@ -68,7 +68,8 @@ def make_request(
     """A checked engine request: bad sampling values, a prompt over the window or more
     answers than rows are 400s here, before anything is queued or streamed. max_tokens <= 0
     means "until the window is full" (Ollama's -1), except with `prompt_logprobs`, where 0
-    scores the prompt without generating."""
+    scores the prompt without generating. `images`: how many, or each one's positions (what a
+    refusal for length says)."""
     room = engine.model.max_len - len(prompt_ids)
     budget = room if max_tokens < 0 or (max_tokens == 0 and not prompt_logprobs) else max_tokens
     if not 1 <= n <= engine.rows:
@@ -81,12 +82,7 @@ def make_request(
     try:
         engine.check(req)
     except PromptTooLongError as e:
-        proj = engine.model.projector
-        images = (
-            f" (each image takes {proj.tokens_per_image + 2} tokens: send fewer images)"
-            if images and proj is not None
-            else ""
-        )
+        images = _images_note(engine.model, images)
         raise ApiError(
             400, f"{e}{images}: shorten the conversation or start a new one", param="messages"
         ) from e
@@ -95,12 +91,31 @@ def make_request(
     return req
 
 
-def _prompt(model: Model, intent: Intent, plan: Plan, resume_points: bool = False) -> Prompt:
+def _images_note(model: Model, images: int | list[int]) -> str:
+    """What a prompt too long for the window says about its images."""
+    proj = model.projector
+    if not images or proj is None:
+        return ""
+    if not proj.config.dynamic:
+        return f" (each image takes {proj.tokens_per_image + 2} tokens: send fewer images)"
+    n = images if isinstance(images, int) else len(images)
+    taken = "" if isinstance(images, int) else f" take {sum(images)} positions"
+    return f" (its {n} image(s){taken}: send fewer or smaller images)"
+
+
+def _prompt(
+    model: Model,
+    intent: Intent,
+    plan: Plan,
+    resume_points: bool = False,
+    lengths: list[int] | None = None,
+) -> Prompt:
     """The prompt's ids and text (blocking: `prepare` runs it in the prepare pool). A prompt
-    too long for the window by its length alone is refused before it is tokenized."""
+    too long for the window by its length alone is refused before it is tokenized.
+    `lengths`: each image's positions (`PreparedImage.tokens`)."""
     if intent.messages is None:
         text = intent.prompt or ""
-        ids, starts = raw_prompt(model, text, len(intent.images))
+        ids, starts = raw_prompt(model, text, len(intent.images), lengths)
         return Prompt(ids, text, [], starts)
     if not intent.messages:
         raise ApiError(400, "messages must not be empty", param="messages")
@@ -110,13 +125,17 @@ def _prompt(model: Model, intent: Intent, plan: Plan, resume_points: bool = Fals
         extra.setdefault("reasoning_effort", intent.effort)
     return chat_prompt(model, shown, tools=plan.template_tools, think=plan.think,
                        extra=extra, history=intent.history,
-                       resume_points=resume_points)  # fmt: skip
+                       resume_points=resume_points, lengths=lengths)  # fmt: skip
 
 
-async def render(hub: Hub, intent: Intent, resume_points: bool = False) -> tuple[Plan, Prompt]:
+async def render(
+    hub: Hub, intent: Intent, resume_points: bool = False, prepared: list | None = None
+) -> tuple[Plan, Prompt]:
     """The first half of `prepare`: the model check, the plan and the prompt, with nothing
     built or queued (what counting a request's input tokens needs). `resume_points`: find
-    where the prompt's state is worth saving (`Prompt.resume_points`)."""
+    where the prompt's state is worth saving (`Prompt.resume_points`). `prepared`: the
+    request's images already prepared (`prepare_images`); None prepares them here when the
+    projector's image sizes vary (their token counts are part of the prompt)."""
     model, _ = hub.live()
     if intent.model is not None:
         check_model(intent.model, model)
@@ -127,9 +146,14 @@ async def render(hub: Hub, intent: Intent, resume_points: bool = False) -> tuple
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
+    lengths = None
+    if images and model.projector is not None and model.projector.config.dynamic:
+        if prepared is None:
+            prepared = await prepare_images(model, images)
+        lengths = [p.tokens for p in prepared]
     # Rendering and tokenizing a long prompt takes seconds: off the event loop, which keeps
     # serving every other request meanwhile.
-    return plan, await hub.offload(_prompt, model, intent, plan, resume_points)
+    return plan, await hub.offload(_prompt, model, intent, plan, resume_points, lengths)
 
 
 async def prepare(hub: Hub, intent: Intent) -> Prepared:
@@ -139,14 +163,15 @@ async def prepare(hub: Hub, intent: Intent) -> Prepared:
     # a bad image is a 400 before anything else (render refuses images without a projector)
     prepared = await prepare_images(model, images) if model.projector is not None else []
     # a cache that cannot rewind resumes only where it saved its state: find where to
-    plan, prompt = await render(hub, intent, resume_points=not engine.rewinds)
+    plan, prompt = await render(hub, intent, resume_points=not engine.rewinds, prepared=prepared)
     s = hub.settings
     sampling = sampling_params(s, intent.sampling)
     max_tokens = s.max_tokens if intent.max_tokens is None else intent.max_tokens
     stop = tuple(s.stop) if intent.stop is None else intent.stop
     req = make_request(
         engine, prompt.ids, sampling, max_tokens, stop, reuse_prefix=intent.reuse_prefix,
-        images=len(images), n=intent.n, logprobs=intent.logprobs,
+        images=[p.tokens for p in prepared] or len(images), n=intent.n,
+        logprobs=intent.logprobs,
         prompt_logprobs=intent.prompt_logprobs,
     )  # fmt: skip
     # encoded last: a request refused for anything else costs no encoder time

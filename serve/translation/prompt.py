@@ -86,32 +86,37 @@ def encode(
     *,
     first: bool = True,
     last: bool = True,
+    lengths: list[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of rendered template text, control tokens parsed only at `specials` (the ones
     the template wrote: control-token text from the request stays text), and where each
     image's span starts in them (one span per `IMAGE_MARK`, `tsjax.vision.prompt`). The BOS
     rule: a template that writes BOS itself gets none added, else the file's flag decides;
     only the `first` piece of a prompt can start with BOS, only the `last` can end with the
-    file's EOS."""
+    file's EOS. `lengths`: the positions of each of the text's images
+    (`PreparedImage.tokens`; None: the projector's fixed count)."""
     add_bos = (None if not model.template.bos_in_template else False) if first else False
     add_eos = None if last else False
     if IMAGE_MARK in text:
         assert model.projector is not None  # `chat_prompt` refused images without one
         return image_prompt(model.tokenizer, text, model.projector.config, controls=specials,
-                            add_bos=add_bos, add_eos=add_eos)  # fmt: skip
+                            add_bos=add_bos, add_eos=add_eos, lengths=lengths)  # fmt: skip
     return model.tokenizer.encode_marked(text, specials, add_bos=add_bos, add_eos=add_eos), []
 
 
-def raw_prompt(model: Model, text: str, images: int = 0) -> tuple[list[int], list[int]]:
+def raw_prompt(
+    model: Model, text: str, images: int = 0, lengths: list[int] | None = None
+) -> tuple[list[int], list[int]]:
     """A prompt sent as text, not messages: tokenized as given (the file's BOS flag), with
-    `images` image spans before it. Returns (ids, where each image's span starts)."""
+    `images` image spans before it (`lengths`: their positions, as `encode`). Returns (ids,
+    where each image's span starts)."""
     if images and model.projector is None:
         raise ApiError(400, no_projector(model), param="images")
     check_length(model, text, "prompt")
     if IMAGE_MARK in text:  # typed, not placed: it would open an image span with no image
         raise ApiError(400, "the prompt contains the reserved image mark "
                        f"{IMAGE_MARK!r}", param="prompt")  # fmt: skip
-    return model.tokenize_prompt(IMAGE_MARK * images + text)
+    return model.tokenize_prompt(IMAGE_MARK * images + text, lengths=lengths)
 
 
 def has_images(messages: list[dict[str, Any]]) -> bool:
@@ -162,13 +167,15 @@ def chat_prompt(
     extra: dict[str, Any] | None = None,
     history: list[TrackedMessage] | None = None,
     resume_points: bool = False,
+    lengths: list[int] | None = None,
 ) -> Prompt:
     """Messages through the model's chat template, with the answers of `history` spliced in
     as their raw ids and each image part's place made a span of image positions. A
     conversation the template rejects is a 400, and so are images for a model without a
     projector. `extra` are more template variables (`chat_template_kwargs`).
     `resume_points`: also find `Prompt.resume_points` (one more rendering, and the tokens of
-    its last two turns)."""
+    its last two turns). `lengths`: each image's positions, in order (`PreparedImage.tokens`;
+    None: the projector's fixed count)."""
     n_images = len(message_images(messages))
     if n_images and model.projector is None:
         raise ApiError(400, no_projector(model), param="messages")
@@ -213,7 +220,9 @@ def chat_prompt(
             continue
         if j == 0 or part:
             inside = [(a - pos, b - pos) for a, b in spans if pos <= a and b <= pos + len(part)]
-            got, where = encode(model, part, inside, first=j == 0, last=j == len(parts) - 1)
+            mine = _lengths_of(lengths, len(starts), part.count(IMAGE_MARK))
+            got, where = encode(model, part, inside, first=j == 0, last=j == len(parts) - 1,
+                                lengths=mine)  # fmt: skip
             starts += [len(ids) + w for w in where]
             ids.extend(got)
         pos += len(part)
@@ -221,7 +230,7 @@ def chat_prompt(
              for i, m in enumerate(messages)]  # fmt: skip
     points = ()
     if resume_points:
-        points = _resume_points(model, shown, text, spans, ids, tools or None, kwargs)
+        points = _resume_points(model, shown, text, spans, ids, tools or None, kwargs, lengths)
     return Prompt(ids, shown_text(model, "".join(parts)), turns, starts, points)
 
 
@@ -252,7 +261,14 @@ def _thinking_switch(messages: list[dict[str, Any]], think: bool | None, source:
     return [*messages[:last], switched, *messages[last + 1 :]]
 
 
-def _resume_points(model: Model, shown, text: str, spans, ids, tools, kwargs) -> tuple[int, ...]:
+def _lengths_of(lengths: list[int] | None, done: int, n: int) -> list[int] | None:
+    """The positions of the n images after the first `done` (None stays None)."""
+    return None if lengths is None else lengths[done : done + n]
+
+
+def _resume_points(
+    model: Model, shown, text: str, spans, ids, tools, kwargs, lengths=None
+) -> tuple[int, ...]:
     """Token positions of `ids` where the generation prompt and the last user message start.
 
     The generation prompt: the conversation rendered without one is a prefix of `text` (the
@@ -281,7 +297,9 @@ def _resume_points(model: Model, shown, text: str, spans, ids, tools, kwargs) ->
         if _PLACEHOLDER_RE.search(text, n):  # spliced raw ids: not the text's tokens
             continue
         inside = [(a - n, b - n) for a, b in spans if a >= n]
-        tail, _ = encode(model, text[n:], inside, first=False, last=True)
+        k = text[n:].count(IMAGE_MARK)  # the last k images
+        mine = _lengths_of(lengths, len(lengths) - k, k) if lengths else None
+        tail, _ = encode(model, text[n:], inside, first=False, last=True, lengths=mine)
         if tail and len(tail) < len(ids) and ids[-len(tail) :] == tail:
             points.add(len(ids) - len(tail))
     return tuple(sorted(points))

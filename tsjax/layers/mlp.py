@@ -14,6 +14,7 @@ from tsjax.quants import BLOCK_QUANTS
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf): Pixtral's "gelu"
     # CLIP's "quick GELU" (llama.cpp's default for projectors without clip.use_gelu)
     "gelu_quick": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # Nemotron-H's MLP (no gate)

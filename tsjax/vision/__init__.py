@@ -4,7 +4,9 @@
   compiled encoder); its family comes from `clip.projector_type` (`PROJECTORS`).
 - `prepare_image` / `Projector.prepare` decode and preprocess an image exactly as llama.cpp's
   mtmd does for the family; bad input raises an `ImageError` naming the problem.
-- `Projector.encode(pixels [n, S, S, 3])` -> image embeddings [n, tokens, text D].
+- `Projector.embed(prepared images)` -> each image's prompt embeddings [positions, text D]
+  (`Projector.encode(pixels [n, S, S, 3])` for a fixed-size family's batch). Families:
+  `gemma3` (fixed 896 px square) and `pixtral` (dynamic resolution: `tsjax.vision.dynamic`).
 """
 
 from tsjax.vision.config import ResizeSpec, VisionConfig

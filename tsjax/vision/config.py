@@ -51,6 +51,19 @@ class VisionConfig:
     image_begin: str | None = None
     image_end: str | None = None
     bidirectional: bool = False
+    # Dynamic resolution (Pixtral): an image keeps its aspect ratio and is resized so that its
+    # token grid (each side a multiple of patch x merge pixels) holds min_tokens..max_tokens
+    # tokens (llama.cpp's `calc_size_preserved_ratio`). 0: every image is letterboxed onto the
+    # fixed image_size square.
+    min_tokens: int = 0
+    max_tokens: int = 0
+    # One [IMG_BREAK] embedding after each row of image tokens but the last (Pixtral).
+    row_break: bool = False
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether images keep their aspect ratio (variable token counts)."""
+        return self.max_tokens > 0
 
     @property
     def patches_per_side(self) -> int:
@@ -61,8 +74,42 @@ class VisionConfig:
         return self.patches_per_side**2
 
     @property
+    def align(self) -> int:
+        """Pixels per image token and side (a side of a dynamic image is a multiple)."""
+        return self.patch_size * self.merge
+
+    @property
     def tokens_per_image(self) -> int:
+        """Embedded positions of every image of a fixed-size family (ValueError if dynamic)."""
+        if self.dynamic:
+            raise ValueError(
+                f"{self.projector_type} images take a variable number of tokens (their size)"
+            )
         return (self.patches_per_side // self.merge) ** 2
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of image tokens of a prepared image height x width pixels."""
+        return height // self.align, width // self.align
+
+    def positions(self, height: int, width: int) -> int:
+        """Prompt positions the embeddings of a prepared height x width image fill: its tokens,
+        and a break after each row but the last where the family has them."""
+        rows, cols = self.grid(height, width)
+        return rows * cols + (rows - 1 if self.row_break else 0)
+
+    @property
+    def max_positions(self) -> int:
+        """The most prompt positions one image's embeddings can fill: tokens_per_image, or
+        for a dynamic family max_tokens plus, with row breaks, one break per row of a
+        one-token-wide image."""
+        if not self.dynamic:
+            return self.tokens_per_image
+        return self.max_tokens + (self.max_tokens - 1 if self.row_break else 0)
+
+    @property
+    def min_positions(self) -> int:
+        """The fewest prompt positions one image's embeddings fill."""
+        return self.min_tokens if self.dynamic else self.tokens_per_image
 
 
 def projector_type(g: GGUFFile) -> str:

@@ -7,10 +7,12 @@
    EXIF; for images without an orientation tag the two agree.)
 3. RGB: alpha is dropped (not composited), palettes expanded, greyscale replicated, 16-bit
    samples keep their high byte, as stb_image's 3-channel load does.
-4. Resize with the aspect ratio kept and letterbox onto the square input (`ResizeSpec`):
+4. Resize with the aspect ratio kept and letterbox onto the encoder's input (`ResizeSpec`):
    llama.cpp's `img_tool::resize` computes the scale and the scaled size in float32 and
    resamples with its port of Pillow's fixed-point separable filters, so `Image.resize` is the
-   same computation, bit for bit.
+   same computation, bit for bit. The input is the fixed image_size square, or for a
+   dynamic-resolution family (Pixtral) a size of the image's own aspect ratio, each side a
+   multiple of the pixels per token, within the family's token limits (`fit_size`).
 5. x / 255, then (x - mean) / std per channel, in float32.
 """
 
@@ -66,13 +68,16 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """pixels: [S, S, 3] float32, normalized. digest: sha256 of the letterboxed RGB bytes
-    (what the encoder sees; the key a prefix cache remembers the image by). size: the
-    decoded image's (width, height) after EXIF orientation."""
+    """pixels: [H, W, 3] float32, normalized (the fixed [S, S, 3] of a fixed-size family).
+    digest: sha256 of the letterboxed RGB bytes and their size (what the encoder sees; the key
+    a prefix cache remembers the image by). size: the decoded image's (width, height) after
+    EXIF orientation. tokens: the prompt positions its embeddings fill
+    (`VisionConfig.positions`)."""
 
     pixels: np.ndarray
     digest: str
     size: tuple[int, int]
+    tokens: int = 0
 
 
 def open_image(source: ImageSource, limits: ImageLimits = ImageLimits()) -> Image.Image:
@@ -131,14 +136,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def scaled_size(width: int, height: int, target: int, pad: str) -> tuple[int, int]:
-    """The size the image is resized to before the letterbox, in llama.cpp's float32
-    arithmetic (`img_tool::resize`): PAD_CEIL rounds up, PAD_NEAREST to nearest."""
+    """The size the image is resized to before a square letterbox (`scaled_box`)."""
+    return scaled_box(width, height, target, target, pad)
+
+
+def scaled_box(width: int, height: int, tw: int, th: int, pad: str) -> tuple[int, int]:
+    """The size the image is resized to before the letterbox onto tw x th, in llama.cpp's
+    float32 arithmetic (`img_tool::resize`): PAD_CEIL rounds up, PAD_NEAREST to nearest."""
     if pad == "none":
-        return target, target
-    t, w, h = np.float32(target), np.float32(width), np.float32(height)
-    scale = min(t / w, t / h)
+        return tw, th
+    w, h = np.float32(width), np.float32(height)
+    scale = min(np.float32(tw) / w, np.float32(th) / h)
     rnd = math.ceil if pad == "ceil" else _round_half_away
-    return min(int(rnd(w * scale)), target), min(int(rnd(h * scale)), target)
+    return min(int(rnd(w * scale)), tw), min(int(rnd(h * scale)), th)
 
 
 def resample(img: Image.Image, width: int, height: int, algo: str) -> Image.Image:
@@ -154,22 +164,54 @@ def resample(img: Image.Image, width: int, height: int, algo: str) -> Image.Imag
     return img
 
 
-def letterbox(img: Image.Image, size: int, spec: ResizeSpec) -> Image.Image:
-    """An RGB image -> size x size RGB: resized with the aspect ratio kept and centred on
-    `spec.pad_color` (or stretched, pad "none")."""
-    if img.size == (size, size):
+def letterbox(img: Image.Image, size: int | tuple[int, int], spec: ResizeSpec) -> Image.Image:
+    """An RGB image -> an RGB image of `size` (a square side, or (width, height)): resized
+    with the aspect ratio kept and centred on `spec.pad_color` (or stretched, pad "none")."""
+    tw, th = (size, size) if isinstance(size, int) else size
+    if img.size == (tw, th):
         return img.copy()
-    nw, nh = scaled_size(img.width, img.height, size, spec.pad)
+    nw, nh = scaled_box(img.width, img.height, tw, th, spec.pad)
     resized = resample(img, nw, nh, spec.algo)
     if spec.pad == "none":
         return resized
     if spec.pad == "ceil":
-        left, top = (size - nw) // 2, (size - nh) // 2
+        left, top = (tw - nw) // 2, (th - nh) // 2
     else:
-        left, top = _round_half_away((size - nw) / 2), _round_half_away((size - nh) / 2)
-    canvas = Image.new("RGB", (size, size), spec.pad_color)
+        left, top = _round_half_away((tw - nw) / 2), _round_half_away((th - nh) / 2)
+    canvas = Image.new("RGB", (tw, th), spec.pad_color)
     canvas.paste(resized, (left, top))
     return canvas
+
+
+def fit_size(width: int, height: int, cfg: VisionConfig) -> tuple[int, int]:
+    """The (width, height) a dynamic-resolution family resizes an image to, in llama.cpp's
+    float32 arithmetic (`img_tool::calc_size_preserved_ratio`, transformers' "smart resize"):
+    each side rounded to a multiple of `cfg.align`; if that makes more than max_tokens
+    tokens, both sides scaled down by one factor and floored, if fewer than min_tokens,
+    scaled up and ceiled. An image so narrow that its short side would be under one token
+    after scaling (an aspect ratio past max_tokens : 1) is an `ImageTooLargeError`: llama.cpp
+    would give it more than max_tokens tokens."""
+    align = cfg.align
+    max_px, min_px = cfg.max_tokens * align**2, cfg.min_tokens * align**2
+    w, h = np.float32(width), np.float32(height)
+
+    def by(x, rnd) -> int:  # a multiple of align: x / align in float32, rounded in C's way
+        return int(rnd(float(np.float32(x) / np.float32(align)))) * align
+
+    wb = max(align, by(w, _round_half_away))
+    hb = max(align, by(h, _round_half_away))
+    if wb * hb > max_px:
+        beta = np.sqrt(h * w / np.float32(max_px), dtype=np.float32)
+        hb, wb = by(h / beta, math.floor), by(w / beta, math.floor)
+        if min(hb, wb) < align:
+            raise ImageTooLargeError(
+                f"the image is {width}x{height}: an aspect ratio over {cfg.max_tokens}:1 is"
+                " refused (its short side would be under one image token)"
+            )
+    elif min_px > 0 and wb * hb < min_px:
+        beta = np.sqrt(np.float32(min_px) / (h * w), dtype=np.float32)
+        hb, wb = by(h * beta, math.ceil), by(w * beta, math.ceil)
+    return wb, hb
 
 
 def normalize(img: Image.Image, mean, std) -> np.ndarray:
@@ -183,10 +225,13 @@ def prepare_image(
 ) -> PreparedImage:
     """Decode, orient, letterbox and normalize one image for a projector with config `cfg`."""
     img = open_image(source, limits)
-    boxed = letterbox(img, cfg.image_size, cfg.resize)
+    target = fit_size(img.width, img.height, cfg) if cfg.dynamic else cfg.image_size
+    boxed = letterbox(img, target, cfg.resize)
     raw = boxed.tobytes()
     digest = hashlib.sha256(f"{boxed.width}x{boxed.height}:".encode() + raw).hexdigest()
-    return PreparedImage(normalize(boxed, cfg.image_mean, cfg.image_std), digest, img.size)
+    pixels = normalize(boxed, cfg.image_mean, cfg.image_std)
+    tokens = cfg.positions(boxed.height, boxed.width)
+    return PreparedImage(pixels, digest, img.size, tokens)
 
 
 _SIGNATURES = {

@@ -3,16 +3,22 @@
     proj = load_projector("mmproj-gemma-3-4b-it-f16.gguf")
     img = proj.prepare(open("cat.jpg", "rb").read())        # PreparedImage (pixels, digest)
     emb = proj.encode(np.stack([img.pixels]))               # [1, 256, text D] on device
+    (e,) = proj.embed([img])                                # [img.tokens, text D] on the host
 
 The family comes from `clip.projector_type` through `PROJECTORS`, as the text families come
 from `general.architecture`. A family module provides `config(g) -> VisionConfig`,
-`module(cfg, dtype) -> flax module` (pixels [B, S, S, 3] -> [B, tokens, text D]),
-`tensors(g, cfg)` (GGUF tensor -> params path, `{i}` for the layer of stacked tensors) and
-`PARAM_AXES` (its own params' logical axes; the tower's are in `tsjax.vision.vit`).
+`module(cfg, dtype) -> flax module`, `tensors(g, cfg)` (GGUF tensor -> params path, `{i}` for
+the layer of stacked tensors), `PARAM_AXES` (its own params' logical axes; a ViT tower's are in
+`tsjax.vision.vit`) and, if its prompt layout interleaves more than the tokens (Pixtral's row
+breaks), `arrange(cfg, params, tokens, rows, cols)`.
 
-The encoder is one `jax.jit` of the module's apply with the params as an argument; batches of
-images are padded to an image-count bucket (`default_buckets()`), so at most one compile per
-bucket, and bigger batches run in chunks of the largest.
+A fixed-size family's module takes pixels [B, S, S, 3] -> [B, tokens, text D]; a dynamic one's
+(`VisionConfig.dynamic`, Pixtral) takes the packed, padded patches of `tsjax.vision.dynamic`
+-> [B, bucket, text D]. The encoder is one `jax.jit` of the module's apply with the params as
+an argument; batches of images are padded to an image-count bucket (`default_buckets()`), and
+dynamic images to a token bucket (`tsjax.vision.dynamic.token_buckets`), so at most one
+compile per (count, token) bucket, all of them compiled by `warmup`; bigger batches run in
+chunks of the largest.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.vision import gemma3
+from tsjax.vision import dynamic, gemma3, pixtral
 from tsjax.vision.config import VisionConfig, projector_type
 from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
 
 PROJECTORS: dict[str, ModuleType] = {
     "gemma3": gemma3,
+    "pixtral": pixtral,
 }
 IMAGE_BUCKETS = (1, 2, 4, 8)
 
@@ -72,11 +79,19 @@ class Projector:
     buckets: tuple[int, ...] = IMAGE_BUCKETS
     limits: ImageLimits = field(default_factory=ImageLimits)
     metadata: dict = field(default_factory=dict)  # the file's keys (Ollama's projector_info)
+    family: ModuleType | None = None
 
     def __post_init__(self):
-        self._forward = jax.jit(
-            lambda params, pixels: self.module.apply({"params": params}, pixels)
-        )
+        self._traced = 0
+
+        def forward(params, *inputs):
+            self._traced += 1  # runs once per input shape, when jit traces (and compiles) it
+            return self.module.apply({"params": params}, *inputs)
+
+        self._forward = jax.jit(forward)
+        c = self.config
+        self.token_buckets = dynamic.token_buckets(c.min_tokens, c.max_tokens) if c.dynamic else ()
+        self._host_params: dict | None = None
 
     @property
     def name(self) -> str:
@@ -84,7 +99,13 @@ class Projector:
 
     @property
     def tokens_per_image(self) -> int:
+        """Positions of every image (fixed-size families; a ValueError for dynamic ones)."""
         return self.config.tokens_per_image
+
+    def compiled_count(self) -> int:
+        """How many input shapes the encoder has compiled, warm-up included (a call after
+        `warmup` compiled its shape finds the program: it neither traces nor compiles)."""
+        return self._traced
 
     def prepare(self, source: ImageSource) -> PreparedImage:
         """Decode and preprocess one image (bytes, path or PIL image); `ImageError` if bad."""
@@ -95,8 +116,10 @@ class Projector:
         return next(b for b in self.buckets if b >= n)
 
     def encode(self, pixels: np.ndarray | Sequence[np.ndarray]) -> jax.Array:
-        """pixels: [n, S, S, 3] normalized (`PreparedImage.pixels` stacked).
-        Returns the image embeddings [n, tokens_per_image, text D] on device."""
+        """pixels: [n, S, S, 3] normalized (`PreparedImage.pixels` stacked), for a fixed-size
+        family. Returns the image embeddings [n, tokens_per_image, text D] on device."""
+        if self.config.dynamic:
+            raise ValueError(f"{self.config.projector_type} images differ in size: use embed")
         pixels = np.asarray(pixels, np.float32)
         s = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
@@ -118,24 +141,77 @@ class Projector:
         return self.encode(np.stack([self.prepare(s).pixels for s in sources]))
 
     def embed(self, images: Sequence[PreparedImage]) -> list[np.ndarray]:
-        """Each image's embeddings [tokens_per_image, text D] as host arrays, each distinct
-        image (by digest) encoded once, all of them in one batch."""
+        """Each image's embeddings [img.tokens, text D] as host arrays, each distinct image
+        (by digest) encoded once, all of them together (`embed_pixels`)."""
         unique: dict[str, PreparedImage] = {}
         for img in images:
             unique.setdefault(img.digest, img)
         if not unique:
             return []
-        out = np.asarray(self.encode(np.stack([img.pixels for img in unique.values()])))
+        out = self.embed_pixels([img.pixels for img in unique.values()])
         by_digest = dict(zip(unique, out, strict=True))
         return [by_digest[img.digest] for img in images]
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Prepared images' pixels ([H, W, 3] each) -> their prompt embeddings [positions,
+        text D] (`VisionConfig.positions`), host arrays. A fixed-size family's run as one
+        batch; a dynamic family's grouped by token bucket."""
+        if not pixels:
+            return []
+        if not self.config.dynamic:
+            return list(np.asarray(self.encode(np.stack(pixels))))
+        c, out = self.config, [None] * len(pixels)
+        groups: dict[int, list[int]] = {}
+        for i, px in enumerate(pixels):
+            rows, cols = c.grid(*px.shape[:2])
+            groups.setdefault(dynamic.bucket_of(rows * cols, self.token_buckets), []).append(i)
+        step = self.buckets[-1]
+        for t, members in sorted(groups.items()):
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                packed = [dynamic.pack(pixels[i], c, t) for i in chunk]
+                inputs = [np.stack(a) for a in zip(*packed, strict=True)]
+                pad = self.bucket(len(chunk)) - len(chunk)
+                if pad:
+                    inputs = [
+                        np.concatenate(ab)
+                        for ab in zip(inputs, dynamic.empty_inputs(c, pad, t), strict=True)
+                    ]
+                res = np.asarray(self._forward(self.params, *inputs))
+                for i, r in zip(chunk, res, strict=False):
+                    out[i] = self._arrange(r, *c.grid(*pixels[i].shape[:2]))
+        return out
+
+    def _arrange(self, tokens: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        """A dynamic image's first rows*cols tokens of its bucket, laid out as the family
+        puts them in the prompt."""
+        tokens = tokens[: rows * cols]
+        arrange = getattr(self.family, "arrange", None)
+        if arrange is None:
+            return tokens
+        if self._host_params is None:  # the few small leaves arrange reads, on the host once
+            self._host_params = {
+                k: np.asarray(v) for k, v in self.params.items() if not isinstance(v, dict)
+            }
+        return arrange(self.config, self._host_params, tokens, rows, cols)
 
     def warmup(self, buckets: Sequence[int] | None = None, run: bool = False) -> float:
         """Compile the encoder for each image-count bucket ahead of the first request, without
         running it (a later call finds the program compiled: jit's cache is shared with
         `lower().compile()`). A full SigLIP-So400m image takes about a minute on a 2-core CPU
         in float32, so running one at start-up would cost that much again. `run`: also run
-        a zero batch per bucket. Returns seconds."""
+        a zero batch per bucket. A dynamic family compiles every (count, token) bucket pair:
+        then no image size compiles later. Returns seconds."""
         t0 = time.perf_counter()
+        if self.config.dynamic:
+            for b in buckets or self.buckets:
+                for t in self.token_buckets:
+                    inputs = dynamic.empty_inputs(self.config, b, t)
+                    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
+                    self._forward.lower(self.params, *specs).compile()
+                    if run:
+                        jax.block_until_ready(self._forward(self.params, *inputs))
+            return time.perf_counter() - t0
         s = self.config.image_size
         for b in buckets or self.buckets:
             spec = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
@@ -185,22 +261,29 @@ def load_projector(
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     module = family.module(cfg, dtype)
     params = load_params(g, cfg, module, family.tensors(g, cfg), device_put)
+    # dynamic images run one at a time: each is already up to thousands of patches, and a
+    # count bucket per token bucket would multiply the programs to compile
+    default = (1,) if cfg.dynamic else default_buckets()
     return Projector(
         Path(path),
         cfg,
         params,
         module,
         time.perf_counter() - t0,
-        tuple(sorted(buckets or default_buckets())),
+        tuple(sorted(buckets or default)),
         limits or ImageLimits(),
         dict(g.metadata),
+        family,
     )
 
 
 def param_shapes(module: nn.Module, cfg: VisionConfig) -> dict:
     """The params pytree's shapes and dtypes, from the module itself."""
-    pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), pixels))["params"]
+    if cfg.dynamic:
+        inputs = [jnp.asarray(a) for a in dynamic.empty_inputs(cfg, 1, cfg.min_tokens)]
+    else:
+        inputs = [jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)]
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
 def load_params(g: GGUFFile, cfg: VisionConfig, module, table, device_put=None) -> dict:

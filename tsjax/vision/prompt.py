@@ -5,16 +5,20 @@ part in its place among the text parts; Ollama's `images` before the message's t
 Ollama and the reference server put them; no separator around an image). `image_prompt`
 then tokenizes the text between the marks one piece at a time, as llama.cpp's mtmd does, and
 puts each image's wrapped span in place of its mark: the family's begin string (Gemma 3:
-`<start_of_image>`), `tokens_per_image` positions that the image's embeddings fill, the end
-string (`<end_of_image>`; no "\\n\\n" around it: llama.cpp's layout, not transformers'
-processor's). The span positions hold `FILLER` as
-their token id: the embeddings replace whatever the id would embed.
+`<start_of_image>`; Pixtral: none), the positions that the image's embeddings fill (a fixed
+`tokens_per_image`, or for a dynamic-resolution family each prepared image's own
+`PreparedImage.tokens`, which Pixtral's row breaks are part of), the end string
+(`<end_of_image>`, `[IMG_END]`; no "\\n\\n" around it: llama.cpp's layout, not
+transformers' processor's). The span positions hold `FILLER` as their token id: the
+embeddings replace whatever the id would embed.
 
     text, controls = model.template.render_marked(
         inline_images(messages), model.tokenizer.control_texts
     )
-    ids, starts = image_prompt(model.tokenizer, text, proj.config, controls=controls)
-    spans = image_spans(proj, [proj.prepare(b) for b in images], starts)
+    prepared = [proj.prepare(b) for b in images]
+    ids, starts = image_prompt(model.tokenizer, text, proj.config, controls=controls,
+                               lengths=[p.tokens for p in prepared])
+    spans = image_spans(proj, prepared, starts)
 """
 
 from __future__ import annotations
@@ -95,15 +99,25 @@ def image_prompt(
     controls: Sequence[tuple[int, int]] | None = None,
     add_bos: bool | None = None,
     add_eos: bool | None = False,
+    lengths: Sequence[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Rendered text with one `IMAGE_MARK` per image -> (token ids with each image's span
     in place of its mark, the index in them where each image's embeddings start).
+
+    `lengths`: the positions of each image's embeddings, in order (`PreparedImage.tokens`);
+    None: `cfg.tokens_per_image` each (a fixed-size family only).
 
     `controls`: the character spans of the control tokens the chat template wrote
     (`ChatTemplate.render_marked`; only those become control ids, `Tokenizer.encode_marked`);
     None parses control-token text anywhere (a raw prompt). BOS can only start the first
     piece, EOS only end the last (None: the file's flag)."""
     marks = [i for i in range(len(text)) if text.startswith(IMAGE_MARK, i)]
+    if lengths is None:
+        lengths = [cfg.tokens_per_image] * len(marks)
+    if len(lengths) != len(marks):
+        raise ImageCountError(
+            f"the prompt has {len(marks)} image place(s) for {len(lengths)} image(s)"
+        )
     bounds = [0, *(m + len(IMAGE_MARK) for m in marks)]
     ends = [*marks, len(text)]
     begin = (
@@ -116,7 +130,7 @@ def image_prompt(
         if i:
             ids += begin
             starts.append(len(ids))
-            ids += [FILLER] * cfg.tokens_per_image
+            ids += [FILLER] * lengths[i - 1]
             ids += end
         first, last = i == 0, i == len(marks)
         if not (text[a:b] or first or last):

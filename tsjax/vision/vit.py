@@ -97,8 +97,12 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, gh * gw, c * patch * patch)
 
 
-def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Unmasked attention. q, k, v: [B, P, N, H] -> [B, P, N, H].
+def full_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, key_mask: jax.Array | None = None
+) -> jax.Array:
+    """Bidirectional attention. q, k, v: [B, P, N, H] -> [B, P, N, H]. key_mask [B, P] bool:
+    the keys each query may see (None: all; padding patches of a size bucket are False, and
+    every image has at least one real patch, so no row is empty).
 
     Heads first, with the softmax's division applied to the [P, H] output instead of the
     [P, P] probabilities: on XLA:CPU at SigLIP's 4096 patches x 16 heads of 72 this took
@@ -106,6 +110,8 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
     transposing layout (`python benchmarks/vision_encode.py --layers 3`)."""
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(scale, q.dtype), k, v))
     s = jnp.einsum("bnph,bnqh->bnpq", q, k, preferred_element_type=jnp.float32)
+    if key_mask is not None:
+        s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     out = jnp.einsum("bnpq,bnqh->bnph", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / jnp.sum(e, axis=-1, keepdims=True)
