@@ -72,3 +72,57 @@ def test_default_rows_from_memory_and_cores():
     assert choose_rows(smollm, 2**20, 8).rows == 1  # never zero
     assert choose_rows(2**20, 0, None).rows == 64  # nothing known: the cap
     assert "cores" in choose_rows(smollm, 20 * 2**30, 2).reason
+
+
+def test_stored_programs_load_without_a_trace(tmp_path, monkeypatch):
+    """A process that loads the same model with the same shapes and code loads the programs
+    an earlier one compiled (`tsjax.executables`) instead of tracing them, and they compute
+    the same tokens; another cache length is another file; an unreadable file is replaced by
+    its program compiled as usual."""
+    import tsjax.catalog
+    from tsjax.generation import stream
+
+    monkeypatch.setenv("TSJAX_PROGRAM_STORE", "on")
+    monkeypatch.setattr(tsjax.catalog, "compilation_cache_dir", lambda: tmp_path / "cache")
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=2, max_len=64, min_prefill=16, min_attn=32)
+
+    def start(shapes, lower=None):
+        model = load(path, progress=False, shapes=shapes)
+        model.steps.lazy = True
+        if lower is not None:
+            model.steps.programs._lower = lower
+        model.steps.warmup(model.params, (1,), 16)
+        assert model.steps.programs.idle(timeout=600)  # later_keys, in the background
+        return model
+
+    def tokens(model):
+        greedy = SamplingParams.greedy()
+        out = list(stream(model, [7, 3, 11, 5], sampling=greedy, max_tokens=6))
+        assert model.steps.programs.idle(timeout=600)  # what the stream asked for
+        return out
+
+    first = start(shapes)
+    want = tokens(first)
+    store = first.steps.programs.store
+    n = len(first.steps.programs.keys())
+    assert store is not None and store.saved == n and store.loaded == 0
+
+    def no_trace(key):
+        raise AssertionError(f"{key} was traced, not loaded")
+
+    second = start(shapes, lower=no_trace)
+    assert tokens(second) == want
+    assert second.steps.programs.store.loaded == n
+
+    key = second.steps.first_keys((1,), 16)[0]
+    longer = StepShapes.default(rows=2, max_len=128, min_prefill=16, min_attn=32)
+    other = load(path, progress=False, shapes=longer)
+    other.steps._remember(other.params)  # takes its store, compiles nothing
+    assert other.steps.programs.store.path(key) != second.steps.programs.store.path(key)
+    bad = second.steps.programs.store.path(key)
+    bad.write_bytes(b"not a program")
+    fourth = start(shapes)
+    assert tokens(fourth) == want
+    assert fourth.steps.programs.store.loaded == n - 1 and fourth.steps.programs.store.saved == 1
+    assert bad.exists()  # stored again, loadable

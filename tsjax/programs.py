@@ -9,9 +9,12 @@ and gigabytes; compiling only what requests reach keeps both proportional to use
 
 A key is a tuple (kind, *static sizes), e.g. ("decode", rows, attn_len, max_steps). `lower`
 turns a key into a `jax.stages.Lowered` from abstract inputs only (no buffers), so a
-background compile never touches the live cache. The background thread runs at a low
-CPU priority (`os.setpriority` on its own thread id, Linux), so on a small machine the steps
-being served keep the cores; what it still costs is the GIL while it traces and lowers.
+background compile never touches the live cache. With a `store` (`tsjax.executables`), a
+program compiled by an earlier process is loaded from disk instead, with no trace at all.
+
+The background thread runs at a low CPU priority (`os.setpriority` on its own thread id,
+Linux), so on a small machine the steps being served keep the cores; what it still costs is
+the GIL while it traces and lowers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from tsjax.executables import ExecutableStore
 
 log = logging.getLogger("tsjax.programs")
 
@@ -53,6 +58,9 @@ class Programs:
         self._closed = False
         #: (key, "ahead" | "demand" | "background", seconds) per compile, in order
         self.history: list[tuple[Key, str, float]] = []
+        #: where compiled programs are kept between processes (`tsjax.executables`; None:
+        #: nowhere); a stored one is loaded instead of traced, lowered and compiled
+        self.store: ExecutableStore | None = None
 
     def __contains__(self, key: Key) -> bool:
         with self._cv:
@@ -85,7 +93,12 @@ class Programs:
             event.wait()  # someone else compiles it; it may also have failed: look again
         try:
             t0 = time.perf_counter()
-            exe = self._lower(key).compile()
+            store = self.store
+            exe = store.load(key) if store is not None else None
+            if exe is None:
+                exe = self._lower(key).compile()
+                if store is not None:
+                    store.save(key, exe)
             secs = time.perf_counter() - t0
             with self._cv:
                 self._done[key] = exe
