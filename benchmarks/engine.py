@@ -97,9 +97,14 @@ def _prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[[], None]]:
+def bench_tsjax(
+    args, rows: int, lazy: bool = False
+) -> tuple[dict, Callable[[int], dict], Callable[[], None]]:
     """Load, warm up, then prefill and single-stream decode; returns (results, `load(c)`: one
-    round of c concurrent requests, `close()`)."""
+    round of c concurrent requests, `close()`). `lazy`: compile only the shapes the
+    measurements reach (the server's lazy programs, then one unmeasured pass of each
+    measurement and a wait for its background compiles) instead of every shape up front,
+    which takes many minutes for a model of a billion parameters."""
     from serve.engine import Engine, EventKind, GenerationRequest
     from tsjax.model import load
     from tsjax.sampling import SamplingParams
@@ -111,6 +116,7 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
     )
     load_s = time.perf_counter() - t0
     engine = Engine(model, decode_steps=args.decode_steps, prefill_chunk=512)
+    model.steps.lazy = lazy
     compile_s = engine.warmup()
     release_free_memory()  # as the server does after its warm-up
     engine.start()
@@ -158,6 +164,12 @@ def bench_tsjax(args, rows: int) -> tuple[dict, Callable[[int], dict], Callable[
         toks = sum(k for t, k in trace if start < t <= end)
         return res, toks / (end - start)
 
+    if lazy:  # every shape the measurements reach, compiled before they run
+        t = time.perf_counter()
+        asyncio.run(one(0, args.decode_tokens))
+        asyncio.run(load_test(rows))
+        model.steps.programs.idle()
+        out["compile_s"] += time.perf_counter() - t
     # Prefill: one request, max_tokens=1, so its time is the prompt's.
     asyncio.run(one(0, 1))
     stats = [asyncio.run(one(i, 1))[0] for i in range(3)]  # (stats, n, first, end)

@@ -15,10 +15,11 @@ real models and converts them with llama.cpp's own converter (`tests/converter.p
 - `nemotron_h-dense`: the same pattern with every Mamba2 layer an attention layer.
 
 Then, for each file in turn, `tsjax bench`'s own measurements (`benchmarks.engine`: load,
-warm-up, prefill of 128 tokens, single-stream decode of 64 tokens, and an aggregate decode
-round of `--rows` concurrent requests) and llama.cpp's on the same file, and prints a table with
-each hybrid's decode rates over its dense twin's. Random weights do not change the work: the
-recurrent layers' state update is the same computation for any values.
+warm-up of the shapes they reach (`lazy`), prefill of 128 tokens, single-stream decode of 64
+tokens, and an aggregate decode round of `--rows` concurrent requests) and llama.cpp's on the
+same file, and prints a table with each hybrid's decode rates over its dense twin's. Random
+weights do not change the work: the recurrent layers' state update is the same computation
+for any values.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def measure(path: Path, rows: int, llama: bool) -> dict:
         model=str(path), prompt_tokens=128, decode_tokens=64, decode_steps=4, quant="auto",
         threads=2,
     )  # fmt: skip
-    ours, load, close = bench_tsjax(args, rows=rows)
+    ours, load, close = bench_tsjax(args, rows=rows, lazy=True)
     try:
         ours["agg"] = load(rows)["aggregate_tok_s"]
     finally:
