@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from serve.engine.encoder import ImageEncoder
 from tsjax.generation import PromptTooLongError, generate
 from tsjax.model import load
 from tsjax.sampling import SamplingParams
-from tsjax.spans import EmbedSpan, SpanInputs, span_inputs
+from tsjax.spans import EmbedSpan, span_inputs
 from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, inline_images
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def _forward(model, prompt, causal=False) -> np.ndarray:
             steps.new_cache(),
             jnp.asarray([prompt.ids]),
             jnp.zeros((1,), jnp.int32),
-            SpanInputs(*(jnp.asarray(a) for a in host)),
+            jax.tree.map(jnp.asarray, host),
             attn_len=steps.attn_len_for(len(prompt)),
         )[0]
     )

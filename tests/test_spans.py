@@ -42,6 +42,25 @@ def test_span_inputs():
         span_inputs([[_span(0, 2)]], np.zeros(1, np.int32), 6, D + 1, np.float32)
 
 
+def test_mrope_offsets():
+    """M-RoPE (Qwen 3.5): an image of 2 x 3 tokens at positions 2..7 sits at (t, h, w) =
+    (2, 2 + row, 2 + col); the text after it continues 3 (max(rows, cols)) positions on, so
+    its shift is 3 - 6; a second image (1 x 2) advances 2, its own count; a span without a
+    grid is one position a token. The fourth column is the shift the next token takes."""
+    img = EmbedSpan(2, np.zeros((6, D), np.float32), "ab", grid=(2, 3))
+    wide = EmbedSpan(9, np.zeros((2, D), np.float32), "cd", grid=(1, 2))
+    got = span_inputs([[img, wide]], np.array([5]), 12, D, np.float32, mrope=True).rope[0]
+    rope = np.arange(12)[:, None] + got[:, :3]  # (t, h, w) with a start shift of 0
+    want = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (2, 2, 3), (2, 2, 4), (2, 3, 2), (2, 3, 3),
+            (2, 3, 4), (5, 5, 5), (6, 6, 6), (6, 6, 7), (8, 8, 8)]  # fmt: skip
+    np.testing.assert_array_equal(rope, want)
+    np.testing.assert_array_equal(got[[0, 1, 7, 8, 10, 11], 3], [0, 0, -3, -3, -3, -3])
+    flat = EmbedSpan(1, np.zeros((3, D), np.float32), "ef")
+    got = span_inputs([[flat]], np.array([0]), 5, D, np.float32, mrope=True).rope[0]
+    assert not got.any()
+    assert span_inputs([[img]], np.array([0]), 8, D, np.float32).rope is None
+
+
 def test_visible_opens_a_span_and_keeps_the_window():
     import jax.numpy as jnp
 

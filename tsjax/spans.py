@@ -13,6 +13,14 @@ exclusive end of the key positions each query sees: its own position + 1 (causal
 span's end inside a bidirectional span. A text-only prefill passes None, so its compiled
 program is what it was; prefills with spans compile their own (one per token bucket).
 
+M-RoPE text models (Qwen 3.5) give an image's tokens 3-D positions: a span with a `grid`
+(rows, cols of its tokens) starting at rope position s puts token i at (t, h, w) = (s, s + i
+// cols, s + i % cols), and the text after it continues at s + max(rows, cols), as both
+transformers (`get_rope_index`) and llama.cpp (`mtmd_image_tokens_get_n_pos`) place it. So a
+token's rope position is its cache position plus a shift that changes at each image; the
+cache keeps, per row and position, the shift of the token after it (`Cache.rope_shift`), and
+`SpanInputs.rope` carries each token's offsets from there (`span_inputs(mrope=True)`).
+
 A span is never split between two prefill steps (`chunk_end`): its bidirectional attention
 needs all of its keys in the step, and a prefix reused from the cache ends before a span or
 after it (`reuse_limit`). Plain numpy: the engine imports this without JAX.
@@ -36,10 +44,17 @@ class EmbedSpan:
     embeds: np.ndarray
     key: str
     bidirectional: bool = False
+    grid: tuple[int, int] | None = None  # (rows, cols) of its tokens, for M-RoPE positions
 
     @property
     def length(self) -> int:
         return int(self.embeds.shape[0])
+
+    @property
+    def rope_advance(self) -> int:
+        """How many rope positions the span takes in an M-RoPE model: max(rows, cols) for a
+        grid, else one per token."""
+        return self.length if self.grid is None else max(self.grid)
 
     @property
     def end(self) -> int:
@@ -70,25 +85,61 @@ class Prompt:
 
 class SpanInputs(NamedTuple):
     """A prefill step's spans as arrays (a pytree: a tuple): embeds [B, T, D], mask [B, T]
-    bool, key_end [B, T] int32 (see the module docstring)."""
+    bool, key_end [B, T] int32 (see the module docstring); for an M-RoPE model `rope`
+    [B, T, 4] int32: each token's (t, h, w) rope position minus (its cache position + the
+    shift it starts from), and the shift the token after it takes minus that same start
+    (`mrope_offsets`); None for the others."""
 
     embeds: np.ndarray
     mask: np.ndarray
     key_end: np.ndarray
+    rope: np.ndarray | None = None
+
+
+def mrope_offsets(row: Sequence[EmbedSpan], t: int) -> np.ndarray:
+    """[t, 4] int32 for one prefill row of t tokens with spans `row` (starts relative to
+    the row's first token): per token its (t, h, w) offsets and the next token's shift,
+    all relative to the shift the row starts with (see `SpanInputs`)."""
+    out = np.zeros((t, 4), np.int32)
+    extra, end = 0, 0  # rope positions gained (in practice lost) by the spans so far
+    for s in row:
+        out[end : s.start] = extra
+        i = np.arange(s.length, dtype=np.int32)
+        if s.grid is None:  # one position per token, as text
+            first = h = w = np.full_like(i, extra)
+        else:  # every token at the span's first position, plus its row and column
+            first = extra - i
+            h, w = first + i // s.grid[1], first + i % s.grid[1]
+        out[s.start : s.end, 0], out[s.start : s.end, 1], out[s.start : s.end, 2] = first, h, w
+        out[s.start : s.end, 3] = extra  # inside a span: never read (no prefix ends there)
+        extra += s.rope_advance - s.length
+        out[s.end - 1, 3] = extra
+        end = s.end
+    out[end:] = extra
+    return out
 
 
 def span_inputs(
-    spans: Sequence[Sequence[EmbedSpan]], starts: np.ndarray, t: int, dim: int, dtype
+    spans: Sequence[Sequence[EmbedSpan]],
+    starts: np.ndarray,
+    t: int,
+    dim: int,
+    dtype,
+    mrope: bool = False,
 ) -> SpanInputs:
     """Host arrays for a prefill of b = len(starts) rows of t tokens. spans[i]: row i's spans,
     their starts relative to the row's first token (which sits at cache position
-    starts[i]); every span lies inside the row's t tokens."""
+    starts[i]); every span lies inside the row's t tokens. `mrope`: the model's positions
+    are M-RoPE's (`SpanInputs.rope`)."""
     b = len(starts)
     embeds = np.zeros((b, t, dim), dtype)
     mask = np.zeros((b, t), bool)
     positions = np.asarray(starts, np.int32)[:, None] + np.arange(t, dtype=np.int32)[None, :]
     key_end = positions + 1
+    rope = np.zeros((b, t, 4), np.int32) if mrope else None
     for i, row in enumerate(spans):
+        if rope is not None:
+            rope[i] = mrope_offsets(row, t)
         for s in row:
             if s.start < 0 or s.end > t:
                 raise ValueError(f"span [{s.start}, {s.end}) is outside the step's {t} tokens")
@@ -98,7 +149,7 @@ def span_inputs(
             mask[i, s.start : s.end] = True
             if s.bidirectional:
                 key_end[i, s.start : s.end] = starts[i] + s.end
-    return SpanInputs(embeds, mask, key_end)
+    return SpanInputs(embeds, mask, key_end, rope)
 
 
 def check_spans(spans: Sequence[EmbedSpan], n_tokens: int, dim: int) -> None:

@@ -209,6 +209,11 @@ class Steps:
         return jnp.asarray(x) if self.plan is None else put(np.asarray(x), self.plan.replicated())
 
     @property
+    def mrope(self) -> bool:
+        """Whether the model's positions are M-RoPE's (image spans carry 3-D offsets)."""
+        return bool(self.cfg.mrope_sections)
+
+    @property
     def blocks(self):
         """(row bounds, position bounds) of the blocked cache layout, or None (stacked)."""
         return self.layout.blocks
@@ -457,8 +462,8 @@ class Steps:
             spans = None
             if kind == "span_prefill":
                 arrays = span_inputs([[]] * b, np.zeros((b,), np.int32), t, self.cfg.dim,
-                                     np.dtype(self.dtype))  # fmt: skip
-                spans = SpanInputs(*(_spec(self._put(a)) for a in arrays))
+                                     np.dtype(self.dtype), self.mrope)  # fmt: skip
+                spans = jax.tree.map(lambda a: _spec(self._put(a)), arrays)
             return self.prefill_fn.lower(params, cache, sampler, *host, spans, attn_len=attn_len)
         if kind == "decode":
             b, attn_len, max_steps = sizes
@@ -730,8 +735,8 @@ class Steps:
             padded = list(spans) + [[]] * (b - n)  # type: ignore[arg-type]
             st = np.zeros((b,), np.int32)
             st[:n] = starts
-            arrays = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype))
-            inputs = SpanInputs(*(self._put(a) for a in arrays))
+            arrays = span_inputs(padded, st, t, self.cfg.dim, np.dtype(self.dtype), self.mrope)
+            inputs = jax.tree.map(self._put, arrays)
         out = self._run(key, params, cache, sampler, *host, inputs)
         first, logits, cache, sampler, (lp, pooled, prompt) = out
         if not wait:

@@ -90,7 +90,8 @@ def create_cache(
         else STATES[s.kind](cfg, s, layout, rows, max_len, dtype)
         for s in segments
     )
-    return Cache(layers, jnp.zeros((rows,), jnp.int32))
+    shift = jnp.zeros((rows, max_len), jnp.int32) if cfg.mrope_sections else None
+    return Cache(layers, jnp.zeros((rows,), jnp.int32), shift)
 
 
 __all__ = [

@@ -28,6 +28,7 @@ Named = Callable[[tuple[str | None, ...], tuple[int, ...]], Any]
 
 #: The logical axes of the per-row bookkeeping.
 LENGTHS_AXES = ("batch",)
+SHIFT_AXES = ("batch", None)
 
 
 @jax.tree_util.register_dataclass
@@ -162,10 +163,15 @@ class NoState:
 @dataclass
 class Cache:
     """Every segment's state (`layers`, in layer order) and how many tokens each row holds
-    (`lengths` [B] int32)."""
+    (`lengths` [B] int32). An M-RoPE model's cache also keeps `rope_shift` [B, S] int32: at
+    each position, the rope position of the token after it minus that token's cache position
+    (0 until an image moves them apart, `tsjax.spans`); a row's prefix keeps its shifts
+    whatever comes after, so resuming from any prefix (or a checkpoint) finds them. None for
+    the other models (their steps are what they were)."""
 
     layers: tuple[Any, ...]
     lengths: jax.Array
+    rope_shift: jax.Array | None = None
 
     @property
     def rewinds(self) -> bool:
@@ -189,12 +195,34 @@ class Cache:
     def with_layers(self, layers) -> Cache:
         return replace(self, layers=tuple(layers))
 
+    def shift_before(self, rows: jax.Array, starts: jax.Array) -> jax.Array:
+        """[b] the rope shift a step that writes rows[i] from position starts[i] starts
+        with: what the token before it left (0 at position 0, and without `rope_shift`)."""
+        if self.rope_shift is None:
+            return jnp.zeros_like(starts)
+        prev = jnp.maximum(starts - 1, 0)
+        got = self.rope_shift[jnp.clip(rows, 0, self.rope_shift.shape[0] - 1), prev]
+        return jnp.where(starts > 0, got, 0)
+
+    def write_shift(
+        self, rows: jax.Array, positions: jax.Array, shifts: jax.Array, real: jax.Array
+    ) -> Cache:
+        """Record shifts [b, T] at rows [b] x positions [b, T] where `real` [b, T] (padding
+        tokens and rows past the cache's write nothing)."""
+        if self.rope_shift is None:
+            return self
+        where = jnp.where(real, positions, self.rope_shift.shape[1])
+        table = self.rope_shift.at[rows[:, None], where].set(shifts, mode="drop")
+        return replace(self, rope_shift=table)
+
     def swap(self, src: jax.Array, dst: jax.Array) -> Cache:
-        """Exchange rows (see `LayerState.swap`), lengths included."""
-        lengths = self.lengths.at[dst].set(
-            jnp.take(self.lengths, src, axis=0, mode="clip"), mode="drop"
-        )
-        return Cache(tuple(s.swap(src, dst) for s in self.layers), lengths)
+        """Exchange rows (see `LayerState.swap`), lengths (and rope shifts) included."""
+
+        def move(x):
+            return x.at[dst].set(jnp.take(x, src, axis=0, mode="clip"), mode="drop")
+
+        shift = None if self.rope_shift is None else move(self.rope_shift)
+        return Cache(tuple(s.swap(src, dst) for s in self.layers), move(self.lengths), shift)
 
     def checkpoint(self, rows: jax.Array, slots: jax.Array) -> Cache:
         """Save rows[b] into checkpoint slot slots[b] (< 0: none) in every state."""
@@ -206,7 +234,9 @@ class Cache:
 
     def shardings(self, named: Named) -> Cache:
         """Shardings of this (or an abstract, `jax.eval_shape`) cache, same structure."""
+        shift = self.rope_shift
         return Cache(
             tuple(s.shardings(named) for s in self.layers),
             named(LENGTHS_AXES, self.lengths.shape),
+            None if shift is None else named(SHIFT_AXES, shift.shape),
         )

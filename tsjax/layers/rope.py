@@ -155,6 +155,23 @@ class Yarn:
         )
 
 
+def mrope_choice(sections: tuple[int, ...], width: int) -> np.ndarray:
+    """[width] int32: which of a token's (t, h, w) positions each rotary frequency turns
+    with under interleaved M-RoPE (llama.cpp's IMROPE, transformers'
+    `apply_interleaved_mrope`): frequency j (its sector j % sum(sections)) takes h where
+    sector % 3 == 1 and sector < 3 * sections[1], w where sector % 3 == 2 and
+    sector < 3 * sections[2], t otherwise."""
+    total = sum(sections)
+    out = np.zeros((width,), np.int32)
+    for j in range(width):
+        sector = j % total
+        if sector % 3 == 1 and sector < 3 * sections[1]:
+            out[j] = 1
+        elif sector % 3 == 2 and sector < 3 * sections[2]:
+            out[j] = 2
+    return out
+
+
 def attention_temperature(positions: jax.Array, beta: float, original_positions: int) -> jax.Array:
     """Mistral 3's (Llama 4's) query scale by position: 1 + beta ln(1 + floor(p / original)),
     [B, T] -> [B, T, 1, 1] float32 to multiply the rotated queries [B, T, N, H] (GGUF:

@@ -96,6 +96,11 @@ class ModelConfig:
     layer_rope_factored: tuple[bool, ...] = ()
     per_layer_input_dim: int = 0  # Gemma 4 E models: per-layer token inputs of this size
     v_norm: bool = False  # Gemma 4: values RMS-normed (without a weight) like the keys
+    # Interleaved M-RoPE (Qwen 3.5, GGUF `rope.dimension_sections`): rotary frequency j
+    # turns with a token's h position where j % 3 == 1 (j < 3 s[1]), its w position where
+    # j % 3 == 2 (j < 3 s[2]), else its t position (`tsjax.layers.rope.mrope_choice`).
+    # Text tokens have equal positions in all three: plain RoPE. () = plain RoPE.
+    mrope_sections: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not self.layer_kinds:

@@ -29,7 +29,12 @@ from tsjax.layers.embed import Embed, PerLayerInputs
 from tsjax.layers.linear import Linear, input_amax
 from tsjax.layers.mlp import GatedMLP
 from tsjax.layers.norms import RMSNorm
-from tsjax.layers.rope import attention_temperature, layer_frequencies, rope_lookup_freqs
+from tsjax.layers.rope import (
+    attention_temperature,
+    layer_frequencies,
+    mrope_choice,
+    rope_lookup_freqs,
+)
 from tsjax.models.config import ModelConfig
 from tsjax.quants import BLOCK_QUANTS
 from tsjax.spans import SpanInputs
@@ -231,9 +236,12 @@ class Decoder(nn.Module):
                 self.quant,
                 name="per_layer",
             )(tokens, x)  # [L, B, T, P]
-        rope, base_of = self._rope(positions, attn_len)
         if counts is None:
             counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        rope_pos = None
+        if c.mrope_sections:
+            rope_pos, cache = self._mrope_positions(positions, cache, rows, counts, spans)
+        rope, base_of = self._rope(positions, attn_len, rope_pos)
         step = cache.step(positions, rows, counts, attn_len, key_end)
         plan = self.plan()
         states: list[Any] = []
@@ -246,12 +254,34 @@ class Decoder(nn.Module):
             states.append(state)
         return self._head(embed, x, logit_index, cache.with_layers(states), hidden)
 
-    def _rope(self, positions: jax.Array, attn_len: int) -> tuple[LayerRope, list[int]]:
+    def _mrope_positions(self, positions, cache: Cache, rows, counts, spans):
+        """M-RoPE: the step's (t, h, w) rope positions [3, B, T] (cache positions plus the
+        shift each row starts from, plus the spans' offsets, `tsjax.spans`), and the cache
+        with the shift after each real token recorded (`Cache.rope_shift`)."""
+        b, t = positions.shape
+        row_index = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
+        start = cache.shift_before(row_index, positions[:, 0])  # [B]
+        base = positions + start[:, None]
+        if spans is not None and spans.rope is not None:
+            off = spans.rope  # [B, T, 4]
+            rope_pos = base[None] + jnp.moveaxis(off[..., :3], -1, 0)
+            after = start[:, None] + off[..., 3]
+        else:  # text only: every section at the same position, the shift carried on
+            rope_pos = jnp.broadcast_to(base[None], (3, b, t))
+            after = jnp.broadcast_to(start[:, None], (b, t))
+        real = jnp.arange(t, dtype=jnp.int32)[None, :] < counts[:, None]
+        return rope_pos, cache.write_shift(row_index, positions, after, real)
+
+    def _rope(
+        self, positions: jax.Array, attn_len: int, rope_pos: jax.Array | None = None
+    ) -> tuple[LayerRope, list[int]]:
         """The step's `LayerRope`: the rotation tables of each distinct `ModelConfig.rope_key`
         among the layers, looked up once for every layer (positions stay below attn_len),
         stacked [bases, B, T, 1, W] with W the widest head's H/2 (YaRN's frequencies and
         magnitude where the config has them), and Mistral 3's query scale; and each layer's
-        index into the tables."""
+        index into the tables. `rope_pos` [3, B, T]: M-RoPE's (t, h, w) positions, each
+        frequency looked up at its section's (`mrope_choice`; never past the cache
+        positions: an image advances max(rows, cols) <= its token count)."""
         c = self.cfg
         keys = [c.rope_key(i) for i in range(c.n_layers)]
         bases = sorted(set(keys))
@@ -265,7 +295,17 @@ class Decoder(nn.Module):
             else:  # no family has both YaRN and frequency factors
                 assert factors is None, "YaRN with rope_freqs factors"
                 freqs = np.pad(c.rope_yarn.frequencies(theta, h), (0, width - h // 2))
-            tables.append(rope_lookup_freqs(positions, freqs, attn_len, scale, magnitude))
+            if rope_pos is None:
+                tables.append(rope_lookup_freqs(positions, freqs, attn_len, scale, magnitude))
+                continue
+            by = [rope_lookup_freqs(p, freqs, attn_len, scale, magnitude) for p in rope_pos]
+            choice = jnp.asarray(mrope_choice(c.mrope_sections, width))
+            tables.append(
+                tuple(
+                    jnp.where(choice == 0, by[0][k], jnp.where(choice == 1, by[1][k], by[2][k]))
+                    for k in range(2)
+                )
+            )
         q_scale = None
         if c.query_temperature is not None:
             q_scale = attention_temperature(positions, *c.query_temperature)

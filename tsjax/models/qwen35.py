@@ -8,9 +8,10 @@ Every layer is pre-norm: `x + mixer(rms(x))`, then `x + ffn(rms(x))` with GGUF's
   state per row (`tsjax.cache.recurrent`);
 - `QWEN35_ATTENTION`: gated attention (`tsjax.layers.attention` with `output_gate`: the q
   projection gives each head [q | gate] and the output is multiplied by sigmoid(gate)), per-head
-  q/k RMSNorm, and RoPE on the first `rope.dimension_count` dims of each head (a quarter). Its
-  M-RoPE sections give text tokens the same position in every section, which is plain RoPE;
-  they differ only for image tokens.
+  q/k RMSNorm, and RoPE on the first `rope.dimension_count` dims of each head (a quarter),
+  interleaved M-RoPE (`ModelConfig.mrope_sections`): text tokens have the same position in
+  every section, which is plain RoPE; image tokens have (t, h, w) positions of their grid
+  (`tsjax.spans`).
 
 The FFN is a SwiGLU MLP (`qwen35`) or a MoE (`qwen35moe`, `tsjax.layers.moe`: softmax router,
 top-k renormalised, SwiGLU experts, plus a shared expert scaled by sigmoid(x @ w)).
@@ -84,10 +85,17 @@ def config(g: GGUFFile) -> ModelConfig:
         **kw,
         qk_norm=True,
         rope_dim=int(g.meta(f"{arch}.rope.dimension_count", kw["head_dim"])),
+        mrope_sections=_sections(g.meta(f"{arch}.rope.dimension_sections", [])),
         moe=moe,
         layer_kinds=kinds,
         ssm=SSMConfig.from_gguf(g),
     )
+
+
+def _sections(value) -> tuple[int, ...]:
+    """GGUF `rope.dimension_sections` -> `ModelConfig.mrope_sections` (() when all zero)."""
+    sections = tuple(int(x) for x in value)
+    return sections if any(sections) else ()
 
 
 #: The FFN half of every layer: its norm (GGUF `post_attention_norm`) and an MLP or a MoE.
