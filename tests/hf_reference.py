@@ -174,6 +174,10 @@ def hf_multimodal_logits(
         # Gemma 3 attends bidirectionally inside an image span; HF needs the span marked.
         img = m.config["image_token_index"]
         kw["token_type_ids"] = torch.tensor([[int(t == img) for t in ids]])
+    if m.projector == "qwen3vl_merger" and "mm_token_type_ids" not in kw:
+        # M-RoPE: transformers gives image tokens (t, h, w) positions only where marked
+        img = m.config["image_token_id"]
+        kw["mm_token_type_ids"] = torch.tensor([[int(t == img) for t in ids]])
     with torch.no_grad():
         out = hf_model(m)(input_ids=torch.tensor([ids]), use_cache=False, **inputs, **kw)
     return out.logits[0].float().numpy()

@@ -21,6 +21,7 @@ from serve.errors import ApiError
 from serve.translation.intent import ImageInput, image_part
 from tsjax.model import Model
 from tsjax.spans import EmbedSpan
+from tsjax.vision.prompt import image_span
 
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
 
@@ -141,8 +142,7 @@ async def embedded_spans(hub, prepared, starts: Sequence[int]) -> tuple[EmbedSpa
         return ()
     assert hub.encoder is not None and hub.model is not None
     embeds = await hub.encoder.embed(prepared)
-    bidirectional = hub.model.projector.config.bidirectional
+    cfg = hub.model.projector.config
     return tuple(
-        EmbedSpan(s, e, img.digest, bidirectional)
-        for s, e, img in zip(starts, embeds, prepared, strict=True)
+        image_span(cfg, s, e, img) for s, e, img in zip(starts, embeds, prepared, strict=True)
     )

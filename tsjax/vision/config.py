@@ -59,6 +59,9 @@ class VisionConfig:
     max_tokens: int = 0
     # One [IMG_BREAK] embedding after each row of image tokens but the last (Pixtral).
     row_break: bool = False
+    # M-RoPE text models (Qwen 3.5): an image's tokens take (t, h, w) positions of its token
+    # grid and the text after it continues max(rows, cols) positions on (`tsjax.spans`).
+    mrope: bool = False
 
     @property
     def dynamic(self) -> bool:

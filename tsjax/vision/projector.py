@@ -36,13 +36,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.vision import dynamic, gemma3, pixtral
+from tsjax.vision import dynamic, gemma3, pixtral, qwen3vl
 from tsjax.vision.config import VisionConfig, projector_type
 from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
 
 PROJECTORS: dict[str, ModuleType] = {
     "gemma3": gemma3,
     "pixtral": pixtral,
+    "qwen3vl_merger": qwen3vl,
 }
 IMAGE_BUCKETS = (1, 2, 4, 8)
 

@@ -159,8 +159,15 @@ def image_spans(
             f"the prompt has {len(starts)} image place(s) for {len(images)} image(s)"
         )
     embeds = projector.embed(images)
-    bidirectional = projector.config.bidirectional
     return [
-        EmbedSpan(s, e, img.digest, bidirectional)
+        image_span(projector.config, s, e, img)
         for s, e, img in zip(starts, embeds, images, strict=True)
     ]
+
+
+def image_span(cfg: VisionConfig, start: int, embeds, image: PreparedImage) -> EmbedSpan:
+    """One image's span at `start` of its embeddings [positions, D]: attending both ways
+    where the family does, and for an M-RoPE family (Qwen 3.5) carrying the image's token
+    grid (its positions are the grid's, `tsjax.spans`)."""
+    grid = cfg.grid(*image.pixels.shape[:2]) if cfg.mrope else None
+    return EmbedSpan(start, embeds, image.digest, cfg.bidirectional, grid)
