@@ -116,6 +116,8 @@ def raw_prompt(
     if IMAGE_MARK in text:  # typed, not placed: it would open an image span with no image
         raise ApiError(400, "the prompt contains the reserved image mark "
                        f"{IMAGE_MARK!r}", param="prompt")  # fmt: skip
+    if lengths is None:  # no image, or a fixed-size projector's
+        return model.tokenize_prompt(IMAGE_MARK * images + text)
     return model.tokenize_prompt(IMAGE_MARK * images + text, lengths=lengths)
 
 
