@@ -1,4 +1,4 @@
-"""Dynamic-resolution images (Pixtral): each image keeps its aspect ratio, so its patch grid
+"""Dynamic-resolution images (Pixtral, Qwen 3.5): each image keeps its aspect ratio, so its patch grid
 and token count vary. The encoder is compiled per *token bucket*, not per size:
 
 - An image of rows x cols tokens (each token a merge x merge block of patches) becomes a flat
