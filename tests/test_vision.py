@@ -379,7 +379,9 @@ def test_bad_projector_files(tiny, tmp_path):
         load_projector(tiny.text_gguf)
     other = _rewrite(tiny.mmproj, tmp_path / "q.gguf", kv={"clip.projector_type": "qwen3vl"})
     # (the list grows with the families: Pixtral after Gemma 3, sorted)
-    with pytest.raises(GGUFError, match=r"'qwen3vl' is not supported \(supported: gemma3, pixtral"):
+    with pytest.raises(
+        GGUFError, match=r"'qwen3vl' is not supported \(supported: gemma3, gemma4v, pixtral"
+    ):
         load_projector(other)
     missing = _rewrite(tiny.mmproj, tmp_path / "m.gguf", drop={"v.blk.1.attn_k.bias"})
     with pytest.raises(GGUFError, match=r"missing tensors \['v.blk.1.attn_k.bias'\]"):

@@ -31,13 +31,14 @@ values or shared), so a scanned stack loops each run of one kind.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsjax.cache import STATES, kv_state
+from tsjax.cache import STATES, Step, kv_state
 from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.layers.attention import Attention
 from tsjax.layers.linear import Linear
@@ -52,6 +53,18 @@ SLIDING, GLOBAL = "gemma4_sliding", "gemma4_global"
 GLOBAL_K_EQ_V = "gemma4_global_k_eq_v"  # 26B/31B global layers: values = keys' projection
 SLIDING_SHARED, GLOBAL_SHARED = "gemma4_sliding_shared", "gemma4_global_shared"
 _MOE = MOE_PARAM_AXES
+
+
+def _sliding_spans(step: Step, window) -> Step:
+    """The step as a layer sees it: a bidirectional span of embeddings (an image) opens its
+    keys to its queries on the sliding-window layers only; the global layers stay causal.
+    llama.cpp (`LLAMA_NON_CAUSAL_TYPE_SWA_ONLY`) and transformers (`create_masks_for_vision
+    _model`: "Gemma 4 explicitly disables bidirectional attention on global layers") agree.
+    window: the layer's (0: global), static or traced from the scan."""
+    if step.key_end is None:
+        return step
+    causal = step.positions + 1
+    return dataclasses.replace(step, key_end=jnp.where(window > 0, step.key_end, causal))
 
 
 def config(g: GGUFFile) -> ModelConfig:
@@ -225,7 +238,9 @@ class Gemma4Layer(nn.Module):
         )
         a = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         tables = (rope[0][data.base], rope[1][data.base])
-        a, state = attn(a, state, data.index, step, data.window, tables)
+        a, state = attn(
+            a, state, data.index, _sliding_spans(step, data.window), data.window, tables
+        )
         x = x + RMSNorm(c.norm_eps, self.dtype, name="post_attn_norm")(a)
         x = x + RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm")(self._ffn(x, f))
         if c.per_layer_input_dim:

@@ -36,12 +36,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tsjax.gguf import GGUFError, GGUFFile
-from tsjax.vision import dynamic, gemma3, pixtral, qwen3vl
+from tsjax.vision import dynamic, gemma3, gemma4v, pixtral, qwen3vl
 from tsjax.vision.config import VisionConfig, projector_type
 from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
 
 PROJECTORS: dict[str, ModuleType] = {
     "gemma3": gemma3,
+    "gemma4v": gemma4v,
     "pixtral": pixtral,
     "qwen3vl_merger": qwen3vl,
 }
@@ -261,7 +262,8 @@ def load_projector(
         # once measured against these embeddings' tolerance.
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     module = family.module(cfg, dtype)
-    params = load_params(g, cfg, module, family.tensors(g, cfg), device_put)
+    ignore = getattr(family, "IGNORED_PREFIXES", ())
+    params = load_params(g, cfg, module, family.tensors(g, cfg), device_put, ignore)
     # dynamic images run one at a time: each is already up to thousands of patches, and a
     # count bucket per token bucket would multiply the programs to compile
     default = (1,) if cfg.dynamic else default_buckets()
@@ -287,9 +289,13 @@ def param_shapes(module: nn.Module, cfg: VisionConfig) -> dict:
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
-def load_params(g: GGUFFile, cfg: VisionConfig, module, table, device_put=None) -> dict:
+def load_params(
+    g: GGUFFile, cfg: VisionConfig, module, table, device_put=None, ignore: tuple[str, ...] = ()
+) -> dict:
     """Every tensor of `table` (GGUF name -> (params path, transform)) into a params pytree
-    shaped as `module` wants it; per-layer tensors ("{i}") stacked on a leading layer axis."""
+    shaped as `module` wants it; per-layer tensors ("{i}") stacked on a leading layer axis.
+    Any other tensor is an error, except those named with an `ignore` prefix (another
+    modality's encoder in the same file: Gemma 4's audio)."""
     shapes = param_shapes(module, cfg)
     put = device_put or (lambda path, a: jax.device_put(a))
     names = set(g.tensor_names())
@@ -299,7 +305,7 @@ def load_params(g: GGUFFile, cfg: VisionConfig, module, table, device_put=None) 
         raise GGUFError(
             f"{g.path.name}: missing tensors {missing[:5]} for a {cfg.projector_type} projector"
         )
-    unused = sorted(names - set(wanted))
+    unused = sorted(n for n in names - set(wanted) if not n.startswith(ignore))
     if unused:
         raise GGUFError(
             f"{g.path.name}: tensors {unused[:5]} are not supported for a "
@@ -332,7 +338,7 @@ def _tensor(g: GGUFFile, name: str, transform, want: tuple[int, ...]) -> np.ndar
         w = transform(w)
     if w.shape != tuple(want):
         raise GGUFError(f"{g.path.name}: tensor {name} has shape {w.shape}, expected {want}")
-    return np.ascontiguousarray(w)
+    return np.ascontiguousarray(w).reshape(w.shape)  # (ascontiguousarray makes 0-d 1-d)
 
 
 def _get(tree, path):
