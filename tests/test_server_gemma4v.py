@@ -1,0 +1,96 @@
+"""A Gemma 4 image on the server, end to end: the real server hosting the tiny random Gemma 4
+E-model with its gemma4v projector (`--mmproj`, a bare name beside the model; the file's audio
+half unused), driven with the official `openai` and `ollama` clients: the prompt's length
+follows the image's size (<|image>, its tokens, <image|>), both APIs give the same greedy
+answer, and `/api/show` reports the projector's limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from hf_factory import build
+from live_server import LiveServer, free_port
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+openai = pytest.importorskip("openai")
+ollama = pytest.importorskip("ollama")
+
+
+def _png(seed: int, size: tuple[int, int]) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+WIDE = _png(1, (528, 336))  # 11 x 7 = 77 tokens as is
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    tiny = build("gemma4_vision_audio")
+    port = free_port()
+    settings = Settings(
+        model=str(tiny.gguf["f32"]), mmproj=tiny.mmproj["f32"].name, host="127.0.0.1",
+        port=port, rows=1, max_len=256, prefill_chunk=128,
+        upload_dir=str(tmp_path_factory.mktemp("uploads")),
+    )  # fmt: skip
+    app = create_app(settings)
+    live = LiveServer(app, port)
+    url = live.start(timeout=600)
+    yield url, app.state.hub
+    live.stop()
+
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+QUESTION = "What is in this picture?"
+
+
+def _expected_tokens(hub, images: list[bytes]) -> int:
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    return len(hub.model.chat_prompt([SYSTEM, {"role": "user", "content": content}], images).ids)
+
+
+def test_openai_and_ollama_see_the_same_picture(server):
+    url, hub = server
+    name = hub.model.name
+    want = _expected_tokens(hub, [WIDE])
+    assert want == _expected_tokens(hub, []) + 1 + 77 + 1  # <|image>, the tokens, <image|>
+    data = base64.b64encode(WIDE).decode()
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    parts = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+        {"type": "text", "text": QUESTION},
+    ]
+    r = oai.chat.completions.create(
+        model=name, messages=[SYSTEM, {"role": "user", "content": parts}], max_tokens=8,
+        temperature=0,
+    )  # fmt: skip
+    assert r.usage.prompt_tokens == want and r.usage.completion_tokens > 0
+    oll = ollama.Client(host=url)
+    opts = {"num_predict": 8, "temperature": 0}
+    msg = {"role": "user", "content": QUESTION, "images": [WIDE]}
+    o = oll.chat(model=name, messages=[SYSTEM, msg], options=opts)
+    assert o.prompt_eval_count == want and o.message.content == r.choices[0].message.content
+    # the image changes the answer's input: without it the prompt is 79 positions shorter
+    t = oll.chat(model=name, messages=[SYSTEM, {"role": "user", "content": QUESTION}],
+                 options=opts)  # fmt: skip
+    assert t.prompt_eval_count == want - 79
+
+
+def test_show_reports_the_projector(server):
+    url, hub = server
+    info = httpx.post(url + "/api/show", json={"model": hub.model.name}).json()
+    assert "vision" in info["capabilities"]
+    p = info["projector_info"]
+    assert p["clip.vision.projector_type"] == "gemma4v" and "tokens_per_image" not in p
+    assert (p["min_image_tokens"], p["max_image_tokens"]) == (70, 1120)
