@@ -19,6 +19,7 @@ from test_multimodal import _chat as chat
 from test_multimodal import _forward
 from vision_factory import MtmdCrashed, mtmd_image_embeddings, mtmd_prompt
 
+from tsjax.gguf import GGUFFile
 from tsjax.model import load
 from tsjax.vision import load_projector
 from tsjax.vision.config import ResizeSpec
@@ -103,10 +104,8 @@ def test_embeddings_match_transformers(tiny, proj):
         assert rel_err(emb, ref) < 1e-3, (name, rel_err(emb, ref))
 
 
-def _with_gelu_key(src, dst):
-    """A copy of the mmproj with clip.use_gelu = true: llama.cpp then runs the tower's GELU
-    in its tanh form, the model's (without the key, which Gemma 4's converter never writes,
-    it runs quick GELU: 1.9e-2 away from transformers on this model)."""
+def _copy(src, dst, *, flags=(), tensors=None):
+    """A copy of the mmproj with boolean keys `flags` set true and `tensors` replaced."""
     import gguf
 
     r = gguf.GGUFReader(str(src))
@@ -115,14 +114,36 @@ def _with_gelu_key(src, dst):
         if not key.startswith("GGUF.") and key != "general.architecture":
             sub = field.types[1] if len(field.types) > 1 else None
             w.add_key_value(key, field.contents(), field.types[0], sub)
-    w.add_bool("clip.use_gelu", True)
+    for key in flags:
+        w.add_bool(key, True)
     for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        if t.name in (tensors or {}):
+            w.add_tensor(t.name, tensors[t.name])
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def _with_gelu_key(src, dst):
+    """A copy of the mmproj with clip.use_gelu = true: llama.cpp then runs the tower's GELU
+    in its tanh form, the model's (without the key, which Gemma 4's converter never writes,
+    it runs quick GELU: 1.9e-2 away from transformers on this model)."""
+    return _copy(src, dst, flags=["clip.use_gelu"])
+
+
+def test_e2b_e4b_read_images_causally(tiny, tmp_path):
+    """llama.cpp reads images causally for the text widths of E2B (1536) and E4B (2560) and
+    bidirectionally for the others; the file says nothing else about it."""
+    for width, bidirectional in [(1536, False), (2560, False), (5376, True)]:
+        proj = np.zeros((width, 32), np.float32)
+        path = _copy(tiny.mmproj["f32"], tmp_path / f"w{width}.gguf",
+                     tensors={"mm.input_projection.weight": proj})  # fmt: skip
+        cfg = PROJECTORS["gemma4v"].config(GGUFFile(path))
+        assert (cfg.text_dim, cfg.bidirectional) == (width, bidirectional)
 
 
 def _f16(x):

@@ -2,7 +2,7 @@
 E-model with its gemma4v projector (`--mmproj`, a bare name beside the model; the file's audio
 half unused), driven with the official `openai` and `ollama` clients: the prompt's length
 follows the image's size (<|image>, its tokens, <image|>), both APIs give the same greedy
-answer, and `/api/show` reports the projector's limits."""
+answer, `/api/show` reports the projector's limits, and audio is refused by name."""
 
 from __future__ import annotations
 
@@ -94,3 +94,15 @@ def test_show_reports_the_projector(server):
     p = info["projector_info"]
     assert p["clip.vision.projector_type"] == "gemma4v" and "tokens_per_image" not in p
     assert (p["min_image_tokens"], p["max_image_tokens"]) == (70, 1120)
+
+
+def test_audio_is_refused_by_name(server):
+    """The mmproj has an audio encoder too, which tsjax does not run: an OpenAI input_audio
+    part is a 400 that says so, not a silently dropped part."""
+    url, hub = server
+    part = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
+    body = {"model": hub.model.name, "messages": msgs, "max_tokens": 2}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "audio input is not supported" in r.text

@@ -297,6 +297,7 @@ def normalize_messages(
 
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS = frozenset({"image", "image_url", "input_image"})
+_AUDIO_PARTS = frozenset({"input_audio", "audio"})
 
 
 def _content_text(content: Any, image_placeholder: str | None, i: int) -> str:
@@ -324,6 +325,11 @@ def _content_text(content: Any, image_placeholder: str | None, i: int) -> str:
         elif kind in _IMAGE_PARTS:
             if image_placeholder:
                 pieces.append(image_placeholder)
+        elif kind in _AUDIO_PARTS:
+            raise TemplateError(
+                f"message {i}: audio input is not supported (no audio encoder: the gemma4a half"
+                " of a Gemma 4 mmproj is not loaded)"
+            )
         else:
             raise TemplateError(f"message {i}: unsupported content part type {kind!r}")
     return "\n".join(pieces)
