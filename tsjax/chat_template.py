@@ -327,8 +327,8 @@ def _content_text(content: Any, image_placeholder: str | None, i: int) -> str:
                 pieces.append(image_placeholder)
         elif kind in _AUDIO_PARTS:
             raise TemplateError(
-                f"message {i}: audio input is not supported (no audio encoder: the gemma4a half"
-                " of a Gemma 4 mmproj is not loaded)"
+                f"message {i}: unsupported content part type {kind!r}: audio input is not"
+                " supported (no audio encoder: the gemma4a half of a Gemma 4 mmproj is not loaded)"
             )
         else:
             raise TemplateError(f"message {i}: unsupported content part type {kind!r}")
