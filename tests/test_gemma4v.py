@@ -83,6 +83,21 @@ def test_config_from_mmproj(proj):
         assert len(param_axes(family, keys)) == leaf.ndim, keys
 
 
+def test_attention_in_query_blocks_is_exact():
+    """Past `QUERY_BLOCKS_PAST` patches (Gemma 4's buckets of 512 tokens and up) attention runs
+    in blocks of queries: the same values as in one piece, padding keys masked alike."""
+    from tsjax.vision import vit
+
+    p = vit.QUERY_BLOCKS_PAST + 5  # the last block mostly padding
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, p, 2, 8), np.float32)) for _ in range(3))
+    mask = jnp.asarray(np.arange(p) < p - 300)[None]
+    blocks = vit.full_attention(q, k, v, 0.3, mask)
+    whole = vit._attention(q, k, v, 0.3, mask)
+    assert blocks.shape == whole.shape == (1, p, 2, 8)
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-5, atol=1e-6)
+
+
 def test_fit_size(proj):
     for arr, want in IMAGES.values():
         h, w, _ = arr.shape

@@ -97,6 +97,16 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, gh * gw, c * patch * patch)
 
 
+# Past this many patches an image's queries run in blocks of QUERY_BLOCK, one after another
+# (`lax.map`): the scores of all of them at once grow with the square of the patches. One
+# layer of Gemma 4's largest bucket (1120 tokens, 10080 patches) through its real tower's 12
+# heads of 64: 14.1 GiB peak and 35.1 s in one piece, 3.3 GiB and 11.8 s in blocks (2 busy
+# cores: `python -m benchmarks.vision_attention`). Gemma 3 (4096) and Pixtral (up to 4096)
+# stay in one piece.
+QUERY_BLOCKS_PAST = 4096
+QUERY_BLOCK = 2048
+
+
 def full_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, key_mask: jax.Array | None = None
 ) -> jax.Array:
@@ -107,7 +117,20 @@ def full_attention(
     Heads first, with the softmax's division applied to the [P, H] output instead of the
     [P, P] probabilities: on XLA:CPU at SigLIP's 4096 patches x 16 heads of 72 this took
     1.5 s a layer against 2.5 s for `jax.nn.dot_product_attention`, whose scores take a
-    transposing layout (`python benchmarks/vision_encode.py --layers 3`)."""
+    transposing layout (`python benchmarks/vision_encode.py --layers 3`). Past
+    `QUERY_BLOCKS_PAST` patches, in blocks of queries."""
+    b, p, n, h = q.shape
+    if p <= QUERY_BLOCKS_PAST:
+        return _attention(q, k, v, scale, key_mask)
+    blocks = -(-p // QUERY_BLOCK)
+    qp = jnp.pad(q, ((0, 0), (0, blocks * QUERY_BLOCK - p), (0, 0), (0, 0)))
+    qs = jnp.moveaxis(qp.reshape(b, blocks, QUERY_BLOCK, n, h), 1, 0)
+    out = jax.lax.map(lambda qb: _attention(qb, k, v, scale, key_mask), qs)
+    return jnp.moveaxis(out, 0, 1).reshape(b, blocks * QUERY_BLOCK, n, h)[:, :p]
+
+
+def _attention(q, k, v, scale: float, key_mask) -> jax.Array:
+    """`full_attention` in one piece: q [B, Q, N, H], k, v [B, P, N, H] -> [B, Q, N, H]."""
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(scale, q.dtype), k, v))
     s = jnp.einsum("bnph,bnqh->bnpq", q, k, preferred_element_type=jnp.float32)
     if key_mask is not None:
