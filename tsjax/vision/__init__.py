@@ -6,8 +6,9 @@
   mtmd does for the family; bad input raises an `ImageError` naming the problem.
 - `Projector.embed(prepared images)` -> each image's prompt embeddings [positions, text D]
   (`Projector.encode(pixels [n, S, S, 3])` for a fixed-size family's batch). Families:
-  `gemma3` (fixed 896 px square), `pixtral` and `qwen3vl_merger` (dynamic resolution:
-  `tsjax.vision.dynamic`; Qwen 3.5's images also take M-RoPE positions, `tsjax.spans`).
+  `gemma3` (fixed 896 px square), `pixtral`, `qwen3vl_merger` and `gemma4v` (dynamic
+  resolution: `tsjax.vision.dynamic`; Qwen 3.5's images also take M-RoPE positions,
+  `tsjax.spans`; Gemma 4's spans are bidirectional on its sliding layers only).
 """
 
 from tsjax.vision.config import ResizeSpec, VisionConfig

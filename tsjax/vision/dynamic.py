@@ -1,5 +1,5 @@
-"""Dynamic-resolution images (Pixtral, Qwen 3.5): each image keeps its aspect ratio, so its patch grid
-and token count vary. The encoder is compiled per *token bucket*, not per size:
+"""Dynamic-resolution images (Pixtral, Qwen 3.5, Gemma 4): each image keeps its aspect ratio,
+so its patch grid and token count vary. The encoder is compiled per *token bucket*, not per size:
 
 - An image of rows x cols tokens (each token a merge x merge block of patches) becomes a flat
   sequence of its patches, each block's merge^2 patches contiguous and the blocks in row-major
