@@ -102,7 +102,8 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
 # layer of Gemma 4's largest bucket (1120 tokens, 10080 patches) through its real tower's 12
 # heads of 64: 14.1 GiB peak and 35.1 s in one piece, 3.3 GiB and 11.8 s in blocks (2 busy
 # cores: `python -m benchmarks.vision_attention`). Gemma 3 (4096) and Pixtral (up to 4096)
-# stay in one piece.
+# stay in one piece; Qwen 3.5's buckets of 2048 and 4096 tokens (8192, 16384 patches) and
+# Gemma 4's of 512 and up go in blocks.
 QUERY_BLOCKS_PAST = 4096
 QUERY_BLOCK = 2048
 
