@@ -25,7 +25,11 @@ for any values.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,52 +127,99 @@ def write(out: Path, name: str) -> Path:
 
 
 def measure(path: Path, rows: int, llama: bool) -> dict:
-    """`tsjax bench`'s engine measurements (and llama.cpp's) of one file."""
-    from benchmarks.engine import bench_llama_cpp, bench_tsjax
+    """`tsjax bench`'s engine measurements (and llama.cpp's) of one file, each in a child
+    process: llama.cpp 0.3.36 aborts (GGML_ASSERT) in a batched decode of several sequences
+    of a Nemotron-H file, which must not take the other measurements with it."""
+    out = {"file_mb": path.stat().st_size / 1e6, "tsjax": _child("tsjax", path, rows)}
+    if llama and "prompt_ids" in out["tsjax"]:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(out["tsjax"]["prompt_ids"], f)
+        try:
+            out["llama"] = _child("llama", path, rows, f.name)
+        finally:
+            os.unlink(f.name)
+    return out
 
-    args = SimpleNamespace(
-        model=str(path), prompt_tokens=128, decode_tokens=64, decode_steps=4, quant="auto",
-        threads=2,
-    )  # fmt: skip
-    ours, load, close = bench_tsjax(args, rows=rows, lazy=True)
+
+def _child(kind: str, path: Path, rows: int, *extra: str) -> dict:
+    """Run `_measure_<kind>` in a child; its last JSON line (it prints one after each part),
+    with "error" set if it died."""
+    cmd = [sys.executable, "-m", "benchmarks.hybrid_file", "--child", kind, str(path), str(rows)]
+    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    got = json.loads(lines[-1]) if lines else {}
+    if proc.returncode:
+        got["error"] = f"{kind} exited {proc.returncode}: {proc.stderr.strip()[-200:]}"
+        print(got["error"], file=sys.stderr, flush=True)
+    return got
+
+
+def _args(path: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        model=path, prompt_tokens=128, decode_tokens=64, decode_steps=4, quant="auto", threads=2
+    )
+
+
+def _measure_tsjax(path: str, rows: int) -> None:
+    from benchmarks.engine import bench_tsjax
+
+    ours, load, close = bench_tsjax(_args(path), rows=rows, lazy=True)
+    print(json.dumps(ours), flush=True)
     try:
         ours["agg"] = load(rows)["aggregate_tok_s"]
     finally:
         close()
-    out = {"tsjax": ours, "file_mb": path.stat().st_size / 1e6}
-    if llama and (got := bench_llama_cpp(args, str(path), ours["prompt_ids"])):
-        ref, batched, close_ref = got
-        try:
-            ref["agg"] = batched(rows)["aggregate_tok_s"]
-        finally:
-            close_ref()
-        out["llama"] = ref
-    return out
+    print(json.dumps(ours), flush=True)
+
+
+def _measure_llama(path: str, rows: int, prompt_file: str) -> None:
+    from benchmarks.engine import bench_llama_cpp
+
+    prompt = json.loads(Path(prompt_file).read_text())
+    ref, batched, close = bench_llama_cpp(_args(path), path, prompt)
+    print(json.dumps(ref), flush=True)
+    try:
+        ref["agg"] = batched(rows)["aggregate_tok_s"]
+    finally:
+        close()
+    print(json.dumps(ref), flush=True)
 
 
 def report(results: dict[str, dict], rows: int) -> str:
+    """A Markdown table: one row per file, "-" where a measurement is missing (a child that
+    died: its error follows the table)."""
     head = (
         f"| file | MB | format | tsjax prefill tok/s | decode 1 | decode {rows} rows | "
         f"llama.cpp decode 1 | decode {rows} | tsjax vs dense twin (1 / {rows}) |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines, errors = [head, "|" + "---|" * 9], []
+
+    def fmt(v: float | None) -> str:
+        return f"{v:.1f}" if v else "-"
+
+    def ratio(a: dict, b: dict, key: str) -> str:
+        return f"{a[key] / b[key]:.2f}x" if a.get(key) and b.get(key) else "-"
+
     for name, r in results.items():
         t, ref = r["tsjax"], r.get("llama", {})
-        twin = results.get(f"{name}-dense")
-        vs = "-"
-        if twin:
-            d = twin["tsjax"]
-            vs = f"{t['decode_1_tok_s'] / d['decode_1_tok_s']:.2f}x / {t['agg'] / d['agg']:.2f}x"
-        fmt = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
+        twin = results.get(f"{name}-dense", {}).get("tsjax")
+        vs = f"{ratio(t, twin, 'decode_1_tok_s')} / {ratio(t, twin, 'agg')}" if twin else "-"
         lines.append(
-            f"| {name} | {r['file_mb']:.0f} | {t['format']} | {fmt(t['prefill_tok_s'])} | "
-            f"{fmt(t['decode_1_tok_s'])} | {fmt(t['agg'])} | {fmt(ref.get('decode_1_tok_s'))} | "
-            f"{fmt(ref.get('agg'))} | {vs} |"
+            f"| {name} | {r['file_mb']:.0f} | {t.get('format', '-')} | "
+            f"{fmt(t.get('prefill_tok_s'))} | {fmt(t.get('decode_1_tok_s'))} | "
+            f"{fmt(t.get('agg'))} | {fmt(ref.get('decode_1_tok_s'))} | {fmt(ref.get('agg'))} | "
+            f"{vs} |"
         )
-    return "\n".join(lines)
+        errors += [f"- {name}: {x['error']}" for x in (t, ref) if x.get("error")]
+    return "\n".join(lines + ([""] + errors if errors else []))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        kind, path, rows, *extra = argv[1:]
+        {"tsjax": _measure_tsjax, "llama": _measure_llama}[kind](path, int(rows), *extra)
+        return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.hybrid_file", description=__doc__)
     p.add_argument("dir", type=Path, help="where the files are written (and kept)")
     p.add_argument("--families", default=",".join(FAMILIES))
@@ -183,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in paths.items():
         print(f"measuring {path.name}", file=sys.stderr, flush=True)
         results[name] = measure(path, args.rows, not args.no_llama_cpp)
-    print(report(results, args.rows))
+        print(report(results, args.rows), flush=True)  # so far
     return 0
 
 
