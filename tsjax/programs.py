@@ -12,9 +12,10 @@ turns a key into a `jax.stages.Lowered` from abstract inputs only (no buffers), 
 background compile never touches the live cache. With a `store` (`tsjax.executables`), a
 program compiled by an earlier process is loaded from disk instead, with no trace at all.
 
-The background thread runs at a low CPU priority (`os.setpriority` on its own thread id,
-Linux), so on a small machine the steps being served keep the cores; what it still costs is
-the GIL while it traces and lowers.
+In the background, XLA's compile runs on a thread of low CPU priority (`os.setpriority` on its
+own thread id, Linux), so on a small machine the steps being served keep the cores; tracing
+and lowering, which hold the GIL, stay at normal priority (a starved thread holding the GIL
+stalls every other one), and that GIL time is what a background compile still costs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -55,6 +57,7 @@ class Programs:
         self._queue: deque[Key] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._xla: ThreadPoolExecutor | None = None
         self._closed = False
         #: (key, "ahead" | "demand" | "background", seconds) per compile, in order
         self.history: list[tuple[Key, str, float]] = []
@@ -96,7 +99,11 @@ class Programs:
             store = self.store
             exe = store.load(key) if store is not None else None
             if exe is None:
-                exe = self._lower(key).compile()
+                lowered = self._lower(key)
+                if why == "background":  # XLA's compile at low priority, on its own thread
+                    exe = self._niced().submit(lowered.compile).result()
+                else:
+                    exe = lowered.compile()
                 if store is not None:
                     store.save(key, exe)
             secs = time.perf_counter() - t0
@@ -145,15 +152,25 @@ class Programs:
             self._closed = True
             self._queue.clear()
             self._cv.notify_all()
-            thread = self._thread
+            thread, xla = self._thread, self._xla
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if xla is not None:
+            xla.shutdown(wait=True)
+
+    def _niced(self) -> ThreadPoolExecutor:
+        """The one thread that runs background XLA compiles, at nice `NICE` (Linux: a thread's
+        nice value is its own, and threads it starts inherit it)."""
+        with self._cv:
+            if self._xla is None:
+                self._xla = ThreadPoolExecutor(1, "tsjax-xla", initializer=_lower_priority)
+            return self._xla
 
     def _work(self) -> None:
-        try:  # Linux: a thread's nice value is its own, and threads it starts inherit it
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        except (AttributeError, OSError):
-            pass
+        # This thread traces and lowers at normal priority: it holds the GIL meanwhile, and a
+        # low-priority thread holding the GIL stalls every serving thread that waits for it
+        # (on a busy machine, for minutes). Only XLA's compile, which releases the GIL, runs
+        # niced (`_niced`).
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
@@ -167,3 +184,10 @@ class Programs:
                 log.exception("background compile of %s failed", key)
             with self._cv:
                 self._cv.notify_all()
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except (AttributeError, OSError):
+        pass
