@@ -52,7 +52,7 @@ from tsjax.layers.mlp import ACTIVATIONS
 from tsjax.layers.norms import RMSNorm, rms_norm
 from tsjax.layers.rope import rope_frequencies
 from tsjax.vision.config import ResizeSpec, VisionConfig, base_vision_kwargs
-from tsjax.vision.vit import TensorTable, _flatten_patch, full_attention
+from tsjax.vision.vit import TensorTable, _flatten_patch, full_attention, scanned_layers
 
 TOWER = "tower"
 # the audio encoder's tensors in the same file (gemma4a): not this projector's
@@ -266,14 +266,7 @@ class Gemma4VisionTower(nn.Module):
         )
         x = x + table[0][pos[..., 1]] + table[1][pos[..., 0]]
         tables = rope_2d(pos, c.head_dim, c.rope_theta)
-        layers = nn.scan(
-            Gemma4VisionLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-        )(c, self.dtype, name="layers")
-        x, _ = layers(x, tables, valid)
+        x, _ = scanned_layers(Gemma4VisionLayer, c, self.dtype)(x, tables, valid)
         return x
 
 

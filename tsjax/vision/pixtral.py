@@ -42,7 +42,13 @@ from tsjax.layers.norms import RMSNorm
 from tsjax.layers.rope import rope_frequencies, rotate
 from tsjax.loader import unpermute_qk
 from tsjax.vision.config import ResizeSpec, VisionConfig, base_vision_kwargs
-from tsjax.vision.vit import LAYER_PARAM_AXES, TensorTable, _flatten_patch, full_attention
+from tsjax.vision.vit import (
+    LAYER_PARAM_AXES,
+    TensorTable,
+    _flatten_patch,
+    full_attention,
+    scanned_layers,
+)
 
 TOWER = "tower"
 BREAK = "img_break"  # the [IMG_BREAK] embedding's params key
@@ -163,14 +169,7 @@ class PixtralTower(nn.Module):
         x = Linear(c.dim, False, self.dtype, name="patch_embed")(patches.astype(self.dtype))
         x = RMSNorm(c.norm_eps, self.dtype, name="pre_ln")(x)
         tables = rope_2d(pos, c.head_dim, c.rope_theta)
-        layers = nn.scan(
-            PixtralLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-        )(c, self.dtype, name="layers")
-        x, _ = layers(x, tables, valid)
+        x, _ = scanned_layers(PixtralLayer, c, self.dtype)(x, tables, valid)
         return x
 
 

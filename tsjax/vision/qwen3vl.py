@@ -52,7 +52,7 @@ from tsjax.layers.mlp import MLP
 from tsjax.layers.norms import LayerNorm
 from tsjax.layers.rope import rotate
 from tsjax.vision.config import ResizeSpec, VisionConfig, base_vision_kwargs
-from tsjax.vision.vit import TensorTable, full_attention
+from tsjax.vision.vit import TensorTable, full_attention, scanned_layers
 
 DEFAULT_MERGE = 2
 # llama.cpp's token limits for the Qwen-VL family (`set_limit_image_tokens(8, 4096)`)
@@ -209,14 +209,7 @@ class Tower(nn.Module):
         side = c.patches_per_side
         table = self.param("position_embedding", init, (side * side, c.dim), self.dtype)
         x = x + learned_positions(table, pos, valid).astype(self.dtype)
-        layers = nn.scan(
-            TowerLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-        )(c, self.dtype, name="layers")
-        x, _ = layers(x, vision_rope(pos, c.head_dim), valid)
+        x, _ = scanned_layers(TowerLayer, c, self.dtype)(x, vision_rope(pos, c.head_dim), valid)
         return LayerNorm(c.norm_eps, self.dtype, name="post_ln")(x)
 
 

@@ -15,6 +15,7 @@ matmuls are compute-bound, so the per-layer weight copy a scan makes on XLA:CPU 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -142,6 +143,21 @@ def _attention(q, k, v, scale: float, key_mask) -> jax.Array:
     return out.astype(q.dtype).transpose(0, 2, 1, 3)
 
 
+def scanned_layers(layer: type[nn.Module], cfg, dtype, in_axes: Any = (nn.broadcast, nn.broadcast)):
+    """A vision tower's `cfg.n_layers` blocks as one `nn.scan` of `layer(cfg, dtype)`, its params
+    stacked on a leading layer axis under "layers" (the GGUF loaders' `{i}` tensors). Call it
+    inside the tower's compact `__call__` as `(x, *inputs)`; each block returns (x, None), and
+    `in_axes` says how the inputs after x reach it (default: two broadcast ones, e.g. the
+    rotation tables and the key mask)."""
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        length=cfg.n_layers,
+    )(cfg, dtype, name="layers")
+
+
 class VisionAttention(nn.Module):
     """Bidirectional multi-head attention over one image's patches. x: [B, P, D]."""
 
@@ -188,13 +204,7 @@ class ViT(nn.Module):
             "position_embedding", nn.initializers.normal(0.02), (c.n_patches, c.dim), self.dtype
         )
         x = x + pos
-        layers = nn.scan(
-            EncoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=c.n_layers,
-        )(c, self.dtype, name="layers")
-        x, _ = layers(x, None)
+        x, _ = scanned_layers(EncoderLayer, c, self.dtype, in_axes=0)(x, None)
         return LayerNorm(c.norm_eps, self.dtype, name="post_ln")(x)
 
 
