@@ -79,11 +79,10 @@ def test_stored_programs_load_without_a_trace(tmp_path, monkeypatch):
     an earlier one compiled (`tsjax.executables`) instead of tracing them, and they compute
     the same tokens; another cache length is another file; an unreadable file is replaced by
     its program compiled as usual."""
-    import tsjax.catalog
     from tsjax.generation import stream
 
-    monkeypatch.setenv("TSJAX_PROGRAM_STORE", "on")
-    monkeypatch.setattr(tsjax.catalog, "compilation_cache_dir", lambda: tmp_path / "cache")
+    # a directory of its own: JAX's persistent cache (process-wide) stays where it is
+    monkeypatch.setenv("TSJAX_PROGRAM_STORE", str(tmp_path / "store"))
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=2, max_len=64, min_prefill=16, min_attn=32)
 

@@ -20,10 +20,10 @@ output tree structures), written to a temporary name and renamed, so a reader ne
 a file. One that fails to load (another jaxlib build, a truncated disk) is removed and the
 program compiled as usual. Only single-device steps use a store: a mesh's executables are
 left to the persistent cache. It is on wherever the persistent cache is
-(`tsjax.catalog.compilation_cache_dir`: `<cache>/executables`); TSJAX_PROGRAM_STORE=off turns it
-off (the test suite does: its tests patch backends and kernels inside one process). Loading
-a file runs code from it (pickle): the directory must be as trusted as the program itself,
-like JAX's own cache directory.
+(`tsjax.catalog.compilation_cache_dir`: `<cache>/executables`); TSJAX_PROGRAM_STORE=DIR puts
+it in DIR, =off turns it off (the test suite does: its tests patch backends and kernels
+inside one process). Loading a file runs code from it (pickle): the directory must be as
+trusted as the program itself, like JAX's own cache directory.
 """
 
 from __future__ import annotations

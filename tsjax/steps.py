@@ -13,6 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -425,14 +426,20 @@ class Steps:
 
     def _executable_store(self) -> ExecutableStore | None:
         """Where programs compiled here are kept for the next process (`tsjax.executables`):
-        beside the persistent compilation cache, for single-device steps; None when that
-        cache is off, on a mesh, or with TSJAX_PROGRAM_STORE=off. Its context is everything
+        beside the persistent compilation cache (or in the directory TSJAX_PROGRAM_STORE
+        names), for single-device steps; None when that cache is off, on a mesh, or with
+        TSJAX_PROGRAM_STORE=off. Its context is everything
         the traces read besides the key and tsjax's source (which the store adds)."""
         from tsjax.catalog import compilation_cache_dir
 
-        directory = compilation_cache_dir()
-        off = os.environ.get("TSJAX_PROGRAM_STORE", "").strip().lower() in OFF
-        if directory is None or self.plan is not None or off:
+        setting = os.environ.get("TSJAX_PROGRAM_STORE", "").strip()
+        if setting.lower() in OFF or self.plan is not None:
+            return None
+        if setting and setting.lower() not in ("on", "1", "true", "yes"):
+            directory = Path(setting)  # a directory of its own
+        elif (cache := compilation_cache_dir()) is not None:
+            directory = cache / "executables"
+        else:
             return None
         kernels = None
         if jax.default_backend() == "cpu":
@@ -449,7 +456,7 @@ class Steps:
                 self.stop_ids.tolist(), jax.tree_util.tree_structure(self._specs), leaves,
                 kernels,
             ))  # fmt: skip
-        return ExecutableStore(directory / "executables", context)
+        return ExecutableStore(directory, context)
 
     def _lower(self, key: Key) -> jax.stages.Lowered:
         """Lower one program from abstract inputs (any thread; see `tsjax.programs`)."""
