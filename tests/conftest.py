@@ -12,10 +12,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Compiled programs stored on disk (tsjax.executables) are keyed by what their traces read, but
-# tests patch backends and kernels inside one process: a program one test stored must not
-# answer another. tests/test_programs.py tests the store itself.
-os.environ.setdefault("TSJAX_PROGRAM_STORE", "off")
 
 REAL_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",

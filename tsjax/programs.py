@@ -9,8 +9,7 @@ and gigabytes; compiling only what requests reach keeps both proportional to use
 
 A key is a tuple (kind, *static sizes), e.g. ("decode", rows, attn_len, max_steps). `lower`
 turns a key into a `jax.stages.Lowered` from abstract inputs only (no buffers), so a
-background compile never touches the live cache. With a `store` (`tsjax.executables`), a
-program compiled by an earlier process is loaded from disk instead, with no trace at all.
+background compile never touches the live cache.
 
 In the background, XLA's compile runs on a thread of low CPU priority (`os.setpriority` on its
 own thread id, Linux), so on a small machine the steps being served keep the cores; tracing
@@ -31,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
-
-from tsjax.executables import ExecutableStore
 
 log = logging.getLogger("tsjax.programs")
 
@@ -61,9 +58,6 @@ class Programs:
         self._closed = False
         #: (key, "ahead" | "demand" | "background", seconds) per compile, in order
         self.history: list[tuple[Key, str, float]] = []
-        #: where compiled programs are kept between processes (`tsjax.executables`; None:
-        #: nowhere); a stored one is loaded instead of traced, lowered and compiled
-        self.store: ExecutableStore | None = None
 
     def __contains__(self, key: Key) -> bool:
         with self._cv:
@@ -96,16 +90,11 @@ class Programs:
             event.wait()  # someone else compiles it; it may also have failed: look again
         try:
             t0 = time.perf_counter()
-            store = self.store
-            exe = store.load(key) if store is not None else None
-            if exe is None:
-                lowered = self._lower(key)
-                if why == "background":  # XLA's compile at low priority, on its own thread
-                    exe = self._niced().submit(lowered.compile).result()
-                else:
-                    exe = lowered.compile()
-                if store is not None:
-                    store.save(key, exe)
+            lowered = self._lower(key)
+            if why == "background":  # XLA's compile at low priority, on its own thread
+                exe = self._niced().submit(lowered.compile).result()
+            else:
+                exe = lowered.compile()
             secs = time.perf_counter() - t0
             with self._cv:
                 self._done[key] = exe

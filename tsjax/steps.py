@@ -8,12 +8,9 @@ cache positions attention reads. Everything else a request can vary is array dat
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +18,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tsjax.cache import Cache, KVLayout
-from tsjax.executables import OFF, ExecutableStore
 from tsjax.grammar import mask_words
 from tsjax.logprobs import Logprobs, of, of_positions
 from tsjax.models import Decoder, ModelConfig
@@ -422,41 +418,6 @@ class Steps:
             cache,
             jax.tree.map(_spec, self.new_sampler()),
         )
-        self.programs.store = self._executable_store()
-
-    def _executable_store(self) -> ExecutableStore | None:
-        """Where programs compiled here are kept for the next process (`tsjax.executables`):
-        beside the persistent compilation cache (or in the directory TSJAX_PROGRAM_STORE
-        names), for single-device steps; None when that cache is off, on a mesh, or with
-        TSJAX_PROGRAM_STORE=off. Its context is everything
-        the traces read besides the key and tsjax's source (which the store adds)."""
-        from tsjax.catalog import compilation_cache_dir
-
-        setting = os.environ.get("TSJAX_PROGRAM_STORE", "").strip()
-        if setting.lower() in OFF or self.plan is not None:
-            return None
-        if setting and setting.lower() not in ("on", "1", "true", "yes"):
-            directory = Path(setting)  # a directory of its own
-        elif (cache := compilation_cache_dir()) is not None:
-            directory = cache / "executables"
-        else:
-            return None
-        kernels = None
-        if jax.default_backend() == "cpu":
-            from tsjax.kernels import blockdot
-
-            kernels = blockdot.library_path()
-        flat = jax.tree_util.tree_flatten_with_path(self._specs)[0]
-        leaves = [
-            (jax.tree_util.keystr(k), v.shape, str(v.dtype), str(v.sharding)) for k, v in flat
-        ]
-        with np.printoptions(threshold=sys.maxsize):  # no "..." in a long array's repr
-            context = repr((
-                self.model, self.shapes, self.layout, str(self.dtype), self.unrolled,
-                self.stop_ids.tolist(), jax.tree_util.tree_structure(self._specs), leaves,
-                kernels,
-            ))  # fmt: skip
-        return ExecutableStore(directory, context)
 
     def _lower(self, key: Key) -> jax.stages.Lowered:
         """Lower one program from abstract inputs (any thread; see `tsjax.programs`)."""

@@ -125,13 +125,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def library_path() -> str | None:
-    """The loaded kernels' shared library (its name carries the digest of the source, the
-    compiler, jaxlib, the CPU's flags and the target), or None."""
-    lib = _library()
-    return getattr(lib, "_name", None) if lib is not None else None
-
-
 def isa() -> str | None:
     """The instruction set the kernels were compiled for ("avx512-vnni", "avx2", ...)."""
     lib = _library()
