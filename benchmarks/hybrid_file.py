@@ -142,7 +142,7 @@ def measure(path: Path, rows: int, llama: bool) -> dict:
 
 
 def _child(kind: str, path: Path, rows: int, *extra: str) -> dict:
-    """Run `_measure_<kind>` in a child; its last JSON line (it prints one after each part),
+    """Run `_measure(kind, ...)` in a child; its last JSON line (it prints one after each part),
     with "error" set if it died."""
     cmd = [sys.executable, "-m", "benchmarks.hybrid_file", "--child", kind, str(path), str(rows)]
     proc = subprocess.run([*cmd, *extra], capture_output=True, text=True)
@@ -160,29 +160,23 @@ def _args(path: str) -> SimpleNamespace:
     )
 
 
-def _measure_tsjax(path: str, rows: int) -> None:
-    from benchmarks.engine import bench_tsjax
+def _measure(kind: str, path: str, rows: int, *extra: str) -> None:
+    """In a child: tsjax's (`kind` "tsjax") or llama.cpp's ("llama"; `extra`: the prompt ids'
+    JSON file) single-stream figures, printed as a JSON line, then again with the aggregate of
+    a batched round of `rows` requests ("agg")."""
+    from benchmarks.engine import bench_llama_cpp, bench_tsjax
 
-    ours, load, close = bench_tsjax(_args(path), rows=rows, lazy=True)
-    print(json.dumps(ours), flush=True)
+    if kind == "tsjax":
+        out, batched, close = bench_tsjax(_args(path), rows=rows, lazy=True)
+    else:
+        prompt = json.loads(Path(extra[0]).read_text())
+        out, batched, close = bench_llama_cpp(_args(path), path, prompt)
+    print(json.dumps(out), flush=True)
     try:
-        ours["agg"] = load(rows)["aggregate_tok_s"]
+        out["agg"] = batched(rows)["aggregate_tok_s"]
     finally:
         close()
-    print(json.dumps(ours), flush=True)
-
-
-def _measure_llama(path: str, rows: int, prompt_file: str) -> None:
-    from benchmarks.engine import bench_llama_cpp
-
-    prompt = json.loads(Path(prompt_file).read_text())
-    ref, batched, close = bench_llama_cpp(_args(path), path, prompt)
-    print(json.dumps(ref), flush=True)
-    try:
-        ref["agg"] = batched(rows)["aggregate_tok_s"]
-    finally:
-        close()
-    print(json.dumps(ref), flush=True)
+    print(json.dumps(out), flush=True)
 
 
 def report(results: dict[str, dict], rows: int) -> str:
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         kind, path, rows, *extra = argv[1:]
-        {"tsjax": _measure_tsjax, "llama": _measure_llama}[kind](path, int(rows), *extra)
+        _measure(kind, path, int(rows), *extra)
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.hybrid_file", description=__doc__)
     p.add_argument("dir", type=Path, help="where the files are written (and kept)")
