@@ -531,3 +531,28 @@ def test_scheduler_resumes_a_recurrent_row_only_from_its_saved_states():
     s.release(row, list(range(14)) + [50], live=0)
     row, reuse = admit(list(range(9)) + [60])  # 9 tokens shared, no state saved there
     assert reuse == 0
+
+
+def test_a_failing_prefill_answers_its_request_and_frees_its_row(engine, monkeypatch):
+    # A request whose prefill raised was answered by nobody (it had left the queue and was
+    # not live yet): its client waited forever and its row stayed taken.
+    real = engine.runner.prefill
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a broken program")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "prefill", fails_once)
+    prompt = [4, 8, 15, 16, 23, 42]
+    reqs = [GenerationRequest(prompt, SamplingParams.greedy(), 8, reuse_prefix=False)
+            for _ in range(2)]  # fmt: skip
+    first, second = run(engine, reqs)
+    assert first[-1].kind is EventKind.ERROR and "a broken program" in first[-1].error
+    assert second[-1].kind in (EventKind.ERROR, EventKind.DONE)  # beside it: answered too
+    assert all(r.request is None for r in engine.scheduler.rows)
+    (again,) = run(engine, [GenerationRequest(prompt, SamplingParams.greedy(), 8,
+                                              reuse_prefix=False)])  # fmt: skip
+    assert again[-1].kind is EventKind.DONE and text_of(again)

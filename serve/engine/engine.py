@@ -146,6 +146,7 @@ class Engine:
         )
         self._live: dict[int, _Live] = {}  # row index -> live request
         self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
+        self._starting: dict[str, tuple[GenerationRequest, Sink]] = {}  # admitted, not live
         self._aborts: set[str] = set()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -311,21 +312,21 @@ class Engine:
                 except Exception as e:
                     log.exception("engine step failed")
                     self._fail_all(f"internal error: {e}")
-            with self._cv:
-                while self._running and not self._live and not self.scheduler.queue:
-                    self._cv.wait(timeout=1.0)
-                if not self._running:
-                    break
-                self._apply_aborts()
-                admitted = []
-                while (nxt := self.scheduler.admit()) is not None:
-                    admitted.append(nxt)
+            admitted = []
             try:
+                with self._cv:
+                    while self._running and not self._live and not self.scheduler.queue:
+                        self._cv.wait(timeout=1.0)
+                    if not self._running:
+                        break
+                    self._apply_aborts()
+                    while (nxt := self.scheduler.admit()) is not None:
+                        admitted.append(nxt)
                 for req, row, reuse in admitted:
                     self._start(req, row, reuse)
                 if self._live:
                     self._decode()
-            except Exception as e:  # a step failed: fail the live requests, keep serving
+            except Exception as e:  # a step failed: fail every request in hand, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {e}")
             now = time.perf_counter()
@@ -364,10 +365,12 @@ class Engine:
         its last token, copied to their rows, and each samples its first token in the next
         decode; a prefill-only request (embedding, prompt scoring) is done at once."""
         _, sink, submitted = self._waiting.pop(req.id)
+        self._starting[req.id] = (req, sink)  # until live (`_fail_all` answers it if not)
         prompt = req.prompt_ids
         queued = time.perf_counter() - submitted
         if req.prefill_only:
             self._prefill_only(req, row, sink, queued)
+            self._starting.pop(req.id)
             return
         rows = [row] if req.n == 1 else [row, *self.scheduler.siblings(req, row)]
         constraints = [req.constraint] * len(rows)
@@ -408,6 +411,7 @@ class Engine:
             live.row.tokens = list(req.cache_ids)
             live.prompt_logprobs = scored
             self._live[live.row.index] = live
+        self._starting.pop(req.id)
         if req.n == 1:  # the prefill sampled the first token
             assert pending is not None
             lps = self._entries(pending, 0) if req.logprobs else None
@@ -681,15 +685,22 @@ class Engine:
         return held, len(held) if live.base + fed <= known else 0
 
     def _fail_all(self, message: str) -> None:
+        """Answer every request in hand with an error (live, being started, queued) and
+        free their rows; the runner's state is rebuilt."""
         self._inflight = None  # the runner's state and feed are about to be replaced
         for live in list(self._live.values()):
             self._finish(live, FinishReason.ERROR, error=message)
         with self._cv:
-            for req_id, (req, sink, _) in list(self._waiting.items()):
-                self.scheduler.remove(req_id)
+            failed = [(req, sink) for req, sink, _ in self._waiting.values()]
+            for req, sink in [*self._starting.values(), *failed]:
+                self.scheduler.remove(req.id)
                 for i in range(req.n):
                     sink(TokenEvent(EventKind.ERROR, error=message,
                                     finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
             self._waiting.clear()
+            self._starting.clear()
+            for row in self.scheduler.rows:  # rows of requests that never started
+                if row.request is not None and row.index not in self._live:
+                    row.request = None
             self.scheduler.forget()  # the cache may be gone: trust nothing in it
         self.runner.reset()
