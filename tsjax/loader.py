@@ -24,6 +24,7 @@ from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.kernels.blocks import tensor_blocks
 from tsjax.models import Decoder
 from tsjax.models.decoder import PARAM_TABLE
+from tsjax.quantize import int8_blocks, is_expert_matrix
 from tsjax.quants import FOUR_BIT_TYPES
 from tsjax.stack import Placement
 
@@ -83,6 +84,7 @@ def load_params(
     places = _present(model, shapes)
     blocks = narrow.quant if narrow is not None else None
     in_blocks = _block_paths(narrow) if narrow is not None else set()
+    in_experts = _expert_block_paths(narrow) if narrow is not None else set()
     expected = [name for place in places for name in place.tensors]
     missing = [n for n in expected if n not in names]
     if missing:
@@ -101,8 +103,9 @@ def load_params(
 
     for place in places:
         leaf = _get(shapes, place.path)
-        if place.path in in_blocks:
-            for key, arr in block_leaves(g, place, leaf.shape, cfg, blocks, bar.update).items():
+        if place.path in in_blocks or place.path in in_experts:
+            make = block_leaves if place.path in in_blocks else expert_blocks
+            for key, arr in make(g, place, leaf.shape, cfg, blocks, bar.update).items():
                 _set(params, (*place.path[:-1], key), put((*place.path[:-1], key), arr))
             continue
         if not place.stacked:
@@ -133,6 +136,34 @@ def _block_paths(narrow: Decoder) -> set[tuple[str, ...]]:
     return {
         (*p[:-1], "embedding" if p[:-1] == TABLE[:1] else "weight") for p in flat if p[-1] == "q"
     }
+
+
+def _expert_block_paths(narrow: Decoder) -> set[tuple[str, ...]]:
+    """The routed experts' matrices (`.../moe/<projection>/weight`) the block model `narrow`
+    holds as int8 blocks (`tsjax.layers.moe.expert_format`)."""
+    flat = flatten_dict(param_shapes(narrow))
+    return {p for p, leaf in flat.items() if is_expert_matrix(p) and leaf.dtype == jnp.int8}
+
+
+def expert_blocks(
+    g: GGUFFile, place: Placement, shape: tuple[int, ...], cfg, quant: str, done=lambda n: None
+) -> dict[str, np.ndarray]:
+    """One routed-expert parameter, [..., E, out, in] float `shape`, as int8 blocks of 32:
+    {"weight" int8, "scales" float32 [..., E, out, in/32]} (`tsjax.quantize.int8_blocks`:
+    a Q8_0 or MXFP4 file's experts exactly), one tensor at a time (a stacked parameter's
+    layers written into preallocated [L, ...] arrays): the float experts never exist whole."""
+    e, n, k = shape[-3:]
+    out: dict[str, np.ndarray] = {}
+    for i, name in enumerate(place.tensors):
+        q, d = (np.asarray(a) for a in int8_blocks(_convert(g, name, cfg, np.float32, (e, n, k))))
+        done(1)
+        if not place.stacked:
+            return {"weight": q, "scales": d}
+        for key, arr in (("weight", q), ("scales", d)):
+            if key not in out:
+                out[key] = np.empty((len(place.tensors), *arr.shape), arr.dtype)
+            out[key][i] = arr
+    return out
 
 
 def block_leaves(

@@ -168,16 +168,6 @@ def load(
     t0 = time.perf_counter()
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
-    # Experts load as float, bfloat16 bits or int8 blocks (`tsjax.quantize.expert_params`);
-    # the q4/q8 block kernels do not cover them yet, so "auto" is float for a MoE model.
-    moe_auto = cfg.moe is not None and quant == "auto"
-    if moe_auto:
-        quant = None
-    if cfg.moe is not None and quant not in (None, "f32", "bf16", "int8"):
-        raise ValueError(
-            f"quant={quant!r} is not available for a mixture-of-experts model "
-            f"({cfg.architecture}) yet: its experts load as f32, bf16 or int8 only"
-        )
     dtype = dtype or default_dtype()
     if isinstance(mesh, str):
         from tsjax.sharding import make_mesh
@@ -187,8 +177,8 @@ def load(
     quant, reason = choose_quant(
         quant, jax.default_backend(), _weight_types(g), _kernels, n_devices
     )
-    if moe_auto:
-        reason = "auto: float32 (a mixture of experts: the block kernels do not cover experts)"
+    if cfg.moe is not None and quant in BLOCK_QUANTS:  # tsjax.layers.moe.expert_format
+        reason += "; routed experts in int8 blocks of 32"
     max_len = max_len or min(cfg.context_length, 4096)
     shapes = shapes or StepShapes.default(rows=rows, max_len=max_len)
     tokenizer = Tokenizer.from_gguf(g.metadata)

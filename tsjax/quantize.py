@@ -114,12 +114,12 @@ def _quantize(kernel, a, alpha):
     return q, scale, 1.0 / s
 
 
-def _expert_matrix(path: tuple[str, ...]) -> bool:
+def is_expert_matrix(path: tuple[str, ...]) -> bool:
     """A routed experts' projection [..., E, out, in] (`tsjax.layers.moe.ExpertMatrix`)."""
     return (
         len(path) >= 3
         and path[-1] == "weight"
-        and path[-2] in ("gate", "up", "down")
+        and path[-2] in ("gate", "up", "gate_up", "down")
         and path[-3] == "moe"
     )
 
@@ -151,7 +151,7 @@ def expert_params(params, quant: str):
     bfloat16 bits (uint16), "int8" as int8 blocks with `scales` (`int8_blocks`). Other
     leaves are kept."""
     flat = flatten_dict(params)
-    for path in [p for p in flat if _expert_matrix(p)]:
+    for path in [p for p in flat if is_expert_matrix(p)]:
         if quant == "bf16":
             flat[path] = bf16_bits(flat[path])
         elif quant == "int8":
@@ -178,4 +178,4 @@ def bf16_params(params, tied_embeddings: bool):
 
 def _plain(path: tuple[str, ...]) -> bool:
     """A `weight` that is not a Linear's: the router's, or an expert matrix."""
-    return _router(path) or _expert_matrix(path)
+    return _router(path) or is_expert_matrix(path)

@@ -43,6 +43,7 @@ from tsjax.layers.experts import Q8_BLOCK, activation_fn, ragged_ffn, tile_rows,
 from tsjax.layers.linear import Linear
 from tsjax.layers.norms import rms_norm
 from tsjax.mxfp4 import BLOCK as MXFP4_BLOCK
+from tsjax.quants import BLOCK_QUANTS
 from tsjax.stack import Param
 
 # llama.cpp clamps the renormalising sum to float16's smallest normal number.
@@ -334,13 +335,25 @@ class SharedExpert(nn.Module):
         return Linear(x.shape[-1], False, self.dtype, self.quant, name="down")(act(gate, up))
 
 
+def expert_format(quant: str | None, n_in: int) -> str | None:
+    """The routed experts' format, for `n_in` inputs, in a model of weight format `quant`:
+    the block formats ("q8", "q4") hold them as int8 blocks of 32 (Q8_0's layout: a Q8_0 or
+    MXFP4 file's experts exactly; the block kernels multiply 2-D weights, not a tile's expert
+    picked in the step) where `n_in` divides into blocks, else float as a block model's
+    Linear does; every other format as itself."""
+    if quant in BLOCK_QUANTS:
+        return "int8" if n_in % Q8_BLOCK == 0 else None
+    return quant
+
+
 class MoE(nn.Module):
     """The MoE block: router, routed experts, optional latent projection and shared expert.
 
-    `quant` is the routed experts' weight format (`tsjax.layers.experts`): None (the model
-    dtype), "bf16" (stored as uint16 bits), "int8" (blocks of 32 with a float scale) or
-    "mxfp4" (GGUF's blocks, decoded in the step); the router stays float32, the shared expert
-    and projections use `Linear` (None / "bf16" / "int8").
+    `quant` is the model's weight format; the routed experts take `expert_format(quant)`
+    (`tsjax.layers.experts`): None (the model dtype), "bf16" (stored as uint16 bits), "int8"
+    (blocks of 32 with a float scale; also under "q8" and "q4") or "mxfp4" (GGUF's blocks,
+    decoded in the step); the router stays float32, the shared expert and projections use
+    `Linear` in `quant` (float under "mxfp4").
     `impl` ("tiles" / "ragged") and `tile` (rows a tile) override the defaults. Param paths
     and their logical axes: `MOE_PARAM_AXES`."""
 
@@ -385,7 +398,7 @@ class MoE(nn.Module):
         elif s.gated:
             shapes = {"gate": (e, f, d), **shapes}
         p = {
-            name: ExpertMatrix(shape, self.quant, self.dtype, name=name)()
+            name: ExpertMatrix(shape, expert_format(self.quant, shape[2]), self.dtype, name=name)()
             for name, shape in shapes.items()
         }
         if s.expert_bias:

@@ -257,7 +257,7 @@ class Gemma4Layer(nn.Module):
             return m
         m = RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm_1")(m)
         e = RMSNorm(c.norm_eps, self.dtype, name="pre_ffn_norm_2")(x)
-        e = MoE(c.moe, self.dtype, name="moe")(e, router_x=x)
+        e = MoE(c.moe, self.dtype, self.quant, name="moe")(e, router_x=x)
         return m + RMSNorm(c.norm_eps, self.dtype, name="post_ffn_norm_2")(e)
 
     def _per_layer(self, x: jax.Array, inputs: jax.Array) -> jax.Array:

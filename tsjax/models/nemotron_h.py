@@ -183,8 +183,8 @@ class NemotronFFNLayer(nn.Module):
         h = RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x)
         if c.moe is None:
             h = MLP(c.ffn_dim, "relu2", False, self.dtype, self.quant, name="mlp")(h)
-        else:  # the experts' own narrow formats come with their loader (float meanwhile)
-            h = MoE(c.moe, self.dtype, None, name="moe")(h)
+        else:
+            h = MoE(c.moe, self.dtype, self.quant, name="moe")(h)
         return (x + h, state), None
 
 

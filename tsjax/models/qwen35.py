@@ -113,8 +113,7 @@ def ffn(cfg: ModelConfig, dtype, quant: str | None, x: jax.Array) -> jax.Array:
     h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
     if cfg.moe is None:
         return x + GatedMLP(cfg.ffn_dim, "silu", dtype, quant, name="mlp")(h)
-    # the experts' own narrow formats come with their loader (float experts meanwhile)
-    return x + MoE(cfg.moe, dtype, None, name="moe")(h)
+    return x + MoE(cfg.moe, dtype, quant, name="moe")(h)
 
 
 class Qwen35DeltaNetLayer(nn.Module):
