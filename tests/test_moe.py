@@ -512,8 +512,13 @@ if __name__ == "__main__" and sys.argv[1:] == ["--mesh-case"]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family,file",
-    [("gpt_oss", "mxfp4"), ("gpt_oss", "q8_0"), ("qwen35moe", "q8_0"),
-     ("nemotron_h_moe", "q8_0"), ("gemma4_moe", "q8_0")],  # fmt: skip
+    [
+        ("gpt_oss", "mxfp4"),
+        ("gpt_oss", "q8_0"),
+        ("qwen35moe", "q8_0"),
+        ("nemotron_h_moe", "q8_0"),
+        ("gemma4_moe", "q8_0"),
+    ],  # fmt: skip
 )
 def test_default_format_holds_experts_in_int8_blocks(family, file):
     """On CPU the default ("auto") loads a MoE model in the block format with its routed
