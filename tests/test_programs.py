@@ -38,8 +38,8 @@ def test_lazy_programs_cover_every_shape_then_compile_once(tmp_path):
     engine = Engine(model, decode_steps=4, prefill_chunk=32)
     engine.warmup()
     first = set(steps.first_keys((1, 4), 32))
-    assert first <= set(steps.programs.keys()) <= first | set(steps.later_keys(32))
-    assert len(first) == 3  # prefill of 32 tokens (short and longest), decode of 1 and 4 rows
+    assert first <= set(steps.programs.keys()) <= first | set(steps.later_keys((1, 4), 32))
+    assert len(first) == 2  # the longest prefill chunk, the decode of every row
     assert steps.programs.idle(timeout=600)  # later_keys, queued at warm-up
     engine.start()
     try:

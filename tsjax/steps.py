@@ -450,29 +450,39 @@ class Steps:
     def first_keys(
         self, decode_steps: tuple[int, ...] = (1,), max_prompt: int | None = None
     ) -> list[Key]:
-        """What `lazy` warm-up compiles: one-prompt prefill of short prompts (128 tokens) and
-        of the longest chunk, and decode of one row and of every row up to 512 positions:
-        every prefill and decode up to 512 positions has a cover, so none waits for a compile
-        (`later_keys` and longer contexts compile in the background, `_decode_key`)."""
+        """What `lazy` warm-up compiles before the server is ready: the one-prompt prefill of
+        the longest chunk and the decode of every row up to 512 positions. They cover every
+        prefill and decode up to 512 positions (a shorter prompt or fewer rows run padded), so
+        no request waits for a compile; the exact smaller shapes (`later_keys`) compile in
+        the background right after, and serve from then on."""
+        sh = self.shapes
+        top = bucket_for(min(max_prompt or sh.max_len, sh.max_len), sh.prefill_lens)
+        ms = steps_bucket(max(decode_steps))
+        attn = self.attn_len_for(min(512, sh.max_len))
+        return [
+            ("prefill", 1, top, self.attn_len_for(min(top, sh.max_len))),
+            ("decode", sh.decode_batches[-1], attn, ms),
+        ]
+
+    def later_keys(
+        self, decode_steps: tuple[int, ...] = (1,), max_prompt: int | None = None
+    ) -> list[Key]:
+        """What `lazy` warm-up queues for the background once ready, in order: the shapes a
+        single user's first requests reach (the prefill of a short prompt, the decode of the
+        fewest rows), the swap, and the longest chunk's prefill at every position (a cover
+        for any prefill after a reused prefix; compiling it up front took as long as the rest
+        together)."""
         sh = self.shapes
         top = bucket_for(min(max_prompt or sh.max_len, sh.max_len), sh.prefill_lens)
         short = bucket_for(min(128, top), sh.prefill_lens)
-        keys: list[Key] = [
-            ("prefill", 1, t, self.attn_len_for(min(t, sh.max_len))) for t in sorted({short, top})
-        ]
-        attn = self.attn_len_for(min(512, sh.max_len))
         ms = steps_bucket(max(decode_steps))
-        for b in sorted({sh.decode_batches[0], sh.decode_batches[-1]}):
-            keys.append(("decode", b, attn, ms))
-        return keys
-
-    def later_keys(self, max_prompt: int | None = None) -> list[Key]:
-        """What `lazy` warm-up queues for the background once ready: the swap, and the
-        longest chunk's prefill at every position (a cover for any prefill after a reused
-        prefix; compiling it up front took as long as the rest together)."""
-        sh = self.shapes
-        top = bucket_for(min(max_prompt or sh.max_len, sh.max_len), sh.prefill_lens)
-        return [("swap",), ("prefill", 1, top, sh.attn_lens[-1])]
+        attn = self.attn_len_for(min(512, sh.max_len))
+        keys = [("prefill", 1, short, self.attn_len_for(min(short, sh.max_len)))]
+        keys += [("decode", sh.decode_batches[0], attn, ms), ("swap",)]
+        keys.append(("prefill", 1, top, sh.attn_lens[-1]))
+        return [
+            k for k in dict.fromkeys(keys) if k not in self.first_keys(decode_steps, max_prompt)
+        ]
 
     def all_keys(
         self,
@@ -518,7 +528,7 @@ class Steps:
             with ThreadPoolExecutor(2, thread_name_prefix="tsjax-warmup") as pool:
                 keys = self.first_keys(decode_steps, max_prompt) + spans
                 list(pool.map(lambda k: self.programs.compile(k, "ahead"), keys))
-            for key in self.later_keys(max_prompt):
+            for key in self.later_keys(decode_steps, max_prompt):
                 self.programs.request(key)
         else:
             for key in self.all_keys(decode_steps, max_prompt, batches) + spans:
