@@ -12,9 +12,10 @@ sliding-window attention on every other layer, and a mixture of experts in place
   softmaxed; experts are clamped SwiGLU (alpha 1.702, limit 7, up + 1) with biases. The
   norm before it is GGUF's `post_attention_norm` (llama.cpp's `attn_post_norm`).
 
-Expert weights ship as MXFP4 and are decoded at load (exactly) into the weight format of the
-rest of the model: the model dtype by default, `quant="bf16"` bfloat16 bits, `quant="int8"`
-int8 blocks of 32 (lossless from MXFP4; `tsjax.quantize.expert_params`).
+Expert weights ship as MXFP4 and are decoded at load (exactly) into the experts' format for
+the model's weight format (`tsjax.layers.moe.expert_format`): int8 blocks of 32 under "q8" /
+"q4" (the CPU default) and "int8", bfloat16 bits under "bf16" (both lossless from MXFP4), the
+model dtype under "f32".
 """
 
 from __future__ import annotations
