@@ -40,6 +40,7 @@ class Upload:
     path: Path
     media_type: str  # image | audio | video | text | unknown
     file_name: str
+    frames: list[Path] = field(default_factory=list)  # a video's, as images (serve/video.py)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Session:
         self.history = []
         for up in self.pending:
             up.path.unlink(missing_ok=True)
+            for frame in up.frames:  # the folder itself goes with the upload TTL
+                frame.unlink(missing_ok=True)
         self.pending = []
         self.held = set()  # files used in turns expire with the upload TTL from now on
         self.disposed = True

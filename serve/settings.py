@@ -59,6 +59,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upload_quota_bytes: int = 2 * 1024 * 1024 * 1024  # every upload kept, together
     upload_ttl_s: float = 3600.0  # uploads no live session holds are deleted after this
     upload_dir: str | None = None  # None = a per-user folder under the temp directory
+    # frames a video upload is shown as (serve/video.py); 0 or less = 4, as the reference
+    video_max_frames: int = 4
     # Host names served besides localhost and loopback addresses while bound to loopback
     # (DNS rebinding defence); also checked on other binds when given. ["*"]: no check.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
@@ -202,6 +204,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("upload_quota_bytes", int, "all uploads kept together (default 2 GiB)"),
     ("upload_ttl_s", float, "unused uploads are deleted after this (default 3600)"),
     ("upload_dir", str, "where uploads are stored (default: a temp folder)"),
+    ("video_max_frames", int, "frames kept of a video upload (default 4; 0 or less = 4)"),
     ("session_ttl_seconds", float, "idle Web UI sessions expire after this (default 3600)"),
     ("max_sessions", int, "most Web UI sessions kept at once (default 256)"),
     ("log_level", str, "logging level (default INFO)"),

@@ -9,7 +9,9 @@
   it is `upload_ttl_s` old, by a sweep at startup and every few minutes. Sessions hold their
   files while they live; they expire after `session_ttl_seconds` idle.
 
-Names are `<32 hex><extension>`, generated here; nothing a client sends becomes a path.
+Names are `<32 hex><extension>`, generated here; nothing a client sends becomes a path. A
+video's frames (serve/video.py) are PNGs in a directory `frames_<32 hex>/` of their own, under
+the same rules: private, counted in the quota, expired as one once none of them is held.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from serve.errors import ApiError
 from serve.settings import Settings
 
 STORED = re.compile(r"^[0-9a-f]{32}(\.[a-z0-9]{1,10})?$")
+FRAMES_DIR = re.compile(r"^frames_[0-9a-f]{32}$")
+FRAME_NAME = re.compile(r"^frame_[0-9]{4}(_[0-9a-z]{1,16})?\.png$")
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
 def default_dir() -> Path:
@@ -75,45 +80,79 @@ class UploadStore:
         return cls(root, quota=settings.upload_quota_bytes, ttl=settings.upload_ttl_s, held=held)
 
     def usage(self) -> int:
-        """Bytes the stored files take."""
+        """Bytes the stored files take (frames directories' files included)."""
         total = 0
         with os.scandir(self.root) as entries:
             for e in entries:
                 if e.is_file(follow_symlinks=False):
                     total += e.stat(follow_symlinks=False).st_size
+                elif FRAMES_DIR.match(e.name) and e.is_dir(follow_symlinks=False):
+                    total += _dir_bytes(e.path)
         return total
 
     def sweep(self, now: float | None = None) -> int:
-        """Delete files older than the TTL that no live session holds; returns how many."""
+        """Delete files (and frames directories) older than the TTL that no live session
+        holds (a directory is held while any of its frames is); returns how many."""
         cutoff = (time.time() if now is None else now) - self.ttl
-        held = {p.name for p in self.held()}
+        held = self.held()
+        names = {p.name for p in held} | {p.parent.name for p in held if p.parent != self.root}
         removed = 0
         with os.scandir(self.root) as entries:
             for e in entries:
-                if e.name in held or not e.is_file(follow_symlinks=False):
+                if e.name in names or e.stat(follow_symlinks=False).st_mtime >= cutoff:
                     continue
-                if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                if e.is_file(follow_symlinks=False):
                     Path(e.path).unlink(missing_ok=True)
                     removed += 1
+                elif FRAMES_DIR.match(e.name) and e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                    removed += 1
         return removed
+
+    def _reserve(self, size: int) -> None:
+        """A 413 unless `size` more bytes fit the quota (after sweeping). Under the lock."""
+        used = self.usage()
+        if used + size > self.quota:
+            self.sweep()
+            used = self.usage()
+        if used + size > self.quota:
+            raise ApiError(413, f"the upload quota is full: {used} of {self.quota} bytes "
+                           f"are in use (upload_quota_bytes) and this file has {size}; "
+                           "unused uploads expire after upload_ttl_s")  # fmt: skip
 
     def save(self, source: BinaryIO, size: int, ext: str) -> Path:
         """Copy `size` bytes from `source` into a new 0600 file named `<32 hex><ext>`
         (blocking: run it in a worker thread). A 413 when the quota cannot take it."""
         with self._lock:
-            used = self.usage()
-            if used + size > self.quota:
-                self.sweep()
-                used = self.usage()
-            if used + size > self.quota:
-                raise ApiError(413, f"the upload quota is full: {used} of {self.quota} bytes "
-                               f"are in use (upload_quota_bytes) and this file has {size}; "
-                               "unused uploads expire after upload_ttl_s")  # fmt: skip
+            self._reserve(size)
             dest = self.root / f"{secrets.token_hex(16)}{ext}"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            with os.fdopen(os.open(dest, flags, 0o600), "wb") as out:
+            with os.fdopen(os.open(dest, _CREATE, 0o600), "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
             return dest
+
+    def save_frames(self, frames: list[tuple[str, bytes]]) -> list[Path]:
+        """Write a video's frames, `(name, PNG bytes)` with names matching `FRAME_NAME`, as
+        0600 files in a new 0700 directory `frames_<32 hex>`; their paths, in order. A 413
+        when the quota cannot take them all (nothing is written then)."""
+        if not all(FRAME_NAME.match(name) for name, _ in frames):
+            raise ValueError("frame names must match frame_NNNN[_tag].png")
+        with self._lock:
+            self._reserve(sum(len(data) for _, data in frames))
+            folder = self.root / f"frames_{secrets.token_hex(16)}"
+            folder.mkdir(mode=0o700)
+            out = []
+            for name, data in frames:
+                with os.fdopen(os.open(folder / name, _CREATE, 0o600), "wb") as f:
+                    f.write(data)
+                out.append(folder / name)
+            return out
+
+    def remove_frames(self, paths: list[Path]) -> None:
+        """Delete a frames directory `save_frames` made (the upload they came from failed)."""
+        folders = {p.parent for p in paths if p.parent.parent == self.root}
+        for folder in folders:
+            if FRAMES_DIR.match(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def rewrite(self, path: Path, text: str) -> None:
         """Replace a stored file's content (the cut text a turn will inline)."""
@@ -122,14 +161,24 @@ class UploadStore:
             out.write(text)
 
     def inside(self, path: str) -> Path | None:
-        """`path` resolved, if it names a stored file directly inside the directory."""
+        """`path` resolved, if it names a stored file directly inside the directory or a
+        video's frame inside one of its frames directories."""
         try:
             p = Path(path).resolve()
         except (OSError, RuntimeError, ValueError):
             return None
-        return p if p.parent == self.root and p.is_file() else None
+        direct = p.parent == self.root
+        frame = p.parent.parent == self.root and bool(FRAMES_DIR.match(p.parent.name))
+        return p if (direct or frame) and p.is_file() else None
 
     def find(self, name: str) -> Path | None:
         """The stored file called `name` (only names this store generates)."""
         path = self.root / name if STORED.match(name) else None
         return path if path is not None and path.is_file() else None
+
+
+def _dir_bytes(path: str) -> int:
+    """Bytes the regular files directly inside `path` take."""
+    with os.scandir(path) as entries:
+        return sum(e.stat(follow_symlinks=False).st_size for e in entries
+                   if e.is_file(follow_symlinks=False))  # fmt: skip

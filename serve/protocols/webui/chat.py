@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,13 +34,15 @@ from serve.protocols.webui.errors import render_error
 from serve.protocols.webui.sessions import TurnOptions, sessions_of
 from serve.protocols.webui.uploads import uploads_of
 from serve.sessions import Session, TrackedMessage, Upload
+from serve.settings import Settings
 from serve.state import Hub, hub_of
 from serve.streaming import sse_response
 from serve.translation import Intent, Reply, Sampling, prepare
-from serve.translation.images import with_images
-from serve.translation.intent import ImageInput
+from serve.translation.intent import ImageInput, image_part
 from serve.translation.options import ollama_format, openai_format, stop_of
-from serve.uploads import UploadStore
+from serve.uploads import FRAMES_DIR, UploadStore
+from serve.video import DEFAULT_MAX_FRAMES, frame_parts, max_frames
+from tsjax.model import Model
 
 # -- request bodies ---------------------------------------------------------------------------
 
@@ -87,29 +91,35 @@ def _user_media(body: ChatBody, store: UploadStore, session: Session, sees: bool
 
 
 def _attach_pending(
-    messages: list[dict[str, Any]], pending: list[Upload], listed: set[str], sees: bool
+    messages: list[dict[str, Any]], pending: list[Upload], listed: set[str], media: _Media
 ) -> int:
     """Inline pending text uploads at the front of the last user message, as the UI does
-    itself, and (for a model that sees) pending images not listed in a message before its
-    text; returns the number of pending media files the model cannot see."""
-    texts, images, media = [], [], 0
+    itself, and (for a model that sees) pending images and videos' frames not listed in a
+    message before its text; returns the number of pending media files the model cannot
+    see."""
+    texts, images, ignored = [], [], 0
     for up in pending:
         if up.media_type == "text" and str(up.path) not in listed:
             body = up.path.read_text("utf-8", errors="replace")
             texts.append(f"[File: {up.file_name}]\n{body}\n[End of file]")
-        elif up.media_type == "image" and sees:
+        elif up.media_type == "image" and media.sees:
             if str(up.path) not in listed:
-                images.append(ImageInput(path=str(up.path), where=f"upload {up.file_name}"))
+                image = ImageInput(path=str(up.path), where=f"upload {up.file_name}")
+                images.append(image_part(image))
+        elif up.media_type == "video" and media.sees and up.frames:
+            frames = [ImageInput(path=str(p), where=f"upload {up.file_name}") for p in up.frames
+                      if str(p) not in listed]  # fmt: skip
+            images += _image_parts(frames, True, media)
         elif up.media_type != "text":
-            media += 1
+            ignored += 1
     users = [m for m in messages if m["role"] == "user"]
     if texts and users:
         typed = _text_of(users[-1]["content"])
         joined = "\n\n".join(texts) + (f"\n\n{typed}" if typed else "")
         users[-1]["content"] = _with_text(users[-1]["content"], joined)
     if images and users:
-        users[-1]["content"] = with_images(users[-1]["content"], images)
-    return media
+        users[-1]["content"] = _with_parts(users[-1]["content"], images)
+    return ignored
 
 
 def _text_of(content: Any) -> str:
@@ -225,13 +235,13 @@ async def chat_turn(request: Request, body: ChatBody) -> Response:
     if body.newChat:
         session.reset()
     model, _ = hub.live()  # a 503 before the session's pending uploads are taken
-    sees = model.projector is not None
+    media = _Media.of(model, hub.settings)
     uploads = uploads_of(request)
-    ignored = _user_media(body, uploads, session, sees)
-    messages = [_message(m, i, uploads, sees) for i, m in enumerate(body.messages)]
+    ignored = _user_media(body, uploads, session, media.sees)
+    messages = [_message(m, i, uploads, media) for i, m in enumerate(body.messages)]
     listed = {p for m in body.messages for p in (m.textFilePaths or []) + (m.imagePaths or [])}
     listed = {str(uploads.inside(p) or p) for p in listed}
-    ignored += _attach_pending(messages, session.take_pending(), listed, sees)
+    ignored += _attach_pending(messages, session.take_pending(), listed, media)
     prep = await prepare(hub, _intent(body, session, messages))
     turns = prep.prompt.turns
     return sse_response(_turn(hub, prep.request, session, prep.reply, turns, ignored))
@@ -258,19 +268,62 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
     )
 
 
-def _message(m: WebMessage, i: int, uploads: UploadStore, sees: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Media:
+    """How this model takes a message's media: `sees` images at all; `stamped`: videos laid
+    out as Gemma 4 takes them (timed frames, at most `limit` per video on every turn)."""
+
+    sees: bool
+    stamped: bool = False
+    limit: int = DEFAULT_MAX_FRAMES
+
+    @classmethod
+    def of(cls, model: Model, settings: Settings) -> _Media:
+        stamped = model.config.architecture == "gemma4"
+        return cls(model.projector is not None, stamped, max_frames(settings.video_max_frames))
+
+
+def _message(m: WebMessage, i: int, uploads: UploadStore, media: _Media) -> dict[str, Any]:
     """Role and content (a model that sees gets the message's images, a video's frames among
     them, before its text, as the reference places them); an assistant turn's tool calls too,
     so a tool loop renders."""
     content: Any = m.content or ""
-    if sees and m.imagePaths:
+    if media.sees and m.imagePaths:
         images = [ImageInput(path=str(uploads.inside(p)), where=f"messages[{i}].imagePaths[{j}]")
                   for j, p in enumerate(m.imagePaths)]  # fmt: skip
-        content = with_images(content, images)
+        content = _with_parts(content, _image_parts(images, m.isVideo, media))
     msg: dict[str, Any] = {"role": m.role, "content": content}
     if m.tool_calls:
         msg["tool_calls"] = m.tool_calls
     return msg
+
+
+def _image_parts(images: list[ImageInput], video: bool, media: _Media) -> list[dict[str, Any]]:
+    """A message's images as content parts. In a video message for Gemma 4, the frames (files
+    in a frames directory: `serve.video`) of each video follow the still images, timed and at
+    most `media.limit` of them (`frame_parts`); other models take every frame as an image,
+    as the reference does."""
+    if not (video and media.stamped):
+        return [image_part(img) for img in images]
+    stills: list[dict[str, Any]] = []
+    videos: dict[Path, list[ImageInput]] = {}
+    for img in images:
+        folder = Path(img.path or "").parent
+        if FRAMES_DIR.match(folder.name):
+            videos.setdefault(folder, []).append(img)
+        else:
+            stills.append(image_part(img))
+    timed = [frame_parts(frames, media.limit, stamped=True) for frames in videos.values()]
+    return stills + [part for parts in timed for part in parts]
+
+
+def _with_parts(content: Any, parts: list[dict[str, Any]]) -> Any:
+    """Content with media `parts` before its text (Web UI paths, as the reference puts them)."""
+    if not parts:
+        return content
+    if isinstance(content, list):
+        return parts + content
+    return parts + ([{"type": "text", "text": content}] if content else [])
 
 
 @post("/api/webui/chat", status_code=200, dto=StrictBody[ChatBody], return_dto=None)

@@ -25,9 +25,10 @@ from serve.guard import UPLOAD
 from serve.protocols.webui.errors import render_error
 from serve.protocols.webui.sessions import sessions_of
 from serve.sessions import Upload
-from serve.state import hub_of
+from serve.state import Hub, hub_of
 from serve.translation.prompt import max_prompt_chars
 from serve.uploads import UploadStore
+from serve.video import VideoError, extract_frames, frame_name, max_frames
 from tsjax.model import Model
 
 MAX_TEXT_FILE_CHARS = 8000  # text upload cap when no tokenizer is loaded (reference default)
@@ -150,13 +151,31 @@ async def upload(request: Request) -> dict[str, Any]:
         model = hub.model if hub.ready else None
         out |= await hub.offload(_truncate, model, file)
         await hub.offload(store.rewrite, dest, out["textContent"])  # what a turn will inline
-    elif kind == "video":
-        out |= {"frames": [], "framePaths": []}  # no frame extraction: text-only models
+    frames: list[Path] = []
+    if kind == "video":
+        frames = await _video_frames(hub, store, dest)
+        out |= {"frames": [p.name for p in frames], "framePaths": [str(p) for p in frames]}
     if session is not None:
-        session.pending.append(Upload(dest, kind, name))
-        session.held.add(dest)
+        session.pending.append(Upload(dest, kind, name, frames))
+        session.held.update([dest, *frames])
         out["sessionId"] = session.id
     return out
+
+
+async def _video_frames(hub: Hub, store: UploadStore, video: Path) -> list[Path]:
+    """Decode the frames a video is shown as (serve/video.py) into a frames directory of the
+    store. A video that cannot be read is a 400 (the reference answers 500) and is deleted."""
+    limit = max_frames(hub.settings.video_max_frames)
+    try:
+        frames = await hub.offload(extract_frames, video, limit)
+        named = [(frame_name(i + 1, f.seconds), f.png) for i, f in enumerate(frames)]
+        return await hub.offload(store.save_frames, named)
+    except VideoError as e:
+        video.unlink(missing_ok=True)
+        raise ApiError(400, f"the video cannot be used: {e}", "file") from e
+    except ApiError:
+        video.unlink(missing_ok=True)
+        raise
 
 
 def _size(file: UploadFile) -> int:
