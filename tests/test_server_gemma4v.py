@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -106,3 +107,54 @@ def test_audio_is_refused_by_name(server):
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert "audio input is not supported" in r.text
+
+
+def _transformers_video_parts(seconds: list[float]) -> list[dict]:
+    """How transformers' `Gemma4Processor` lays out a video of frames taken at `seconds`
+    (its own `replace_video_token`, one soft token per frame here), cut into content parts:
+    the text between frames, and an image part where each frame's span goes."""
+    import re
+    from types import SimpleNamespace
+
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    proc = SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", video_token="<|video|>")
+    meta = SimpleNamespace(fps=10.0, timestamps=seconds)
+    inputs = {"num_soft_tokens_per_video": [1], "video_metadata": [meta]}
+    text = Gemma4Processor.replace_video_token(proc, inputs, 0)
+    pieces = re.split(r"<\|image><\|video\|><image\|>", text)
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def test_web_ui_video_is_laid_out_as_transformers_does(server, tmp_path):
+    """A 2 s video uploaded through the Web UI protocol becomes 2 frames (seconds 0 and 1);
+    a turn naming them with isVideo is prompted as transformers' Gemma 4 processor lays a
+    video out: `00:00 ` + frame 1 + ` 00:01 ` + frame 2, then the question."""
+    from test_video import write_video
+
+    url, hub = server
+    video = write_video(tmp_path / "clip.mp4", seconds=2).read_bytes()
+    with httpx.Client(base_url=url, timeout=120, headers={"X-TSJAX-UI": "1"}) as client:
+        up = client.post("/api/upload", files={"file": ("clip.mp4", video, "video/mp4")}).json()
+        assert up["frames"] == ["frame_0001_0ms.png", "frame_0002_1000ms.png"], up
+        msg = {"role": "user", "content": QUESTION, "imagePaths": up["framePaths"],
+               "isVideo": True}  # fmt: skip
+        body = {"messages": [SYSTEM, msg], "maxTokens": 2, "temperature": 0, "think": False}
+        r = client.post("/api/chat", json=body)
+    done = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+    assert done["done"] and done["error"] is None and "mediaIgnored" not in done, done
+    frames = [open(p, "rb").read() for p in up["framePaths"]]
+    content = [*_transformers_video_parts([0.0, 1.0]), {"type": "text", "text": QUESTION}]
+    user = {"role": "user", "content": content}
+    want = hub.model.chat_prompt([SYSTEM, user], frames, enable_thinking=False)
+    assert done["promptTokens"] == len(want.ids)
+    plain = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    without = hub.model.chat_prompt([SYSTEM, {"role": "user", "content": plain}], frames,
+                                    enable_thinking=False)  # fmt: skip
+    assert len(want.ids) > len(without.ids)  # the times are in the prompt

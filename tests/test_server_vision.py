@@ -279,3 +279,23 @@ def test_no_compiles_after_warm_up(server, name, oai, oll):
     assert before and _span_programs(hub) == before
     assert hub.model.steps.prefill_fn._cache_size() == 0  # nothing went around the programs
     assert hub.encoder.stats.images >= 3  # each distinct picture encoded
+
+
+def test_web_ui_video_frames_are_images(server, tmp_path):
+    """A video uploaded through the Web UI protocol becomes its frames (3 s: seconds 0, 1, 2);
+    a turn naming them with isVideo shows a Gemma 3 model each frame as an image, before the
+    text, as the reference does for every model but Gemma 4."""
+    from test_video import write_video
+
+    url, hub, _ = server
+    video = write_video(tmp_path / "clip.webm", seconds=3, codec="libvpx-vp9").read_bytes()
+    with httpx.Client(base_url=url, timeout=120, headers={"X-TSJAX-UI": "1"}) as client:
+        up = client.post("/api/upload", files={"file": ("clip.webm", video, "video/webm")})
+        up = up.json()
+        assert len(up["framePaths"]) == 3, up
+        msg = {"role": "user", "content": "Describe.", "imagePaths": up["framePaths"],
+               "isVideo": True}  # fmt: skip
+        done = sse(client.post("/api/chat", json={"messages": [msg], "maxTokens": 2}))[-1]
+    assert done["done"] and done["error"] is None and "mediaIgnored" not in done, done
+    frames = [open(p, "rb").read() for p in up["framePaths"]]
+    assert done["promptTokens"] == _expected_tokens(hub, "Describe.", frames)
