@@ -1,5 +1,6 @@
 """The chat page end to end: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright
-against the shared live server with the real default model (see test_server.running_server).
+against the shared live server with the real default model (see test_server.running_server),
+and one server of its own with the tiny Gemma 3 and its projector for attached pictures and video.
 
 Each test leaves a screenshot in test-artifacts/webui/<test name>.png, failed or not. Skips when
 the browser or playwright is missing (`make test` installs Chromium when it runs as root).
@@ -28,30 +29,38 @@ PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
     if not Path(CHROMIUM).exists():
         pytest.skip(
             f"{CHROMIUM} is missing (apt-get install chromium; `make test` does it as root)"
         )
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    base = running_server()
     with sync_api.sync_playwright() as p:
         # launch() gives every run a fresh temporary profile (user-data-dir).
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        b.base_url = base  # type: ignore[attr-defined]
         yield b
         b.close()
 
 
-def open_page(browser, request, viewport=DESKTOP):
-    """A fresh context (no saved settings) on the chat page, once it has its session."""
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """Chromium pointed at the shared live server (SmolLM2)."""
+    chromium.base_url = running_server()
+    return chromium
+
+
+def open_page(browser, request, viewport=DESKTOP, model="SmolLM2"):
+    """A fresh context (no saved settings) on the chat page, once it has its session and
+    shows `model` (a regular expression) in its badge."""
     ctx = browser.new_context(viewport=viewport, base_url=browser.base_url)
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto("/")
     page.wait_for_function("document.getElementById('transcript').dataset.sessionId")
-    page.wait_for_function("/SmolLM2/.test(document.getElementById('model-badge').textContent)")
+    page.wait_for_function(
+        "m => new RegExp(m).test(document.getElementById('model-badge').textContent)", arg=model
+    )
 
     def finish():
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -340,3 +349,87 @@ def test_reasoning_code_and_footer_from_a_canned_stream(page):
     assert page.locator(".msg.assistant .code-lang").text_content() == "python"
     assert page.locator(".msg.assistant strong").text_content() == "code"
     assert "get_weather" in page.locator(".msg.assistant .tool-call").text_content()
+
+
+@pytest.fixture(scope="module")
+def vision_server(chromium, tiny_vision, tmp_path_factory):
+    """Chromium pointed at a live server of its own hosting the tiny Gemma 3 with its
+    projector (`tiny_vision`); (browser, hub)."""
+    from live_server import LiveServer, free_port
+
+    from serve.app import create_app
+    from serve.settings import Settings
+
+    port = free_port()
+    settings = Settings(
+        model=str(tiny_vision.text_gguf), mmproj=tiny_vision.mmproj.name, host="127.0.0.1",
+        port=port, rows=1, max_len=256, prefill_chunk=64,
+        upload_dir=str(tmp_path_factory.mktemp("uploads")),
+    )  # fmt: skip
+    app = create_app(settings)
+    live = LiveServer(app, port)
+    chromium.base_url = live.start(timeout=600)
+    yield chromium, app.state.hub
+    live.stop()
+
+
+@pytest.mark.slow
+def test_attach_an_image_and_a_video_and_ask(vision_server, request, tmp_path):
+    """The 📎 picker uploads a picture; sent, it reaches the model (the prompt's token count
+    is the library's for that picture before the text) and the user bubble shows it, loaded
+    back from /uploads/. Then a video, whose frames reach the model as pictures."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    browser, hub = vision_server
+    page = open_page(browser, request, model=re.escape(hub.model.name))
+    settings(page, 4)
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 90, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    png = buf.getvalue()
+    with page.expect_file_chooser() as chooser:
+        page.click("label.attach")
+    chooser.value.set_files([{"name": "noise.png", "mimeType": "image/png", "buffer": png}])
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#attachments .chip img.thumb');"
+        " return i && i.complete && i.naturalWidth === 90; }"
+    )
+    with page.expect_request("**/api/chat") as req:
+        send(page, "Describe.")
+    msg = req.value.post_data_json["messages"][-1]
+    assert len(msg["imagePaths"]) == 1 and "isVideo" not in msg, msg
+    m = FOOTER.match(wait_reply(page, 1, timeout=180_000))
+    assert m, page.locator(".msg.assistant").last.text_content()
+    content = [{"type": "image"}, {"type": "text", "text": "Describe."}]
+    want = hub.model.chat_prompt([{"role": "user", "content": content}], [png])
+    assert int(m.group(2)) == len(want.ids)  # KV reused/prompt: the picture's positions in it
+    page.wait_for_function(
+        "() => { const i = document.querySelector('.msg.user img.picture');"
+        " return i && i.complete && i.naturalWidth === 90 && /\\/uploads\\//.test(i.src); }"
+    )
+
+    # A video becomes its frames: the picker takes it (chip VID), an empty message gets the
+    # reference UI's default prompt, and the turn sends the frames with isVideo.
+    from test_video import write_video
+
+    page.click("#new-chat")
+    page.wait_for_function("!document.querySelector('.msg')")
+    page.wait_for_function("document.getElementById('transcript').dataset.sessionId")
+    clip = write_video(tmp_path / "clip.mp4", seconds=2).read_bytes()
+    page.set_input_files(
+        "#file-input", files=[{"name": "clip.mp4", "mimeType": "video/mp4", "buffer": clip}]
+    )
+    page.locator("#attachments .chip.ready.kind-video").wait_for()
+    with page.expect_request("**/api/chat") as req:
+        page.click("#send")
+    msg = req.value.post_data_json["messages"][-1]
+    assert msg["isVideo"] and len(msg["imagePaths"]) == 2, msg
+    assert msg["content"] == "What is happening in this video?"
+    m = FOOTER.match(wait_reply(page, 1, timeout=180_000))
+    frames = [Path(p).read_bytes() for p in msg["imagePaths"]]
+    content = [{"type": "image"}] * 2 + [{"type": "text", "text": msg["content"]}]
+    want = hub.model.chat_prompt([{"role": "user", "content": content}], frames)
+    assert m and int(m.group(2)) == len(want.ids), m

@@ -217,9 +217,10 @@ async function pollQueue() {
 let nextAttachmentId = 1;
 
 async function uploadFile(file) {
+  const kind = file.type.split("/")[0]; // the server's answer decides; this is for the chip
   const att = {
     id: nextAttachmentId++, fileName: file.name, size: file.size, status: "uploading",
-    mediaType: file.type.startsWith("image/") ? "image" : "text",
+    mediaType: kind === "image" || kind === "video" ? kind : "text",
   };
   state.pending.push(att);
   renderPendingChips();
