@@ -24,7 +24,9 @@ from serve.translation.intent import ImageInput, image_part
 
 DEFAULT_MAX_FRAMES = 4
 MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD: larger frames are refused before any decoding
-MAX_DECODED_FRAMES = 2000  # frames decoded for one video, every seek together
+# frames decoded per frame kept (the distance from the keyframe before it): 10 s at 60 fps,
+# twice x264's default keyframe interval
+FRAMES_PER_KEPT = 600
 MAX_DECODE_SECONDS = 30.0  # wall time for one video's decoding
 
 
@@ -70,17 +72,24 @@ def candidate_frames(total: int, fps: float, limit: int) -> list[int]:
 
 @dataclass
 class Budget:
-    """Bounds on one video's decoding: frames decoded and wall time."""
+    """Bounds on one video's decoding: frames decoded (`frames_per_kept` for each frame
+    kept: the frames between a keyframe and a kept frame) and wall time."""
 
-    frames: int = MAX_DECODED_FRAMES
+    frames_per_kept: int = FRAMES_PER_KEPT
     seconds: float = MAX_DECODE_SECONDS
+    decoded: int = 0
+    allowed: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def spend(self) -> None:
-        self.frames -= 1
-        if self.frames < 0:
-            raise VideoError(f"the video needs more than {MAX_DECODED_FRAMES} frames decoded "
-                             "to reach its sampled frames (keyframes too far apart)")  # fmt: skip
+        """One frame decoded."""
+        self.decoded += 1
+        if self.decoded > self.allowed:
+            raise VideoError(f"reaching the sampled frames needs more than {self.allowed} "
+                             "frames decoded (keyframes too far apart)")  # fmt: skip
+        self.clock()
+
+    def clock(self) -> None:
         if time.monotonic() - self.started > self.seconds:
             raise VideoError(f"decoding the video took longer than {self.seconds:g} s")
 
@@ -97,34 +106,53 @@ class Frame:
 def extract_frames(path: Path, limit: int, budget: Budget | None = None) -> list[Frame]:
     """The frames a video is shown as (`candidate_frames`), decoded and encoded as PNG.
     Blocking (decoding): run it in a worker thread. Raises `VideoError` for a file that is
-    not a readable video, has no video stream or no frames, or exceeds the bounds."""
+    not a readable video, has no video stream or no frames, or exceeds the bounds.
+
+    Each kept frame is reached by a seek; a file that cannot seek (a raw stream, a WebM
+    recorded without an index) is decoded from its start up to the last kept frame instead,
+    within the same bounds."""
     import av
 
     budget = budget or Budget()
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
-            if not container.streams.video:
-                raise VideoError("the file has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type, stream.codec_context.thread_count = "SLICE", 1  # one core
-            _check_size(stream)
+            stream = _video_stream(container)
             fps = _fps(stream)
-            total = _frame_count(container, stream, fps)
-            if total <= 0:
-                raise VideoError("the video has no frames")
-            numbers = candidate_frames(total, fps, limit)
-            frames: list[Frame] = []
-            for n in numbers:
-                frame = _frame_at(container, stream, n, fps, budget)
-                # a count over-estimated by the container can land several numbers on the
-                # last frame: keep it once
-                if frame is not None and (not frames or frame.number > frames[-1].number):
-                    frames.append(frame)
+            total = _frame_count(container, stream, fps, budget)
+        numbers = candidate_frames(total, fps, limit)
+        budget.allowed = budget.frames_per_kept * len(numbers)
+        with av.open(str(path), metadata_errors="ignore") as container:
+            stream = _video_stream(container)
+            try:
+                frames = [_frame_at(container, stream, n, fps, budget) for n in numbers]
+            except av.FFmpegError:  # no seeking in this file: one pass from the start
+                frames = None
+        if frames is None:
+            with av.open(str(path), metadata_errors="ignore") as container:
+                frames = _frames_in_order(container, _video_stream(container), numbers, budget)
     except av.FFmpegError as e:
         raise VideoError(f"the video cannot be read: {e}") from e
-    if not frames:
+    kept: list[Frame] = []
+    for frame in frames:
+        # a count over-estimated by the container can land several numbers on the last
+        # frame: keep it once
+        if frame is not None and (not kept or frame.number > kept[-1].number):
+            kept.append(frame)
+    if not kept:
         raise VideoError("no frame of the video could be decoded")
-    return frames
+    return kept
+
+
+def _video_stream(container):
+    """The first video stream, set to decode on one thread; checked for its frame size."""
+    if not container.streams.video:
+        raise VideoError("the file has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type, stream.codec_context.thread_count = "SLICE", 1  # one core
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if w * h > MAX_FRAME_PIXELS:
+        raise VideoError(f"the video's frames are {w}x{h}: larger than 8K UHD is refused")
+    return stream
 
 
 def frame_name(index: int, seconds: float) -> str:
@@ -139,31 +167,31 @@ def frame_seconds(path: str | Path) -> float | None:
     return int(m.group(1)) / 1000 if m else None
 
 
-def _check_size(stream) -> None:
-    w, h = stream.codec_context.width, stream.codec_context.height
-    if w * h > MAX_FRAME_PIXELS:
-        raise VideoError(f"the video's frames are {w}x{h}: larger than 8K UHD is refused")
-
-
 def _fps(stream) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    """Frames a second: FFmpeg's guess (`av_guess_frame_rate`), else the average."""
+    rate = stream.guessed_rate or stream.average_rate
     fps = float(rate) if rate else 0.0
     if not fps > 0:
         raise VideoError("the video has no frame rate")
     return fps
 
 
-def _frame_count(container, stream, fps: float) -> int:
+def _frame_count(container, stream, fps: float, budget: Budget) -> int:
     """Frames in the stream: the container's count, else its duration times the rate, else
-    the packets counted (demuxing reads the file but decodes nothing)."""
+    the packets counted (demuxing reads the file but decodes nothing; in the time budget)."""
     if stream.frames > 0:
         return int(stream.frames)
     if stream.duration and stream.time_base:
-        return round(float(stream.duration * stream.time_base) * fps)
+        return max(1, round(float(stream.duration * stream.time_base) * fps))
     if container.duration:
-        return round(container.duration / 1_000_000 * fps)
-    count = sum(1 for p in container.demux(stream) if p.size)
-    container.seek(0, stream=stream)
+        return max(1, round(container.duration / 1_000_000 * fps))
+    count = 0
+    for packet in container.demux(stream):
+        count += 1 if packet.size else 0
+        if count % 256 == 0:
+            budget.clock()
+    if count <= 0:
+        raise VideoError("the video has no frames")
     return count
 
 
@@ -188,6 +216,21 @@ def _frame_at(container, stream, number: int, fps: float, budget: Budget) -> Fra
         return None
     seconds = max(0.0, float((last.pts - start) * base))
     return Frame(round(seconds * fps), seconds, _png(last))
+
+
+def _frames_in_order(container, stream, numbers: list[int], budget: Budget) -> list[Frame]:
+    """Frames `numbers` (ascending) by decoding from the start and counting, stopping at the
+    last; the time budget bounds it (not the frame budget: every frame before the last kept
+    one is decoded)."""
+    budget.allowed = budget.decoded + numbers[-1] + 1
+    wanted, out = set(numbers), []
+    for i, frame in enumerate(container.decode(stream)):
+        budget.spend()
+        if i in wanted:
+            out.append(Frame(i, i / _fps(stream), _png(frame)))
+        if i >= numbers[-1]:
+            break
+    return out
 
 
 def _png(frame) -> bytes:
