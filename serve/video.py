@@ -15,7 +15,7 @@ import io
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD: larger frames are refused before any d
 # twice x264's default keyframe interval
 FRAMES_PER_KEPT = 600
 MAX_DECODE_SECONDS = 30.0  # wall time for one video's decoding
+# positions a Gemma 4 video frame takes at most (transformers' Gemma4VideoProcessor
+# `max_soft_tokens`; an image takes 70 to 1120)
+GEMMA4_FRAME_TOKENS = 70
 
 
 _FRAME_TIME = re.compile(r"^frame_\d{4}_(\d{1,12})ms\.png$")
@@ -239,18 +242,19 @@ def _png(frame) -> bytes:
     return out.getvalue()
 
 
-def frame_parts(frames: Sequence[ImageInput], limit: int, *, stamped: bool) -> list[dict[str, Any]]:
+def frame_parts(frames: Sequence[ImageInput], limit: int, *, gemma4: bool) -> list[dict[str, Any]]:
     """One video's frames as content parts (images), cut to `limit` evenly spaced when there
-    are more. `stamped` (Gemma 4): each frame follows its time as `mm:ss ` and frames are
-    separated by a space, the layout transformers' `Gemma4Processor` gives a video (its chat
+    are more. For Gemma 4, transformers' `Gemma4Processor` layout of a video (its chat
     template writes `<|video|>` where the video goes; the processor expands that to
-    `mm:ss <|image>…<image|>` per frame, joined by spaces). Frames without a stored time
-    (`frame_seconds`) get no stamp."""
+    `mm:ss <|image>…<image|>` per frame, joined by spaces): each frame follows its time as
+    `mm:ss ` (frames without a stored time, `frame_seconds`, get none), frames are separated
+    by a space, and each takes at most `GEMMA4_FRAME_TOKENS` positions."""
     kept = [frames[i] for i in even_indices(len(frames), limit)]
-    if not stamped:
+    if not gemma4:
         return [image_part(f) for f in kept]
     parts: list[dict[str, Any]] = []
     for i, frame in enumerate(kept):
+        frame = replace(frame, max_tokens=GEMMA4_FRAME_TOKENS)
         seconds = frame_seconds(frame.path or "")
         stamp = "" if seconds is None else f"{int(seconds // 60):02d}:{int(seconds % 60):02d} "
         if i or stamp:

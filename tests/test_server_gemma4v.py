@@ -109,34 +109,33 @@ def test_audio_is_refused_by_name(server):
     assert "audio input is not supported" in r.text
 
 
-def _transformers_video_parts(seconds: list[float]) -> list[dict]:
-    """How transformers' `Gemma4Processor` lays out a video of frames taken at `seconds`
-    (its own `replace_video_token`, one soft token per frame here), cut into content parts:
-    the text between frames, and an image part where each frame's span goes."""
-    import re
+def _transformers_video(seconds: list[float], frame: tuple[int, int]) -> str:
+    """The text transformers' `Gemma4Processor` puts where a video goes (its own
+    `replace_video_token`): per frame taken at `seconds`, `mm:ss <|image>`, a `<|video|>` for
+    each of the frame's soft tokens, `<image|>`, joined by spaces. The soft tokens of a
+    (width, height) frame come from the size its video processor resizes it to (70 soft
+    tokens at most: 16 px patches pooled 3x3)."""
     from types import SimpleNamespace
 
+    from transformers.models.gemma4.image_processing_pil_gemma4 import (
+        get_aspect_ratio_preserving_size,
+    )
     from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
 
+    h, w = get_aspect_ratio_preserving_size(frame[1], frame[0], 16, 70 * 9, 3)
     proc = SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", video_token="<|video|>")
     meta = SimpleNamespace(fps=10.0, timestamps=seconds)
-    inputs = {"num_soft_tokens_per_video": [1], "video_metadata": [meta]}
-    text = Gemma4Processor.replace_video_token(proc, inputs, 0)
-    pieces = re.split(r"<\|image><\|video\|><image\|>", text)
-    parts: list[dict] = []
-    for i, piece in enumerate(pieces):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
+    inputs = {"num_soft_tokens_per_video": [(h // 48) * (w // 48)], "video_metadata": [meta]}
+    return Gemma4Processor.replace_video_token(proc, inputs, 0)
 
 
 def test_web_ui_video_is_laid_out_as_transformers_does(server, tmp_path):
     """A 2 s video uploaded through the Web UI protocol becomes 2 frames (seconds 0 and 1);
-    a turn naming them with isVideo is prompted as transformers' Gemma 4 processor lays a
-    video out: `00:00 ` + frame 1 + ` 00:01 ` + frame 2, then the question."""
-    from test_video import write_video
+    a turn naming them with isVideo is prompted as transformers' Gemma 4 processor expands
+    a video: `00:00 ` + frame 1 + ` 00:01 ` + frame 2, each frame sized as its video
+    processor sizes frames, then the question: the same token count as transformers' whole
+    prompt text (our template and tokenizer, `<|video|>` one control token per position)."""
+    from test_video import H, W, write_video
 
     url, hub = server
     video = write_video(tmp_path / "clip.mp4", seconds=2).read_bytes()
@@ -149,12 +148,9 @@ def test_web_ui_video_is_laid_out_as_transformers_does(server, tmp_path):
         r = client.post("/api/chat", json=body)
     done = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
     assert done["done"] and done["error"] is None and "mediaIgnored" not in done, done
-    frames = [open(p, "rb").read() for p in up["framePaths"]]
-    content = [*_transformers_video_parts([0.0, 1.0]), {"type": "text", "text": QUESTION}]
-    user = {"role": "user", "content": content}
-    want = hub.model.chat_prompt([SYSTEM, user], frames, enable_thinking=False)
-    assert done["promptTokens"] == len(want.ids)
-    plain = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
-    without = hub.model.chat_prompt([SYSTEM, {"role": "user", "content": plain}], frames,
-                                    enable_thinking=False)  # fmt: skip
-    assert len(want.ids) > len(without.ids)  # the times are in the prompt
+    expanded = _transformers_video([0.0, 1.0], (W, H))
+    user = {"role": "user", "content": expanded + QUESTION}
+    text = hub.model.template.render([SYSTEM, user], enable_thinking=False)
+    want = hub.model.tokenizer.encode(text, add_bos=False, parse_special=True)  # <bos> in it
+    assert done["promptTokens"] == len(want)
+    assert expanded.count("<|video|>") == 2 * 63  # 64x48 -> 432x336: 9 x 7 tokens a frame

@@ -234,15 +234,54 @@ def test_gemma4_frames_are_timed_and_cut_to_the_limit(tmp_path):
     """Gemma 4 gets transformers' video layout (`mm:ss ` before each frame, a space between
     frames); 8 frames over a limit of 4 keep [0, 2, 5, 7] (the reference's 1, 3, 6, 8)."""
     eight = _frames(tmp_path / ("frames_" + "a" * 32), 8)
-    assert _layout(frame_parts(eight, 4, stamped=True)) == [
+    assert _layout(frame_parts(eight, 4, gemma4=True)) == [
         "00:00 ", "frame_0001_0ms.png", " 00:03 ", "frame_0003_3000ms.png",
         " 00:07 ", "frame_0006_7500ms.png", " 00:10 ", "frame_0008_10500ms.png",
     ]  # fmt: skip
-    assert _layout(frame_parts(eight[:3], 4, stamped=False)) == [
+    assert _layout(frame_parts(eight[:3], 4, gemma4=False)) == [
         "frame_0001_0ms.png", "frame_0002_1500ms.png", "frame_0003_3000ms.png",
     ]  # fmt: skip
+    frames = [p["image"] for p in frame_parts(eight, 4, gemma4=True) if p["type"] == "image"]
+    assert {f.max_tokens for f in frames} == {70}  # Gemma 4's video frames: at most 70
+    plain = [p["image"] for p in frame_parts(eight, 4, gemma4=False)]
+    assert {f.max_tokens for f in plain} == {None}
     late = [ImageInput(path=str(tmp_path / "frame_0001_754000ms.png"))]
-    assert _layout(frame_parts(late, 4, stamped=True))[0] == "12:34 "
+    assert _layout(frame_parts(late, 4, gemma4=True))[0] == "12:34 "
+
+
+@pytest.mark.parametrize(
+    "width,height",
+    [(64, 48), (1920, 1080), (1280, 720), (720, 1280), (100, 100), (3840, 2160), (2000, 10),
+     (10, 2000), (480, 336)],
+)  # fmt: skip
+def test_gemma4_frames_are_sized_as_transformers_sizes_video(width, height):
+    """A Gemma 4 video frame (at most 70 positions) takes the size transformers'
+    Gemma4VideoProcessor gives it (its `get_aspect_ratio_preserving_size` with 70 soft
+    tokens: 16 px patches, 3x3 pooling), for small, large, portrait and extreme frames."""
+    # the video processor's own module needs torchvision; it sizes frames with this function
+    # (the same in the PIL image processor's module) and its class defaults
+    # max_soft_tokens=70, patch_size=16, pooling_kernel_size=3
+    from transformers.models.gemma4.image_processing_pil_gemma4 import (
+        get_aspect_ratio_preserving_size,
+    )
+
+    from serve.video import GEMMA4_FRAME_TOKENS
+    from tsjax.vision.config import VisionConfig
+    from tsjax.vision.preprocess import budget_size, prepare_image
+
+    assert GEMMA4_FRAME_TOKENS == 70
+    cfg = VisionConfig(
+        projector_type="gemma4v", image_size=224, patch_size=16, dim=8, ffn_dim=8,
+        n_layers=1, n_heads=1, head_dim=8, norm_eps=1e-6, activation="gelu",
+        image_mean=(0.0,) * 3, image_std=(1.0,) * 3, text_dim=8, merge=3,
+        min_tokens=70, max_tokens=1120,
+    )  # fmt: skip
+    h, w = get_aspect_ratio_preserving_size(height, width, 16, 70 * 9, 3)
+    assert budget_size(width, height, cfg, 70) == (w, h)
+    image = Image.new("RGB", (width, height), (200, 10, 10))
+    prepared = prepare_image(image, cfg, max_tokens=70)
+    assert prepared.pixels.shape[:2] == (h, w) and prepared.tokens == (h // 48) * (w // 48)
+    assert prepared.tokens <= 70
 
 
 def test_chat_lays_out_stills_and_each_video(tmp_path):
@@ -257,8 +296,8 @@ def test_chat_lays_out_stills_and_each_video(tmp_path):
     images = [still, *one, *two]
     gemma4 = _layout(_image_parts(images, True, _Media(True, True, 4)))
     assert gemma4[0] == still.path.rsplit("/", 1)[1]
-    assert gemma4[1:] == _layout(frame_parts(one, 4, stamped=True) +
-                                 frame_parts(two, 4, stamped=True))  # fmt: skip
+    assert gemma4[1:] == _layout(frame_parts(one, 4, gemma4=True) +
+                                 frame_parts(two, 4, gemma4=True))  # fmt: skip
     assert len([n for n in gemma4 if n.endswith(".png")]) == 1 + 4 + 2
     other = _layout(_image_parts(images, True, _Media(True, False, 4)))
     assert other == [Path(i.path).name for i in images]

@@ -116,7 +116,7 @@ async def prepare_images(model: Model, images: Sequence[ImageInput]):
         out = []
         for img in images:
             try:
-                out.append(proj.prepare(img.read()))
+                out.append(proj.prepare(img.read(), img.max_tokens))
             except ImageError as e:
                 raise ApiError(400, f"{img.where}: {e}", param=img.where) from e
             except OSError as e:

@@ -44,6 +44,8 @@ class ImageInput:
     data: bytes | None = None
     path: str | None = None
     where: str = "images"
+    # the most positions it may take (a Gemma 4 video frame); None: the projector's sizing
+    max_tokens: int | None = None
 
     def read(self) -> bytes:
         if self.data is not None:

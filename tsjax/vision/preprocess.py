@@ -214,6 +214,23 @@ def fit_size(width: int, height: int, cfg: VisionConfig) -> tuple[int, int]:
     return wb, hb
 
 
+def budget_size(width: int, height: int, cfg: VisionConfig, tokens: int) -> tuple[int, int]:
+    """The (width, height) a video frame is resized to when it may take at most `tokens`
+    positions, as transformers' `Gemma4VideoProcessor` sizes frames (its `max_soft_tokens`,
+    70): the image's aspect ratio scaled, up or down, to `tokens` tokens' worth of pixels,
+    each side then floored to a multiple of `cfg.align`; a side that floors to nothing gets
+    one token and the other side the whole ratio (at most `tokens`)."""
+    align = cfg.align
+    factor = math.sqrt(tokens * align**2 / (width * height))
+    wb = math.floor(width * factor / align) * align
+    hb = math.floor(height * factor / align) * align
+    if hb == 0:
+        hb, wb = align, min(math.floor(width / height), tokens) * align
+    elif wb == 0:
+        wb, hb = align, min(math.floor(height / width), tokens) * align
+    return wb, hb
+
+
 def normalize(img: Image.Image, mean, std) -> np.ndarray:
     """RGB image -> [H, W, 3] float32 (x / 255 - mean) / std, in float32 as llama.cpp."""
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
@@ -221,11 +238,20 @@ def normalize(img: Image.Image, mean, std) -> np.ndarray:
 
 
 def prepare_image(
-    source: ImageSource, cfg: VisionConfig, limits: ImageLimits = ImageLimits()
+    source: ImageSource,
+    cfg: VisionConfig,
+    limits: ImageLimits = ImageLimits(),
+    max_tokens: int | None = None,
 ) -> PreparedImage:
-    """Decode, orient, letterbox and normalize one image for a projector with config `cfg`."""
+    """Decode, orient, letterbox and normalize one image for a projector with config `cfg`.
+    `max_tokens` (a dynamic family's video frame): sized by `budget_size` instead."""
     img = open_image(source, limits)
-    target = fit_size(img.width, img.height, cfg) if cfg.dynamic else cfg.image_size
+    if cfg.dynamic and max_tokens:
+        target = budget_size(img.width, img.height, cfg, min(max_tokens, cfg.max_tokens))
+    elif cfg.dynamic:
+        target = fit_size(img.width, img.height, cfg)
+    else:
+        target = cfg.image_size
     boxed = letterbox(img, target, cfg.resize)
     raw = boxed.tobytes()
     digest = hashlib.sha256(f"{boxed.width}x{boxed.height}:".encode() + raw).hexdigest()

@@ -109,9 +109,10 @@ class Projector:
         `warmup` compiled its shape finds the program: it neither traces nor compiles)."""
         return self._traced
 
-    def prepare(self, source: ImageSource) -> PreparedImage:
-        """Decode and preprocess one image (bytes, path or PIL image); `ImageError` if bad."""
-        return prepare_image(source, self.config, self.limits)
+    def prepare(self, source: ImageSource, max_tokens: int | None = None) -> PreparedImage:
+        """Decode and preprocess one image (bytes, path or PIL image); `ImageError` if bad.
+        `max_tokens`: a video frame's budget (dynamic families; `budget_size`)."""
+        return prepare_image(source, self.config, self.limits, max_tokens)
 
     def bucket(self, n: int) -> int:
         """The image-count bucket a batch of n (1 <= n <= max bucket) images runs in."""

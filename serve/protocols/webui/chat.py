@@ -270,17 +270,17 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
 
 @dataclass(frozen=True)
 class _Media:
-    """How this model takes a message's media: `sees` images at all; `stamped`: videos laid
+    """How this model takes a message's media: `sees` images at all; `gemma4`: videos laid
     out as Gemma 4 takes them (timed frames, at most `limit` per video on every turn)."""
 
     sees: bool
-    stamped: bool = False
+    gemma4: bool = False
     limit: int = DEFAULT_MAX_FRAMES
 
     @classmethod
     def of(cls, model: Model, settings: Settings) -> _Media:
-        stamped = model.config.architecture == "gemma4"
-        return cls(model.projector is not None, stamped, max_frames(settings.video_max_frames))
+        gemma4 = model.config.architecture == "gemma4"
+        return cls(model.projector is not None, gemma4, max_frames(settings.video_max_frames))
 
 
 def _message(m: WebMessage, i: int, uploads: UploadStore, media: _Media) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def _image_parts(images: list[ImageInput], video: bool, media: _Media) -> list[d
     in a frames directory: `serve.video`) of each video follow the still images, timed and at
     most `media.limit` of them (`frame_parts`); other models take every frame as an image,
     as the reference does."""
-    if not (video and media.stamped):
+    if not (video and media.gemma4):
         return [image_part(img) for img in images]
     stills: list[dict[str, Any]] = []
     videos: dict[Path, list[ImageInput]] = {}
@@ -313,7 +313,7 @@ def _image_parts(images: list[ImageInput], video: bool, media: _Media) -> list[d
             videos.setdefault(folder, []).append(img)
         else:
             stills.append(image_part(img))
-    timed = [frame_parts(frames, media.limit, stamped=True) for frames in videos.values()]
+    timed = [frame_parts(frames, media.limit, gemma4=True) for frames in videos.values()]
     return stills + [part for parts in timed for part in parts]
 
 
