@@ -129,12 +129,19 @@ def _transformers_video(seconds: list[float], frame: tuple[int, int]) -> str:
     return Gemma4Processor.replace_video_token(proc, inputs, 0)
 
 
+def _done(r: httpx.Response) -> dict:
+    """The `done` frame of a Web UI stream."""
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+
+
 def test_web_ui_video_is_laid_out_as_transformers_does(server, tmp_path):
     """A 2 s video uploaded through the Web UI protocol becomes 2 frames (seconds 0 and 1);
     a turn naming them with isVideo is prompted as transformers' Gemma 4 processor expands
     a video: `00:00 ` + frame 1 + ` 00:01 ` + frame 2, each frame sized as its video
     processor sizes frames, then the question: the same token count as transformers' whole
-    prompt text (our template and tokenizer, `<|video|>` one control token per position)."""
+    prompt text (our template and tokenizer, `<|video|>` one control token per position).
+    Uploaded with a `sessionId`, the video joins that session's next message the same way."""
     from test_video import H, W, write_video
 
     url, hub = server
@@ -145,9 +152,16 @@ def test_web_ui_video_is_laid_out_as_transformers_does(server, tmp_path):
         msg = {"role": "user", "content": QUESTION, "imagePaths": up["framePaths"],
                "isVideo": True}  # fmt: skip
         body = {"messages": [SYSTEM, msg], "maxTokens": 2, "temperature": 0, "think": False}
-        r = client.post("/api/chat", json=body)
-    done = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+        done = _done(client.post("/api/chat", json=body))
+        # Uploaded for a session instead, the video joins that session's next message.
+        sid = client.post("/api/sessions").json()["sessionId"]
+        client.post("/api/upload", files={"file": ("clip.mp4", video, "video/mp4")},
+                    data={"sessionId": sid})  # fmt: skip
+        plain = {"role": "user", "content": QUESTION}
+        pending = _done(client.post("/api/chat", json={**body, "messages": [SYSTEM, plain],
+                                                       "sessionId": sid}))  # fmt: skip
     assert done["done"] and done["error"] is None and "mediaIgnored" not in done, done
+    assert pending["promptTokens"] == done["promptTokens"] and "mediaIgnored" not in pending
     expanded = _transformers_video([0.0, 1.0], (W, H))
     user = {"role": "user", "content": expanded + QUESTION}
     text = hub.model.template.render([SYSTEM, user], enable_thinking=False)
