@@ -581,7 +581,8 @@ def gemma4_vision_audio(hf: Path) -> dict[str, int]:
     2-D RoPE, q/k norms, clipped linears, standardisation bias/scale, GELU-gated MLP,
     projection into the text width. Audio: conformer, 2 layers of (FFN/2, chunked local
     self-attention with relative positions and logit cap, light conv, FFN/2), 2-layer conv
-    subsampling of 128 mel bins, clipped linears, output projection then text projection.
+    subsampling of 128 mel bins (128 then 4 channels), clipped linears, per-dim query
+    scales, output projection then text projection.
     """
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -594,9 +595,12 @@ def gemma4_vision_audio(hf: Path) -> dict[str, int]:
             num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3,
             position_embedding_size=64, standardize=True, use_clipped_linears=True,
         ),
+        # transformers sizes the subsampling's projection (channels[0] // 4) * channels[1]
+        # though the flattened features are (mel bins // 4) * channels[1]: the first conv
+        # must have 128 channels (as the real [128, 32]) for its audio tower to run at all
         audio_config=dict(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            subsampling_conv_channels=[8, 4], conv_kernel_size=5, output_proj_dims=48,
+            subsampling_conv_channels=[128, 4], conv_kernel_size=5, output_proj_dims=48,
         ),
         boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
         image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],

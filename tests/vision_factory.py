@@ -377,6 +377,76 @@ def _mtmd_prompt_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
     np.savez(dst, seq=np.asarray(seq, np.int64), logits=logits)
 
 
+def mtmd_audio_embeddings(
+    mmproj: Path, text_gguf: Path, clips: list[np.ndarray], out: Path
+) -> list[tuple[list[int], np.ndarray]]:
+    """llama.cpp's mtmd on 16 kHz mono float clips: its features, 30 s chunks and encoder.
+    Returns per clip (the token sequence mtmd makes of the clip alone, -1 at its embedded
+    positions; the embeddings [tokens, text D], every chunk's in order)."""
+    src = out.with_suffix(".in.npz")
+    np.savez(src, *clips)
+    proc = subprocess.run(
+        [sys.executable, __file__, "mtmd-audio", str(mmproj), str(text_gguf), str(src), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode < 0:
+        raise MtmdCrashed(f"llama.cpp died with signal {-proc.returncode}: {proc.stderr[-500:]}")
+    if proc.returncode:
+        raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
+    with np.load(out) as z:
+        return [(z[f"seq_{i}"].tolist(), z[f"emb_{i}"]) for i in range(len(clips))]
+
+
+def _mtmd_audio_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
+    llm = llama_cpp.Llama(model_path=text_gguf, n_ctx=256, verbose=False, n_threads=2)
+    width = llm.n_embd()
+    cp = M.mtmd_context_params_default()
+    cp.use_gpu, cp.print_timings, cp.n_threads, cp.warmup = False, False, 2, False
+    cp.flash_attn_type = 0
+    ctx = M.mtmd_init_from_file(mmproj.encode(), llm.model, cp)
+    assert ctx, "mtmd_init_from_file failed"
+    assert M.mtmd_support_audio(ctx), "mtmd sees no audio encoder in the file"
+    out = {}
+    with np.load(src) as z:
+        clips = [z[f"arr_{i}"] for i in range(len(z.files))]
+    for k, clip in enumerate(clips):
+        data = np.ascontiguousarray(clip, np.float32)
+        buf = (ctypes.c_float * data.size).from_buffer_copy(data.tobytes())
+        bitmap = M.mtmd_bitmap_init_from_audio(data.size, buf)
+        marker = M.mtmd_default_marker()
+        text = M.mtmd_input_text(marker, len(marker), False, True)
+        chunks = M.mtmd_input_chunks_init()
+        bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
+        seq, embs = [], []
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                toks = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                seq += [int(toks[j]) for j in range(n.value)]
+                continue
+            n = M.mtmd_input_chunk_get_n_tokens(chunk)
+            seq += [-1] * n
+            assert M.mtmd_encode_chunk(ctx, chunk) == 0
+            emb = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * width,))
+            embs.append(emb.reshape(n, width).copy())
+        out[f"seq_{k}"] = np.asarray(seq, np.int64)
+        out[f"emb_{k}"] = np.concatenate(embs)
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
+    M.mtmd_free(ctx)
+    np.savez(dst, **out)
+
+
+if __name__ == "__main__" and sys.argv[1] == "mtmd-audio":
+    _mtmd_audio_main(*sys.argv[2:6])
 if __name__ == "__main__" and sys.argv[1] == "mtmd":
     _mtmd_main(*sys.argv[2:6])
 if __name__ == "__main__" and sys.argv[1] == "mtmd-prompt":

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -39,6 +40,9 @@ from tsjax.gguf import GGUFError, GGUFFile
 from tsjax.vision import dynamic, gemma3, gemma4v, pixtral, qwen3vl
 from tsjax.vision.config import VisionConfig, projector_type
 from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
+
+if TYPE_CHECKING:
+    from tsjax.audio.encoder import AudioEncoder
 
 PROJECTORS: dict[str, ModuleType] = {
     "gemma3": gemma3,
@@ -82,6 +86,8 @@ class Projector:
     limits: ImageLimits = field(default_factory=ImageLimits)
     metadata: dict = field(default_factory=dict)  # the file's keys (Ollama's projector_info)
     family: ModuleType | None = None
+    # the same file's audio encoder (Gemma 4's gemma4a), if it has one: `tsjax.audio`
+    audio: AudioEncoder | None = None
 
     def __post_init__(self):
         self._traced = 0
@@ -244,10 +250,11 @@ def load_projector(
     mesh: Mesh | None = None,
 ) -> Projector:
     """Read an mmproj GGUF: config from its `clip.*` keys, params from its `v.*` / `mm.*`
-    tensors. dtype: the params' (default float32 on CPU, bfloat16 on accelerators);
-    device_put(path, array): place each leaf (e.g. a `VisionShardingPlan.device_put`);
-    mesh: shard the params over it by the vision rules (`tsjax.vision.sharding`; instead of
-    device_put); buckets: the image counts compiled (default `default_buckets()`)."""
+    tensors, and its audio encoder (`Projector.audio`) where it has one. dtype: the params'
+    (default float32 on CPU, bfloat16 on accelerators); device_put(path, array): place each
+    leaf (e.g. a `VisionShardingPlan.device_put`); mesh: shard the params over it by the
+    vision rules (`tsjax.vision.sharding`; instead of device_put); buckets: the image counts
+    compiled (default `default_buckets()`)."""
     t0 = time.perf_counter()
     g = GGUFFile(path)
     family = projector_family(g)
@@ -265,6 +272,11 @@ def load_projector(
     module = family.module(cfg, dtype)
     ignore = getattr(family, "IGNORED_PREFIXES", ())
     params = load_params(g, cfg, module, family.tensors(g, cfg), device_put, ignore)
+    # the audio half of the file runs on one device, its params replicated (small: ~300M
+    # parameters for Gemma 4's conformer)
+    from tsjax.audio.encoder import has_audio, load_audio_encoder  # (it imports this module)
+
+    audio = load_audio_encoder(g, dtype=dtype) if has_audio(g) else None
     # dynamic images run one at a time: each is already up to thousands of patches, and a
     # count bucket per token bucket would multiply the programs to compile
     default = (1,) if cfg.dynamic else default_buckets()
@@ -278,6 +290,7 @@ def load_projector(
         limits or ImageLimits(),
         dict(g.metadata),
         family,
+        audio,
     )
 
 
@@ -291,13 +304,20 @@ def param_shapes(module: nn.Module, cfg: VisionConfig) -> dict:
 
 
 def load_params(
-    g: GGUFFile, cfg: VisionConfig, module, table, device_put=None, ignore: tuple[str, ...] = ()
+    g: GGUFFile,
+    cfg: VisionConfig,
+    module,
+    table,
+    device_put=None,
+    ignore: tuple[str, ...] = (),
+    shapes: dict | None = None,
 ) -> dict:
     """Every tensor of `table` (GGUF name -> (params path, transform)) into a params pytree
-    shaped as `module` wants it; per-layer tensors ("{i}") stacked on a leading layer axis.
-    Any other tensor is an error, except those named with an `ignore` prefix (another
-    modality's encoder in the same file: Gemma 4's audio)."""
-    shapes = param_shapes(module, cfg)
+    shaped as `module` wants it (`shapes`: its params' shapes, default `param_shapes`);
+    per-layer tensors ("{i}") stacked on a leading layer axis. Any other tensor is an error,
+    except those named with an `ignore` prefix (another modality's encoder in the same file:
+    Gemma 4's audio, `tsjax.audio`, and vision)."""
+    shapes = param_shapes(module, cfg) if shapes is None else shapes
     put = device_put or (lambda path, a: jax.device_put(a))
     names = set(g.tensor_names())
     wanted = [n.format(i=i) for n in table for i in (range(cfg.n_layers) if "{i}" in n else [0])]
