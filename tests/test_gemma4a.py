@@ -171,3 +171,45 @@ def test_embeddings_match_llama_cpp(tiny, enc, tmp_path):
             out = np.asarray(enc._forward(rounded, padded))[0, : AudioConfig.tokens(len(f))]
             emulated.append(out)
         assert rel_err(np.concatenate(emulated), ref) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    from tsjax.model import load
+
+    return load(
+        tiny.gguf["f32"], mmproj=tiny.mmproj["f32"].name, max_len=256, rows=1, progress=False,
+        quant="f32",
+    )  # fmt: skip
+
+
+def _audio_chat(*parts) -> list[dict]:
+    """One user message of text and audio parts ("<audio>" marks an audio part)."""
+    content = [{"type": "audio"} if p == "<audio>" else {"type": "text", "text": p} for p in parts]
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+
+
+def test_logits_match_transformers(tiny, model):
+    """A clip inside the text: the layout (<|audio>, 51 embedded positions, <audio|>) and
+    every position's logits against transformers fed the same features (its audio soft
+    tokens in the clip's place, causal, per-layer inputs of the pad token as for images)."""
+    import torch
+    from hf_reference import hf_multimodal_logits
+    from test_multimodal import _forward
+
+    x = clip(2.05, silence=True)
+    prompt = model.chat_prompt(_audio_chat("transcribe", "<audio>", "please"), audio=[wav_bytes(x)])
+    (span,) = prompt.spans
+    assert span.length == 51 and not span.bidirectional
+    assert prompt.ids[span.start - 1] == tiny.special_ids["<|audio>"]
+    assert prompt.ids[span.end] == tiny.special_ids["<audio|>"]
+    ids = list(prompt.ids)
+    ids[span.start : span.end] = [tiny.special_ids["<|audio|>"]] * span.length
+    feats = log_mel(np.asarray(decode_audio(wav_bytes(x))[0]))
+    inputs = {
+        "input_features": torch.tensor(feats[None]),
+        "input_features_mask": torch.ones((1, len(feats)), dtype=torch.bool),
+    }
+    ref = hf_multimodal_logits(tiny, ids, inputs)
+    ours = _forward(model, prompt)
+    assert rel_err(ours, ref) < 1e-3, rel_err(ours, ref)

@@ -83,20 +83,30 @@ class Model:
         lengths: Sequence[int] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Rendered prompt text -> (token ids, where each image's embeddings start), one
-        image per `tsjax.vision.prompt.IMAGE_MARK` in the text (`image_prompt`). `controls`:
-        the template's own control tokens (`ChatTemplate.render_marked`), the only text
-        parsed as control tokens; None parses them anywhere (a raw prompt). `lengths`: each
-        image's positions (`PreparedImage.tokens`; needed by a dynamic-resolution projector).
-        BOS as `render_chat` adds it. Marks without a projector are a `NoProjectorError`."""
-        from tsjax.vision.prompt import IMAGE_MARK, NoProjectorError, image_prompt
+        image per `tsjax.vision.prompt.IMAGE_MARK` (audio clip per `AUDIO_MARK`) in the text
+        (`image_prompt`). `controls`: the template's own control tokens
+        (`ChatTemplate.render_marked`), the only text parsed as control tokens; None parses
+        them anywhere (a raw prompt). `lengths`: each medium's positions
+        (`PreparedImage.tokens`, `PreparedAudio.tokens`; needed by a dynamic-resolution
+        projector and by audio). BOS as `render_chat` adds it. Marks without a projector are
+        a `NoProjectorError`, audio marks without an audio encoder a `NoAudioEncoderError`."""
+        from tsjax.vision.prompt import (
+            NoAudioEncoderError,
+            NoProjectorError,
+            image_prompt,
+            mark_kinds,
+        )
 
         add_bos = None if not self.template.bos_in_template else False
-        if IMAGE_MARK not in text:
+        kinds = mark_kinds(text)
+        if not kinds:
             if controls is None:
                 return self.tokenizer.encode(text, add_bos=add_bos, parse_special=True), []
             return self.tokenizer.encode_marked(text, controls, add_bos=add_bos), []
         if self.projector is None:
             raise NoProjectorError(self.name)
+        if "audio" in kinds and self.projector.audio is None:
+            raise NoAudioEncoderError(self.name)
         return image_prompt(
             self.tokenizer,
             text,
@@ -105,36 +115,48 @@ class Model:
             add_bos=add_bos,
             add_eos=None,
             lengths=lengths,
+            audio=self.projector.audio.config if self.projector.audio else None,
         )
 
     def chat_prompt(
-        self, messages: list[dict], images: Sequence[ImageSource] = (), **kwargs: Any
+        self,
+        messages: list[dict],
+        images: Sequence[ImageSource] = (),
+        audio: Sequence[bytes] = (),
+        **kwargs: Any,
     ) -> Prompt:
         """Messages through the chat template with `images` (bytes, paths or PIL images, in
-        the order of the image parts, `{"type": "image"}`, of the messages) encoded into
-        the prompt; control-token text in the messages stays text (`ChatTemplate.tokenize`).
-        `kwargs` go to the template (`ChatTemplate.render`)."""
+        the order of the image parts, `{"type": "image"}`, of the messages) and `audio`
+        (audio files' bytes, in the order of the audio parts, `{"type": "audio"}`) encoded
+        into the prompt; control-token text in the messages stays text
+        (`ChatTemplate.tokenize`). `kwargs` go to the template (`ChatTemplate.render`)."""
         from tsjax.vision.prompt import (
             ImageCountError,
+            NoAudioEncoderError,
             NoProjectorError,
-            count_marks,
             image_spans,
             inline_images,
+            mark_kinds,
         )
 
         text, controls = self.template.render_marked(
             inline_images(messages), self.tokenizer.control_texts, **kwargs
         )
-        marks = count_marks(text)
-        if marks and self.projector is None:
+        kinds = mark_kinds(text)
+        if kinds and self.projector is None:
             raise NoProjectorError(self.name)
-        if marks != len(images):
+        if kinds.count("image") != len(images) or kinds.count("audio") != len(audio):
             raise ImageCountError(
-                f"the messages have {marks} image part(s) for {len(images)} image(s)"
+                f"the messages have {kinds.count('image')} image and {kinds.count('audio')}"
+                f" audio part(s) for {len(images)} image(s) and {len(audio)} clip(s)"
             )
-        if not images or self.projector is None:
+        if not kinds or self.projector is None:
             return Prompt(self.tokenize_prompt(text, controls)[0])
-        prepared = [self.projector.prepare(x) for x in images]
+        if audio and self.projector.audio is None:
+            raise NoAudioEncoderError(self.name)
+        pictures = iter([self.projector.prepare(x) for x in images])
+        clips = iter([self.projector.audio.prepare(x) for x in audio] if audio else [])
+        prepared = [next(pictures) if k == "image" else next(clips) for k in kinds]
         ids, starts = self.tokenize_prompt(text, controls, [p.tokens for p in prepared])
         return Prompt(ids, tuple(image_spans(self.projector, prepared, starts)))
 

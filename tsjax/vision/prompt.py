@@ -1,4 +1,7 @@
-"""Images in a prompt: where they go in the rendered text, and their positions in the tokens.
+"""Images (and audio clips) in a prompt: where they go in the rendered text, and their
+positions in the tokens. An audio clip is laid out as an image is, with `AUDIO_MARK` and its
+encoder's begin and end strings (Gemma 4: `<|audio>` + the clip's tokens + `<audio|>`, every
+30 s chunk's tokens in one span, as llama.cpp's mtmd lays it out); its span is causal.
 
 The chat template renders `IMAGE_MARK` where an image goes (`inline_images`: an OpenAI image
 part in its place among the text parts; Ollama's `images` before the message's text, as
@@ -23,6 +26,7 @@ embeddings replace whatever the id would embed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +35,17 @@ from tsjax.vision.config import VisionConfig
 from tsjax.vision.preprocess import PreparedImage
 
 if TYPE_CHECKING:
+    from tsjax.audio.gemma4a import AudioConfig
+    from tsjax.audio.waveform import PreparedAudio
     from tsjax.tokenizer import Tokenizer
     from tsjax.vision.projector import Projector
 
 #: Where an image goes in rendered prompt text: private-use characters that no tokenizer
 #: merges with their neighbours (the text is split at them before tokenizing).
 IMAGE_MARK = "\ue000image\ue001"
+#: Where an audio clip goes (a projector with an audio encoder: Gemma 4's).
+AUDIO_MARK = "\ue000audio\ue001"
+_MARK = re.compile("\ue000(image|audio)\ue001")
 #: The token id at an image's positions (any valid id: the embeddings replace it).
 FILLER = 0
 
@@ -51,31 +60,42 @@ class NoProjectorError(ValueError):
         )
 
 
+class NoAudioEncoderError(ValueError):
+    """Audio for a model whose projector has no audio encoder."""
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"model {model} cannot take audio: its multimodal projector has no audio encoder"
+            " (Gemma 4's mmproj files carry one)"
+        )
+
+
 class ImageCountError(ValueError):
     """The rendered prompt does not hold one mark per image (a template that drops messages,
     or the mark typed into the text)."""
 
 
 _IMAGE_PARTS = frozenset({"image", "image_url", "input_image"})
+_AUDIO_PARTS = frozenset({"audio", "input_audio"})
 
 
 def inline_images(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages whose content-part lists hold images, with that content made one string:
-    `IMAGE_MARK` for each image part and the text parts' text, consecutive text parts joined
-    by a newline (as `ChatTemplate` joins them) and nothing between an image and its
-    neighbours, as Ollama (`[img-0]` + text), the reference server (`<start_of_image>` +
-    text) and Gemma 3's own template over llama.cpp's parts (no separator) lay them out.
-    Other messages are returned as they are."""
+    """Messages whose content-part lists hold images or audio clips, with that content made
+    one string: `IMAGE_MARK` for each image part, `AUDIO_MARK` for each audio part and the
+    text parts' text, consecutive text parts joined by a newline (as `ChatTemplate` joins
+    them) and nothing between a medium and its neighbours, as Ollama (`[img-0]` + text), the
+    reference server (`<start_of_image>` + text) and Gemma 3's own template over llama.cpp's
+    parts (no separator) lay them out. Other messages are returned as they are."""
     out = []
     for m in messages:
         content = m.get("content")
-        if not isinstance(content, list) or not any(_is_image(p) for p in content):
+        if not isinstance(content, list) or not any(_mark_of(p) for p in content):
             out.append(dict(m))
             continue
         text, prev_text = "", False
         for part in content:
-            if _is_image(part):
-                text += IMAGE_MARK
+            if _mark_of(part):
+                text += _mark_of(part)
                 prev_text = False
             else:
                 piece = part if isinstance(part, str) else part.get("text")
@@ -87,8 +107,17 @@ def inline_images(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-def _is_image(part: Any) -> bool:
-    return isinstance(part, Mapping) and part.get("type") in _IMAGE_PARTS
+def _mark_of(part: Any) -> str:
+    """The mark a content part stands for in the text ("" for a text part)."""
+    if not isinstance(part, Mapping):
+        return ""
+    kind = part.get("type")
+    return IMAGE_MARK if kind in _IMAGE_PARTS else AUDIO_MARK if kind in _AUDIO_PARTS else ""
+
+
+def mark_kinds(text: str) -> list[str]:
+    """The media marks of rendered text in order: "image" or "audio" each."""
+    return [m.group(1) for m in _MARK.finditer(text)]
 
 
 def image_prompt(
@@ -100,34 +129,47 @@ def image_prompt(
     add_bos: bool | None = None,
     add_eos: bool | None = False,
     lengths: Sequence[int] | None = None,
+    audio: AudioConfig | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Rendered text with one `IMAGE_MARK` per image -> (token ids with each image's span
-    in place of its mark, the index in them where each image's embeddings start).
+    """Rendered text with one `IMAGE_MARK` per image and one `AUDIO_MARK` per audio clip ->
+    (token ids with each medium's span in place of its mark, the index in them where each
+    one's embeddings start, in text order).
 
-    `lengths`: the positions of each image's embeddings, in order (`PreparedImage.tokens`);
-    None: `cfg.tokens_per_image` each (a fixed-size family only).
+    `lengths`: the positions of each medium's embeddings, in order (`PreparedImage.tokens`,
+    `PreparedAudio.tokens`); None: `cfg.tokens_per_image` each (images of a fixed-size
+    family only). `audio`: the projector's audio encoder config (its begin and end strings
+    wrap a clip: Gemma 4's `<|audio>` ... `<audio|>`); an audio mark without it is a
+    ValueError.
 
     `controls`: the character spans of the control tokens the chat template wrote
     (`ChatTemplate.render_marked`; only those become control ids, `Tokenizer.encode_marked`);
     None parses control-token text anywhere (a raw prompt). BOS can only start the first
     piece, EOS only end the last (None: the file's flag)."""
-    marks = [i for i in range(len(text)) if text.startswith(IMAGE_MARK, i)]
+    found = list(_MARK.finditer(text))
+    marks = [m.start() for m in found]
+    kinds = [m.group(1) for m in found]
     if lengths is None:
         lengths = [cfg.tokens_per_image] * len(marks)
     if len(lengths) != len(marks):
         raise ImageCountError(
-            f"the prompt has {len(marks)} image place(s) for {len(lengths)} image(s)"
+            f"the prompt has {len(marks)} media place(s) for {len(lengths)} image(s) or clip(s)"
         )
-    bounds = [0, *(m + len(IMAGE_MARK) for m in marks)]
+    if "audio" in kinds and audio is None:
+        raise ValueError("the prompt has an audio clip but the projector has no audio encoder")
+
+    def piece(s: str | None) -> list[int]:
+        return tokenizer.encode(s, add_bos=False, add_eos=False) if s else []
+
+    wraps = {"image": (piece(cfg.image_begin), piece(cfg.image_end))}
+    if audio is not None:
+        wraps["audio"] = (piece(audio.audio_begin), piece(audio.audio_end))
+    bounds = [0, *(m.end() for m in found)]
     ends = [*marks, len(text)]
-    begin = (
-        tokenizer.encode(cfg.image_begin, add_bos=False, add_eos=False) if cfg.image_begin else []
-    )
-    end = tokenizer.encode(cfg.image_end, add_bos=False, add_eos=False) if cfg.image_end else []
     ids: list[int] = []
     starts: list[int] = []
     for i, (a, b) in enumerate(zip(bounds, ends, strict=True)):
         if i:
+            begin, end = wraps[kinds[i - 1]]
             ids += begin
             starts.append(len(ids))
             ids += [FILLER] * lengths[i - 1]
@@ -146,23 +188,53 @@ def image_prompt(
 
 
 def count_marks(text: str) -> int:
-    return text.count(IMAGE_MARK)
+    """Media marks (images and audio clips) in rendered text."""
+    return len(_MARK.findall(text))
+
+
+def wrapped_marks(text: str, projector: Projector) -> str:
+    """Rendered text with each mark spelled as the family wraps its medium (the begin and end
+    strings, no content: what a reply parser reads of the prompt)."""
+    cfg, audio = projector.config, projector.audio
+    text = text.replace(IMAGE_MARK, (cfg.image_begin or "") + (cfg.image_end or ""))
+    if audio is not None:
+        text = text.replace(AUDIO_MARK, audio.config.audio_begin + audio.config.audio_end)
+    return text
 
 
 def image_spans(
-    projector: Projector, images: Sequence[PreparedImage], starts: Sequence[int]
+    projector: Projector,
+    images: Sequence[PreparedImage | PreparedAudio],
+    starts: Sequence[int],
 ) -> list[EmbedSpan]:
-    """Encode the images (each distinct one once) and place them at `starts` (one start per
-    image, in prompt order, as `image_prompt` returns them)."""
+    """Encode the images and audio clips (each distinct one once) and place them at `starts`
+    (one start per medium, in prompt order, as `image_prompt` returns them)."""
     if len(images) != len(starts):
         raise ImageCountError(
-            f"the prompt has {len(starts)} image place(s) for {len(images)} image(s)"
+            f"the prompt has {len(starts)} media place(s) for {len(images)} image(s) or clip(s)"
         )
-    embeds = projector.embed(images)
+    from tsjax.audio.waveform import PreparedAudio
+
+    pictures = [m for m in images if not isinstance(m, PreparedAudio)]
+    clips = [m for m in images if isinstance(m, PreparedAudio)]
+    if clips and projector.audio is None:
+        raise ValueError("audio clips for a projector without an audio encoder")
+    embeds = iter(projector.embed(pictures))
+    heard = iter(projector.audio.embed(clips) if clips else [])
     return [
-        image_span(projector.config, s, e, img)
-        for s, e, img in zip(starts, embeds, images, strict=True)
+        media_span(projector, s, next(heard) if isinstance(m, PreparedAudio) else next(embeds), m)
+        for s, m in zip(starts, images, strict=True)
     ]
+
+
+def media_span(
+    projector: Projector, start: int, embeds, medium: PreparedImage | PreparedAudio
+) -> EmbedSpan:
+    """An image's or audio clip's span at `start` of its embeddings [positions, D]."""
+    if isinstance(medium, PreparedImage):
+        return image_span(projector.config, start, embeds, medium)
+    assert projector.audio is not None
+    return EmbedSpan(start, embeds, medium.digest, projector.audio.config.bidirectional)
 
 
 def image_span(cfg: VisionConfig, start: int, embeds, image: PreparedImage) -> EmbedSpan:
