@@ -1,8 +1,10 @@
-"""A Gemma 4 image on the server, end to end: the real server hosting the tiny random Gemma 4
-E-model with its gemma4v projector (`--mmproj`, a bare name beside the model; the file's audio
-half unused), driven with the official `openai` and `ollama` clients: the prompt's length
-follows the image's size (<|image>, its tokens, <image|>), both APIs give the same greedy
-answer, `/api/show` reports the projector's limits, and audio is refused by name."""
+"""A Gemma 4 image and audio clip on the server, end to end: the real server hosting the tiny
+random Gemma 4 E-model with its mmproj (`--mmproj`, a bare name beside the model; gemma4v and
+gemma4a), driven with the official `openai` and `ollama` clients and the Web UI protocol: the
+prompt's length follows the image's size (<|image>, its tokens, <image|>) and the clip's
+duration (<|audio>, its tokens, <audio|>), both APIs give the same greedy answer, `/api/show`
+reports the projector's limits, a follow-up reuses the cache through the clip, and a bad clip
+is a 400 naming its part."""
 
 from __future__ import annotations
 
@@ -97,16 +99,79 @@ def test_show_reports_the_projector(server):
     assert (p["min_image_tokens"], p["max_image_tokens"]) == (70, 1120)
 
 
-def test_audio_is_refused_by_name(server):
-    """The mmproj has an audio encoder too, which tsjax does not run: an OpenAI input_audio
-    part is a 400 that says so, not a silently dropped part."""
+def _clip_parts(wav: bytes, text: str) -> list[dict]:
+    data = base64.b64encode(wav).decode()
+    return [
+        {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+        {"type": "text", "text": text},
+    ]
+
+
+def _audio_prompt(hub, wav: bytes, text: str, system: bool = True):
+    content = [{"type": "audio"}, {"type": "text", "text": text}]
+    msgs = [SYSTEM] if system else []
+    return hub.model.chat_prompt([*msgs, {"role": "user", "content": content}], audio=[wav])
+
+
+def test_audio_through_openai_chat_and_responses(server):
+    """An OpenAI `input_audio` part (base64 WAV, as the SDK sends it) in chat completions and
+    Responses: the prompt is the library's (<|audio>, 51 tokens for 2 s, <audio|>); the
+    same clip again reuses the cache through it (the span's key is the samples' digest)."""
+    from test_gemma4a import clip, wav_bytes
+
     url, hub = server
-    part = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
-    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
-    body = {"model": hub.model.name, "messages": msgs, "max_tokens": 2}
-    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400, r.text
-    assert "audio input is not supported" in r.text
+    wav = wav_bytes(clip(2.05))
+    prompt = _audio_prompt(hub, wav, QUESTION)
+    (span,) = prompt.spans
+    assert span.length == 51
+    assert len(prompt.ids) == _expected_tokens(hub, []) + 1 + 51 + 1
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    msgs = [SYSTEM, {"role": "user", "content": _clip_parts(wav, QUESTION)}]
+    r = oai.chat.completions.create(model=hub.model.name, messages=msgs, max_tokens=4,
+                                    temperature=0)  # fmt: skip
+    assert r.usage.prompt_tokens == len(prompt.ids) and r.usage.completion_tokens > 0
+    again = oai.chat.completions.create(model=hub.model.name, messages=msgs, max_tokens=4,
+                                        temperature=0)  # fmt: skip
+    assert again.usage.prompt_tokens_details.cached_tokens >= span.end
+    assert again.choices[0].message.content == r.choices[0].message.content
+    parts = _clip_parts(wav, QUESTION)
+    parts[1] = {"type": "input_text", "text": QUESTION}
+    resp = oai.responses.create(
+        model=hub.model.name, input=[{"role": "user", "content": parts}], max_output_tokens=4,
+        temperature=0,
+    )  # fmt: skip
+    assert resp.usage.input_tokens == len(_audio_prompt(hub, wav, QUESTION, system=False).ids)
+
+
+def test_audio_through_the_web_ui(server):
+    """A WAV uploaded through the Web UI and listed in `audioPaths` is heard (before the
+    text, as images are placed): the turn's prompt is the library's, nothing ignored."""
+    from test_gemma4a import clip, wav_bytes
+    from test_webui_api import sse
+
+    url, hub = server
+    wav = wav_bytes(clip(0.5, seed=3), rate=8000)  # 1 s at 8 kHz, resampled: 25 tokens
+    with httpx.Client(base_url=url, timeout=120, headers={"X-TSJAX-UI": "1"}) as client:
+        up = client.post("/api/upload", files={"file": ("q.wav", wav, "audio/wav")}).json()
+        assert up["mediaType"] == "audio"
+        msg = {"role": "user", "content": "Describe.", "audioPaths": [up["path"]]}
+        done = sse(client.post("/api/chat", json={"messages": [msg], "maxTokens": 2}))[-1]
+    assert done["done"] and done["error"] is None, done
+    assert "mediaIgnored" not in done
+    prompt = _audio_prompt(hub, wav, "Describe.", system=False)
+    assert prompt.spans[0].length == 25 and done["promptTokens"] == len(prompt.ids)
+
+
+def test_bad_audio_is_a_400_naming_its_part(server):
+    """A part that is not audio (a bare RIFF header, bad base64) is a 400 naming the part."""
+    url, hub = server
+    for data, says in [("UklGRg==", "audio"), ("%%%", "not valid base64")]:
+        part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+        msgs = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
+        body = {"model": hub.model.name, "messages": msgs, "max_tokens": 2}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "messages[0].content[0]" in r.text and says in r.text, r.text
 
 
 def _transformers_video(seconds: list[float], frame: tuple[int, int]) -> str:

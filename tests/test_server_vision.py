@@ -266,6 +266,17 @@ def test_bad_images_are_400s(server, name, oai):
         assert e.value.body["param"] == "messages[0].content[0]"
 
 
+def test_audio_is_refused_by_name(server, name):
+    """Gemma 3's projector has no audio encoder: an OpenAI input_audio part is a 400 that
+    says so, not a silently dropped part."""
+    part = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]
+    body = {"model": name, "messages": msgs, "max_tokens": 2}
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "cannot take audio input" in r.text and "no audio encoder" in r.text
+
+
 def test_no_compiles_after_warm_up(server, name, oai, oll):
     """Text and image requests of every surface ran above: no image prefill compiled since
     warm-up (its buckets are warmed beside the text ones; text shapes the warm-up left out

@@ -1,5 +1,6 @@
-"""The image encoder beside the engine: turns requests' prepared images into embeddings on a
-thread of its own, so neither the event loop nor the engine's decode loop waits on it.
+"""The image encoder beside the engine: turns requests' prepared images (and audio clips, for
+a projector with an audio encoder) into embeddings on a thread of its own, so neither the
+event loop nor the engine's decode loop waits on it.
 
 Requests hand in `PreparedImage`s (`tsjax.vision.Projector.prepare`, pixels and digest) and
 await one embedding array [tokens, D] per image. Each distinct image (by digest) is encoded
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ log = logging.getLogger("tsjax.encoder")
 
 @dataclass
 class EncoderStats:
-    images: int = 0  # images encoded (distinct ones: a repeat within a batch counts once)
+    images: int = 0  # images and audio clips encoded (a repeat within a batch counts once)
     batches: int = 0
     seconds: float = 0.0  # time spent encoding
 
@@ -43,7 +44,8 @@ class ImageEncoder:
         self.projector = projector
         self.max_batch = max_batch or max(projector.buckets)
         self.stats = EncoderStats()
-        self._queue: deque[tuple[str, np.ndarray]] = deque()
+        # (digest, pixels [H, W, 3] of an image, or a PreparedAudio clip)
+        self._queue: deque[tuple[str, Any]] = deque()
         self._pending: dict[str, Future[np.ndarray]] = {}  # digest -> its embeddings
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -80,7 +82,8 @@ class ImageEncoder:
                 fut = self._pending.get(img.digest)
                 if fut is None:
                     fut = self._pending[img.digest] = Future()
-                    self._queue.append((img.digest, img.pixels))
+                    clip = getattr(img, "features", None) is not None
+                    self._queue.append((img.digest, img if clip else img.pixels))
                 out.append(fut)
             self._cv.notify_all()
         return out
@@ -102,14 +105,26 @@ class ImageEncoder:
                 ]
             self._encode(batch)
 
-    def _encode(self, batch: list[tuple[str, np.ndarray]]) -> None:
+    def _encode(self, batch: list[tuple[str, Any]]) -> None:
         t0 = time.perf_counter()
+        pictures = [i for i, (_, x) in enumerate(batch) if isinstance(x, np.ndarray)]
+        clips = [i for i in range(len(batch)) if i not in set(pictures)]
+        results: list[np.ndarray | BaseException] = [RuntimeError("not encoded")] * len(batch)
         try:
-            out = self.projector.embed_pixels([px for _, px in batch])
-            results: list[np.ndarray | BaseException] = list(out)
+            out = self.projector.embed_pixels([batch[i][1] for i in pictures])
+            for i, r in zip(pictures, out, strict=True):
+                results[i] = r
         except Exception as e:  # every image of the batch fails alike
             log.exception("image encoding failed")
-            results = [e] * len(batch)
+            for i in pictures:
+                results[i] = e
+        for i in clips:  # each clip's 30 s chunks one after the other (tsjax.audio.encoder)
+            try:
+                assert self.projector.audio is not None
+                results[i] = self.projector.audio.embed_features(batch[i][1].features)
+            except Exception as e:
+                log.exception("audio encoding failed")
+                results[i] = e
         secs = time.perf_counter() - t0
         with self._cv:
             self.stats.images += len(batch)

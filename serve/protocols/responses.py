@@ -110,8 +110,8 @@ def _text_format(fmt: dict[str, Any] | None) -> OutputSpec | None:
 
 
 def _part(part: Any, param: str) -> dict[str, Any]:
-    """One content part as the chat template's messages carry it: text, or an image as
-    OpenAI chat's `image_url` part (one image shape for every adapter)."""
+    """One content part as the chat template's messages carry it: text, an image as OpenAI
+    chat's `image_url` part (one image shape for every adapter), or an audio clip."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in ("input_text", "output_text", "text", "refusal"):
         text = part.get("text", part.get("refusal"))
@@ -125,8 +125,10 @@ def _part(part: Any, param: str) -> dict[str, Any]:
                            "refers to stored files, which this server does not keep",
                            param)  # fmt: skip
         return content_part({"type": "image_url", "image_url": {"url": url}}, param)
+    if kind == "input_audio":  # {"input_audio": {"data": <base64>, "format": "wav"}}
+        return content_part(part, param)
     raise ApiError(400, f"content part type {kind!r} is not supported (input_text, output_text, "
-                   f"input_image are)", f"{param}.type")  # fmt: skip
+                   f"input_image, input_audio are)", f"{param}.type")  # fmt: skip
 
 
 def _content(content: Any, param: str) -> str | list[dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Images in requests, written once: their wire spellings decoded into `ImageInput`s (Ollama's
 base64 strings, OpenAI's data URLs, Web UI upload paths), then, for a model with a projector,
 decoded and preprocessed (`tsjax.vision.Projector.prepare`, off the event loop) and encoded by
-the server's `ImageEncoder` into the embedded spans of the prompt.
+the server's `ImageEncoder` into the embedded spans of the prompt. Audio clips (OpenAI's
+`input_audio` parts, Web UI audio uploads) take the same path with `kind="audio"`, prepared
+by the projector's audio encoder (`tsjax.audio`); a model without one answers 400.
 
 Every problem is a 400 naming the field: bad base64, a URL this server will not fetch (it has
 no internet access: `http(s)` image URLs are refused), a file that is not an image, a
@@ -21,12 +23,12 @@ from serve.errors import ApiError
 from serve.translation.intent import ImageInput, image_part
 from tsjax.model import Model
 from tsjax.spans import EmbedSpan
-from tsjax.vision.prompt import image_span
+from tsjax.vision.prompt import media_span
 
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
 
 
-def decode_base64(text: str, where: str) -> bytes:
+def decode_base64(text: str, where: str, what: str = "image") -> bytes:
     """Standard or URL-safe base64, whitespace and missing padding tolerated."""
     compact = re.sub(r"\s+", "", text)
     compact += "=" * (-len(compact) % 4)
@@ -34,7 +36,7 @@ def decode_base64(text: str, where: str) -> bytes:
         alt = b"-_" if ("-" in compact or "_" in compact) else None
         return base64.b64decode(compact, altchars=alt, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: the image is not valid base64", param=where) from None
+        raise ApiError(400, f"{where}: the {what} is not valid base64", param=where) from None
 
 
 def from_base64(text: str, where: str) -> ImageInput:
@@ -80,6 +82,8 @@ def content_part(part: Any, where: str) -> Any:
         if not isinstance(url, str) or not url:
             raise ApiError(400, f"{where}: the image part has no URL", param=where)
         return image_part(from_url(url, where))
+    if kind == "input_audio":
+        return image_part(audio_input(part.get("input_audio"), where))
     if kind == "image" and "image" not in part:
         source = part.get("source")
         if isinstance(source, dict) and source.get("type") == "base64":
@@ -88,6 +92,24 @@ def content_part(part: Any, where: str) -> Any:
             return image_part(from_url(str(source.get("url", "")), where))
         raise ApiError(400, f"{where}: the image part has no base64 source", param=where)
     return part
+
+
+# what OpenAI's `input_audio.format` may say (the SDK's "wav" and "mp3", and the names of
+# what PyAV decodes when installed); the bytes decide how they are read
+AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm", "pcm16"})
+
+
+def audio_input(spec: Any, where: str) -> ImageInput:
+    """OpenAI's `{"data": <base64>, "format": "wav"}` (chat and Responses `input_audio`)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str) or not spec["data"]:
+        raise ApiError(400, f"{where}: input_audio needs data (base64 audio) and format",
+                       param=where)  # fmt: skip
+    fmt = spec.get("format")
+    if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
+        raise ApiError(400, f"{where}: input_audio.format {fmt!r} is not one of "
+                       f"{', '.join(sorted(AUDIO_FORMATS))}", param=where)  # fmt: skip
+    data = decode_base64(spec["data"], where, "audio")
+    return ImageInput(data=data, where=where, kind="audio")
 
 
 def with_images(content: Any, images: Sequence[ImageInput]) -> Any:
@@ -109,29 +131,45 @@ async def prepare_images(model: Model, images: Sequence[ImageInput]):
         return []
     proj = model.projector
     if proj is None:
-        raise ApiError(400, no_projector(model), param=images[0].where)
+        audio = any(img.kind == "audio" for img in images)
+        raise ApiError(400, no_projector(model, audio), param=images[0].where)
+    deaf = next((img for img in images if img.kind == "audio" and proj.audio is None), None)
+    if deaf is not None:
+        raise ApiError(400, no_audio_encoder(model), param=deaf.where)
+    from tsjax.audio import AudioError
     from tsjax.vision import ImageError
 
     def run():
         out = []
         for img in images:
             try:
-                out.append(proj.prepare(img.read(), img.max_tokens))
-            except ImageError as e:
+                if img.kind == "audio":
+                    out.append(proj.audio.prepare(img.read()))
+                else:
+                    out.append(proj.prepare(img.read(), img.max_tokens))
+            except (ImageError, AudioError) as e:
                 raise ApiError(400, f"{img.where}: {e}", param=img.where) from e
             except OSError as e:
-                msg = f"{img.where}: cannot read the image: {e}"
+                msg = f"{img.where}: cannot read the {img.kind}: {e}"
                 raise ApiError(400, msg, param=img.where) from e
         return out
 
     return await asyncio.to_thread(run)
 
 
-def no_projector(model: Model) -> str:
+def no_projector(model: Model, audio: bool = False) -> str:
+    what = "audio" if audio else "image"
     return (
-        f"model {model.name} ({model.config.architecture}) cannot take image input: the server"
+        f"model {model.name} ({model.config.architecture}) cannot take {what} input: the server"
         " was started without a multimodal projector; restart it with --mmproj <mmproj.gguf>"
-        " (the projector file made for this model) to send images"
+        f" (the projector file made for this model) to send {what}s"
+    )
+
+
+def no_audio_encoder(model: Model) -> str:
+    return (
+        f"model {model.name} ({model.config.architecture}) cannot take audio input: its"
+        " multimodal projector has no audio encoder (Gemma 4's mmproj files carry one)"
     )
 
 
@@ -142,7 +180,7 @@ async def embedded_spans(hub, prepared, starts: Sequence[int]) -> tuple[EmbedSpa
         return ()
     assert hub.encoder is not None and hub.model is not None
     embeds = await hub.encoder.embed(prepared)
-    cfg = hub.model.projector.config
+    proj = hub.model.projector
     return tuple(
-        image_span(cfg, s, e, img) for s, e, img in zip(starts, embeds, prepared, strict=True)
+        media_span(proj, s, e, img) for s, e, img in zip(starts, embeds, prepared, strict=True)
     )

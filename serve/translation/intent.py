@@ -46,6 +46,9 @@ class ImageInput:
     where: str = "images"
     # the most positions it may take (a Gemma 4 video frame); None: the projector's sizing
     max_tokens: int | None = None
+    # "audio": an audio clip riding the same path (OpenAI `input_audio` parts, Web UI
+    # `audioPaths`), a content part `{"type": "audio", "audio": ImageInput}`
+    kind: str = "image"
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -56,16 +59,21 @@ class ImageInput:
 
 
 def image_part(image: ImageInput) -> dict[str, Any]:
+    if image.kind == "audio":
+        return {"type": "audio", "audio": image}
     return {"type": "image", "image": image}
 
 
 def message_images(messages: list[dict[str, Any]]) -> list[ImageInput]:
-    """The images of `messages`, in prompt order (as the chat template meets them)."""
+    """The images and audio clips of `messages`, in prompt order (as the chat template meets
+    them: one media mark each, `tsjax.vision.prompt`)."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            out += [p["image"] for p in content if isinstance(p, dict) and p.get("type") == "image"]
+            out += [p[p["type"]] for p in content
+                    if isinstance(p, dict) and p.get("type") in ("image", "audio")
+                    and isinstance(p.get(p["type"]), ImageInput)]  # fmt: skip
     return out
 
 

@@ -140,14 +140,15 @@ async def render(
     if intent.model is not None:
         check_model(intent.model, model)
     images = intent.images if intent.messages is None else message_images(intent.messages)
+    audio = any(m.kind == "audio" for m in images)
     if images and model.projector is None:
-        raise ApiError(400, no_projector(model), param="images" if intent.messages is None
+        raise ApiError(400, no_projector(model, audio), param="images" if intent.messages is None
                        else "messages")  # fmt: skip
     tools = normalize_tools(intent.tools)
     choice = tool_choice_of(intent.tool_choice, tools)
     plan = plan_of(tools=tools, choice=choice, think=intent.think, output=intent.output)
     lengths = None
-    if images and model.projector is not None and model.projector.config.dynamic:
+    if images and model.projector is not None and (model.projector.config.dynamic or audio):
         if prepared is None:
             prepared = await prepare_images(model, images)
         lengths = [p.tokens for p in prepared]

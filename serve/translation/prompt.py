@@ -28,7 +28,14 @@ from serve.translation.images import no_projector
 from serve.translation.intent import message_images
 from tsjax.chat_template import TemplateError
 from tsjax.model import Model
-from tsjax.vision.prompt import IMAGE_MARK, image_prompt, inline_images
+from tsjax.vision.prompt import (
+    AUDIO_MARK,
+    IMAGE_MARK,
+    count_marks,
+    image_prompt,
+    inline_images,
+    wrapped_marks,
+)
 
 
 def model_names(model: Model) -> set[str]:
@@ -97,10 +104,13 @@ def encode(
     (`PreparedImage.tokens`; None: the projector's fixed count)."""
     add_bos = (None if not model.template.bos_in_template else False) if first else False
     add_eos = None if last else False
-    if IMAGE_MARK in text:
-        assert model.projector is not None  # `chat_prompt` refused images without one
-        return image_prompt(model.tokenizer, text, model.projector.config, controls=specials,
-                            add_bos=add_bos, add_eos=add_eos, lengths=lengths)  # fmt: skip
+    if count_marks(text):
+        proj = model.projector
+        assert proj is not None  # `chat_prompt` refused images without one
+        audio = proj.audio.config if proj.audio is not None else None
+        return image_prompt(model.tokenizer, text, proj.config, controls=specials,
+                            add_bos=add_bos, add_eos=add_eos, lengths=lengths,
+                            audio=audio)  # fmt: skip
     return model.tokenizer.encode_marked(text, specials, add_bos=add_bos, add_eos=add_eos), []
 
 
@@ -113,9 +123,9 @@ def raw_prompt(
     if images and model.projector is None:
         raise ApiError(400, no_projector(model), param="images")
     check_length(model, text, "prompt")
-    if IMAGE_MARK in text:  # typed, not placed: it would open an image span with no image
-        raise ApiError(400, "the prompt contains the reserved image mark "
-                       f"{IMAGE_MARK!r}", param="prompt")  # fmt: skip
+    if count_marks(text):  # typed, not placed: it would open a span with no image
+        raise ApiError(400, "the prompt contains a reserved media mark "
+                       f"({IMAGE_MARK!r} or {AUDIO_MARK!r})", param="prompt")  # fmt: skip
     if lengths is None:  # no image, or a fixed-size projector's
         return model.tokenize_prompt(IMAGE_MARK * images + text)
     return model.tokenize_prompt(IMAGE_MARK * images + text, lengths=lengths)
@@ -178,14 +188,16 @@ def chat_prompt(
     `resume_points`: also find `Prompt.resume_points` (one more rendering, and the tokens of
     its last two turns). `lengths`: each image's positions, in order (`PreparedImage.tokens`;
     None: the projector's fixed count)."""
-    n_images = len(message_images(messages))
+    media = message_images(messages)
+    n_images = len(media)
     if n_images and model.projector is None:
-        raise ApiError(400, no_projector(model), param="messages")
+        audio = any(m.kind == "audio" for m in media)
+        raise ApiError(400, no_projector(model, audio), param="messages")
     kwargs = {k: v for k, v in (extra or {}).items() if k not in ("messages", "tools")}
     kwargs["enable_thinking"] = think
     # matched with their images (equal images compare equal), rendered with marks
     raws = _matched_raw(messages, history or [])
-    inlined = inline_images(messages)  # image parts -> IMAGE_MARK in the content text
+    inlined = inline_images(messages)  # image (audio) parts -> IMAGE_MARK (AUDIO_MARK)
     shown = [
         {"role": "assistant", "content": _PLACEHOLDER.format(i)} if i in raws else m
         for i, m in enumerate(inlined)
@@ -203,11 +215,11 @@ def chat_prompt(
             parts = [text]
     except TemplateError as e:
         raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from e
-    if text.count(IMAGE_MARK) != n_images:  # a template that drops a message, or a typed mark
+    if count_marks(text) != n_images:  # a template that drops a message, or a typed mark
         raise ApiError(
             400,
-            f"the chat template placed {text.count(IMAGE_MARK)} of the conversation's"
-            f" {n_images} image(s)",
+            f"the chat template placed {count_marks(text)} of the conversation's"
+            f" {n_images} image(s) and audio clip(s)",
             param="messages",
         )
     check_length(model, text, "messages")
@@ -222,7 +234,7 @@ def chat_prompt(
             continue
         if j == 0 or part:
             inside = [(a - pos, b - pos) for a, b in spans if pos <= a and b <= pos + len(part)]
-            mine = _lengths_of(lengths, len(starts), part.count(IMAGE_MARK))
+            mine = _lengths_of(lengths, len(starts), count_marks(part))
             got, where = encode(model, part, inside, first=j == 0, last=j == len(parts) - 1,
                                 lengths=mine)  # fmt: skip
             starts += [len(ids) + w for w in where]
@@ -237,11 +249,10 @@ def chat_prompt(
 
 
 def shown_text(model: Model, text: str) -> str:
-    """Rendered text with each image mark spelled as the family wraps an image."""
-    if IMAGE_MARK not in text or model.projector is None:
+    """Rendered text with each media mark spelled as the family wraps an image or a clip."""
+    if not count_marks(text) or model.projector is None:
         return text
-    cfg = model.projector.config
-    return text.replace(IMAGE_MARK, (cfg.image_begin or "") + (cfg.image_end or ""))
+    return wrapped_marks(text, model.projector)
 
 
 # the template reads the `enable_thinking` variable (not a namespace field of that name)
@@ -299,7 +310,7 @@ def _resume_points(
         if _PLACEHOLDER_RE.search(text, n):  # spliced raw ids: not the text's tokens
             continue
         inside = [(a - n, b - n) for a, b in spans if a >= n]
-        k = text[n:].count(IMAGE_MARK)  # the last k images
+        k = count_marks(text[n:])  # the last k images and clips
         mine = _lengths_of(lengths, len(lengths) - k, k) if lengths else None
         tail, _ = encode(model, text[n:], inside, first=False, last=True, lengths=mine)
         if tail and len(tail) < len(ids) and ids[-len(tail) :] == tail:

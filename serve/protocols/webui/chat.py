@@ -73,11 +73,14 @@ class ChatBody(TurnOptions, kw_only=True):
 # -- /api/chat --------------------------------------------------------------------------------
 
 
-def _user_media(body: ChatBody, store: UploadStore, session: Session, sees: bool) -> int:
+def _user_media(
+    body: ChatBody, store: UploadStore, session: Session, sees: bool, hears: bool = False
+) -> int:
     """Check every media path names an upload (the session holds it from now on, so it does
-    not expire under the conversation); return how many the model will not see: audio, and
-    images (video frames among them) for a model without a projector (ignored, as the
-    reference does without one). `sees`: the model takes images."""
+    not expire under the conversation); return how many the model will not see: audio for a
+    model without an audio encoder, and images (video frames among them) for a model without
+    a projector (ignored, as the reference does without one). `sees`: the model takes
+    images; `hears`: audio (Gemma 4's projector)."""
     count = 0
     for m in body.messages:
         for path in (m.imagePaths or []) + (m.audioPaths or []) + (m.textFilePaths or []):
@@ -86,7 +89,7 @@ def _user_media(body: ChatBody, store: UploadStore, session: Session, sees: bool
                 raise ApiError(400, f"media path '{path}' is not a file uploaded to this server")
             session.held.add(found)
         images = m.imagePaths or []
-        count += len(m.audioPaths or []) + (0 if sees else len(images))
+        count += (0 if hears else len(m.audioPaths or [])) + (0 if sees else len(images))
     return count
 
 
@@ -94,9 +97,9 @@ def _attach_pending(
     messages: list[dict[str, Any]], pending: list[Upload], listed: set[str], media: _Media
 ) -> int:
     """Inline pending text uploads at the front of the last user message, as the UI does
-    itself, and (for a model that sees) pending images and videos' frames not listed in a
-    message before its text; returns the number of pending media files the model cannot
-    see."""
+    itself, and (for a model that sees) pending images and videos' frames (for one that
+    hears, audio clips) not listed in a message before its text; returns the number of
+    pending media files the model cannot see."""
     texts, images, ignored = [], [], 0
     for up in pending:
         if up.media_type == "text" and str(up.path) not in listed:
@@ -110,6 +113,10 @@ def _attach_pending(
             frames = [ImageInput(path=str(p), where=f"upload {up.file_name}") for p in up.frames
                       if str(p) not in listed]  # fmt: skip
             images += _image_parts(frames, True, media)
+        elif up.media_type == "audio" and media.hears:
+            if str(up.path) not in listed:
+                clip = ImageInput(path=str(up.path), where=f"upload {up.file_name}", kind="audio")
+                images.append(image_part(clip))
         elif up.media_type != "text":
             ignored += 1
     users = [m for m in messages if m["role"] == "user"]
@@ -237,9 +244,10 @@ async def chat_turn(request: Request, body: ChatBody) -> Response:
     model, _ = hub.live()  # a 503 before the session's pending uploads are taken
     media = _Media.of(model, hub.settings)
     uploads = uploads_of(request)
-    ignored = _user_media(body, uploads, session, media.sees)
+    ignored = _user_media(body, uploads, session, media.sees, media.hears)
     messages = [_message(m, i, uploads, media) for i, m in enumerate(body.messages)]
     listed = {p for m in body.messages for p in (m.textFilePaths or []) + (m.imagePaths or [])}
+    listed |= {p for m in body.messages for p in m.audioPaths or []}
     listed = {str(uploads.inside(p) or p) for p in listed}
     ignored += _attach_pending(messages, session.take_pending(), listed, media)
     prep = await prepare(hub, _intent(body, session, messages))
@@ -271,27 +279,37 @@ def _intent(body: ChatBody, session: Session, messages: list[dict[str, Any]]) ->
 @dataclass(frozen=True)
 class _Media:
     """How this model takes a message's media: `sees` images at all; `gemma4`: videos laid
-    out as Gemma 4 takes them (timed frames, at most `limit` per video on every turn)."""
+    out as Gemma 4 takes them (timed frames, at most `limit` per video on every turn);
+    `hears` audio clips (a projector with an audio encoder: Gemma 4's)."""
 
     sees: bool
     gemma4: bool = False
     limit: int = DEFAULT_MAX_FRAMES
+    hears: bool = False
 
     @classmethod
     def of(cls, model: Model, settings: Settings) -> _Media:
         gemma4 = model.config.architecture == "gemma4"
-        return cls(model.projector is not None, gemma4, max_frames(settings.video_max_frames))
+        proj = model.projector
+        limit = max_frames(settings.video_max_frames)
+        return cls(proj is not None, gemma4, limit, proj is not None and proj.audio is not None)
 
 
 def _message(m: WebMessage, i: int, uploads: UploadStore, media: _Media) -> dict[str, Any]:
     """Role and content (a model that sees gets the message's images, a video's frames among
-    them, before its text, as the reference places them); an assistant turn's tool calls too,
-    so a tool loop renders."""
+    them, before its text, as the reference places them; one that hears, its audio clips
+    after the images); an assistant turn's tool calls too, so a tool loop renders."""
     content: Any = m.content or ""
+    parts: list[dict[str, Any]] = []
     if media.sees and m.imagePaths:
         images = [ImageInput(path=str(uploads.inside(p)), where=f"messages[{i}].imagePaths[{j}]")
                   for j, p in enumerate(m.imagePaths)]  # fmt: skip
-        content = _with_parts(content, _image_parts(images, m.isVideo, media))
+        parts = _image_parts(images, m.isVideo, media)
+    if media.hears and m.audioPaths:
+        parts += [image_part(ImageInput(path=str(uploads.inside(p)), kind="audio",
+                                        where=f"messages[{i}].audioPaths[{j}]"))
+                  for j, p in enumerate(m.audioPaths)]  # fmt: skip
+    content = _with_parts(content, parts)
     msg: dict[str, Any] = {"role": m.role, "content": content}
     if m.tool_calls:
         msg["tool_calls"] = m.tool_calls
