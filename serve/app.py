@@ -112,8 +112,6 @@ def _warm(hub: Hub) -> None:
     if proj is not None and hub.encoder is None:
         # compile only: running a full SigLIP image would cost ~a minute on a 2-core CPU
         secs = proj.warmup()
-        if proj.audio is not None:  # its chunk buckets: no clip compiles after start-up
-            secs += proj.audio.warmup()
         hub.compile_seconds += secs
         log.info("projector %s compiled in %.1fs", proj.name, secs)
         hub.encoder = ImageEncoder(proj)

@@ -94,16 +94,29 @@ class ImageEncoder:
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     def _loop(self) -> None:
+        # the audio encoder's chunk buckets, smallest first, compiled here while no request
+        # waits (a clip before its bucket compiled compiles it on the spot): start-up does not
+        # wait for them (six programs, ~5 s each on a loaded 2-core CPU for the tiny model)
+        audio = self.projector.audio
+        warm = list(audio.buckets) if audio is not None else []
         while True:
             with self._cv:
-                while self._running and not self._queue:
+                while self._running and not self._queue and not warm:
                     self._cv.wait(timeout=1.0)
                 if not self._running:
                     return
                 batch = [
                     self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))
                 ]
-            self._encode(batch)
+            if batch:
+                self._encode(batch)
+            elif warm:
+                bucket = warm.pop(0)
+                try:
+                    secs = audio.warmup([bucket])  # type: ignore[union-attr]
+                    log.debug("audio bucket %d compiled in %.1fs", bucket, secs)
+                except Exception:
+                    log.exception("compiling the audio encoder's bucket %d failed", bucket)
 
     def _encode(self, batch: list[tuple[str, Any]]) -> None:
         t0 = time.perf_counter()

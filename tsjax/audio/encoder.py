@@ -95,11 +95,11 @@ class AudioEncoder:
                 done[clip.digest] = self.embed_features(clip.features)
         return [done[c.digest] for c in clips]
 
-    def warmup(self, run: bool = False) -> float:
-        """Compile every bucket's program ahead of the first clip (`run`: also run each on
-        zeros). Returns seconds."""
+    def warmup(self, buckets: Sequence[int] | None = None, run: bool = False) -> float:
+        """Compile the programs of `buckets` (default all) ahead of the first clip (`run`:
+        also run each on zeros). Returns seconds."""
         t0 = time.perf_counter()
-        for b in self.buckets:
+        for b in buckets or self.buckets:
             zeros = np.zeros((1, 4 * b, N_MELS), np.float32)
             self._forward.lower(
                 self.params, jax.ShapeDtypeStruct(zeros.shape, zeros.dtype)
