@@ -121,7 +121,7 @@ class ImageEncoder:
     def _encode(self, batch: list[tuple[str, Any]]) -> None:
         t0 = time.perf_counter()
         pictures = [i for i, (_, x) in enumerate(batch) if isinstance(x, np.ndarray)]
-        clips = [i for i in range(len(batch)) if i not in set(pictures)]
+        clips = sorted(set(range(len(batch))) - set(pictures))
         results: list[np.ndarray | BaseException] = [RuntimeError("not encoded")] * len(batch)
         try:
             out = self.projector.embed_pixels([batch[i][1] for i in pictures])
