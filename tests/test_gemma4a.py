@@ -97,7 +97,20 @@ def test_wav_decoding():
     up = resample(resampled, 8000)
     want = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
     assert up.shape == (16000,) and np.abs(up - want)[200:-200].max() < 2e-3
-    for bad, says in [(b"", "empty"), (wav_bytes(x[:100]), "too short")]:
+    # other containers through PyAV: lossless FLAC at 22.05 kHz, stereo, comes back equal
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="flac") as box:
+        stream = box.add_stream("flac", rate=22050, layout="stereo")
+        pcm = np.round(np.repeat(x[None], 2, 0) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = 22050
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            box.mux(packet)
+    got, rate = decode_audio(buf.getvalue())
+    assert rate == 22050 and got.shape == x.shape and np.abs(got - x).max() < 1e-4
+    for bad, says in [(b"", "empty"), (wav_bytes(x[:100]), "too short"), (b"ID3junk", "decoded")]:
         with pytest.raises(AudioError, match=says):
             prepare_audio(bad, AudioConfig.tokens)
     with pytest.raises(AudioError):

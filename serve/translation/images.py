@@ -95,7 +95,7 @@ def content_part(part: Any, where: str) -> Any:
 
 
 # what OpenAI's `input_audio.format` may say (the SDK's "wav" and "mp3", and the names of
-# what PyAV decodes when installed); the bytes decide how they are read
+# what PyAV decodes); the bytes decide how they are read
 AUDIO_FORMATS = frozenset({"wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm", "pcm16"})
 
 
