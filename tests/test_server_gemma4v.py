@@ -93,7 +93,7 @@ def test_openai_and_ollama_see_the_same_picture(server):
 def test_show_reports_the_projector(server):
     url, hub = server
     info = httpx.post(url + "/api/show", json={"model": hub.model.name}).json()
-    assert "vision" in info["capabilities"]
+    assert "vision" in info["capabilities"] and "audio" in info["capabilities"]
     p = info["projector_info"]
     assert p["clip.vision.projector_type"] == "gemma4v" and "tokens_per_image" not in p
     assert (p["min_image_tokens"], p["max_image_tokens"]) == (70, 1120)

@@ -226,6 +226,7 @@ def test_model_panel_and_show(server, name, oll):
             r = client.post("/api/models/load", json={"model": name, "mmproj": mmproj})
             assert r.status_code == 400 and words in r.json()["error"], r.text
     assert "vision" in oll.show(name).capabilities  # what clients read to offer images
+    assert "audio" not in oll.show(name).capabilities  # Gemma 3: no audio encoder
     info = httpx.post(url + "/api/show", json={"model": name}).json()["projector_info"]
     assert info["clip.projector_type"] == "gemma3" and info["file"] == proj.name
     assert info["tokens_per_image"] == proj.tokens_per_image

@@ -442,6 +442,8 @@ async def show(request: Request, data: JSONBody[ShowBody | None] = None) -> dict
     proj = model.projector
     if proj is not None:  # as Ollama: "vision", and the projector file's keys
         out["capabilities"].append("vision")
+        if proj.audio is not None:  # Ollama's "audio" capability (types/model/capability.go)
+            out["capabilities"].append("audio")
         out["projector_info"] = {k: _plain(v) for k, v in proj.metadata.items()} | {
             "file": proj.name,
             "size": proj.path.stat().st_size,
