@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No persistent compilation cache in tests (their server subprocesses inherit this): JAX
+# serializes every executable it writes there, and a full run aborted in native code while one
+# thread serialized and another compiled (`tsjax.programs.compile_lowered`); a test run gains
+# little from it (a fresh CI machine starts empty). Tests of the cache itself set their own.
+os.environ.setdefault("TSJAX_COMPILATION_CACHE", "off")
 
 REAL_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",

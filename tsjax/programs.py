@@ -40,6 +40,20 @@ NICE = 10
 #: Lowers one key from abstract inputs (called on whichever thread compiles it).
 Lower = Callable[[Key], "jax.stages.Lowered"]
 
+# One XLA compile at a time in this process. With the persistent compilation cache on, JAX
+# serializes each executable it compiled; a full test run aborted (SIGABRT, in native code)
+# while one thread serialized an executable and another compiled the image encoder, and
+# XLA:CPU's serialization has failed us before (a re-serialized executable missing a
+# function). Not proven to be the cause, but on CPU two compiles at once only share the cores
+# anyway; tracing and lowering (Python, under the GIL) still overlap a compile.
+_COMPILE_LOCK = threading.Lock()
+
+
+def compile_lowered(lowered: jax.stages.Lowered) -> Any:
+    """`lowered.compile()`, one at a time in this process (see `_COMPILE_LOCK`)."""
+    with _COMPILE_LOCK:
+        return lowered.compile()
+
 
 class Programs:
     """Compiled executables by key: `get`, `compile` (now, on this thread) and `request`
@@ -92,9 +106,9 @@ class Programs:
             t0 = time.perf_counter()
             lowered = self._lower(key)
             if why == "background":  # XLA's compile at low priority, on its own thread
-                exe = self._niced().submit(lowered.compile).result()
+                exe = self._niced().submit(compile_lowered, lowered).result()
             else:
-                exe = lowered.compile()
+                exe = compile_lowered(lowered)
             secs = time.perf_counter() - t0
             with self._cv:
                 self._done[key] = exe

@@ -33,6 +33,7 @@ from tsjax.audio import gemma4a
 from tsjax.audio.features import N_MELS
 from tsjax.audio.waveform import AudioLimits, PreparedAudio, prepare_audio
 from tsjax.gguf import GGUFError, GGUFFile
+from tsjax.programs import compile_lowered
 
 AUDIO_ENCODERS: dict[str, ModuleType] = {"gemma4a": gemma4a}
 # tokens a chunk is padded to (x 4 frames); 750 is a whole 30 s chunk (2999 frames)
@@ -101,9 +102,8 @@ class AudioEncoder:
         t0 = time.perf_counter()
         for b in buckets or self.buckets:
             zeros = np.zeros((1, 4 * b, N_MELS), np.float32)
-            self._forward.lower(
-                self.params, jax.ShapeDtypeStruct(zeros.shape, zeros.dtype)
-            ).compile()
+            spec = jax.ShapeDtypeStruct(zeros.shape, zeros.dtype)
+            compile_lowered(self._forward.lower(self.params, spec))
             if run:
                 jax.block_until_ready(self._forward(self.params, zeros))
         return time.perf_counter() - t0

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tsjax.gguf import GGUFError, GGUFFile
+from tsjax.programs import compile_lowered
 from tsjax.vision import dynamic, gemma3, gemma4v, pixtral, qwen3vl
 from tsjax.vision.config import VisionConfig, projector_type
 from tsjax.vision.preprocess import ImageLimits, ImageSource, PreparedImage, prepare_image
@@ -217,14 +218,14 @@ class Projector:
                 for t in self.token_buckets:
                     inputs = dynamic.empty_inputs(self.config, b, t)
                     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
-                    self._forward.lower(self.params, *specs).compile()
+                    compile_lowered(self._forward.lower(self.params, *specs))
                     if run:
                         jax.block_until_ready(self._forward(self.params, *inputs))
             return time.perf_counter() - t0
         s = self.config.image_size
         for b in buckets or self.buckets:
             spec = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
-            self._forward.lower(self.params, spec).compile()
+            compile_lowered(self._forward.lower(self.params, spec))
             if run:
                 jax.block_until_ready(
                     self._forward(self.params, np.zeros((b, s, s, 3), np.float32))
