@@ -1,4 +1,5 @@
-"""Time a video upload's frame extraction (serve/video.py) against decoding the whole video.
+"""Time a video upload's frame extraction (serve/translation/video.py) against decoding
+the whole video.
 
 Writes a synthetic H.264 MP4 (moving noise, so the encoder cannot skip frames; libx264's
 default keyframe interval, 250 frames) into a temporary directory, then times, alternating
@@ -20,7 +21,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from serve.video import Budget, extract_frames
+from serve.translation.video import Budget, extract_frames
 
 
 def write(path: Path, seconds: int, fps: int, width: int, height: int) -> None:

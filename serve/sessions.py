@@ -40,7 +40,8 @@ class Upload:
     path: Path
     media_type: str  # image | audio | video | text | unknown
     file_name: str
-    frames: list[Path] = field(default_factory=list)  # a video's, as images (serve/video.py)
+    # a video's frames, as images (serve/translation/video.py)
+    frames: list[Path] = field(default_factory=list)
 
 
 @dataclass

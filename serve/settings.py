@@ -59,7 +59,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upload_quota_bytes: int = 2 * 1024 * 1024 * 1024  # every upload kept, together
     upload_ttl_s: float = 3600.0  # uploads no live session holds are deleted after this
     upload_dir: str | None = None  # None = a per-user folder under the temp directory
-    # frames a video upload is shown as (serve/video.py); 0 or less = 4, as the reference
+    # frames a video upload is shown as (serve/translation/video.py); 0 or less = 4, as the
+    # reference
     video_max_frames: int = 4
     # Host names served besides localhost and loopback addresses while bound to loopback
     # (DNS rebinding defence); also checked on other binds when given. ["*"]: no check.

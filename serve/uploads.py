@@ -10,8 +10,9 @@
   files while they live; they expire after `session_ttl_seconds` idle.
 
 Names are `<32 hex><extension>`, generated here; nothing a client sends becomes a path. A
-video's frames (serve/video.py) are PNGs in a directory `frames_<32 hex>/` of their own, under
-the same rules: private, counted in the quota, expired as one once none of them is held.
+video's frames (serve/translation/video.py) are PNGs in a directory `frames_<32 hex>/` of
+their own, under the same rules: private, counted in the quota, expired as one once none of
+them is held.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Video uploads as frames (serve/video.py): which frames are kept (the reference's evenly
-spaced rule), decoding them from real files PyAV writes here (a few seconds of 64x48 frames,
-each frame's colour saying its number), the bounds on decoding, the frames directory in the
-upload store (private, in the quota, expired as one), `POST /api/upload` of a video, and how
-a video message's frames are laid out for Gemma 4 (timed, cut to the limit) and for other
-models (plain images). In-process on the stub engine: nothing is compiled."""
+"""Video uploads as frames (serve/translation/video.py): which frames are kept (the
+reference's evenly spaced rule), decoding them from real files PyAV writes here (a few
+seconds of 64x48 frames, each frame's colour saying its number), the bounds on decoding, the
+frames directory in the upload store (private, in the quota, expired as one), `POST
+/api/upload` of a video, and how a video message's frames are laid out for Gemma 4 (timed,
+cut to the limit) and for other models (plain images). In-process on the stub engine:
+nothing is compiled."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from PIL import Image
 from tiny_app import UI, tiny_client, tiny_model
 
 from serve.translation.intent import ImageInput
-from serve.uploads import FRAMES_DIR, UploadStore
-from serve.video import (
+from serve.translation.video import (
     Budget,
     VideoError,
     candidate_frames,
@@ -32,6 +32,7 @@ from serve.video import (
     frame_seconds,
     max_frames,
 )
+from serve.uploads import FRAMES_DIR, UploadStore
 
 W, H = 64, 48
 
@@ -149,7 +150,7 @@ def test_unreadable_and_unbounded_videos_are_refused(tmp_path, monkeypatch):
         extract_frames(video, 4, Budget(frames_per_kept=5))
     with pytest.raises(VideoError, match="longer than"):
         extract_frames(video, 4, Budget(seconds=-1.0))
-    monkeypatch.setattr("serve.video.MAX_FRAME_PIXELS", W * H - 1)
+    monkeypatch.setattr("serve.translation.video.MAX_FRAME_PIXELS", W * H - 1)
     with pytest.raises(VideoError, match="64x48"):
         extract_frames(video, 4)
 
@@ -265,7 +266,7 @@ def test_gemma4_frames_are_sized_as_transformers_sizes_video(width, height):
         get_aspect_ratio_preserving_size,
     )
 
-    from serve.video import GEMMA4_FRAME_TOKENS
+    from serve.translation.video import GEMMA4_FRAME_TOKENS
     from tsjax.vision.config import VisionConfig
     from tsjax.vision.preprocess import budget_size, prepare_image
 

@@ -184,7 +184,8 @@ class Programs:
             try:
                 self.compile(key, "background")
             except Exception:  # the step that needs it compiles it on demand and raises there
-                log.exception("background compile of %s failed", key)
+                if not self._closed:  # (closing: the XLA thread refuses new work)
+                    log.exception("background compile of %s failed", key)
             with self._cv:
                 self._cv.notify_all()
 

@@ -40,8 +40,8 @@ from serve.streaming import sse_response
 from serve.translation import Intent, Reply, Sampling, prepare
 from serve.translation.intent import ImageInput, image_part
 from serve.translation.options import ollama_format, openai_format, stop_of
+from serve.translation.video import DEFAULT_MAX_FRAMES, frame_parts, max_frames
 from serve.uploads import FRAMES_DIR, UploadStore
-from serve.video import DEFAULT_MAX_FRAMES, frame_parts, max_frames
 from tsjax.model import Model
 
 # -- request bodies ---------------------------------------------------------------------------
@@ -318,9 +318,9 @@ def _message(m: WebMessage, i: int, uploads: UploadStore, media: _Media) -> dict
 
 def _image_parts(images: list[ImageInput], video: bool, media: _Media) -> list[dict[str, Any]]:
     """A message's images as content parts. In a video message for Gemma 4, the frames (files
-    in a frames directory: `serve.video`) of each video follow the still images, timed and at
-    most `media.limit` of them (`frame_parts`); other models take every frame as an image,
-    as the reference does."""
+    in a frames directory: `serve.translation.video`) of each video follow the still images,
+    timed and at most `media.limit` of them (`frame_parts`); other models take every frame as
+    an image, as the reference does."""
     if not (video and media.gemma4):
         return [image_part(img) for img in images]
     stills: list[dict[str, Any]] = []

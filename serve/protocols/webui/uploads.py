@@ -27,8 +27,8 @@ from serve.protocols.webui.sessions import sessions_of
 from serve.sessions import Upload
 from serve.state import Hub, hub_of
 from serve.translation.prompt import max_prompt_chars
+from serve.translation.video import VideoError, extract_frames, frame_name, max_frames
 from serve.uploads import UploadStore
-from serve.video import VideoError, extract_frames, frame_name, max_frames
 from tsjax.model import Model
 
 MAX_TEXT_FILE_CHARS = 8000  # text upload cap when no tokenizer is loaded (reference default)
@@ -163,8 +163,9 @@ async def upload(request: Request) -> dict[str, Any]:
 
 
 async def _video_frames(hub: Hub, store: UploadStore, video: Path) -> list[Path]:
-    """Decode the frames a video is shown as (serve/video.py) into a frames directory of the
-    store. A video that cannot be read is a 400 (the reference answers 500) and is deleted."""
+    """Decode the frames a video is shown as (serve/translation/video.py) into a frames
+    directory of the store. A video that cannot be read is a 400 (the reference answers 500)
+    and is deleted."""
     limit = max_frames(hub.settings.video_max_frames)
     try:
         frames = await hub.offload(extract_frames, video, limit)
