@@ -17,6 +17,54 @@ import numpy as np
 
 from tsjax.tokenizer import Tokenizer
 
+# Signals a native crash raises. xgrammar loads apache-tvm-ffi, whose handler for them prints
+# a backtrace with the unwinder, which deadlocks when the crash happened inside the unwinder
+# (seen: a segfault while a C++ exception unwound through XLA's compile; the process hung
+# instead of dying). The handlers installed before the import (Python's faulthandler, or the
+# default: die) are put back.
+_CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
+_xgr = None
+_xgr_lock = threading.Lock()
+
+
+def _xgrammar():
+    """The xgrammar module, imported once with the process's crash handlers kept."""
+    global _xgr
+    with _xgr_lock:
+        if _xgr is None:
+            saved = _crash_handlers()
+            import xgrammar
+
+            _restore_handlers(saved)
+            _xgr = xgrammar
+        return _xgr
+
+
+def _crash_handlers() -> list[tuple[int, Any]]:
+    """The current `sigaction` of each crash signal (Linux; empty elsewhere)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return []
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = []
+    for name in _CRASH_SIGNALS:
+        buf = ctypes.create_string_buffer(256)  # struct sigaction is 152 bytes on x86-64
+        if libc.sigaction(int(getattr(signal, name)), None, buf) == 0:
+            out.append((int(getattr(signal, name)), buf))
+    return out
+
+
+def _restore_handlers(saved: list[tuple[int, Any]]) -> None:
+    import ctypes
+
+    if saved:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for sig, buf in saved:
+            libc.sigaction(sig, buf, None)
+
 
 class GrammarError(ValueError):
     """An invalid schema or grammar; the message says what is wrong."""
@@ -42,7 +90,7 @@ class Constraint:
     def fork(self) -> Constraint:
         """A new constraint for the same grammar, at its start (another answer to the same
         request: the engine's `n`)."""
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         if self._compiled is None:
             raise ValueError("this constraint was made without its compiled grammar")
@@ -84,7 +132,7 @@ class GrammarFactory:
     def _get_compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
+                xgr = _xgrammar()
 
                 tok = self.tokenizer
                 # Control tokens (<|im_start|>, <start_of_turn>, ...) are never text: their
@@ -109,7 +157,7 @@ class GrammarFactory:
             return self._compiler
 
     def _constraint(self, compiled, description: str) -> Constraint:
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         return Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, description, compiled)
 
@@ -134,7 +182,7 @@ class GrammarFactory:
         repeats, tags, free text, JSON schemas, EBNF pieces and single tokens); pieces are
         combined without their rule names colliding. Build markers with `marker` and JSON
         bodies with `json_element`."""
-        import xgrammar as xgr
+        xgr = _xgrammar()
 
         try:
             grammar = xgr.Grammar.from_structural_tag({"type": "structural_tag", "format": fmt})
@@ -202,7 +250,7 @@ def json_element(
     would end the call early); such elements are always strict and allow one whitespace
     character between tokens of the JSON. xgrammar drops string length limits where it
     applies excludes, so a schema with a `minLength`/`maxLength` keeps its limits instead."""
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     schema = check_schema(schema)
     text = json.dumps(schema)
