@@ -259,10 +259,17 @@ class MtmdCrashed(RuntimeError):
 def mtmd_image_embeddings(mmproj: Path, text_gguf: Path, images: list[np.ndarray], out: Path):
     """llama.cpp's mtmd (llama-cpp-python) on RGB uint8 images [H, W, 3]: preprocessing and
     encoding as llama.cpp does them. Returns one [tokens, text D] array per image."""
+    z = _run_mtmd("mtmd", mmproj, text_gguf, images, out)
+    return [z[f"arr_{i}"] for i in range(len(images))]
+
+
+def _run_mtmd(mode: str, mmproj: Path, text_gguf: Path, arrays: list, out: Path) -> dict:
+    """This file's `mode` entry point in a subprocess (llama.cpp may die of a signal) on
+    `arrays`; what it wrote to `out` (an .npz), by name."""
     src = out.with_suffix(".in.npz")
-    np.savez(src, *images)
+    np.savez(src, *arrays)
     proc = subprocess.run(
-        [sys.executable, __file__, "mtmd", str(mmproj), str(text_gguf), str(src), str(out)],
+        [sys.executable, __file__, mode, str(mmproj), str(text_gguf), str(src), str(out)],
         capture_output=True,
         text=True,
     )
@@ -271,7 +278,7 @@ def mtmd_image_embeddings(mmproj: Path, text_gguf: Path, images: list[np.ndarray
     if proc.returncode:
         raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
     with np.load(out) as z:
-        return [z[f"arr_{i}"] for i in range(len(images))]
+        return dict(z)
 
 
 def _mtmd_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
@@ -383,19 +390,8 @@ def mtmd_audio_embeddings(
     """llama.cpp's mtmd on 16 kHz mono float clips: its features, 30 s chunks and encoder.
     Returns per clip (the token sequence mtmd makes of the clip alone, -1 at its embedded
     positions; the embeddings [tokens, text D], every chunk's in order)."""
-    src = out.with_suffix(".in.npz")
-    np.savez(src, *clips)
-    proc = subprocess.run(
-        [sys.executable, __file__, "mtmd-audio", str(mmproj), str(text_gguf), str(src), str(out)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode < 0:
-        raise MtmdCrashed(f"llama.cpp died with signal {-proc.returncode}: {proc.stderr[-500:]}")
-    if proc.returncode:
-        raise RuntimeError(f"mtmd reference failed:\n{proc.stderr[-3000:]}")
-    with np.load(out) as z:
-        return [(z[f"seq_{i}"].tolist(), z[f"emb_{i}"]) for i in range(len(clips))]
+    z = _run_mtmd("mtmd-audio", mmproj, text_gguf, clips, out)
+    return [(z[f"seq_{i}"].tolist(), z[f"emb_{i}"]) for i in range(len(clips))]
 
 
 def _mtmd_audio_main(mmproj: str, text_gguf: str, src: str, dst: str) -> None:
