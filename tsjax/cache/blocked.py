@@ -27,6 +27,7 @@ from tsjax.cache.cpu_kernels import (
 )
 from tsjax.cache.dense import attend
 from tsjax.cache.state import Named, Step
+from tsjax.residency import zeros
 from tsjax.shapes import BlockBounds, block_sizes
 
 
@@ -54,7 +55,7 @@ class BlockedKV:
         def grid(keys: bool) -> Blocks:
             kh, h = kv_heads, head_dim
             return tuple(
-                tuple(jnp.zeros((r, kh, h, p) if keys else (r, kh, p, h), dtype) for p in pos)
+                tuple(zeros((r, kh, h, p) if keys else (r, kh, p, h), dtype) for p in pos)
                 for r in rows
             )
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from tsjax.cache.state import Named, Step
+from tsjax.residency import zeros
 from tsjax.stack import Segment
 
 if TYPE_CHECKING:  # tsjax.models imports tsjax.cache (a real import would be a cycle)
@@ -74,10 +75,10 @@ class RecurrentState:
         conv = (channels, kernel - 1)
         z = jnp.float32
         return cls(
-            jnp.zeros((*lead, rows, *conv), z),
-            jnp.zeros((*lead, rows, *ssm_shape), z),
-            jnp.zeros((*lead, rows, slots, *conv), z),
-            jnp.zeros((*lead, rows, slots, *ssm_shape), z),
+            zeros((*lead, rows, *conv), z),
+            zeros((*lead, rows, *ssm_shape), z),
+            zeros((*lead, rows, slots, *conv), z),
+            zeros((*lead, rows, slots, *ssm_shape), z),
         )
 
     @property

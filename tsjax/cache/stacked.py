@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from tsjax.cache.dense import attend
 from tsjax.cache.state import Named, Step
+from tsjax.residency import zeros
 
 
 @jax.tree_util.register_dataclass
@@ -28,7 +29,7 @@ class StackedKV:
     @classmethod
     def create(cls, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype):
         shape = (layers, rows, kv_heads, max_len, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(zeros(shape, dtype), zeros(shape, dtype))
 
     def prepare(self, step: Step) -> None:
         pass  # a scatter per layer needs no shared indices
