@@ -98,19 +98,23 @@ def hf_reference(path: Path) -> HFReference:
 
 
 def all_logits(model, ids: list[int]):
-    """All-position logits [T, V] of one prompt through the model's compiled forward step."""
+    """All-position logits [T, V] of one prompt through the model's compiled forward step.
+    The prompt is padded to its attention bucket (later positions change no earlier logit:
+    attention is causal), so prompts of one bucket share one compiled program."""
     import jax.numpy as jnp
     import numpy as np
 
+    attn_len = model.steps.attn_len_for(len(ids))
+    padded = list(ids) + [0] * (attn_len - len(ids))
     return np.asarray(
         model.steps.forward_fn(
             model.params,
             model.steps.new_cache(),
-            jnp.asarray([ids]),
+            jnp.asarray([padded]),
             jnp.zeros((1,), jnp.int32),
-            attn_len=model.steps.attn_len_for(len(ids)),
+            attn_len=attn_len,
         )[0]
-    )
+    )[: len(ids)]
 
 
 def rel_err(ours, ref) -> float:
