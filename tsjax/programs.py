@@ -31,6 +31,8 @@ from typing import Any
 
 import jax
 
+from tsjax import crash
+
 log = logging.getLogger("tsjax.programs")
 
 Key = tuple[Any, ...]
@@ -50,8 +52,11 @@ _COMPILE_LOCK = threading.Lock()
 
 
 def compile_lowered(lowered: jax.stages.Lowered) -> Any:
-    """`lowered.compile()`, one at a time in this process (see `_COMPILE_LOCK`)."""
+    """`lowered.compile()`, one at a time in this process (see `_COMPILE_LOCK`), with the
+    process's own crash handlers in place (`tsjax.crash`: a crash inside a compile hung a
+    process whose handler was apache-tvm-ffi's)."""
     with _COMPILE_LOCK:
+        crash.keep()
         return lowered.compile()
 
 
