@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tsjax.cache.blocked import BlockedKV
-from tsjax.residency import resident_bytes, zeros
+from tsjax.residency import resident_bytes, zeros, zeros_many
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="pages are given back on Linux")
 MB = 1 << 20
@@ -25,6 +25,11 @@ def test_zeros_are_zeros_and_writable():
     )
     y = np.asarray(write(x, jnp.ones((1, 3, 64, 5))))
     assert y[1, :, :, 700:705].all() and y.sum() == 3 * 64 * 5
+    # several at once (one dispatch): equal shapes are still separate buffers
+    many = zeros_many([(4, 3, 64, 128)] * 3, jnp.float32)
+    assert len({a.unsafe_buffer_pointer() for a in many}) == 3
+    first = write(many[0], jnp.ones((1, 3, 64, 5)))
+    assert np.asarray(first).any() and not any(np.asarray(a).any() for a in many[1:])
     # inside a trace it is jnp.zeros
     assert jax.jit(lambda: zeros((1000,), jnp.int32))().sum() == 0
 

@@ -27,7 +27,7 @@ from tsjax.cache.cpu_kernels import (
 )
 from tsjax.cache.dense import attend
 from tsjax.cache.state import Named, Step
-from tsjax.residency import zeros
+from tsjax.residency import zeros_many
 from tsjax.shapes import BlockBounds, block_sizes
 
 
@@ -54,10 +54,12 @@ class BlockedKV:
 
         def grid(keys: bool) -> Blocks:
             kh, h = kv_heads, head_dim
-            return tuple(
-                tuple(zeros((r, kh, h, p) if keys else (r, kh, p, h), dtype) for p in pos)
-                for r in rows
+            made = iter(
+                zeros_many(
+                    [(r, kh, h, p) if keys else (r, kh, p, h) for r in rows for p in pos], dtype
+                )
             )
+            return tuple(tuple(next(made) for _ in pos) for _ in rows)
 
         return cls(grid(True), grid(False), skip_min_rows)
 
