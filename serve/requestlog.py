@@ -6,7 +6,8 @@ header of every answer (streams and errors too), kept in a context variable whil
 runs (worker threads started through `Hub.offload` see it too), and stamped on every log record
 as `request_id` (`install_log_ids`, which `tsjax serve` calls; structured handlers read it as a
 record attribute). An answer with status 400 or more is logged with its id, method, path,
-status and the error message from its body: INFO for client errors, ERROR for server errors.
+status and the error message from its body: INFO for client errors, ERROR for server errors
+(DEBUG for `/health`'s 503 while the model loads: probes poll it).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ async def serve(app: ASGI, scope: dict[str, Any], receive: Any, send: Any) -> No
         if status >= 400:
             level = logging.ERROR if status >= 500 else logging.INFO
             method, path = scope.get("method", ""), scope.get("path", "")
+            if path == "/health" and status == 503:
+                level = logging.DEBUG  # "still loading" to a readiness probe: not an error
             log.log(level, "request_id=%s %s %s -> %d: %s", rid, method, path, status,
                     error_message(bytes(kept)),
                     extra={"status": status, "method": method, "path": path})  # fmt: skip

@@ -402,3 +402,33 @@ def test_an_unsafe_upload_dir_is_refused(model, tmp_path):
     ours.mkdir(mode=0o755)
     private_dir(ours)  # ours and only readable by others: tightened, not refused
     assert stat.S_IMODE(ours.stat().st_mode) == 0o700
+
+
+def test_health_503_while_loading_is_not_logged_as_an_error(caplog):
+    """A readiness probe polls /health while the model loads: its 503s are DEBUG lines; any
+    other 503 stays an ERROR."""
+    import asyncio
+
+    from serve import requestlog
+
+    async def unavailable(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"status": "loading"}'})
+
+    async def call(path):
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+        await requestlog.serve(unavailable, scope, receive, send)
+
+    with caplog.at_level(logging.DEBUG, logger="tsjax.serve.requests"):
+        asyncio.run(call("/health"))
+        asyncio.run(call("/v1/models"))
+    levels = {
+        r.getMessage().split()[2]: r.levelno for r in caplog.records if "-> 503" in r.getMessage()
+    }
+    assert levels == {"/health": logging.DEBUG, "/v1/models": logging.ERROR}, levels
