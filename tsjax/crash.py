@@ -7,9 +7,9 @@ printing Python's faulthandler report.
 
 `keep()` puts back, for each crash signal whose handler now lives in tvm-ffi's library, the
 handler this process had when tsjax was first imported (faulthandler's, or the default: die).
-Called after xgrammar's import and before every XLA compile, since the handler also arrived by
-ways not traced (a test process hung so with xgrammar imported through `keep`). Linux only;
-elsewhere it does nothing.
+Called after xgrammar's import and before every XLA compile: the handler also reached a test
+process by a way not traced (it hung so while tsjax restored the handlers after its own
+xgrammar import). Linux only; elsewhere it does nothing.
 """
 
 from __future__ import annotations

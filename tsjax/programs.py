@@ -188,12 +188,9 @@ class Programs:
                 key = self._queue.popleft()
             try:
                 self.compile(key, "background")
-            except RuntimeError as e:
+            except Exception as e:  # the step that needs it compiles it on demand, raises there
                 if "after shutdown" in str(e):  # the interpreter is exiting: its executors
                     return  # shut down before atexit's `close` runs
-                if not self._closed:
-                    log.exception("background compile of %s failed", key)
-            except Exception:  # the step that needs it compiles it on demand and raises there
                 if not self._closed:  # (closing: the XLA thread refuses new work)
                     log.exception("background compile of %s failed", key)
             with self._cv:

@@ -95,8 +95,8 @@ def zeros_many(shapes: Sequence[tuple[int, ...]], dtype) -> tuple[jax.Array, ...
     page = os.sysconf("SC_PAGE_SIZE")
     for x in out:
         x.block_until_ready()
-        for shard in x.addressable_shards if len(x.devices()) > 1 else (x,):
-            buf = shard.data if shard is not x else x
+        bufs = [s.data for s in x.addressable_shards] if len(x.devices()) > 1 else [x]
+        for buf in bufs:
             if buf.nbytes < 2 * page or next(iter(buf.devices())).platform != "cpu":
                 continue
             start = buf.unsafe_buffer_pointer()
