@@ -6,10 +6,19 @@ every test module that asks for it.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
+
+# pytest-xdist's loadfile scheduling mended for a worker that dies (see tests/crashsafe.py)
+from crashsafe import (  # noqa: F401
+    pytest_handlecrashitem,
+    pytest_report_teststatus,
+    pytest_terminal_summary,
+    pytest_xdist_make_scheduler,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No persistent compilation cache in tests (their server subprocesses inherit this): JAX
@@ -22,6 +31,24 @@ REAL_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
     "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+    """After each test file, the executables JAX's own caches still hold are dropped once this
+    worker has used a quarter of its memory mappings. XLA:CPU maps each compiled kernel's code
+    on its own pages (three mappings per kernel: ~600 for one SmolLM2 step program), and a
+    worker that had run hundreds of files' programs reached Linux's limit (vm.max_map_count,
+    65530) and segfaulted inside a compile (a core dump held 65121 mappings). The steps'
+    own programs are freed with them and kept within a budget (`tsjax.programs`)."""
+    yield
+    from tsjax.residency import max_memory_maps, memory_maps
+
+    if memory_maps() > max_memory_maps() // 4:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 def real_model_path(name: str) -> Path:

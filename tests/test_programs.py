@@ -6,12 +6,19 @@ from the model and the machine (`tsjax.capacity`)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import weakref
 
+import jax
+import jax.numpy as jnp
 from gguf_factory import write_tiny_gguf
 
 from serve.engine import Engine, EventKind, GenerationRequest
+from tsjax import programs as programs_mod
 from tsjax.capacity import choose_rows, kv_bytes_per_row
 from tsjax.model import load
+from tsjax.programs import Programs
 from tsjax.sampling import SamplingParams
 from tsjax.shapes import StepShapes
 
@@ -72,3 +79,47 @@ def test_default_rows_from_memory_and_cores():
     assert choose_rows(smollm, 2**20, 8).rows == 1  # never zero
     assert choose_rows(2**20, 0, None).rows == 64  # nothing known: the cap
     assert "cores" in choose_rows(smollm, 20 * 2**30, 2).reason
+
+
+def _tiny_lower(key):
+    n = key[1]
+    return jax.jit(lambda x: x * n + 1).lower(jax.ShapeDtypeStruct((n,), jnp.float32))
+
+
+def test_least_recently_used_programs_are_dropped_past_the_memory_map_budget(monkeypatch):
+    first, second = Programs(_tiny_lower), Programs(_tiny_lower)
+    # each program "maps" 100; the limit 500 at MAPS_SHARE 0.5 leaves room for two
+    monkeypatch.setattr(programs_mod, "MAPS_SHARE", 0.5)
+    monkeypatch.setattr(programs_mod, "max_memory_maps", lambda: 500)
+    monkeypatch.setattr(
+        programs_mod, "memory_maps", lambda: 100 * (len(first.keys()) + len(second.keys()))
+    )
+    old = second.compile(("k", 9))
+    one = first.compile(("k", 1))  # 200 maps: within budget
+    assert first.get(("k", 1)) is one and second.dropped == []
+    first.compile(("k", 2))  # 300: the least recently used of both, second's, goes
+    assert second.dropped == [("k", 9)] and second.keys() == []
+    assert first.get(("k", 1)) is one  # ("k", 1) is now used after ("k", 2)
+    first.compile(("k", 3))
+    assert first.dropped == [("k", 2)] and set(first.keys()) == {("k", 1), ("k", 3)}
+    again = second.compile(("k", 9))  # compiles again on its next use, and still works
+    assert again is not old and float(again(jnp.ones(9))[0]) == 10.0
+    assert [h[0] for h in second.history] == [("k", 9), ("k", 9)]
+
+
+def test_an_unreferenced_programs_is_freed_with_its_executables(monkeypatch):
+    monkeypatch.setattr(programs_mod, "IDLE_EXIT_S", 0.05)
+    programs = Programs(_tiny_lower)
+    programs.request(("k", 4))  # starts the background thread
+    assert programs.idle(timeout=120) and ("k", 4) in programs
+    exe = weakref.ref(programs.get(("k", 4)))
+    ref = weakref.ref(programs)
+    del programs
+    deadline = time.monotonic() + 30
+    while (ref() is not None or exe() is not None) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the idle thread exits, and with it its hold on the object
+        gc.collect()
+    assert ref() is None and exe() is None
+    programs = Programs(_tiny_lower)  # a new request after the thread exited starts another
+    programs.request(("k", 5))
+    assert programs.idle(timeout=120) and ("k", 5) in programs

@@ -11,6 +11,14 @@ A key is a tuple (kind, *static sizes), e.g. ("decode", rows, attn_len, max_step
 turns a key into a `jax.stages.Lowered` from abstract inputs only (no buffers), so a
 background compile never touches the live cache.
 
+The compiled programs of every live `Programs` together stay within a share of the process's
+memory mappings (`MAPS_SHARE` of Linux's vm.max_map_count): XLA:CPU maps each compiled kernel
+on pages of its own (about 600 mappings per SmolLM2 step program), a process past the limit
+cannot allocate, and a test worker that got there segfaulted in a compile. Past the budget the
+least recently used programs are dropped, with a warning; a dropped shape compiles again on its
+next use. A `Programs` no longer referenced is freed with its executables: its background
+thread exits when idle (`IDLE_EXIT_S`) and holds it only meanwhile.
+
 In the background, XLA's compile runs on a thread of low CPU priority (`os.setpriority` on its
 own thread id, Linux), so on a small machine the steps being served keep the cores; tracing
 and lowering, which hold the GIL, stay at normal priority (a starved thread holding the GIL
@@ -20,10 +28,12 @@ stalls every other one), and that GIL time is what a background compile still co
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +42,7 @@ from typing import Any
 import jax
 
 from tsjax import crash
+from tsjax.residency import max_memory_maps, memory_maps
 
 log = logging.getLogger("tsjax.programs")
 
@@ -41,6 +52,15 @@ Key = tuple[Any, ...]
 NICE = 10
 #: Lowers one key from abstract inputs (called on whichever thread compiles it).
 Lower = Callable[[Key], "jax.stages.Lowered"]
+#: The share of the process's memory mappings (vm.max_map_count) compiled programs may fill
+#: before the least recently used are dropped.
+MAPS_SHARE = 0.5
+#: Seconds the background thread waits for work before it exits (a new request starts one).
+IDLE_EXIT_S = 10.0
+
+_LIVE: weakref.WeakSet[Programs] = weakref.WeakSet()  # every Programs not yet freed
+_live_lock = threading.Lock()
+_uses = itertools.count()  # a global clock of program uses: least recently used goes first
 
 # One XLA compile at a time in this process. With the persistent compilation cache on, JAX
 # serializes each executable it compiled; a full test run aborted (SIGABRT, in native code)
@@ -69,6 +89,7 @@ class Programs:
         self._lower = lower
         self._after = after_compile  # e.g. give the compiler's freed memory back to the OS
         self._done: dict[Key, Any] = {}
+        self._used: dict[Key, int] = {}  # key -> `_uses` tick of its last get or compile
         self._busy: dict[Key, threading.Event] = {}  # being compiled, by any thread
         self._queue: deque[Key] = deque()
         self._cv = threading.Condition()
@@ -77,6 +98,10 @@ class Programs:
         self._closed = False
         #: (key, "ahead" | "demand" | "background", seconds) per compile, in order
         self.history: list[tuple[Key, str, float]] = []
+        #: keys dropped to stay within the memory-map budget, in order
+        self.dropped: list[Key] = []
+        with _live_lock:
+            _LIVE.add(self)
 
     def __contains__(self, key: Key) -> bool:
         with self._cv:
@@ -93,7 +118,10 @@ class Programs:
 
     def get(self, key: Key) -> Any | None:
         with self._cv:
-            return self._done.get(key)
+            exe = self._done.get(key)
+            if exe is not None:
+                self._used[key] = next(_uses)
+            return exe
 
     def compile(self, key: Key, why: str = "demand") -> Any:
         """The executable for `key`, compiling it on this thread if nobody has (waiting for
@@ -101,6 +129,7 @@ class Programs:
         while True:
             with self._cv:
                 if key in self._done:
+                    self._used[key] = next(_uses)
                     return self._done[key]
                 event = self._busy.get(key)
                 if event is None:
@@ -117,6 +146,7 @@ class Programs:
             secs = time.perf_counter() - t0
             with self._cv:
                 self._done[key] = exe
+                self._used[key] = next(_uses)
                 self.history.append((key, why, secs))
             if why != "ahead":
                 log.info("compiled %s %s in %.1fs", why, key, secs)
@@ -124,9 +154,19 @@ class Programs:
             with self._cv:
                 self._busy.pop(key, None)
             event.set()
+        _within_maps_budget(keep=(self, key))
         if self._after is not None:
             self._after()
         return exe
+
+    def _drop(self, key: Key) -> bool:
+        """Forget `key`'s executable (freed once no running step holds it)."""
+        with self._cv:
+            if self._done.pop(key, None) is None:
+                return False
+            self._used.pop(key, None)
+            self.dropped.append(key)
+            return True
 
     def request(self, key: Key) -> None:
         """Compile `key` in the background (no-op if compiled, queued or being compiled)."""
@@ -139,7 +179,6 @@ class Programs:
                     target=self._work, name="tsjax-compile", daemon=True
                 )
                 self._thread.start()
-                atexit.register(self.close)
             self._cv.notify_all()
 
     def idle(self, timeout: float | None = None) -> bool:
@@ -181,9 +220,10 @@ class Programs:
         # niced (`_niced`).
         while True:
             with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if self._closed:
+                if not self._queue and not self._closed:
+                    self._cv.wait(IDLE_EXIT_S)
+                if self._closed or not self._queue:  # closed, or idle: `request` starts
+                    self._thread = None  # another; meanwhile nothing holds this object
                     return
                 key = self._queue.popleft()
             try:
@@ -195,6 +235,43 @@ class Programs:
                     log.exception("background compile of %s failed", key)
             with self._cv:
                 self._cv.notify_all()
+
+
+def _within_maps_budget(keep: tuple[Programs, Key]) -> None:
+    """Drop the least recently used programs of every live `Programs` (but `keep`) while the
+    process holds more memory mappings than `MAPS_SHARE` of Linux's limit."""
+    limit = int(max_memory_maps() * MAPS_SHARE)
+    maps = memory_maps()
+    while maps > limit:
+        candidates = []
+        with _live_lock:
+            live = list(_LIVE)
+        for programs in live:
+            with programs._cv:
+                candidates += [(t, id(programs), programs, k) for k, t in programs._used.items()]
+        candidates = [c for c in candidates if (c[2], c[3]) != keep]
+        if not candidates:
+            return
+        _, _, programs, key = min(candidates, key=lambda c: c[:2])
+        programs._drop(key)
+        now = memory_maps()
+        log.warning(
+            "dropped compiled program %s to stay within the memory-map budget (%d mappings "
+            "before, %d after, budget %d of vm.max_map_count %d): it compiles again when "
+            "next used",
+            key, maps, now, limit, max_memory_maps(),
+        )  # fmt: skip
+        maps = now
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit, stop every background compile (an XLA compile still running at
+    exit can crash the interpreter)."""
+    with _live_lock:
+        live = list(_LIVE)
+    for programs in live:
+        programs.close()
 
 
 def _lower_priority() -> None:

@@ -67,6 +67,28 @@ def peak_resident_bytes() -> int:
     return 0
 
 
+def memory_maps() -> int:
+    """How many memory mappings this process has (0 where /proc has no answer). XLA:CPU maps
+    every compiled kernel's code on pages of its own (three mappings per kernel; ~600 for a
+    SmolLM2 step program), and Linux refuses a process more than `max_memory_maps()`: past
+    that, allocations fail, and a compile has segfaulted."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def max_memory_maps() -> int:
+    """Linux's limit on a process's memory mappings (`vm.max_map_count`; 65530 unless
+    raised), or that default where it cannot be read."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
 def zeros(shape, dtype) -> jax.Array:
     """`jnp.zeros(shape, dtype)`, its memory not resident until written where it lives in host
     memory (XLA:CPU on Linux): the whole pages inside each buffer are handed back to the OS
