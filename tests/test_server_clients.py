@@ -381,8 +381,11 @@ def _check_top(entries, n):
 
 
 def test_openai_chat_logprobs(oai):
+    # no repetition penalty: the server's default (1.1) changes what is sampled, not the
+    # distribution reported, which is the model's raw one (tsjax/logprobs.py)
     r = oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=8, temperature=0,
-                                    logprobs=True, top_logprobs=3)  # fmt: skip
+                                    logprobs=True, top_logprobs=3,
+                                    extra_body={"repetition_penalty": 1.0})  # fmt: skip
     content = r.choices[0].logprobs.content
     assert _joined(content) == r.choices[0].message.content
     _check_top(content, 3)

@@ -152,7 +152,9 @@ def test_a_second_signal_exits_at_once(tmp_path):
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         assert proc.poll() is None  # the streams have a minute to finish
-        assert all(c.is_alive() for c in clients)
+        # COUNTING runs its 900 tokens; a greedy answer to LONG may end on its own first
+        assert any(c.is_alive() for c in clients)
+        assert all(c.is_alive() or ending(c.path, c.parsed()) == "natural" for c in clients)
         sent = time.time()
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
