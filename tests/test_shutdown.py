@@ -119,7 +119,9 @@ def ending(path: str, frames: list) -> str | None:
 
 
 def test_sigterm_gives_streams_their_grace_then_their_final_frames(tmp_path):
-    grace = 2.0  # 900 greedy tokens take longer than this even on 4 rows
+    grace = 3.0  # 900 greedy tokens take longer than this even on 4 rows; a stream must
+    # show a frame between 1 s and grace - 0.5 s after the signal (a 0.5 s window missed it
+    # once with a test run beside the server)
     proc, url = _serve(grace, tmp_path / "serve.log")
     try:
         clients = _start_streams(url)
