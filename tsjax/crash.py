@@ -3,7 +3,9 @@ the crash signals that print a backtrace with the unwinder, and that deadlocks w
 happened inside the unwinder. Seen three times: XLA's compile threw a C++ exception, the
 unwinder segfaulted in `_Unwind_Find_FDE`, and tvm-ffi's handler waited forever on the
 unwinder's lock, so the process hung (a test run ran into CI's limit) instead of dying or
-printing Python's faulthandler report.
+printing Python's faulthandler report. The one such segfault caught in a core dump since was a
+process at Linux's limit on memory mappings (65121 of 65530: XLA:CPU maps every compiled
+kernel on its own pages), which `tsjax.programs` now keeps compiled programs well below.
 
 `keep()` puts back, for each crash signal whose handler now lives in tvm-ffi's library, the
 handler this process had when tsjax was first imported (faulthandler's, or the default: die).
