@@ -2,8 +2,10 @@
 running streams go on for `shutdown_grace_s`, then ends each with its API's final frame and
 exits; a second signal exits at once.
 
-Both servers use test_server.py's shapes (4 rows, 1024 tokens), so their compiled steps come
-from the persistent compilation cache when that module ran first.
+Both servers hold 4 rows x 512 positions, so every stream stays inside the positions the
+warm-up compiles for (a stream crossing 512 positions can wait for a program compiled on
+demand: seconds with no frame, which on a loaded machine fell inside the grace window this
+test watches).
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ pytestmark = pytest.mark.slow
 LONG = "Count from 1 to 1000, one number per line, and never stop early."
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # a raw prompt the model keeps counting
 STREAMS = [  # (path, body); greedy: sampled answers to LONG may end after 40 tokens
-    ("/v1/chat/completions", {"model": "smollm2-135m", "stream": True, "max_tokens": 900,
+    ("/v1/chat/completions", {"model": "smollm2-135m", "stream": True, "max_tokens": 400,
                               "temperature": 0,
                               "messages": [{"role": "user", "content": LONG}]}),
     ("/api/generate", {"model": "smollm2-135m", "prompt": COUNTING, "raw": True,
-                       "options": {"num_predict": 900, "temperature": 0}}),
-    ("/api/webui/chat", {"maxTokens": 900, "temperature": 0,
+                       "options": {"num_predict": 400, "temperature": 0}}),
+    ("/api/webui/chat", {"maxTokens": 400, "temperature": 0,
                          "messages": [{"role": "user", "content": LONG}]}),
     ("/api/chat", {"model": "smollm2-135m", "messages": [{"role": "user", "content": LONG}],
-                   "options": {"num_predict": 900, "temperature": 0}}),
+                   "options": {"num_predict": 400, "temperature": 0}}),
 ]  # fmt: skip
 # one stream per cache row: none waits in the queue (the OpenAI styles send nothing there)
 
@@ -44,7 +46,7 @@ def _serve(grace: float, log: Path) -> tuple[subprocess.Popen, str]:
     tsjax = Path(sys.executable).with_name("tsjax")
     command = [str(tsjax)] if tsjax.exists() else [sys.executable, "-m", "serve"]
     flags = ["--model", str(real_model_path("smollm2-135m")), "--port", str(port),
-             "--rows", "4", "--max-len", "1024", "--shutdown-grace-s", str(grace)]  # fmt: skip
+             "--rows", "4", "--max-len", "512", "--shutdown-grace-s", str(grace)]  # fmt: skip
     proc = subprocess.Popen(
         [*command, *([] if command[-1] == "serve" else ["serve"]), *flags],
         stdout=log.open("wb"),
@@ -119,7 +121,7 @@ def ending(path: str, frames: list) -> str | None:
 
 
 def test_sigterm_gives_streams_their_grace_then_their_final_frames(tmp_path):
-    grace = 3.0  # 900 greedy tokens take longer than this even on 4 rows; a stream must
+    grace = 3.0  # 400 greedy tokens take longer than this even on 4 rows; a stream must
     # show a frame between 1 s and grace - 0.5 s after the signal (a 0.5 s window missed it
     # once with a test run beside the server)
     proc, url = _serve(grace, tmp_path / "serve.log")
@@ -141,7 +143,7 @@ def test_sigterm_gives_streams_their_grace_then_their_final_frames(tmp_path):
     assert "grace period over" in log
     endings = {c.path: ending(c.path, c.parsed()) for c in clients}
     assert None not in endings.values(), endings  # every client saw its final frame
-    assert "shutdown" in endings.values(), endings  # and 900-token answers outlast the grace
+    assert "shutdown" in endings.values(), endings  # and 400-token answers outlast the grace
     for c in clients:
         during = [t for t, _ in c.frames if sent + 1 < t < sent + grace - 0.5]
         assert during or endings[c.path] == "natural", (c.path, "nothing during the grace")
@@ -154,7 +156,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         assert proc.poll() is None  # the streams have a minute to finish
-        # COUNTING runs its 900 tokens; a greedy answer to LONG may end on its own first
+        # COUNTING runs its 400 tokens; a greedy answer to LONG may end on its own first
         assert any(c.is_alive() for c in clients)
         assert all(c.is_alive() or ending(c.path, c.parsed()) == "natural" for c in clients)
         sent = time.time()
