@@ -132,14 +132,16 @@ def test_sigterm_gives_streams_their_grace_then_their_final_frames(tmp_path):
         time.sleep(0.5)
         with pytest.raises(httpx.TransportError):  # no longer accepting
             httpx.get(url + "/health", timeout=2)
-        proc.wait(timeout=grace + 15)
+        proc.wait(timeout=grace + 30)
         took = time.time() - sent
         for c in clients:
             c.join(10)
         log = (tmp_path / "serve.log").read_text()
     finally:
         proc.kill()
-    assert took < grace + 8, (took, log[-2000:])
+    # bounded, with room for a loaded machine: uvicorn waits grace + 5 s, then cancels (12.4 s
+    # seen beside a full test run)
+    assert took < grace + 20, (took, log[-2000:])
     assert "grace period over" in log
     endings = {c.path: ending(c.path, c.parsed()) for c in clients}
     assert None not in endings.values(), endings  # every client saw its final frame
