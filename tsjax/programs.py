@@ -159,14 +159,12 @@ class Programs:
             self._after()
         return exe
 
-    def _drop(self, key: Key) -> bool:
+    def _drop(self, key: Key) -> None:
         """Forget `key`'s executable (freed once no running step holds it)."""
         with self._cv:
-            if self._done.pop(key, None) is None:
-                return False
-            self._used.pop(key, None)
-            self.dropped.append(key)
-            return True
+            if self._done.pop(key, None) is not None:
+                self._used.pop(key, None)
+                self.dropped.append(key)
 
     def request(self, key: Key) -> None:
         """Compile `key` in the background (no-op if compiled, queued or being compiled)."""
@@ -248,11 +246,11 @@ def _within_maps_budget(keep: tuple[Programs, Key]) -> None:
             live = list(_LIVE)
         for programs in live:
             with programs._cv:
-                candidates += [(t, id(programs), programs, k) for k, t in programs._used.items()]
-        candidates = [c for c in candidates if (c[2], c[3]) != keep]
+                candidates += [(t, programs, k) for k, t in programs._used.items()]
+        candidates = [c for c in candidates if c[1:] != keep]
         if not candidates:
             return
-        _, _, programs, key = min(candidates, key=lambda c: c[:2])
+        _, programs, key = min(candidates, key=lambda c: c[0])  # ticks are unique
         programs._drop(key)
         now = memory_maps()
         log.warning(
