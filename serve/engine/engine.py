@@ -692,15 +692,18 @@ class Engine:
             self._finish(live, FinishReason.ERROR, error=message)
         with self._cv:
             failed = [(req, sink) for req, sink, _ in self._waiting.values()]
-            for req, sink in [*self._starting.values(), *failed]:
+            failed = [*self._starting.values(), *failed]
+            for req, _ in failed:
                 self.scheduler.remove(req.id)
-                for i in range(req.n):
-                    sink(TokenEvent(EventKind.ERROR, error=message,
-                                    finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
             self._waiting.clear()
             self._starting.clear()
             for row in self.scheduler.rows:  # rows of requests that never started
                 if row.request is not None and row.index not in self._live:
                     row.request = None
             self.scheduler.forget()  # the cache may be gone: trust nothing in it
+        # Answered once the rows are free: a client that sees its error may count on them.
+        for req, sink in failed:
+            for i in range(req.n):
+                sink(TokenEvent(EventKind.ERROR, error=message,
+                                finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
         self.runner.reset()
