@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import weakref
 
@@ -123,3 +124,50 @@ def test_an_unreferenced_programs_is_freed_with_its_executables(monkeypatch):
     programs = Programs(_tiny_lower)  # a new request after the thread exited starts another
     programs.request(("k", 5))
     assert programs.idle(timeout=120) and ("k", 5) in programs
+
+
+def test_a_program_needed_soon_goes_ahead_of_the_queue():
+    busy, gate = threading.Event(), threading.Event()
+
+    def lower(key):
+        if key == ("k", 1):
+            busy.set()
+            gate.wait(60)  # holds the background thread while the queue fills
+        return _tiny_lower(key)
+
+    programs = Programs(lower)
+    programs.request(("k", 1))
+    assert busy.wait(60)
+    for n in (2, 3, 4):
+        programs.request(("k", n))
+    programs.request(("k", 5), soon=True)
+    programs.request(("k", 3), soon=True)  # queued already: moved to the front
+    programs.request(("k", 2))  # queued already, not needed soon: stays where it is
+    gate.set()
+    assert programs.idle(timeout=120)
+    assert [h[0][1] for h in programs.history] == [1, 3, 5, 2, 4]
+    programs.close()
+
+
+def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, monkeypatch):
+    # Halfway through its attention bucket a decode asks for the next one, ahead of the
+    # background queue, for the rows it continues from (a chained decode must take the
+    # device tokens' row count) and for its own bucket of rows. A stream crossing 512
+    # positions waited seconds for a compile on demand when that request sat behind the
+    # warm-up's queue or named rows the chain did not take.
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=4, max_len=1024, min_prefill=16, min_attn=128)
+    steps = load(path, progress=False, shapes=shapes).steps
+    steps.lazy = True
+    assert 4 in shapes.decode_batches and shapes.attn_lens == (128, 256, 512, 1024)
+    asked = []
+    monkeypatch.setattr(
+        steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
+    )
+    steps._decode_key(1, 40, 4, None)  # 44 of 128 positions: not halfway
+    assert asked == []
+    steps._decode_key(1, 300, 4, None)  # 304 of 512: the 1024 bucket, needed soon
+    assert asked == [(("decode", 1, 1024, 4), True)]
+    asked.clear()
+    steps._decode_key(1, 300, 4, 4)  # one live row, chained on a 4-row program's tokens
+    assert asked == [(("decode", 1, 1024, 4), True), (("decode", 4, 1024, 4), True)]

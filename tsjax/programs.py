@@ -166,12 +166,21 @@ class Programs:
                 self._used.pop(key, None)
                 self.dropped.append(key)
 
-    def request(self, key: Key) -> None:
-        """Compile `key` in the background (no-op if compiled, queued or being compiled)."""
+    def request(self, key: Key, soon: bool = False) -> None:
+        """Compile `key` in the background (no-op if compiled or being compiled). `soon`: a
+        running request will need it (a growing answer's next attention bucket): it goes
+        ahead of the queue, which otherwise compiles in the order asked."""
         with self._cv:
-            if self._closed or key in self._done or key in self._busy or key in self._queue:
+            if self._closed or key in self._done or key in self._busy:
                 return
-            self._queue.append(key)
+            if key in self._queue:
+                if not soon or self._queue[0] == key:
+                    return
+                self._queue.remove(key)
+            if soon:
+                self._queue.appendleft(key)
+            else:
+                self._queue.append(key)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._work, name="tsjax-compile", daemon=True
