@@ -4,6 +4,8 @@ prefix reuse prefills only the new suffix, and bad requests are refused before q
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 from gguf_factory import write_tiny_gguf
@@ -556,3 +558,73 @@ def test_a_failing_prefill_answers_its_request_and_frees_its_row(engine, monkeyp
     (again,) = run(engine, [GenerationRequest(prompt, SamplingParams.greedy(), 8,
                                               reuse_prefix=False)])  # fmt: skip
     assert again[-1].kind is EventKind.DONE and text_of(again)
+
+
+def test_rows_stay_put_while_the_swap_is_not_compiled(engine, monkeypatch):
+    """Moving rows is an optimization: while its program is still to be compiled (lazy
+    programs, `Steps.swap_ready`) the engine decodes the wider bucket instead of waiting for
+    a compile (12 s on a loaded machine, every stream with it); the output is the same."""
+    moves: list = []
+    monkeypatch.setattr(engine.runner, "can_swap", lambda: False)
+    monkeypatch.setattr(engine.runner, "swap_rows", lambda pairs: moves.append(pairs))
+    decoded_rows: list = []
+    decode = engine.runner.decode
+
+    def spy_decode(rows, *args, **kwargs):
+        decoded_rows.append(list(rows))
+        return decode(rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", spy_decode)
+    short = [
+        GenerationRequest([2 + i, 7, 11], SamplingParams.greedy(), 2, reuse_prefix=False)
+        for i in range(4)
+    ]
+    long_prompt = [1, 5, 9, 42, 17, 3]
+    long = GenerationRequest(long_prompt, SamplingParams.greedy(), 24, reuse_prefix=False)
+    *_, events = run(engine, [*short, long])
+    want = generate(engine.model, long_prompt, sampling=SamplingParams.greedy(), max_tokens=24)
+    assert text_of(events) == want.text
+    assert moves == [] and len(decoded_rows[-1]) == 1 and decoded_rows[-1][0] >= 4
+
+
+def test_stop_answers_clients_while_a_step_hangs(tmp_path, monkeypatch):
+    """A loop stuck in a step (or a compile) at shutdown does not hold its clients: `stop`
+    answers them itself after `STOP_ANSWER_S`, and the loop's own answer, once the step
+    returns, reaches neither the client nor the observers a second time."""
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=2, max_len=64, min_prefill=16, min_attn=32)
+    eng = Engine(load(path, progress=False, shapes=shapes, quant="f32"), decode_steps=1)
+    eng.warmup()
+    finals = []
+    eng.add_observer(lambda req, ev: ev.kind in (EventKind.DONE, EventKind.ERROR)
+                     and finals.append(ev))  # fmt: skip
+    entered, gate = threading.Event(), threading.Event()
+    decode = eng.runner.decode
+
+    def hangs(*args, **kwargs):
+        entered.set()
+        gate.wait(60)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "decode", hangs)
+    eng.start()
+    got: dict = {}
+    req = GenerationRequest([1, 5, 9], SamplingParams.greedy(), 40, reuse_prefix=False)
+    client = threading.Thread(target=lambda: got.update(events=run(eng, [req])[0]))
+    client.start()
+    assert entered.wait(60)
+    stopper = threading.Thread(target=eng.stop)
+    t0 = time.perf_counter()
+    stopper.start()
+    client.join(eng.STOP_ANSWER_S + 20)
+    answered = time.perf_counter() - t0
+    try:
+        assert not client.is_alive(), "the client waited for the stuck step"
+        last = got["events"][-1]
+        assert last.kind is EventKind.ERROR and "shutting down" in last.error
+        assert answered < eng.STOP_ANSWER_S + 10
+    finally:
+        gate.set()
+        stopper.join(60)
+    assert not stopper.is_alive()
+    assert len(finals) == 1  # the loop's own "shutting down" went nowhere

@@ -157,8 +157,10 @@ def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, mon
     # warm-up's queue or named rows the chain did not take.
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=4, max_len=1024, min_prefill=16, min_attn=128)
-    steps = load(path, progress=False, shapes=shapes).steps
+    model = load(path, progress=False, shapes=shapes)
+    steps = model.steps
     steps.lazy = True
+    steps._remember(model.params)
     assert 4 in shapes.decode_batches and shapes.attn_lens == (128, 256, 512, 1024)
     asked = []
     monkeypatch.setattr(
@@ -171,3 +173,6 @@ def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, mon
     asked.clear()
     steps._decode_key(1, 300, 4, 4)  # one live row, chained on a 4-row program's tokens
     assert asked == [(("decode", 1, 1024, 4), True), (("decode", 4, 1024, 4), True)]
+    asked.clear()
+    # the engine's row moves wait for their program rather than compile it on demand
+    assert not steps.swap_ready() and asked == [(("swap",), True)]

@@ -103,6 +103,11 @@ class Runner(Protocol):
         """Exchange rows (`Steps.swap_rows`)."""
         ...
 
+    def can_swap(self) -> bool:
+        """Whether `swap_rows` runs now without waiting for its program to compile
+        (`Steps.swap_ready`); the engine's moves of rows are an optimization that waits."""
+        ...
+
     def copy_rows(
         self,
         src: list[int],
@@ -212,6 +217,9 @@ class LocalRunner:
     def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
         self._feed = None  # rows moved: the next decode takes host tokens
         self._step(self.steps.swap_rows, pairs)
+
+    def can_swap(self) -> bool:
+        return self.steps.swap_ready()
 
     def copy_rows(
         self,

@@ -812,6 +812,16 @@ class Steps:
     #: memory analysis, benchmarks/ISSUE16_FINDINGS.md), a quarter of it with one.
     SWAP_PAIRS = 1
 
+    def swap_ready(self) -> bool:
+        """Whether `swap_rows` runs without compiling first. Lazy: a swap not compiled yet is
+        asked for in the background, ahead of the queue, and this says False meanwhile (an
+        engine that moved rows anyway waited 12 s for it on a loaded machine, every stream
+        with it)."""
+        if not self.lazy or self._specs is None or ("swap",) in self.programs:
+            return True
+        self.programs.request(("swap",), soon=True)
+        return False
+
     def swap_rows(self, params, cache, sampler, pairs: list[tuple[int, int]]):
         """Exchange the contents of cache rows (keys, values, length, sampling state) for
         each (a, b) in `pairs` (no row in two pairs; (a, a) is a no-op). The engine moves

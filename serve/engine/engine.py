@@ -194,13 +194,38 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tsjax-engine", daemon=True)
         self._thread.start()
 
+    #: Seconds `stop` waits for the loop to answer its requests before answering them
+    #: itself (the loop may be inside a step or a compile that takes longer).
+    STOP_ANSWER_S = 1.0
+
     def stop(self) -> None:
+        """Stop the loop: every request in hand ends with "server shutting down". A loop
+        still inside a step or a compile after `STOP_ANSWER_S` does not hold its clients:
+        they are answered from here, and the loop's own answers later go unread."""
         with self._cv:
             self._running = False
             self._cv.notify_all()
         if self._thread is not None:
+            self._thread.join(timeout=self.STOP_ANSWER_S)
+            if self._thread.is_alive():
+                self._answer_now("server shutting down")
             self._thread.join(timeout=30)
             self._thread = None
+
+    def _answer_now(self, message: str) -> None:
+        """Send every request in hand its final error event, without touching the runner or
+        the rows (another thread, the loop, still owns them)."""
+        with self._cv:
+            live = [(v.sink, v.index, v.stats) for v in list(self._live.values())]
+            held = [(req, sink) for req, sink, _ in self._waiting.values()]
+            held += list(self._starting.values())
+        for sink, index, stats in live:
+            sink(TokenEvent(EventKind.ERROR, error=message, stats=stats,
+                            finish_reason=FinishReason.ERROR, index=index))  # fmt: skip
+        for req, sink in held:
+            for i in range(req.n):
+                sink(TokenEvent(EventKind.ERROR, error=message,
+                                finish_reason=FinishReason.ERROR, index=i))  # fmt: skip
 
     # -- the seam the API adapters use -----------------------------------------------------
 
@@ -255,7 +280,17 @@ class Engine:
         return self.runner.memory()
 
     def _observed(self, req: GenerationRequest, sink: Sink) -> Sink:
+        """The request's sink as the engine calls it: observers first, and nothing after an
+        answer's final event (`stop` may have answered it while the loop still ran)."""
+        ended: set[int] = set()
+        lock = threading.Lock()
+
         def publish(ev: TokenEvent) -> None:
+            with lock:
+                if ev.index in ended:
+                    return
+                if ev.kind in (EventKind.DONE, EventKind.ERROR):
+                    ended.add(ev.index)
             for observer in self._observers:
                 try:
                     observer(req, ev)
@@ -522,10 +557,12 @@ class Engine:
 
     def _compact(self) -> None:
         """Move live requests into the lowest rows (decode runs rows [0, b) for the smallest
-        bucket b holding them all) by exchanging their cache rows with free ones."""
+        bucket b holding them all) by exchanging their cache rows with free ones; not while
+        the exchange's program is still to be compiled (decode runs the wider bucket
+        meanwhile: nobody waits for an optimization)."""
         with self._cv:
             pairs = self.scheduler.compaction()
-        if not pairs:
+        if not pairs or not self.runner.can_swap():
             return
         self.runner.swap_rows(pairs)
         with self._cv:

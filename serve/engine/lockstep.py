@@ -195,6 +195,9 @@ class StepChannel:
     def swap_rows(self, pairs: list[tuple[int, int]]) -> None:
         self._call(Op.SWAP, "swap_rows", pairs)
 
+    def can_swap(self) -> bool:  # process 0's programs decide; a follower compiles if it must
+        return self._local().can_swap()
+
     def copy_rows(
         self,
         src: list[int],
