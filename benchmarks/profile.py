@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from jax._src.lib import _profile_data
 
-    from tsjax.grammar import mask_words
     from tsjax.model import load
-    from tsjax.shapes import StepShapes
+    from tsjax.shapes import StepShapes, steps_bucket
 
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
@@ -129,21 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same program the dispatches ran, to name what each fused op computes
     b = steps.shapes.decode_batches[np.searchsorted(steps.shapes.decode_batches, max(rows) + 1)]
     attn_len = steps.attn_len_for(args.position + n)
-    hlo = (
-        steps.decode_fn.lower(
-            model.params,
-            cache,
-            sampler,
-            np.zeros((b,), np.int32),
-            np.ones((b,), bool),
-            np.full((b, mask_words(model.config.vocab_size)), -1, np.int32),
-            np.int32(n),
-            attn_len=attn_len,
-            max_steps=n,
-        )
-        .compile()
-        .as_text()
-    )
+    hlo = steps._lower(("decode", b, attn_len, steps_bucket(n))).compile().as_text()
     names = fusion_contents(hlo)
     per_step = runs * n
     by: collections.Counter = collections.Counter()
@@ -153,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         what = names.get(name)
         if what is None and re.fullmatch(r"(dot|convolution)[.\d]*", name):
             what = "dot (unfused)"
-        if what is None and re.fullmatch(r"custom-call[.\d]*", name):
+        if what is None and re.fullmatch(r"(custom-call|ffi_call)[.\d]*", name):
             what = "block matmul (custom call)"  # --quant q8 / q4: tsjax.kernels.blockdot
         if what is not None:
             by[what] += ns

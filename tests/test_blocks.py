@@ -57,10 +57,14 @@ def test_auto_chooses_the_format_by_backend_file_and_kernels():
         choose_quant("q3", "cpu", q8_file, lambda: True)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 10), (3, 576, 192), (5, 1536, 577), (33, 96, 8)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(1, 64, 10), (3, 576, 192), (5, 1536, 577), (33, 96, 8), (17, 96, 56), (28, 64, 48)],
+)
 def test_kernels_match_xla(m, k, n):
-    """Both formats, 1-33 rows (every row-tile size), channel counts that are and are not
-    multiples of the 8-channel tile: the CPU kernel equals the same block arithmetic in XLA
+    """Both formats, 1-33 rows (every row-tile size of 4 and of 8, AMX's tiles of 16 and of
+    12 rows), channel counts that are and are not multiples of the 16- and 8-channel tiles:
+    the CPU kernel equals the same block arithmetic in XLA
     (int8 activations per block of 32, exact int32 block sums) up to float32 summation order,
     and rounds no coarser than that. The accelerators' weight-only form (bfloat16 inputs, no
     activation rounding) stays near the float product."""
@@ -91,25 +95,43 @@ def test_kernels_build_where_a_compiler_is():
     if blockdot._compiler() is None:
         pytest.skip("no C++ compiler here")
     assert blockdot.available()
-    assert blockdot.isa() in ("avx512-vnni", "avx-vnni", "avx2", "portable")
+    assert blockdot.isa() in ("amx", "avx512-vnni", "avx-vnni", "avx2", "portable")
+
+
+#: Builds for other instruction sets: (gcc's -march, the ISA the library reports, the CPU
+#: flags it needs to run here).
+BUILDS = [
+    ("x86-64", "portable", ()),
+    ("haswell", "avx2", ("avx2", "fma", "f16c")),
+    ("alderlake", "avx-vnni", ("avx_vnni", "avx2", "fma", "f16c")),
+    ("icelake-server", "avx512-vnni", ("avx512_vnni", "avx512bw", "avx512vl", "f16c")),
+    ("sapphirerapids", "amx", ("amx_int8", "amx_tile", "avx512_vnni", "avx512bw", "f16c")),
+]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
-def test_portable_build_computes_the_same(tmp_path):
-    """The kernels built without AVX2 (the portable C++ path other CPUs take) give the block
-    arithmetic's result too: this CPU runs both builds."""
+@pytest.mark.parametrize("march,isa,needs", BUILDS, ids=[b[0] for b in BUILDS])
+def test_every_build_this_cpu_runs_computes_the_same(tmp_path, march, isa, needs):
+    """The kernels built for another instruction set (the portable C++ path, AVX2 without
+    VNNI, AVX-VNNI, AVX-512's 16-channel tiles) give the block arithmetic's result too,
+    wherever this CPU can run that build: 17 rows (row tiles of 8 or 4, and a rest) by 40
+    channels (two 16-channel tiles and an 8-channel one, or five 8-channel ones)."""
     cxx = blockdot._compiler()
     if cxx is None:
         pytest.skip("no C++ compiler here")
-    lib = ctypes.CDLL(str(blockdot.build(cxx, tmp_path, march="x86-64")[0]))
+    flags = set(blockdot._cpu_flags().split())
+    if not set(needs) <= flags:
+        pytest.skip(f"this CPU lacks {sorted(set(needs) - flags)}")
+    lib = ctypes.CDLL(str(blockdot.build(cxx, tmp_path, march=march)[0]))
     lib.tsjax_blockdot_isa.restype = ctypes.c_char_p
-    assert lib.tsjax_blockdot_isa() == b"portable"
+    # (AMX also needs Linux's leave, once per process: refused, the vector tiles run)
+    assert lib.tsjax_blockdot_isa() in (isa.encode(), b"avx512-vnni" if isa == "amx" else b"")
     for target, symbol in blockdot.TARGETS.items():
         handler = jax.ffi.pycapsule(getattr(lib, symbol))
-        jax.ffi.register_ffi_target(f"{target}_portable", handler, "cpu")
+        jax.ffi.register_ffi_target(f"{target}_{isa}", handler, "cpu")
     for four in (False, True):
-        b, x = _blocks_and_input(four)
-        name = "tsjax_q4_matmul_portable" if four else "tsjax_q8_matmul_portable"
+        b, x = _blocks_and_input(four, rows=17)
+        name = f"tsjax_q4_matmul_{isa}" if four else f"tsjax_q8_matmul_{isa}"
         call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.shape[0], 40), jnp.float32))
         weights = (b["qs"], b["d"], b["m"]) if four else (b["q"], b["d"])
         got = jax.jit(call)(x, *weights)
@@ -127,11 +149,11 @@ def test_vnni_builds_compile(tmp_path, march):
     assert blockdot.build(cxx, tmp_path, march=march)[0].exists()
 
 
-def _blocks_and_input(four: bool, dtype=jnp.float32):
+def _blocks_and_input(four: bool, dtype=jnp.float32, rows: int = 3):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((40, 96)).astype(np.float32)
     b = {k: jnp.asarray(v) for k, v in blocks.tensor_blocks(w, "Q4_1", None, four).items()}
-    return b, jnp.asarray(rng.standard_normal((3, 96)), dtype)
+    return b, jnp.asarray(rng.standard_normal((rows, 96)), dtype)
 
 
 def _fresh_jit():

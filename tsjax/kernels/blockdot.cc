@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -25,6 +26,16 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// 512-bit tiles of 16 output channels (AVX-512 with VNNI: Intel since Ice Lake, AMD since Zen 4)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define TSJAX_ZMM 1
+#endif
+// Intel AMX (Sapphire Rapids and later): 16-row tiles of int8 products in the tile unit
+#if defined(TSJAX_ZMM) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define TSJAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -67,12 +78,15 @@ float f16_to_f32(uint16_t h) {
 struct Acts {
   int64_t M = 0, K = 0, G = 0;
   std::vector<int8_t> q;
-  std::vector<uint8_t> a;
+  std::vector<uint8_t> a, u;  // |q|, and q + 128 (AVX-512's q8 operand; see q8_tile16)
   std::vector<float> s, sum;
 
   void quantize(const float* x, int64_t m_, int64_t k_) {
     M = m_, K = k_, G = k_ / QK;
     q.resize(M * K), a.resize(M * K), s.resize(M * G), sum.resize(M * G);
+#if defined(TSJAX_ZMM)
+    u.resize(M * K);
+#endif
     for (int64_t b = 0; b < M * G; ++b) quantize_block(x + b * QK, b);
   }
 
@@ -102,6 +116,10 @@ struct Acts {
         _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256((__m256i*)(q.data() + b * QK), q8);
     _mm256_storeu_si256((__m256i*)(a.data() + b * QK), _mm256_abs_epi8(q8));
+#if defined(TSJAX_ZMM)
+    _mm256_storeu_si256((__m256i*)(u.data() + b * QK),
+                        _mm256_xor_si256(q8, _mm256_set1_epi8((char)0x80)));
+#endif
     __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
     t4 = _mm_hadd_epi32(t4, t4);
     t4 = _mm_hadd_epi32(t4, t4);
@@ -320,6 +338,299 @@ void q8_tile8(const Acts& A, int64_t m0, const int8_t* wq, const uint16_t* d, in
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(y + (m0 + i) * N + n0, acc[i]);
 }
 
+#if defined(TSJAX_ZMM)
+// Sixteen channels at once: one 16-byte piece of each channel's block per 128-bit lane (lane l
+// of z[a] holds channel a + 4l), a 4 x 4 transpose of 32-bit words inside each lane, and
+// r[j] holds word j of channels 0..15 in order.
+inline void transpose16(const uint8_t* p, int64_t stride, __m512i r[4]) {
+  __m512i z[4];
+  for (int a = 0; a < 4; ++a) {
+    z[a] = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i*)(p + a * stride)));
+    z[a] = _mm512_inserti32x4(z[a], _mm_loadu_si128((const __m128i*)(p + (a + 4) * stride)), 1);
+    z[a] = _mm512_inserti32x4(z[a], _mm_loadu_si128((const __m128i*)(p + (a + 8) * stride)), 2);
+    z[a] = _mm512_inserti32x4(z[a], _mm_loadu_si128((const __m128i*)(p + (a + 12) * stride)), 3);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  r[0] = _mm512_unpacklo_epi64(t0, t2), r[1] = _mm512_unpackhi_epi64(t0, t2);
+  r[2] = _mm512_unpacklo_epi64(t1, t3), r[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+template <int R>
+void q4_tile16(const Acts& A, int64_t m0, const uint8_t* qs, const uint16_t* d, const uint16_t* mn,
+               int64_t n0, float* y, int64_t N) {
+  const int64_t K = A.K, G = A.G, rb = K / 2;
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const int8_t* xq = A.q.data() + m0 * K;
+  const float* xs = A.s.data() + m0 * G;
+  const float* xsum = A.sum.data() + m0 * G;
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* p = qs + n0 * rb;
+  for (int64_t g = 0; g < G; ++g, p += QK / 2) {
+    __m512i r[4], w[8];  // w[j]: values 4j..4j+3 of each channel; w[4 + j]: values 16 + 4j..
+    transpose16(p, rb, r);
+    for (int j = 0; j < 4; ++j) {
+      w[j] = _mm512_and_si512(r[j], low);
+      w[4 + j] = _mm512_and_si512(_mm512_srli_epi16(r[j], 4), low);
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + g * N + n0)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mn + g * N + n0)));
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const int32_t* xw = (const int32_t*)(xq + i * K + g * QK);
+      __m512i s32 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) s32 = _mm512_dpbusd_epi32(s32, w[j], _mm512_set1_epi32(xw[j]));
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(xs[i * G + g]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), scale, acc[i]);
+      acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[i * G + g]), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + (m0 + i) * N + n0, acc[i]);
+}
+
+// q8, sixteen channels: AVX-512 has no byte sign instruction, so the activations enter as
+// unsigned q + 128 and each block's product loses 128 x the channel's sum of weights (one more
+// dot per block and channel group, shared by every row).
+template <int R>
+void q8_tile16(const Acts& A, int64_t m0, const int8_t* wq, const uint16_t* d, int64_t n0,
+               float* y, int64_t N) {
+  const int64_t K = A.K, G = A.G;
+  const uint8_t* xu = A.u.data() + m0 * K;
+  const float* xs = A.s.data() + m0 * G;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* p = (const uint8_t*)(wq + n0 * K);
+  for (int64_t g = 0; g < G; ++g, p += QK) {
+    __m512i w[8];  // w[j]: values 4j..4j+3 of each channel
+    transpose16(p, K, w);
+    transpose16(p + 16, K, w + 4);
+    __m512i wsum = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) wsum = _mm512_dpbusd_epi32(wsum, ones, w[j]);
+    wsum = _mm512_slli_epi32(wsum, 7);
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + g * N + n0)));
+    for (int i = 0; i < R; ++i) {
+      const int32_t* xw = (const int32_t*)(xu + i * K + g * QK);
+      __m512i s32 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) s32 = _mm512_dpbusd_epi32(s32, _mm512_set1_epi32(xw[j]), w[j]);
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(xs[i * G + g]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s32, wsum)), scale, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + (m0 + i) * N + n0, acc[i]);
+}
+
+// Rows in tiles of up to 8 against one group of 16 channels (its unpacked blocks in registers
+// across a tile; its raw blocks in L1 across the tiles).
+constexpr int MR16 = 8;
+
+template <class Tile>
+void zmm_rows(int64_t m_from, int64_t M, int64_t n0, Tile tile) {
+  for (int64_t m0 = m_from; m0 < M; m0 += MR16) tile(std::min<int64_t>(MR16, M - m0), m0, n0);
+}
+
+template <class Tile>
+void zmm_groups(int64_t M, int64_t& n_begin, int64_t n_end, Tile tile) {
+  const int64_t n16 = n_begin + (n_end - n_begin) / 16 * 16;
+  for (int64_t n0 = n_begin; n0 < n16; n0 += 16) zmm_rows(0, M, n0, tile);
+  n_begin = n16;
+}
+#endif  // TSJAX_ZMM
+
+#if defined(TSJAX_AMX)
+// AMX: a tile of up to 16 activation rows x one block of 32 (int8) times the block of 16
+// channels (B: 8 rows of 16 channels x 4 values, the order `transpose16` gives) accumulates
+// exact int32 sums in the tile unit; each block's sums are stored and scaled on the vector
+// units, as the other paths do. The tile unit's state needs Linux's permission once per
+// process (refused: the 16-channel vector path runs instead).
+constexpr int64_t AMX_MIN_ROWS = 8;  // fewer rows: the vector tiles are as fast
+static_assert(AMX_MIN_ROWS == 8, "amx_chunk instantiates row tiles of 8 to 16");
+
+bool amx_ready() {
+  static const bool ok = [] {
+    const char* env = std::getenv("TSJAX_AMX");
+    if (env != nullptr && (std::strcmp(env, "off") == 0 || std::strcmp(env, "0") == 0))
+      return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Blocks in pairs, software-pipelined (the tile unit's products and stores take tens of
+// cycles: one block at a time, the vector units mostly waited for them): the products of a
+// pair are issued, the previous pair's sums are scaled meanwhile, and then stored. tmm0, tmm1:
+// activations [rows x 32 B] of blocks g, g + 1; tmm2, tmm3: their weights [8 x 64 B]; tmm4-7:
+// sums [rows x 16 int32], pairs alternating between tmm4/5 and tmm6/7. Loaded on every call:
+// another library on this thread may use the tiles too.
+void amx_configure(int rows) {
+  TileConfig c;
+  c.rows[0] = c.rows[1] = (uint8_t)rows;
+  c.colsb[0] = c.colsb[1] = 32;
+  c.rows[2] = c.rows[3] = 8;
+  c.colsb[2] = c.colsb[3] = 64;
+  for (int t = 4; t < 8; ++t) c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
+  // GCC 12 dropped stores into `c` that only the tile-config load reads (it then faulted on
+  // a config of garbage): a barrier keeps them
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+
+// One block's sums (`sums`, [rows x 16] int32) scaled into the accumulators, as the vector
+// tiles do.
+template <bool Q8, int R>
+inline void amx_scale(__m512* acc, const int32_t* sums, int64_t g, int64_t G,
+                      const float* xs, const float* xsum, const uint16_t* d, const uint16_t* mn,
+                      int64_t n0, int64_t N) {
+  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + g * N + n0)));
+  if constexpr (Q8) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * i)),
+                               _mm512_mul_ps(dv, _mm512_set1_ps(xs[i * G + g])), acc[i]);
+  } else {
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mn + g * N + n0)));
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * i)),
+                               _mm512_mul_ps(dv, _mm512_set1_ps(xs[i * G + g])), acc[i]);
+      acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[i * G + g]), acc[i]);
+    }
+  }
+}
+
+// Runs `rows` rows from m0 against the 16 channels from n0 whose blocks `unpacked` holds
+// (G x 512 bytes, B tiles); `Q8`: signed weights (else q4's unsigned 0..15, with its offset
+// term).
+template <bool Q8, int R>
+void amx_rows(const Acts& A, int64_t m0, const uint8_t* unpacked, const uint16_t* d,
+              const uint16_t* mn, int64_t n0, float* y, int64_t N) {
+  const int64_t K = A.K, G = A.G;
+  alignas(64) int32_t sums[2][2][16 * 16];  // [pair parity][block of the pair]
+  __m512 acc[R];  // R a constant, the loops over it unrolled: the accumulators stay in registers
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const int8_t* xq = A.q.data() + m0 * K;
+  const float* xs = A.s.data() + m0 * G;
+  const float* xsum = A.sum.data() + m0 * G;
+  const int64_t pairs = G / 2;
+  // the tile numbers are immediates: each parity spelled out
+#define TSJAX_ISSUE(C0, C1, g)                                          \
+  _tile_zero(C0);                                                       \
+  _tile_zero(C1);                                                       \
+  _tile_loadd(0, xq + (g) * QK, K);                                     \
+  _tile_loadd(2, unpacked + (g) * 512, 64);                             \
+  _tile_loadd(1, xq + ((g) + 1) * QK, K);                               \
+  _tile_loadd(3, unpacked + ((g) + 1) * 512, 64);                       \
+  if constexpr (Q8) {                                                   \
+    _tile_dpbssd(C0, 0, 2);                                             \
+    _tile_dpbssd(C1, 1, 3);                                             \
+  } else {                                                              \
+    _tile_dpbsud(C0, 0, 2);                                             \
+    _tile_dpbsud(C1, 1, 3);                                             \
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t g = 2 * p;
+    if (p % 2 == 0) {
+      TSJAX_ISSUE(4, 5, g)
+    } else {
+      TSJAX_ISSUE(6, 7, g)
+    }
+    if (p > 0) {  // the previous pair, while this one's products run
+      amx_scale<Q8, R>(acc, sums[(p - 1) % 2][0], g - 2, G, xs, xsum, d, mn, n0, N);
+      amx_scale<Q8, R>(acc, sums[(p - 1) % 2][1], g - 1, G, xs, xsum, d, mn, n0, N);
+    }
+    if (p % 2 == 0) {
+      _tile_stored(4, sums[0][0], 64);
+      _tile_stored(5, sums[0][1], 64);
+    } else {
+      _tile_stored(6, sums[1][0], 64);
+      _tile_stored(7, sums[1][1], 64);
+    }
+  }
+#undef TSJAX_ISSUE
+  if (pairs > 0) {
+    amx_scale<Q8, R>(acc, sums[(pairs - 1) % 2][0], 2 * pairs - 2, G, xs, xsum, d, mn, n0, N);
+    amx_scale<Q8, R>(acc, sums[(pairs - 1) % 2][1], 2 * pairs - 1, G, xs, xsum, d, mn, n0, N);
+  }
+  if (G % 2) {  // an odd block count: the last alone
+    const int64_t g = G - 1;
+    _tile_zero(4);
+    _tile_loadd(0, xq + g * QK, K);
+    _tile_loadd(2, unpacked + g * 512, 64);
+    if constexpr (Q8) {
+      _tile_dpbssd(4, 0, 2);
+    } else {
+      _tile_dpbsud(4, 0, 2);
+    }
+    _tile_stored(4, sums[0][0], 64);
+    amx_scale<Q8, R>(acc, sums[0][0], g, G, xs, xsum, d, mn, n0, N);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(y + (m0 + i) * N + n0, acc[i]);
+}
+
+// Every 16-channel group of [n_begin, n_end): its blocks unpacked once into B tiles, then every
+// full tile of 16 rows (and a rest of AMX_MIN_ROWS or more) against them; fewer rows left
+// are the vector tiles' (`rest(first row, n0)`). Leaves n_begin past the groups it ran.
+template <bool Q8, class Rest>
+void amx_chunk(int64_t M, int64_t& n_begin, int64_t n_end, const Acts* A, const uint8_t* w,
+               const uint16_t* d, const uint16_t* mn, float* y, int64_t N, Rest rest) {
+  const int64_t K = A->K, G = A->G;
+  const int64_t amx_rows_total = M / 16 * 16 + (M % 16 >= AMX_MIN_ROWS ? M % 16 : 0);
+  if (amx_rows_total == 0 || !amx_ready()) return;
+  thread_local std::vector<uint8_t> buf;
+  buf.resize(G * 512 + 64);
+  uint8_t* unpacked = (uint8_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
+  const int64_t n16 = n_begin + (n_end - n_begin) / 16 * 16;
+  int configured = 0;
+  for (int64_t n0 = n_begin; n0 < n16; n0 += 16) {
+    if constexpr (Q8) {
+      const uint8_t* p = w + n0 * K;
+      for (int64_t g = 0; g < G; ++g, p += QK) {
+        __m512i r[8];
+        transpose16(p, K, r);
+        transpose16(p + 16, K, r + 4);
+        for (int j = 0; j < 8; ++j) _mm512_store_si512(unpacked + g * 512 + 64 * j, r[j]);
+      }
+    } else {
+      const __m512i low = _mm512_set1_epi8(0x0f);
+      const uint8_t* p = w + n0 * (K / 2);
+      for (int64_t g = 0; g < G; ++g, p += QK / 2) {
+        __m512i r[4];
+        transpose16(p, K / 2, r);
+        for (int j = 0; j < 4; ++j) {
+          _mm512_store_si512(unpacked + g * 512 + 64 * j, _mm512_and_si512(r[j], low));
+          _mm512_store_si512(unpacked + g * 512 + 64 * (4 + j),
+                             _mm512_and_si512(_mm512_srli_epi16(r[j], 4), low));
+        }
+      }
+    }
+    for (int64_t m0 = 0; m0 < amx_rows_total; m0 += 16) {
+      const int rows = (int)std::min<int64_t>(16, amx_rows_total - m0);
+      if (rows != configured) amx_configure(configured = rows);
+      switch (rows) {
+#define TSJAX_AMX_ROWS(R) case R: amx_rows<Q8, R>(*A, m0, unpacked, d, mn, n0, y, N); break;
+        TSJAX_AMX_ROWS(8) TSJAX_AMX_ROWS(9) TSJAX_AMX_ROWS(10) TSJAX_AMX_ROWS(11)
+        TSJAX_AMX_ROWS(12) TSJAX_AMX_ROWS(13) TSJAX_AMX_ROWS(14) TSJAX_AMX_ROWS(15)
+        default: amx_rows<Q8, 16>(*A, m0, unpacked, d, mn, n0, y, N); break;
+#undef TSJAX_AMX_ROWS
+      }
+    }
+    if (amx_rows_total < M) rest(amx_rows_total, n0);
+  }
+  if (configured) _tile_release();
+  n_begin = n16;
+}
+#endif  // TSJAX_AMX
+
 #else  // portable C++
 
 template <int R, int C>
@@ -416,6 +727,21 @@ void q8_chunk(int64_t M, int64_t n_begin, int64_t n_end, const Acts* A, const in
               const uint16_t* d, float* y, int64_t N) {
   // Without VNNI the transposed tile loses to one channel at a time (its sign trick and
   // int16 -> int32 steps per 4 values outweigh the shared loads): 28 vs 24 GMAC/s a core, AVX2.
+#if defined(TSJAX_ZMM)
+  auto tile = [&](int64_t r, int64_t m0, int64_t n0) {
+    switch (r) {
+#define TSJAX_Q8(R) case R: q8_tile16<R>(*A, m0, w, d, n0, y, N); break;
+      TSJAX_Q8(1) TSJAX_Q8(2) TSJAX_Q8(3) TSJAX_Q8(4) TSJAX_Q8(5) TSJAX_Q8(6) TSJAX_Q8(7)
+      default: q8_tile16<8>(*A, m0, w, d, n0, y, N); break;
+#undef TSJAX_Q8
+    }
+  };
+#if defined(TSJAX_AMX)
+  amx_chunk<true>(M, n_begin, n_end, A, (const uint8_t*)w, d, nullptr, y, N,
+                  [&](int64_t m_from, int64_t n0) { zmm_rows(m_from, M, n0, tile); });
+#endif
+  zmm_groups(M, n_begin, n_end, tile);
+#endif
 #if defined(__AVX2__) && (defined(__AVXVNNI__) || defined(__AVX512VNNI__) && defined(__AVX512VL__))
   const int64_t n8 = n_begin + (n_end - n_begin) / 8 * 8;
   for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {  // a channel group's blocks stay in L1
@@ -436,6 +762,21 @@ void q8_chunk(int64_t M, int64_t n_begin, int64_t n_end, const Acts* A, const in
 
 void q4_chunk(int64_t M, int64_t n_begin, int64_t n_end, const Acts* A, const uint8_t* qs,
               const uint16_t* d, const uint16_t* mn, float* y, int64_t N) {
+#if defined(TSJAX_ZMM)
+  auto tile = [&](int64_t r, int64_t m0, int64_t n0) {
+    switch (r) {
+#define TSJAX_Q4(R) case R: q4_tile16<R>(*A, m0, qs, d, mn, n0, y, N); break;
+      TSJAX_Q4(1) TSJAX_Q4(2) TSJAX_Q4(3) TSJAX_Q4(4) TSJAX_Q4(5) TSJAX_Q4(6) TSJAX_Q4(7)
+      default: q4_tile16<8>(*A, m0, qs, d, mn, n0, y, N); break;
+#undef TSJAX_Q4
+    }
+  };
+#if defined(TSJAX_AMX)
+  amx_chunk<false>(M, n_begin, n_end, A, qs, d, mn, y, N,
+                   [&](int64_t m_from, int64_t n0) { zmm_rows(m_from, M, n0, tile); });
+#endif
+  zmm_groups(M, n_begin, n_end, tile);
+#endif
 #if defined(__AVX2__)
   const int64_t n8 = n_begin + (n_end - n_begin) / 8 * 8;
   for (int64_t n0 = n_begin; n0 < n8; n0 += 8) {  // a channel group's blocks stay in L1
@@ -480,9 +821,14 @@ void parallel_channels(ffi::ThreadPool& pool, int64_t work, int64_t N,
                        std::function<void(int64_t, int64_t)> chunk_fn) {
   const int64_t threads = work < kParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (threads == 1) return chunk_fn(0, N);
-  // ~4 chunks a thread (balance), whole 8-channel tiles.
-  int64_t size = std::max<int64_t>(8, (N + 4 * threads - 1) / (4 * threads));
-  size = (size + 7) / 8 * 8;
+  // ~4 chunks a thread (balance), whole channel tiles.
+#if defined(TSJAX_ZMM)
+  constexpr int64_t tile = 16;
+#else
+  constexpr int64_t tile = 8;
+#endif
+  int64_t size = std::max<int64_t>(tile, (N + 4 * threads - 1) / (4 * threads));
+  size = (size + tile - 1) / tile * tile;
   auto job = std::make_shared<Job>();
   job->n_chunks = (N + size - 1) / size;
   job->work = [=](int64_t c) { chunk_fn(c * size, std::min(N, (c + 1) * size)); };
@@ -558,7 +904,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxQ4Matmul, Q4MatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" const char* tsjax_blockdot_isa() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(TSJAX_AMX)
+  return amx_ready() ? "amx" : "avx512-vnni";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512-vnni";
 #elif defined(__AVXVNNI__)
   return "avx-vnni";
