@@ -628,3 +628,59 @@ def test_stop_answers_clients_while_a_step_hangs(tmp_path, monkeypatch):
         stopper.join(60)
     assert not stopper.is_alive()
     assert len(finals) == 1  # the loop's own "shutting down" went nowhere
+
+
+def test_requests_admitted_together_share_a_prefill(tmp_path, monkeypatch):
+    """Plain requests admitted together are prefilled several to a call, in groups of a
+    compiled batch size (no padding prompts); a size not compiled yet is compiled in the
+    background while they go one by one. Each answer equals its solo run."""
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=8, max_len=128, min_prefill=16, min_attn=32)
+    model = load(path, progress=False, shapes=shapes, quant="f32")
+    model.steps.lazy = True  # as the server runs
+    eng = Engine(model, decode_steps=4, prefill_chunk=32)
+    eng.warmup()
+    assert model.steps.programs.idle(timeout=600)
+    calls: list[int] = []
+    prefill = eng.runner.prefill
+
+    def spy(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return prefill(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "prefill", spy)
+    prompts = [[3 + i, 7, 11, 19, 23, 29][: 3 + i % 3] for i in range(5)]
+
+    def serve_together() -> list[str]:
+        events: list[list] = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+
+        def sink(i):
+            def put(ev):
+                events[i].append(ev)
+                if ev.kind in (EventKind.DONE, EventKind.ERROR):
+                    done.release()
+
+            return put
+
+        for i, p in enumerate(prompts):  # queued before the loop runs: admitted together
+            eng.submit(GenerationRequest(p, SamplingParams.greedy(), 8, reuse_prefix=False),
+                       sink(i))  # fmt: skip
+        eng.start()
+        try:
+            for _ in prompts:
+                assert done.acquire(timeout=300)
+        finally:
+            eng.stop()
+        assert all(ev[-1].kind is EventKind.DONE for ev in events)
+        return [text_of(ev) for ev in events]
+
+    first = serve_together()
+    assert calls == [1] * 5  # no batch program yet: one by one, the 4-prompt one asked for
+    assert model.steps.programs.idle(timeout=600)
+    calls.clear()
+    second = serve_together()
+    assert calls == [4, 1]
+    want = [generate(model, p, sampling=SamplingParams.greedy(), max_tokens=8).text
+            for p in prompts]  # fmt: skip
+    assert first == second == want
