@@ -85,43 +85,6 @@ def test_layouts_write_attend_and_swap_alike(with_sinks):
     np.testing.assert_allclose(got[1][[6, 0]], back[[1, 5]], rtol=1e-5, atol=1e-5)
 
 
-def test_native_cache_writes_equal_xla_scatter(monkeypatch):
-    """The CPU kernel's in-place cache write (`tsjax_cache_write`) puts exactly what XLA's
-    scatter puts into every block, keys transposed and values, for a prefill's runs of
-    positions and a decode's single ones, rows and positions outside a block or the cache
-    dropped; also inside a jitted step that donates the blocks (the in-place case)."""
-    from tsjax.cache import cpu_kernels
-    from tsjax.kernels import blockdot
-
-    if not cpu_kernels._native_writes():
-        pytest.skip("tsjax's CPU kernels are not available here")
-    rng = np.random.default_rng(3)
-    state = BlockedKV.create(BOUNDS, KV, H, jnp.float32, skip_min_rows=1)
-
-    def rand_blocks(blocks):
-        return jax.tree.map(lambda b: jnp.asarray(rng.standard_normal(b.shape), b.dtype), blocks)
-
-    cases = [  # (rows [b], positions [b, T])
-        (jnp.asarray([5, 1, ROWS]), jnp.asarray([0, 10, 0])[:, None] + jnp.arange(16)[None]),
-        (jnp.arange(ROWS), jnp.asarray([3, 26, 0, 63, 7, 16, 64, 47])[:, None]),
-    ]
-    for keys, blocks in ((True, state.k), (False, state.v)):
-        blocks = rand_blocks(blocks)
-        for rows, positions in cases:
-            new = jnp.asarray(rng.standard_normal((*positions.shape, KV, H)), jnp.float32)
-            monkeypatch.setattr(cpu_kernels, "_native_writes", lambda: False)
-            want = cpu_kernels.write_blocks(blocks, rows, positions, new, keys)
-            monkeypatch.setattr(cpu_kernels, "_native_writes", lambda: True)
-            got = cpu_kernels.write_blocks(blocks, rows, positions, new, keys)
-            jitted = jax.jit(
-                lambda b, r, p, n, keys=keys: cpu_kernels.write_blocks(b, r, p, n, keys),
-                donate_argnums=0,
-            )(jax.tree.map(jnp.copy, blocks), rows, positions, new)
-            for w, g, j in zip(*(jax.tree.leaves(x) for x in (want, got, jitted)), strict=True):
-                assert np.array_equal(w, g) and np.array_equal(w, j)
-    assert "tsjax_cache_write" in blockdot.TARGETS
-
-
 # -- a state of another kind ------------------------------------------------------------------
 
 

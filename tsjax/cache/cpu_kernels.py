@@ -109,16 +109,6 @@ def write_blocks(
     are, without a scatter. `index`: `write_index` of the same arguments, if already made."""
     if index is None:
         index = write_index(blocks, rows, positions, keys, row_end, pos_end)
-    if _native_writes():
-        return tuple(
-            tuple(
-                blk
-                if idx is None or blk.dtype != jnp.float32
-                else _native_write(blk, idx, new, keys)
-                for blk, idx in zip(rb, rb_index, strict=True)
-            )
-            for rb, rb_index in zip(blocks, index, strict=True)
-        )
     pos_dim = 3 if keys else 2
     numbers = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(2, 3),  # new's K, H
@@ -140,24 +130,6 @@ def write_blocks(
         )
         for rb, rb_index in zip(blocks, index, strict=True)
     )
-
-
-@functools.cache
-def _native_writes() -> bool:
-    """Whether cache writes go through tsjax's CPU kernel (`tsjax.kernels.blockdot`): built,
-    on a single CPU device (a custom call has no sharding rule)."""
-    from tsjax.kernels import blockdot
-
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and blockdot.available()
-
-
-def _native_write(blk: jax.Array, idx: jax.Array, new: jax.Array, keys: bool) -> jax.Array:
-    """`write_blocks` for one float32 block, in place (the kernel's result aliases the block:
-    XLA:CPU's scatter spent ~23 us a block on a decode step's keys, 2.8 of a 16-row step's
-    39 ms)."""
-    out = jax.ShapeDtypeStruct(blk.shape, blk.dtype)
-    call = jax.ffi.ffi_call("tsjax_cache_write", out, input_output_aliases={0: 0})
-    return call(blk, idx.astype(jnp.int32), new.astype(jnp.float32), keys=keys)
 
 
 def read_rows(blocks: Blocks, rows: jax.Array, length: int, keys: bool) -> jax.Array:

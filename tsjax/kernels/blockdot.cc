@@ -886,53 +886,6 @@ ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 
-// -- the KV cache's writes ---------------------------------------------------------------
-//
-// One cache block of one layer (`tsjax.cache.cpu_kernels`): keys [R, K, H, P] (transposed) or
-// values [R, K, P, H], float32. Writes new[b, T, K, H] at idx[b, T] = (row, position) inside
-// the block, skipping an index out of the block (a write that belongs to another block), in
-// place: the block is the call's first operand and its result, aliased. XLA:CPU's scatter for
-// the same write took ~23 us a block (a 16-row decode step: 2.8 of 39 ms); this is a loop over
-// the values written.
-static ffi::Error CacheWriteImpl(ffi::Buffer<ffi::F32> block, ffi::Buffer<ffi::S32> idx,
-                          ffi::Buffer<ffi::F32> updates, ffi::ResultBuffer<ffi::F32> out,
-                          bool keys) {
-  auto bd = block.dimensions(), id = idx.dimensions(), ud = updates.dimensions();
-  if (bd.size() != 4 || id.size() != 3 || id[2] != 2 || ud.size() != 4 || ud[0] != id[0] ||
-      ud[1] != id[1] || ud[2] != bd[1])
-    return ffi::Error::InvalidArgument("cache write: shapes do not match");
-  const int64_t R = bd[0], Kh = bd[1], P = keys ? bd[3] : bd[2], H = keys ? bd[2] : bd[3];
-  if (ud[3] != H) return ffi::Error::InvalidArgument("cache write: head size does not match");
-  float* dst = out->typed_data();
-  if (dst != block.typed_data())  // not aliased: start from the block's contents
-    std::memcpy(dst, block.typed_data(), sizeof(float) * R * Kh * P * H);
-  const int32_t* ix = idx.typed_data();
-  const float* src = updates.typed_data();
-  const int64_t n = id[0] * id[1];
-  for (int64_t w = 0; w < n; ++w) {
-    const int64_t r = ix[2 * w], p = ix[2 * w + 1];
-    if (r < 0 || r >= R || p < 0 || p >= P) continue;
-    const float* u = src + w * Kh * H;
-    for (int64_t k = 0; k < Kh; ++k) {
-      float* row = dst + (r * Kh + k) * P * H;
-      if (keys) {
-        for (int64_t h = 0; h < H; ++h) row[h * P + p] = u[k * H + h];
-      } else {
-        std::memcpy(row + p * H, u + k * H, sizeof(float) * H);
-      }
-    }
-  }
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxCacheWrite, CacheWriteImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("keys"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxQ8Matmul, Q8MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -31,11 +31,7 @@ import numpy as np
 log = logging.getLogger("tsjax")
 
 SOURCE = Path(__file__).with_name("blockdot.cc")
-TARGETS = {
-    "tsjax_q8_matmul": "TsjaxQ8Matmul",
-    "tsjax_q4_matmul": "TsjaxQ4Matmul",
-    "tsjax_cache_write": "TsjaxCacheWrite",
-}
+TARGETS = {"tsjax_q8_matmul": "TsjaxQ8Matmul", "tsjax_q4_matmul": "TsjaxQ4Matmul"}
 
 
 def _compiler() -> str | None:
