@@ -108,12 +108,6 @@ class Runner(Protocol):
         (`Steps.swap_ready`); the engine's moves of rows are an optimization that waits."""
         ...
 
-    def can_prefill(self, lengths: list[int], starts: list[int], ask: bool = True) -> bool:
-        """Whether one `prefill` of prompts of these lengths from these positions runs now on
-        a program of exactly their batch size (`Steps.prefill_ready`; `ask`: compile it in
-        the background if not)."""
-        ...
-
     def copy_rows(
         self,
         src: list[int],
@@ -226,9 +220,6 @@ class LocalRunner:
 
     def can_swap(self) -> bool:
         return self.steps.swap_ready()
-
-    def can_prefill(self, lengths: list[int], starts: list[int], ask: bool = True) -> bool:
-        return self.steps.prefill_ready(lengths, starts, ask)
 
     def copy_rows(
         self,

@@ -812,28 +812,6 @@ class Steps:
     #: memory analysis, benchmarks/ISSUE16_FINDINGS.md), a quarter of it with one.
     SWAP_PAIRS = 1
 
-    def prefill_ready(self, lengths: list[int], starts: list[int], ask: bool = True) -> bool:
-        """Whether a prefill of prompts of `lengths` tokens from positions `starts` runs on a
-        program of exactly their batch bucket without compiling first (a bigger batch would
-        compute padding prompts). Lazy: one not compiled yet is asked for in the background
-        (`ask`), and this says False meanwhile; not lazy: only what warm-up compiled."""
-        sh = self.shapes
-        b = bucket_for(len(lengths), sh.prefill_batches)
-        t = bucket_for(max(lengths), sh.prefill_lens)
-        top = max(starts)
-        want = ("prefill", b, t, self.attn_len_for(min(top + t, sh.max_len)))
-        if want in self.programs:
-            return True
-        if not self.lazy or self._specs is None:  # (nothing to lower from yet)
-            return False
-        least = self.attn_len_for(min(max(s + n for s, n in zip(starts, lengths, strict=True)),
-                                      sh.max_len))  # fmt: skip
-        if self._cover("prefill", lambda b2, t2, a2: b2 == b and t2 >= t and a2 >= least):
-            return True
-        if ask:
-            self.programs.request(want)
-        return False
-
     def swap_ready(self) -> bool:
         """Whether `swap_rows` runs without compiling first. Lazy: a swap not compiled yet is
         asked for in the background, ahead of the queue, and this says False meanwhile (an

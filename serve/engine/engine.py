@@ -357,7 +357,8 @@ class Engine:
                     self._apply_aborts()
                     while (nxt := self.scheduler.admit()) is not None:
                         admitted.append(nxt)
-                self._start_all(admitted)
+                for req, row, reuse in admitted:
+                    self._start(req, row, reuse)
                 if self._live:
                     self._decode()
             except Exception as e:  # a step failed: fail every request in hand, keep serving
@@ -392,89 +393,6 @@ class Engine:
                 entry[1](
                     TokenEvent(EventKind.QUEUED, queue_position=i + 1, queue_pending=len(waiting))
                 )
-
-    def _start_all(self, admitted: list[tuple[GenerationRequest, Row, int]]) -> None:
-        """Start the requests admitted together: plain ones (one answer, text only, no
-        grammar, what is left of the prompt within one chunk) in prefills of several prompts
-        each (groups of a compiled batch size, no padding prompts: a prefill call costs ~25 ms
-        besides its tokens for SmolLM2, 0.4 s for 16 prompts one by one), the rest one by one.
-        A batch size not compiled yet is compiled in the background meanwhile."""
-        plain = [a for a in admitted if self._batchable(*a)]
-        plain.sort(key=lambda a: len(a[0].prompt_ids) - a[2])  # similar lengths together
-        for group in self._batches(plain):
-            if len(group) > 1:
-                self._start_batch(group)
-            else:
-                self._start(*group[0])
-        for a in admitted:
-            if not self._batchable(*a):
-                self._start(*a)
-
-    def _batchable(self, req: GenerationRequest, row: Row, reuse: int) -> bool:
-        return (
-            req.n == 1
-            and not (req.prefill_only or req.spans or req.prompt_logprobs)
-            and req.constraint is None
-            and self.rewinds
-            and len(req.prompt_ids) - reuse <= self.prefill_chunk
-        )
-
-    def _batches(self, plain: list) -> list[list]:
-        """`plain` cut into groups of sizes the prefill programs hold exactly (the batch
-        buckets), largest first, each only if the runner can run it now; the largest size
-        that fits and cannot is compiled in the background (`Runner.can_prefill`), and its
-        requests go in smaller groups meanwhile."""
-        sizes = [b for b in self.runner.shapes.prefill_batches if b > 1]
-        out, i = [], 0
-        while i < len(plain):
-            size, ask = 1, True
-            for b in reversed(sizes):
-                if b <= len(plain) - i:
-                    group = plain[i : i + b]
-                    lengths = [len(r.prompt_ids) - reuse for r, _, reuse in group]
-                    starts = [reuse for *_, reuse in group]
-                    if self.runner.can_prefill(lengths, starts, ask):
-                        size = b
-                        break
-                    ask = False
-            out.append(plain[i : i + size])
-            i += size
-        return out
-
-    def _start_batch(self, group: list[tuple[GenerationRequest, Row, int]]) -> None:
-        """`_start` for plain requests (`_batchable`), prefilled in one call."""
-        lives, restores = [], []
-        for req, row, reuse in group:
-            _, sink, submitted = self._waiting.pop(req.id)
-            self._starting[req.id] = (req, sink)
-            stats = Stats(len(req.prompt_ids), reuse, queue_seconds=time.perf_counter() - submitted)
-            lives.append(_Live(req, sink, row, self._text(req), stats, submitted,
-                               len(req.prompt_ids)))  # fmt: skip
-            restores.append(row.resume if reuse else -1)
-        t0 = time.perf_counter()
-        pending = self.runner.prefill(
-            [req.prompt_ids[reuse:] for req, _, reuse in group],
-            [row.index for _, row, _ in group],
-            [req.sampling for req, _, _ in group],
-            starts=[reuse for *_, reuse in group],
-            histories=[list(req.prompt_ids) for req, _, _ in group],
-            logprobs=[req.logprobs for req, _, _ in group],
-            restore=restores,
-            checkpoint=[-1] * len(group),
-        )
-        self.prefills += 1
-        self.prefill_tokens += sum(len(req.prompt_ids) - reuse for req, _, reuse in group)
-        first = pending.get()
-        now = time.perf_counter()
-        for live in lives:
-            live.stats.prefill_seconds = now - t0
-            live.decode_start = now
-            live.row.tokens = list(live.req.cache_ids)
-            self._live[live.row.index] = live
-            self._starting.pop(live.req.id)
-        for i, live in enumerate(lives):
-            lps = self._entries(pending, i) if live.req.logprobs else None
-            self._consume(live, [int(first[0, i])], lps)
 
     def _start(self, req: GenerationRequest, row: Row, reuse: int) -> None:
         """Prefill an admitted request into its row and start its answers: one answer

@@ -198,9 +198,6 @@ class StepChannel:
     def can_swap(self) -> bool:  # process 0's programs decide; a follower compiles if it must
         return self._local().can_swap()
 
-    def can_prefill(self, lengths: list[int], starts: list[int], ask: bool = True) -> bool:
-        return self._local().can_prefill(lengths, starts, ask)
-
     def copy_rows(
         self,
         src: list[int],
