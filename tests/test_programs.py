@@ -152,9 +152,9 @@ def test_a_program_needed_soon_goes_ahead_of_the_queue():
 def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, monkeypatch):
     # Halfway through its attention bucket a decode asks for the next one, ahead of the
     # background queue, for the rows it continues from (a chained decode must take the
-    # device tokens' row count) and for its own bucket of rows. A stream crossing 512
-    # positions waited seconds for a compile on demand when that request sat behind the
-    # warm-up's queue or named rows the chain did not take.
+    # device tokens' row count; after a change of rows that program covers the smaller
+    # bucket). A stream crossing 512 positions waited seconds for a compile on demand when
+    # that request sat behind the warm-up's queue or named rows the chain did not take.
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=4, max_len=1024, min_prefill=16, min_attn=128)
     model = load(path, progress=False, shapes=shapes)
@@ -172,7 +172,7 @@ def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, mon
     assert asked == [(("decode", 1, 1024, 4), True)]
     asked.clear()
     steps._decode_key(1, 300, 4, 4)  # one live row, chained on a 4-row program's tokens
-    assert asked == [(("decode", 1, 1024, 4), True), (("decode", 4, 1024, 4), True)]
+    assert asked == [(("decode", 4, 1024, 4), True)]
     asked.clear()
     # the engine's row moves wait for their program rather than compile it on demand
     assert not steps.swap_ready() and asked == [(("swap",), True)]

@@ -581,8 +581,8 @@ class Steps:
         continues from, which the program must take. Lazy: as `_prefill_key`, and once a
         row is halfway through its attention bucket the next bucket compiles in the
         background ahead of anything queued there, for the rows the decode continues from
-        (what the next dispatch takes while the rows stay) and for bucket b (after a change
-        of rows), so a growing answer rarely waits for one."""
+        (what the next dispatch takes while the rows stay; after a change of rows it covers
+        the smaller bucket b), so a growing answer rarely waits for one."""
         sh = self.shapes
         attn_len = self.attn_len_for(min(max_pos + n_steps, sh.max_len))
         ms = steps_bucket(n_steps)
@@ -592,14 +592,13 @@ class Steps:
         need_b = fed_rows or b
         if 2 * (max_pos + n_steps) > attn_len and attn_len < sh.attn_lens[-1]:
             nxt = bucket_for(attn_len + 1, sh.attn_lens)
-            for rows_b in dict.fromkeys((b, need_b)):  # requested last: the chained rows first
-                exact = fed_rows is not None and rows_b == need_b
 
-                def fits(b2, a2, m2, r=rows_b, e=exact):
-                    return (b2 == r if e else b2 >= r) and a2 >= nxt and m2 >= n_steps
+            def fits(b2, a2, m2):
+                rows_fit = b2 == need_b if fed_rows else b2 >= need_b
+                return rows_fit and a2 >= nxt and m2 >= n_steps
 
-                if self._cover("decode", fits) is None:
-                    self.programs.request(("decode", rows_b, nxt, ms), soon=True)
+            if self._cover("decode", fits) is None:
+                self.programs.request(("decode", need_b, nxt, ms), soon=True)
         if fed_rows is None and want in self.programs:
             return want
         cover = self._cover("decode", lambda b2, a2, m2: (b2 == need_b if fed_rows else b2 >= b)
