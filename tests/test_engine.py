@@ -212,18 +212,9 @@ def test_grammar_constrained_row_beside_a_free_one(engine):
     assert text_of(got_p) == free.text
 
 
-def test_live_rows_are_compacted_and_keep_their_output(engine, monkeypatch):
-    """A long request admitted fifth (a row past 3: decode bucket 16) is moved to row 0 once
-    the four short ones before it finish, so decode drops to the 1-row bucket; its tokens
-    equal a solo run's."""
-    moves: list = []
-    swap = engine.runner.swap_rows
-
-    def spy(pairs):
-        moves.append(list(pairs))
-        return swap(pairs)
-
-    monkeypatch.setattr(engine.runner, "swap_rows", spy)
+def _four_short_then_a_long_one(engine, monkeypatch) -> list[list[int]]:
+    """Four short requests and a long one admitted fifth (a row past 3: decode bucket 16);
+    asserts the long one's tokens equal a solo run's; returns the rows of every decode."""
     decoded_rows: list = []
     decode = engine.runner.decode
 
@@ -241,6 +232,21 @@ def test_live_rows_are_compacted_and_keep_their_output(engine, monkeypatch):
     *_, events = run(engine, [*short, long])
     want = generate(engine.model, long_prompt, sampling=SamplingParams.greedy(), max_tokens=24)
     assert text_of(events) == want.text
+    return decoded_rows
+
+
+def test_live_rows_are_compacted_and_keep_their_output(engine, monkeypatch):
+    """The long request is moved to row 0 once the four short ones before it finish, so
+    decode drops to the 1-row bucket; its tokens equal a solo run's."""
+    moves: list = []
+    swap = engine.runner.swap_rows
+
+    def spy(pairs):
+        moves.append(list(pairs))
+        return swap(pairs)
+
+    monkeypatch.setattr(engine.runner, "swap_rows", spy)
+    decoded_rows = _four_short_then_a_long_one(engine, monkeypatch)
     assert any(b == 0 and a >= 4 for pairs in moves for a, b in pairs), moves
     assert decoded_rows[-1] == [0]
 
@@ -567,23 +573,7 @@ def test_rows_stay_put_while_the_swap_is_not_compiled(engine, monkeypatch):
     moves: list = []
     monkeypatch.setattr(engine.runner, "can_swap", lambda: False)
     monkeypatch.setattr(engine.runner, "swap_rows", lambda pairs: moves.append(pairs))
-    decoded_rows: list = []
-    decode = engine.runner.decode
-
-    def spy_decode(rows, *args, **kwargs):
-        decoded_rows.append(list(rows))
-        return decode(rows, *args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "decode", spy_decode)
-    short = [
-        GenerationRequest([2 + i, 7, 11], SamplingParams.greedy(), 2, reuse_prefix=False)
-        for i in range(4)
-    ]
-    long_prompt = [1, 5, 9, 42, 17, 3]
-    long = GenerationRequest(long_prompt, SamplingParams.greedy(), 24, reuse_prefix=False)
-    *_, events = run(engine, [*short, long])
-    want = generate(engine.model, long_prompt, sampling=SamplingParams.greedy(), max_tokens=24)
-    assert text_of(events) == want.text
+    decoded_rows = _four_short_then_a_long_one(engine, monkeypatch)
     assert moves == [] and len(decoded_rows[-1]) == 1 and decoded_rows[-1][0] >= 4
 
 
