@@ -174,7 +174,7 @@ class Programs:
             if self._closed or key in self._done or key in self._busy:
                 return
             if key in self._queue:
-                if not soon or self._queue[0] == key:
+                if not soon:
                     return
                 self._queue.remove(key)
             if soon:
