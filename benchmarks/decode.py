@@ -12,7 +12,9 @@ prints ms per step (best of `--repeat` dispatches after 2 warm-up ones) and tok/
 buckets at a fixed row count shows how much of the step is attention over the cache rather than
 the weights. `--logprobs` also times the same step with every row asking for its tokens' log-
 probabilities (the chosen token's and the top 20, `tsjax.logprobs`), alternating dispatches
-with and without, to see what they cost.
+with and without, to see what they cost. `--compare-attention` times decode attention in the
+native CPU kernel against XLA's own ops over the same cache blocks (two copies of the model,
+alternating dispatches).
 """
 
 from __future__ import annotations
@@ -39,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time every row reporting log-probabilities, alternating with not",
     )
+    p.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="also time decode attention in XLA's ops instead of the native CPU kernel"
+        " (a second copy of the model), alternating with it",
+    )
     p.add_argument("--repeat", type=int, default=3, help="timed dispatches (best is shown)")
     args = p.parse_args(argv)
+    if args.logprobs and args.compare_attention:
+        p.error("--logprobs and --compare-attention are separate comparisons")
 
     import jax
     import jax.numpy as jnp
@@ -53,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
     steps, n = model.steps, args.steps
+    # (steps, params) of each timed variant: the model, and with --compare-attention a second
+    # copy whose cache keeps decode attention in XLA's ops (its programs are its own)
+    variants = [(steps, model.params)]
+    if args.compare_attention:
+        xla_model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
+        xs = xla_model.steps
+        xs.layout = dataclasses.replace(xs.layout, native_attention=False)
+        variants.append((xs, xla_model.params))
     params = [SamplingParams(seed=i) for i in range(args.rows)]
     if args.sampling == "greedy":
         params = [SamplingParams.greedy()] * args.rows
@@ -62,15 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         state = host_sampler_state(params, [[]] * args.rows, **kw)
         return state if steps.plan is None else put_tree(state, steps.plan.sampler())
 
-    # the same compiled program runs both: only the per-row flag differs
+    # with --logprobs the same compiled program runs both: only the per-row flag differs
     samplers = [sampler_state(False)] + ([sampler_state(True)] if args.logprobs else [])
-    cache = steps.new_cache()
+    if args.compare_attention:
+        samplers.append(sampler_state(False))
+    else:
+        variants *= len(samplers)
+    caches = [s.new_cache() for s, _ in variants]
     print(
         f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch,"
         f" {args.quant or 'float32'} weights, {args.sampling} sampling, best of {args.repeat}"
     )
-    if args.logprobs:
-        print("| live rows | attention bucket | ms/step | with logprobs | tok/s |")
+    if args.logprobs or args.compare_attention:
+        other = "with logprobs" if args.logprobs else "XLA attention"
+        print(f"| live rows | attention bucket | ms/step | {other} | tok/s |")
         print("|---|---|---|---|---|")
     else:
         print("| live rows | attention bucket | ms/step | tok/s |\n|---|---|---|---|")
@@ -83,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(2 + args.repeat):
                 for k in range(len(samplers)):  # alternate: contention hits both alike
                     # every row holds `pos` tokens, as after a prompt of that length
-                    cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, pos))
-                    jax.block_until_ready(cache.lengths)
+                    c = caches[k]
+                    c = dataclasses.replace(c, lengths=jnp.full_like(c.lengths, pos))
+                    jax.block_until_ready(c.lengths)
+                    vsteps, vparams = variants[k]
                     t = time.perf_counter()
-                    _, _, cache, samplers[k] = steps.decode(
-                        model.params, cache, samplers[k], rows, [0] * live, pos, n
+                    _, _, caches[k], samplers[k] = vsteps.decode(
+                        vparams, c, samplers[k], rows, [0] * live, pos, n
                     )
                     if i >= 2:  # the first two warm up
                         times[k].append((time.perf_counter() - t) / n)

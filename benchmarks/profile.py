@@ -7,7 +7,8 @@ Runs `--live` rows of the compiled decode step (4 steps per dispatch) at cache p
 `--position` under JAX's profiler with XLA:CPU's per-thunk trace events on, then groups the
 events by what each fused op computes (its output shape and its main operations, read from the
 compiled HLO: `dot`, `reduce`, `scatter`, ...) and prints ms per step and ops per step, largest
-first, with totals for matmuls (int8 `s32`/float dots over the weights), attention dots and
+first, with totals for matmuls (int8 `s32`/float dots over the weights, the block matmul
+kernels), attention (its dots, or the native decode attention kernel) and
 everything else. The times are trace events summed, so an op both cores ran counts once per
 core and tracing adds a little per op: the total runs above `benchmarks.decode`'s wall time
 (float32 more so). Read the shares, not the absolute sum. A last line splits the wall clock:
@@ -44,6 +45,14 @@ KINDS = (
 )
 
 
+#: The native CPU kernels' FFI targets, as the table names them.
+CUSTOM_CALLS = {
+    "tsjax_q4_matmul": "block matmul (custom call)",
+    "tsjax_q8_matmul": "block matmul (custom call)",
+    "tsjax_decode_attention": "decode attention (custom call)",
+}
+
+
 def fusion_contents(hlo: str) -> dict[str, str]:
     """Fused op name -> "output-shape op/op/...", from a compiled module's text."""
     comps: dict[str, list[str]] = {}
@@ -64,6 +73,9 @@ def fusion_contents(hlo: str) -> dict[str, str]:
             ops = (re.search(r"= \S+ (\w[\w-]*)\(", x) for x in comps.get(m.group(3), []))
             kinds = sorted({o.group(1) for o in ops if o and o.group(1) in KINDS})
             out[m.group(1)] = f"{m.group(2).split('{')[0]} {'/'.join(kinds)}"
+        m = re.search(r"%([\w.\-]+) = .*custom-call\(.*custom_call_target=\"(\w+)\"", line)
+        if m:  # the CPU kernels (tsjax.kernels.blockdot)
+            out[m.group(1)] = CUSTOM_CALLS.get(m.group(2), f"custom call {m.group(2)}")
     return out
 
 
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             by[what] += ns
             ops[what] += counts[name]
             group_of[name] = group(what)
-    groups = {"matmuls": 0.0, "attention dots": 0.0, "other": 0.0}
+    groups = {"matmuls": 0.0, "attention": 0.0, "other": 0.0}
     for what, ns in by.items():
         groups[group(what)] += ns / 1e6 / per_step
     print(
@@ -170,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def group(what: str) -> str:
-    """matmuls (the weights' dots, 2-d outputs), attention dots (4-d outputs) or other."""
+    """matmuls (the weights' dots, 2-d outputs), attention (4-d dot outputs, the native
+    kernel) or other."""
     if what == "block matmul (custom call)":
         return "matmuls"
+    if what == "decode attention (custom call)":
+        return "attention"
     if what.endswith("dot") or what == "dot (unfused)":
-        return "attention dots" if what.count(",") >= 3 else "matmuls"
+        return "attention" if what.count(",") >= 3 else "matmuls"
     return "other"
 
 

@@ -70,22 +70,25 @@ def test_attend_with_sinks_matches_gpt_oss(b, t, window):
     assert np.max(np.abs(np.asarray(plain) - ref)) > 1e-3
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "xla"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_blocked_decode_with_sinks(window):
-    """attend_blocks: two row blocks (8 + 4 rows) x two position blocks (16 + 16)."""
+def test_blocked_decode_with_sinks(window, native, monkeypatch):
+    """attend_blocks: two row blocks (8 + 4 rows) x two position blocks (16 + 16), in the
+    native kernel (where built) and in XLA's ops."""
+    from tsjax.cache import cpu_kernels
+
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "native_attention", lambda *a: False)
     b, s = 12, 32
     q, k, v, sinks = _case(b, 1, s, 11 + window)
     pos = np.random.default_rng(3).integers(0, s, b).astype(np.int32)
-    # key blocks [R, K, H, P], value blocks [R, K, P, H]
-    kb = tuple(
+    # key and value blocks [R, K, P, H]
+    kb, vb = (
         tuple(
-            jnp.asarray(k[r0:r1, :, p0:p1].transpose(0, 1, 3, 2)) for p0, p1 in ((0, 16), (16, 32))
+            tuple(jnp.asarray(a[r0:r1, :, p0:p1]) for p0, p1 in ((0, 16), (16, 32)))
+            for r0, r1 in ((0, 8), (8, 12))
         )
-        for r0, r1 in ((0, 8), (8, 12))
-    )
-    vb = tuple(
-        tuple(jnp.asarray(v[r0:r1, :, p0:p1]) for p0, p1 in ((0, 16), (16, 32)))
-        for r0, r1 in ((0, 8), (8, 12))
+        for a in (k, v)
     )
     qr = q.reshape(b, K, N // K, H)
     ours = attend_blocks(qr, kb, vb, jnp.asarray(pos), s, jnp.int32(window), SCALE, None, sinks)

@@ -138,7 +138,10 @@ class Steps:
         self.layout = KVLayout(checkpoints=shapes.checkpoints)
         if self.unrolled:
             self.layout = KVLayout(
-                shapes.cache_blocks(), shapes.skip_min_rows, checkpoints=shapes.checkpoints
+                shapes.cache_blocks(),
+                shapes.skip_min_rows,
+                checkpoints=shapes.checkpoints,
+                native_attention=mesh is None,
             )
         self.mesh = mesh
         self.plan = None

@@ -58,7 +58,9 @@ def kv_state(
         return StackedKV.create(seg.count, rows, kv, max_len, h, dtype)
     assert not seg.stacked, "the blocked layout is per layer (an unrolled layer loop)"
     assert layout.blocks[0][-1] == rows and layout.blocks[1][-1] == max_len, layout.blocks
-    return BlockedKV.create(layout.blocks, kv, h, dtype, layout.skip_min_rows)
+    return BlockedKV.create(
+        layout.blocks, kv, h, dtype, layout.skip_min_rows, layout.native_attention
+    )
 
 
 def no_state(cfg: ModelConfig, seg: Segment, layout: KVLayout, rows: int, max_len: int, dtype):

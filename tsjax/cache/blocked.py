@@ -1,6 +1,6 @@
 """Attention keys and values of one layer in blocks (XLA:CPU, where the layer loop is
-unrolled): a grid of separate buffers, one per (block of rows, block of positions), values
-`[R, K, P, H]`, keys transposed `[R, K, H, P]` (`tsjax.cache.cpu_kernels` says why).
+unrolled): a grid of separate buffers `[R, K, P, H]`, one per (block of rows, block of
+positions) (`tsjax.cache.cpu_kernels` says why).
 
 The blocks follow the steps' buckets (`tsjax.shapes.StepShapes.cache_blocks`: position
 blocks end at the attention buckets, long spans cut in two halves; row blocks at the decode
@@ -12,6 +12,7 @@ which read few rows, gather them from the blocks and attend over them whole.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,29 +40,32 @@ class BlockedKV:
     k: Blocks
     v: Blocks
     skip_min_rows: int = field(metadata=dict(static=True))  # see `attend_blocks`
+    # decode attention in the native CPU kernel where it can run (`attend_blocks`); False
+    # keeps XLA's ops (`KVLayout.native_attention`)
+    native: bool = field(default=True, metadata=dict(static=True))
 
-    KEY_AXES: ClassVar = ("batch", "kv_heads", "head_dim", "seq")  # [R, K, H, P]
-    VALUE_AXES: ClassVar = ("batch", "kv_heads", "seq", "head_dim")  # [R, K, P, H]
+    AXES: ClassVar = ("batch", "kv_heads", "seq", "head_dim")  # [R, K, P, H]
     REWINDS: ClassVar[bool] = True
 
     @classmethod
     def create(
-        cls, blocks: BlockBounds, kv_heads: int, head_dim: int, dtype, skip_min_rows: int
+        cls,
+        blocks: BlockBounds,
+        kv_heads: int,
+        head_dim: int,
+        dtype,
+        skip_min_rows: int,
+        native: bool = True,
     ) -> BlockedKV:
         """Zeroed blocks; `blocks` = (row bounds, position bounds), e.g. ((4, 16, 32),
         (128, 256, 512)): rows 0-3, 4-15, 16-31 by positions 0-127, 128-255, 256-511."""
         rows, pos = block_sizes(blocks[0]), block_sizes(blocks[1])
 
-        def grid(keys: bool) -> Blocks:
-            kh, h = kv_heads, head_dim
-            made = iter(
-                zeros_many(
-                    [(r, kh, h, p) if keys else (r, kh, p, h) for r in rows for p in pos], dtype
-                )
-            )
+        def grid() -> Blocks:
+            made = iter(zeros_many([(r, kv_heads, p, head_dim) for r in rows for p in pos], dtype))
             return tuple(tuple(next(made) for _ in pos) for _ in rows)
 
-        return cls(grid(True), grid(False), skip_min_rows)
+        return cls(grid(), grid(), skip_min_rows, native)
 
     @property
     def bounds(self) -> BlockBounds:
@@ -70,7 +74,7 @@ class BlockedKV:
             r += rb[0].shape[0]
             rows.append(r)
         for blk in self.k[0]:
-            p += blk.shape[3]
+            p += blk.shape[2]
             pos.append(p)
         return tuple(rows), tuple(pos)
 
@@ -86,10 +90,10 @@ class BlockedKV:
         if index is None:
             index = batch_write_index(self.k, step.rows, step.positions, step.attn_len)
         rows, pos = step.row_index, step.positions
-        return BlockedKV(
-            write_blocks(self.k, rows, pos, k, keys=True, index=index),
-            write_blocks(self.v, rows, pos, v, keys=False, index=index),
-            self.skip_min_rows,
+        return dataclasses.replace(
+            self,
+            k=write_blocks(self.k, rows, pos, k, index=index),
+            v=write_blocks(self.v, rows, pos, v, index=index),
         )
 
     def attend(self, q, step: Step, layer, window, scale, softcap, sinks=None) -> jax.Array:
@@ -107,10 +111,11 @@ class BlockedKV:
                 softcap,
                 sinks,
                 self.skip_min_rows,
+                self.native,
             )
             return out[:, None]
-        keys = read_rows(self.k, step.row_index, step.attn_len, keys=True)
-        values = read_rows(self.v, step.row_index, step.attn_len, keys=False)
+        keys = read_rows(self.k, step.row_index, step.attn_len)
+        values = read_rows(self.v, step.row_index, step.attn_len)
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         return attend(q, keys, values, step.positions, window, scale, softcap, sinks, step.key_end)
 
@@ -120,11 +125,11 @@ class BlockedKV:
         every = jnp.arange(max_len, dtype=jnp.int32)
         pos = jnp.broadcast_to(every, (src.shape[0], max_len))
 
-        def move(blocks: Blocks, keys: bool) -> Blocks:
-            vals = read_rows(blocks, jnp.minimum(src, rows - 1), max_len, keys)
-            return write_blocks(blocks, dst, pos, vals.transpose(0, 2, 1, 3), keys)
+        def move(blocks: Blocks) -> Blocks:
+            vals = read_rows(blocks, jnp.minimum(src, rows - 1), max_len)
+            return write_blocks(blocks, dst, pos, vals.transpose(0, 2, 1, 3))
 
-        return BlockedKV(move(self.k, True), move(self.v, False), self.skip_min_rows)
+        return dataclasses.replace(self, k=move(self.k), v=move(self.v))
 
     def checkpoint(self, rows: jax.Array, slots: jax.Array) -> BlockedKV:
         return self  # rewinding keys and values is setting the row's length
@@ -139,6 +144,4 @@ class BlockedKV:
         def grid(blocks: Blocks, axes) -> Blocks:
             return tuple(tuple(named(axes, blk.shape) for blk in rb) for rb in blocks)
 
-        return BlockedKV(
-            grid(self.k, self.KEY_AXES), grid(self.v, self.VALUE_AXES), self.skip_min_rows
-        )
+        return dataclasses.replace(self, k=grid(self.k, self.AXES), v=grid(self.v, self.AXES))

@@ -2,12 +2,17 @@
 keys and values into the blocks their rows and positions fall in, gather a few rows back into
 one array, and decode attention that reads the blocks where they lie.
 
-One layer's keys (or values) are a grid of separate buffers, one per (block of rows, block of
-positions): values `[R, K, P, H]`, keys transposed `[R, K, H, P]`. XLA:CPU's dot and reduce
-kernels take whole buffers: from one big cache array, every step first copied each layer's
-bucket out of it (measured: 14 of 55 ms of a 16-row int8 step). Keys are transposed because
-the batched q.k dot reads them at memory speed that way (48 against 91 us per 12-row block,
-measured; `python -m benchmarks.kernels` times these forms).
+One layer's keys (or values) are a grid of separate buffers `[R, K, P, H]`, one per (block of
+rows, block of positions). XLA:CPU's dot and reduce kernels take whole buffers: from one big
+cache array, every step first copied each layer's bucket out of it (measured: 14 of 55 ms of a
+16-row int8 step).
+
+Decode attention runs in one native call per row block where the CPU kernels are built
+(`tsjax.kernels.blockdot.decode_attention`): each row reads only the positions its query sees.
+Keys were stored transposed `[R, K, H, P]` for XLA's batched q.k dot (62 against 111 us per
+12-row block, `python -m benchmarks.kernels`), but then a step's write of one position touched
+one cache line per value instead of one per 16: in a 16-row SmolLM2 step those scatters took
+4.5 ms against 0.5 ms for the values (`python -m benchmarks.profile`).
 """
 
 from __future__ import annotations
@@ -18,20 +23,21 @@ import jax
 import jax.numpy as jnp
 
 from tsjax.cache.dense import NEG_INF, visible
+from tsjax.kernels import blockdot
 from tsjax.shapes import SKIP_MIN_ROWS
 
 #: One layer's blocked keys (or values): row blocks, each a tuple of position blocks.
 Blocks = tuple[tuple[jax.Array, ...], ...]
 
 
-def block_bounds(blocks: Blocks, keys: bool) -> tuple[list[int], list[int]]:
+def block_bounds(blocks: Blocks) -> tuple[list[int], list[int]]:
     """Start offsets of the row blocks and of the position blocks of one layer's Blocks."""
     rows = [0]
     for rb in blocks[:-1]:
         rows.append(rows[-1] + rb[0].shape[0])
     pos = [0]
     for pb in blocks[0][:-1]:
-        pos.append(pos[-1] + pb.shape[3 if keys else 2])
+        pos.append(pos[-1] + pb.shape[2])
     return rows, pos
 
 
@@ -51,18 +57,16 @@ def write_index(
     blocks: Blocks,
     rows: jax.Array,
     positions: jax.Array,
-    keys: bool,
     row_end: int | None = None,
     pos_end: int | None = None,
 ) -> WriteIndex:
     """Where `write_blocks` puts rows[b] at positions[b, T] in each block of a layer's key
-    (`keys`) or value blocks (the two share bounds, so either's index serves both). Blocks
+    or value blocks (the two share bounds, so either's index serves both). Blocks
     starting at or past the static bounds `row_end` / `pos_end` (known to hold no row /
     position written) get None. Every layer of a step writes the same places: the decoder
     computes this once per step, where per layer and block XLA:CPU ran the same index
     arithmetic 8 times a layer."""
-    row_lo, pos_lo = block_bounds(blocks, keys)
-    pos_dim = 3 if keys else 2
+    row_lo, pos_lo = block_bounds(blocks)
     out = []
     for rlo, rb in zip(row_lo, blocks, strict=True):
         if row_end is not None and rlo >= row_end:
@@ -73,7 +77,7 @@ def write_index(
             tuple(
                 None
                 if pos_end is not None and plo >= pos_end
-                else jnp.stack([lr, _local(positions, plo, blk.shape[pos_dim])], axis=-1)
+                else jnp.stack([lr, _local(positions, plo, blk.shape[2])], axis=-1)
                 for plo, blk in zip(pos_lo, rb, strict=True)
             )
         )
@@ -88,8 +92,8 @@ def batch_write_index(
     written)."""
     b = positions.shape[0]
     if rows is None:
-        return write_index(blocks, jnp.arange(b, dtype=jnp.int32), positions, True, b, attn_len)
-    return write_index(blocks, rows, positions, True, None, attn_len)
+        return write_index(blocks, jnp.arange(b, dtype=jnp.int32), positions, b, attn_len)
+    return write_index(blocks, rows, positions, None, attn_len)
 
 
 def write_blocks(
@@ -97,23 +101,21 @@ def write_blocks(
     rows: jax.Array,
     positions: jax.Array,
     new: jax.Array,
-    keys: bool,
     row_end: int | None = None,
     pos_end: int | None = None,
     index: WriteIndex | None = None,
 ) -> Blocks:
-    """Scatter new[b, T, K, H] into rows[b] at positions[b, T] of key (`keys`, stored
-    [R, K, H, P]) or value ([R, K, P, H]) blocks; rows or positions outside the cache are
+    """Scatter new[b, T, K, H] into rows[b] at positions[b, T] of key or value blocks
+    ([R, K, P, H]); rows or positions outside the cache are
     dropped. Each block receives only its own part; blocks starting at or past the static
     bounds `row_end` / `pos_end` (known to hold no row / position written) are left as they
     are, without a scatter. `index`: `write_index` of the same arguments, if already made."""
     if index is None:
-        index = write_index(blocks, rows, positions, keys, row_end, pos_end)
-    pos_dim = 3 if keys else 2
+        index = write_index(blocks, rows, positions, row_end, pos_end)
     numbers = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(2, 3),  # new's K, H
-        inserted_window_dims=(0, pos_dim),
-        scatter_dims_to_operand_dims=(0, pos_dim),
+        inserted_window_dims=(0, 2),
+        scatter_dims_to_operand_dims=(0, 2),
     )
     return tuple(
         tuple(
@@ -132,13 +134,13 @@ def write_blocks(
     )
 
 
-def read_rows(blocks: Blocks, rows: jax.Array, length: int, keys: bool) -> jax.Array:
+def read_rows(blocks: Blocks, rows: jax.Array, length: int) -> jax.Array:
     """Rows[b] (any cache rows) over the first `length` positions (a block boundary) as one
     [b, K, length, H] array: for prefill and scoring, which read few rows. Rows outside the
     cache read zeros."""
-    row_lo, pos_lo = block_bounds(blocks, keys)
+    row_lo, pos_lo = block_bounds(blocks)
     n_pos = sum(1 for p in pos_lo if p < length)
-    axis = 3 if keys else 2
+    axis = 2
     out = None
     for rlo, rb in zip(row_lo, blocks, strict=True):
         r = rb[0].shape[0]
@@ -150,7 +152,7 @@ def read_rows(blocks: Blocks, rows: jax.Array, length: int, keys: bool) -> jax.A
         part = jnp.where(inside[:, None, None, None], part, 0)
         out = part if out is None else out + part
     assert out is not None and out.shape[axis] == length, (length, pos_lo)
-    return out.swapaxes(2, 3) if keys else out
+    return out
 
 
 def attend_blocks(
@@ -164,18 +166,25 @@ def attend_blocks(
     softcap: float | None,
     sinks: jax.Array | None = None,
     skip_min_rows: int = SKIP_MIN_ROWS,
+    native: bool = True,
 ) -> jax.Array:
-    """Decode attention for the cache rows [0, b) straight from the blocked cache: per row
-    block, scores against each position block below `attn_len` (batched dots over whole
-    buffers; key blocks are [R, K, H, P]), one softmax over their concatenation, then the
-    value blocks' weighted sum. q: [b, K, G, H]; pos: [b]; sinks: [K*G] per-head sink logits
+    """Decode attention for the cache rows [0, b) straight from the blocked cache. q:
+    [b, K, G, H]; pos: [b]; sinks: [K*G] per-head sink logits
     (`tsjax.cache.dense.softmax_with_sink`), or None. Returns [b, K*G*H].
+
+    Where `native_attention` allows (and `native`), one native call per row block
+    (`tsjax.kernels.blockdot.decode_attention`): each row reads only the positions it sees.
+    Otherwise XLA's ops: per row block, scores against each position block below `attn_len`
+    (batched dots over whole buffers), one softmax over them, then the value blocks' weighted
+    sum.
 
     A row block of at least `skip_min_rows` rows none of which reaches the last position
     block below `attn_len` skips it (a `lax.cond` on its furthest row). Long spans are two
     blocks (`tsjax.shapes.StepShapes.split_span`), so there such a step reads at most 1.5x
     the cache its rows need instead of 2x."""
     b, kv, g, h = q.shape
+    if native and native_attention(q, k_blocks, softcap):
+        return _native_attend(q, k_blocks, v_blocks, pos, attn_len, window, scale, sinks)
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
         if lo >= b:
@@ -220,6 +229,48 @@ def attend_blocks(
     return out[:b].reshape(b, kv * g * h)
 
 
+def native_attention(q: jax.Array, k_blocks: Blocks, softcap: float | None) -> bool:
+    """Whether decode attention can run in the native kernel: on CPU with the kernels built,
+    float32 blocks, no logit soft-cap (Gemma 2's keeps the XLA form). Not over a mesh either
+    (XLA partitions its own ops, not a foreign call): `KVLayout.native_attention`."""
+    if softcap or jax.default_backend() != "cpu":
+        return False
+    if any(blk.dtype != jnp.float32 for rb in k_blocks for blk in rb):
+        return False
+    return blockdot.available()
+
+
+def _native_attend(q, k_blocks, v_blocks, pos, attn_len, window, scale, sinks) -> jax.Array:
+    """`attend_blocks` in `tsjax.kernels.blockdot.decode_attention`: one call per row block
+    the batch reaches, with the position blocks below `attn_len`; each row reads only the
+    positions it sees (no branch for an unreached last block)."""
+    b, kv, g, h = q.shape
+    dtype = q.dtype
+    q = q.astype(jnp.float32) * jnp.float32(scale)
+    out, lo = [], 0
+    for kb, vb in zip(k_blocks, v_blocks, strict=True):
+        if lo >= b:
+            break
+        n = min(kb[0].shape[0], b - lo)
+        starts = block_bounds((kb,))[1]
+        used = [i for i, st in enumerate(starts) if st < attn_len]
+        out.append(
+            blockdot.decode_attention(
+                q[lo : lo + n],
+                pos[lo : lo + n],
+                window,
+                sinks,
+                tuple(kb[i] for i in used),
+                tuple(vb[i] for i in used),
+            )
+        )
+        lo += n
+    out = jnp.concatenate(out, axis=0) if len(out) > 1 else out[0]
+    if out.shape[0] < b:  # a padded batch past the cache's rows
+        out = jnp.pad(out, ((0, b - out.shape[0]), (0, 0), (0, 0), (0, 0)))
+    return out.reshape(b, kv * g * h).astype(dtype)
+
+
 def _attend_row_block(qr, pr, used, window, scale, softcap, sinks=None):
     """One row block's attention over the position blocks `used` [(keys, values)], from
     position 0. qr: [r, K, G, H]; pr: [r]. Returns [r, K, G, H].
@@ -230,7 +281,7 @@ def _attend_row_block(qr, pr, used, window, scale, softcap, sinks=None):
     q = qr * jnp.asarray(scale, qr.dtype)
     scores, start = [], 0
     for kblk, _ in used:
-        sc = jnp.einsum("rkgh,rkhs->rkgs", q, kblk.astype(q.dtype))
+        sc = jnp.einsum("rkgh,rksh->rkgs", q, kblk.astype(q.dtype))
         if softcap:
             sc = jnp.tanh(sc / softcap) * softcap
         seen = visible(pr, sc.shape[-1], window, start)

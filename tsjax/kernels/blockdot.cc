@@ -817,16 +817,19 @@ struct Job {
 // thread alone: handing a chunk to the pool costs ~8 us, what a 256 KB read takes.
 constexpr int64_t kParallelWork = 256 * 1024;
 
+#if defined(TSJAX_ZMM)
+constexpr int64_t kChannelTile = 16;
+#else
+constexpr int64_t kChannelTile = 8;
+#endif
+
+// `chunk_fn` over [0, N) in chunks of whole `tile`s.
 void parallel_channels(ffi::ThreadPool& pool, int64_t work, int64_t N,
-                       std::function<void(int64_t, int64_t)> chunk_fn) {
+                       std::function<void(int64_t, int64_t)> chunk_fn,
+                       int64_t tile = kChannelTile) {
   const int64_t threads = work < kParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (threads == 1) return chunk_fn(0, N);
   // ~4 chunks a thread (balance), whole channel tiles.
-#if defined(TSJAX_ZMM)
-  constexpr int64_t tile = 16;
-#else
-  constexpr int64_t tile = 8;
-#endif
   int64_t size = std::max<int64_t>(tile, (N + 4 * threads - 1) / (4 * threads));
   size = (size + tile - 1) / tile * tile;
   auto job = std::make_shared<Job>();
@@ -884,6 +887,167 @@ ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode attention over the blocked cache (tsjax.cache.cpu_kernels): one row block's rows, each
+// with one query per head, against the keys and values of the position blocks it holds, where
+// they lie. XLA:CPU ran this as ~8 fused ops a layer (two batched dots, the mask, exponentials,
+// sums, a divide), each over the whole bucket and each a pass over memory; here each row reads
+// only the positions its query sees, once for the scores and once for the values.
+//
+// q [n, K, G, H] (already scaled), pos [n] (the query's position; it sees positions p with
+// pos - window < p <= pos, or every p <= pos where window <= 0), sinks [K * G] or [0] (per-head
+// sink logits: one more term of the softmax's denominator), then the key blocks and the value
+// blocks of the row block, each [r, K, P_b, H] (r >= n rows; position blocks in order).
+// out [n, K, G, H]. A row that sees no position gets zeros.
+
+// exp(x) for x <= 0 in plain arithmetic the compiler vectorizes (Cody-Waite reduction, degree-6
+// polynomial: ~1 ulp); below -87 it is 0, where float32's exp underflows.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  // round to nearest by the float trick (1.5 * 2^23), which stays plain arithmetic
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct AttnBlock {
+  const float* k;
+  const float* v;
+  int64_t rows, start, len;  // rows of the block, its first position, its positions
+};
+
+// q . k over H values: one 512-bit accumulator and one horizontal sum where H is a multiple of
+// 16; elsewhere 16 partial sums the compiler vectorizes.
+inline float dot_h(const float* a, const float* b, int64_t H) {
+#if defined(__AVX512F__)
+  if (H % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t h = 0; h < H; h += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + h), _mm512_loadu_ps(b + h), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float part[16] = {};
+  int64_t h = 0;
+  for (; h + 16 <= H; h += 16)
+    for (int j = 0; j < 16; ++j) part[j] += a[h + j] * b[h + j];
+  float sum = 0;
+  for (; h < H; ++h) sum += a[h] * b[h];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return sum + part[0];
+}
+
+// Scores of G queries (q [G, H]) against `len` keys ([len, H], consecutive) into sc[g * stride].
+inline void scores(const float* q, int64_t G, int64_t H, const float* k, int64_t len, float* sc,
+                   int64_t stride) {
+  for (int64_t s = 0; s < len; ++s)
+    for (int64_t g = 0; g < G; ++g) sc[g * stride + s] = dot_h(q + g * H, k + s * H, H);
+}
+
+void attend_row_head(const float* q, int64_t pos, int64_t window, const float* sinks,
+                     const std::vector<AttnBlock>& blocks, int64_t i, int64_t k, int64_t K,
+                     int64_t G, int64_t H, float* out) {
+  const int64_t total = blocks.empty() ? 0 : blocks.back().start + blocks.back().len;
+  const int64_t hi = std::min(pos, total - 1);  // inclusive
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+  std::fill(out, out + G * H, 0.0f);
+  if (hi < lo) return;
+  const int64_t L = hi - lo + 1;
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < G * L) buf.resize(G * L);
+  float* sc = buf.data();
+  for (const AttnBlock& b : blocks) {
+    const int64_t s0 = std::max(lo, b.start), s1 = std::min(hi + 1, b.start + b.len);
+    if (s0 >= s1) continue;
+    const float* kb = b.k + ((i * K + k) * b.len + (s0 - b.start)) * H;
+    scores(q, G, H, kb, s1 - s0, sc + (s0 - lo), L);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = sc + g * L;
+    float top = sinks ? sinks[k * G + g] : sg[0];
+    for (int64_t s = 0; s < L; ++s) top = std::max(top, sg[s]);
+    float den = sinks ? exp_neg(sinks[k * G + g] - top) : 0.0f;
+    for (int64_t s = 0; s < L; ++s) {
+      sg[s] = exp_neg(sg[s] - top);
+      den += sg[s];
+    }
+    const float inv = 1.0f / den;
+    for (int64_t s = 0; s < L; ++s) sg[s] *= inv;
+  }
+  for (const AttnBlock& b : blocks) {
+    const int64_t s0 = std::max(lo, b.start), s1 = std::min(hi + 1, b.start + b.len);
+    if (s0 >= s1) continue;
+    const float* vb = b.v + ((i * K + k) * b.len + (s0 - b.start)) * H;
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* vs = vb + (s - s0) * H;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = sc[g * L + (s - lo)];
+        float* og = out + g * H;
+        for (int64_t h = 0; h < H; ++h) og[h] += p * vs[h];
+      }
+    }
+  }
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> window,
+                               ffi::Buffer<ffi::F32> sinks, ffi::RemainingArgs kv,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [n, K, G, H]");
+  const int64_t n = qd[0], K = qd[1], G = qd[2], H = qd[3];
+  if (pos.element_count() != n) return ffi::Error::InvalidArgument("pos must be [n]");
+  if (sinks.element_count() != 0 && sinks.element_count() != K * G)
+    return ffi::Error::InvalidArgument("sinks must be [K * G] or empty");
+  if (kv.size() % 2 != 0) return ffi::Error::InvalidArgument("as many key as value blocks");
+  const int64_t nb = kv.size() / 2;
+  std::vector<AttnBlock> blocks;
+  int64_t start = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    auto kb = kv.get<ffi::Buffer<ffi::F32>>(b);
+    auto vb = kv.get<ffi::Buffer<ffi::F32>>(nb + b);
+    if (kb.has_error()) return kb.error();
+    if (vb.has_error()) return vb.error();
+    auto kd = kb->dimensions(), vd = vb->dimensions();
+    if (kd.size() != 4 || vd.size() != 4 || kd[1] != K || kd[3] != H || kd[0] < n ||
+        vd[0] != kd[0] || vd[1] != K || vd[2] != kd[2] || vd[3] != H)
+      return ffi::Error::InvalidArgument("key and value blocks must be [r >= n, K, P, H]");
+    blocks.push_back({kb->typed_data(), vb->typed_data(), kd[0], start, kd[2]});
+    start += kd[2];
+  }
+  const float* qp = q.typed_data();
+  const int32_t* pp = pos.typed_data();
+  const int64_t w = window.typed_data()[0];
+  const float* sp = sinks.element_count() ? sinks.typed_data() : nullptr;
+  float* op = out->typed_data();
+  // Tasks: (row, kv head) pairs; the work is the positions read.
+  const int64_t tasks = n * K;
+  const int64_t work = n * K * std::max<int64_t>(start, 1) * H * 8;
+  parallel_channels(
+      pool, work, tasks,
+      [&, qp, pp, sp, op](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / K, k = t % K;
+          attend_row_head(qp + (i * K + k) * G * H, pp[i], w, sp, blocks, i, k, K, G, H,
+                          op + (i * K + k) * G * H);
+        }
+      },
+      1);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxQ8Matmul, Q8MatmulImpl,
@@ -901,6 +1065,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxQ4Matmul, Q4MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" const char* tsjax_blockdot_isa() {

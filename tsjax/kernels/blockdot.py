@@ -1,5 +1,5 @@
-"""The block-quantized CPU matmuls of `blockdot.cc`, built on first use and called from jitted
-code through `jax.ffi`.
+"""The CPU kernels of `blockdot.cc`, built on first use and called from jitted code through
+`jax.ffi`: block-quantized matmuls, and decode attention over the blocked KV cache.
 
 The C++ source ships with the package and is compiled once per machine with the system's C++
 compiler (`$CXX`, else g++, c++ or clang++; ~8 s) against JAX's FFI headers, for this CPU
@@ -31,7 +31,11 @@ import numpy as np
 log = logging.getLogger("tsjax")
 
 SOURCE = Path(__file__).with_name("blockdot.cc")
-TARGETS = {"tsjax_q8_matmul": "TsjaxQ8Matmul", "tsjax_q4_matmul": "TsjaxQ4Matmul"}
+TARGETS = {
+    "tsjax_q8_matmul": "TsjaxQ8Matmul",
+    "tsjax_q4_matmul": "TsjaxQ4Matmul",
+    "tsjax_decode_attention": "TsjaxDecodeAttention",
+}
 
 
 def _compiler() -> str | None:
@@ -151,3 +155,33 @@ def q4_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, m: jax.Array) -> jax.Ar
     """x [..., K] float @ W^T, W [N, K] in 4-bit blocks of 32 (`qs` uint8 [N, K/2], scale `d`
     and offset `m` float16 [K/32, N]: w = d q + m) -> [..., N] float32."""
     return _call("tsjax_q4_matmul", x, qs.shape[0], qs, d, m)
+
+
+def decode_attention(
+    q: jax.Array,
+    pos: jax.Array,
+    window: jax.Array,
+    sinks: jax.Array | None,
+    k_blocks: tuple[jax.Array, ...],
+    v_blocks: tuple[jax.Array, ...],
+    target: str = "tsjax_decode_attention",
+) -> jax.Array:
+    """One decode query per head for n rows against one row block's keys and values where they
+    lie: q [n, K, G, H] float32, already scaled; pos [n] (each query sees the positions p <= pos,
+    and p > pos - window where window > 0); sinks [K * G] sink logits or None; the row block's
+    position blocks in order, keys and values each [r >= n, K, P_b, H] float32 (rows past n are
+    not read). Returns [n, K, G, H] float32 (zeros for a row that sees no position). `target`:
+    the FFI target (tests register other builds under other names)."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available (see the log)")
+    no_sinks = jnp.zeros((0,), jnp.float32)
+    sinks = no_sinks if sinks is None else sinks.reshape(-1).astype(jnp.float32)
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out)(
+        q.astype(jnp.float32),
+        pos.astype(jnp.int32),
+        jnp.asarray(window, jnp.int32).reshape(()),
+        sinks,
+        *k_blocks,
+        *v_blocks,
+    )
