@@ -49,7 +49,7 @@ KINDS = (
 CUSTOM_CALLS = {
     "tsjax_q4_matmul": "block matmul (custom call)",
     "tsjax_q8_matmul": "block matmul (custom call)",
-    "tsjax_decode_attention": "decode attention (custom call)",
+    "tsjax_attention": "attention (custom call)",
 }
 
 
@@ -88,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position", type=int, default=200)
     p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="T",
+        help="profile the prefill of one prompt of T new tokens after `--position` cached"
+        " ones instead of decode",
+    )
     args = p.parse_args(argv)
     # before jax is imported: XLA:CPU emits one trace event per executed op with this
     os.environ["XLA_FLAGS"] = (
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from jax._src.lib import _profile_data
 
     from tsjax.model import load
-    from tsjax.shapes import StepShapes, steps_bucket
+    from tsjax.sampling import SamplingParams
+    from tsjax.shapes import StepShapes, bucket_for, steps_bucket
 
     shapes = StepShapes.default(rows=args.rows, max_len=args.max_len)
     model = load(args.model, progress=False, shapes=shapes, quant=args.quant)
@@ -112,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal cache, sampler
         # every row holds `--position` tokens (attention reads the blocks its rows reach)
         cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, args.position))
+        if args.prefill:
+            prompt = [[1] * (args.position + args.prefill)]
+            greedy = [SamplingParams.greedy()]
+            _, _, cache, sampler = steps.prefill(
+                model.params, cache, sampler, prompt, [0], greedy, starts=[args.position]
+            )
+            return
         _, _, cache, sampler = steps.decode(
             model.params, cache, sampler, rows, [0] * args.live, args.position, n
         )
@@ -138,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                     spans.append((ev.name, ev.start_ns, ev.start_ns + ev.duration_ns))
 
     # the same program the dispatches ran, to name what each fused op computes
-    b = steps.shapes.decode_batches[np.searchsorted(steps.shapes.decode_batches, max(rows) + 1)]
-    attn_len = steps.attn_len_for(args.position + n)
-    hlo = steps._lower(("decode", b, attn_len, steps_bucket(n))).compile().as_text()
-    names = fusion_contents(hlo)
-    per_step = runs * n
+    if args.prefill:
+        t = bucket_for(args.prefill, steps.shapes.prefill_lens)
+        attn_len = steps.attn_len_for(args.position + t)
+        key = ("prefill", 1, t, attn_len)
+        per_step = runs  # "per step": per prefill
+    else:
+        b = steps.shapes.decode_batches[np.searchsorted(steps.shapes.decode_batches, max(rows) + 1)]
+        attn_len = steps.attn_len_for(args.position + n)
+        key = ("decode", b, attn_len, steps_bucket(n))
+        per_step = runs * n
+    names = fusion_contents(steps._lower(key).compile().as_text())
     by: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
     group_of = {}  # traced op name -> its group, for the wall-clock split below
@@ -159,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     groups = {"matmuls": 0.0, "attention": 0.0, "other": 0.0}
     for what, ns in by.items():
         groups[group(what)] += ns / 1e6 / per_step
+    what = (
+        f"prefill of {args.prefill} tokens (per prefill)"
+        if args.prefill
+        else (f"{args.live} of {args.rows} rows")
+    )
     print(
-        f"{model.name}: {args.live} of {args.rows} rows, position {args.position}"
+        f"{model.name}: {what}, position {args.position}"
         f" (attention bucket {attn_len}), {args.quant or 'float32'} weights"
     )
     print("| ms/step | ops/step | fused op (output shape, main operations) |\n|---|---|---|")
@@ -186,7 +213,7 @@ def group(what: str) -> str:
     kernel) or other."""
     if what == "block matmul (custom call)":
         return "matmuls"
-    if what == "decode attention (custom call)":
+    if what == "attention (custom call)":
         return "attention"
     if what.endswith("dot") or what == "dot (unfused)":
         return "attention" if what.count(",") >= 3 else "matmuls"

@@ -115,8 +115,8 @@ def test_every_build_this_cpu_runs_computes_the_same(tmp_path, march, isa, needs
     """The kernels built for another instruction set (the portable C++ path, AVX2 without
     VNNI, AVX-VNNI, AVX-512's 16-channel tiles) give the block arithmetic's result too,
     wherever this CPU can run that build: 17 rows (row tiles of 8 or 4, and a rest) by 40
-    channels (two 16-channel tiles and an 8-channel one, or five 8-channel ones); its decode
-    attention gives this machine's build's result (which `test_decode_attention` checks
+    channels (two 16-channel tiles and an 8-channel one, or five 8-channel ones); its
+    attention gives this machine's build's result (which `test_native_attention` checks
     against XLA's)."""
     cxx = blockdot._compiler()
     if cxx is None:
@@ -138,22 +138,24 @@ def test_every_build_this_cpu_runs_computes_the_same(tmp_path, march, isa, needs
         weights = (b["qs"], b["d"], b["m"]) if four else (b["q"], b["d"])
         got = jax.jit(call)(x, *weights)
         assert rel_err(got, blocks.xla_block_matmul(x, b, quantize_inputs=True)) < 1e-5
-    # decode attention: 12 rows of a 16-row block, two position blocks, a window, sinks
+    # attention: 3 rows of 2 tokens in a grid of 2 x 2 blocks, a window, sinks
     rng = np.random.default_rng(2)
     kv, g, h = 2, 3, 64
-    q = jnp.asarray(rng.standard_normal((12, kv, g, h)), jnp.float32)
-    pos = jnp.asarray(rng.integers(0, 48, 12), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, 2, kv, g, h)), jnp.float32)
+    pos = jnp.asarray(rng.integers(0, 47, (3, 1)) + np.arange(2), jnp.int32)
+    rows = jnp.asarray([1, 15, 9], jnp.int32)
     kb, vb = (
-        tuple(jnp.asarray(rng.standard_normal((16, kv, p, h)), jnp.float32) for p in (16, 32))
+        tuple(
+            tuple(jnp.asarray(rng.standard_normal((8, kv, p, h)), jnp.float32) for p in (16, 32))
+            for _ in range(2)
+        )
         for _ in range(2)
     )
     sinks = jnp.asarray(rng.standard_normal(kv * g), jnp.float32)
     for window in (0, 9):
-        got = blockdot.decode_attention(
-            q, pos, jnp.int32(window), sinks, kb, vb, target=f"tsjax_decode_attention_{isa}"
-        )
-        want = blockdot.decode_attention(q, pos, jnp.int32(window), sinks, kb, vb)
-        assert rel_err(got, want) < 1e-5
+        args = (q, pos, rows, jnp.int32(window), sinks, None, kb, vb)
+        got = blockdot.attention(*args, target=f"tsjax_attention_{isa}")
+        assert rel_err(got, blockdot.attention(*args)) < 1e-5
 
 
 @pytest.mark.slow

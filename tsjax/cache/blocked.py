@@ -23,6 +23,8 @@ from tsjax.cache.cpu_kernels import (
     Blocks,
     attend_blocks,
     batch_write_index,
+    native_attend,
+    native_attention,
     read_rows,
     write_blocks,
 )
@@ -114,6 +116,21 @@ class BlockedKV:
                 self.native,
             )
             return out[:, None]
+        if self.native and native_attention(q, self.k, softcap):  # where the rows lie
+            kv = self.k[0][0].shape[1]
+            out = native_attend(
+                q.reshape(b, t, kv, n // kv, h),
+                self.k,
+                self.v,
+                step.positions,
+                step.row_index,
+                step.attn_len,
+                window,
+                scale,
+                sinks,
+                step.key_end,
+            )
+            return out.reshape(b, t, n * h)
         keys = read_rows(self.k, step.row_index, step.attn_len)
         values = read_rows(self.v, step.row_index, step.attn_len)
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)

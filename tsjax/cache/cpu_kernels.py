@@ -7,8 +7,9 @@ rows, block of positions). XLA:CPU's dot and reduce kernels take whole buffers: 
 cache array, every step first copied each layer's bucket out of it (measured: 14 of 55 ms of a
 16-row int8 step).
 
-Decode attention runs in one native call per row block where the CPU kernels are built
-(`tsjax.kernels.blockdot.decode_attention`): each row reads only the positions its query sees.
+Attention runs in one native call a layer where the CPU kernels are built
+(`tsjax.kernels.blockdot.attention`): each query reads only the positions it sees, where they
+lie (a prefill no longer gathers its row out of the blocks first).
 Keys were stored transposed `[R, K, H, P]` for XLA's batched q.k dot (62 against 111 us per
 12-row block, `python -m benchmarks.kernels`), but then a step's write of one position touched
 one cache line per value instead of one per 16: in a 16-row SmolLM2 step those scatters took
@@ -172,8 +173,8 @@ def attend_blocks(
     [b, K, G, H]; pos: [b]; sinks: [K*G] per-head sink logits
     (`tsjax.cache.dense.softmax_with_sink`), or None. Returns [b, K*G*H].
 
-    Where `native_attention` allows (and `native`), one native call per row block
-    (`tsjax.kernels.blockdot.decode_attention`): each row reads only the positions it sees.
+    Where `native_attention` allows (and `native`), one native call (`native_attend`): each
+    row reads only the positions it sees.
     Otherwise XLA's ops: per row block, scores against each position block below `attn_len`
     (batched dots over whole buffers), one softmax over them, then the value blocks' weighted
     sum.
@@ -184,7 +185,11 @@ def attend_blocks(
     the cache its rows need instead of 2x."""
     b, kv, g, h = q.shape
     if native and native_attention(q, k_blocks, softcap):
-        return _native_attend(q, k_blocks, v_blocks, pos, attn_len, window, scale, sinks)
+        rows = jnp.arange(b, dtype=jnp.int32)
+        out = native_attend(
+            q[:, None], k_blocks, v_blocks, pos[:, None], rows, attn_len, window, scale, sinks
+        )
+        return out.reshape(b, kv * g * h)
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
         if lo >= b:
@@ -240,35 +245,35 @@ def native_attention(q: jax.Array, k_blocks: Blocks, softcap: float | None) -> b
     return blockdot.available()
 
 
-def _native_attend(q, k_blocks, v_blocks, pos, attn_len, window, scale, sinks) -> jax.Array:
-    """`attend_blocks` in `tsjax.kernels.blockdot.decode_attention`: one call per row block
-    the batch reaches, with the position blocks below `attn_len`; each row reads only the
-    positions it sees (no branch for an unreached last block)."""
-    b, kv, g, h = q.shape
-    dtype = q.dtype
-    q = q.astype(jnp.float32) * jnp.float32(scale)
-    out, lo = [], 0
-    for kb, vb in zip(k_blocks, v_blocks, strict=True):
-        if lo >= b:
-            break
-        n = min(kb[0].shape[0], b - lo)
-        starts = block_bounds((kb,))[1]
-        used = [i for i, st in enumerate(starts) if st < attn_len]
-        out.append(
-            blockdot.decode_attention(
-                q[lo : lo + n],
-                pos[lo : lo + n],
-                window,
-                sinks,
-                tuple(kb[i] for i in used),
-                tuple(vb[i] for i in used),
-            )
-        )
-        lo += n
-    out = jnp.concatenate(out, axis=0) if len(out) > 1 else out[0]
-    if out.shape[0] < b:  # a padded batch past the cache's rows
-        out = jnp.pad(out, ((0, b - out.shape[0]), (0, 0), (0, 0), (0, 0)))
-    return out.reshape(b, kv * g * h).astype(dtype)
+def native_attend(
+    q: jax.Array,
+    k_blocks: Blocks,
+    v_blocks: Blocks,
+    positions: jax.Array,
+    rows: jax.Array,
+    attn_len: int,
+    window: jax.Array,
+    scale: float,
+    sinks: jax.Array | None = None,
+    key_end: jax.Array | None = None,
+) -> jax.Array:
+    """Attention of rows[b]'s T queries q [b, T, K, G, H] at `positions` [b, T] (causal, or
+    below `key_end` [b, T]) over their cache rows' blocks below `attn_len`, in
+    `tsjax.kernels.blockdot.attention`: each query reads only the positions it sees, where
+    they lie (no gather, no branch for an unreached last block). Returns [b, T, K, G, H] in
+    q's dtype; a row outside the cache gets zeros."""
+    used = sum(1 for st in block_bounds(k_blocks)[1] if st < attn_len)
+    out = blockdot.attention(
+        q.astype(jnp.float32) * jnp.float32(scale),
+        positions,
+        rows,
+        window,
+        sinks,
+        key_end,
+        tuple(rb[:used] for rb in k_blocks),
+        tuple(rb[:used] for rb in v_blocks),
+    )
+    return out.astype(q.dtype)
 
 
 def _attend_row_block(qr, pr, used, window, scale, softcap, sinks=None):

@@ -888,20 +888,20 @@ ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode attention over the blocked cache (tsjax.cache.cpu_kernels): one row block's rows, each
-// with one query per head, against the keys and values of the position blocks it holds, where
-// they lie. XLA:CPU ran this as ~8 fused ops a layer (two batched dots, the mask, exponentials,
-// sums, a divide), each over the whole bucket and each a pass over memory; here each row reads
-// only the positions its query sees, once for the scores and once for the values.
+// Attention over the blocked KV cache (tsjax.cache.cpu_kernels) where its blocks lie: n rows of
+// queries, T tokens each, one query per head, each against the keys and values of its own cache
+// row. XLA:CPU ran this as ~8 fused ops a layer (two batched dots, the mask, exponentials, sums,
+// a divide) over the whole bucket, each a pass over memory, and a prefill first gathered its
+// row out of the blocks; here each query reads only the positions it sees, where they lie.
 //
-// q [n, K, G, H] (already scaled), pos [n] (the query's position; it sees positions p with
-// pos - window < p <= pos, or every p <= pos where window <= 0), sinks [K * G] or [0] (per-head
-// sink logits: one more term of the softmax's denominator), then the key blocks and the value
-// blocks of the row block, each [r, K, P_b, H] (r >= n rows; position blocks in order).
-// out [n, K, G, H]. A row that sees no position gets zeros.
+// q [n, T, K, G, H] (already scaled); pos [n, T] (each query's position: it sees positions p
+// with pos - window < p <= pos, or every p <= pos where window <= 0; up to key_end instead,
+// key_end [n, T] or [0], where an image's positions see each other); rows [n] (each query row's
+// cache row); sinks [K * G] or [0] (per-head sink logits: one more term of the softmax's
+// denominator); then the key blocks and the value blocks, each a grid of row blocks by
+// `pos_blocks` position blocks in row-major order, each block [r, K, P_b, H]. out [n, T, K, G,
+// H]. A query that sees no position, or whose row is outside the blocks, gets zeros.
 
-// exp(x) for x <= 0 in plain arithmetic the compiler vectorizes (Cody-Waite reduction, degree-6
-// polynomial: ~1 ulp); below -87 it is 0, where float32's exp underflows.
 inline float exp_neg(float x) {
   x = std::max(x, -87.0f);
   // round to nearest by the float trick (1.5 * 2^23), which stays plain arithmetic
@@ -924,7 +924,7 @@ inline float exp_neg(float x) {
 struct AttnBlock {
   const float* k;
   const float* v;
-  int64_t rows, start, len;  // rows of the block, its first position, its positions
+  int64_t start, len;  // its first position, its positions
 };
 
 // q . k over H values: one 512-bit accumulator and one horizontal sum where H is a multiple of
@@ -949,6 +949,32 @@ inline float dot_h(const float* a, const float* b, int64_t H) {
   return sum + part[0];
 }
 
+// The largest and the sum of n values, in 16 lanes the compiler vectorizes (a plain running max
+// or sum is one serial chain: float arithmetic is not reassociated).
+inline float max_of(const float* x, int64_t n) {
+  float lane[16];
+  std::fill(lane, lane + 16, -3.0e38f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] = lane[j] > x[i + j] ? lane[j] : x[i + j];
+  float m = -3.0e38f;
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (int j = 0; j < 16; ++j) m = std::max(m, lane[j]);
+  return m;
+}
+
+inline float sum_of(const float* x, int64_t n) {
+  float lane[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += x[i + j];
+  float sum = 0;
+  for (; i < n; ++i) sum += x[i];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) lane[j] += lane[j + w];
+  return sum + lane[0];
+}
+
 // Scores of G queries (q [G, H]) against `len` keys ([len, H], consecutive) into sc[g * stride].
 inline void scores(const float* q, int64_t G, int64_t H, const float* k, int64_t len, float* sc,
                    int64_t stride) {
@@ -956,12 +982,37 @@ inline void scores(const float* q, int64_t G, int64_t H, const float* k, int64_t
     for (int64_t g = 0; g < G; ++g) sc[g * stride + s] = dot_h(q + g * H, k + s * H, H);
 }
 
-void attend_row_head(const float* q, int64_t pos, int64_t window, const float* sinks,
-                     const std::vector<AttnBlock>& blocks, int64_t i, int64_t k, int64_t K,
-                     int64_t G, int64_t H, float* out) {
-  const int64_t total = blocks.empty() ? 0 : blocks.back().start + blocks.back().len;
-  const int64_t hi = std::min(pos, total - 1);  // inclusive
-  const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+// out[H] += sum over s < len of p[s] * v[s, H] (v's rows consecutive): 64 values at a time in
+// four 512-bit accumulators across all s (a plain loop reloads and stores out for every s).
+inline void weighted_sum(const float* p, const float* v, int64_t len, int64_t H, float* out) {
+  int64_t h = 0;
+#if defined(__AVX512F__)
+  for (; h + 64 <= H; h += 64) {
+    __m512 a0 = _mm512_loadu_ps(out + h), a1 = _mm512_loadu_ps(out + h + 16);
+    __m512 a2 = _mm512_loadu_ps(out + h + 32), a3 = _mm512_loadu_ps(out + h + 48);
+    for (int64_t s = 0; s < len; ++s) {
+      const __m512 w = _mm512_set1_ps(p[s]);
+      const float* vs = v + s * H + h;
+      a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vs), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vs + 16), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vs + 32), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vs + 48), a3);
+    }
+    _mm512_storeu_ps(out + h, a0);
+    _mm512_storeu_ps(out + h + 16, a1);
+    _mm512_storeu_ps(out + h + 32, a2);
+    _mm512_storeu_ps(out + h + 48, a3);
+  }
+#endif
+  for (int64_t s = 0; s < len; ++s)
+    for (int64_t j = h; j < H; ++j) out[j] += p[s] * v[s * H + j];
+}
+
+// One query token of one row and head group: the G queries of KV head k (q [G, H]) against
+// positions lo..hi (inclusive) of local row i of a row block's position blocks.
+void attend_one(const float* q, int64_t lo, int64_t hi, const float* sinks,
+                const std::vector<AttnBlock>& blocks, int64_t i, int64_t k, int64_t K, int64_t G,
+                int64_t H, float* out) {
   std::fill(out, out + G * H, 0.0f);
   if (hi < lo) return;
   const int64_t L = hi - lo + 1;
@@ -976,13 +1027,9 @@ void attend_row_head(const float* q, int64_t pos, int64_t window, const float* s
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = sc + g * L;
-    float top = sinks ? sinks[k * G + g] : sg[0];
-    for (int64_t s = 0; s < L; ++s) top = std::max(top, sg[s]);
-    float den = sinks ? exp_neg(sinks[k * G + g] - top) : 0.0f;
-    for (int64_t s = 0; s < L; ++s) {
-      sg[s] = exp_neg(sg[s] - top);
-      den += sg[s];
-    }
+    const float top = std::max(max_of(sg, L), sinks ? sinks[k * G + g] : sg[0]);
+    for (int64_t s = 0; s < L; ++s) sg[s] = exp_neg(sg[s] - top);
+    const float den = sum_of(sg, L) + (sinks ? exp_neg(sinks[k * G + g] - top) : 0.0f);
     const float inv = 1.0f / den;
     for (int64_t s = 0; s < L; ++s) sg[s] *= inv;
   }
@@ -990,58 +1037,74 @@ void attend_row_head(const float* q, int64_t pos, int64_t window, const float* s
     const int64_t s0 = std::max(lo, b.start), s1 = std::min(hi + 1, b.start + b.len);
     if (s0 >= s1) continue;
     const float* vb = b.v + ((i * K + k) * b.len + (s0 - b.start)) * H;
-    for (int64_t s = s0; s < s1; ++s) {
-      const float* vs = vb + (s - s0) * H;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = sc[g * L + (s - lo)];
-        float* og = out + g * H;
-        for (int64_t h = 0; h < H; ++h) og[h] += p * vs[h];
-      }
-    }
+    for (int64_t g = 0; g < G; ++g)
+      weighted_sum(sc + g * L + (s0 - lo), vb, s1 - s0, H, out + g * H);
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> window,
-                               ffi::Buffer<ffi::F32> sinks, ffi::RemainingArgs kv,
-                               ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> pos,
+                         ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> window,
+                         ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::S32> key_end,
+                         ffi::RemainingArgs kv, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t pos_blocks) {
   auto qd = q.dimensions();
-  if (qd.size() != 4) return ffi::Error::InvalidArgument("q must be [n, K, G, H]");
-  const int64_t n = qd[0], K = qd[1], G = qd[2], H = qd[3];
-  if (pos.element_count() != n) return ffi::Error::InvalidArgument("pos must be [n]");
+  if (qd.size() != 5) return ffi::Error::InvalidArgument("q must be [n, T, K, G, H]");
+  const int64_t n = qd[0], T = qd[1], K = qd[2], G = qd[3], H = qd[4];
+  if (pos.element_count() != n * T) return ffi::Error::InvalidArgument("pos must be [n, T]");
+  if (rows.element_count() != n) return ffi::Error::InvalidArgument("rows must be [n]");
+  if (key_end.element_count() != 0 && key_end.element_count() != n * T)
+    return ffi::Error::InvalidArgument("key_end must be [n, T] or empty");
   if (sinks.element_count() != 0 && sinks.element_count() != K * G)
     return ffi::Error::InvalidArgument("sinks must be [K * G] or empty");
-  if (kv.size() % 2 != 0) return ffi::Error::InvalidArgument("as many key as value blocks");
-  const int64_t nb = kv.size() / 2;
-  std::vector<AttnBlock> blocks;
-  int64_t start = 0;
+  const int64_t nb = static_cast<int64_t>(kv.size()) / 2;
+  if (pos_blocks <= 0 || kv.size() % 2 != 0 || nb % pos_blocks != 0)
+    return ffi::Error::InvalidArgument("key and value blocks: a grid of row x position blocks");
+  // grid[rb]: row block rb's position blocks; row_start[rb]: its first row
+  std::vector<std::vector<AttnBlock>> grid(nb / pos_blocks);
+  std::vector<int64_t> row_start(grid.size() + 1, 0);
   for (int64_t b = 0; b < nb; ++b) {
     auto kb = kv.get<ffi::Buffer<ffi::F32>>(b);
     auto vb = kv.get<ffi::Buffer<ffi::F32>>(nb + b);
     if (kb.has_error()) return kb.error();
     if (vb.has_error()) return vb.error();
     auto kd = kb->dimensions(), vd = vb->dimensions();
-    if (kd.size() != 4 || vd.size() != 4 || kd[1] != K || kd[3] != H || kd[0] < n ||
-        vd[0] != kd[0] || vd[1] != K || vd[2] != kd[2] || vd[3] != H)
-      return ffi::Error::InvalidArgument("key and value blocks must be [r >= n, K, P, H]");
-    blocks.push_back({kb->typed_data(), vb->typed_data(), kd[0], start, kd[2]});
-    start += kd[2];
+    const int64_t rb = b / pos_blocks;
+    std::vector<AttnBlock>& row = grid[rb];
+    const int64_t start = row.empty() ? 0 : row.back().start + row.back().len;
+    if (kd.size() != 4 || vd.size() != 4 || kd[1] != K || kd[3] != H || vd[0] != kd[0] ||
+        vd[1] != K || vd[2] != kd[2] || vd[3] != H ||
+        (!row.empty() && kd[0] != row_start[rb + 1] - row_start[rb]))
+      return ffi::Error::InvalidArgument("key and value blocks must be [r, K, P, H]");
+    if (row.empty()) row_start[rb + 1] = row_start[rb] + kd[0];
+    row.push_back({kb->typed_data(), vb->typed_data(), start, kd[2]});
   }
   const float* qp = q.typed_data();
-  const int32_t* pp = pos.typed_data();
+  const int32_t *pp = pos.typed_data(), *rp = rows.typed_data();
+  const int32_t* ep = key_end.element_count() ? key_end.typed_data() : nullptr;
   const int64_t w = window.typed_data()[0];
   const float* sp = sinks.element_count() ? sinks.typed_data() : nullptr;
   float* op = out->typed_data();
-  // Tasks: (row, kv head) pairs; the work is the positions read.
-  const int64_t tasks = n * K;
-  const int64_t work = n * K * std::max<int64_t>(start, 1) * H * 8;
+  const int64_t total = grid.empty() || grid[0].empty() ? 0 : grid[0].back().start + grid[0].back().len;
+  // Tasks: (query row, token, KV head); the work is about the positions read.
+  const int64_t tasks = n * T * K;
+  const int64_t work = tasks * std::max<int64_t>(total, 1) * H * 4;
   parallel_channels(
       pool, work, tasks,
-      [&, qp, pp, sp, op](int64_t t0, int64_t t1) {
+      [&, qp, pp, rp, ep, sp, op](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = t / K, k = t % K;
-          attend_row_head(qp + (i * K + k) * G * H, pp[i], w, sp, blocks, i, k, K, G, H,
-                          op + (i * K + k) * G * H);
+          const int64_t it = t / K, k = t % K, i = it / T;
+          float* o = op + t * G * H;
+          const int64_t row = rp[i];
+          const int64_t rb = std::upper_bound(row_start.begin(), row_start.end(), row) -
+                             row_start.begin() - 1;
+          if (row < 0 || rb >= static_cast<int64_t>(grid.size())) {
+            std::fill(o, o + G * H, 0.0f);
+            continue;
+          }
+          const int64_t p = pp[it];
+          const int64_t lo = w > 0 ? std::max<int64_t>(0, p - w + 1) : 0;
+          const int64_t hi = std::min<int64_t>(ep ? ep[it] - 1 : p, total - 1);
+          attend_one(qp + t * G * H, lo, hi, sp, grid[rb], row - row_start[rb], k, K, G, H, o);
         }
       },
       1);
@@ -1067,15 +1130,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxQ4Matmul, Q4MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxDecodeAttention, DecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TsjaxAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // window
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sinks
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // key_end
+                                  .RemainingArgs()                // key blocks, value blocks
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pos_blocks"));
 
 extern "C" const char* tsjax_blockdot_isa() {
 #if defined(TSJAX_AMX)

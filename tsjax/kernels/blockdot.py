@@ -1,5 +1,5 @@
 """The CPU kernels of `blockdot.cc`, built on first use and called from jitted code through
-`jax.ffi`: block-quantized matmuls, and decode attention over the blocked KV cache.
+`jax.ffi`: block-quantized matmuls, and attention over the blocked KV cache.
 
 The C++ source ships with the package and is compiled once per machine with the system's C++
 compiler (`$CXX`, else g++, c++ or clang++; ~8 s) against JAX's FFI headers, for this CPU
@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("blockdot.cc")
 TARGETS = {
     "tsjax_q8_matmul": "TsjaxQ8Matmul",
     "tsjax_q4_matmul": "TsjaxQ4Matmul",
-    "tsjax_decode_attention": "TsjaxDecodeAttention",
+    "tsjax_attention": "TsjaxAttention",
 }
 
 
@@ -157,31 +157,38 @@ def q4_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, m: jax.Array) -> jax.Ar
     return _call("tsjax_q4_matmul", x, qs.shape[0], qs, d, m)
 
 
-def decode_attention(
+def attention(
     q: jax.Array,
     pos: jax.Array,
+    rows: jax.Array,
     window: jax.Array,
     sinks: jax.Array | None,
-    k_blocks: tuple[jax.Array, ...],
-    v_blocks: tuple[jax.Array, ...],
-    target: str = "tsjax_decode_attention",
+    key_end: jax.Array | None,
+    k_blocks: tuple[tuple[jax.Array, ...], ...],
+    v_blocks: tuple[tuple[jax.Array, ...], ...],
+    target: str = "tsjax_attention",
 ) -> jax.Array:
-    """One decode query per head for n rows against one row block's keys and values where they
-    lie: q [n, K, G, H] float32, already scaled; pos [n] (each query sees the positions p <= pos,
-    and p > pos - window where window > 0); sinks [K * G] sink logits or None; the row block's
-    position blocks in order, keys and values each [r >= n, K, P_b, H] float32 (rows past n are
-    not read). Returns [n, K, G, H] float32 (zeros for a row that sees no position). `target`:
-    the FFI target (tests register other builds under other names)."""
+    """Attention of n rows of T query tokens, each against its own cache row's keys and values
+    where they lie in the blocked cache: q [n, T, K, G, H] float32, already scaled; pos [n, T]
+    the queries' positions (each sees the positions p <= pos, and p > pos - window where
+    window > 0; p < key_end instead where `key_end` [n, T] is given); rows [n] their cache rows;
+    sinks [K * G] sink logits or None; the key and value blocks (row blocks, each a tuple of
+    position blocks [r, K, P_b, H] float32). Returns [n, T, K, G, H] float32 (zeros for a query
+    that sees no position or whose row is outside the blocks). `target`: the FFI target (tests
+    register other builds under other names)."""
     if not available():
         raise RuntimeError("the CPU kernels are not available (see the log)")
-    no_sinks = jnp.zeros((0,), jnp.float32)
-    sinks = no_sinks if sinks is None else sinks.reshape(-1).astype(jnp.float32)
+    empty = jnp.zeros((0,), jnp.int32)
+    sinks = jnp.zeros((0,), jnp.float32) if sinks is None else sinks.reshape(-1)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(target, out)(
         q.astype(jnp.float32),
         pos.astype(jnp.int32),
+        rows.astype(jnp.int32),
         jnp.asarray(window, jnp.int32).reshape(()),
-        sinks,
-        *k_blocks,
-        *v_blocks,
+        sinks.astype(jnp.float32),
+        empty if key_end is None else key_end.astype(jnp.int32),
+        *(blk for rb in k_blocks for blk in rb),
+        *(blk for rb in v_blocks for blk in rb),
+        pos_blocks=np.int64(len(k_blocks[0])),
     )

@@ -1,8 +1,10 @@
-"""Decode attention in the native kernel (`tsjax.kernels.blockdot.decode_attention`, what
-`tsjax.cache.cpu_kernels.attend_blocks` runs on one CPU device) against the same attention in
-XLA's ops over the same blocks: row blocks the batch fills or ends inside, position blocks of
-different sizes, rows at block edges and at position 0, sliding windows, sinks, a head size
-that is not a multiple of 16 (the portable dot)."""
+"""Attention in the native kernel (`tsjax.kernels.blockdot.attention`, what the blocked cache
+runs on one CPU device) against the same attention in XLA's ops over the same blocks. Decode
+(`attend_blocks`): row blocks the batch fills or ends inside, position blocks of different
+sizes, rows at block edges and at position 0, sliding windows, sinks, a head size that is not
+a multiple of 16 (the portable dot). Prefill (`native_attend`): several tokens of rows
+anywhere in the cache, causal or up to a key end (an image's positions), against the rows
+gathered out of the blocks and XLA's dense attention."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from tsjax.cache import cpu_kernels
-from tsjax.cache.cpu_kernels import attend_blocks
+from tsjax.cache.cpu_kernels import attend_blocks, native_attend, read_rows
+from tsjax.cache.dense import attend
 from tsjax.kernels import blockdot
 
 pytestmark = pytest.mark.skipif(not blockdot.available(), reason="no C++ compiler here")
@@ -70,3 +73,29 @@ def test_soft_capped_and_narrow_blocks_keep_the_xla_form():
     assert not cpu_kernels.native_attention(q, kb, 50.0)
     narrow = tuple(tuple(blk.astype(jnp.bfloat16) for blk in rb) for rb in kb)
     assert not cpu_kernels.native_attention(q, narrow, None)
+
+
+@pytest.mark.parametrize(
+    "window,key_end,sink", [(0, False, False), (6, False, True), (0, True, True)]
+)
+def test_native_prefill_attention_matches_xla(window, key_end, sink):
+    """Rows 3, 9 and 14 (both row blocks), 12 tokens each from different starts."""
+    kv, g, h, t = 2, 2, 64, 12
+    q, _, kb, vb, sinks = _case(3, kv, g, h, seed=7 + window)
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((3, t, kv, g, h)), jnp.float32)
+    rows = jnp.asarray([3, 9, 14], jnp.int32)
+    starts = np.asarray([0, 20, 45])
+    positions = jnp.asarray(starts[:, None] + np.arange(t), jnp.int32)
+    # an image's positions see each other: up to the end of a span 4..9 of the tokens
+    ends = np.where((np.arange(t) >= 4) & (np.arange(t) < 10), starts[:, None] + 10, positions + 1)
+    ends = jnp.asarray(ends, jnp.int32) if key_end else None
+    sinks = sinks if sink else None
+    attn = sum(POSITIONS)
+    ours = native_attend(q, kb, vb, positions, rows, attn, jnp.int32(window), 0.125, sinks, ends)
+    keys, values = read_rows(kb, rows, attn), read_rows(vb, rows, attn)
+    flat = q.reshape(3, t, kv * g, h)
+    ref = attend(flat, keys, values, positions, jnp.int32(window), 0.125, None, sinks, ends)
+    np.testing.assert_allclose(
+        np.asarray(ours).reshape(3, t, -1), np.asarray(ref), rtol=2e-5, atol=2e-6
+    )
