@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -1008,37 +1009,99 @@ inline void weighted_sum(const float* p, const float* v, int64_t len, int64_t H,
     for (int64_t j = h; j < H; ++j) out[j] += p[s] * v[s * H + j];
 }
 
-// One query token of one row and head group: the G queries of KV head k (q [G, H]) against
-// positions lo..hi (inclusive) of local row i of a row block's position blocks.
-void attend_one(const float* q, int64_t lo, int64_t hi, const float* sinks,
-                const std::vector<AttnBlock>& blocks, int64_t i, int64_t k, int64_t K, int64_t G,
-                int64_t H, float* out) {
-  std::fill(out, out + G * H, 0.0f);
-  if (hi < lo) return;
-  const int64_t L = hi - lo + 1;
+// Scores of the G queries of nt tokens (query (j, g) at q + j * qstride + g * H) against `len`
+// keys ([len, H], consecutive) into sc[(j * G + g) * stride + s]: 16 keys at a time transposed
+// into [H, 16], each query then a broadcast-multiply-add per value, with no horizontal sums
+// (for several tokens: the transpose is shared by all their queries).
+void tile_scores(const float* q, int64_t qstride, int64_t nt, int64_t G, int64_t H,
+                 const float* k, int64_t len, float* sc, int64_t stride) {
+  thread_local std::vector<float> kt;
+  if (static_cast<int64_t>(kt.size()) < H * 16) kt.resize(H * 16);
+  float* t = kt.data();
+  const int64_t nq = nt * G;
+  auto query = [&](int64_t x) { return q + (x / G) * qstride + (x % G) * H; };  // x = j * G + g
+  for (int64_t c = 0; c < len; c += 16) {
+    const int64_t m = std::min<int64_t>(16, len - c);
+    if (m < 16) std::fill(t, t + H * 16, 0.0f);
+    for (int64_t l = 0; l < m; ++l)
+      for (int64_t h = 0; h < H; ++h) t[h * 16 + l] = k[(c + l) * H + h];
+#if defined(__AVX512F__)
+    // four queries at a time: four independent chains of multiply-adds
+    const __mmask16 keep = static_cast<__mmask16>((1u << m) - 1);
+    for (int64_t a0 = 0; a0 < nq; a0 += 4) {
+      const float* qv[4];
+      for (int a = 0; a < 4; ++a) qv[a] = query(std::min(a0 + a, nq - 1));
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+      for (int64_t h = 0; h < H; ++h) {
+        const __m512 th = _mm512_loadu_ps(t + h * 16);
+        for (int a = 0; a < 4; ++a) acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(qv[a][h]), th, acc[a]);
+      }
+      for (int a = 0; a < 4 && a0 + a < nq; ++a)
+        _mm512_mask_storeu_ps(sc + (a0 + a) * stride + c, keep, acc[a]);
+    }
+#else
+    for (int64_t x = 0; x < nq; ++x) {
+      const float* qv = query(x);
+      float acc[16] = {};
+      for (int64_t h = 0; h < H; ++h)
+        for (int l = 0; l < 16; ++l) acc[l] += qv[h] * t[h * 16 + l];
+      for (int64_t l = 0; l < m; ++l) sc[x * stride + c + l] = acc[l];
+    }
+#endif
+  }
+}
+
+// The queries of nt consecutive tokens of one row and KV head k (the G queries of token j at
+// q + j * qstride, its output at out + j * qstride), token j seeing positions lo[j]..hi[j]
+// (inclusive), against local row i of a row block's position blocks.
+void attend_tokens(const float* q, int64_t qstride, const int64_t* lo, const int64_t* hi,
+                   int64_t nt, const float* sinks, const std::vector<AttnBlock>& blocks,
+                   int64_t i, int64_t k, int64_t K, int64_t G, int64_t H, float* out) {
+  int64_t LO = std::numeric_limits<int64_t>::max(), HI = -1;
+  for (int64_t j = 0; j < nt; ++j) {
+    std::fill(out + j * qstride, out + j * qstride + G * H, 0.0f);
+    if (hi[j] >= lo[j]) LO = std::min(LO, lo[j]), HI = std::max(HI, hi[j]);
+  }
+  if (HI < LO) return;
+  const int64_t L = HI - LO + 1;
   thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < G * L) buf.resize(G * L);
+  if (static_cast<int64_t>(buf.size()) < nt * G * L) buf.resize(nt * G * L);
   float* sc = buf.data();
+  // one token's few queries: a dot and a horizontal sum each; more: the transposed tiles
+  const bool tiled = nt * G >= 8;
   for (const AttnBlock& b : blocks) {
-    const int64_t s0 = std::max(lo, b.start), s1 = std::min(hi + 1, b.start + b.len);
+    const int64_t s0 = std::max(LO, b.start), s1 = std::min(HI + 1, b.start + b.len);
     if (s0 >= s1) continue;
     const float* kb = b.k + ((i * K + k) * b.len + (s0 - b.start)) * H;
-    scores(q, G, H, kb, s1 - s0, sc + (s0 - lo), L);
+    if (tiled) {
+      tile_scores(q, qstride, nt, G, H, kb, s1 - s0, sc + (s0 - LO), L);
+    } else {
+      for (int64_t j = 0; j < nt; ++j)
+        scores(q + j * qstride, G, H, kb, s1 - s0, sc + j * G * L + (s0 - LO), L);
+    }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = sc + g * L;
-    const float top = std::max(max_of(sg, L), sinks ? sinks[k * G + g] : sg[0]);
-    for (int64_t s = 0; s < L; ++s) sg[s] = exp_neg(sg[s] - top);
-    const float den = sum_of(sg, L) + (sinks ? exp_neg(sinks[k * G + g] - top) : 0.0f);
-    const float inv = 1.0f / den;
-    for (int64_t s = 0; s < L; ++s) sg[s] *= inv;
+  for (int64_t j = 0; j < nt; ++j) {
+    if (hi[j] < lo[j]) continue;
+    const int64_t len = hi[j] - lo[j] + 1;
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = sc + (j * G + g) * L + (lo[j] - LO);
+      const float top = std::max(max_of(sg, len), sinks ? sinks[k * G + g] : sg[0]);
+      for (int64_t s = 0; s < len; ++s) sg[s] = exp_neg(sg[s] - top);
+      const float den = sum_of(sg, len) + (sinks ? exp_neg(sinks[k * G + g] - top) : 0.0f);
+      const float inv = 1.0f / den;
+      for (int64_t s = 0; s < len; ++s) sg[s] *= inv;
+    }
   }
   for (const AttnBlock& b : blocks) {
-    const int64_t s0 = std::max(lo, b.start), s1 = std::min(hi + 1, b.start + b.len);
-    if (s0 >= s1) continue;
-    const float* vb = b.v + ((i * K + k) * b.len + (s0 - b.start)) * H;
-    for (int64_t g = 0; g < G; ++g)
-      weighted_sum(sc + g * L + (s0 - lo), vb, s1 - s0, H, out + g * H);
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t s0 = std::max(lo[j], b.start), s1 = std::min(hi[j] + 1, b.start + b.len);
+      if (s0 >= s1) continue;
+      const float* vb = b.v + ((i * K + k) * b.len + (s0 - b.start)) * H;
+      for (int64_t g = 0; g < G; ++g)
+        weighted_sum(sc + (j * G + g) * L + (s0 - LO), vb, s1 - s0, H,
+                     out + j * qstride + g * H);
+    }
   }
 }
 
@@ -1085,26 +1148,32 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   const float* sp = sinks.element_count() ? sinks.typed_data() : nullptr;
   float* op = out->typed_data();
   const int64_t total = grid.empty() || grid[0].empty() ? 0 : grid[0].back().start + grid[0].back().len;
-  // Tasks: (query row, token, KV head); the work is about the positions read.
-  const int64_t tasks = n * T * K;
-  const int64_t work = tasks * std::max<int64_t>(total, 1) * H * 4;
+  // Tasks: (query row, tile of kTokens tokens, KV head); the work is about the positions read.
+  constexpr int64_t kTokens = 8;
+  const int64_t tiles = (T + kTokens - 1) / kTokens;
+  const int64_t tasks = n * tiles * K;
+  const int64_t work = n * T * K * std::max<int64_t>(total, 1) * H * 4;
   parallel_channels(
       pool, work, tasks,
       [&, qp, pp, rp, ep, sp, op](int64_t t0, int64_t t1) {
+        int64_t lo[kTokens], hi[kTokens];
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t it = t / K, k = t % K, i = it / T;
-          float* o = op + t * G * H;
+          const int64_t k = t % K, tile = (t / K) % tiles, i = t / K / tiles;
+          const int64_t j0 = tile * kTokens, nt = std::min(kTokens, T - j0);
+          const int64_t first = (i * T + j0) * K + k;  // (row i, token j0, head k)
           const int64_t row = rp[i];
           const int64_t rb = std::upper_bound(row_start.begin(), row_start.end(), row) -
                              row_start.begin() - 1;
-          if (row < 0 || rb >= static_cast<int64_t>(grid.size())) {
-            std::fill(o, o + G * H, 0.0f);
-            continue;
+          for (int64_t j = 0; j < nt; ++j) {
+            const int64_t it = i * T + j0 + j, p = pp[it];
+            lo[j] = w > 0 ? std::max<int64_t>(0, p - w + 1) : 0;
+            hi[j] = std::min<int64_t>(ep ? ep[it] - 1 : p, total - 1);
+            if (row < 0 || rb >= static_cast<int64_t>(grid.size())) hi[j] = lo[j] - 1;
           }
-          const int64_t p = pp[it];
-          const int64_t lo = w > 0 ? std::max<int64_t>(0, p - w + 1) : 0;
-          const int64_t hi = std::min<int64_t>(ep ? ep[it] - 1 : p, total - 1);
-          attend_one(qp + t * G * H, lo, hi, sp, grid[rb], row - row_start[rb], k, K, G, H, o);
+          const int64_t local = rb < static_cast<int64_t>(grid.size()) ? row - row_start[rb] : 0;
+          const auto& blocks = rb < static_cast<int64_t>(grid.size()) ? grid[rb] : grid[0];
+          attend_tokens(qp + first * G * H, K * G * H, lo, hi, nt, sp, blocks, local, k, K, G,
+                        H, op + first * G * H);
         }
       },
       1);
