@@ -8,8 +8,10 @@ rests on, best of 8 runs of one jitted program:
   (W[out, in] @ x^T)^T (what `tsjax.layers.linear` runs), bfloat16 weights in that form
   (`--quant bf16`: float32 x cast to bfloat16, float32 accumulation; try `--rows 1`), int8 x
   int8 -> int32 in both orders, and int8 activations as uint8 (VNNI's native form);
-- decode attention's q.k dot over 60 blocks of 12 rows x 128 positions: keys [R, K, P, H]
-  against keys transposed [R, K, H, P] (what `tsjax.cache` stores);
+- decode attention's q.k dot over 60 blocks of 12 rows x 128 positions in XLA's ops: keys
+  [R, K, P, H] (what `tsjax.cache` stores: a step's write of one position then touches one
+  cache line per 16 values, and its attention runs in the native kernel where built) against
+  keys transposed [R, K, H, P] (faster for this dot, what the cache stored before);
 - q.k and p.v dots over those blocks in float32 against bfloat16 and int8 operands (a bf16 or
   int8 cache);
 - one decode step's cache write (a scatter of one position per row) into each of those blocks

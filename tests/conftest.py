@@ -144,6 +144,13 @@ def all_logits(model, ids: list[int]):
     )[: len(ids)]
 
 
+#: Logits of one device against a mesh (or a scanned layer loop against the unrolled one):
+#: one device's blocked cache runs attention in the native CPU kernel, the others in XLA's
+#: ops, so float32 sums in two orders (1.1e-5 measured on Gemma 4's tiny model); a sharding
+#: error moves them by far more.
+ATTENTION_ORDER_TOL = 5e-5
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| over the vocabulary: the issue's parity measure."""
     import numpy as np

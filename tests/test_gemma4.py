@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import all_logits, rel_err
+from conftest import ATTENTION_ORDER_TOL, all_logits, rel_err
 from hf_factory import TinyModel, build_all
 from hf_reference import hf_logits, hf_model
 from test_steps import GREEDY, check_prefill_then_decode
@@ -187,7 +187,7 @@ def test_scanned_layer_loop_agrees(tiny):
         shared = [s for s in model.steps.new_cache().layers if isinstance(s, SharedKV)]
         assert tuple(s.source for s in shared) == sources
         assert jax.tree.leaves(shared) == []
-    assert rel_err(all_logits(scanned, PROMPT), all_logits(unrolled, PROMPT)) < 1e-5
+    assert rel_err(all_logits(scanned, PROMPT), all_logits(unrolled, PROMPT)) < ATTENTION_ORDER_TOL
     runs = [
         generate(x, PROMPT[:10], sampling=GREEDY, max_tokens=9, steps_per_dispatch=3).tokens
         for x in (scanned, unrolled)
@@ -197,7 +197,8 @@ def test_scanned_layer_loop_agrees(tiny):
 
 def test_tensor_parallel_matches_one_device(tiny):
     """tp=2 on two forced CPU devices (a subprocess: the device count is fixed when JAX starts)
-    against this process's single-device run: all-position logits (1e-5) and greedy tokens.
+    against this process's single-device run: all-position logits (`ATTENTION_ORDER_TOL`) and
+    greedy tokens.
     What is split: query heads and the MLP width in every layer (128 and 256 wide: both halve);
     KV heads in the dense model (2 in every layer), not in the MoE (1 on its global layer,
     so no layer splits them)."""
@@ -210,7 +211,7 @@ def test_tensor_parallel_matches_one_device(tiny):
     assert rc == 0, f"tp=2 worker failed ({rc}):\n{out}\n{err[-4000:]}"
     got = json.loads(out.strip().splitlines()[-1])
     for n in NAMES:
-        assert rel_err(np.asarray(got[n]["logits"]), single[n]["logits"]) < 1e-5, n
+        assert rel_err(np.asarray(got[n]["logits"]), single[n]["logits"]) < ATTENTION_ORDER_TOL, n
         assert got[n]["tokens"] == single[n]["tokens"], n
     specs = {n: got[n]["specs"] for n in NAMES}
     for n in NAMES:

@@ -141,18 +141,17 @@ def read_rows(blocks: Blocks, rows: jax.Array, length: int) -> jax.Array:
     cache read zeros."""
     row_lo, pos_lo = block_bounds(blocks)
     n_pos = sum(1 for p in pos_lo if p < length)
-    axis = 2
     out = None
     for rlo, rb in zip(row_lo, blocks, strict=True):
         r = rb[0].shape[0]
         local = rows - rlo
         inside = (local >= 0) & (local < r)
         part = jnp.concatenate(
-            [jnp.take(blk, jnp.clip(local, 0, r - 1), axis=0) for blk in rb[:n_pos]], axis=axis
+            [jnp.take(blk, jnp.clip(local, 0, r - 1), axis=0) for blk in rb[:n_pos]], axis=2
         )
         part = jnp.where(inside[:, None, None, None], part, 0)
         out = part if out is None else out + part
-    assert out is not None and out.shape[axis] == length, (length, pos_lo)
+    assert out is not None and out.shape[2] == length, (length, pos_lo)
     return out
 
 

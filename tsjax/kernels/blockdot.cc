@@ -903,6 +903,9 @@ ffi::Error Q4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // `pos_blocks` position blocks in row-major order, each block [r, K, P_b, H]. out [n, T, K, G,
 // H]. A query that sees no position, or whose row is outside the blocks, gets zeros.
 
+// exp(x) for x <= 0 (a score minus the largest) in plain arithmetic the compiler vectorizes:
+// Cody-Waite reduction and a degree-6 polynomial (~1 ulp); below -87, where float32's exp
+// underflows, about 1e-38.
 inline float exp_neg(float x) {
   x = std::max(x, -87.0f);
   // round to nearest by the float trick (1.5 * 2^23), which stays plain arithmetic
