@@ -4,10 +4,12 @@ positions) (`tsjax.cache.cpu_kernels` says why).
 
 The blocks follow the steps' buckets (`tsjax.shapes.StepShapes.cache_blocks`: position
 blocks end at the attention buckets, long spans cut in two halves; row blocks at the decode
-buckets, at least `min_row_block` rows), so a decode step over the first b rows reads whole
-buffers, and a row block skips a span's upper half that none of its rows reach. The scatter
-indices of a step's writes are made once, for every layer (`prepare`). Prefill and scoring,
-which read few rows, gather them from the blocks and attend over them whole.
+buckets, at least `min_row_block` rows). The scatter indices of a step's writes are made
+once, for every layer (`prepare`). Attention, decode and prefill, runs in the native CPU kernel
+where it can (`native`): each query reads the positions it sees where they lie. In XLA's ops
+instead, a decode step over the first b rows reads whole buffers, and a row block skips a
+span's upper half that none of its rows reach; prefill and scoring, which read few rows,
+gather them from the blocks and attend over them whole.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class BlockedKV:
     k: Blocks
     v: Blocks
     skip_min_rows: int = field(metadata=dict(static=True))  # see `attend_blocks`
-    # decode attention in the native CPU kernel where it can run (`attend_blocks`); False
-    # keeps XLA's ops (`KVLayout.native_attention`)
+    # attention in the native CPU kernel where it can run (`native_attention`); False keeps
+    # XLA's ops (`KVLayout.native_attention`)
     native: bool = field(default=True, metadata=dict(static=True))
 
     AXES: ClassVar = ("batch", "kv_heads", "seq", "head_dim")  # [R, K, P, H]

@@ -129,7 +129,7 @@ class KVLayout:
     """How the states are laid out: attention's keys and values stacked `[L, B, K, S, H]`
     (`blocks` None), or in blocks of rows and positions (CPU; `tsjax.cache.blocked`); and how
     many checkpoint slots each row of a state that cannot rewind keeps (`checkpoints`);
-    whether blocked decode attention may run in the native CPU kernel (`native_attention`:
+    whether blocked attention may run in the native CPU kernel (`native_attention`:
     not over a mesh, whose sharded blocks XLA partitions through its own ops only)."""
 
     blocks: BlockBounds | None = None
