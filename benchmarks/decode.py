@@ -84,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     samplers = [sampler_state(False)] + ([sampler_state(True)] if args.logprobs else [])
     if args.compare_attention:
         samplers.append(sampler_state(False))
-    else:
-        variants *= len(samplers)
     caches = [s.new_cache() for s, _ in variants]
     print(
         f"{model.name}: {args.rows} rows, cache {args.max_len}, {n} steps per dispatch,"
@@ -105,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             times: list[list[float]] = [[] for _ in samplers]
             for i in range(2 + args.repeat):
                 for k in range(len(samplers)):  # alternate: contention hits both alike
+                    v = k if args.compare_attention else 0  # (--logprobs: one model, one cache)
                     # every row holds `pos` tokens, as after a prompt of that length
-                    c = caches[k]
+                    c = caches[v]
                     c = dataclasses.replace(c, lengths=jnp.full_like(c.lengths, pos))
                     jax.block_until_ready(c.lengths)
-                    vsteps, vparams = variants[k]
+                    vsteps, vparams = variants[v]
                     t = time.perf_counter()
-                    _, _, caches[k], samplers[k] = vsteps.decode(
+                    _, _, caches[v], samplers[k] = vsteps.decode(
                         vparams, c, samplers[k], rows, [0] * live, pos, n
                     )
                     if i >= 2:  # the first two warm up
