@@ -50,16 +50,23 @@ def _case(b: int, kv: int, g: int, h: int, seed: int):
         (1, 3, 3, 64, 64, 0, False),  # one row
     ],
 )
-def test_native_decode_attention_matches_xla(monkeypatch, b, kv, g, h, attn, window, sink):
+def test_native_decode_attention_matches_xla(b, kv, g, h, attn, window, sink):
+    """One token for each of the cache rows [0, b), as a decode step."""
     q, pos, kb, vb, sinks = _case(b, kv, g, h, seed=b + h + window)
     pos = jnp.minimum(pos, attn - 1)
     sinks = sinks if sink else None
-    args = (attn, jnp.int32(window), 0.125, None, sinks)
+    w = jnp.int32(window)
     assert cpu_kernels.native_attention(q, kb, None)
-    ours = jax.jit(lambda q, pos, kb, vb: attend_blocks(q, kb, vb, pos, *args))(q, pos, kb, vb)
-    with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "native_attention", lambda *a: False)
-        ref = jax.jit(lambda q, pos, kb, vb: attend_blocks(q, kb, vb, pos, *args))(q, pos, kb, vb)
+    rows = jnp.arange(b, dtype=jnp.int32)
+
+    def native(q, pos, kb, vb):
+        out = native_attend(q[:, None], kb, vb, pos[:, None], rows, attn, w, 0.125, sinks)
+        return out.reshape(b, -1)
+
+    ours = jax.jit(native)(q, pos, kb, vb)
+    ref = jax.jit(
+        lambda q, pos, kb, vb: attend_blocks(q, kb, vb, pos, attn, w, 0.125, None, sinks)
+    )(q, pos, kb, vb)
     assert ours.shape == ref.shape == (b, kv * g * h)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-6)
 
@@ -81,7 +88,7 @@ def test_soft_capped_and_narrow_blocks_keep_the_xla_form():
 def test_native_prefill_attention_matches_xla(window, key_end, sink):
     """Rows 3, 9 and 14 (both row blocks), 12 tokens each from different starts."""
     kv, g, h, t = 2, 2, 64, 12
-    q, _, kb, vb, sinks = _case(3, kv, g, h, seed=7 + window)
+    _, _, kb, vb, sinks = _case(3, kv, g, h, seed=7 + window)
     rng = np.random.default_rng(5)
     q = jnp.asarray(rng.standard_normal((3, t, kv, g, h)), jnp.float32)
     rows = jnp.asarray([3, 9, 14], jnp.int32)

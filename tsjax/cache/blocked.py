@@ -102,24 +102,8 @@ class BlockedKV:
 
     def attend(self, q, step: Step, layer, window, scale, softcap, sinks=None) -> jax.Array:
         b, t, n, h = q.shape
-        if step.decode:  # the cache rows [0, b): read the blocks where they lie
-            kv = self.k[0][0].shape[1]
-            out = attend_blocks(
-                q.reshape(b, kv, n // kv, h),
-                self.k,
-                self.v,
-                step.positions[:, 0],
-                step.attn_len,
-                window,
-                scale,
-                softcap,
-                sinks,
-                self.skip_min_rows,
-                self.native,
-            )
-            return out[:, None]
-        if self.native and native_attention(q, self.k, softcap):  # where the rows lie
-            kv = self.k[0][0].shape[1]
+        kv = self.k[0][0].shape[1]
+        if self.native and native_attention(q, self.k, softcap):  # decode or prefill
             out = native_attend(
                 q.reshape(b, t, kv, n // kv, h),
                 self.k,
@@ -133,6 +117,20 @@ class BlockedKV:
                 step.key_end,
             )
             return out.reshape(b, t, n * h)
+        if step.decode:  # the cache rows [0, b): read the blocks where they lie
+            out = attend_blocks(
+                q.reshape(b, kv, n // kv, h),
+                self.k,
+                self.v,
+                step.positions[:, 0],
+                step.attn_len,
+                window,
+                scale,
+                softcap,
+                sinks,
+                self.skip_min_rows,
+            )
+            return out[:, None]
         keys = read_rows(self.k, step.row_index, step.attn_len)
         values = read_rows(self.v, step.row_index, step.attn_len)
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)

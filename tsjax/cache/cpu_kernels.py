@@ -166,29 +166,20 @@ def attend_blocks(
     softcap: float | None,
     sinks: jax.Array | None = None,
     skip_min_rows: int = SKIP_MIN_ROWS,
-    native: bool = True,
 ) -> jax.Array:
     """Decode attention for the cache rows [0, b) straight from the blocked cache. q:
     [b, K, G, H]; pos: [b]; sinks: [K*G] per-head sink logits
     (`tsjax.cache.dense.softmax_with_sink`), or None. Returns [b, K*G*H].
 
-    Where `native_attention` allows (and `native`), one native call (`native_attend`): each
-    row reads only the positions it sees.
-    Otherwise XLA's ops: per row block, scores against each position block below `attn_len`
-    (batched dots over whole buffers), one softmax over them, then the value blocks' weighted
-    sum.
+    In XLA's ops (where the native kernel runs, `BlockedKV.attend` calls `native_attend`
+    instead): per row block, scores against each position block below `attn_len` (batched dots
+    over whole buffers), one softmax over them, then the value blocks' weighted sum.
 
     A row block of at least `skip_min_rows` rows none of which reaches the last position
     block below `attn_len` skips it (a `lax.cond` on its furthest row). Long spans are two
     blocks (`tsjax.shapes.StepShapes.split_span`), so there such a step reads at most 1.5x
     the cache its rows need instead of 2x."""
     b, kv, g, h = q.shape
-    if native and native_attention(q, k_blocks, softcap):
-        rows = jnp.arange(b, dtype=jnp.int32)
-        out = native_attend(
-            q[:, None], k_blocks, v_blocks, pos[:, None], rows, attn_len, window, scale, sinks
-        )
-        return out.reshape(b, kv * g * h)
     out, lo = [], 0
     for kb, vb in zip(k_blocks, v_blocks, strict=True):
         if lo >= b:
