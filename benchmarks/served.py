@@ -440,7 +440,8 @@ def trace_dispatches(steps) -> DispatchTrace:
 
     def decode(st, params, cache, sampler, rows, tokens, max_pos, n_steps=1, *a, **k):
         b = bucket_for(max(rows) + 1, st.shapes.decode_batches)
-        fed = "device" if tokens is None else "host"
+        # a decode chained on the previous one's device tokens gets its `PendingTokens`
+        fed = "host" if isinstance(tokens, (list, tuple)) else "device"
         attn = st.attn_len_for(max_pos + n_steps)
         return f"{len(rows)} rows in bucket {b}, {n_steps} steps, attn {attn}, fed {fed}"
 

@@ -4,6 +4,7 @@ prefix reuse prefills only the new suffix, and bad requests are refused before q
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -80,6 +81,55 @@ def test_seeded_request_same_alone_or_beside_fifteen_others(engine):
     results = run(engine, others[:7] + [mine] + others[7:])
     assert text_of(results[7]) == text_of(alone)
     assert all(r[-1].kind is EventKind.DONE for r in results)
+
+
+def submit_together(engine, reqs):
+    """Queue `reqs` while the loop cannot admit any (it holds the same lock), so it admits
+    them at once; their events, each list ending at its DONE."""
+    events = [[] for _ in reqs]
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(ev):
+            events[i].append(ev)
+            if ev.kind is EventKind.DONE:
+                done.release()
+
+        return sink
+
+    with engine._cv:
+        for i, req in enumerate(reqs):
+            engine.submit(req, sink_for(i))
+    for _ in reqs:
+        assert done.acquire(timeout=120)
+    return events
+
+
+def test_prompts_admitted_together_prefill_in_one_call_each_as_alone(engine):
+    """Requests admitted at once prefill in one call per token bucket (the prompt that needs
+    a bigger bucket gets its own), and each gets the tokens it gets alone: greedy, seeded,
+    and one whose prompt resumes a prefix a row holds."""
+    seeded = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=99)
+    greedy = SamplingParams.greedy()
+    reqs = [
+        # resumes the row of its own run alone (admitted first: the others take low rows)
+        GenerationRequest([4, 4, 2, 9, 1, 1, 3, 5, 7], greedy, 12),
+        GenerationRequest([1, 5, 9, 42, 17, 3], greedy, 12, reuse_prefix=False),
+        GenerationRequest([2, 7, 1, 8], seeded, 12, reuse_prefix=False),
+        GenerationRequest(list(range(3, 23)), greedy, 12, reuse_prefix=False),  # 20: bucket 32
+        GenerationRequest([9, 8, 7], seeded, 12, reuse_prefix=False),
+    ]
+    alone = {
+        i: run(engine, [dataclasses.replace(r, id=f"{r.id}-alone", reuse_prefix=False)])[0]
+        for i, r in [*enumerate(reqs)][::-1]  # the first last: its row keeps its prompt
+    }
+    before = engine.prefills
+    together = submit_together(engine, reqs)
+    assert engine.prefills - before == 2  # four prompts of bucket 16, one of bucket 32
+    assert together[0][-1].stats.cached_tokens == 8  # all but its last token
+    for got, want in zip(together, [alone[i] for i in range(len(reqs))], strict=True):
+        assert got[-1].kind is EventKind.DONE
+        assert text_of(got) == text_of(want)
 
 
 def test_abort_frees_the_row(engine):

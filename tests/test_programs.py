@@ -66,6 +66,9 @@ def test_lazy_programs_cover_every_shape_then_compile_once(tmp_path):
         assert steps.programs.idle(timeout=600)
         keys = [h[0] for h in steps.programs.history]
         assert len(keys) == len(set(keys)), "a shape compiled twice"
+        # prompts admitted together were prefilled one by one while their batch's program
+        # was missing; it was asked for once the engine was idle, in the background
+        assert [k for k in keys if k[0] == "prefill" and k[1] > 1]
         assert not [h for h in steps.programs.history if h[1] == "demand"], "a request waited"
     finally:
         engine.stop()
@@ -176,3 +179,31 @@ def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, mon
     asked.clear()
     # the engine's row moves wait for their program rather than compile it on demand
     assert not steps.swap_ready() and asked == [(("swap",), True)]
+
+
+def test_prompts_prefill_together_only_on_a_program_of_their_own_buckets(tmp_path, monkeypatch):
+    # A batch padded to more rows or tokens than its own buckets can cost more than its
+    # prompts one by one: only a program of the same batch and token buckets (any attention
+    # bucket reaching them) serves it, and a missing one is asked for only when told to
+    # (the engine asks once idle, so its compile does not land in a burst of requests).
+    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
+    shapes = StepShapes.default(rows=8, max_len=512, min_prefill=16, min_attn=128)
+    model = load(path, progress=False, shapes=shapes)
+    steps = model.steps
+    steps.lazy = True
+    steps._remember(model.params)
+    asked = []
+    monkeypatch.setattr(
+        steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
+    )
+    lens, starts = [10, 14, 3], [0, 100, 0]  # 3 prompts: batch bucket 4, tokens 16
+    assert not steps.prefill_ready(lens, starts, ask=False) and asked == []
+    assert not steps.prefill_ready(lens, starts)
+    assert asked == [(("prefill", 4, 16, 128), False)]  # reaching 114 of 128 positions
+    done = steps.programs._done
+    done[("prefill", 8, 16, 128)] = done[("prefill", 4, 32, 128)] = object()
+    assert not steps.prefill_ready(lens, starts, ask=False)  # more rows or tokens: no
+    done[("prefill", 4, 16, 512)] = object()
+    assert steps.prefill_ready(lens, starts, ask=False)  # a wider attention bucket serves
+    steps.lazy = False  # everything compiles on first use
+    assert steps.prefill_ready([500, 2], [0, 0], ask=False)

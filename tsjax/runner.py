@@ -108,6 +108,12 @@ class Runner(Protocol):
         (`Steps.swap_ready`); the engine's moves of rows are an optimization that waits."""
         ...
 
+    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
+        """Whether text prompts of `lens` new tokens from `starts` prefill together now
+        without waiting for a program to compile (`Steps.prefill_ready`; `ask`: have it
+        compiled in the background if not); one by one they always can."""
+        ...
+
     def copy_rows(
         self,
         src: list[int],
@@ -220,6 +226,9 @@ class LocalRunner:
 
     def can_swap(self) -> bool:
         return self.steps.swap_ready()
+
+    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
+        return self.steps.prefill_ready(lens, starts, ask)
 
     def copy_rows(
         self,

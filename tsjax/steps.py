@@ -814,6 +814,30 @@ class Steps:
     #: memory analysis, benchmarks/ISSUE16_FINDINGS.md), a quarter of it with one.
     SWAP_PAIRS = 1
 
+    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
+        """Whether text prompts of `lens` new tokens from positions `starts` prefill together
+        (`prefill` of them all at once) on a program of their own batch and token buckets,
+        at any attention bucket reaching them: a batch padded to more rows or tokens can cost
+        more than the prompts one by one. Lazy: a program not compiled yet says False (the
+        engine then prefills them one by one: nobody waits for a compile) and, with `ask`,
+        is asked for in the background. Not lazy: True (compiled on first use, as every
+        shape is)."""
+        if not self.lazy or self._specs is None:
+            return True
+        sh = self.shapes
+        b = bucket_for(len(lens), sh.prefill_batches)
+        t = bucket_for(max(lens), sh.prefill_lens)
+        reach = max(s + n for s, n in zip(starts, lens, strict=True))
+        want = ("prefill", b, t, self.attn_len_for(min(max(starts) + t, sh.max_len)))
+        least = self.attn_len_for(min(reach, sh.max_len))
+        if want in self.programs or self._cover(
+            "prefill", lambda b2, t2, a2: b2 == b and t2 == t and a2 >= least
+        ):
+            return True
+        if ask:
+            self.programs.request(want)
+        return False
+
     def swap_ready(self) -> bool:
         """Whether `swap_rows` runs without compiling first. Lazy: a swap not compiled yet is
         asked for in the background, ahead of the queue, and this says False meanwhile (an
