@@ -664,15 +664,17 @@ def bench_http(args: argparse.Namespace) -> int:
 
 
 def wait_compiled(url: str, timeout: float = 900.0) -> float:
-    """Wait until the server compiles nothing (its `tsjax_compiling_programs` gauge is 0);
-    returns the seconds waited."""
+    """Wait until the server compiles nothing and defers nothing (its
+    `tsjax_compiling_programs` and `tsjax_deferred_programs` gauges are 0); returns the
+    seconds waited."""
     import httpx
 
     t0 = time.perf_counter()
+    gauges = ("tsjax_compiling_programs ", "tsjax_deferred_programs ")
     while time.perf_counter() - t0 < timeout:
         text = httpx.get(f"{url}/metrics", timeout=30).text
-        busy = [x for x in text.splitlines() if x.startswith("tsjax_compiling_programs ")]
-        if not busy or float(busy[0].split()[1]) == 0:
+        busy = [x for x in text.splitlines() if x.startswith(gauges)]
+        if all(float(x.split()[1]) == 0 for x in busy):
             break
         time.sleep(1.0)
     return time.perf_counter() - t0

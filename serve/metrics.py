@@ -67,6 +67,13 @@ class _EngineGauges(Collector):
             "Step programs queued for or being compiled (first use of a shape)",
             value=programs.pending() if programs else 0,
         )
+        steps = self.hub.model.steps if self.hub.model else None
+        yield GaugeMetricFamily(
+            "tsjax_deferred_programs",
+            "Shapes served by a bigger compiled program meanwhile, their own compiled once the"
+            " server is idle",
+            value=steps.deferred if steps else 0,
+        )
         yield GaugeMetricFamily(
             "tsjax_model_ready",
             "1 once the model is loaded and compiled",

@@ -184,8 +184,9 @@ def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, mon
 def test_prompts_prefill_together_only_on_a_program_of_their_own_buckets(tmp_path, monkeypatch):
     # A batch padded to more rows or tokens than its own buckets can cost more than its
     # prompts one by one: only a program of the same batch and token buckets (any attention
-    # bucket reaching them) serves it, and a missing one is asked for only when told to
-    # (the engine asks once idle, so its compile does not land in a burst of requests).
+    # bucket reaching them) serves it. A missing one, like any shape a covering program
+    # serves, compiles once the runner is idle (the engine says so), not inside the burst of
+    # requests that met it, or once it has waited `DEFER_S`.
     path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=8, max_len=512, min_prefill=16, min_attn=128)
     model = load(path, progress=False, shapes=shapes)
@@ -197,13 +198,22 @@ def test_prompts_prefill_together_only_on_a_program_of_their_own_buckets(tmp_pat
         steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
     )
     lens, starts = [10, 14, 3], [0, 100, 0]  # 3 prompts: batch bucket 4, tokens 16
-    assert not steps.prefill_ready(lens, starts, ask=False) and asked == []
-    assert not steps.prefill_ready(lens, starts)
+    assert not steps.prefill_ready(lens, starts) and asked == []
+    steps.request_deferred()
     assert asked == [(("prefill", 4, 16, 128), False)]  # reaching 114 of 128 positions
+    asked.clear()
     done = steps.programs._done
     done[("prefill", 8, 16, 128)] = done[("prefill", 4, 32, 128)] = object()
-    assert not steps.prefill_ready(lens, starts, ask=False)  # more rows or tokens: no
+    assert not steps.prefill_ready(lens, starts)  # more rows or tokens: no
     done[("prefill", 4, 16, 512)] = object()
-    assert steps.prefill_ready(lens, starts, ask=False)  # a wider attention bucket serves
+    assert steps.prefill_ready(lens, starts)  # a wider attention bucket serves
+    # a decode served by a covering program: its own shape waits for an idle moment...
+    done[("decode", 8, 128, 4)] = object()
+    assert steps._decode_key(4, 50, 4, None) == ("decode", 8, 128, 4)
+    assert asked == []
+    # ... or until it has waited long enough
+    monkeypatch.setattr(steps, "DEFER_S", 0.0)
+    steps._decode_key(4, 50, 4, None)
+    assert asked == [(("decode", 4, 128, 4), False)]
     steps.lazy = False  # everything compiles on first use
-    assert steps.prefill_ready([500, 2], [0, 0], ask=False)
+    assert steps.prefill_ready([500, 2], [0, 0])

@@ -108,10 +108,15 @@ class Runner(Protocol):
         (`Steps.swap_ready`); the engine's moves of rows are an optimization that waits."""
         ...
 
-    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
+    def prefill_ready(self, lens: list[int], starts: list[int]) -> bool:
         """Whether text prompts of `lens` new tokens from `starts` prefill together now
-        without waiting for a program to compile (`Steps.prefill_ready`; `ask`: have it
-        compiled in the background if not); one by one they always can."""
+        without waiting for a program to compile (`Steps.prefill_ready`); one by one they
+        always can."""
+        ...
+
+    def when_idle(self) -> None:
+        """Nothing is running or waiting: compile the shapes met meanwhile in the background
+        (`Steps.request_deferred`)."""
         ...
 
     def copy_rows(
@@ -227,8 +232,11 @@ class LocalRunner:
     def can_swap(self) -> bool:
         return self.steps.swap_ready()
 
-    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
-        return self.steps.prefill_ready(lens, starts, ask)
+    def prefill_ready(self, lens: list[int], starts: list[int]) -> bool:
+        return self.steps.prefill_ready(lens, starts)
+
+    def when_idle(self) -> None:
+        self.steps.request_deferred()
 
     def copy_rows(
         self,

@@ -176,6 +176,9 @@ class Steps:
         # processes of one job must pick the same shapes); the server turns it on.
         self.lazy = False
         self.programs = Programs(self._lower, release_free_memory)
+        # Lazy: shapes served by a covering program, their own asked for when the runner is
+        # idle (`request_deferred`) or once they have waited `DEFER_S` (key -> first wanted)
+        self._deferred: dict[Key, float] = {}
         self._specs: tuple | None = None  # abstract (params, cache, sampler)
 
     def _sharded(self, *fns):
@@ -575,8 +578,34 @@ class Steps:
         cover = self._cover("prefill", lambda b2, t2, a2: b2 >= b and t2 >= t and a2 >= least)
         if cover is None:
             return want
-        self.programs.request(want)
+        self._defer(want)
         return cover
+
+    #: Seconds a shape served by a covering program waits for an idle moment before it is
+    #: compiled anyway (a server never idle still gets its exact shapes).
+    DEFER_S = 30.0
+
+    def _defer(self, key: Key) -> None:
+        """Compile `key` in the background once the runner is idle (`request_deferred`), not
+        now: a compile takes one of a small machine's cores (and the GIL, to trace) from
+        the requests being served (measured on 2 cores: 16-row decode steps 25 -> ~45 ms
+        while one ran; a 16-client round 2.8 -> 4.4 s around one). A key wanted for
+        `DEFER_S` already is asked for at once."""
+        first = self._deferred.setdefault(key, time.monotonic())
+        if time.monotonic() - first >= self.DEFER_S:
+            del self._deferred[key]
+            self.programs.request(key)
+
+    @property
+    def deferred(self) -> int:
+        """Shapes waiting for the runner to be idle to compile (`_defer`)."""
+        return len(self._deferred)
+
+    def request_deferred(self) -> None:
+        """The runner is idle: compile the deferred shapes in the background (`_defer`)."""
+        keys, self._deferred = list(self._deferred), {}
+        for key in keys:
+            self.programs.request(key)
 
     def _decode_key(self, b: int, max_pos: int, n_steps: int, fed_rows: int | None) -> Key:
         """The decode program for the cache rows [0, b) (a bucket) at up to `max_pos`
@@ -609,7 +638,7 @@ class Steps:
         if cover is None:
             return ("decode", need_b, attn_len, ms)
         if cover != want:
-            self.programs.request(want)
+            self._defer(want)
         return cover
 
     # -- host-side entry points -----------------------------------------------------------
@@ -814,13 +843,13 @@ class Steps:
     #: memory analysis, benchmarks/ISSUE16_FINDINGS.md), a quarter of it with one.
     SWAP_PAIRS = 1
 
-    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
+    def prefill_ready(self, lens: list[int], starts: list[int]) -> bool:
         """Whether text prompts of `lens` new tokens from positions `starts` prefill together
         (`prefill` of them all at once) on a program of their own batch and token buckets,
         at any attention bucket reaching them: a batch padded to more rows or tokens can cost
         more than the prompts one by one. Lazy: a program not compiled yet says False (the
-        engine then prefills them one by one: nobody waits for a compile) and, with `ask`,
-        is asked for in the background. Not lazy: True (compiled on first use, as every
+        engine then prefills them one by one: nobody waits for a compile) and is compiled
+        once the runner is idle (`_defer`). Not lazy: True (compiled on first use, as every
         shape is)."""
         if not self.lazy or self._specs is None:
             return True
@@ -834,8 +863,7 @@ class Steps:
             "prefill", lambda b2, t2, a2: b2 == b and t2 == t and a2 >= least
         ):
             return True
-        if ask:
-            self.programs.request(want)
+        self._defer(want)
         return False
 
     def swap_ready(self) -> bool:

@@ -148,9 +148,6 @@ class Engine:
         self._waiting: dict[str, tuple[GenerationRequest, Sink, float]] = {}
         self._starting: dict[str, tuple[GenerationRequest, Sink]] = {}  # admitted, not live
         self._aborts: set[str] = set()
-        # (batch bucket, token bucket) -> (lens, starts) of a group whose program is not
-        # compiled: asked for when idle (`_when_idle`)
-        self._unready: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -353,9 +350,10 @@ class Engine:
             admitted = []
             try:
                 with self._cv:
+                    if self._running and not self._live and not self.scheduler.queue:
+                        # compile what requests met meanwhile now, not inside the next burst
+                        self.runner.when_idle()
                     while self._running and not self._live and not self.scheduler.queue:
-                        if self._unready:
-                            self._when_idle()
                         self._cv.wait(timeout=1.0)
                     if not self._running:
                         break
@@ -447,23 +445,11 @@ class Engine:
                 [len(req.prompt_ids) - reuse for req, _, reuse in group],
                 [reuse for _, _, reuse in group],
             )
-            if len(group) > 1 and self.runner.prefill_ready(lens, starts, ask=False):
+            if len(group) > 1 and self.runner.prefill_ready(lens, starts):
                 out.append(group)
-                continue
-            if len(group) > 1:  # its program is asked for once the engine is idle
-                b = bucket_for(len(group), shapes.prefill_batches)
-                self._unready[(b, bucket_for(max(lens), shapes.prefill_lens))] = (lens, starts)
-            out.extend([item] for item in group)
+            else:
+                out.extend([item] for item in group)
         return out
-
-    def _when_idle(self) -> None:
-        """Nothing live or waiting: ask for the programs that groups of prompts lacked
-        (`_prefill_groups`). Compiled meanwhile, their tracing (which holds the GIL) and XLA's
-        compile land between bursts of requests instead of inside the one that met them
-        (measured: a 16-client round took 5.7 s instead of 2.8 s around one such compile)."""
-        for lens, starts in self._unready.values():
-            self.runner.prefill_ready(lens, starts, ask=True)
-        self._unready.clear()
 
     def _start_together(self, group: list[tuple[GenerationRequest, Row, int]]) -> None:
         """Prefill several admitted one-answer requests (`_batchable`) in one call, each

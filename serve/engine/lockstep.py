@@ -198,8 +198,11 @@ class StepChannel:
     def can_swap(self) -> bool:  # process 0's programs decide; a follower compiles if it must
         return self._local().can_swap()
 
-    def prefill_ready(self, lens: list[int], starts: list[int], ask: bool = True) -> bool:
-        return self._local().prefill_ready(lens, starts, ask)  # as `can_swap`
+    def prefill_ready(self, lens: list[int], starts: list[int]) -> bool:  # as `can_swap`
+        return self._local().prefill_ready(lens, starts)
+
+    def when_idle(self) -> None:
+        self._local().when_idle()
 
     def copy_rows(
         self,
