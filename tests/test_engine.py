@@ -132,6 +132,31 @@ def test_prompts_admitted_together_prefill_in_one_call_each_as_alone(engine):
         assert text_of(got) == text_of(want)
 
 
+def test_a_burst_arriving_at_an_idle_engine_is_admitted_together(engine, monkeypatch):
+    """Requests a few milliseconds apart, from idle, prefill in one call: the engine waits
+    for the burst to finish arriving (until none has come for BURST_QUIET_S) before it
+    starts the first. Widened here so that a loaded machine does not split the burst."""
+    monkeypatch.setattr(engine, "BURST_QUIET_S", 0.25)
+    monkeypatch.setattr(engine, "BURST_WAIT_S", 5.0)
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2], [1, 4, 1, 4, 2]]
+    done = threading.Semaphore(0)
+    events = [[] for _ in prompts]
+    before = engine.prefills
+    for i, p in enumerate(prompts):
+
+        def sink(ev, i=i):
+            events[i].append(ev)
+            if ev.kind is EventKind.DONE:
+                done.release()
+
+        engine.submit(GenerationRequest(p, SamplingParams.greedy(), 4, reuse_prefix=False), sink)
+        time.sleep(0.02)
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    assert engine.prefills - before == 1
+    assert all(e[-1].kind is EventKind.DONE for e in events)
+
+
 def test_abort_frees_the_row(engine):
     async def main():
         req = GenerationRequest([4, 4, 4], SamplingParams(temperature=1.0, seed=1), 100)

@@ -350,13 +350,16 @@ class Engine:
             admitted = []
             try:
                 with self._cv:
-                    if self._running and not self._live and not self.scheduler.queue:
+                    idle = not self._live and not self.scheduler.queue
+                    if self._running and idle:
                         # compile what requests met meanwhile now, not inside the next burst
                         self.runner.when_idle()
                     while self._running and not self._live and not self.scheduler.queue:
                         self._cv.wait(timeout=1.0)
                     if not self._running:
                         break
+                    if idle:
+                        self._gather_burst()
                     self._apply_aborts()
                     while (nxt := self.scheduler.admit()) is not None:
                         admitted.append(nxt)
@@ -375,6 +378,25 @@ class Engine:
                 last_queue_note = now
                 self._note_queue()
         self._fail_all("server shutting down")
+
+    #: From idle, the engine waits for a burst of requests to finish arriving before it
+    #: starts: until none has come for `BURST_QUIET_S`, at most `BURST_WAIT_S` in all.
+    BURST_QUIET_S = 0.004
+    BURST_WAIT_S = 0.025
+
+    def _gather_burst(self) -> None:
+        """Called from idle with the lock held and a request queued: wait (briefly) for the
+        rest of a burst, so that it is admitted, and prefilled, together. Started at its
+        first request, a prefill takes both cores of a small machine from the event loop
+        still reading the others, which then came in up to 0.3 s later, one by one
+        (measured on 2 cores with 16 Ollama clients). A lone request waits BURST_QUIET_S."""
+        end = time.perf_counter() + self.BURST_WAIT_S
+        seen = len(self.scheduler.queue)
+        while self._running and (left := end - time.perf_counter()) > 0:
+            self._cv.wait(timeout=min(self.BURST_QUIET_S, left))
+            if len(self.scheduler.queue) == seen:
+                return
+            seen = len(self.scheduler.queue)
 
     def _apply_aborts(self) -> None:
         for req_id in list(self._aborts):
