@@ -4,9 +4,9 @@ cost model: decode dispatches by step count (1 step, as while requests wait, or
 40, top-p 0.9, repeat penalty 1.1), and prefill by how many prompts one call takes.
 Variants of one measurement alternate, round after round, so a busy machine slows them alike.
 
-    python -m benchmarks.dispatch_cost                       # serve defaults: 8 rows x 2048
-    python -m benchmarks.dispatch_cost --rows 16 --quant bf16
-    python -m benchmarks.dispatch_cost --prefill-batches 1,4,8 --prompt 64
+    python -m benchmarks.dispatch_cost                       # 8 rows x 2048, --quant auto
+    python -m benchmarks.dispatch_cost --rows 16 --quant f32
+    python -m benchmarks.dispatch_cost --prefill-batches 1,4,8,16 --prompt 64
 
 CPU seconds count every thread of this process: on a shared machine they move far less than
 wall time, and CPU seconds per token over the cores XLA keeps busy is the cost floor.
@@ -18,6 +18,8 @@ import argparse
 import statistics
 import sys
 import time
+
+from tsjax.quants import QUANT_CHOICES, QUANT_HELP
 
 
 def timed(fn) -> tuple[float, float]:
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--quant", default=None)
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--position", type=int, default=150, help="rows' length while decoding")
     p.add_argument("--steps", type=int, default=4, help="decode_steps")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per prefill row")
