@@ -133,7 +133,7 @@ def _startup_line(hub: Hub) -> str:
     how = f" [rows {hub.rows_choice.reason}]" if hub.rows_choice else ""
     programs = len(m.steps.programs.keys())
     return (
-        f"tsjax serving {m.name} ({m.config.architecture}, {_weights(m)} weights,"
+        f"tsjax serving {m.name} ({m.config.architecture}, {_weights(m)},"
         f" {m.steps.shapes.rows} rows x {m.max_len} ctx"
         f"{f', images via {m.projector.name}' if m.projector else ''})"
         f" on {where}: load {hub.load_seconds:.1f}s, compile {hub.compile_seconds:.1f}s"
@@ -149,7 +149,7 @@ def _weights(m: Model) -> str:
     from tsjax.kernels import blockdot
 
     built = blockdot.build_seconds()
-    return m.quant + (
+    return f"{m.quant} weights" + (
         f", kernels built in {built:.1f}s" if built and m.quant in ("q8", "q4") else ""
     )
 

@@ -385,3 +385,17 @@ def test_engine_and_cli_run_block_formats(tmp_path, capsys):
     ids = same.tokenizer.encode(prompt, parse_special=True)
     want = generate(same, ids, sampling=SamplingParams.greedy(), max_tokens=6)
     assert capsys.readouterr().out == want.text + "\n"
+
+
+def test_the_startup_line_names_the_weights_then_what_building_the_kernels_took(monkeypatch):
+    """ "q4 weights, kernels built in 5.7s" (the build's note had landed inside the format's
+    words: "q4, kernels built in 5.7s weights")."""
+    from types import SimpleNamespace
+
+    from serve.app import _weights
+
+    monkeypatch.setattr(blockdot, "build_seconds", lambda: 5.7)
+    assert _weights(SimpleNamespace(quant="q4")) == "q4 weights, kernels built in 5.7s"
+    assert _weights(SimpleNamespace(quant="f32")) == "f32 weights"
+    monkeypatch.setattr(blockdot, "build_seconds", lambda: None)
+    assert _weights(SimpleNamespace(quant="q4")) == "q4 weights"
