@@ -161,23 +161,29 @@ def test_a_program_needed_soon_goes_ahead_of_the_queue():
     programs.close()
 
 
+def _lazy_steps_asking(tmp_path, monkeypatch, shapes):
+    """A tiny model's lazy steps (nothing compiled) whose background requests are recorded
+    in `asked` ((key, soon) each) instead of compiled."""
+    model = load(write_tiny_gguf(tmp_path / "llama.gguf", "llama"), progress=False, shapes=shapes)
+    steps = model.steps
+    steps.lazy = True
+    steps._remember(model.params)
+    asked: list = []
+    monkeypatch.setattr(
+        steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
+    )
+    return steps, asked
+
+
 def test_a_growing_answer_asks_for_its_next_attention_bucket_first(tmp_path, monkeypatch):
     # Halfway through its attention bucket a decode asks for the next one, ahead of the
     # background queue, for the rows it continues from (a chained decode must take the
     # device tokens' row count; after a change of rows that program covers the smaller
     # bucket). A stream crossing 512 positions waited seconds for a compile on demand when
     # that request sat behind the warm-up's queue or named rows the chain did not take.
-    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=4, max_len=1024, min_prefill=16, min_attn=128)
-    model = load(path, progress=False, shapes=shapes)
-    steps = model.steps
-    steps.lazy = True
-    steps._remember(model.params)
+    steps, asked = _lazy_steps_asking(tmp_path, monkeypatch, shapes)
     assert 4 in shapes.decode_batches and shapes.attn_lens == (128, 256, 512, 1024)
-    asked = []
-    monkeypatch.setattr(
-        steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
-    )
     steps._decode_key(1, 40, 4, None)  # 44 of 128 positions: not halfway
     assert asked == []
     steps._decode_key(1, 300, 4, None)  # 304 of 512: the 1024 bucket, needed soon
@@ -196,16 +202,8 @@ def test_prompts_prefill_together_only_on_a_program_of_their_own_buckets(tmp_pat
     # bucket reaching them) serves it. A missing one, like any shape a covering program
     # serves, compiles once the runner is idle (the engine says so), not inside the burst of
     # requests that met it, or once it has waited `DEFER_S`.
-    path = write_tiny_gguf(tmp_path / "llama.gguf", "llama")
     shapes = StepShapes.default(rows=8, max_len=512, min_prefill=16, min_attn=128)
-    model = load(path, progress=False, shapes=shapes)
-    steps = model.steps
-    steps.lazy = True
-    steps._remember(model.params)
-    asked = []
-    monkeypatch.setattr(
-        steps.programs, "request", lambda key, soon=False: asked.append((key, soon))
-    )
+    steps, asked = _lazy_steps_asking(tmp_path, monkeypatch, shapes)
     lens, starts = [10, 14, 3], [0, 100, 0]  # 3 prompts: batch bucket 4, tokens 16
     assert not steps.prefill_ready(lens, starts) and asked == []
     steps.request_deferred()
