@@ -862,8 +862,9 @@ void parallel_channels(ffi::ThreadPool& pool, int64_t work, int64_t N,
   while (job->done.load(std::memory_order_acquire) < job->n_chunks) std::this_thread::yield();
 }
 
-// x [M, K] into A: rows split over the pool when there are enough of them (a prefill's
-// activations took ~20% of its block matmuls quantized on the calling thread alone).
+// x [M, K] into A: rows split over the pool when there are enough of them (on the calling
+// thread alone, quantizing 64 rows took a fifth to a quarter of a 64-row call on SmolLM2's
+// shapes, the other thread idle meanwhile).
 void quantize_acts(ffi::ThreadPool& pool, Acts& A, const float* x, int64_t M, int64_t K) {
   A.resize(M, K);
   Acts* a = &A;
