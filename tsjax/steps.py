@@ -588,9 +588,9 @@ class Steps:
     def _defer(self, key: Key) -> None:
         """Compile `key` in the background once the runner is idle (`request_deferred`), not
         now: a compile takes one of a small machine's cores (and the GIL, to trace) from
-        the requests being served (measured on 2 cores: 16-row decode steps 25 -> ~45 ms
-        while one ran; a 16-client round 2.8 -> 4.4 s around one). A key wanted for
-        `DEFER_S` already is asked for at once."""
+        the requests being served (on 2 cores, timed ad hoc: 16-row decode steps 25 -> ~45
+        ms while one ran; in `tsjax bench --http` a 16-client round 2.8 -> 4.4 s around one).
+        A key wanted for `DEFER_S` already is asked for at once."""
         first = self._deferred.setdefault(key, time.monotonic())
         if time.monotonic() - first >= self.DEFER_S:
             del self._deferred[key]

@@ -479,18 +479,12 @@ class Engine:
         in it. The kernels compute every prompt on its own (each gets the tokens it would
         alone); a call of several is cheaper than as many of one (`python -m
         benchmarks.dispatch_cost`: 16 prompts of 64 tokens in 0.39 s, one by one 0.70 s)."""
-        lives = []
-        for req, row, reuse in group:
-            _, sink, submitted = self._waiting.pop(req.id)
-            self._starting[req.id] = (req, sink)  # until live (`_fail_all` answers it if not)
-            stats = Stats(len(req.prompt_ids), reuse,
-                          queue_seconds=time.perf_counter() - submitted)  # fmt: skip
-            lives.append(_Live(req, sink, row, self._text(req), stats, submitted,
-                               len(req.prompt_ids), constraint=req.constraint))  # fmt: skip
+        lives = [self._answers(req, row, reuse)[0] for req, row, reuse in group]
         t0 = time.perf_counter()
         reqs = [x.req for x in lives]
         starts = [reuse for _, _, reuse in group]
         rests = [req.prompt_ids[s:] for req, s in zip(reqs, starts, strict=True)]
+        computed = sum(len(r) for r in rests)
         pending = self.runner.prefill(
             rests,
             [x.row.index for x in lives],
@@ -501,11 +495,11 @@ class Engine:
             logprobs=[req.logprobs for req in reqs],
         )
         self.prefills += 1
-        self.prefill_tokens += sum(len(r) for r in rests)
+        self.prefill_tokens += computed
         first = pending.get()
         self._go_live(lives, t0)
-        log.debug("prefilled %d prompts together (%d tokens) in %.3fs", len(group),
-                  sum(len(r) for r in rests), time.perf_counter() - t0)  # fmt: skip
+        log.debug("prefilled %d prompts together (%d tokens) in %.3fs", len(group), computed,
+                  time.perf_counter() - t0)  # fmt: skip
         for i, live in enumerate(lives):
             lps = self._entries(pending, i) if live.req.logprobs else None
             self._consume(live, [int(first[0, i])], lps)
@@ -520,25 +514,26 @@ class Engine:
             self._live[live.row.index] = live
             self._starting.pop(live.req.id, None)
 
-    def _start(self, req: GenerationRequest, row: Row, reuse: int) -> None:
-        """Prefill an admitted request into its row and start its answers: one answer
-        samples its first token in the prefill; n answers share a prefill of the prompt but
-        its last token, copied to their rows, and each samples its first token in the next
-        decode; a prefill-only request (embedding, prompt scoring) is done at once."""
+    def _take(self, req: GenerationRequest) -> tuple[Sink, float]:
+        """An admitted request's sink and submission time, taken from the waiting ones: it
+        is starting until live (`_fail_all` answers it if it never gets there)."""
         _, sink, submitted = self._waiting.pop(req.id)
-        self._starting[req.id] = (req, sink)  # until live (`_fail_all` answers it if not)
-        prompt = req.prompt_ids
-        queued = time.perf_counter() - submitted
-        if req.prefill_only:
-            self._prefill_only(req, row, sink, queued)
-            self._starting.pop(req.id)
-            return
+        self._starting[req.id] = (req, sink)
+        return sink, submitted
+
+    def _answers(self, req: GenerationRequest, row: Row, reuse: int) -> list[_Live]:
+        """Take an admitted request (`_take`) and make its answers, in `row` (and the rows
+        `admit` gave its others). One answer's row holds the prompt; n answers' rows hold it
+        but its last token, which their first decode feeds, each under its own copy of the
+        constraint."""
+        sink, submitted = self._take(req)
         rows = [row] if req.n == 1 else [row, *self.scheduler.siblings(req, row)]
         constraints = [req.constraint] * len(rows)
         if req.constraint is not None and req.n > 1:
             constraints = [req.constraint] + [req.constraint.fork() for _ in rows[1:]]
+        prompt, queued = req.prompt_ids, time.perf_counter() - submitted
         base = len(prompt) if req.n == 1 else len(prompt) - 1
-        lives = [
+        return [
             _Live(
                 req,
                 sink,
@@ -552,6 +547,19 @@ class Engine:
             )  # fmt: skip
             for i, (r, c) in enumerate(zip(rows, constraints, strict=True))
         ]
+
+    def _start(self, req: GenerationRequest, row: Row, reuse: int) -> None:
+        """Prefill an admitted request into its row and start its answers: one answer
+        samples its first token in the prefill; n answers share a prefill of the prompt but
+        its last token, copied to their rows, and each samples its first token in the next
+        decode; a prefill-only request (embedding, prompt scoring) is done at once."""
+        if req.prefill_only:
+            sink, submitted = self._take(req)
+            self._prefill_only(req, row, sink, time.perf_counter() - submitted)
+            self._starting.pop(req.id)
+            return
+        lives = self._answers(req, row, reuse)
+        rows, base = [x.row for x in lives], lives[0].base
         t0 = time.perf_counter()
         masks = self._masks(lives[:1]) if req.n == 1 else None
         with self._cv:
